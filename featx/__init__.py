@@ -1,0 +1,35 @@
+"""featx: tap layers of pretrained CNNs into an HDF5 cache and measure their codes with linear classifiers.
+
+The package imports lazily so that `import featx` and cache hits stay fast (importing torch alone
+takes over a second); the names below load their modules on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "FeatxError": "featx.errors",
+    "UsageError": "featx.errors",
+    "load_model": "featx.models",
+    "Backbone": "featx.models",
+    "Preprocess": "featx.models",
+    "list_taps": "featx.taps",
+    "TapInfo": "featx.taps",
+    "resolve_layers": "featx.taps",
+    "open_source": "featx.data",
+    "extract": "featx.extract",
+    "ExtractResult": "featx.extract",
+    "CodesFile": "featx.store",
+    "open_codes": "featx.store",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'featx' has no attribute {name!r}")

@@ -1,0 +1,277 @@
+"""The cache directory: entry names and keys, the request memo that makes repeat commands fast,
+locks between processes, and listing/removing entries.
+
+An entry is `<dataset>--<model>--<key16>.h5`, where the key is a sha256 of everything that
+changes the codes: model, weights identity (a local file's content hash), resolved layers and
+their activation, pooling, preprocessing (input size included), dtype, precision and the dataset
+fingerprint. Device, batch size and worker count are not in the key: they change codes only
+within float tolerance.
+
+The request memo maps a hash of the command as typed (plus library versions and the dataset
+fingerprint) to an entry, so that a repeated command finds its file without importing torch or
+building the model. It is only a shortcut: a memo that points to a missing or incomplete file is
+ignored.
+
+Locks are `fcntl.flock` on `<entry>.lock`: the kernel releases them when a process dies, even
+by kill -9, so a stale lock never blocks anyone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+
+from featx.errors import FeatxError, UsageError
+from featx.store import check_complete, journal_path, read_progress, write_json_atomic
+
+log = logging.getLogger("featx")
+
+ENV_CACHE_DIR = "FEATX_CACHE_DIR"
+
+
+def default_cache_dir() -> str:
+    """`$FEATX_CACHE_DIR`, else `./cache` (the repository's top-level cache/ when run from its root)."""
+    return os.environ.get(ENV_CACHE_DIR) or os.path.join(os.getcwd(), "cache")
+
+
+def ensure_writable(cache_dir: str) -> str:
+    cache_dir = os.path.abspath(cache_dir)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise FeatxError(
+            f"cannot create cache directory {cache_dir} ({e.strerror}); pass --cache-dir or set {ENV_CACHE_DIR}"
+        ) from None
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise FeatxError(
+            f"cache directory {cache_dir} is not writable; pass --cache-dir DIR or set {ENV_CACHE_DIR}"
+        )
+    return cache_dir
+
+
+def digest(fields: dict) -> str:
+    return hashlib.sha256(
+        json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str).encode()
+    ).hexdigest()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def entry_path(cache_dir: str, dataset_name: str, model_name: str, key: str) -> str:
+    return os.path.join(cache_dir, f"{_slug(dataset_name)}--{_slug(model_name)}--{key[:16]}.h5")
+
+
+# -- request memo --------------------------------------------------------------------------------
+
+
+def _memo_file(cache_dir: str, request_key: str) -> str:
+    return os.path.join(cache_dir, ".requests", f"{request_key}.json")
+
+
+def memo_lookup(cache_dir: str, request_key: str) -> str | None:
+    """The complete entry a previous identical request produced, or None."""
+    try:
+        with open(_memo_file(cache_dir, request_key), encoding="utf-8") as f:
+            name = json.load(f)["entry"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(name, str) or os.sep in name or name.startswith("."):
+        return None
+    path = os.path.join(cache_dir, name)
+    return path if os.path.exists(path) and check_complete(path) is None else None
+
+
+def memo_store(cache_dir: str, request_key: str, entry: str) -> None:
+    path = _memo_file(cache_dir, request_key)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json_atomic(path, {"entry": os.path.basename(entry)})
+    except OSError:
+        pass  # the memo is only a shortcut
+
+
+# -- locks ---------------------------------------------------------------------------------------
+
+
+class EntryLock:
+    """An exclusive lock on one entry. `wait=False` raises at once if another process holds it;
+    otherwise waits (up to `timeout` seconds, None = forever), saying whom it waits for."""
+
+    def __init__(self, entry: str, wait: bool = True, timeout: float | None = None):
+        self.path = entry + ".lock"
+        self.wait, self.timeout = wait, timeout
+        self._fd: int | None = None
+
+    def __enter__(self) -> EntryLock:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise FeatxError(
+                f"cannot create lock {self.path} ({e.strerror}); is the cache directory writable?"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = _holder(self.path)
+            if not self.wait:
+                os.close(fd)
+                raise FeatxError(
+                    f"another featx process ({holder}) is writing {self.path[:-5]}; wait for it or stop it, then rerun"
+                ) from None
+            log.warning(
+                "waiting for another featx process (%s) that is writing %s",
+                holder,
+                os.path.basename(self.path[:-5]),
+            )
+            self._wait(fd, holder)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self._fd = fd
+        return self
+
+    def _wait(self, fd: int, holder: str) -> None:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                if deadline is not None and time.monotonic() > deadline:
+                    os.close(fd)
+                    raise FeatxError(
+                        f"gave up after {self.timeout:g}s waiting for featx process ({holder}) writing {self.path[:-5]}"
+                    ) from None
+                time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _holder(lock_path: str) -> str:
+    try:
+        with open(lock_path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip() or "unknown pid"
+    except OSError:
+        return "unknown pid"
+
+
+def is_locked(entry: str) -> bool:
+    try:
+        fd = os.open(entry + ".lock", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(entry: str) -> None:
+    """Leftovers of an interrupted finalization (call while holding the entry's lock)."""
+    for tmp in glob.glob(glob.escape(entry) + ".tmp-*"):
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+# -- listing and removing ------------------------------------------------------------------------
+
+
+@dataclass
+class EntryStatus:
+    path: str
+    state: str  # 'complete' | 'partial' | 'corrupt'
+    size: int
+    detail: dict
+
+
+def list_entries(cache_dir: str) -> list[EntryStatus]:
+    """Every entry in `cache_dir`: complete files, partial journals, unreadable files."""
+    import h5py
+
+    cache_dir = os.path.abspath(cache_dir)
+    if not os.path.isdir(cache_dir):
+        return []
+    out = []
+    names = set(glob.glob(os.path.join(glob.escape(cache_dir), "*.h5")))
+    names |= {p[: -len(".partial")] for p in glob.glob(os.path.join(glob.escape(cache_dir), "*.h5.partial"))}
+    for path in sorted(names):
+        if os.path.exists(path):
+            reason = check_complete(path)
+            if reason:
+                out.append(EntryStatus(path, "corrupt", os.path.getsize(path), {"reason": reason}))
+                continue
+            with h5py.File(path, "r") as f:
+                a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            detail = {k: a.get(k) for k in ("model", "weights", "dataset", "rows", "created")}
+            detail["layers"] = [str(x) for x in a.get("layers", [])]
+            out.append(EntryStatus(path, "complete", os.path.getsize(path), detail))
+        else:
+            prog = read_progress(path)
+            size = sum(
+                os.path.getsize(p) for p in glob.glob(os.path.join(glob.escape(journal_path(path)), "*"))
+            )
+            if prog is None:
+                out.append(EntryStatus(path, "corrupt", size, {"reason": "unreadable partial journal"}))
+            else:
+                out.append(EntryStatus(path, "partial", size, {"samples_done": prog["samples_done"], "samples": prog["samples"],
+                                                               "rows": prog["rows_done"], "layers": prog["layers"]}))  # fmt: skip
+    return out
+
+
+def remove_entries(cache_dir: str, targets: list[str], remove_all: bool = False) -> list[str]:
+    """Remove entries named by path, file name or key prefix (or all); refuses locked ones."""
+    entries = list_entries(cache_dir)
+    if remove_all:
+        chosen = entries
+    else:
+        if not targets:
+            raise UsageError("featx cache rm: name entries (file name, path or key prefix) or pass --all")
+        chosen = []
+        for t in targets:
+            base = os.path.basename(t.rstrip("/")).removesuffix(".partial")
+            hits = [
+                e
+                for e in entries
+                if os.path.basename(e.path) == base
+                or os.path.basename(e.path).split("--")[-1].startswith(base)
+            ]
+            if len(hits) != 1:
+                known = ", ".join(os.path.basename(e.path) for e in entries) or "none"
+                what = "matches no entry" if not hits else f"matches {len(hits)} entries"
+                raise UsageError(f"featx cache rm {t}: {what}; entries: {known}")
+            chosen.extend(hits)
+    removed = []
+    for e in chosen:
+        if is_locked(e.path):
+            raise FeatxError(f"{e.path} is being written by another featx process; stop it first")
+        for p in (e.path, e.path + ".lock"):
+            if os.path.exists(p):
+                os.remove(p)
+        if os.path.isdir(journal_path(e.path)):
+            import shutil
+
+            shutil.rmtree(journal_path(e.path))
+        remove_stale_temporaries(e.path)
+        removed.append(e.path)
+    return removed

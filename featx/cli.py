@@ -1,0 +1,367 @@
+"""The `featx` command: argparse -> the Python API -> printed results.
+
+Errors a user can cause print one line on stderr (exit 2 for usage, 1 otherwise); anything else
+is a bug and keeps its traceback. Progress and messages go to stderr; what scripts consume
+(the codes file's path, tables, JSON) goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from featx import __version__
+from featx.errors import FeatxError, UsageError
+
+log = logging.getLogger("featx")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _auto_or_int(text: str):
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def _workers(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 0, got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < v < 1.0 and v != 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return v
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="DEFAULT",
+                   help="DEFAULT, a torchvision weights name (IMAGENET1K_V1), a timm tag, imagenet "
+                        "(efficientnet_lite0), none (random init) or a checkpoint path (default: DEFAULT)")  # fmt: skip
+    p.add_argument("--image-size", type=_positive_int, help="input size in pixels (default: the weights')")
+    p.add_argument("--crop-pct", type=_fraction, help="centre-crop fraction (default: the weights')")
+
+
+def _add_extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="torchvision name (resnet50), timm:NAME, or efficientnet_lite0"
+    )
+    _add_model_args(p)
+    p.add_argument(
+        "--data",
+        required=True,
+        help="image folder, CSV manifest, sklearn:digits, idx folder or torchvision:NAME",
+    )
+    p.add_argument(
+        "--layers",
+        default="depth:1.0",
+        help="module names and/or depth fractions: layer2,layer4 or depth:0.25,0.5,1.0 (default: depth:1.0)",
+    )
+    p.add_argument("--pool", default="avg", help="avg (default), max, avgNxN (e.g. avg2x2) or none")
+    relu = p.add_mutually_exclusive_group()
+    relu.add_argument(
+        "--relu",
+        dest="relu",
+        action="store_const",
+        const="on",
+        help="ReLU every tapped output (default: where the network has its own ReLU)",
+    )
+    relu.add_argument("--no-relu", dest="relu", action="store_const", const="off", help="keep raw outputs")
+    p.set_defaults(relu="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored code type")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="forward precision: auto = fp32 on CPU, bf16 on CUDA")  # fmt: skip
+    p.add_argument(
+        "--test-fraction",
+        type=_fraction,
+        default=0.2,
+        help="test share for data without splits (default 0.2)",
+    )
+    p.add_argument("--per-class-limit", help="at most K images per class and split: K, or train=K1,test=K2")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split and subsets (default 0)")
+    p.add_argument("--data-root", help="where torchvision:NAME datasets live (downloaded there)")
+    p.add_argument(
+        "--strict", action="store_true", help="stop at the first undecodable image instead of skipping it"
+    )
+    p.add_argument("--cache-dir", help="cache directory (default: $FEATX_CACHE_DIR or ./cache)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=_auto_or_int, default="auto", help="images per forward pass, or auto")
+    p.add_argument("--workers", type=_workers, default="auto", help="data-loading processes, or auto")
+    p.add_argument(
+        "--channels-last", default="auto", choices=["auto", "on", "off"], help="memory format for the forward"
+    )
+    p.add_argument(
+        "--no-wait", action="store_true", help="fail instead of waiting when another process writes the entry"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="featx", description="Tap layers of pretrained CNNs into an HDF5 cache and measure them."
+    )
+    parser.add_argument("--version", action="version", version=f"featx {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("layers", help="list a model's tappable layers")
+    p.add_argument("model", nargs="?", help="torchvision name, timm:NAME or efficientnet_lite0")
+    _add_model_args(p)
+    p.add_argument("--all", action="store_true", help="every module, not only the main path")
+    p.add_argument("--pool", default="avg", help="pooling used for the code-dim column (default avg)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--list-models", action="store_true", help="list the torchvision model names featx accepts"
+    )
+
+    p = sub.add_parser("extract", help="extract codes into the cache; prints the file's path last")
+    _add_extract_args(p)
+
+    p = sub.add_parser("info", help="what a codes file (or a partial entry) holds")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("cache", help="list or remove cache entries")
+    csub = p.add_subparsers(dest="cache_command", metavar="ls|rm", parser_class=_Parser)
+    q = csub.add_parser("ls", help="list entries")
+    q.add_argument("--cache-dir")
+    q = csub.add_parser("rm", help="remove entries by file name, path or key prefix")
+    q.add_argument("entries", nargs="*")
+    q.add_argument("--all", action="store_true", help="remove every entry")
+    q.add_argument("--cache-dir")
+    return parser
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_layers(args) -> int:
+    from featx.models import (
+        build_module,
+        parse_model_name,
+        resolve_weights,
+        torchvision_models,
+        weights_preprocess,
+    )
+    from featx.report import format_table
+    from featx.taps import activation_for, list_taps, parse_pool
+
+    if args.list_models:
+        print(
+            "\n".join([*torchvision_models(), "efficientnet_lite0", "timm:NAME (any of timm.list_models())"])
+        )
+        return 0
+    if not args.model:
+        raise UsageError("featx layers: give a model name (or --list-models)")
+    model = parse_model_name(args.model)
+    ref = resolve_weights(model, args.weights) if args.weights != "DEFAULT" else _default_ref(model)
+    skeleton = build_module(model, device="meta")
+    pre = weights_preprocess(model, ref, skeleton).with_overrides(args.image_size, args.crop_pct)
+    pool = parse_pool(args.pool)
+    taps = [t for t in list_taps(skeleton, pre.crop_size, device="meta") if args.all or t.trunk]
+    if args.json:
+        print(json.dumps({"model": str(model), "input_size": pre.crop_size, "preprocessing": pre.to_dict(),
+                          "layers": [{**t.to_dict(), "relu_by_default": activation_for(t) != "none",
+                                      "code_dim": t.code_dim(pool)} for t in taps]}, indent=1))  # fmt: skip
+        return 0
+    rows = []
+    for t in taps:
+        shape = "x".join(str(s) for s in t.shape)
+        rows.append(["  " * t.level + t.name, t.kind, shape, t.stride, f"{t.depth:.2f}", t.activation_label,
+                     "yes" if activation_for(t) != "none" else "no", t.code_dim(pool)])  # fmt: skip
+    print(format_table(rows, ["layer", "type", "output (C,H,W)", "stride", "depth", "activation", "relu'd", f"dim ({pool})"],
+                       align="lllrrllr"))  # fmt: skip
+    print(f"\n{model} at {pre.crop_size}px: {pre}. 'activation': post-X = the output already went through X; "
+          f"->X = the network applies X next. Codes are ReLU'd where 'relu'd' says yes (--no-relu keeps raw "
+          f"outputs, --relu forces ReLU everywhere). depth: share of conv/linear ops done (1.0 = penultimate)."
+          + ("" if args.all else " --all lists every module."))  # fmt: skip
+    return 0
+
+
+def _default_ref(model):
+    """DEFAULT's preprocessing needs no download; models without pretrained weights fall back to none."""
+    from featx.models import resolve_weights
+
+    try:
+        return resolve_weights(model, "DEFAULT")
+    except FeatxError:
+        return resolve_weights(model, "none")
+
+
+def _data_options(args):
+    from featx.data import DataOptions, parse_per_class_limit
+
+    return DataOptions(test_fraction=args.test_fraction, per_class_limit=parse_per_class_limit(args.per_class_limit),
+                       seed=args.seed, data_root=args.data_root)  # fmt: skip
+
+
+def cmd_extract(args) -> int:
+    from featx.extract import extract
+
+    result = extract(
+        args.model, args.data, args.layers, weights=args.weights, pool=args.pool, relu=args.relu,
+        image_size=args.image_size, crop_pct=args.crop_pct, dtype=args.dtype, precision=args.precision,
+        data_options=_data_options(args), cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
+        workers=args.workers, channels_last=args.channels_last, strict=args.strict, wait=not args.no_wait,
+        progress=not args.quiet,
+    )  # fmt: skip
+    if result.resolved:
+        log.info("layers: %s", ", ".join(f"{k} -> {v}" for k, v in result.resolved.items()))
+    if result.skipped:
+        log.warning(
+            "%d image(s) could not be decoded and were skipped (listed in /skipped of the file)",
+            len(result.skipped),
+        )
+    print(result.path)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from featx.report import format_table
+    from featx.store import CodesFile, read_progress
+
+    path = args.file
+    if not os.path.exists(path):
+        prog = read_progress(path.removesuffix(".partial"))
+        if prog is None:
+            raise UsageError(f"featx info: {path}: no such file or partial entry")
+        done = {k: prog[k] for k in ("samples_done", "samples", "rows_done")}
+        done["layers"] = prog["layers"]
+        done["skipped"] = len(prog.get("skipped", []))
+        if args.json:
+            print(json.dumps({"state": "partial", **done}, indent=1))
+        else:
+            print(f"{path}: partial entry: {done['samples_done']} of {done['samples']} images done "
+                  f"({done['rows_done']} rows), layers {', '.join(done['layers'])}; rerun its extract command to finish")  # fmt: skip
+        return 0
+    with CodesFile(path) as f:
+        layers = [{"name": n, "dim": f.dim(n), **f.layer_attrs(n)} for n in f.layers]
+        splits = {s: int((f.split == s).sum()) for s in ("train", "val", "test") if (f.split == s).any()}
+        if args.json:
+            print(json.dumps({"state": "complete", "attrs": f.attrs, "layers": layers, "splits": splits,
+                              "classes": f.classes, "skipped": f.skipped}, indent=1, default=str))  # fmt: skip
+            return 0
+        a = f.attrs
+        print(f"{path}")
+        print(
+            f"  model         {a.get('model')}  weights {a.get('weights')} ({a.get('weights_source')}"
+            + (f", sha256 {a['weights_sha256'][:16]}..." if a.get("weights_sha256") else "")
+            + ")"
+        )
+        print(f"  preprocessing {a.get('preprocessing_text')}")
+        print(
+            f"  dataset       {a.get('dataset')}  ({len(f.classes)} classes; splits {splits}, {a.get('split_source')})"
+        )
+        print(
+            f"  rows          {len(f)} of {a.get('samples')} images ({len(f.skipped)} skipped), state {a.get('featx_state')}"
+        )
+        print(f"  extraction    {a.get('precision')} on {a.get('device')}, batch {a.get('batch_size')}, dtype {a.get('dtype')}, "
+              f"created {a.get('created')}, featx {a.get('featx_version')}")  # fmt: skip
+        rows = [[ly["name"], ly["dim"], "x".join(str(s) for s in ly.get("pre_pool_shape", [])), ly.get("pool"),
+                 ly.get("activation"), f"{ly.get('depth', 0):.2f}"] for ly in layers]  # fmt: skip
+        print()
+        print(
+            format_table(
+                rows, ["layer", "dim", "pre-pool shape", "pool", "activation", "depth"], align="lrllll"
+            )
+        )
+        for ident, reason in f.skipped[:10]:
+            print(f"  skipped {ident}: {reason}")
+        if len(f.skipped) > 10:
+            print(f"  ... {len(f.skipped) - 10} more in /skipped")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from featx.cache import default_cache_dir, list_entries, remove_entries
+    from featx.report import format_table
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    if args.cache_command == "ls":
+        entries = list_entries(cache_dir)
+        if not entries:
+            print(f"no entries in {os.path.abspath(cache_dir)}", file=sys.stderr)
+            return 0
+        rows = []
+        for e in entries:
+            d = e.detail
+            if e.state == "complete":
+                what = f"{d.get('model')} {d.get('weights')} | {len(d.get('layers', []))} layers | {d.get('dataset')}"
+                rows.append(
+                    [os.path.basename(e.path), "complete", d.get("rows"), round(e.size / 2**20, 1), what]
+                )
+            elif e.state == "partial":
+                rows.append([os.path.basename(e.path), f"partial {d['samples_done']}/{d['samples']}", d.get("rows"),
+                             round(e.size / 2**20, 1), ", ".join(d.get("layers", []))])  # fmt: skip
+            else:
+                rows.append(
+                    [os.path.basename(e.path), "corrupt", None, round(e.size / 2**20, 1), d.get("reason")]
+                )
+        print(format_table(rows, ["entry", "state", "rows", "MiB", "contents"], align="llrrl"))
+        return 0
+    if args.cache_command == "rm":
+        for path in remove_entries(cache_dir, args.entries, args.all):
+            print(f"removed {path}")
+        return 0
+    raise UsageError("featx cache: use `featx cache ls` or `featx cache rm ENTRY...`")
+
+
+COMMANDS = {"layers": cmd_layers, "extract": cmd_extract, "info": cmd_info, "cache": cmd_cache}
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("featx: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _setup_logging(args.quiet)
+        if not args.command:
+            parser.print_help(sys.stderr)
+            return 2
+        return COMMANDS[args.command](args)
+    except FeatxError as e:
+        msg = str(e).replace("\n", " ")
+        print(f"featx: error: {msg}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("featx: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `featx layers resnet50 | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

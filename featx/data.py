@@ -224,12 +224,7 @@ def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
         splits = raw.splits[sel]
         split_source = raw.split_source
     else:
-        splits = np.full(len(sel), "train", dtype="<U5")
-        for c in range(len(raw.classes)):
-            idx = np.flatnonzero(labels == c)
-            k = int(round(len(idx) * opts.test_fraction))
-            k = min(max(k, 1), len(idx) - 1) if len(idx) >= 2 else 0
-            splits[rng.permutation(idx)[:k]] = "test"
+        splits = np.where(stratified_holdout(labels, opts.test_fraction, rng), "test", "train").astype("<U5")
         split_source = "seeded"
     ids = [raw.ids[i] for i in sel]
     loader = raw.loader if len(sel) == n else _Subset(raw.loader, sel)
@@ -250,6 +245,18 @@ def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
         splits=splits.astype("<U5"), loader=loader, fingerprint=h.hexdigest(), split_source=split_source,
         notes=raw.notes,
     )  # fmt: skip
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A boolean mask holding out round(fraction * n) of each class, at least one and never all
+    of a class with two or more members (classes in sorted order, so a seed fixes the result)."""
+    out = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = int(round(len(idx) * fraction))
+        k = min(max(k, 1), len(idx) - 1) if len(idx) >= 2 else 0
+        out[rng.permutation(idx)[:k]] = True
+    return out
 
 
 class _Subset:

@@ -328,13 +328,68 @@ def _auto_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
+class CodeComputer:
+    """A model on its device with hooks on the chosen taps: uint8 image batches in, codes out.
+
+    Shared by `extract`, `featx predict` and `CNNCodes`, so every path computes codes the same
+    way: normalize on the device, channels-last and autocast as asked, one forward for all taps.
+    """
+
+    def __init__(self, module, taps, activations: dict, pool, preprocess, device, precision: str = "fp32",
+                 channels_last: bool = True):  # fmt: skip
+        import torch
+
+        from featx.taps import Tapper
+
+        self.device = device
+        self.preprocess = preprocess
+        self.channels_last = channels_last
+        self.names = [t.name for t in taps]
+        self.dims = [t.code_dim(pool) for t in taps]
+        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        module = module.to(device)
+        self.module = module.to(memory_format=torch.channels_last) if channels_last else module
+        self._tapper = Tapper(self.module, taps, activations, pool).__enter__()
+
+    def __call__(self, images) -> list[np.ndarray]:
+        """uint8 [N, 3, H, W] -> float32 codes per tap, [N, D] each."""
+        import torch
+
+        if images is None or len(images) == 0:
+            return [np.empty((0, d), np.float32) for d in self.dims]
+        with torch.inference_mode():
+            x = self.preprocess.normalize(images.to(self.device, non_blocking=True))
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                out = self._tapper(x)
+            return [out[n].to("cpu").numpy() for n in self.names]
+
+    def close(self) -> None:
+        self._tapper.__exit__(None, None, None)
+
+    def __enter__(self) -> CodeComputer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_loader(dataset, batch_size: int, workers: int, pin_memory: bool):
+    """The data loader of a sample sequence: decode + resize in `workers` processes."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+        pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+    )  # fmt: skip
+
+
 def _run(
     plan: _Plan, ds: Dataset, path: str, batch_size, workers, channels_last, strict, progress, t0
 ) -> ExtractResult:
-    import torch
-
     from featx.models import load_model
-    from featx.taps import Tapper, list_taps
+    from featx.taps import list_taps
 
     backbone = load_model(str(plan.model), weights_ref=plan.weights)
     pre = plan.preprocess
@@ -344,16 +399,11 @@ def _run(
     dims = [t.code_dim(plan.pool) for t in chosen]
 
     prior = read_progress(path)
-    if (
-        prior
-        and prior["meta"].get("key") == plan.key
-        and batch_size != "auto"
-        and int(batch_size) != prior["meta"].get("batch_size")
-    ):
-        log.warning("resuming with batch size %s of the interrupted run (not %s), so codes match an uninterrupted run",
-                    prior["meta"]["batch_size"], batch_size)  # fmt: skip
-    if prior and prior["meta"].get("key") == plan.key:
-        bs = int(prior["meta"]["batch_size"])
+    if prior is not None and prior["meta"].get("key") == plan.key:
+        bs = int(prior["meta"]["batch_size"])  # resumed rows must come from identical batches
+        if batch_size not in ("auto", bs):
+            log.warning("resuming with batch size %d of the interrupted run (not %s), so codes match an uninterrupted run",
+                        bs, batch_size)  # fmt: skip
     else:
         bs = _auto_batch_size(plan.device) if batch_size == "auto" else int(batch_size)
     if bs < 1:
@@ -368,36 +418,22 @@ def _run(
         log.info("resuming %s at image %d of %d", os.path.basename(path), start, len(ds))
 
     dev = plan.device
-    use_cl = channels_last == "on" or (channels_last == "auto" and len(pre.mean) == 3)
-    module = module.to(dev)
-    if use_cl:
-        module = module.to(memory_format=torch.channels_last)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
+    use_cl = channels_last in ("on", "auto")
     n_workers = _auto_workers() if workers == "auto" else int(workers)
-    loader = torch.utils.data.DataLoader(
-        _Images(ds, pre, start), batch_size=bs, shuffle=False, num_workers=n_workers, collate_fn=_collate,
-        pin_memory=dev.type == "cuda", prefetch_factor=4 if n_workers else None,
-    )  # fmt: skip
+    loader = make_loader(_Images(ds, pre, start), bs, n_workers, pin_memory=dev.type == "cuda")
     out_dtype = np.float16 if plan.dtype == "float16" else np.float32
     bar = _progress_bar(progress, len(ds), start, os.path.basename(path))
     writer = _Writer(journal)
+    computer = CodeComputer(module, chosen, plan.activations, plan.pool, pre, dev, plan.precision, use_cl)
     t_loop = time.perf_counter()
     try:
-        with Tapper(module, chosen, plan.activations, plan.pool) as tapper, torch.inference_mode():
-            for index, images, bad, samples_done in loader:
-                if bad and strict:
-                    i, reason = bad[0]
-                    raise FeatxError(f"{ds.ids[i]}: {reason} (--strict stops at the first undecodable image)")
-                codes = [np.empty((0, d), out_dtype) for d in dims]
-                if images is not None:
-                    x = pre.normalize(images.to(dev, non_blocking=True))
-                    if use_cl:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                        out = tapper(x)
-                    codes = [out[n].to("cpu").numpy().astype(out_dtype, copy=False) for n in plan.layers]
-                writer.put(codes, index, samples_done, bad)
-                bar.update(samples_done - bar.n)
+        for index, images, bad, samples_done in loader:
+            if bad and strict:
+                i, reason = bad[0]
+                raise FeatxError(f"{ds.ids[i]}: {reason} (--strict stops at the first undecodable image)")
+            codes = [c.astype(out_dtype, copy=False) for c in computer(images)]
+            writer.put(codes, index, samples_done, bad)
+            bar.update(samples_done - bar.n)
     except KeyboardInterrupt:
         writer.close()
         journal.close()
@@ -413,6 +449,7 @@ def _run(
         raise
     finally:
         bar.close()
+        computer.close()
     writer.close()
     loop_seconds = time.perf_counter() - t_loop
     if journal.rows_done == 0:

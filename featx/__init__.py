@@ -24,6 +24,15 @@ _EXPORTS = {
     "ExtractResult": "featx.extract",
     "CodesFile": "featx.store",
     "open_codes": "featx.store",
+    "fit": "featx.classify",
+    "fit_cell": "featx.classify",
+    "protocol_for": "featx.classify",
+    "Protocol": "featx.classify",
+    "FitReport": "featx.classify",
+    "Predictor": "featx.predict",
+    "load_classifier": "featx.predict",
+    "save_classifier": "featx.predict",
+    "CNNCodes": "featx.transformer",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -121,13 +121,29 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _subcommands(parser: argparse.ArgumentParser, **kw):
+    """Subparsers that also accept -q after the command name (`featx extract ... -q`)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="only warnings and errors on stderr",
+    )
+    sub = parser.add_subparsers(parser_class=_Parser, **kw)
+    add = sub.add_parser
+    sub.add_parser = lambda name, **k: add(name, parents=[common], **k)
+    return sub
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="featx", description="Tap layers of pretrained CNNs into an HDF5 cache and measure them."
     )
     parser.add_argument("--version", action="version", version=f"featx {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = _subcommands(parser, dest="command", metavar="COMMAND")
 
     p = sub.add_parser("layers", help="list a model's tappable layers")
     p.add_argument("model", nargs="?", help="torchvision name, timm:NAME or efficientnet_lite0")
@@ -142,12 +158,70 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="extract codes into the cache; prints the file's path last")
     _add_extract_args(p)
 
+    p = sub.add_parser("fit", help="train and evaluate linear classifiers on cached codes")
+    p.add_argument("file", help="a codes file from featx extract")
+    p.add_argument(
+        "--layer",
+        "--layers",
+        dest="layer",
+        default="all",
+        help="layers to fit, comma-separated, or all (default)",
+    )
+    p.add_argument("--classifier", default="softmax", choices=["svm", "softmax", "sgd"],
+                   help="svm: LinearSVC; softmax: multinomial logistic regression; sgd: out-of-core SGD (default softmax)")  # fmt: skip
+    p.add_argument(
+        "--preset",
+        choices=["kornblith", "vissl-svm"],
+        help="a published protocol (overrides classifier and grid)",
+    )
+    p.add_argument("--C", dest="Cs", help="comma-separated C grid (default: logspace(-4, 3, 8))")
+    p.add_argument(
+        "--scale", choices=["standardize", "l2", "none"], help="feature scaling (default standardize)"
+    )
+    p.add_argument("--pca", type=_positive_int, help="reduce codes to K dimensions with PCA first")
+    p.add_argument(
+        "--cv", type=_positive_int, help="choose C by K-fold cross-validation instead of a hold-out"
+    )
+    p.add_argument(
+        "--val-fraction", type=_fraction, help="hold-out share of train when the file has no val split (0.2)"
+    )
+    p.add_argument(
+        "--train-size", default="all", help="training images: all, N in total, or K/class (default all)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for subsets, hold-outs and solvers (default 0)")
+    p.add_argument("--seeds", help="repeat with these seeds (e.g. 0,1,2) and report mean and std")
+    p.add_argument("--jobs", type=int, default=1, help="parallel fits (joblib; -1 = all cores)")
+    p.add_argument("--concat", action="store_true", help="also fit on the concatenation of the layers")
+    p.add_argument("--epochs", type=_positive_int, help="sgd: passes over the data (5)")
+    p.add_argument("--chunk-rows", type=_positive_int, help="sgd: rows read per chunk (4096)")
+    p.add_argument("--max-iter", type=_positive_int, help="solver iterations (2000; kornblith 1000)")
+    p.add_argument(
+        "--out", help="save the best layer's pipeline to NAME.joblib (+ NAME.json with metadata and results)"
+    )
+    p.add_argument("--results", help="write the full results as JSON to this file")
+    p.add_argument("--json", action="store_true", help="print the full results as JSON instead of tables")
+
+    p = sub.add_parser("predict", help="classify new images with a saved classifier")
+    p.add_argument("classifier", help="NAME.joblib from featx fit --out")
+    p.add_argument("inputs", nargs="+", help="image files, folders, or a CSV whose first column holds paths")
+    p.add_argument("--top-k", type=_positive_int, default=3, help="classes to show per image (3)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--weights", help="where the classifier's weights file is now, if it moved")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--workers", type=_workers, default=0)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="use a classifier whose hash, featx version or weights do not match",
+    )
+
     p = sub.add_parser("info", help="what a codes file (or a partial entry) holds")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("cache", help="list or remove cache entries")
-    csub = p.add_subparsers(dest="cache_command", metavar="ls|rm", parser_class=_Parser)
+    csub = _subcommands(p, dest="cache_command", metavar="ls|rm")
     q = csub.add_parser("ls", help="list entries")
     q.add_argument("--cache-dir")
     q = csub.add_parser("rm", help="remove entries by file name, path or key prefix")
@@ -331,7 +405,116 @@ def cmd_cache(args) -> int:
     raise UsageError("featx cache: use `featx cache ls` or `featx cache rm ENTRY...`")
 
 
-COMMANDS = {"layers": cmd_layers, "extract": cmd_extract, "info": cmd_info, "cache": cmd_cache}
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: give comma-separated numbers") from None
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: give comma-separated integers") from None
+
+
+def cmd_fit(args) -> int:
+    from featx.classify import fit, parse_train_size, protocol_for
+    from featx.predict import classifier_meta, save_classifier
+    from featx.report import format_table
+
+    overrides = {k: v for k, v in {
+        "Cs": _floats(args.Cs, "--C") if args.Cs else None, "scale": args.scale, "pca": args.pca, "cv": args.cv,
+        "val_fraction": args.val_fraction, "epochs": args.epochs, "chunk_rows": args.chunk_rows, "max_iter": args.max_iter,
+    }.items() if v is not None}  # fmt: skip
+    protocol = protocol_for(args.classifier, args.preset, **overrides)
+    seeds = _ints(args.seeds, "--seeds") if args.seeds else (args.seed,)
+    if args.jobs == 0 or args.jobs < -1:
+        raise UsageError(f"--jobs {args.jobs}: use a positive number, or -1 for all cores")
+    report = fit(args.file, args.layer, protocol, parse_train_size(args.train_size), seeds, args.jobs, args.concat,
+                 return_models=bool(args.out))  # fmt: skip
+    data = report.to_dict()
+    if args.out:
+        best = report.best
+        meta = classifier_meta(args.file, best.split("+"))
+        first = next(r for r in report.results if r["layer"] == best)
+        meta.update({"layer": best, "protocol": protocol.to_dict(), "train_size": str(report.train_size),
+                     "seed": first["seed"], "C": first["C"], "results": data})  # fmt: skip
+        model_path, meta_path = save_classifier(args.out, report.models[best], meta)
+        log.info("saved %s (%s) with metadata and results in %s", model_path, best, meta_path)
+    if args.results:
+        from featx.store import write_json_atomic
+
+        write_json_atomic(args.results, data)
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    seeds_note = f" over seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else f", seed {seeds[0]}"
+    rows = []
+    for s in report.summary():
+        acc = f"{s['accuracy']:.4f}" + (f" ± {s['accuracy_std']:.4f}" if len(seeds) > 1 else "")
+        bal = f"{s['balanced_accuracy']:.4f}" + (
+            f" ± {s['balanced_accuracy_std']:.4f}" if len(seeds) > 1 else ""
+        )
+        C = (
+            s["C"]
+            if not isinstance(s["C"], list)
+            else "per-class"
+            if protocol.per_class
+            else "/".join(f"{c:.3g}" for c in s["C"])
+        )
+        rows.append([s["layer"], s["dim"], C if isinstance(C, str) else f"{C:.4g}", f"{s['val_score']:.4f}", acc, bal,
+                     s["train_size"], f"{s['fit_seconds']:.1f}"])  # fmt: skip
+    first = report.results[0]
+    name = protocol.preset or protocol.classifier
+    print(f"{name} on {args.file}: train {first['train_size']} images ({report.train_size}), validation: "
+          f"{first['val_source']}, test: the {first['test_split']} split ({first['n_test']} images){seeds_note}")  # fmt: skip
+    print(
+        format_table(
+            rows,
+            ["layer", "dim", "C", "val score", "test acc", "balanced acc", "train", "fit s"],
+            align="lrrrrrrr",
+        )
+    )
+    best = next(r for r in report.results if r["layer"] == report.best)
+    print(
+        f"\nbest layer by validation score: {report.best} (test accuracy {best['accuracy']:.4f}, seed {best['seed']})"
+    )
+    classes = list(best["per_class"])
+    print(format_table([[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", v["support"]] for c, v in best["per_class"].items()],
+                       ["class", "precision", "recall", "support"], align="lrrr"))  # fmt: skip
+    print("\nconfusion matrix (rows: true, columns: predicted)")
+    short = [c[:10] for c in classes]
+    print(format_table([[short[i], *row] for i, row in enumerate(best["confusion_matrix"])], ["", *short]))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from featx.predict import Predictor, collect_images
+    from featx.report import format_table
+
+    paths = collect_images(args.inputs)
+    predictor = Predictor(args.classifier, weights=args.weights, device=args.device, force=args.force)
+    try:
+        preds = predictor.predict(paths, top_k=args.top_k, batch_size=args.batch_size,
+                                  workers=0 if args.workers == "auto" else args.workers)  # fmt: skip
+    finally:
+        predictor.close()
+    if args.json:
+        print(json.dumps([p.to_dict() for p in preds], indent=1))
+    else:
+        rows = [[p.path, p.label, f"{p.score:.4f}" if p.score is not None else None,
+                 ", ".join(f"{c} {s:.3f}" for c, s in p.top) if not p.error else f"error: {p.error}"] for p in preds]  # fmt: skip
+        print(format_table(rows, ["image", "class", "score", f"top {args.top_k}"], align="llrl"))
+    failed = sum(p.error is not None for p in preds)
+    if failed:
+        log.warning("%d of %d images could not be decoded", failed, len(preds))
+    return 1 if failed == len(preds) else 0
+
+
+COMMANDS = {"layers": cmd_layers, "extract": cmd_extract, "fit": cmd_fit, "predict": cmd_predict, "info": cmd_info,
+            "cache": cmd_cache}  # fmt: skip
 
 
 def _setup_logging(quiet: bool) -> None:

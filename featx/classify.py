@@ -1,0 +1,600 @@
+"""Linear classifiers on cached codes: scikit-learn pipelines, protocols, honest evaluation.
+
+The protocol of every fit (one *cell*: a layer or concatenation of layers, a train size, a seed):
+
+1. training images = the file's `train` split, subsampled to `train_size` (total, stratified;
+   or K per class) with `seed`;
+2. validation = the file's `val` split when it has one (and a separate `test` split); else a seeded
+   stratified hold-out of `val_fraction` of the training images; or, with `cv=K`, K-fold
+   cross-validation on the training (+ val) images;
+3. C is the grid value with the best validation accuracy (ties go to the smaller C, the stronger
+   regularization); the pipeline is refitted on train + val with it;
+4. metrics come from the test split only: the `test` split, or the `val` split when the file has
+   no test split (hymenoptera's train/val), in which case validation comes from the training images.
+   The test split never influences any choice.
+
+Classifiers: `svm` (LinearSVC, squared hinge, L2), `softmax` (multinomial LogisticRegression,
+lbfgs), `sgd` (SGDClassifier with hinge loss trained by `partial_fit` on row chunks streamed from
+the HDF5 file, alpha = 1 / (C * n)): its memory is bounded by `chunk_rows`, whatever the file size.
+Codes are standardized (default), L2-normalized or left as they are, optionally reduced by PCA.
+
+Presets reproduce published protocols:
+- `kornblith` (Kornblith et al. 2019, "Do Better ImageNet Models Transfer Better?"): multinomial
+  L-BFGS logistic regression on raw codes, C = 1 / wd for wd in logspace(-6, 5, 45), validation =
+  20% of train when there is no val split, refit on train + val.
+- `vissl-svm` (VISSL's SVM benchmark): codes L2-normalized (x / (||x|| + 1e-5)); per class, a
+  binary LinearSVC (labels +1/-1, class weight {+1: 2, -1: 1}, squared hinge, dual, tol 1e-4,
+  max_iter 2000) whose cost is chosen from [0.01, 0.1, 1, 2, 5, 10, 15, 20, 50, 100, 1000] by
+  3-fold cross-validated average precision on the training (+ val) images; the class with the
+  largest decision value wins.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+
+from featx.data import stratified_holdout
+from featx.errors import FeatxError, UsageError
+from featx.store import CodesFile
+
+CLASSIFIERS = ("svm", "softmax", "sgd")
+SCALES = ("standardize", "l2", "none")
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 3, 8))
+VISSL_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How one cell is fitted and validated (see the module docstring)."""
+
+    classifier: str = "softmax"
+    Cs: tuple[float, ...] = DEFAULT_CS
+    scale: str = "standardize"
+    pca: int | None = None
+    cv: int | None = None  # K-fold CV instead of a hold-out
+    val_fraction: float = 0.2
+    preset: str | None = None
+    per_class: bool = False  # VISSL's one binary SVM per class
+    max_iter: int = 2000
+    epochs: int = 5  # sgd
+    chunk_rows: int = 4096  # sgd
+
+    def validate(self) -> Protocol:
+        if self.classifier not in CLASSIFIERS:
+            raise UsageError(f"--classifier {self.classifier!r}: use one of {', '.join(CLASSIFIERS)}")
+        if self.scale not in SCALES:
+            raise UsageError(f"--scale {self.scale!r}: use one of {', '.join(SCALES)}")
+        if not self.Cs or any(not (c > 0 and math.isfinite(c)) for c in self.Cs):
+            raise UsageError("--C: give positive, finite values (e.g. 0.01,0.1,1)")
+        if self.pca is not None and self.pca < 1:
+            raise UsageError(f"--pca {self.pca}: must be a positive number of components")
+        if self.cv is not None and self.cv < 2:
+            raise UsageError(f"--cv {self.cv}: needs at least 2 folds")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction {self.val_fraction}: must be between 0 and 1")
+        if self.epochs < 1 or self.chunk_rows < 16:
+            raise UsageError("--epochs must be >= 1 and --chunk-rows >= 16")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["Cs"] = [float(c) for c in self.Cs]
+        return d
+
+
+PRESETS = {
+    "kornblith": Protocol(
+        "softmax",
+        tuple(float(1.0 / wd) for wd in np.logspace(-6, 5, 45)),
+        "none",
+        val_fraction=0.2,
+        preset="kornblith",
+        max_iter=1000,
+    ),  # fmt: skip
+    "vissl-svm": Protocol("svm", VISSL_COSTS, "l2", cv=3, preset="vissl-svm", per_class=True, max_iter=2000),
+}
+
+
+def protocol_for(classifier: str = "softmax", preset: str | None = None, **overrides) -> Protocol:
+    """A preset's protocol (overrides on top), or a plain one for `classifier`."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UsageError(f"--preset {preset!r}: use one of {', '.join(PRESETS)}")
+        return replace(PRESETS[preset], **overrides).validate()
+    return Protocol(classifier=classifier, **overrides).validate()
+
+
+# -- train sizes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainSize:
+    """`all`, N images in total (stratified), or K images per class."""
+
+    kind: str  # 'all' | 'total' | 'per_class'
+    n: int = 0
+
+    def __str__(self) -> str:
+        return {"all": "all", "total": str(self.n), "per_class": f"{self.n}/class"}[self.kind]
+
+
+def parse_train_size(text: str | int | None) -> TrainSize:
+    if text is None or str(text).strip().lower() == "all":
+        return TrainSize("all")
+    s = str(text).strip().lower()
+    try:
+        if s.endswith("/class"):
+            k = int(s[: -len("/class")])
+            kind = "per_class"
+        else:
+            k, kind = int(s), "total"
+        if k < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(
+            f"--train-size {text!r}: use all, a total N (e.g. 200), or K per class (e.g. 10/class)"
+        ) from None
+    return TrainSize(kind, k)
+
+
+# -- estimators ----------------------------------------------------------------------------------
+
+
+class L2Normalize(TransformerMixin, BaseEstimator):
+    """x / (||x|| + eps), row-wise (VISSL's normalization, eps 1e-5)."""
+
+    def __init__(self, eps: float = 1e-5):
+        self.eps = eps
+
+    def fit(self, X, y=None):
+        self.n_features_in_ = np.asarray(X).shape[1]
+        return self
+
+    def transform(self, X):
+        X = np.asarray(X, dtype=np.float64)
+        return X / (np.linalg.norm(X, axis=1, keepdims=True) + self.eps)
+
+
+class PerClassSVM(ClassifierMixin, BaseEstimator):
+    """VISSL's SVM protocol: per class, a binary LinearSVC whose cost is chosen by k-fold
+    cross-validated average precision; prediction is the argmax of the decision functions."""
+
+    def __init__(self, costs: Sequence[float] = VISSL_COSTS, folds: int = 3, max_iter: int = 2000):
+        self.costs = costs
+        self.folds = folds
+        self.max_iter = max_iter
+
+    def _svm(self, cost: float):
+        from sklearn.svm import LinearSVC
+
+        return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2",
+                         loss="squared_hinge", tol=1e-4, dual=True, max_iter=self.max_iter)  # fmt: skip
+
+    def fit(self, X, y):
+        from sklearn.model_selection import cross_val_score
+
+        X = np.asarray(X, dtype=np.float64)
+        self.classes_ = np.unique(y)
+        self.estimators_, self.costs_, self.cv_ap_ = [], [], []
+        for c in self.classes_:
+            yb = np.where(y == c, 1, -1)
+            folds = min(self.folds, int(min((yb == 1).sum(), (yb == -1).sum())))
+            if folds < 2:
+                raise FeatxError(
+                    f"class {c!r} has fewer than 2 training images; the vissl-svm preset needs 2 or more"
+                )
+            aps = [
+                cross_val_score(self._svm(cost), X, yb, cv=folds, scoring="average_precision").mean()
+                for cost in self.costs
+            ]
+            best = int(np.argmax(aps))  # VISSL takes the first maximum
+            self.costs_.append(float(self.costs[best]))
+            self.cv_ap_.append(float(aps[best]))
+            self.estimators_.append(self._svm(self.costs[best]).fit(X, yb))
+        return self
+
+    def decision_function(self, X):
+        X = np.asarray(X, dtype=np.float64)
+        return np.stack([e.decision_function(X) for e in self.estimators_], axis=1)
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+
+def make_pipeline(protocol: Protocol, C: float, seed: int, n_fit: int, dim: int):
+    """The scikit-learn Pipeline of one protocol at one C: scaling, optional PCA, classifier."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression, SGDClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    steps = []
+    if protocol.scale == "standardize":
+        steps.append(("scale", StandardScaler()))
+    elif protocol.scale == "l2":
+        steps.append(("scale", L2Normalize()))
+    if protocol.pca:
+        steps.append(("pca", PCA(n_components=min(protocol.pca, n_fit, dim), random_state=seed)))
+    if protocol.per_class:
+        clf = PerClassSVM(protocol.Cs, protocol.cv or 3, protocol.max_iter)
+    elif protocol.classifier == "svm":
+        clf = LinearSVC(
+            C=C,
+            loss="squared_hinge",
+            penalty="l2",
+            dual="auto",
+            max_iter=protocol.max_iter,
+            random_state=seed,
+        )
+    elif protocol.classifier == "softmax":
+        clf = LogisticRegression(C=C, solver="lbfgs", max_iter=protocol.max_iter)
+    else:
+        clf = SGDClassifier(loss="hinge", penalty="l2", alpha=1.0 / (C * max(n_fit, 1)), random_state=seed)
+    steps.append(("clf", clf))
+    return Pipeline(steps)
+
+
+# -- one cell ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rows:
+    """Row indices of one cell, all sorted."""
+
+    train: np.ndarray  # images the classifier learns from (after subsampling), hold-out excluded
+    val: np.ndarray  # validation images (empty with cv)
+    test: np.ndarray
+    val_source: str  # 'val split' | 'hold-out 20%' | '3-fold cv'
+    test_split: str  # 'test' | 'val'
+    train_size: int  # training-split images used, hold-out included
+
+
+def select_rows(f: CodesFile, protocol: Protocol, train_size: TrainSize, seed: int) -> Rows:
+    """Which rows train, validate and test a cell; the errors a user can cause, stated plainly."""
+    present = [s for s in ("train", "val", "test") if (f.split == s).any()]
+    if "train" not in present:
+        raise FeatxError(f"{f.path} has no train split (splits: {', '.join(present) or 'none'}); extract "
+                         f"data with a train split, or data without splits so featx makes one")  # fmt: skip
+    test_split = "test" if "test" in present else "val" if "val" in present else None
+    if test_split is None:
+        raise FeatxError(f"{f.path} has only a train split; there is nothing to test on")
+    rng = np.random.default_rng(seed)
+    train = np.flatnonzero(f.split == "train")
+    train = _subsample(train, f.labels, train_size, rng, f.classes)
+    classes = np.unique(f.labels[train])
+    if len(classes) < 2:
+        name = f.classes[int(classes[0])] if len(classes) else "none"
+        raise FeatxError(
+            f"the training images of {f.path} hold a single class ({name}); a classifier needs two or more"
+        )
+    test = np.flatnonzero(f.split == test_split)
+    n_train = len(train)
+    if test_split == "test" and "val" in present:
+        val, source = np.flatnonzero(f.split == "val"), "val split"
+        if protocol.cv or protocol.per_class:  # CV uses every labelled non-test image
+            train, val = np.sort(np.concatenate([train, val])), np.empty(0, np.int64)
+            source = f"{protocol.cv or 3}-fold cv on train+val"
+    elif protocol.cv or protocol.per_class:
+        val, source = np.empty(0, np.int64), f"{protocol.cv or 3}-fold cv"
+    else:
+        held = stratified_holdout(f.labels[train], protocol.val_fraction, rng)
+        train, val = train[~held], train[held]
+        source = f"hold-out {protocol.val_fraction:.0%} of train"
+        if len(val) == 0:
+            raise FeatxError(
+                f"--train-size {train_size} leaves no images to validate on; use a larger train size or --cv"
+            )
+    return Rows(np.sort(train), np.sort(val), test, source, test_split, n_train)
+
+
+def _subsample(rows: np.ndarray, labels: np.ndarray, size: TrainSize, rng, classes: list[str]) -> np.ndarray:
+    if size.kind == "all":
+        return rows
+    y = labels[rows]
+    present = np.unique(y)
+    if size.kind == "per_class":
+        out = []
+        for c in present:
+            idx = rows[y == c]
+            if len(idx) < size.n:
+                raise FeatxError(
+                    f"--train-size {size}: class {classes[int(c)]!r} has only {len(idx)} training images"
+                )
+            out.append(rng.choice(idx, size.n, replace=False))
+        return np.sort(np.concatenate(out))
+    if size.n > len(rows):
+        raise FeatxError(f"--train-size {size.n} is larger than the {len(rows)} training images")
+    if size.n < len(present):
+        raise FeatxError(f"--train-size {size.n} is smaller than the number of classes ({len(present)})")
+    from sklearn.model_selection import train_test_split
+
+    if size.n == len(rows):
+        return rows
+    picked, _ = train_test_split(rows, train_size=size.n, stratify=y, random_state=int(rng.integers(2**31)))
+    return np.sort(picked)
+
+
+def _load(f: CodesFile, layers: Sequence[str], rows: np.ndarray) -> np.ndarray:
+    return (
+        np.hstack([f.codes(layer, rows) for layer in layers]) if len(layers) > 1 else f.codes(layers[0], rows)
+    )
+
+
+def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    p, r, f1, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return {
+        "accuracy": float(np.mean(y_true == y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "per_class": {
+            c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]), "support": int(s[i])}
+            for i, c in enumerate(classes)
+        },  # fmt: skip
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: TrainSize | str = "all", seed: int = 0,
+             return_model: bool = False):  # fmt: skip
+    """Fit and evaluate one cell. Returns the result dict, or (result, pipeline) with return_model."""
+    train_size = train_size if isinstance(train_size, TrainSize) else parse_train_size(train_size)
+    t0 = time.perf_counter()
+    with CodesFile(path) as f:
+        layers = list(layers)
+        for layer in layers:
+            f.dim(layer)  # a clear error for a layer the file does not hold
+        rows = select_rows(f, protocol, train_size, seed)
+        dim = sum(f.dim(layer) for layer in layers)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if protocol.classifier == "sgd":
+                pipe, C, val_score, y_pred = _fit_sgd(f, layers, rows, protocol, seed)
+            else:
+                pipe, C, val_score, y_pred = _fit_in_memory(f, layers, rows, protocol, seed, dim)
+        y_test = f.labels[rows.test]
+        result = {
+            "layer": "+".join(layers), "layers": layers, "dim": dim, "classifier": protocol.classifier,
+            "preset": protocol.preset, "scale": protocol.scale, "pca": protocol.pca, "C": C, "seed": seed,
+            "train_size": rows.train_size, "train_size_spec": str(train_size), "n_fit": len(rows.train) + len(rows.val),
+            "n_val": len(rows.val), "n_test": len(rows.test), "val_source": rows.val_source,
+            "test_split": rows.test_split, "val_score": val_score, **metrics(y_test, y_pred, f.classes),
+            "fit_seconds": round(time.perf_counter() - t0, 3),
+            "convergence_warnings": sum(1 for w in caught if "Converge" in type(w.message).__name__),
+        }  # fmt: skip
+    return (result, pipe) if return_model else result
+
+
+def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: int, dim: int):
+    X_tr, y_tr = _load(f, layers, rows.train), f.labels[rows.train]
+    if protocol.per_class:
+        pipe = make_pipeline(protocol, 1.0, seed, len(y_tr), dim).fit(X_tr, y_tr)
+        clf = pipe.named_steps["clf"]
+        C, val_score = clf.costs_, float(np.mean(clf.cv_ap_))
+    else:
+        if protocol.cv:
+            scores = _cv_scores(X_tr, y_tr, protocol, seed, dim)
+        else:
+            X_va, y_va = _load(f, layers, rows.val), f.labels[rows.val]
+            scores = [
+                float(make_pipeline(protocol, C, seed, len(y_tr), dim).fit(X_tr, y_tr).score(X_va, y_va))
+                for C in protocol.Cs
+            ]
+        best = _best(protocol.Cs, scores)
+        C, val_score = float(protocol.Cs[best]), scores[best]
+        if len(rows.val):
+            X_tr = np.vstack([X_tr, _load(f, layers, rows.val)])
+            y_tr = np.concatenate([y_tr, f.labels[rows.val]])
+        pipe = make_pipeline(protocol, C, seed, len(y_tr), dim).fit(X_tr, y_tr)
+    y_pred = pipe.predict(_load(f, layers, rows.test))
+    return pipe, C, val_score, y_pred
+
+
+def _best(Cs: Sequence[float], scores: Sequence[float]) -> int:
+    """The best score; ties go to the smallest C (the strongest regularization)."""
+    top = max(scores)
+    return min((i for i, s in enumerate(scores) if s == top), key=lambda i: Cs[i])
+
+
+def _cv_scores(X, y, protocol: Protocol, seed: int, dim: int) -> list[float]:
+    from sklearn.model_selection import StratifiedKFold
+
+    smallest = int(np.bincount(y)[np.unique(y)].min())
+    folds = min(protocol.cv, smallest)
+    if folds < 2:
+        raise FeatxError(
+            f"--cv {protocol.cv} needs at least 2 training images per class; one class has {smallest}"
+        )
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    scores = []
+    for C in protocol.Cs:
+        fold_scores = []
+        for tr, va in splitter.split(X, y):
+            pipe = make_pipeline(protocol, C, seed, len(tr), dim).fit(X[tr], y[tr])
+            fold_scores.append(pipe.score(X[va], y[va]))
+        scores.append(float(np.mean(fold_scores)))
+    return scores
+
+
+# -- out-of-core SGD -----------------------------------------------------------------------------
+
+
+def _chunks(f: CodesFile, layers, rows: np.ndarray, chunk_rows: int, rng=None):
+    """(row positions, codes) over `rows` in chunks of at most `chunk_rows`, chunk order shuffled with `rng`."""
+    starts = list(range(0, len(rows), chunk_rows))
+    if rng is not None:
+        rng.shuffle(starts)
+    for s in starts:
+        part = rows[s : s + chunk_rows]
+        yield part, _load(f, layers, part)
+
+
+def _sgd_prep(f: CodesFile, layers, rows: np.ndarray, protocol: Protocol, seed: int, dim: int):
+    """Scaling and PCA fitted in one streaming pass each (partial_fit)."""
+    from sklearn.decomposition import IncrementalPCA
+    from sklearn.preprocessing import StandardScaler
+
+    steps = []
+    if protocol.scale == "standardize":
+        scaler = StandardScaler()
+        for _, X in _chunks(f, layers, rows, protocol.chunk_rows):
+            scaler.partial_fit(X)
+        steps.append(("scale", scaler))
+    elif protocol.scale == "l2":
+        steps.append(("scale", L2Normalize().fit(np.zeros((1, dim)))))
+    if protocol.pca:
+        k = min(protocol.pca, dim, len(rows))
+        pca = IncrementalPCA(n_components=k)
+        for _, X in _chunks(f, layers, rows, max(protocol.chunk_rows, k)):
+            if len(X) >= k:  # IncrementalPCA needs at least k rows per batch
+                pca.partial_fit(_apply(steps, X))
+        steps.append(("pca", pca))
+    return steps
+
+
+def _apply(steps, X):
+    for _, step in steps:
+        X = step.transform(X)
+    return X
+
+
+def _sgd_train(f, layers, rows, steps, protocol: Protocol, C: float, seed: int, classes):
+    from sklearn.linear_model import SGDClassifier
+
+    clf = SGDClassifier(loss="hinge", penalty="l2", alpha=1.0 / (C * max(len(rows), 1)), random_state=seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(protocol.epochs):
+        for part, X in _chunks(f, layers, rows, protocol.chunk_rows, rng):
+            order = rng.permutation(len(part))
+            clf.partial_fit(_apply(steps, X)[order], f.labels[part][order], classes=classes)
+    return clf
+
+
+def _sgd_predict(f, layers, rows, steps, clf, chunk_rows: int) -> np.ndarray:
+    out = np.empty(len(rows), dtype=np.int64)
+    pos = 0
+    for part, X in _chunks(f, layers, rows, chunk_rows):
+        out[pos : pos + len(part)] = clf.predict(_apply(steps, X))
+        pos += len(part)
+    return out
+
+
+def _fit_sgd(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: int):
+    from sklearn.pipeline import Pipeline
+
+    if protocol.cv:
+        raise UsageError(
+            "--classifier sgd validates on a hold-out or the val split; --cv is for svm and softmax"
+        )
+    dim = sum(f.dim(layer) for layer in layers)
+    classes = np.unique(f.labels[np.concatenate([rows.train, rows.val])])
+    steps = _sgd_prep(f, layers, rows.train, protocol, seed, dim)
+    scores = []
+    for C in protocol.Cs:
+        clf = _sgd_train(f, layers, rows.train, steps, protocol, C, seed, classes)
+        scores.append(
+            float(
+                np.mean(
+                    _sgd_predict(f, layers, rows.val, steps, clf, protocol.chunk_rows) == f.labels[rows.val]
+                )
+            )
+        )
+    best = _best(protocol.Cs, scores)
+    C = float(protocol.Cs[best])
+    fit_rows = np.sort(np.concatenate([rows.train, rows.val]))
+    steps = _sgd_prep(f, layers, fit_rows, protocol, seed, dim)
+    clf = _sgd_train(f, layers, fit_rows, steps, protocol, C, seed, classes)
+    y_pred = _sgd_predict(f, layers, rows.test, steps, clf, protocol.chunk_rows)
+    return Pipeline([*steps, ("clf", clf)]), C, scores[best], y_pred
+
+
+# -- many cells ----------------------------------------------------------------------------------
+
+
+@dataclass
+class FitReport:
+    """Results of `fit`: one dict per (layer, seed), the layer chosen by validation score, and
+    (with return_models) the first seed's pipeline per layer."""
+
+    path: str
+    protocol: Protocol
+    train_size: TrainSize
+    results: list[dict]
+    best: str
+    models: dict = field(default_factory=dict)
+
+    def by_layer(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for r in self.results:
+            out.setdefault(r["layer"], []).append(r)
+        return out
+
+    def summary(self) -> list[dict]:
+        """Per layer: mean and std over seeds of the headline numbers."""
+        rows = []
+        for layer, rs in self.by_layer().items():
+            acc = np.array([r["accuracy"] for r in rs])
+            bal = np.array([r["balanced_accuracy"] for r in rs])
+            val = np.array([r["val_score"] for r in rs])
+            rows.append({
+                "layer": layer, "dim": rs[0]["dim"], "classifier": rs[0]["classifier"], "preset": rs[0]["preset"],
+                "C": rs[0]["C"] if len(rs) == 1 else [r["C"] for r in rs], "seeds": [r["seed"] for r in rs],
+                "train_size": rs[0]["train_size"], "val_score": float(val.mean()), "accuracy": float(acc.mean()),
+                "accuracy_std": float(acc.std()), "balanced_accuracy": float(bal.mean()),
+                "balanced_accuracy_std": float(bal.std()), "fit_seconds": float(sum(r["fit_seconds"] for r in rs)),
+            })  # fmt: skip
+        return rows
+
+    def to_dict(self) -> dict:
+        return {"codes_file": self.path, "protocol": self.protocol.to_dict(), "train_size": str(self.train_size),
+                "best_layer": self.best, "summary": self.summary(), "results": self.results}  # fmt: skip
+
+
+def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol | None = None,
+        train_size: TrainSize | str = "all", seeds: Sequence[int] = (0,), jobs: int = 1, concat: bool = False,
+        return_models: bool = False) -> FitReport:  # fmt: skip
+    """Fit every layer (each on its own, plus their concatenation with `concat`) for every seed,
+    in parallel with joblib; the best layer is the one with the best mean validation score."""
+    from joblib import Parallel, delayed
+
+    protocol = (protocol or Protocol()).validate()
+    train_size = train_size if isinstance(train_size, TrainSize) else parse_train_size(train_size)
+    with CodesFile(path) as f:
+        names = (
+            f.layers
+            if layers in (None, "all")
+            else ([x.strip() for x in layers.split(",")] if isinstance(layers, str) else list(layers))
+        )
+        names = [n for n in names if n]
+        for n in names:
+            f.dim(n)
+    if not names:
+        raise UsageError("--layer is empty; name layers of the file (featx info FILE lists them)")
+    groups = [[n] for n in dict.fromkeys(names)]
+    if concat:
+        if len(groups) < 2:
+            raise UsageError("--concat needs two or more layers")
+        groups.append(list(dict.fromkeys(names)))
+    seeds = list(dict.fromkeys(int(s) for s in seeds)) or [0]
+    cells = [(g, s) for g in groups for s in seeds]
+    out = Parallel(n_jobs=jobs)(
+        delayed(fit_cell)(path, g, protocol, train_size, s, return_models and s == seeds[0]) for g, s in cells
+    )
+    results, models = [], {}
+    for (g, s), o in zip(cells, out):
+        if return_models and s == seeds[0]:
+            o, pipe = o
+            models["+".join(g)] = pipe
+        results.append(o)
+    report = FitReport(path, protocol, train_size, results, best="", models=models)
+    report.best = max(report.summary(), key=lambda r: r["val_score"])["layer"]
+    return report

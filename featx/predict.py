@@ -1,0 +1,258 @@
+"""Classifier files and prediction on new images.
+
+A saved classifier is two files:
+- `NAME.joblib`: one scikit-learn Pipeline (scaling, optional PCA, classifier);
+- `NAME.json`: everything needed to go from an image to a class (model, weights reference and
+  sha256, layers, their activation and pooling, the exact preprocessing, class names, featx
+  version), the fit's results, and the sha256 of `NAME.joblib`.
+
+joblib files are pickles, and unpickling runs code. `load_classifier` therefore reads the JSON
+first (plain data), refuses a pickle whose hash differs from the recorded one, or whose featx
+version or weights differ, unless `force=True`, and warns before unpickling: load only files
+you trust.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from featx import __version__
+from featx.errors import FeatxError, UsageError
+
+log = logging.getLogger("featx")
+
+FORMAT = 1
+
+
+def _sidecar(path: str) -> str:
+    return os.path.splitext(path)[0] + ".json"
+
+
+def _file_sha256(path: str) -> str:
+    from featx.models import file_sha256
+
+    return file_sha256(path)
+
+
+def classifier_meta(codes_path: str, layers: list[str]) -> dict:
+    """What a classifier trained on `layers` of a codes file needs at prediction time."""
+    from featx.store import CodesFile
+
+    with CodesFile(codes_path) as f:
+        a = f.attrs
+        return {
+            "featx_version": __version__, "format": FORMAT, "layers": list(layers), "model": a["model"],
+            "weights": a["weights"], "weights_source": a.get("weights_source"), "weights_ident": a.get("weights_ident"),
+            "weights_sha256": a.get("weights_sha256") or "", "pool": a["pool"],
+            "activations": {n: f.layer_attrs(n)["activation"] for n in layers},
+            "dims": {n: f.dim(n) for n in layers}, "preprocessing": f.json_attr("preprocessing"),
+            "precision": a.get("precision", "fp32"), "classes": f.classes, "codes_file": os.path.abspath(codes_path),
+            "cache_key": a.get("cache_key"), "dataset": a.get("dataset"),
+        }  # fmt: skip
+
+
+def save_classifier(path: str, pipeline, meta: dict) -> tuple[str, str]:
+    """Write NAME.joblib and NAME.json (atomically each); returns both paths."""
+    import joblib
+
+    from featx.store import write_json_atomic
+
+    path = os.path.abspath(path)
+    if not path.endswith(".joblib"):
+        raise UsageError(f"--out {path}: name the classifier file NAME.joblib")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    joblib.dump(pipeline, tmp)
+    os.replace(tmp, path)
+    meta = {**meta, "joblib_sha256": _file_sha256(path)}
+    write_json_atomic(_sidecar(path), meta)
+    return path, _sidecar(path)
+
+
+def read_meta(path: str) -> dict:
+    side = _sidecar(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such classifier file")
+    try:
+        with open(side, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise FeatxError(
+            f"{path}: its metadata {side} is missing or unreadable ({e}); featx refuses to unpickle a classifier without it"
+        ) from None
+    need = ("featx_version", "layers", "model", "weights", "preprocessing", "classes", "joblib_sha256")
+    if not isinstance(meta, dict) or any(k not in meta for k in need):
+        raise FeatxError(f"{side}: not a featx classifier description (keys {', '.join(need)} expected)")
+    return meta
+
+
+def _same_release(a: str, b: str) -> bool:
+    return a.split(".")[:2] == b.split(".")[:2]
+
+
+def load_classifier(path: str, force: bool = False):
+    """(pipeline, meta) of a saved classifier; see the module docstring for the checks."""
+    import joblib
+
+    meta = read_meta(path)
+    if not force:
+        digest = _file_sha256(path)
+        if digest != meta["joblib_sha256"]:
+            raise FeatxError(f"{path}: its sha256 does not match the one in {_sidecar(path)} (changed or corrupt); "
+                             f"refusing to unpickle it (--force overrides)")  # fmt: skip
+        if not _same_release(meta["featx_version"], __version__):
+            raise FeatxError(f"{path} was made by featx {meta['featx_version']}, this is {__version__}; "
+                             f"refit it, or pass --force to use it anyway")  # fmt: skip
+    log.warning("loading %s: joblib files are pickles that can run code; load only files you trust", path)
+    return joblib.load(path), meta
+
+
+# -- images in -----------------------------------------------------------------------------------
+
+
+def collect_images(inputs: list[str]) -> list[str]:
+    """Files as given; folders searched recursively for images; a .csv gives its first column."""
+    from featx.data import IMAGE_EXTENSIONS, _walk_images
+
+    out: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = _walk_images(item)
+            if not found:
+                raise UsageError(
+                    f"{item}: no images in this folder (extensions {' '.join(IMAGE_EXTENSIONS)})"
+                )
+            out.extend(found)
+        elif item.lower().endswith(".csv") and os.path.isfile(item):
+            base = os.path.dirname(os.path.abspath(item))
+            with open(item, newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.reader(f) if r and r[0].strip()]
+            if rows and rows[0][0].strip().lower() == "path":
+                rows = rows[1:]
+            out.extend(
+                r[0].strip() if os.path.isabs(r[0].strip()) else os.path.join(base, r[0].strip())
+                for r in rows
+            )
+        elif os.path.exists(item):
+            out.append(item)
+        else:
+            raise UsageError(f"{item}: no such image, folder or CSV")
+    if not out:
+        raise UsageError("give images, folders or a CSV of image paths to predict")
+    return out
+
+
+# -- the predictor -------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str | None
+    score: float | None
+    top: list[tuple[str, float]]
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "class": self.label, "score": self.score, "top": [[c, s] for c, s in self.top],
+                "error": self.error}  # fmt: skip
+
+
+class Predictor:
+    """A loaded classifier plus the backbone that feeds it, checked against each other."""
+
+    def __init__(self, path: str, *, weights: str | None = None, device: str = "auto", force: bool = False):
+        from featx.extract import CodeComputer, resolve_device
+        from featx.models import load_model, resolve_weights
+        from featx.models import parse_model_name as parse
+        from featx.preprocess import Preprocess
+        from featx.taps import Pool, list_taps, parse_pool
+
+        self.pipeline, self.meta = load_classifier(path, force=force)
+        meta = self.meta
+        model = parse(meta["model"])
+        spec = weights or meta["weights"]
+        if meta.get("weights_source") == "file" and weights is None and not os.path.isfile(spec):
+            raise FeatxError(
+                f"{path} needs the weights file {spec}, which is gone; pass --weights PATH to its new place"
+            )
+        ref = resolve_weights(model, spec)
+        backbone = load_model(meta["model"], weights_ref=ref)
+        found_sha = backbone.weights.sha256 or ""
+        want_sha = meta.get("weights_sha256") or ""
+        mismatch = (want_sha and found_sha and want_sha != found_sha) or (
+            not (want_sha and found_sha) and meta.get("weights_ident") != ref.ident
+        )
+        if mismatch and not force:
+            raise FeatxError(
+                f"{path} was trained on codes of {meta['model']} with weights {meta['weights']} "
+                f"(sha256 {want_sha[:16] or meta.get('weights_ident')}), but the weights found differ "
+                f"(sha256 {found_sha[:16] or ref.ident}); use the weights it was made for (--weights PATH) or refit it"
+            )
+        self.preprocess = Preprocess.from_dict(meta["preprocessing"])
+        pool: Pool = parse_pool(meta["pool"])
+        taps = {t.name: t for t in list_taps(backbone.module, self.preprocess.crop_size, device="cpu")}
+        chosen = [taps[n] for n in meta["layers"]]
+        dev = resolve_device(device)
+        precision = meta.get("precision", "fp32")
+        if dev.type != "cuda" and precision in ("bf16", "fp16"):
+            precision = "fp32"  # what the CPU does best; codes agree within bf16 tolerance
+        self.computer = CodeComputer(
+            backbone.module, chosen, meta["activations"], pool, self.preprocess, dev, precision
+        )
+        self.classes = meta["classes"]
+
+    def close(self) -> None:
+        self.computer.close()
+
+    def codes(self, images) -> np.ndarray:
+        parts = self.computer(images)
+        return np.hstack(parts) if len(parts) > 1 else parts[0]
+
+    def predict(
+        self, paths: list[str], top_k: int = 3, batch_size: int = 32, workers: int = 0
+    ) -> list[Prediction]:
+        from featx.data import FileLoader
+        from featx.extract import ImageSequence, make_loader
+
+        out: list[Prediction] = []
+        for index, images, bad, _done in make_loader(
+            ImageSequence(FileLoader(paths, paths), len(paths), self.preprocess),
+            batch_size,
+            workers,
+            pin_memory=False,
+        ):
+            results = {}
+            if images is not None:
+                X = self.codes(images)
+                scores, probabilistic = self._scores(X)
+                for row, i in enumerate(index):
+                    order = np.argsort(-scores[row])[:top_k]
+                    top = [(self.classes[int(self._class_ids[k])], float(scores[row, k])) for k in order]
+                    results[int(i)] = Prediction(paths[i], top[0][0], top[0][1], top)
+            for i, reason in bad:
+                results[int(i)] = Prediction(paths[i], None, None, [], reason)
+            out.extend(results[k] for k in sorted(results))
+        return out
+
+    @property
+    def _class_ids(self) -> np.ndarray:
+        return self.pipeline.classes_
+
+    def _scores(self, X) -> tuple[np.ndarray, bool]:
+        """Per class: probabilities when the classifier has them, else decision values."""
+        if hasattr(self.pipeline, "predict_proba") and hasattr(self.pipeline[-1], "predict_proba"):
+            try:
+                return self.pipeline.predict_proba(X), True
+            except AttributeError:  # e.g. SGD with hinge loss
+                pass
+        d = self.pipeline.decision_function(X)
+        if d.ndim == 1:  # binary: one margin for the second class
+            d = np.stack([-d, d], axis=1)
+        return d, False

@@ -1,0 +1,207 @@
+"""featx fit: protocols, honest validation, presets, errors, determinism, bounded-memory SGD."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import blobs, write_codes
+from featx.classify import (
+    PRESETS,
+    VISSL_COSTS,
+    L2Normalize,
+    PerClassSVM,
+    fit,
+    fit_cell,
+    parse_train_size,
+    protocol_for,
+)
+from featx.errors import FeatxError, UsageError
+
+CLASSES = ["a", "b", "c"]
+
+
+def _splits(y, test_every=4, val_every=None):
+    s = np.array(["train"] * len(y), dtype=object)
+    s[::test_every] = "test"
+    if val_every:
+        s[1::val_every] = "val"
+    return s
+
+
+@pytest.fixture
+def codes(tmp_path):
+    X, y = blobs(40, 3, 16)
+    X2 = X[:, ::-1] * 0.5 + np.random.default_rng(1).normal(size=X.shape)  # a second, noisier layer
+    return write_codes(tmp_path / "c.h5", {"good": X, "noisy": X2}, y, _splits(y), CLASSES)
+
+
+def _strip(r):
+    return {k: v for k, v in r.items() if k != "fit_seconds"}
+
+
+def test_fit_reports_what_the_issue_asks(codes):
+    r = fit_cell(codes, ["good"], protocol_for("softmax"), "all", 0)
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "per_class",
+        "confusion_matrix",
+        "C",
+        "seed",
+        "train_size",
+        "fit_seconds",
+    ):
+        assert key in r
+    assert r["accuracy"] >= 0.85 and r["test_split"] == "test" and r["val_source"] == "hold-out 20% of train"
+    assert r["n_test"] == 30 and r["train_size"] == 90 and r["n_fit"] == 90 and r["n_val"] == 18
+    assert np.array(r["confusion_matrix"]).sum() == 30 and set(r["per_class"]) == set(CLASSES)
+
+
+def test_test_split_never_influences_choices(tmp_path):
+    X, y = blobs(40, 3, 16)
+    s = _splits(y)
+    a = write_codes(tmp_path / "a.h5", {"L": X}, y, s, CLASSES)
+    X2 = X.copy()
+    X2[s == "test"] = np.random.default_rng(5).normal(size=X2[s == "test"].shape) * 100  # garbage test codes
+    b = write_codes(tmp_path / "b.h5", {"L": X2}, y, s, CLASSES)
+    for proto in (protocol_for("svm"), protocol_for("softmax", cv=3), protocol_for("sgd")):
+        ra, rb = fit_cell(a, ["L"], proto, "all", 0), fit_cell(b, ["L"], proto, "all", 0)
+        assert ra["C"] == rb["C"] and ra["val_score"] == rb["val_score"]
+        assert ra["accuracy"] != rb["accuracy"]
+
+
+def test_val_split_and_missing_test_split(tmp_path):
+    X, y = blobs(40, 3, 16)
+    with_val = write_codes(tmp_path / "v.h5", {"L": X}, y, _splits(y, 4, 4), CLASSES)
+    r = fit_cell(with_val, ["L"], protocol_for("svm"), "all", 0)
+    assert r["val_source"] == "val split" and r["n_fit"] == r["train_size"] + r["n_val"]
+    s = np.where(np.arange(len(y)) % 4 == 0, "val", "train")
+    no_test = write_codes(tmp_path / "n.h5", {"L": X}, y, s, CLASSES)
+    r = fit_cell(no_test, ["L"], protocol_for("svm"), "all", 0)
+    assert r["test_split"] == "val" and r["val_source"].startswith("hold-out") and r["n_test"] == 30
+
+
+def test_train_sizes(codes):
+    r = fit_cell(codes, ["good"], protocol_for("softmax"), "5/class", 1)
+    assert r["train_size"] == 15
+    r = fit_cell(codes, ["good"], protocol_for("softmax"), "30", 1)
+    assert r["train_size"] == 30
+    assert parse_train_size("10/class").kind == "per_class" and str(parse_train_size("all")) == "all"
+    with pytest.raises(FeatxError, match="larger than the 90 training images"):
+        fit_cell(codes, ["good"], protocol_for("softmax"), "500", 0)
+    with pytest.raises(FeatxError, match="class 'a' has only 30 training images"):
+        fit_cell(codes, ["good"], protocol_for("softmax"), "31/class", 0)
+    with pytest.raises(FeatxError, match="smaller than the number of classes"):
+        fit_cell(codes, ["good"], protocol_for("softmax"), "2", 0)
+    with pytest.raises(UsageError, match="--train-size"):
+        parse_train_size("lots")
+
+
+def test_bad_files_and_layers(tmp_path, codes):
+    X, y = blobs(10, 2, 4)
+    only_test = write_codes(tmp_path / "t.h5", {"L": X}, y, ["test"] * len(y), ["a", "b"])
+    with pytest.raises(FeatxError, match="has no train split"):
+        fit_cell(only_test, ["L"], protocol_for("svm"))
+    y1 = np.where(np.arange(len(y)) % 3 == 0, y, 0)
+    s = np.where(np.arange(len(y)) % 3 == 0, "test", "train")
+    single = write_codes(tmp_path / "s.h5", {"L": X}, y1, s, ["a", "b"])
+    with pytest.raises(FeatxError, match=r"single class \(a\)"):
+        fit_cell(single, ["L"], protocol_for("svm"))
+    with pytest.raises(FeatxError, match="layer 'nope' is not in .*it holds good, noisy"):
+        fit(codes, "nope")
+    with pytest.raises(UsageError, match="--classifier"):
+        protocol_for("knn")
+    with pytest.raises(UsageError, match="--preset"):
+        protocol_for(preset="simclr")
+
+
+def test_deterministic_and_parallel(codes):
+    a = fit(codes, "good,noisy", protocol_for("svm"), seeds=(0, 1), jobs=1, concat=True)
+    b = fit(codes, "good,noisy", protocol_for("svm"), seeds=(0, 1), jobs=2, concat=True)
+    assert [_strip(r) for r in a.results] == [_strip(r) for r in b.results]
+    assert a.best == "good" and {s["layer"] for s in a.summary()} == {"good", "noisy", "good+noisy"}
+    concat = next(r for r in a.results if r["layer"] == "good+noisy")
+    assert concat["dim"] == 32
+    s = next(s for s in a.summary() if s["layer"] == "noisy")
+    assert s["seeds"] == [0, 1] and s["accuracy_std"] >= 0
+
+
+def test_kornblith_preset():
+    p = PRESETS["kornblith"]
+    wd = np.logspace(-6, 5, 45)
+    assert p.classifier == "softmax" and p.scale == "none" and len(p.Cs) == 45
+    np.testing.assert_allclose(p.Cs, 1.0 / wd)
+    assert p.val_fraction == 0.2 and p.cv is None
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_vissl_preset_matches_vissl_procedure(tmp_path):
+    """PerClassSVM = VISSL's recipe, recomputed here with plain scikit-learn calls."""
+    from sklearn.model_selection import cross_val_score
+    from sklearn.svm import LinearSVC
+
+    X, y = blobs(20, 3, 8, sep=1.5, seed=3)
+    Xn = L2Normalize().fit_transform(X)
+    np.testing.assert_allclose(Xn, X / (np.linalg.norm(X, axis=1, keepdims=True) + 1e-5))
+    ours = PerClassSVM().fit(Xn, y)
+    for k, c in enumerate(np.unique(y)):
+        yb = np.where(y == c, 1, -1)
+        aps = []
+        for cost in VISSL_COSTS:
+            svm = LinearSVC(C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2", loss="squared_hinge",
+                            tol=1e-4, dual=True, max_iter=2000)  # fmt: skip
+            aps.append(cross_val_score(svm, Xn, yb, cv=3, scoring="average_precision").mean())
+        assert ours.costs_[k] == VISSL_COSTS[int(np.argmax(aps))]
+    assert ours.decision_function(Xn).shape == (60, 3)
+    path = write_codes(tmp_path / "v.h5", {"L": X}, y, _splits(y), CLASSES)
+    r = fit_cell(path, ["L"], protocol_for(preset="vissl-svm"), "all", 0)
+    assert r["preset"] == "vissl-svm" and r["val_source"] == "3-fold cv" and len(r["C"]) == 3
+
+
+def test_sgd_learns(codes):
+    r = fit_cell(codes, ["good"], protocol_for("sgd", chunk_rows=16), "all", 0)
+    assert r["accuracy"] > 0.85 and r["classifier"] == "sgd"
+    with pytest.raises(UsageError, match="--cv is for svm and softmax"):
+        fit_cell(codes, ["good"], protocol_for("sgd", cv=3), "all", 0)
+
+
+def test_pca_and_scaling(codes):
+    r = fit_cell(codes, ["good"], protocol_for("softmax", pca=4, scale="l2"), "all", 0, return_model=True)
+    res, pipe = r
+    assert [name for name, _ in pipe.steps] == ["scale", "pca", "clf"] and pipe.named_steps[
+        "pca"
+    ].n_components == 4
+
+
+_MEMORY_PROBE = """
+import resource, sys
+import numpy as np
+from featx.classify import fit_cell, protocol_for
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+r = fit_cell(sys.argv[1], ["big"], protocol_for("sgd", Cs=(1.0,), epochs=1, chunk_rows=512), "all", 0)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024, r["accuracy"])
+"""
+
+
+def test_sgd_memory_stays_bounded(tmp_path):
+    """A 160 MB file, streamed in 512-row chunks: peak memory grows by a small fraction of it."""
+    rng = np.random.default_rng(0)
+    n, d = 20_000, 2048
+    y = rng.integers(0, 4, n)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    X[np.arange(n), y] += 4.0
+    path = write_codes(tmp_path / "big.h5", {"big": X}, y, _splits(y), ["a", "b", "c", "d"])
+    size = X.nbytes
+    del X
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, path], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    grown, acc = out.stdout.split()
+    assert int(grown) < size / 4, (
+        f"peak grew by {int(grown) / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB file"
+    )
+    assert float(acc) > 0.9

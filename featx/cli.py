@@ -295,7 +295,7 @@ def _data_options(args):
 
 
 def cmd_extract(args) -> int:
-    from featx.extract import extract
+    from featx.extraction import extract
 
     result = extract(
         args.model, args.data, args.layers, weights=args.weights, pool=args.pool, relu=args.relu,

@@ -168,7 +168,7 @@ class Predictor:
     """A loaded classifier plus the backbone that feeds it, checked against each other."""
 
     def __init__(self, path: str, *, weights: str | None = None, device: str = "auto", force: bool = False):
-        from featx.extract import CodeComputer, resolve_device
+        from featx.extraction import CodeComputer, resolve_device
         from featx.models import load_model, resolve_weights
         from featx.models import parse_model_name as parse
         from featx.preprocess import Preprocess
@@ -219,7 +219,7 @@ class Predictor:
         self, paths: list[str], top_k: int = 3, batch_size: int = 32, workers: int = 0
     ) -> list[Prediction]:
         from featx.data import FileLoader
-        from featx.extract import ImageSequence, make_loader
+        from featx.extraction import ImageSequence, make_loader
 
         out: list[Prediction] = []
         for index, images, bad, _done in make_loader(

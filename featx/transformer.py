@@ -91,7 +91,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
     def transform(self, X) -> np.ndarray:
         import torch
 
-        from featx.extract import CodeComputer, resolve_device
+        from featx.extraction import CodeComputer, resolve_device
         from featx.taps import parse_pool
 
         check_is_fitted(self, "layers_")

@@ -17,7 +17,7 @@ from conftest import FAST, make_images
 from featx.cache import EntryLock
 from featx.data import DataOptions, open_source
 from featx.errors import FeatxError, Interrupted, UsageError
-from featx.extract import extract
+from featx.extraction import extract
 from featx.models import load_model
 from featx.preprocess import Preprocess
 from featx.store import open_codes
@@ -220,7 +220,7 @@ def test_undecodable_images_are_skipped_and_listed(tmp_path, cache_dir):
 
 
 def test_lock_no_wait_and_wait(image_folder, cache_dir):
-    from featx.extract import _plan
+    from featx.extraction import _plan
 
     ds = open_source(str(image_folder))
     plan = _plan("resnet18", "none", "layer2", "avg", "auto", 32, None, "float32", "auto", "cpu", ds)

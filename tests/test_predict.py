@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import FAST, make_images, run_cli
 from featx.classify import fit, protocol_for
 from featx.errors import FeatxError
-from featx.extract import extract
+from featx.extraction import extract
 from featx.predict import Predictor, classifier_meta, collect_images, load_classifier, save_classifier
 from featx.store import open_codes
 from featx.transformer import CNNCodes

@@ -6,7 +6,7 @@ import pytest
 
 from featx.classify import fit, protocol_for
 from featx.data import DataOptions
-from featx.extract import extract
+from featx.extraction import extract
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 

@@ -1,0 +1,280 @@
+"""`bench`: layer transferability over datasets x layers x train sizes x classifiers x seeds.
+
+Each dataset is extracted once (through the cache, so reruns reuse it), together with the
+ImageNet classifier head when the weights have one (its confidence on the target images is one
+of the similarity signals). Then every cell is fitted with `classify.fit_cell`, in parallel with
+joblib. Finished cells are appended to `cells.jsonl` in the results directory as they complete
+(one JSON line each, fsync'ed), keyed by a hash of everything that determines the result (the
+codes file's cache key, layer, train size, protocol, seed), so an interrupted bench resumes without
+refitting finished cells, and cells already computed by an earlier bench with other settings are
+reused. The results files are rebuilt from the cells of the current grid, in a fixed order, so a
+resumed bench writes the same results as an uninterrupted one (apart from the measured fit
+seconds, which are whatever the run that fitted each cell measured).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from featx.cache import digest
+from featx.classify import Protocol, TrainSize, fit_cell, parse_train_size
+from featx.data import DataOptions
+from featx.errors import UsageError
+from featx.store import CodesFile
+
+log = logging.getLogger("featx")
+
+SIMILARITY_LABELS = ("similar", "different")
+CELLS_FILE = "cells.jsonl"
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """One `--data` of a bench: the spec and the user's similar/different label, if any."""
+
+    spec: str
+    label: str | None = None
+
+
+def parse_bench_data(text: str) -> BenchData:
+    """'PATH', 'PATH:similar' or 'PATH:different' (also after sklearn:/torchvision: specs)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and tail.lower() in SIMILARITY_LABELS and head:
+        return BenchData(head, tail.lower())
+    if sep and tail.lower() in ("same", "dissimilar", "similiar"):
+        raise UsageError(f"--data {text}: label a dataset :similar or :different")
+    return BenchData(text, None)
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    datasets: list[BenchData]
+    layers: str = "depth:0.1,0.25,0.4,0.55,0.7,0.85,1.0"
+    weights: str = "DEFAULT"
+    train_sizes: Sequence[str] = ("all",)
+    protocols: Sequence[Protocol] = (Protocol(),)
+    seeds: Sequence[int] = (0,)
+    image_size: int | None = None
+    data_options: DataOptions = field(default_factory=DataOptions)
+    baseline_pixels: bool = False
+    pixel_size: int = 32
+    out: str = "results/bench"
+    cache_dir: str | None = None
+    jobs: int = 1
+    device: str = "auto"
+    batch_size: int | str = "auto"
+    workers: int | str = "auto"
+
+
+@dataclass
+class Source:
+    """A dataset of the bench with its codes files."""
+
+    data: BenchData
+    name: str
+    codes: str  # the model's codes file
+    layers: list[str]  # the layers of the grid, in depth order
+    depth: dict[str, float]
+    dims: dict[str, int]
+    head: str | None  # the ImageNet head's layer in `codes`, if extracted
+    pixels: str | None = None  # the raw-pixel baseline's codes file
+    n_train: int = 0
+    n_classes: int = 0
+
+
+def _head_layer(model: str, weights: str, image_size: int | None) -> str | None:
+    """The classifier head's module name, when the weights come with ImageNet classes."""
+    from featx.models import build_module, parse_model_name, resolve_weights
+    from featx.taps import list_taps
+
+    m = parse_model_name(model)
+    ref = resolve_weights(m, weights)
+    if ref.source in ("random", "builtin", "file"):
+        return None
+    skeleton = build_module(m, device="meta")
+    taps = list_taps(skeleton, image_size or 224, device="meta")
+    heads = [t for t in taps if t.depth > 1.0 and t.shape == (1000,) and not any(c.depth > t.depth for c in taps)]
+    return heads[-1].name if heads else None
+
+
+def prepare(config: BenchConfig, progress: bool = False) -> list[Source]:
+    """Extract (or find in the cache) the codes of every dataset."""
+    from featx.extraction import extract
+
+    head = _head_layer(config.model, config.weights, config.image_size)
+    sources = []
+    for bd in config.datasets:
+        layer_spec = config.layers + (f",{head}" if head else "")
+        common = dict(data_options=config.data_options, cache_dir=config.cache_dir, device=config.device,
+                      batch_size=config.batch_size, workers=config.workers, progress=progress)  # fmt: skip
+        res = extract(config.model, bd.spec, layer_spec, weights=config.weights, image_size=config.image_size, **common)
+        with CodesFile(res.path) as f:
+            layers = [n for n in f.layers if n != head]
+            depth = {n: float(f.layer_attrs(n).get("depth", 0.0)) for n in layers}
+            dims = {n: f.dim(n) for n in layers}
+            name = str(f.attrs.get("dataset_name") or os.path.basename(bd.spec.rstrip("/")))
+            n_train = int((f.split == "train").sum())
+            n_classes = len(f.classes)
+        layers.sort(key=lambda n: depth[n])
+        pixels = None
+        if config.baseline_pixels:
+            pixels = extract("pixels", bd.spec, "pixels", pool="none", image_size=config.pixel_size, **common).path
+        sources.append(Source(bd, name, res.path, layers, depth, dims, head if head else None, pixels, n_train, n_classes))
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        for i, s in enumerate(sources):
+            s.name = f"{s.name}#{i + 1}" if names.count(s.name) > 1 else s.name
+    return sources
+
+
+# -- cells ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    source: int  # index into the sources
+    codes: str
+    cache_key: str
+    layer: str
+    train_size: TrainSize
+    protocol: Protocol
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return digest({"codes": self.cache_key, "layer": self.layer, "train_size": str(self.train_size),
+                       "protocol": self.protocol.to_dict(), "seed": self.seed})  # fmt: skip
+
+
+def _cache_key(path: str) -> str:
+    with CodesFile(path) as f:
+        return str(f.attrs.get("cache_key") or path)
+
+
+def grid(config: BenchConfig, sources: list[Source]) -> tuple[list[Cell], list[str]]:
+    """Every cell of the bench, in a fixed order, and notes on cells that cannot exist."""
+    sizes = [parse_train_size(s) for s in config.train_sizes]
+    cells, notes = [], []
+    for i, src in enumerate(sources):
+        entries = [(src.codes, _cache_key(src.codes), src.layers)]
+        if src.pixels:
+            entries.append((src.pixels, _cache_key(src.pixels), ["pixels"]))
+        per_class_min = _min_class_count(src.codes)
+        for size in sizes:
+            if size.kind == "total" and size.n > src.n_train:
+                notes.append(f"{src.name}: train size {size} skipped (only {src.n_train} training images)")
+                continue
+            if size.kind == "per_class" and size.n > per_class_min:
+                notes.append(f"{src.name}: train size {size} skipped (a class has only {per_class_min} training images)")
+                continue
+            for codes, key, layers in entries:
+                for layer in layers:
+                    for proto in config.protocols:
+                        for seed in config.seeds:
+                            cells.append(Cell(i, codes, key, layer, size, proto, int(seed)))
+    return cells, notes
+
+
+def _min_class_count(path: str) -> int:
+    with CodesFile(path) as f:
+        counts = np.bincount(f.labels[f.split == "train"])
+    counts = counts[counts > 0]
+    return int(counts.min()) if len(counts) else 0
+
+
+def _run_cell(cell: Cell) -> dict:
+    result = fit_cell(cell.codes, [cell.layer], cell.protocol, cell.train_size, cell.seed)
+    return {"key": cell.key, "result": result}
+
+
+def load_done(out_dir: str) -> dict[str, dict]:
+    """Finished cells by key; a torn last line (a killed run) is ignored."""
+    done = {}
+    path = os.path.join(out_dir, CELLS_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    done[rec["key"]] = rec["result"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+    except OSError:
+        pass
+    return done
+
+
+def _append(fh, rec: dict) -> None:
+    fh.write(json.dumps(rec) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def run(config: BenchConfig, progress: bool = False) -> BenchResult:
+    """Extract, fit every missing cell, and return everything the report needs."""
+    from joblib import Parallel, delayed
+    from tqdm.auto import tqdm
+
+    if not config.datasets:
+        raise UsageError("featx bench: give at least one --data")
+    os.makedirs(config.out, exist_ok=True)
+    sources = prepare(config, progress)
+    cells, notes = grid(config, sources)
+    for note in notes:
+        log.warning(note)
+    done = load_done(config.out)
+    todo = [c for c in cells if c.key not in done]
+    log.info("%d cells: %d done before, %d to fit", len(cells), len(cells) - len(todo), len(todo))
+    if todo:
+        with open(os.path.join(config.out, CELLS_FILE), "a", encoding="utf-8") as fh:
+            # a torn line from a killed run must not swallow the next record
+            if fh.tell() > 0 and not _ends_with_newline(os.path.join(config.out, CELLS_FILE)):
+                fh.write("\n")
+            bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not progress, desc="bench")
+            jobs = Parallel(n_jobs=config.jobs, return_as="generator_unordered")(delayed(_run_cell)(c) for c in todo)
+            for rec in jobs:
+                _append(fh, rec)
+                done[rec["key"]] = rec["result"]
+                bar.update(1)
+            bar.close()
+    return BenchResult(config, sources, [(c, done[c.key]) for c in cells], notes)
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    sources: list[Source]
+    cells: list[tuple[Cell, dict]]
+    notes: list[str]
+
+    def rows(self) -> list[dict]:
+        """One flat row per cell, for results.csv/json."""
+        out = []
+        for cell, r in self.cells:
+            src = self.sources[cell.source]
+            pixels = cell.layer == "pixels" and cell.codes == src.pixels
+            out.append({
+                "dataset": src.name, "similarity_label": src.data.label or "", "layer": cell.layer,
+                "relative_depth": None if pixels else src.depth[cell.layer], "code_dim": r["dim"],
+                "train_size": r["train_size"], "train_size_spec": str(cell.train_size), "classifier": r["classifier"],
+                "preset": r["preset"] or "", "C": r["C"], "seed": cell.seed, "accuracy": r["accuracy"],
+                "balanced_accuracy": r["balanced_accuracy"], "val_score": r["val_score"], "n_test": r["n_test"],
+                "fit_seconds": r["fit_seconds"], "baseline": "pixels" if pixels else "",
+            })  # fmt: skip
+        return out

@@ -100,7 +100,9 @@ def _head_layer(model: str, weights: str, image_size: int | None) -> str | None:
         return None
     skeleton = build_module(m, device="meta")
     taps = list_taps(skeleton, image_size or 224, device="meta")
-    heads = [t for t in taps if t.depth > 1.0 and t.shape == (1000,) and not any(c.depth > t.depth for c in taps)]
+    heads = [
+        t for t in taps if t.depth > 1.0 and t.shape == (1000,) and not any(c.depth > t.depth for c in taps)
+    ]
     return heads[-1].name if heads else None
 
 
@@ -114,7 +116,9 @@ def prepare(config: BenchConfig, progress: bool = False) -> list[Source]:
         layer_spec = config.layers + (f",{head}" if head else "")
         common = dict(data_options=config.data_options, cache_dir=config.cache_dir, device=config.device,
                       batch_size=config.batch_size, workers=config.workers, progress=progress)  # fmt: skip
-        res = extract(config.model, bd.spec, layer_spec, weights=config.weights, image_size=config.image_size, **common)
+        res = extract(
+            config.model, bd.spec, layer_spec, weights=config.weights, image_size=config.image_size, **common
+        )
         with CodesFile(res.path) as f:
             layers = [n for n in f.layers if n != head]
             depth = {n: float(f.layer_attrs(n).get("depth", 0.0)) for n in layers}
@@ -125,8 +129,14 @@ def prepare(config: BenchConfig, progress: bool = False) -> list[Source]:
         layers.sort(key=lambda n: depth[n])
         pixels = None
         if config.baseline_pixels:
-            pixels = extract("pixels", bd.spec, "pixels", pool="none", image_size=config.pixel_size, **common).path
-        sources.append(Source(bd, name, res.path, layers, depth, dims, head if head else None, pixels, n_train, n_classes))
+            pixels = extract(
+                "pixels", bd.spec, "pixels", pool="none", image_size=config.pixel_size, **common
+            ).path
+        sources.append(
+            Source(
+                bd, name, res.path, layers, depth, dims, head if head else None, pixels, n_train, n_classes
+            )
+        )
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         for i, s in enumerate(sources):
@@ -172,7 +182,9 @@ def grid(config: BenchConfig, sources: list[Source]) -> tuple[list[Cell], list[s
                 notes.append(f"{src.name}: train size {size} skipped (only {src.n_train} training images)")
                 continue
             if size.kind == "per_class" and size.n > per_class_min:
-                notes.append(f"{src.name}: train size {size} skipped (a class has only {per_class_min} training images)")
+                notes.append(
+                    f"{src.name}: train size {size} skipped (a class has only {per_class_min} training images)"
+                )
                 continue
             for codes, key, layers in entries:
                 for layer in layers:
@@ -237,8 +249,16 @@ def run(config: BenchConfig, progress: bool = False) -> BenchResult:
             # a torn line from a killed run must not swallow the next record
             if fh.tell() > 0 and not _ends_with_newline(os.path.join(config.out, CELLS_FILE)):
                 fh.write("\n")
-            bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not progress, desc="bench")
-            jobs = Parallel(n_jobs=config.jobs, return_as="generator_unordered")(delayed(_run_cell)(c) for c in todo)
+            bar = tqdm(
+                total=len(cells),
+                initial=len(cells) - len(todo),
+                unit="cell",
+                disable=not progress,
+                desc="bench",
+            )
+            jobs = Parallel(n_jobs=config.jobs, return_as="generator_unordered")(
+                delayed(_run_cell)(c) for c in todo
+            )
             for rec in jobs:
                 _append(fh, rec)
                 done[rec["key"]] = rec["result"]

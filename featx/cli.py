@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 
 from featx import __version__
@@ -137,6 +138,44 @@ def _subcommands(parser: argparse.ArgumentParser, **kw):
     return sub
 
 
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--layers",
+        default="depth:0.1,0.25,0.4,0.55,0.7,0.85,1.0",
+        help="layers to compare (default: 7 depths)",
+    )
+    p.add_argument(
+        "--train-sizes", default="all", help="comma list of N (total), K/class or all (default all)"
+    )
+    p.add_argument(
+        "--classifier", default="softmax", help="svm, softmax, sgd, or a comma list (default softmax)"
+    )
+    p.add_argument(
+        "--preset", choices=["kornblith", "vissl-svm"], help="a published protocol instead of --classifier"
+    )
+    p.add_argument("--C", dest="Cs", help="comma-separated C grid")
+    p.add_argument("--scale", choices=["standardize", "l2", "none"], help="feature scaling (standardize)")
+    p.add_argument("--cv", type=_positive_int, help="choose C by K-fold CV")
+    p.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel fits (joblib; -1 = all cores)")
+    p.add_argument("--image-size", type=_positive_int, help="input size (default: the weights')")
+    p.add_argument("--per-class-limit", help="at most K images per class and split: K, or train=K1,test=K2")
+    p.add_argument("--seed", type=int, default=0, help="seed for data splits and subsets (default 0)")
+    p.add_argument(
+        "--test-fraction", type=_fraction, default=0.2, help="test share for data without splits (0.2)"
+    )
+    p.add_argument(
+        "--baseline", choices=["pixels"], help="add the raw-pixel baseline (logistic regression on pixels)"
+    )
+    p.add_argument(
+        "--pixel-size", type=_positive_int, default=32, help="image size of the pixel baseline (32)"
+    )
+    p.add_argument("--cache-dir", help="cache directory (default: $FEATX_CACHE_DIR or ./cache)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=_auto_or_int, default="auto")
+    p.add_argument("--workers", type=_workers, default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="featx", description="Tap layers of pretrained CNNs into an HDF5 cache and measure them."
@@ -215,6 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use a classifier whose hash, featx version or weights do not match",
     )
+
+    p = sub.add_parser("bench", help="measure layer transferability: datasets x layers x train sizes x seeds")
+    _add_bench_args(p)
+    p.add_argument("--model", required=True, help="torchvision name, timm:NAME or efficientnet_lite0")
+    p.add_argument("--weights", default="DEFAULT", help="as for extract (default DEFAULT)")
+    p.add_argument("--data", action="append", required=True,
+                   help="a dataset, repeatable; append :similar or :different to label it (PATH:similar)")  # fmt: skip
+    p.add_argument(
+        "--out", default="results/bench", help="results directory (default results/bench); rerun to resume"
+    )
+
+    p = sub.add_parser(
+        "demo", help="a small offline bench on the data this machine has (a few minutes on 2 cores)"
+    )
+    p.add_argument(
+        "--data", action="append", default=[], help="add an image folder (PATH[:similar|:different])"
+    )
+    p.add_argument("--out", default="results/demo", help="results directory (default results/demo)")
+    p.add_argument("--jobs", type=int, default=2, help="parallel fits (2)")
+    p.add_argument("--cache-dir", help="cache directory (default: $FEATX_CACHE_DIR or ./cache)")
 
     p = sub.add_parser("info", help="what a codes file (or a partial entry) holds")
     p.add_argument("file")
@@ -513,7 +572,80 @@ def cmd_predict(args) -> int:
     return 1 if failed == len(preds) else 0
 
 
-COMMANDS = {"layers": cmd_layers, "extract": cmd_extract, "fit": cmd_fit, "predict": cmd_predict, "info": cmd_info,
+def _bench_protocols(args) -> list:
+    from featx.classify import protocol_for
+
+    overrides = {k: v for k, v in {"Cs": _floats(args.Cs, "--C") if args.Cs else None, "scale": args.scale,
+                                   "cv": args.cv}.items() if v is not None}  # fmt: skip
+    if args.preset:
+        return [protocol_for(preset=args.preset, **overrides)]
+    names = [c.strip() for c in args.classifier.split(",") if c.strip()]
+    if not names:
+        raise UsageError("--classifier is empty; use svm, softmax or sgd")
+    return [protocol_for(c, **overrides) for c in dict.fromkeys(names)]
+
+
+def _run_bench(config, command: str, progress: bool) -> int:
+    from featx.bench import run
+    from featx.report import write_bench_report
+
+    result = run(config, progress=progress)
+    paths = write_bench_report(result, command)
+    log.info("bench done: %d cells; report and plots in %s", len(result.cells), config.out)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from featx.bench import BenchConfig, parse_bench_data
+    from featx.data import DataOptions, parse_per_class_limit
+
+    if args.jobs == 0 or args.jobs < -1:
+        raise UsageError(f"--jobs {args.jobs}: use a positive number, or -1 for all cores")
+    config = BenchConfig(
+        model=args.model, weights=args.weights, datasets=[parse_bench_data(d) for d in args.data], layers=args.layers,
+        train_sizes=[s.strip() for s in args.train_sizes.split(",") if s.strip()] or ["all"],
+        protocols=_bench_protocols(args), seeds=_ints(args.seeds, "--seeds") or (0,), image_size=args.image_size,
+        data_options=DataOptions(test_fraction=args.test_fraction, per_class_limit=parse_per_class_limit(args.per_class_limit),
+                                 seed=args.seed),
+        baseline_pixels=args.baseline == "pixels", pixel_size=args.pixel_size, out=args.out, cache_dir=args.cache_dir,
+        jobs=args.jobs, device=args.device, batch_size=args.batch_size, workers=args.workers,
+    )  # fmt: skip
+    from featx.classify import parse_train_size
+
+    for s in config.train_sizes:
+        parse_train_size(s)
+    return _run_bench(config, "featx " + shlex.join(args.argv), not args.quiet)
+
+
+DEMO_FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def cmd_demo(args) -> int:
+    """A small bench that works offline on a fresh install."""
+    from featx.bench import BenchConfig, BenchData, parse_bench_data
+    from featx.classify import protocol_for
+    from featx.data import DataOptions
+
+    datasets = [BenchData("sklearn:digits", "different")]
+    if os.path.isdir(DEMO_FASHION):
+        datasets.append(BenchData(DEMO_FASHION, "different"))
+    else:
+        log.warning(
+            "Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist); the demo runs without it"
+        )
+    datasets += [parse_bench_data(d) for d in args.data]
+    config = BenchConfig(
+        model="efficientnet_lite0", weights="imagenet", datasets=datasets, layers="depth:0.1,0.25,0.4,0.55,0.7,0.85,1.0",
+        train_sizes=["10/class", "50/class", "all"], protocols=[protocol_for("softmax", Cs=(0.001, 0.01, 0.1, 1.0, 10.0))],
+        seeds=(0, 1), image_size=112, data_options=DataOptions(per_class_limit={"train": 200, "test": 100, "val": 100}),
+        baseline_pixels=True, pixel_size=28, out=args.out, cache_dir=args.cache_dir, jobs=args.jobs,
+    )  # fmt: skip
+    return _run_bench(config, "featx " + shlex.join(args.argv), not args.quiet)
+
+
+COMMANDS = {"layers": cmd_layers, "extract": cmd_extract, "fit": cmd_fit, "predict": cmd_predict, "bench": cmd_bench, "demo": cmd_demo, "info": cmd_info,
             "cache": cmd_cache}  # fmt: skip
 
 
@@ -528,7 +660,9 @@ def _setup_logging(quiet: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
+        args.argv = argv
         _setup_logging(args.quiet)
         if not args.command:
             parser.print_help(sys.stderr)

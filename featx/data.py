@@ -198,44 +198,39 @@ class _Raw:
 
 
 def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
-    """Per-class limit, then (for sources without splits) a seeded stratified train/test split."""
+    """Per-class limit and, for sources without splits, a seeded stratified train/test split.
+
+    A single K limits each class (in each split of a source that has splits) before a seeded
+    split; a per-split limit ({'train': K1, 'test': K2}) on a source without splits applies after
+    the seeded split."""
     n = len(raw.ids)
     rng = np.random.default_rng(opts.seed)
-    keep = np.ones(n, dtype=bool)
     limit = opts.per_class_limit
+    splits_all = raw.splits
+    if splits_all is None and isinstance(limit, dict):
+        splits_all = _seeded_split(raw.labels, opts.test_fraction, rng)
+    keep = np.ones(n, dtype=bool)
     if limit is not None:
-        groups = raw.splits if raw.splits is not None else np.full(n, "all")
+        groups = splits_all if splits_all is not None else np.full(n, "all")
         for g in sorted(set(groups.tolist())):
-            k = limit if isinstance(limit, int) else limit.get(g) if raw.splits is not None else None
-            if k is None and isinstance(limit, dict) and raw.splits is None:
-                raise UsageError(
-                    "--per-class-limit per split needs a source with splits; use a single K here"
-                )
+            k = limit if isinstance(limit, int) else limit.get(g)
             if k is None:
                 continue
             for c in range(len(raw.classes)):
                 idx = np.flatnonzero((groups == g) & (raw.labels == c))
                 if len(idx) > k:
-                    drop = np.setdiff1d(idx, rng.choice(idx, size=k, replace=False))
-                    keep[drop] = False
+                    keep[np.setdiff1d(idx, rng.choice(idx, size=k, replace=False))] = False
     sel = np.flatnonzero(keep)
     labels = raw.labels[sel]
-    if raw.splits is not None:
-        splits = raw.splits[sel]
-        split_source = raw.split_source
-    else:
-        splits = np.where(stratified_holdout(labels, opts.test_fraction, rng), "test", "train").astype("<U5")
-        split_source = "seeded"
+    splits = splits_all[sel] if splits_all is not None else _seeded_split(labels, opts.test_fraction, rng)
+    split_source = raw.split_source if raw.splits is not None else "seeded"
     ids = [raw.ids[i] for i in sel]
     loader = raw.loader if len(sel) == n else _Subset(raw.loader, sel)
     h = hashlib.sha256(raw.fingerprint.encode())
+    seeded = limit or raw.splits is None
     h.update(
         repr(
-            (
-                opts.test_fraction if raw.splits is None else None,
-                limit,
-                opts.seed if (limit or raw.splits is None) else None,
-            )
+            (opts.test_fraction if raw.splits is None else None, limit, opts.seed if seeded else None)
         ).encode()
     )
     h.update(np.ascontiguousarray(sel, dtype=np.int64).tobytes())
@@ -245,6 +240,10 @@ def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
         splits=splits.astype("<U5"), loader=loader, fingerprint=h.hexdigest(), split_source=split_source,
         notes=raw.notes,
     )  # fmt: skip
+
+
+def _seeded_split(labels: np.ndarray, test_fraction: float, rng) -> np.ndarray:
+    return np.where(stratified_holdout(labels, test_fraction, rng), "test", "train").astype("<U5")
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:

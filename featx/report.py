@@ -1,8 +1,11 @@
-"""Plain-text and markdown tables for the CLI and reports."""
+"""Presentation: text and markdown tables for the CLI, and a bench's outputs (results.csv and
+results.json, report.md, the depth and learning-curve plots)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import numpy as np
 
 
 def format_table(rows: Sequence[Sequence], headers: Sequence[str], align: str | None = None) -> str:
@@ -38,3 +41,196 @@ def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+# -- bench outputs -------------------------------------------------------------------------------
+
+RESULT_COLUMNS = [
+    "dataset", "similarity_label", "layer", "relative_depth", "code_dim", "train_size", "train_size_spec", "classifier",
+    "preset", "C", "seed", "accuracy", "balanced_accuracy", "val_score", "n_test", "fit_seconds", "baseline",
+]  # fmt: skip
+
+
+def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
+    """results.csv and results.json (one row per cell), written atomically."""
+    import csv
+    import io
+    import os
+
+    from featx.store import write_json_atomic
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(
+            {**r, "C": "/".join(f"{c:g}" for c in r["C"]) if isinstance(r["C"], list) else f"{r['C']:g}"}
+        )
+    csv_path, json_path = os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.json")
+    tmp = f"{csv_path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, csv_path)
+    write_json_atomic(json_path, rows)
+    return csv_path, json_path
+
+
+def _style(similarity: str):
+    return ("-", "o") if similarity == "similar" else ("--", "s")
+
+
+def plot_depth(analyses, path: str, title: str) -> str:
+    """Accuracy vs relative depth: a panel per train size, a line per dataset (similar solid,
+    different dashed); the lower row shows accuracy relative to each dataset's best layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys(s for a in analyses for s in a.sizes))
+    fig, axes = plt.subplots(2, len(sizes), figsize=(4.2 * len(sizes), 7), squeeze=False, sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, size in enumerate(sizes):
+        for k, a in enumerate(analyses):
+            pts = [(a.depth[n], a.acc[(n, size)]) for n in a.layers if (n, size) in a.acc]
+            if not pts:
+                continue
+            ls, marker = _style(a.similarity)
+            x = [p[0] for p in pts]
+            y = np.array([p[1].mean for p in pts])
+            e = np.array([p[1].std for p in pts])
+            label = f"{a.name} ({a.similarity})"
+            color = colors[k % len(colors)]
+            axes[0][j].errorbar(x, y, yerr=e, ls=ls, marker=marker, color=color, label=label, capsize=2)
+            axes[1][j].plot(x, y / y.max(), ls=ls, marker=marker, color=color, label=label)
+        axes[0][j].set_title(f"train size {size}")
+        axes[1][j].set_xlabel("relative depth (1.0 = penultimate)")
+    axes[0][0].set_ylabel("test accuracy")
+    axes[1][0].set_ylabel("accuracy / best layer's")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(analyses, path: str, title: str) -> str:
+    """Accuracy vs training images per dataset: the best layer, the top layer, raw pixels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(analyses), figsize=(4.2 * len(analyses), 3.6), squeeze=False)
+    for ax, a in zip(axes[0], analyses):
+        xs = [a.size_counts[s] for s in a.sizes]
+        curves = (
+            [(a.best, "-o", "best = top")]
+            if a.best == a.top
+            else [(a.best, "-o", "best"), (a.top, "--s", "top")]
+        )
+        for layer, style, tag in curves:
+            ys = [a.acc[(layer, s)].mean if (layer, s) in a.acc else np.nan for s in a.sizes]
+            es = [a.acc[(layer, s)].std if (layer, s) in a.acc else 0.0 for s in a.sizes]
+            ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=2, label=f"{tag}: {layer} ({a.depth[layer]:.2f})")
+        if a.pixels:
+            ax.plot([a.size_counts[s] for s in a.sizes if s in a.pixels], [a.pixels[s].mean for s in a.sizes if s in a.pixels],
+                    ":^", color="gray", label="raw pixels")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+        ax.set_xlabel("training images")
+        ax.set_title(f"{a.name} ({a.similarity})")
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0][0].set_ylabel("test accuracy")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown_report(analyses, *, title: str, command: str | None, plots: list[str], notes: list[str]) -> str:
+    """The bench's report.md: a summary table, the plots, then per dataset its table and evidence."""
+    import os
+
+    from featx.analysis import CASES
+
+    lines = [f"# {title}", ""]
+    if command:
+        lines += ["Produced by:", "", "```", command, "```", ""]
+    summary = []
+    for a in analyses:
+        size = a.sizes[-1]
+        summary.append([a.name, a.classifier, a.label or "-", a.measured, a.size, f"{a.case}", f"{a.best} ({a.depth[a.best]:.2f})",
+                        str(a.acc[(a.best, size)]), f"{a.top}: {a.acc[(a.top, size)]}",
+                        str(a.pixels[size]) if size in a.pixels else "-"])  # fmt: skip
+    lines += [markdown_table(summary, ["dataset", "classifier", "label", "measured", "size", "case", "best layer (depth)",
+                                       "best test acc", "top layer", "raw pixels"]), ""]  # fmt: skip
+    lines += ["Cases: " + "; ".join(f"{k}. {v}" for k, v in CASES.items()) + ".", ""]
+    for p in plots:
+        lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})", ""]
+    for a in analyses:
+        lines += [f"## {a.name} ({a.classifier}): case {a.case}, {CASES[a.case]}", ""]
+        if a.disagrees:
+            lines += [
+                f"**Label and measurement disagree**: labelled {a.label}, but the depth curve says {a.measured}.",
+                "",
+            ]
+        header = ["layer", "depth", *[f"{s} ({a.size_counts[s]})" for s in a.sizes]]
+        rows = []
+        for n in a.layers:
+            cells = []
+            for s in a.sizes:
+                st = a.acc.get((n, s))
+                text = str(st) if st else "-"
+                cells.append(f"**{text}**" if st and n == _best_at(a, s) else text)
+            rows.append([n, f"{a.depth[n]:.2f}", *cells])
+        if a.pixels:
+            rows.append(["raw pixels", "-", *[str(a.pixels[s]) if s in a.pixels else "-" for s in a.sizes]])
+        lines += ["Test accuracy (mean ± std over seeds; bold: best layer by validation score at that train size):", "",
+                  markdown_table(rows, header), ""]  # fmt: skip
+        lines += [f"- {e}" for e in a.evidence] + [""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def _best_at(a, size: str) -> str:
+    from featx.analysis import best_layer
+
+    return best_layer(a, size)
+
+
+def write_bench_report(result, command: str | None = None) -> dict[str, str]:
+    """Write every output of a finished bench into its results directory; returns their paths."""
+    import os
+
+    from featx.analysis import analyze, head_confidence
+
+    cfg = result.config
+    rows = result.rows()
+    csv_path, json_path = write_results(rows, cfg.out)
+    conf = {s.name: head_confidence(s.codes, s.head) for s in result.sources if s.head}
+    analyses = analyze(rows, result.sources, conf)
+    title = f"featx bench: {cfg.model} ({cfg.weights} weights)"
+    plots = []
+    by_clf: dict[str, list] = {}
+    for a in analyses:
+        by_clf.setdefault(a.classifier, []).append(a)
+    for clf, group in by_clf.items():
+        suffix = "" if len(by_clf) == 1 else f"_{clf.replace('/', '-')}"
+        plots.append(plot_depth(group, os.path.join(cfg.out, f"depth{suffix}.png"), f"{title}, {clf}"))
+        plots.append(
+            plot_learning_curves(
+                group, os.path.join(cfg.out, f"learning_curves{suffix}.png"), f"{title}, {clf}"
+            )
+        )
+    md = markdown_report(analyses, title=title, command=command, plots=plots, notes=result.notes)
+    md_path = os.path.join(cfg.out, "report.md")
+    with open(md_path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(md)
+    os.replace(md_path + ".tmp", md_path)
+    return {"results.csv": csv_path, "results.json": json_path, "report.md": md_path,
+            **{os.path.basename(p): p for p in plots}}  # fmt: skip

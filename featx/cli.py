@@ -654,7 +654,6 @@ def _setup_logging(quiet: bool) -> None:
     handler.setFormatter(logging.Formatter("featx: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
-    log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

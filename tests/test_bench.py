@@ -1,0 +1,215 @@
+"""featx bench: the grid, resume without refitting, the analysis of the four cases, outputs."""
+
+import csv
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import make_images, run_cli
+from featx.analysis import analyze
+from featx.bench import BenchConfig, BenchData, load_done, parse_bench_data, run
+from featx.classify import protocol_for
+from featx.errors import UsageError
+from featx.report import write_bench_report
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    a = make_images(root / "alpha", per_class=8, splits=("train", "test"), size=(36, 36), seed=1)
+    b = make_images(root / "beta", classes=("x", "y"), per_class=10, size=(36, 36), seed=2)
+    return root, a, b
+
+
+def _config(root, a, b, out, **kw):
+    base = dict(
+        model="resnet18", weights="none", datasets=[BenchData(str(a), "similar"), BenchData(str(b), "different")],
+        layers="layer1,layer3,avgpool", train_sizes=["2/class", "all"], protocols=[protocol_for("softmax", Cs=(0.1, 1.0))],
+        seeds=(0, 1), image_size=32, out=str(out), cache_dir=str(root / "cache"), workers=0, batch_size=8,
+    )  # fmt: skip
+    return BenchConfig(**{**base, **kw})
+
+
+def test_bench_outputs(two_datasets, tmp_path):
+    root, a, b = two_datasets
+    cfg = _config(root, a, b, tmp_path / "out", baseline_pixels=True, pixel_size=8)
+    result = run(cfg)
+    rows = result.rows()
+    # 2 datasets x (3 layers + pixels) x 2 sizes x 2 seeds
+    assert len(rows) == 2 * 4 * 2 * 2
+    paths = write_bench_report(result, "featx bench ...")
+    for name in ("results.csv", "results.json", "report.md", "depth.png", "learning_curves.png"):
+        assert os.path.getsize(paths[name]) > 0
+    with open(paths["depth.png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(paths["results.csv"]) as f:
+        table = list(csv.DictReader(f))
+    for col in ("dataset", "layer", "relative_depth", "code_dim", "train_size", "classifier", "preset", "C", "seed",
+                "accuracy", "balanced_accuracy", "fit_seconds"):  # fmt: skip
+        assert col in table[0]
+    assert {r["dataset"] for r in table} == {"alpha", "beta"}
+    md = open(paths["report.md"]).read()
+    assert "## alpha (softmax): case" in md and "## beta (softmax): case" in md and "featx bench ..." in md
+    assert "raw pixels" in md and "top-layer deficit" in md
+
+
+def test_rerun_fits_nothing_and_reuses_cells(two_datasets, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="featx")
+    root, a, b = two_datasets
+    out = tmp_path / "out"
+    first = run(_config(root, a, b, out))
+    n_lines = sum(1 for _ in open(out / "cells.jsonl"))
+    assert n_lines == len(first.cells) == 24
+    caplog.clear()
+    again = run(_config(root, a, b, out))
+    assert "24 cells: 24 done before, 0 to fit" in caplog.text
+    assert sum(1 for _ in open(out / "cells.jsonl")) == n_lines
+    assert again.rows() == first.rows()
+    # a bigger grid reuses the cells it shares with the smaller one
+    caplog.clear()
+    run(_config(root, a, b, out, seeds=(0, 1, 2)))
+    assert "36 cells: 24 done before, 12 to fit" in caplog.text
+
+
+def test_torn_cells_file_is_tolerated(two_datasets, tmp_path):
+    root, a, b = two_datasets
+    out = tmp_path / "out"
+    run(_config(root, a, b, out, seeds=(0,)))
+    lines = open(out / "cells.jsonl").read().splitlines()
+    (out / "cells.jsonl").write_text(
+        "\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2]
+    )  # killed mid-line
+    assert len(load_done(str(out))) == 5
+    result = run(_config(root, a, b, out, seeds=(0,)))
+    assert len(load_done(str(out))) == len(result.cells) == 12
+
+
+def _without_timing(path):
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k != "fit_seconds"} for r in csv.DictReader(f)]
+
+
+def test_killed_bench_resumes_to_the_same_results(two_datasets, tmp_path):
+    root, a, b = two_datasets
+    args = ["bench", "--model", "resnet18", "--weights", "none", "--data", f"{a}:similar", "--data", f"{b}:different",
+            "--layers", "layer1,layer2,layer3,layer4,avgpool", "--train-sizes", "2/class,4/class,all", "--seeds", "0,1,2",
+            "--image-size", "32", "--workers", "0", "--cache-dir", str(root / "cache"), "--C", "0.01,0.1,1,10"]  # fmt: skip
+    ref = run_cli(*args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "featx.cli", *args, "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 120
+    cells = out / "cells.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if cells.exists() and sum(1 for _ in open(cells)) >= 20:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(load_done(str(out)))
+    assert 20 <= done < 90, done
+    r = run_cli(*args, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"90 cells: {done} done before, {90 - done} to fit" in r.stderr
+    assert len(load_done(str(out))) == 90
+    assert _without_timing(out / "results.csv") == _without_timing(tmp_path / "ref" / "results.csv")
+
+
+def test_parse_bench_data():
+    assert parse_bench_data("data/x:similar") == BenchData("data/x", "similar")
+    assert parse_bench_data("sklearn:digits:different") == BenchData("sklearn:digits", "different")
+    assert parse_bench_data("sklearn:digits") == BenchData("sklearn:digits", None)
+    with pytest.raises(UsageError, match=":similar or :different"):
+        parse_bench_data("x:dissimilar")
+
+
+class _Src:
+    def __init__(self, name, depth, label=None, n_train=100, n_classes=2):
+        self.name, self.depth, self.n_train, self.n_classes = name, depth, n_train, n_classes
+        self.data = BenchData(name, label)
+
+
+def _rows(name, accs, n_train=100):
+    rows = []
+    for layer, acc in accs.items():
+        for seed in (0, 1):
+            rows.append({"dataset": name, "layer": layer, "classifier": "softmax", "preset": "", "baseline": "",
+                         "train_size_spec": "all", "train_size": n_train, "accuracy": acc, "val_score": acc, "seed": seed})  # fmt: skip
+    return rows
+
+
+def test_the_four_cases():
+    depth = {"early": 0.3, "mid": 0.6, "top": 1.0}
+    similar = _rows("s", {"early": 0.7, "mid": 0.8, "top": 0.9})
+    different = _rows("d", {"early": 0.7, "mid": 0.9, "top": 0.8})
+    srcs = [
+        _Src("s", depth),
+        _Src("d", depth),
+        _Src("S", depth, n_train=30000, n_classes=10),
+        _Src("D", depth, "similar", 30000, 10),
+    ]
+    rows = (
+        similar
+        + different
+        + _rows("S", {"early": 0.7, "mid": 0.8, "top": 0.9})
+        + _rows("D", {"early": 0.7, "mid": 0.9, "top": 0.8})
+    )
+    got = {a.name: a for a in analyze(rows, srcs)}
+    assert (got["s"].measured, got["s"].size, got["s"].case, got["s"].best) == ("similar", "small", 1, "top")
+    assert (got["d"].measured, got["d"].size, got["d"].case, got["d"].best) == (
+        "different",
+        "small",
+        3,
+        "mid",
+    )
+    assert (got["S"].size, got["S"].case) == ("large", 2)
+    # a user label decides the case, and the disagreement is reported
+    assert (
+        got["D"].case == 2
+        and got["D"].disagrees
+        and any("measurement says different" in e for e in got["D"].evidence)
+    )
+
+
+def test_bench_cli_errors(tmp_path):
+    r = run_cli(
+        "bench",
+        "--model",
+        "resnet18",
+        "--data",
+        "sklearn:digits",
+        "--train-sizes",
+        "ten",
+        "--out",
+        str(tmp_path),
+    )
+    assert r.returncode == 2 and "--train-size" in r.stderr
+    r = run_cli("bench", "--model", "resnet18")
+    assert r.returncode == 2 and "--data" in r.stderr
+    r = run_cli(
+        "bench",
+        "--model",
+        "resnet18",
+        "--data",
+        "sklearn:digits",
+        "--classifier",
+        "knn",
+        "--out",
+        str(tmp_path),
+    )
+    assert r.returncode == 2 and "--classifier" in r.stderr
+
+
+def test_results_json_matches_csv(two_datasets, tmp_path):
+    root, a, b = two_datasets
+    result = run(_config(root, a, b, tmp_path / "o", seeds=(0,)))
+    paths = write_bench_report(result)
+    data = json.load(open(paths["results.json"]))
+    assert len(data) == len(list(csv.DictReader(open(paths["results.csv"])))) == 12

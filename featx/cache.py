@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 
 from featx.errors import FeatxError, UsageError
-from featx.store import check_complete, journal_path, read_progress, write_json_atomic
+from featx.store import journal_path, read_progress, verify, write_json_atomic
 
 log = logging.getLogger("featx")
 
@@ -44,6 +44,8 @@ def default_cache_dir() -> str:
 
 
 def ensure_writable(cache_dir: str) -> str:
+    if not isinstance(cache_dir, str) or "\0" in cache_dir or not cache_dir.strip():
+        raise UsageError(f"--cache-dir {cache_dir!r}: not a usable path")
     cache_dir = os.path.abspath(cache_dir)
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -80,23 +82,40 @@ def _memo_file(cache_dir: str, request_key: str) -> str:
 
 
 def memo_lookup(cache_dir: str, request_key: str) -> str | None:
-    """The complete entry a previous identical request produced, or None."""
+    """The complete entry a previous identical request produced, or None. The memo names the entry
+    and its cache key; an entry whose file holds another key (a garbled memo) is ignored."""
+    import h5py
+
     try:
         with open(_memo_file(cache_dir, request_key), encoding="utf-8") as f:
-            name = json.load(f)["entry"]
+            memo = json.load(f)
+        name, key = memo["entry"], memo["key"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not isinstance(name, str) or os.sep in name or name.startswith("."):
+    if (
+        not isinstance(name, str)
+        or not isinstance(key, str)
+        or os.sep in name
+        or name.startswith(".")
+        or "\0" in name
+    ):
         return None
     path = os.path.join(cache_dir, name)
-    return path if os.path.exists(path) and check_complete(path) is None else None
+    if not os.path.isfile(path) or verify(path) is not None:
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            found = f.attrs.get("cache_key")
+    except OSError:
+        return None
+    return path if (found.decode() if isinstance(found, bytes) else found) == key else None
 
 
-def memo_store(cache_dir: str, request_key: str, entry: str) -> None:
+def memo_store(cache_dir: str, request_key: str, entry: str, key: str) -> None:
     path = _memo_file(cache_dir, request_key)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_json_atomic(path, {"entry": os.path.basename(entry)})
+        write_json_atomic(path, {"entry": os.path.basename(entry), "key": key})
     except OSError:
         pass  # the memo is only a shortcut
 
@@ -188,10 +207,26 @@ def is_locked(entry: str) -> bool:
 
 
 def remove_stale_temporaries(entry: str) -> None:
-    """Leftovers of an interrupted finalization (call while holding the entry's lock)."""
+    """Leftovers of an interrupted finalization (call while holding the entry's lock), and the
+    journal of an entry that is complete (a run killed between the rename and the cleanup)."""
+    import shutil
+
     for tmp in glob.glob(glob.escape(entry) + ".tmp-*"):
         with contextlib.suppress(OSError):
             os.remove(tmp)
+    if os.path.isdir(journal_path(entry)) and os.path.isfile(entry) and verify(entry) is None:
+        shutil.rmtree(journal_path(entry), ignore_errors=True)
+
+
+def tidy_complete(entry: str) -> None:
+    """Remove a complete entry's leftover journal if no process holds its lock (cheap when there is none)."""
+    if not os.path.isdir(journal_path(entry)):
+        return
+    try:
+        with EntryLock(entry, wait=False):
+            remove_stale_temporaries(entry)
+    except (FeatxError, OSError):
+        pass
 
 
 # -- listing and removing ------------------------------------------------------------------------
@@ -217,7 +252,7 @@ def list_entries(cache_dir: str) -> list[EntryStatus]:
     names |= {p[: -len(".partial")] for p in glob.glob(os.path.join(glob.escape(cache_dir), "*.h5.partial"))}
     for path in sorted(names):
         if os.path.exists(path):
-            reason = check_complete(path)
+            reason = verify(path)
             if reason:
                 out.append(EntryStatus(path, "corrupt", os.path.getsize(path), {"reason": reason}))
                 continue
@@ -250,12 +285,13 @@ def remove_entries(cache_dir: str, targets: list[str], remove_all: bool = False)
         chosen = []
         for t in targets:
             base = os.path.basename(t.rstrip("/")).removesuffix(".partial")
-            hits = [
-                e
-                for e in entries
-                if os.path.basename(e.path) == base
-                or os.path.basename(e.path).split("--")[-1].startswith(base)
-            ]
+            if not base or base in (".", ".."):
+                raise UsageError(
+                    f"featx cache rm {t!r}: name an entry by file name, path or key prefix (4+ characters)"
+                )
+            key_prefix = len(base) >= 4 and re.fullmatch(r"[0-9a-f]+", base) is not None
+            hits = [e for e in entries if os.path.basename(e.path) == base
+                    or (key_prefix and os.path.basename(e.path).split("--")[-1].startswith(base))]  # fmt: skip
             if len(hits) != 1:
                 known = ", ".join(os.path.basename(e.path) for e in entries) or "none"
                 what = "matches no entry" if not hits else f"matches {len(hits)} entries"

@@ -24,9 +24,9 @@ Presets reproduce published protocols:
   20% of train when there is no val split, refit on train + val.
 - `vissl-svm` (VISSL's SVM benchmark): codes L2-normalized (x / (||x|| + 1e-5)); per class, a
   binary LinearSVC (labels +1/-1, class weight {+1: 2, -1: 1}, squared hinge, dual, tol 1e-4,
-  max_iter 2000) whose cost is chosen from [0.01, 0.1, 1, 2, 5, 10, 15, 20, 50, 100, 1000] by
-  3-fold cross-validated average precision on the training (+ val) images; the class with the
-  largest decision value wins.
+  max_iter 2000; seeded with 0, which VISSL leaves unset, so results repeat) whose cost is chosen
+  from [0.01, 0.1, 1, 2, 5, 10, 15, 20, 50, 100, 1000] by 3-fold cross-validated average
+  precision on the training (+ val) images; the class with the largest decision value wins.
 """
 
 from __future__ import annotations
@@ -174,8 +174,9 @@ class PerClassSVM(ClassifierMixin, BaseEstimator):
     def _svm(self, cost: float):
         from sklearn.svm import LinearSVC
 
+        # VISSL leaves random_state unset; liblinear's dual solver shuffles, so featx seeds it (0) to be repeatable
         return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2",
-                         loss="squared_hinge", tol=1e-4, dual=True, max_iter=self.max_iter)  # fmt: skip
+                         loss="squared_hinge", tol=1e-4, dual=True, max_iter=self.max_iter, random_state=0)  # fmt: skip
 
     def fit(self, X, y):
         from sklearn.model_selection import cross_val_score
@@ -266,6 +267,8 @@ def select_rows(f: CodesFile, protocol: Protocol, train_size: TrainSize, seed: i
     test_split = "test" if "test" in present else "val" if "val" in present else None
     if test_split is None:
         raise FeatxError(f"{f.path} has only a train split; there is nothing to test on")
+    if seed < 0:
+        raise UsageError(f"--seed {seed}: seeds must be non-negative integers")
     rng = np.random.default_rng(seed)
     train = np.flatnonzero(f.split == "train")
     train = _subsample(train, f.labels, train_size, rng, f.classes)

@@ -401,11 +401,9 @@ def cmd_info(args) -> int:
             return 0
         a = f.attrs
         print(f"{path}")
-        print(
-            f"  model         {a.get('model')}  weights {a.get('weights')} ({a.get('weights_source')}"
-            + (f", sha256 {a['weights_sha256'][:16]}..." if a.get("weights_sha256") else "")
-            + ")"
-        )
+        sha = str(a.get("weights_sha256") or "")
+        print(f"  model         {a.get('model')}  weights {a.get('weights')} ({a.get('weights_source')}"
+              + (f", sha256 {sha[:16]}..." if sha else "") + ")")  # fmt: skip
         print(f"  preprocessing {a.get('preprocessing_text')}")
         print(
             f"  dataset       {a.get('dataset')}  ({len(f.classes)} classes; splits {splits}, {a.get('split_source')})"
@@ -415,8 +413,8 @@ def cmd_info(args) -> int:
         )
         print(f"  extraction    {a.get('precision')} on {a.get('device')}, batch {a.get('batch_size')}, dtype {a.get('dtype')}, "
               f"created {a.get('created')}, featx {a.get('featx_version')}")  # fmt: skip
-        rows = [[ly["name"], ly["dim"], "x".join(str(s) for s in ly.get("pre_pool_shape", [])), ly.get("pool"),
-                 ly.get("activation"), f"{ly.get('depth', 0):.2f}"] for ly in layers]  # fmt: skip
+        rows = [[ly["name"], ly["dim"], _shape_text(ly.get("pre_pool_shape")), ly.get("pool"), ly.get("activation"),
+                 _fixed(ly.get("depth"))] for ly in layers]  # fmt: skip
         print()
         print(
             format_table(
@@ -430,10 +428,21 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _fixed(v, digits: int = 2) -> str:
+    """A number from a file's attributes, which may hold anything: shown as it is if not a number."""
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def _shape_text(v) -> str:
+    return "x".join(str(s) for s in v) if isinstance(v, (list, tuple)) else str(v)
+
+
 def cmd_cache(args) -> int:
     from featx.cache import default_cache_dir, list_entries, remove_entries
     from featx.report import format_table
 
+    if args.cache_command not in ("ls", "rm"):
+        raise UsageError("featx cache: use `featx cache ls` or `featx cache rm ENTRY...`")
     cache_dir = args.cache_dir or default_cache_dir()
     if args.cache_command == "ls":
         entries = list_entries(cache_dir)
@@ -505,7 +514,10 @@ def cmd_fit(args) -> int:
     if args.results:
         from featx.store import write_json_atomic
 
-        write_json_atomic(args.results, data)
+        try:
+            write_json_atomic(args.results, data)
+        except OSError as e:
+            raise FeatxError(f"--results {args.results}: cannot write ({e.strerror or e})") from None
     if args.json:
         print(json.dumps(data, indent=1))
         return 0

@@ -153,6 +153,8 @@ def parse_per_class_limit(text: str | int | None) -> int | dict[str, int] | None
 def open_source(spec: str, options: DataOptions | None = None) -> Dataset:
     """List the samples of `spec` (see the module docstring) and cut them per `options`."""
     opts = options or DataOptions()
+    if not isinstance(opts.seed, int) or opts.seed < 0:
+        raise UsageError(f"--seed {opts.seed}: must be a non-negative integer")
     if not 0.0 < opts.test_fraction < 1.0:
         raise UsageError(f"--test-fraction {opts.test_fraction}: must be between 0 and 1 (exclusive)")
     spec = (spec or "").strip()
@@ -274,9 +276,13 @@ def _printable(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _walk_images(top: str) -> list[str]:
-    """Image files under `top`, sorted; follows symlinks but never loops."""
+def walk_images(top: str, fence: str | None = None, notes: list[str] | None = None) -> list[str]:
+    """Image files under `top`, sorted. Symlinks are followed but never loop; with `fence`
+    (the dataset root), a symlinked folder that leads back inside the dataset but out of `top`
+    is skipped (it would label another class's images as this one's) and noted."""
     found: list[str] = []
+    top_real = os.path.realpath(top)
+    fence_real = os.path.realpath(fence) if fence else None
     seen: set[str] = set()
     for root, dirs, files in os.walk(top, followlinks=True):
         real = os.path.realpath(root)
@@ -284,10 +290,29 @@ def _walk_images(top: str) -> list[str]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        keep = []
+        for d in sorted(dirs):
+            if d.startswith("."):
+                continue
+            target = os.path.realpath(os.path.join(root, d))
+            inside_top = target == top_real or target.startswith(top_real + os.sep)
+            inside_fence = fence_real is not None and (
+                target == fence_real or target.startswith(fence_real + os.sep)
+            )
+            escapes_up = top_real.startswith(target + os.sep)
+            if not inside_top and (inside_fence or escapes_up):
+                if notes is not None:
+                    notes.append(
+                        f"{_printable(os.path.join(root, d))}: a link out of its class folder; skipped"
+                    )
+                continue
+            keep.append(d)
+        dirs[:] = keep
         for f in files:
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.join(root, f))
+            path = os.path.join(root, f)
+            # non-regular files (FIFOs, dangling or looping links) are listed: decoding skips them with a reason
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(path):
+                found.append(path)
     return sorted(found)
 
 
@@ -326,7 +351,7 @@ def _folder(root: Path) -> _Raw:
     for split, base in layout:
         for cls in _subdirs(base):
             class_dirs.add(cls)
-            files.extend((split, cls, p) for p in _walk_images(os.path.join(base, cls)))
+            files.extend((split, cls, p) for p in walk_images(os.path.join(base, cls), str(root), notes))
     if not files:
         where = f"{root}/CLASS/image or {root}/train/CLASS/image"
         raise UsageError(
@@ -354,7 +379,7 @@ def _folder(root: Path) -> _Raw:
 
 def _manifest(path: Path) -> _Raw:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
             rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UsageError(f"--data {path}: cannot read the CSV manifest ({e})") from None
@@ -415,6 +440,8 @@ def decode_image(path: str, ident: str | None = None):
     from PIL import Image, ImageOps
 
     ident = ident or _printable(path)
+    if not os.path.isfile(path):  # a FIFO or device would block or mislead the decoder
+        raise ImageError(ident, "missing" if not os.path.exists(path) else "not a regular file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # featx applies its own limit

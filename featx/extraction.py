@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -35,10 +36,11 @@ from featx.cache import (
     memo_lookup,
     memo_store,
     remove_stale_temporaries,
+    tidy_complete,
 )
 from featx.data import DataOptions, Dataset, ImageError, open_source
 from featx.errors import FeatxError, Interrupted, UsageError
-from featx.store import Journal, check_complete, finalize, journal_path, read_progress
+from featx.store import Journal, finalize, journal_path, read_progress, verify
 
 log = logging.getLogger("featx")
 
@@ -87,9 +89,14 @@ def _weights_request(weights: str) -> str:
     return weights
 
 
-def _check_options(dtype: str, precision: str, relu: str, pool: str) -> None:
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _check_options(dtype: str, precision: str, relu: str, pool: str, device: str = "auto") -> None:
     from featx.taps import parse_pool
 
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise UsageError(f"--device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if precision not in PRECISIONS:
@@ -129,7 +136,7 @@ def extract(
     A repeated call with the same arguments returns the cached file (`hit=True`) at once.
     """
     t0 = time.perf_counter()
-    _check_options(dtype, precision, relu, pool)
+    _check_options(dtype, precision, relu, pool, device)
     opts = data_options or DataOptions()
     ds = data if isinstance(data, Dataset) else open_source(data, opts)
     for note in ds.notes:
@@ -147,26 +154,27 @@ def extract(
 
     plan = _plan(model, weights, layer_text, pool, relu, image_size, crop_pct, dtype, precision, device, ds)
     path = entry_path(cache_dir, ds.name, str(plan.model), plan.key)
-    if os.path.exists(path) and check_complete(path) is None:
-        memo_store(cache_dir, request, path)
+    if os.path.exists(path) and verify(path) is None:
+        memo_store(cache_dir, request, path, plan.key)
         return _hit_result(path, t0)
     with EntryLock(path, wait=wait):
+        remove_stale_temporaries(path)
         if os.path.exists(path):
-            reason = check_complete(path)
+            reason = verify(path)
             if reason is None:  # another process finished it while we waited
-                memo_store(cache_dir, request, path)
+                memo_store(cache_dir, request, path, plan.key)
                 return _hit_result(path, t0)
             log.warning("cache entry %s is not usable (%s); rebuilding it", path, reason)
             os.remove(path)
-        remove_stale_temporaries(path)
         result = _run(plan, ds, opts, path, batch_size, workers, channels_last, strict, progress, t0)
-    memo_store(cache_dir, request, path)
+    memo_store(cache_dir, request, path, plan.key)
     return result
 
 
 def _hit_result(path: str, t0: float) -> ExtractResult:
     import h5py
 
+    tidy_complete(path)
     with h5py.File(path, "r") as f:
         rows = int(f.attrs["rows"])
         samples = int(f.attrs.get("samples", rows))
@@ -208,6 +216,8 @@ def resolve_device(device: str):
         raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: Apple's MPS is not available here; use --device cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
     return dev
@@ -422,7 +432,11 @@ def _run(
         "key": plan.key, "layers": [[n, d] for n, d in zip(plan.layers, dims)], "dtype": plan.dtype,
         "samples": len(ds), "batch_size": bs, "featx": __version__,
     }  # fmt: skip
-    journal = Journal.open(journal_path(path), meta)
+    try:
+        journal = Journal.open(journal_path(path), meta)
+    except OSError as e:
+        raise FeatxError(f"cannot write {journal_path(path)} ({e.strerror or e}); free space or fix permissions "
+                         f"and rerun") from None  # fmt: skip
     start = journal.samples_done
     if journal.resumed:
         log.info("resuming %s at image %d of %d", os.path.basename(path), start, len(ds))

@@ -66,12 +66,17 @@ def save_classifier(path: str, pipeline, meta: dict) -> tuple[str, str]:
     path = os.path.abspath(path)
     if not path.endswith(".joblib"):
         raise UsageError(f"--out {path}: name the classifier file NAME.joblib")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    joblib.dump(pipeline, tmp)
-    os.replace(tmp, path)
-    meta = {**meta, "joblib_sha256": _file_sha256(path)}
-    write_json_atomic(_sidecar(path), meta)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        joblib.dump(pipeline, tmp)
+        os.replace(tmp, path)
+        meta = {**meta, "joblib_sha256": _file_sha256(path)}
+        write_json_atomic(_sidecar(path), meta)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise FeatxError(f"--out {path}: cannot write the classifier ({e.strerror or e})") from None
     return path, _sidecar(path)
 
 
@@ -86,10 +91,53 @@ def read_meta(path: str) -> dict:
         raise FeatxError(
             f"{path}: its metadata {side} is missing or unreadable ({e}); featx refuses to unpickle a classifier without it"
         ) from None
-    need = ("featx_version", "layers", "model", "weights", "preprocessing", "classes", "joblib_sha256")
+    need = (
+        "featx_version",
+        "layers",
+        "model",
+        "weights",
+        "preprocessing",
+        "classes",
+        "joblib_sha256",
+        "pool",
+        "activations",
+    )
     if not isinstance(meta, dict) or any(k not in meta for k in need):
         raise FeatxError(f"{side}: not a featx classifier description (keys {', '.join(need)} expected)")
+    _validate(meta, side)
     return meta
+
+
+def _validate(meta: dict, side: str) -> None:
+    """The JSON is plain data from a file: check every field featx will use, by type and value."""
+    from featx.preprocess import Preprocess
+    from featx.taps import parse_pool
+
+    def bad(field: str, want: str):
+        raise FeatxError(f"{side}: field {field!r} must be {want}; refit the classifier with featx fit --out")
+
+    for k in ("featx_version", "model", "weights", "joblib_sha256", "pool"):
+        if not isinstance(meta[k], str) or not meta[k]:
+            bad(k, "a non-empty string")
+    for k in ("weights_sha256", "weights_ident", "weights_source", "precision"):
+        if meta.get(k) is not None and not isinstance(meta[k], str):
+            bad(k, "a string")
+    layers, classes, acts = meta["layers"], meta["classes"], meta["activations"]
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, str) and x for x in layers):
+        bad("layers", "a non-empty list of layer names")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(x, str) for x in classes):
+        bad("classes", "a list of two or more class names")
+    if not isinstance(acts, dict) or any(acts.get(n) not in ("relu", "relu6", "none") for n in layers):
+        bad("activations", "relu, relu6 or none for every layer")
+    if meta.get("precision") not in (None, "fp32", "bf16", "fp16"):
+        bad("precision", "fp32, bf16 or fp16")
+    try:
+        parse_pool(meta["pool"])
+        if not isinstance(meta["preprocessing"], dict):
+            raise TypeError
+        Preprocess.from_dict(meta["preprocessing"])
+    except (FeatxError, KeyError, TypeError, ValueError):
+        bad("pool/preprocessing", "what featx fit wrote")
 
 
 def _same_release(a: str, b: str) -> bool:
@@ -118,12 +166,12 @@ def load_classifier(path: str, force: bool = False):
 
 def collect_images(inputs: list[str]) -> list[str]:
     """Files as given; folders searched recursively for images; a .csv gives its first column."""
-    from featx.data import IMAGE_EXTENSIONS, _walk_images
+    from featx.data import IMAGE_EXTENSIONS, walk_images
 
     out: list[str] = []
     for item in inputs:
         if os.path.isdir(item):
-            found = _walk_images(item)
+            found = walk_images(item)
             if not found:
                 raise UsageError(
                     f"{item}: no images in this folder (extensions {' '.join(IMAGE_EXTENSIONS)})"
@@ -198,7 +246,22 @@ class Predictor:
         self.preprocess = Preprocess.from_dict(meta["preprocessing"])
         pool: Pool = parse_pool(meta["pool"])
         taps = {t.name: t for t in list_taps(backbone.module, self.preprocess.crop_size, device="cpu")}
+        missing = [n for n in meta["layers"] if n not in taps]
+        if missing:
+            raise FeatxError(
+                f"{path}: layers {', '.join(missing)} are not in {meta['model']}; the classifier does not fit this model"
+            )
         chosen = [taps[n] for n in meta["layers"]]
+        dim = sum(t.code_dim(pool) for t in chosen)
+        ids = getattr(self.pipeline, "classes_", None)
+        if (
+            getattr(self.pipeline, "n_features_in_", dim) != dim
+            or ids is None
+            or int(np.max(ids)) >= len(meta["classes"])
+        ):
+            raise FeatxError(
+                f"{path}: the pipeline does not match its description (features or classes differ); refit it"
+            )
         dev = resolve_device(device)
         precision = meta.get("precision", "fp32")
         if dev.type != "cuda" and precision in ("bf16", "fp16"):

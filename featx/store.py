@@ -29,6 +29,8 @@ with `json.loads` only; nothing read from a file is ever evaluated.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, UsageError
 
 FORMAT_VERSION = 1
 COMPLETE = "complete"
@@ -63,11 +65,16 @@ def fsync_dir(path: str) -> None:
 
 def write_json_atomic(path: str, obj) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _read_json(path: str):
@@ -122,7 +129,8 @@ class Journal:
             write_json_atomic(os.path.join(path, "meta.json"), meta)
             j._commit_progress()
             fsync_dir(os.path.dirname(path))
-        j._files = [open(p, "r+b" if os.path.exists(p) else "w+b") for p in j._data_paths()]
+        # unbuffered: a failed write (a full disk) must not leave bytes behind to flush at close
+        j._files = [open(p, "r+b" if os.path.exists(p) else "w+b", buffering=0) for p in j._data_paths()]
         for f, rb in zip(j._files, j._row_bytes()):
             f.truncate(j.rows_done * rb)
             f.seek(j.rows_done * rb)
@@ -163,9 +171,10 @@ class Journal:
                 raise ValueError(f"layer {spec.name}: got codes {c.shape}, expected ({n}, {spec.dim})")
         dtype = np.dtype(self.meta["dtype"])
         for f, c in zip(self._files, [*codes, sample_index]):
-            f.write(np.ascontiguousarray(c, dtype=dtype if c is not sample_index else np.int64).tobytes())
+            _write_all(
+                f, np.ascontiguousarray(c, dtype=dtype if c is not sample_index else np.int64).tobytes()
+            )
         for f in self._files:
-            f.flush()
             os.fsync(f.fileno())
         self.rows_done += n
         self.samples_done = samples_done
@@ -174,7 +183,10 @@ class Journal:
 
     def close(self) -> None:
         for f in self._files:
-            f.close()
+            with contextlib.suppress(
+                OSError
+            ):  # unbuffered: nothing is lost; progress.json decides what counts
+                f.close()
         self._files = []
 
     def read_layer(self, j: int, start: int, stop: int) -> np.ndarray:
@@ -187,6 +199,15 @@ class Journal:
     def read_index(self) -> np.ndarray:
         with open(self._data_paths()[-1], "rb") as f:
             return np.frombuffer(f.read(self.rows_done * 8), dtype=np.int64)
+
+
+def _write_all(f, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        if not n:
+            raise OSError(28, "No space left on device")
+        view = view[n:]
 
 
 def journal_path(entry: str) -> str:
@@ -211,79 +232,233 @@ def read_progress(entry: str) -> dict | None:
 # -- finalizing ----------------------------------------------------------------------------------
 
 
+def _space_needed(journal: Journal, ids: Sequence[str]) -> int:
+    """An upper bound on the finished file's size: raw codes (compression only shrinks them),
+    the row metadata, and HDF5's overhead."""
+    codes = sum(spec.dim for spec in journal.layers) * journal.itemsize * journal.rows_done
+    rows = journal.rows_done * (8 + 16 + 16) + sum(len(i) for i in ids)
+    return int(codes * 1.01 + rows * 2 + (4 << 20))
+
+
+def _check_space(entry: str, need: int) -> None:
+    """Fail before writing when the disk or the process's file-size limit cannot take the file:
+    HDF5 fails badly when a write fails half-way."""
+    import resource
+
+    folder = os.path.dirname(os.path.abspath(entry))
+    free = shutil.disk_usage(folder).free
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit = min(free, soft if soft != resource.RLIM_INFINITY else free)
+    if need > limit:
+        what = (
+            f"{free / 2**20:.0f} MiB free in {folder}"
+            if limit == free
+            else f"a file-size limit of {soft / 2**20:.1f} MiB"
+        )
+        raise FeatxError(
+            f"finishing {entry} needs up to {need / 2**20:.0f} MiB, but there is {what}; the codes are kept in "
+            f"{journal_path(entry)}: free space and rerun the same command to finish"
+        )
+
+
 def finalize(entry: str, journal: Journal, *, classes: Sequence[str], labels: np.ndarray, splits: np.ndarray,
              ids: Sequence[str], layer_attrs: dict[str, dict], attrs: dict) -> None:  # fmt: skip
     """Build the HDF5 file from a finished journal, atomically, then remove the journal."""
+    import gc
+    import hashlib
+    import traceback
+
     import h5py
 
     index = journal.read_index()
     n = len(index)
+    _check_space(entry, _space_needed(journal, ids))
     tmp = f"{entry}.tmp-{os.getpid()}"
     str_dt = h5py.string_dtype()
+    row_labels = labels[index].astype(np.int64)
+    row_splits = [str(x) for x in splits[index].tolist()]
+    row_ids = [ids[i] for i in index]
+    failure = None
+    f = h5py.File(tmp, "w")
     try:
-        with h5py.File(tmp, "w") as f:
-            grp = f.create_group("codes")
-            for j, spec in enumerate(journal.layers):
-                rows_per_chunk = max(1, min(n, (1 << 20) // max(1, spec.dim * journal.itemsize)))
-                cols_per_chunk = min(spec.dim, max(1, (1 << 20) // journal.itemsize))
-                ds = grp.create_dataset(
-                    spec.name, shape=(n, spec.dim), dtype=journal.meta["dtype"],
-                    chunks=(rows_per_chunk, cols_per_chunk) if n else None,
-                    compression="gzip" if n else None, compression_opts=1 if n else None, shuffle=bool(n),
-                )  # fmt: skip
-                step = max(1, _BLOCK_BYTES // max(1, spec.dim * journal.itemsize))
-                for start in range(0, n, step):
-                    stop = min(n, start + step)
-                    ds[start:stop] = journal.read_layer(j, start, stop)
-                for k, v in layer_attrs.get(spec.name, {}).items():
-                    ds.attrs[k] = v
-            f.create_dataset("labels", data=labels[index].astype(np.int64))
-            f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=str_dt)
-            f.create_dataset("split", data=np.array(splits[index].tolist(), dtype=object), dtype=str_dt)
-            f.create_dataset("paths", data=np.array([ids[i] for i in index], dtype=object), dtype=str_dt)
-            sk = f.create_group("skipped")
-            sk.create_dataset(
-                "paths", data=np.array([ids[i] for i, _ in journal.skipped], dtype=object), dtype=str_dt
-            )
-            sk.create_dataset(
-                "reasons", data=np.array([r for _, r in journal.skipped], dtype=object), dtype=str_dt
-            )
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            f.attrs["rows"] = n
-            f.attrs["featx_state"] = COMPLETE  # last: a file without it is never trusted
+        grp = f.create_group("codes")
+        for j, spec in enumerate(journal.layers):
+            rows_per_chunk = max(1, min(n, (1 << 20) // max(1, spec.dim * journal.itemsize)))
+            cols_per_chunk = min(spec.dim, max(1, (1 << 20) // journal.itemsize))
+            ds = grp.create_dataset(
+                spec.name, shape=(n, spec.dim), dtype=journal.meta["dtype"],
+                chunks=(rows_per_chunk, cols_per_chunk) if n else None, compression="gzip" if n else None,
+                compression_opts=1 if n else None, shuffle=bool(n), fletcher32=bool(n),
+            )  # fmt: skip
+            h = hashlib.sha256()
+            step = max(1, _BLOCK_BYTES // max(1, spec.dim * journal.itemsize))
+            for start in range(0, n, step):
+                block = journal.read_layer(j, start, min(n, start + step))
+                ds[start : start + len(block)] = block
+                h.update(block.tobytes())
+            for k, v in layer_attrs.get(spec.name, {}).items():
+                ds.attrs[k] = v
+            ds.attrs["sha256"] = h.hexdigest()
+        f.create_dataset(
+            "labels", data=row_labels, chunks=(max(1, min(n, 1 << 16)),) if n else None, fletcher32=bool(n)
+        )
+        f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=str_dt)
+        f.create_dataset("split", data=np.array(row_splits, dtype=object), dtype=str_dt)
+        f.create_dataset("paths", data=np.array(row_ids, dtype=object), dtype=str_dt)
+        sk = f.create_group("skipped")
+        sk.create_dataset(
+            "paths", data=np.array([ids[i] for i, _ in journal.skipped], dtype=object), dtype=str_dt
+        )
+        sk.create_dataset(
+            "reasons", data=np.array([r for _, r in journal.skipped], dtype=object), dtype=str_dt
+        )
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.attrs["rows"] = n
+        f.attrs["rows_sha256"] = rows_sha256(row_labels, row_splits, row_ids, list(classes))
+        f.attrs["featx_state"] = COMPLETE  # last: a file without it is never trusted
+    except (OSError, RuntimeError, ValueError) as e:  # h5py reports a failed write as any of these
+        failure = f"writing {tmp} failed ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+        traceback.clear_frames(e.__traceback__)  # h5py objects in these frames must not outlive the file
+    except BaseException:
+        _close_quietly(f)
+        _remove(tmp)
+        raise
+    if not _close_quietly(f) and failure is None:
+        failure = f"writing {tmp} failed when closing it"
+    if failure is not None:
+        gc.collect()
+        _remove(tmp)
+        raise FeatxError(
+            f"{failure}; the codes are kept in {journal.path}: free space and rerun the same command to finish"
+        )
+    try:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, entry)
         fsync_dir(os.path.dirname(os.path.abspath(entry)))
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove(tmp)
         raise
+    mark_verified(entry)
     journal.close()
     shutil.rmtree(journal.path, ignore_errors=True)
+
+
+def _close_quietly(f) -> bool:
+    try:
+        f.close()
+        return True
+    except Exception:  # h5py raises several types when the last flush fails
+        return False
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def rows_sha256(labels: np.ndarray, splits: Sequence[str], ids: Sequence[str], classes: Sequence[str]) -> str:
+    """A checksum of the per-row metadata: labels, splits, ids, and the class names."""
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    for part in (splits, ids, classes):
+        h.update("\n".join(part).encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
 
 
 # -- reading -------------------------------------------------------------------------------------
 
 
 def check_complete(path: str) -> str | None:
-    """None when `path` is a complete, readable featx file; else the reason it is not."""
+    """None when `path` is structurally a complete featx file (attributes and shapes); else why not.
+    Cheap; `verify` also checks the content."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("featx_state") != COMPLETE:
-                return "it was never finished"
-            n = int(f.attrs["rows"])
-            for name in ("labels", "split", "paths"):
-                if f[name].shape != (n,):
-                    return f"/{name} has {f[name].shape[0]} rows, expected {n}"
-            for name, ds in f["codes"].items():
-                if ds.shape[0] != n:
-                    return f"/codes/{name} has {ds.shape[0]} rows, expected {n}"
+            return _structure(f)
     except (OSError, KeyError, ValueError, TypeError) as e:
-        return f"it is not a readable featx HDF5 file ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+        return f"it is not a readable featx HDF5 file ({_first(e)})"
+
+
+def _structure(f) -> str | None:
+    if f.attrs.get("featx_state") != COMPLETE:
+        return "it was never finished"
+    n = int(f.attrs["rows"])
+    for name in ("labels", "split", "paths"):
+        if f[name].shape != (n,):
+            return f"/{name} has {f[name].shape[0]} rows, expected {n}"
+    for name, ds in f["codes"].items():
+        if ds.ndim != 2 or ds.shape[0] != n:
+            return f"/codes/{name} has shape {ds.shape}, expected {n} rows"
+    return None
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:160] if text else type(e).__name__
+
+
+def _marker(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), ".verified", os.path.basename(path) + ".json")
+
+
+def _fingerprint(path: str) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def mark_verified(path: str) -> None:
+    """Remember that `path`, as it is now on disk, passed `verify`."""
+    try:
+        marker = _marker(path)
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        write_json_atomic(marker, _fingerprint(path))
+    except OSError:
+        pass  # only a shortcut
+
+
+def verify(path: str) -> str | None:
+    """None when `path` is a complete featx file whose content matches its checksums; else why not.
+
+    Reading every byte costs time in proportion to the file, so a passed check is remembered
+    (`.verified/` beside the file) for as long as the file's size, mtime and inode stay the same;
+    a file changed on disk is checked again. Reads still verify HDF5's per-chunk fletcher32 checksums.
+    """
+    import h5py
+
+    try:
+        with open(_marker(path), encoding="utf-8") as fh:
+            if json.load(fh) == _fingerprint(path):
+                return check_complete(path)
+    except (OSError, ValueError):
+        pass
+    try:
+        with h5py.File(path, "r") as f:
+            reason = _structure(f)
+            if reason:
+                return reason
+            for name, ds in f["codes"].items():
+                want = ds.attrs.get("sha256")
+                if want is None:
+                    continue
+                h = hashlib.sha256()
+                step = max(1, _BLOCK_BYTES // max(1, ds.shape[1] * ds.dtype.itemsize))
+                for start in range(0, ds.shape[0], step):
+                    h.update(np.ascontiguousarray(ds[start : start + step]).tobytes())
+                if h.hexdigest() != (want.decode() if isinstance(want, bytes) else want):
+                    return f"the codes of layer {name} do not match their checksum"
+            want = f.attrs.get("rows_sha256")
+            if want is not None:
+                got = rows_sha256(f["labels"][:], f["split"].asstr()[:].tolist(), f["paths"].asstr()[:].tolist(),
+                                  f["classes"].asstr()[:].tolist())  # fmt: skip
+                if got != (want.decode() if isinstance(want, bytes) else want):
+                    return "its labels, splits or paths do not match their checksum"
+    except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError) as e:
+        return f"it is not a readable featx HDF5 file ({_first(e)})"
+    mark_verified(path)
     return None
 
 
@@ -308,7 +483,9 @@ class CodesFile:
         import h5py
 
         self.path = str(path)
-        reason = check_complete(self.path) if os.path.exists(self.path) else "no such file"
+        if not os.path.isfile(self.path):
+            raise UsageError(f"{self.path}: no such codes file")
+        reason = verify(self.path)
         if reason:
             raise FeatxError(
                 f"{self.path}: cannot use this codes file: {reason}; rerun `featx extract` to (re)build it"
@@ -339,7 +516,14 @@ class CodesFile:
 
     def json_attr(self, name: str):
         v = self.attrs.get(name)
-        return json.loads(v) if isinstance(v, str) else v
+        if not isinstance(v, str):
+            return v
+        try:
+            return json.loads(v)
+        except ValueError:
+            raise FeatxError(
+                f"{self.path}: attribute {name!r} is not valid JSON; rebuild the file with featx extract"
+            ) from None
 
     def layer_attrs(self, layer: str) -> dict:
         self._check_layer(layer)
@@ -357,23 +541,25 @@ class CodesFile:
         """Codes of `layer` as float32 [n, D] for `rows` (None: all; a boolean mask or sorted indices)."""
         self._check_layer(layer)
         ds = self._f["codes"][layer]
-        if rows is None:
-            out = ds[:]
-        else:
-            rows = np.asarray(rows)
-            idx = np.flatnonzero(rows) if rows.dtype == bool else rows
-            out = ds[np.sort(idx)] if len(idx) else np.empty((0, ds.shape[1]), ds.dtype)
+        try:
+            if rows is None:
+                out = ds[:]
+            else:
+                rows = np.asarray(rows)
+                idx = np.flatnonzero(rows) if rows.dtype == bool else rows
+                out = ds[np.sort(idx)] if len(idx) else np.empty((0, ds.shape[1]), ds.dtype)
+        except OSError as e:  # a chunk failed its checksum or cannot be decompressed
+            raise FeatxError(f"{self.path}: reading /codes/{layer} failed ({_first(e)}); the file is damaged: "
+                             f"delete it (featx cache rm) and rerun featx extract") from None  # fmt: skip
         return out.astype(np.float32, copy=False)
 
     def iter_codes(self, layer: str, rows: np.ndarray, chunk_rows: int = 4096):
         """Yield (positions, codes) over sorted `rows` in bounded chunks, for data larger than memory."""
         self._check_layer(layer)
-        ds = self._f["codes"][layer]
         rows = np.sort(np.asarray(rows))
         for start in range(0, len(rows), chunk_rows):
             part = rows[start : start + chunk_rows]
-            block = ds[int(part[0]) : int(part[-1]) + 1]
-            yield part, block[part - part[0]].astype(np.float32, copy=False)
+            yield part, self.codes(layer, part)
 
 
 def open_codes(path: str) -> CodesFile:

@@ -151,7 +151,7 @@ def test_vissl_preset_matches_vissl_procedure(tmp_path):
         aps = []
         for cost in VISSL_COSTS:
             svm = LinearSVC(C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2", loss="squared_hinge",
-                            tol=1e-4, dual=True, max_iter=2000)  # fmt: skip
+                            tol=1e-4, dual=True, max_iter=2000, random_state=0)  # fmt: skip
             aps.append(cross_val_score(svm, Xn, yb, cv=3, scoring="average_precision").mean())
         assert ours.costs_[k] == VISSL_COSTS[int(np.argmax(aps))]
     assert ours.decision_function(Xn).shape == (60, 3)

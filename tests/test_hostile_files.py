@@ -1,0 +1,287 @@
+"""Hostile files: checkpoints carrying pickle payloads, tampered or foreign classifier files, and
+HDF5 files whose attributes hold code. Payloads here would create a marker file if anything ever
+ran them; every test checks that the marker never appears, and that featx says what is wrong in
+one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import shutil
+import traceback
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_images
+from featx.cli import main as featx_main
+
+FAST_ARGS = ["--model", "resnet18", "--image-size", "32", "--workers", "0", "--batch-size", "4"]
+
+
+def cli(*argv) -> tuple[object, str, str]:
+    """`featx ARGV` in this process; an escaping exception comes back as a 'Traceback' on stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = featx_main([str(a) for a in argv])
+        except SystemExit as e:
+            rc = e.code
+        except BaseException:  # noqa: BLE001
+            err.write(traceback.format_exc())
+            rc = "exception"
+    return rc, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(rc, err: str, codes=(1,), needles=()) -> str:
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.strip().split("\n") if ln.strip() and "featx: error" in ln]
+    assert rc in codes, (rc, err)
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Images, their codes, and a classifier fitted on them and saved with `fit --out`."""
+    root = tmp_path_factory.mktemp("hostile")
+    data = make_images(root / "data", per_class=6, size=(36, 36), splits=("train", "test"))
+    cache = root / "cache"
+    rc, out, err = cli("-q", "extract", *FAST_ARGS, "--weights", "none", "--data", data, "--layers",
+                       "layer2,layer3", "--cache-dir", cache)  # fmt: skip
+    assert rc == 0, err
+    codes = out.strip().splitlines()[-1]
+    clf = root / "clf" / "m.joblib"
+    rc, out, err = cli("-q", "fit", codes, "--C", "1", "--out", clf)
+    assert rc == 0, err
+    return {"root": root, "data": data, "cache": cache, "codes": codes, "clf": clf}
+
+
+@pytest.fixture
+def marker(tmp_path) -> Path:
+    m = tmp_path / "PAYLOAD_RAN"
+    yield m
+    assert not m.exists(), "a payload in a hostile file was executed"
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+def _evil_checkpoint(path: Path, marker: Path, kind: str) -> None:
+    state = {"conv1.weight": torch.zeros(64, 3, 7, 7)}
+    if kind == "zip":
+        torch.save({"state_dict": state, "extra": Payload(marker)}, path)
+    elif kind == "legacy":
+        torch.save({"model": state, "extra": Payload(marker)}, path, _use_new_zipfile_serialization=False)
+    elif kind == "raw-pickle":
+        path.write_bytes(pickle.dumps({"state_dict": Payload(marker)}, protocol=2))
+    elif kind == "only-payload":
+        torch.save(Payload(marker), path)
+    else:
+        raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "raw-pickle", "only-payload"])
+def test_checkpoint_with_pickle_payload_is_refused(world, tmp_path, marker, kind):
+    evil = tmp_path / "evil.pth"
+    _evil_checkpoint(evil, marker, kind)
+    cache = tmp_path / "cache"
+    rc, out, err = cli(
+        "-q", "extract", *FAST_ARGS, "--weights", evil, "--data", world["data"], "--cache-dir", cache
+    )
+    line = assert_one_line_error(rc, err, (1,), [str(evil)])
+    assert "refused" in line or "weights_only" in line, line
+    assert out == "" and not list(cache.glob("*.h5"))
+    # the same file given to predict as the classifier's weights
+    rc, out, err = cli("predict", world["clf"], world["data"] / "test" / "cat", "--weights", evil)
+    assert_one_line_error(rc, err, (1, 2), [str(evil)])
+    # `featx layers` never loads weights; whatever it does, it runs nothing
+    rc, out, err = cli("layers", "resnet18", "--weights", evil)
+    assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "kind", ["empty", "truncated", "junk-safetensors", "not-a-state-dict", "tensor-list"]
+)
+def test_unreadable_checkpoint_is_one_line_error(world, tmp_path, kind):
+    ck = tmp_path / ("w.safetensors" if kind == "junk-safetensors" else "w.pth")
+    if kind == "empty":
+        ck.write_bytes(b"")
+    elif kind == "truncated":
+        torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, ck)
+        ck.write_bytes(ck.read_bytes()[:-200])
+    elif kind == "junk-safetensors":
+        ck.write_bytes(b"\xff" * 64)
+    elif kind == "not-a-state-dict":
+        torch.save({"epoch": 3, "lr": 0.1}, ck)
+    else:
+        torch.save([torch.zeros(3)], ck)
+    rc, out, err = cli("-q", "extract", *FAST_ARGS, "--weights", ck, "--data", world["data"], "--cache-dir",
+                       tmp_path / "cache")  # fmt: skip
+    assert_one_line_error(rc, err, (1, 2), [str(ck)])
+
+
+# -- classifier files ----------------------------------------------------------------------------
+
+
+def _copy_classifier(world, tmp_path) -> Path:
+    d = tmp_path / "clf"
+    shutil.copytree(world["clf"].parent, d)
+    return d / "m.joblib"
+
+
+def test_tampered_classifier_pickle_is_refused_before_unpickling(world, tmp_path, marker):
+    clf = _copy_classifier(world, tmp_path)
+    clf.write_bytes(pickle.dumps(Payload(marker)))
+    rc, out, err = cli("predict", clf, world["data"] / "test" / "cat", "--device", "cpu")
+    assert_one_line_error(rc, err, (1,), [str(clf), "sha256", "--force"])
+    assert out == ""
+
+
+def test_classifier_with_other_hash_is_refused_unless_forced(world, tmp_path):
+    import joblib
+
+    clf = _copy_classifier(world, tmp_path)
+    joblib.dump(joblib.load(world["clf"]), clf, compress=3)  # the same model, other bytes
+    inputs = world["data"] / "test"
+    rc, out, err = cli("predict", clf, inputs, "--device", "cpu")
+    assert_one_line_error(rc, err, (1,), [str(clf), "sha256", "--force"])
+    rc, out, err = cli("predict", clf, inputs, "--device", "cpu", "--force", "--json")
+    assert rc == 0 and "Traceback" not in err, err
+    preds = json.loads(out)
+    assert len(preds) == 18 and all(p["class"] in ("cat", "dog", "owl") for p in preds)
+    assert "pickles" in err  # the warning that joblib files can run code
+
+
+def test_classifier_from_another_featx_release_is_refused_unless_forced(world, tmp_path):
+    clf = _copy_classifier(world, tmp_path)
+    side = clf.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    meta["featx_version"] = "9.9.0"
+    side.write_text(json.dumps(meta))
+    inputs = world["data"] / "test" / "dog"
+    rc, out, err = cli("predict", clf, inputs, "--device", "cpu")
+    assert_one_line_error(rc, err, (1,), [str(clf), "9.9.0", "--force"])
+    rc, out, err = cli("predict", clf, inputs, "--device", "cpu", "--force", "--json")
+    assert rc == 0 and len(json.loads(out)) == 6, err
+
+
+HOSTILE_META = {
+    "version-not-a-string": {"featx_version": 5},
+    "layers-a-string": {"layers": "layer2"},
+    "layers-unknown": {"layers": ["layer9"]},
+    "classes-too-few": {"classes": ["cat"]},
+    "classes-not-a-list": {"classes": 3},
+    "preprocessing-a-string": {"preprocessing": "__import__('os')"},
+    "preprocessing-missing-keys": {"preprocessing": {"crop_size": 32}},
+    "activation-unknown": {"activations": {"layer2": "exec", "layer3": "exec"}},
+    "pool-unknown": {"pool": "sum"},
+    "model-code": {"model": "__import__('os').system('true')"},
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_META))
+def test_hostile_classifier_metadata_is_a_clear_error(world, tmp_path, marker, case):
+    """A sidecar JSON with wrong types or values (the joblib file itself unchanged): one line
+    naming the problem, never a traceback, never predictions computed from made-up settings."""
+    clf = _copy_classifier(world, tmp_path)
+    side = clf.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    meta.update(HOSTILE_META[case])
+    side.write_text(json.dumps(meta))
+    rc, out, err = cli("predict", clf, world["data"] / "test" / "owl", "--device", "cpu", "--json")
+    assert_one_line_error(rc, err, (1, 2))
+    assert out == ""
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{", "", "null", '{"featx_version": "0.1.0"}'])
+def test_unreadable_classifier_metadata_is_refused(world, tmp_path, marker, content):
+    clf = _copy_classifier(world, tmp_path)
+    clf.write_bytes(pickle.dumps(Payload(marker)))  # it must not even be opened
+    clf.with_suffix(".json").write_text(content)
+    rc, out, err = cli("predict", clf, world["data"] / "test" / "owl", "--device", "cpu")
+    assert_one_line_error(rc, err, (1, 2), [str(clf.with_suffix(".json"))])
+
+
+# -- HDF5 attributes -----------------------------------------------------------------------------
+
+
+def _hostile_codes(world, tmp_path, marker) -> str:
+    """A copy of a real codes file whose attributes hold code, YAML tags and pickles."""
+    cache = tmp_path / "cache"
+    shutil.copytree(world["cache"], cache)
+    path = str(cache / os.path.basename(world["codes"]))
+    code = f"__import__('os').system('touch {marker}')"
+    with h5py.File(path, "r+") as f:
+        for k in ("preprocessing", "library_versions", "layer_resolution", "config", "data_options", "model",
+                  "weights", "dataset", "preprocessing_text", "created", "split_source", "precision", "device",
+                  "relu", "dtype", "weights_source", "weights_ident"):  # fmt: skip
+            f.attrs[k] = code
+        f.attrs["weights_sha256"] = np.void(pickle.dumps(Payload(marker)))
+        f.attrs["pool"] = f"!!python/object/apply:os.system ['touch {marker}']"
+        for name in f["codes"]:
+            a = f["codes"][name].attrs
+            a["activation"] = code
+            a["depth"] = code
+            a["pre_pool_shape"] = np.void(pickle.dumps(Payload(marker)))
+            a["pool"] = code
+    return path
+
+
+def _run_all_readers(world, tmp_path, path) -> dict[str, tuple]:
+    runs = {
+        "info": cli("info", path),
+        "info --json": cli("info", path, "--json"),
+        "cache ls": cli("cache", "ls", "--cache-dir", os.path.dirname(path)),
+        "fit": cli("-q", "fit", path, "--C", "1"),
+        "fit --out": cli("-q", "fit", path, "--C", "1", "--out", tmp_path / "h" / "m.joblib"),
+    }
+    if (tmp_path / "h" / "m.joblib").exists():
+        runs["predict"] = cli(
+            "predict", tmp_path / "h" / "m.joblib", world["data"] / "test" / "cat", "--device", "cpu"
+        )
+    # the same extract command finds this file as its cache entry
+    runs["extract (hit)"] = cli("extract", *FAST_ARGS, "--weights", "none", "--data", world["data"], "--layers",
+                                "layer2,layer3", "--cache-dir", os.path.dirname(path))  # fmt: skip
+    return runs
+
+
+def test_hdf5_attributes_are_never_evaluated(world, tmp_path, marker):
+    path = _hostile_codes(world, tmp_path, marker)
+    runs = _run_all_readers(world, tmp_path, path)
+    assert not marker.exists(), "reading HDF5 attributes ran code"
+    assert runs["extract (hit)"][0] == 0  # the codes themselves are intact
+
+
+def test_hostile_hdf5_attributes_give_clear_errors(world, tmp_path, marker):
+    """Where an attribute featx needs holds garbage, each command still ends cleanly: success, or
+    one line naming the file (exit 1), never a traceback."""
+    path = _hostile_codes(world, tmp_path, marker)
+    problems = []
+    for name, (rc, _out, err) in _run_all_readers(world, tmp_path, path).items():
+        if "Traceback" in err:
+            problems.append(f"featx {name}: traceback: {err.strip().splitlines()[-1]}")
+        elif rc not in (0, 1):
+            problems.append(f"featx {name}: exit {rc}: {err.strip()[-300:]}")
+        elif rc == 1 and len([ln for ln in err.strip().split("\n") if "featx: error" in ln]) != 1:
+            problems.append(f"featx {name}: not one error line: {err.strip()[-300:]}")
+    assert not problems, "\n".join(problems)

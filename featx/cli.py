@@ -7,10 +7,16 @@ is a bug and keeps its traceback. Progress and messages go to stderr; what scrip
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# OpenMP threads that spin while waiting steal the cores data-loader workers and other processes
+# need: on a busy 2-core machine the forward ran 2x slower with the default (benchmarks/). Set
+# before torch loads; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
 import json
 import logging
-import os
 import shlex
 import sys
 
@@ -97,7 +103,7 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(relu="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored code type")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="forward precision: auto = fp32 on CPU, bf16 on CUDA")  # fmt: skip
+                   help="forward precision: auto = fp32 or bf16, whichever is measured faster on this device")  # fmt: skip
     p.add_argument(
         "--test-fraction",
         type=_fraction,
@@ -116,6 +122,12 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_workers, default="auto", help="data-loading processes, or auto")
     p.add_argument(
         "--channels-last", default="auto", choices=["auto", "on", "off"], help="memory format for the forward"
+    )
+    p.add_argument("--decoder", default="auto", choices=["auto", "pil", "torchvision"],
+                   help="pil: decode and resize in workers; torchvision: batched JPEG decode and resize on the device "
+                        "(auto: torchvision on CUDA)")  # fmt: skip
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the forward (slow first batch; off by default)"
     )
     p.add_argument(
         "--no-wait", action="store_true", help="fail instead of waiting when another process writes the entry"
@@ -360,7 +372,8 @@ def cmd_extract(args) -> int:
         args.model, args.data, args.layers, weights=args.weights, pool=args.pool, relu=args.relu,
         image_size=args.image_size, crop_pct=args.crop_pct, dtype=args.dtype, precision=args.precision,
         data_options=_data_options(args), cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
-        workers=args.workers, channels_last=args.channels_last, strict=args.strict, wait=not args.no_wait,
+        workers=args.workers, channels_last=args.channels_last, decoder=args.decoder, compile=args.compile,
+        strict=args.strict, wait=not args.no_wait,
         progress=not args.quiet,
     )  # fmt: skip
     if result.resolved:

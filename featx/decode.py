@@ -81,10 +81,17 @@ def collate_raw(items):
 
 def decode_batch(payloads, preprocess, device, ids=None):
     """Payloads of one batch -> (uint8 [N, 3, S, S] on `device`, kept positions, [(position, reason)])."""
+    import warnings
+
     import torch
     import torchvision.transforms.v2.functional as F
-    from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms import InterpolationMode
+
+    with (
+        warnings.catch_warnings()
+    ):  # torchvision 0.29 deprecates its decoders for TorchCodec; they still work
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
 
     out: list = [None] * len(payloads)
     bad = []

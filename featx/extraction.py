@@ -45,6 +45,7 @@ from featx.store import Journal, finalize, journal_path, read_progress, verify
 log = logging.getLogger("featx")
 
 DTYPES = ("float32", "float16")
+DECODERS = ("auto", "pil", "torchvision")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RELU_MODES = ("auto", "on", "off")
 _HUGE_ROW_BYTES = 1 << 20
@@ -124,6 +125,8 @@ def extract(
     batch_size: int | str = "auto",
     workers: int | str = "auto",
     channels_last: str = "auto",
+    decoder: str = "auto",
+    compile: bool = False,
     strict: bool = False,
     wait: bool = True,
     progress: bool = False,
@@ -132,11 +135,15 @@ def extract(
 
     `layers`: module names and/or `depth:` fractions ("layer2,layer4" or "depth:0.25,0.5,1.0").
     `relu`: 'auto' (the network's own ReLU where it has one at the tap), 'on', 'off'.
-    `precision`: 'auto' (fp32 on CPU, bf16 on CUDA), 'fp32', 'bf16', 'fp16' (autocast).
-    A repeated call with the same arguments returns the cached file (`hit=True`) at once.
+    `precision`: 'auto' (fp32 or bf16, whichever `featx.autotune` measures faster here), 'fp32',
+    'bf16', 'fp16' (autocast). `decoder`: 'pil' (workers decode and resize with PIL),
+    'torchvision' (batched JPEG decoding and resizing on the device), 'auto' (torchvision on CUDA).
+    `compile`: torch.compile the forward. A repeated call returns the cached file (`hit=True`) at once.
     """
     t0 = time.perf_counter()
     _check_options(dtype, precision, relu, pool, device)
+    if decoder not in DECODERS:
+        raise UsageError(f"--decoder {decoder!r}: use one of {', '.join(DECODERS)}")
     opts = data_options or DataOptions()
     ds = data if isinstance(data, Dataset) else open_source(data, opts)
     for note in ds.notes:
@@ -146,13 +153,15 @@ def extract(
     request = digest({
         "featx": __version__, "model": model, "weights": _weights_request(weights), "layers": layer_text,
         "pool": pool, "relu": relu, "image_size": image_size, "crop_pct": crop_pct, "dtype": dtype,
-        "precision": precision, "data": ds.fingerprint, "libs": _lib_versions(),
+        "precision": precision, "decoder": decoder, "data": ds.fingerprint, "libs": _lib_versions(),
     })  # fmt: skip
     hit = memo_lookup(cache_dir, request)
     if hit:
         return _hit_result(hit, t0)
 
-    plan = _plan(model, weights, layer_text, pool, relu, image_size, crop_pct, dtype, precision, device, ds)
+    plan = _plan(
+        model, weights, layer_text, pool, relu, image_size, crop_pct, dtype, precision, device, decoder, ds
+    )
     path = entry_path(cache_dir, ds.name, str(plan.model), plan.key)
     if os.path.exists(path) and verify(path) is None:
         memo_store(cache_dir, request, path, plan.key)
@@ -166,7 +175,7 @@ def extract(
                 return _hit_result(path, t0)
             log.warning("cache entry %s is not usable (%s); rebuilding it", path, reason)
             os.remove(path)
-        result = _run(plan, ds, opts, path, batch_size, workers, channels_last, strict, progress, t0)
+        result = _run(plan, ds, opts, path, batch_size, workers, channels_last, compile, strict, progress, t0)
     memo_store(cache_dir, request, path, plan.key)
     return result
 
@@ -201,6 +210,8 @@ class _Plan:
     device: object  # torch.device
     key: str
     relu_mode: str
+    decoder: str  # 'pil' | 'torchvision'
+    taps: list  # TapInfo of every module, from the probe of the architecture
 
 
 def resolve_device(device: str):
@@ -224,8 +235,9 @@ def resolve_device(device: str):
 
 
 def _plan(
-    model, weights, layer_text, pool, relu, image_size, crop_pct, dtype, precision, device, ds
+    model, weights, layer_text, pool, relu, image_size, crop_pct, dtype, precision, device, decoder, ds
 ) -> _Plan:
+    from featx.autotune import choose_precision
     from featx.models import build_module, parse_model_name, resolve_weights, weights_preprocess
     from featx.taps import activation_for, list_taps, parse_pool, resolve_layers
 
@@ -241,19 +253,24 @@ def _plan(
         pool_.check(by_name[n])
     acts = {n: activation_for(by_name[n], relu) for n in names}
     dev = resolve_device(device)
-    prec = precision if precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
+    prec = precision if precision != "auto" else choose_precision(mname, dev, pre.crop_size)
+    dec = decoder if decoder != "auto" else ("torchvision" if dev.type == "cuda" else "pil")
     row_bytes = sum(by_name[n].code_dim(pool_) for n in names) * np.dtype(dtype).itemsize
     if row_bytes > _HUGE_ROW_BYTES:
         log.warning(
             "codes take %.1f MiB per image (%.1f GiB for %d images) with --pool %s; consider --pool avg or avg2x2",
             row_bytes / 2**20, row_bytes * len(ds) / 2**30, len(ds), pool,
         )  # fmt: skip
-    key = digest({
+    fields = {
         "format": 1, "model": str(mname), "weights": ref.ident, "layers": names, "activations": acts,
         "pool": str(pool_), "preprocess": pre.to_dict(), "dtype": dtype, "precision": prec,
         "dataset": ds.fingerprint,
-    })  # fmt: skip
-    return _Plan(mname, ref, pre, names, resolved, acts, pool_, dtype, prec, dev, key, relu)
+    }  # fmt: skip
+    if dec != "pil":  # its resize differs slightly from PIL's: other pixels, another entry
+        fields["decoder"] = dec
+    return _Plan(
+        mname, ref, pre, names, resolved, acts, pool_, dtype, prec, dev, digest(fields), relu, dec, taps
+    )
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -331,10 +348,6 @@ class _Writer:
             raise err
 
 
-def _auto_batch_size(device) -> int:
-    return 64 if device.type == "cuda" else 32
-
-
 def _auto_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
@@ -347,7 +360,7 @@ class CodeComputer:
     """
 
     def __init__(self, module, taps, activations: dict, pool, preprocess, device, precision: str = "fp32",
-                 channels_last: bool = True):  # fmt: skip
+                 channels_last: bool = True, compile: bool = False):  # fmt: skip
         import torch
 
         from featx.taps import Tapper
@@ -360,7 +373,9 @@ class CodeComputer:
         self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         module = module.to(device)
         self.module = module.to(memory_format=torch.channels_last) if channels_last else module
-        self._tapper = Tapper(self.module, taps, activations, pool).__enter__()
+        self._tapper = Tapper(self.module, taps, activations, pool, stop_early=not compile).__enter__()
+        if compile:  # hooks stay on the eager module; compiled graphs include them (no early stop)
+            self._tapper.module = torch.compile(self.module)
 
     def __call__(self, images) -> list[np.ndarray]:
         """uint8 [N, 3, H, W] -> float32 codes per tap, [N, D] each."""
@@ -386,38 +401,44 @@ class CodeComputer:
         self.close()
 
 
-def make_loader(dataset, batch_size: int, workers: int, pin_memory: bool):
+def make_loader(dataset, batch_size: int, workers: int, pin_memory: bool, collate=None):
     """The data loader of a sample sequence: decode + resize in `workers` processes."""
     import torch
 
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate or _collate,
         pin_memory=pin_memory, prefetch_factor=4 if workers else None,
     )  # fmt: skip
 
 
-def _run(
-    plan: _Plan,
-    ds: Dataset,
-    opts: DataOptions,
-    path: str,
-    batch_size,
-    workers,
-    channels_last,
-    strict,
-    progress,
-    t0,
-) -> ExtractResult:
+def _run(plan: _Plan, ds: Dataset, opts: DataOptions, path: str, batch_size, workers, channels_last, compile: bool,
+         strict: bool, progress: bool, t0: float) -> ExtractResult:  # fmt: skip
     from featx.models import load_model
     from featx.taps import list_taps
 
     backbone = load_model(str(plan.model), weights_ref=plan.weights)
     pre = plan.preprocess
-    module = backbone.module
-    taps = {t.name: t for t in list_taps(module, pre.crop_size, device="cpu")}
+    taps = {t.name: t for t in plan.taps}
+    if plan.weights.source == "file":  # a checkpoint may have rebuilt the classifier: probe what was loaded
+        taps = {t.name: t for t in list_taps(backbone.module, pre.crop_size, device="cpu")}
     chosen = [taps[n] for n in plan.layers]
-    dims = [t.code_dim(plan.pool) for t in chosen]
+    dev = plan.device
+    use_cl = channels_last in ("on", "auto")
+    computer = CodeComputer(
+        backbone.module, chosen, plan.activations, plan.pool, pre, dev, plan.precision, use_cl, compile
+    )
+    try:
+        return _loop(plan, ds, opts, path, backbone, computer, chosen, batch_size, workers, use_cl, compile, strict,
+                     progress, t0)  # fmt: skip
+    finally:
+        computer.close()
 
+
+def _loop(plan, ds, opts, path, backbone, computer, chosen, batch_size, workers, use_cl, compile, strict, progress,
+          t0) -> ExtractResult:  # fmt: skip
+    from featx.autotune import choose_batch_size
+
+    pre, dev = plan.preprocess, plan.device
     prior = read_progress(path)
     if prior is not None and prior["meta"].get("key") == plan.key:
         bs = int(prior["meta"]["batch_size"])  # resumed rows must come from identical batches
@@ -425,11 +446,13 @@ def _run(
             log.warning("resuming with batch size %d of the interrupted run (not %s), so codes match an uninterrupted run",
                         bs, batch_size)  # fmt: skip
     else:
-        bs = _auto_batch_size(plan.device) if batch_size == "auto" else int(batch_size)
-    if bs < 1:
-        raise UsageError(f"--batch-size {batch_size}: must be a positive integer or auto")
+        bs = (
+            choose_batch_size(computer, pre, dev, str(plan.model))
+            if batch_size == "auto"
+            else int(batch_size)
+        )
     meta = {
-        "key": plan.key, "layers": [[n, d] for n, d in zip(plan.layers, dims)], "dtype": plan.dtype,
+        "key": plan.key, "layers": [[t.name, d] for t, d in zip(chosen, computer.dims)], "dtype": plan.dtype,
         "samples": len(ds), "batch_size": bs, "featx": __version__,
     }  # fmt: skip
     try:
@@ -441,24 +464,29 @@ def _run(
     if journal.resumed:
         log.info("resuming %s at image %d of %d", os.path.basename(path), start, len(ds))
 
-    dev = plan.device
-    use_cl = channels_last in ("on", "auto")
     n_workers = _auto_workers() if workers == "auto" else int(workers)
-    loader = make_loader(
-        ImageSequence(ds.load, len(ds), pre, start), bs, n_workers, pin_memory=dev.type == "cuda"
-    )
+    if plan.decoder == "torchvision":
+        from featx.decode import RawImages, collate_raw, decode_batch
+
+        dataset, collate = RawImages(ds.loader, len(ds), pre, start), collate_raw
+    else:
+        dataset, collate = ImageSequence(ds.load, len(ds), pre, start), _collate
+    loader = make_loader(dataset, bs, n_workers, pin_memory=dev.type == "cuda", collate=collate)
     out_dtype = np.float16 if plan.dtype == "float16" else np.float32
     bar = _progress_bar(progress, len(ds), start, os.path.basename(path))
     writer = _Writer(journal)
-    computer = CodeComputer(module, chosen, plan.activations, plan.pool, pre, dev, plan.precision, use_cl)
     t_loop = time.perf_counter()
     try:
         for index, images, bad, samples_done in loader:
+            if plan.decoder == "torchvision":
+                images, kept, failed = decode_batch(images, pre, dev)
+                bad = bad + [(int(index[k]), reason) for k, reason in failed]
+                index = index[kept]
             if bad and strict:
-                i, reason = bad[0]
+                i, reason = min(bad)
                 raise FeatxError(f"{ds.ids[i]}: {reason} (--strict stops at the first undecodable image)")
             codes = [c.astype(out_dtype, copy=False) for c in computer(images)]
-            writer.put(codes, index, samples_done, bad)
+            writer.put(codes, index, samples_done, sorted(bad))
             bar.update(samples_done - bar.n)
     except KeyboardInterrupt:
         writer.close()
@@ -475,7 +503,6 @@ def _run(
         raise
     finally:
         bar.close()
-        computer.close()
     writer.close()
     loop_seconds = time.perf_counter() - t_loop
     if journal.rows_done == 0:
@@ -486,7 +513,8 @@ def _run(
 
     finalize(
         path, journal, classes=ds.classes, labels=ds.labels, splits=ds.splits, ids=ds.ids,
-        layer_attrs=_layer_attrs(chosen, plan), attrs=_file_attrs(plan, backbone, ds, opts, bs, n_workers, use_cl),
+        layer_attrs=_layer_attrs(chosen, plan),
+        attrs=_file_attrs(plan, backbone, ds, opts, bs, n_workers, use_cl, compile),
     )  # fmt: skip
     skipped = [(ds.ids[i], r) for i, r in journal.skipped]
     for ident, reason in skipped:
@@ -519,9 +547,8 @@ def _layer_attrs(chosen, plan: _Plan) -> dict[str, dict]:
     return out
 
 
-def _file_attrs(
-    plan: _Plan, backbone, ds: Dataset, opts: DataOptions, bs: int, workers: int, channels_last: bool
-) -> dict:
+def _file_attrs(plan: _Plan, backbone, ds: Dataset, opts: DataOptions, bs: int, workers: int, channels_last: bool,
+                compile: bool) -> dict:  # fmt: skip
     import json
 
     return {
@@ -534,6 +561,6 @@ def _file_attrs(
         "library_versions": json.dumps(_lib_versions()), "layers": np.array(plan.layers, dtype=object),
         "layer_resolution": json.dumps(plan.resolved), "pool": str(plan.pool), "relu": plan.relu_mode,
         "dtype": plan.dtype, "precision": plan.precision, "device": str(plan.device), "batch_size": bs,
-        "workers": workers, "channels_last": channels_last, "samples": len(ds),
+        "workers": workers, "channels_last": channels_last, "compile": compile, "decoder": plan.decoder, "samples": len(ds),
         "config": json.dumps({"layers": plan.layers, "activations": plan.activations, "pool": str(plan.pool)}),
     }  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,10 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# measured choices (featx.autotune) go to a per-session folder, not the user's ~/.cache
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="featx-tests-xdg-")
 # fast, deterministic settings shared by extraction tests
-FAST = dict(weights="none", image_size=32, workers=0, batch_size=4)
+FAST = dict(weights="none", image_size=32, workers=0, batch_size=4, precision="fp32")
 
 
 def make_images(

@@ -223,7 +223,7 @@ def test_lock_no_wait_and_wait(image_folder, cache_dir):
     from featx.extraction import _plan
 
     ds = open_source(str(image_folder))
-    plan = _plan("resnet18", "none", "layer2", "avg", "auto", 32, None, "float32", "auto", "cpu", ds)
+    plan = _plan("resnet18", "none", "layer2", "avg", "auto", 32, None, "float32", "fp32", "cpu", "auto", ds)
     from featx.cache import entry_path
 
     entry = entry_path(str(cache_dir), ds.name, "resnet18", plan.key)

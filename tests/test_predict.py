@@ -154,14 +154,16 @@ def test_cnncodes_is_a_scikit_learn_transformer(trained):
         paths = [os.path.join(trained["data"], p) for p in f.paths]
         cached = np.hstack([f.codes("layer2"), f.codes("layer3")])
         y = f.labels
-    t = CNNCodes("resnet18", weights="none", layers="layer3,layer2", image_size=32)
+    t = CNNCodes("resnet18", weights="none", layers="layer3,layer2", image_size=32, precision="fp32")
     X = t.fit_transform(paths)
     assert t.layers_ == ["layer2", "layer3"] and X.shape == (len(rows), 128 + 256)
     np.testing.assert_allclose(X, cached, rtol=1e-5, atol=1e-5)
     assert t.get_feature_names_out()[0] == "layer2_0"
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths[:4]]
     np.testing.assert_allclose(t.transform(arrays), X[:4], rtol=1e-5, atol=1e-5)
-    pipe = make_pipeline(CNNCodes("resnet18", weights="none", layers="layer3", image_size=32), LinearSVC())
+    pipe = make_pipeline(
+        CNNCodes("resnet18", weights="none", layers="layer3", image_size=32, precision="fp32"), LinearSVC()
+    )
     scores = cross_val_score(pipe, paths, y, cv=3)
     assert scores.mean() > 0.5
     assert clone(pipe).get_params()["cnncodes__layers"] == "layer3"

@@ -79,7 +79,7 @@ def collate_raw(items):
     return np.array([i for i, _ in ok], dtype=np.int64), [p for _, p in ok], bad, items[-1][0] + 1
 
 
-def decode_batch(payloads, preprocess, device, ids=None):
+def decode_batch(payloads, preprocess, device):
     """Payloads of one batch -> (uint8 [N, 3, S, S] on `device`, kept positions, [(position, reason)])."""
     import warnings
 

@@ -83,15 +83,17 @@ def decode_batch(payloads, preprocess, device):
     """Payloads of one batch -> (uint8 [N, 3, S, S] on `device`, kept positions, [(position, reason)])."""
     import warnings
 
+    # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _decode_batch(payloads, preprocess, device)
+
+
+def _decode_batch(payloads, preprocess, device):
     import torch
     import torchvision.transforms.v2.functional as F
+    from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms import InterpolationMode
-
-    with (
-        warnings.catch_warnings()
-    ):  # torchvision 0.29 deprecates its decoders for TorchCodec; they still work
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_jpeg
 
     out: list = [None] * len(payloads)
     bad = []

@@ -47,7 +47,7 @@ def _auto_or_int(text: str):
 
 def _workers(text: str):
     if text == "auto":
-        return "auto"
+        return text
     try:
         v = int(text)
     except ValueError:

@@ -454,7 +454,8 @@ def decode_image(path: str, ident: str | None = None):
                         f"raise FEATX_MAX_IMAGE_PIXELS to allow it",
                     )
                 im.load()  # the first frame of an animation
-                im = ImageOps.exif_transpose(im) or im
+                if im.getexif().get(0x0112, 1) != 1:  # only then: exif_transpose copies the image
+                    im = ImageOps.exif_transpose(im) or im
                 return to_rgb(im)
     except ImageError:
         raise

@@ -387,9 +387,10 @@ class CodeComputer:
         if images is None or len(images) == 0:
             return [np.empty((0, d), np.float32) for d in self.dims]
         with torch.inference_mode():
-            x = self.preprocess.normalize(images.to(self.device, non_blocking=True))
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            images = images.to(self.device, non_blocking=True)
+            if self.channels_last:  # reorder the uint8 bytes, not the floats: normalize keeps the format
+                images = images.contiguous(memory_format=torch.channels_last)
+            x = self.preprocess.normalize(images)
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 out = self._tapper(x)
             return [out[n].to("cpu").numpy() for n in self.names]

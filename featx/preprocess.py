@@ -95,14 +95,17 @@ class Preprocess:
         return TF.pil_to_tensor(image)
 
     def normalize(self, batch, dtype=None):
-        """uint8 [N, 3, H, W] -> float [N, 3, H, W] on batch's device, as torchvision computes it
-        (x / 255, then (x - mean) / std), in `dtype` (float32 by default)."""
+        """uint8 [N, 3, H, W] -> float [N, 3, H, W] on batch's device, keeping its memory format:
+        (x / 255 - mean) / std, computed as (x - 255 mean) * (1 / (255 std)) in three passes
+        (torchvision's four-pass order agrees within 1e-6)."""
         import torch
 
-        x = batch.to(torch.float32).div_(255.0)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        x = x.sub_(mean).div_(std)
+        x = batch.to(torch.float32)
+        shift = torch.tensor([255.0 * m for m in self.mean], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=x.dtype, device=x.device).view(
+            1, 3, 1, 1
+        )
+        x = x.sub_(shift).mul_(scale)
         return x if dtype is None else x.to(dtype)
 
 

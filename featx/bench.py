@@ -25,7 +25,7 @@ import numpy as np
 from featx.cache import digest
 from featx.classify import Protocol, TrainSize, fit_cell, parse_train_size
 from featx.data import DataOptions
-from featx.errors import UsageError
+from featx.errors import FeatxError, UsageError
 from featx.store import CodesFile
 
 log = logging.getLogger("featx")
@@ -202,7 +202,12 @@ def _min_class_count(path: str) -> int:
 
 
 def _run_cell(cell: Cell) -> dict:
-    result = fit_cell(cell.codes, [cell.layer], cell.protocol, cell.train_size, cell.seed)
+    """One fit; a cell the data cannot support (too few images to hold out validation images,
+    say) is recorded with its reason instead of stopping the bench."""
+    try:
+        result = fit_cell(cell.codes, [cell.layer], cell.protocol, cell.train_size, cell.seed)
+    except FeatxError as e:
+        return {"key": cell.key, "result": {"error": str(e)}}
     return {"key": cell.key, "result": result}
 
 
@@ -264,7 +269,16 @@ def run(config: BenchConfig, progress: bool = False) -> BenchResult:
                 done[rec["key"]] = rec["result"]
                 bar.update(1)
             bar.close()
-    return BenchResult(config, sources, [(c, done[c.key]) for c in cells], notes)
+    failed = [(c, done[c.key]["error"]) for c in cells if "error" in done[c.key]]
+    for c, err in failed[:20]:
+        notes.append(
+            f"{sources[c.source].name} {c.layer} train size {c.train_size} seed {c.seed}: not fitted ({err})"
+        )
+    if len(failed) > 20:
+        notes.append(f"... {len(failed) - 20} more cells not fitted")
+    return BenchResult(
+        config, sources, [(c, done[c.key]) for c in cells if "error" not in done[c.key]], notes
+    )
 
 
 def _ends_with_newline(path: str) -> bool:

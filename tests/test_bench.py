@@ -213,3 +213,12 @@ def test_results_json_matches_csv(two_datasets, tmp_path):
     paths = write_bench_report(result)
     data = json.load(open(paths["results.json"]))
     assert len(data) == len(list(csv.DictReader(open(paths["results.csv"])))) == 12
+
+
+def test_cells_the_data_cannot_support_are_noted_not_fatal(two_datasets, tmp_path):
+    root, a, b = two_datasets
+    # one image per class leaves nothing to hold out for validation: those cells are noted and skipped
+    result = run(_config(root, a, b, tmp_path / "o", train_sizes=["1/class", "all"], seeds=(0,)))
+    assert any("not fitted" in n and "no images to validate on" in n for n in result.notes)
+    assert {r["train_size_spec"] for r in result.rows()} == {"all"}
+    write_bench_report(result)

@@ -71,6 +71,7 @@ class BenchConfig:
     device: str = "auto"
     batch_size: int | str = "auto"
     workers: int | str = "auto"
+    precision: str = "auto"
 
 
 @dataclass
@@ -115,7 +116,8 @@ def prepare(config: BenchConfig, progress: bool = False) -> list[Source]:
     for bd in config.datasets:
         layer_spec = config.layers + (f",{head}" if head else "")
         common = dict(data_options=config.data_options, cache_dir=config.cache_dir, device=config.device,
-                      batch_size=config.batch_size, workers=config.workers, progress=progress)  # fmt: skip
+                      batch_size=config.batch_size, workers=config.workers, precision=config.precision,
+                      progress=progress)  # fmt: skip
         res = extract(
             config.model, bd.spec, layer_spec, weights=config.weights, image_size=config.image_size, **common
         )

@@ -183,9 +183,11 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
         "--pixel-size", type=_positive_int, default=32, help="image size of the pixel baseline (32)"
     )
     p.add_argument("--cache-dir", help="cache directory (default: $FEATX_CACHE_DIR or ./cache)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=_auto_or_int, default="auto")
-    p.add_argument("--workers", type=_workers, default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=_auto_or_int, default="auto", help="images per forward pass, or auto")
+    p.add_argument("--workers", type=_workers, default="auto", help="data-loading processes, or auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="forward precision of the extraction (auto: measured)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -636,6 +638,7 @@ def cmd_bench(args) -> int:
                                  seed=args.seed),
         baseline_pixels=args.baseline == "pixels", pixel_size=args.pixel_size, out=args.out, cache_dir=args.cache_dir,
         jobs=args.jobs, device=args.device, batch_size=args.batch_size, workers=args.workers,
+        precision=args.precision,
     )  # fmt: skip
     from featx.classify import parse_train_size
 

@@ -75,6 +75,15 @@ def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
     return csv_path, json_path
 
 
+def _save_figure(fig, path: str) -> None:
+    """Write a PNG atomically: an interrupted bench never leaves a truncated plot."""
+    import os
+
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
 def _style(similarity: str):
     return ("-", "o") if similarity == "similar" else ("--", "s")
 
@@ -110,7 +119,7 @@ def plot_depth(analyses, path: str, title: str) -> str:
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -146,7 +155,7 @@ def plot_learning_curves(analyses, path: str, title: str) -> str:
     axes[0][0].set_ylabel("test accuracy")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -163,11 +172,12 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
     summary = []
     for a in analyses:
         size = a.sizes[-1]
-        summary.append([a.name, a.classifier, a.label or "-", a.measured, a.size, f"{a.case}", f"{a.best} ({a.depth[a.best]:.2f})",
-                        str(a.acc[(a.best, size)]), f"{a.top}: {a.acc[(a.top, size)]}",
+        gain = f"{a.late_gain:.2f}" if a.late_gain is not None else "-"
+        summary.append([a.name, a.classifier, a.label or "-", f"{a.measured} ({gain})", a.size, f"{a.case}",
+                        f"{a.best} ({a.depth[a.best]:.2f})", str(a.acc[(a.best, size)]), f"{a.top}: {a.acc[(a.top, size)]}",
                         str(a.pixels[size]) if size in a.pixels else "-"])  # fmt: skip
-    lines += [markdown_table(summary, ["dataset", "classifier", "label", "measured", "size", "case", "best layer (depth)",
-                                       "best test acc", "top layer", "raw pixels"]), ""]  # fmt: skip
+    lines += [markdown_table(summary, ["dataset", "classifier", "label", "measured (late-layer gain)", "size", "case",
+                                       "best layer (depth)", "best test acc", "top layer", "raw pixels"]), ""]  # fmt: skip
     lines += ["Cases: " + "; ".join(f"{k}. {v}" for k, v in CASES.items()) + ".", ""]
     for p in plots:
         lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})", ""]

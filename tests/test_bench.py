@@ -56,7 +56,7 @@ def test_bench_outputs(two_datasets, tmp_path):
     assert {r["dataset"] for r in table} == {"alpha", "beta"}
     md = open(paths["report.md"]).read()
     assert "## alpha (softmax): case" in md and "## beta (softmax): case" in md and "featx bench ..." in md
-    assert "raw pixels" in md and "top-layer deficit" in md
+    assert "raw pixels" in md and "late-layer gain" in md
 
 
 def test_rerun_fits_nothing_and_reuses_cells(two_datasets, tmp_path, caplog):
@@ -170,12 +170,23 @@ def test_the_four_cases():
         "mid",
     )
     assert (got["S"].size, got["S"].case) == ("large", 2)
+    assert got["s"].late_gain == pytest.approx(0.25) and got["d"].late_gain == pytest.approx(-0.1 / 0.3)
     # a user label decides the case, and the disagreement is reported
     assert (
         got["D"].case == 2
         and got["D"].disagrees
         and any("measurement says different" in e for e in got["D"].evidence)
     )
+
+
+def test_a_top_layer_that_wins_by_little_over_the_middle_is_different():
+    """The brain-MRI shape: the top layer is best, but the second half of the network adds
+    little over chance-corrected accuracy, so the data behaves as different from ImageNet."""
+    depth = {"early": 0.3, "mid": 0.5, "top": 1.0}
+    rows = _rows("x", {"early": 0.7, "mid": 0.88, "top": 0.9})
+    (a,) = analyze(rows, [_Src("x", depth)])
+    assert a.best == "top" and a.late_gain == pytest.approx(0.05) and (a.measured, a.case) == ("different", 3)
+    assert any("late-layer gain 0.05" in e for e in a.evidence)
 
 
 def test_bench_cli_errors(tmp_path):
@@ -222,3 +233,44 @@ def test_cells_the_data_cannot_support_are_noted_not_fatal(two_datasets, tmp_pat
     assert any("not fitted" in n and "no images to validate on" in n for n in result.notes)
     assert {r["train_size_spec"] for r in result.rows()} == {"all"}
     write_bench_report(result)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_bench_killed_at_many_moments_finishes_with_the_same_results(two_datasets, tmp_path):
+    """>= 20 SIGKILLs at random moments of a bench (extraction, fitting, report writing); after
+    each, every file present is whole; the last run's results equal an uninterrupted run's."""
+    import random
+
+    root, a, b = two_datasets
+    args = ["bench", "--model", "resnet18", "--weights", "none", "--data", f"{a}:similar", "--data", f"{b}:different",
+            "--layers", "layer1,layer2,layer3,layer4,avgpool", "--train-sizes", "2/class,4/class,all", "--seeds", "0,1,2",
+            "--image-size", "32", "--workers", "0", "--batch-size", "4", "--precision", "fp32",
+            "--C", "0.01,0.1,1,10"]  # fmt: skip
+    t0 = time.monotonic()
+    ref = run_cli(*args, "--cache-dir", str(tmp_path / "ref-cache"), "--out", str(tmp_path / "ref"))
+    duration = time.monotonic() - t0
+    assert ref.returncode == 0, ref.stderr
+    out, cache = tmp_path / "killed", tmp_path / "cache"
+    rng = random.Random(7)
+    kills = attempts = 0
+    while kills < 20 and attempts < 60:
+        attempts += 1
+        proc = subprocess.Popen([sys.executable, "-m", "featx.cli", "-q", *args, "--cache-dir", str(cache), "--out", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            proc.wait(timeout=rng.uniform(0.5, duration))
+            continue  # finished before its kill: does not count
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        for png in out.glob("*.png"):
+            assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        if (out / "results.csv").exists():
+            assert len(_without_timing(out / "results.csv")) == 90
+    assert kills >= 20, (kills, attempts)
+    r = run_cli(*args, "--cache-dir", str(cache), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert _without_timing(out / "results.csv") == _without_timing(tmp_path / "ref" / "results.csv")
+    assert len(load_done(str(out))) == 90

@@ -11,7 +11,9 @@ Similarity. The user's `:similar` / `:different` label, when given, decides; fea
 reports its own measurement next to it and says when they disagree. The measurement is the
 *late-layer gain* at the largest train size: the share of the top layer's above-chance accuracy
 that the second half of the network adds, G = (acc(top) - acc(mid)) / (acc(top) - 1/classes),
-with `mid` the grid layer nearest depth 0.5. Late layers hold base-task-specific features, so they
+with `mid` the grid layer nearest depth 0.5 (at most `MID_MAX_DEPTH`, 0.75; without one, or
+when the top layer is at chance, the data is taken as similar when the top layer is within 1 point
+of the best). Late layers hold base-task-specific features, so they
 add much on data like ImageNet and little on data unlike it (Yosinski et al. 2014). The data
 behaves as *similar* when G >= `GAIN_THRESHOLD` (0.1). On featx's shared datasets with
 EfficientNet-Lite0, G was 0.26 (hymenoptera) and 0.15 (flowers) against 0.06 (brain MRI) and
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 GAIN_THRESHOLD = 0.1
+MID_MAX_DEPTH = 0.75
 LARGE_PER_CLASS = 1000
 
 CASES = {
@@ -140,7 +143,8 @@ def _decide(a: DatasetAnalysis) -> None:
     a.top = max(a.layers, key=lambda n: (a.depth[n] <= 1.0 + 1e-9, a.depth[n]))
     best, top = a.acc[(a.best, size)], a.acc[(a.top, size)]
     gap = best.mean - top.mean
-    others = [n for n in a.layers if n != a.top and (n, size) in a.acc]
+    # the gain needs a layer from the middle of the network, not one just below the top
+    others = [n for n in a.layers if n != a.top and (n, size) in a.acc and a.depth[n] <= MID_MAX_DEPTH]
     chance = 1.0 / max(a.n_classes, 2)
     ev = [
         f"at train size {size} ({a.size_counts[size]} images), the best layer by validation is {a.best} "
@@ -155,9 +159,13 @@ def _decide(a: DatasetAnalysis) -> None:
         ev.append(f"late-layer gain {a.late_gain:.2f}: from {a.mid} (depth {a.depth[a.mid]:.2f}, {mid.mean:.3f}) to {a.top} "
                   f"({top.mean:.3f}) over chance {chance:.3f} -> behaves as {a.measured} "
                   f"(similar from {GAIN_THRESHOLD})")  # fmt: skip
-    else:  # a single layer: fall back on whether an earlier layer beats the top one
+    else:  # no gain to measure: fall back on whether an earlier layer beats the top one
         a.measured = "similar" if gap <= 0.01 else "different"
-        ev.append(f"only one layer to compare: the data is taken as {a.measured}")
+        why = (f"the top layer is at chance ({top.mean:.3f})" if others
+               else f"no layer at depth <= {MID_MAX_DEPTH} to measure the late-layer gain from")  # fmt: skip
+        ev.append(
+            f"{why}: the data is taken as {a.measured} (similar when the top layer is within 1 point of the best)"
+        )
     per_class = a.n_train / max(a.n_classes, 1)
     a.size = "large" if per_class >= LARGE_PER_CLASS else "small"
     a.case = {

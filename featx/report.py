@@ -84,6 +84,14 @@ def _save_figure(fig, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _size_order(spec: str):
+    """Train-size specs in reading order: per-class sizes, then totals, each by size; `all` last."""
+    from featx.classify import parse_train_size
+
+    ts = parse_train_size(spec)
+    return ({"per_class": 0, "total": 1, "all": 2}[ts.kind], ts.n)
+
+
 def _style(similarity: str):
     return ("-", "o") if similarity == "similar" else ("--", "s")
 
@@ -96,7 +104,7 @@ def plot_depth(analyses, path: str, title: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = list(dict.fromkeys(s for a in analyses for s in a.sizes))
+    sizes = sorted({s for a in analyses for s in a.sizes}, key=_size_order)
     fig, axes = plt.subplots(2, len(sizes), figsize=(4.2 * len(sizes), 7), squeeze=False, sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, size in enumerate(sizes):
@@ -116,9 +124,16 @@ def plot_depth(analyses, path: str, title: str) -> str:
         axes[1][j].set_xlabel("relative depth (1.0 = penultimate)")
     axes[0][0].set_ylabel("test accuracy")
     axes[1][0].set_ylabel("accuracy / best layer's")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    # one legend for the figure: a dataset missing from some panel (a size it cannot reach) still shows
+    handles = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(
+        list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 4), fontsize=9
+    )
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     _save_figure(fig, path)
     plt.close(fig)
     return path

@@ -189,6 +189,16 @@ def test_a_top_layer_that_wins_by_little_over_the_middle_is_different():
     assert any("late-layer gain 0.05" in e for e in a.evidence)
 
 
+def test_without_a_middle_layer_the_top_layers_lead_decides():
+    """A grid of late layers only cannot measure the late-layer gain; it falls back on the gap."""
+    depth = {"late": 0.9, "top": 1.0}
+    (a,) = analyze(_rows("x", {"late": 0.85, "top": 0.9}), [_Src("x", depth)])
+    assert a.late_gain is None and a.measured == "similar"
+    assert any("no layer at depth <= 0.75" in e for e in a.evidence)
+    (b,) = analyze(_rows("y", {"late": 0.9, "top": 0.85}), [_Src("y", depth)])
+    assert b.late_gain is None and (b.measured, b.best) == ("different", "late")
+
+
 def test_bench_cli_errors(tmp_path):
     r = run_cli(
         "bench",

@@ -61,6 +61,42 @@ def cache_dir(tmp_path) -> Path:
     return d
 
 
+FAST_ARGS = [
+    "--model",
+    "resnet18",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--workers",
+    "0",
+    "--batch-size",
+    "4",
+]
+
+
+def cli(*argv) -> tuple[object, str, str]:
+    """`featx ARGV` in this process: (exit code, stdout, stderr). A SystemExit (only --help and
+    --version should raise one) comes back as 'SystemExit(CODE)', an escaping exception as
+    'exception' with its traceback on stderr: both are what a user would see go wrong."""
+    import contextlib
+    import io
+    import traceback
+
+    from featx.cli import main as featx_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = featx_main([str(a) for a in argv])
+        except SystemExit as e:
+            rc = f"SystemExit({e.code})"
+        except BaseException:  # noqa: BLE001
+            err.write(traceback.format_exc())
+            rc = "exception"
+    return rc, out.getvalue(), err.getvalue()
+
+
 def run_cli(*args: str, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
     """Run `python -m featx.cli ARGS` in a fresh process (what a user's shell does)."""
     full_env = {**os.environ, **(env or {})}

@@ -8,14 +8,12 @@ same pixels saved as plain RGB PNGs in a second folder and extracted the same wa
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import os
 import struct
 import subprocess
 import sys
-import traceback
 import zlib
 from pathlib import Path
 
@@ -23,37 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_images
-from featx.cli import main as featx_main
+from conftest import FAST_ARGS, cli, make_images
 from featx.store import open_codes
 
-FAST_ARGS = [
-    "--model",
-    "resnet18",
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--workers",
-    "0",
-    "--batch-size",
-    "4",
-]
 LAYERS = "layer1,layer3"
-
-
-def cli(*argv) -> tuple[object, str, str]:
-    """`featx ARGV` in this process; an escaping exception comes back as a 'Traceback' on stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = featx_main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-        except BaseException:  # noqa: BLE001
-            err.write(traceback.format_exc())
-            rc = "exception"
-    return rc, out.getvalue(), err.getvalue()
 
 
 def assert_one_line_error(rc, err: str, code, needles=()) -> str:

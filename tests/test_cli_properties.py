@@ -13,34 +13,17 @@ exception escaping it is exactly what a user would see as a traceback.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import traceback
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_images
-from featx.cli import main as featx_main
+from conftest import FAST_ARGS, cli, make_images
 
 FAST = settings(max_examples=30, deadline=None, database=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))  # fmt: skip
 FULL = settings(max_examples=2000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-
-
-def cli(*argv) -> tuple[object, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = featx_main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = f"SystemExit({e.code})"
-        except BaseException:  # noqa: BLE001
-            err.write(traceback.format_exc())
-            rc = "exception"
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -53,30 +36,20 @@ def world(tmp_path_factory):
     (root / "bad.csv").write_text("a.jpg,cat,train\nb.jpg,dog,holdout\n")
     (root / "empty.csv").write_text("")
     cache = root / "cache"
-    fast = [
-        "--model",
-        "resnet18",
-        "--weights",
-        "none",
-        "--image-size",
-        "32",
-        "--workers",
-        "0",
-        "--batch-size",
-        "4",
-    ]
     rc, out, err = cli(
-        "-q", "extract", *fast, "--data", data, "--layers", "layer2,layer3", "--cache-dir", cache
+        "-q", "extract", *FAST_ARGS, "--data", data, "--layers", "layer2,layer3", "--cache-dir", cache
     )
     assert rc == 0, err
     codes = out.strip().splitlines()[-1]
-    rc, out, err = cli("-q", "extract", *fast, "--data", data, "--layers", "layer1", "--cache-dir", cache)
+    rc, out, err = cli(
+        "-q", "extract", *FAST_ARGS, "--data", data, "--layers", "layer1", "--cache-dir", cache
+    )
     assert rc == 0, err
     rc, out, err = cli("-q", "fit", codes, "--C", "1", "--out", root / "clf" / "m.joblib")
     assert rc == 0, err
     one = root / "one"
     one.mkdir()
-    cli("-q", "extract", *fast, "--data", data, "--layers", "layer1", "--cache-dir", one)
+    cli("-q", "extract", *FAST_ARGS, "--data", data, "--layers", "layer1", "--cache-dir", one)
     return {"@DATA": str(data), "@EMPTY": str(root / "empty"), "@TXT": str(root / "notes.txt"),
             "@BADCSV": str(root / "bad.csv"), "@EMPTYCSV": str(root / "empty.csv"), "@CACHE": str(cache),
             "@SCRATCH": str(root / "scratch"), "@CODES": codes, "@CLF": str(root / "clf" / "m.joblib"),

@@ -6,13 +6,10 @@ one line instead of a traceback.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import pickle
 import shutil
-import traceback
 from pathlib import Path
 
 import h5py
@@ -20,24 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_images
-from featx.cli import main as featx_main
+from conftest import cli, make_images
 
 FAST_ARGS = ["--model", "resnet18", "--image-size", "32", "--workers", "0", "--batch-size", "4"]
-
-
-def cli(*argv) -> tuple[object, str, str]:
-    """`featx ARGV` in this process; an escaping exception comes back as a 'Traceback' on stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = featx_main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-        except BaseException:  # noqa: BLE001
-            err.write(traceback.format_exc())
-            rc = "exception"
-    return rc, out.getvalue(), err.getvalue()
 
 
 def assert_one_line_error(rc, err: str, codes=(1,), needles=()) -> str:

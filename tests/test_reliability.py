@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import io
 import json
 import os
 import random
@@ -31,33 +30,16 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import make_images
-from featx.cli import main as featx_main
+from conftest import FAST_ARGS, cli, make_images
 from featx.store import check_complete, open_codes
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def cli(*argv: str) -> tuple[object, str, str]:
-    """`featx ARGV` in this process: (exit code, stdout, stderr). An exception escaping `main` is
-    what a user would see as a traceback, so it is returned as stderr text with 'Traceback'."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = featx_main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-        except BaseException:  # noqa: BLE001 - reported, never swallowed
-            err.write(traceback.format_exc())
-            rc = "exception"
-    return rc, out.getvalue(), err.getvalue()
 
 
 def featx_argv(*args) -> list[str]:
@@ -407,19 +389,6 @@ def test_sigkill_at_many_random_moments(kill_refs, tmp_path, seed):
 
 
 # -- corrupt cache entries -----------------------------------------------------------------------
-
-FAST_ARGS = [
-    "--model",
-    "resnet18",
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--workers",
-    "0",
-    "--batch-size",
-    "4",
-]
 
 
 @pytest.fixture(scope="module")

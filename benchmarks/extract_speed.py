@@ -585,21 +585,28 @@ def m_limit(spec) -> dict:
     return {**_rate(spec, secs, nb), "note": note, "precision": plan.precision, "device": str(dev)}
 
 
-def m_naive(spec) -> dict:
+def _plain_model_and_batches(spec, dev, n: int):
+    """The bare torchvision/timm module in eval mode on `dev`, and `n` normalized random batches."""
     import torch
 
     from featx.models import load_model
 
-    dev = _device(spec)
     backbone = load_model(spec["model"], spec["weights"], image_size=spec["image_size"])
-    model = backbone.module.to(dev).eval()
     pre = backbone.preprocess
     bs, s = spec["batch_size"], pre.crop_size
     g = torch.Generator().manual_seed(0)
     xs = [
         pre.normalize(torch.randint(0, 256, (bs, 3, s, s), dtype=torch.uint8, generator=g)).to(dev)
-        for _ in range(2)
+        for _ in range(n)
     ]
+    return backbone.module.to(dev).eval(), xs
+
+
+def m_naive(spec) -> dict:
+    import torch
+
+    dev = _device(spec)
+    model, xs = _plain_model_and_batches(spec, dev, 2)
     nb = _n_batches(spec)
     k = [0]
 
@@ -853,15 +860,8 @@ def m_variants(spec) -> dict:
     """The forward at several precisions / memory formats, to choose per device by measurement."""
     import torch
 
-    from featx.models import load_model
-
     dev = _device(spec)
-    backbone = load_model(spec["model"], spec["weights"], image_size=spec["image_size"])
-    model = backbone.module.to(dev).eval()
-    pre = backbone.preprocess
-    bs, s = spec["batch_size"], pre.crop_size
-    g = torch.Generator().manual_seed(0)
-    x = pre.normalize(torch.randint(0, 256, (bs, 3, s, s), dtype=torch.uint8, generator=g)).to(dev)
+    model, (x,) = _plain_model_and_batches(spec, dev, 1)
     nb = max(2, _n_batches(spec) // 2)
     out = {}
     cases = [("fp32", False, None), ("fp32-cl", True, None), ("bf16-cl", True, torch.bfloat16)]
@@ -876,7 +876,7 @@ def m_variants(spec) -> dict:
                 m(xi)
 
         secs = time_rounds(step, nb, max(1, spec["rounds"] - 1), dev, warmup=1)
-        out[label] = nb * bs / statistics.median(secs)
+        out[label] = nb * spec["batch_size"] / statistics.median(secs)
     best = max(out, key=out.get)
     return {"images_per_s": out[best], "variants": out, "note": f"best: {best}"}
 

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from threadpoolctl import threadpool_limits
 
 from featx.data import stratified_holdout
 from featx.errors import FeatxError, UsageError
@@ -358,7 +359,11 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
             f.dim(layer)  # a clear error for a layer the file does not hold
         rows = select_rows(f, protocol, train_size, seed)
         dim = sum(f.dim(layer) for layer in layers)
-        with warnings.catch_warnings(record=True) as caught:
+        # One BLAS thread, always: a multi-threaded BLAS sums in an order that depends on the
+        # thread count, and lbfgs amplifies the last bits, so the numbers would change with --jobs
+        # (joblib gives each worker one thread) or with the machine's cores. Parallelism comes from
+        # fitting cells side by side instead.
+        with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1, user_api="blas"):
             warnings.simplefilter("always")
             if protocol.classifier == "sgd":
                 pipe, C, val_score, y_pred = _fit_sgd(f, layers, rows, protocol, seed)

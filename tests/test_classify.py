@@ -128,6 +128,19 @@ def test_deterministic_and_parallel(codes):
     assert s["seeds"] == [0, 1] and s["accuracy_std"] >= 0
 
 
+def test_the_model_does_not_depend_on_the_process_or_its_threads(tmp_path):
+    """A softmax fitted in this process (BLAS free to use every core) and one fitted in a joblib
+    worker (one BLAS thread) are bit-identical: results must not change with --jobs or cores."""
+    from joblib import Parallel, delayed
+
+    X, y = blobs(300, 4, 512, sep=1.0)
+    path = write_codes(tmp_path / "big.h5", {"x": X}, y, _splits(y), list("abcd"))
+    proto = protocol_for("softmax", Cs=(1.0,))
+    here = fit_cell(path, ["x"], proto, return_model=True)[1]
+    (there,) = Parallel(n_jobs=2)(delayed(fit_cell)(path, ["x"], proto, return_model=True) for _ in range(1))
+    assert np.array_equal(here.named_steps["clf"].coef_, there[1].named_steps["clf"].coef_)
+
+
 def test_kornblith_preset():
     p = PRESETS["kornblith"]
     wd = np.logspace(-6, 5, 45)

@@ -580,9 +580,50 @@ def m_limit(spec) -> dict:
                 computer._tapper(xs[k[0] % 2])
 
         note = f"{plan.precision}, {'channels_last' if cl else 'contiguous'}, Tapper({','.join(plan.layers)})"
+    rate = float(spec["options"].get("decode_rate", 0))
+    paced = _PacedDecoder(spec, plan.preprocess, rate) if rate else None
     secs = time_rounds(step, nb, spec["rounds"], dev)
     computer.close()
+    if paced:
+        note += f", beside a process decoding {paced.stop()}"
     return {**_rate(spec, secs, nb), "note": note, "precision": plan.precision, "device": str(dev)}
+
+
+class _PacedDecoder:
+    """A process that decodes and resizes the dataset's images at `rate` images/s, as featx's
+    data-loader worker does during extraction: `limit:decode_rate=R` measures how much the bare
+    forward loses to that work alone, with nothing else of featx's loop around it."""
+
+    def __init__(self, spec, preprocess, rate: float):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork")  # as torch's DataLoader workers start
+        self.stop_event, self.result = ctx.Event(), ctx.Queue()
+        self.proc = ctx.Process(target=self._run, args=(spec["data"], preprocess, rate), daemon=True)
+        self.proc.start()
+
+    def _run(self, data, preprocess, rate):
+        import torch
+
+        from featx.data import open_source
+
+        torch.set_num_threads(1)  # as in a DataLoader worker
+        seq = _fx().ImageSequence(open_source(data).load, len(open_source(data)), preprocess)
+        t0, n, cpu0 = time.perf_counter(), 0, time.process_time()
+        while not self.stop_event.is_set():
+            seq[n % len(seq)]
+            n += 1
+            lag = t0 + n / rate - time.perf_counter()
+            if lag > 0:
+                time.sleep(lag)
+        wall = time.perf_counter() - t0
+        self.result.put((n / wall, (time.process_time() - cpu0) / wall))
+
+    def stop(self) -> str:
+        self.stop_event.set()
+        got, busy = self.result.get(timeout=60)
+        self.proc.join()
+        return f"{got:.0f} img/s ({busy:.2f} core)"
 
 
 def _plain_model_and_batches(spec, dev, n: int):

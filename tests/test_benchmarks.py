@@ -1,0 +1,24 @@
+"""The benchmark scripts still run against the current code (a tiny run; no timing is checked)."""
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import make_images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_extract_speed_runs_and_checks_the_bytes(tmp_path):
+    data = make_images(tmp_path / "data", per_class=6, size=(40, 40))
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "extract_speed.py"), "--data", str(data), "--limit", "12",
+         "--methods", "limit,featx,hand-loop", "--batch-size", "4", "--image-size", "32", "--rounds", "1"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    for method in ("limit", "featx", "hand-loop"):
+        assert re.search(rf"^{method} +\d+\.\d+ +\d\.\d\d", r.stdout, re.M), (method, r.stdout)
+    assert "codes written 2048 B/image (dims 512 x 4 B = 2048 B; OK)" in r.stdout
+    assert "limit ratio: featx end to end / bare forward" in r.stdout

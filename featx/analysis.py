@@ -37,6 +37,7 @@ import numpy as np
 
 GAIN_THRESHOLD = 0.1
 MID_MAX_DEPTH = 0.75
+TOP_TOLERANCE = 0.01  # the fallback without a gain: similar when the top layer is this close to the best
 LARGE_PER_CLASS = 1000
 
 CASES = {
@@ -160,11 +161,12 @@ def _decide(a: DatasetAnalysis) -> None:
                   f"({top.mean:.3f}) over chance {chance:.3f} -> behaves as {a.measured} "
                   f"(similar from {GAIN_THRESHOLD})")  # fmt: skip
     else:  # no gain to measure: fall back on whether an earlier layer beats the top one
-        a.measured = "similar" if gap <= 0.01 else "different"
+        a.measured = "similar" if gap <= TOP_TOLERANCE else "different"
         why = (f"the top layer is at chance ({top.mean:.3f})" if others
                else f"no layer at depth <= {MID_MAX_DEPTH} to measure the late-layer gain from")  # fmt: skip
         ev.append(
-            f"{why}: the data is taken as {a.measured} (similar when the top layer is within 1 point of the best)"
+            f"{why}: the data is taken as {a.measured} "
+            f"(similar when the top layer is within {TOP_TOLERANCE * 100:g} point of the best)"
         )
     per_class = a.n_train / max(a.n_classes, 1)
     a.size = "large" if per_class >= LARGE_PER_CLASS else "small"

@@ -75,6 +75,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-pct", type=_fraction, help="centre-crop fraction (default: the weights')")
 
 
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    """How the forward runs: shared by extract and bench."""
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=_auto_or_int, default="auto", help="images per forward pass, or auto")
+    p.add_argument("--workers", type=_workers, default="auto", help="data-loading processes, or auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="forward precision: auto = fp32 or bf16, whichever is measured faster on this device")  # fmt: skip
+
+
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", required=True, help="torchvision name (resnet50), timm:NAME, or efficientnet_lite0"
@@ -102,8 +111,6 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     relu.add_argument("--no-relu", dest="relu", action="store_const", const="off", help="keep raw outputs")
     p.set_defaults(relu="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored code type")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="forward precision: auto = fp32 or bf16, whichever is measured faster on this device")  # fmt: skip
     p.add_argument(
         "--test-fraction",
         type=_fraction,
@@ -117,9 +124,7 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
         "--strict", action="store_true", help="stop at the first undecodable image instead of skipping it"
     )
     p.add_argument("--cache-dir", help="cache directory (default: $FEATX_CACHE_DIR or ./cache)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=_auto_or_int, default="auto", help="images per forward pass, or auto")
-    p.add_argument("--workers", type=_workers, default="auto", help="data-loading processes, or auto")
+    _add_device_args(p)
     p.add_argument(
         "--channels-last", default="auto", choices=["auto", "on", "off"], help="memory format for the forward"
     )
@@ -183,11 +188,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
         "--pixel-size", type=_positive_int, default=32, help="image size of the pixel baseline (32)"
     )
     p.add_argument("--cache-dir", help="cache directory (default: $FEATX_CACHE_DIR or ./cache)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=_auto_or_int, default="auto", help="images per forward pass, or auto")
-    p.add_argument("--workers", type=_workers, default="auto", help="data-loading processes, or auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="forward precision of the extraction (auto: measured)")  # fmt: skip
+    _add_device_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,7 +57,7 @@ def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
     import io
     import os
 
-    from featx.store import write_json_atomic
+    from featx.store import write_json_atomic, write_text_atomic
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -67,21 +67,16 @@ def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
             {**r, "C": "/".join(f"{c:g}" for c in r["C"]) if isinstance(r["C"], list) else f"{r['C']:g}"}
         )
     csv_path, json_path = os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.json")
-    tmp = f"{csv_path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, csv_path)
+    write_text_atomic(csv_path, buf.getvalue())
     write_json_atomic(json_path, rows)
     return csv_path, json_path
 
 
 def _save_figure(fig, path: str) -> None:
     """Write a PNG atomically: an interrupted bench never leaves a truncated plot."""
-    import os
+    from featx.store import write_atomic
 
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def _size_order(spec: str):
@@ -233,6 +228,7 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
     import os
 
     from featx.analysis import analyze, head_confidence
+    from featx.store import write_text_atomic
 
     cfg = result.config
     rows = result.rows()
@@ -254,8 +250,6 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
         )
     md = markdown_report(analyses, title=title, command=command, plots=plots, notes=result.notes)
     md_path = os.path.join(cfg.out, "report.md")
-    with open(md_path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(md)
-    os.replace(md_path + ".tmp", md_path)
+    write_text_atomic(md_path, md)
     return {"results.csv": csv_path, "results.json": json_path, "report.md": md_path,
             **{os.path.basename(p): p for p in plots}}  # fmt: skip

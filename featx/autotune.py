@@ -9,6 +9,10 @@ several times slower on CPUs without bf16 units, so habit cannot decide. On CUDA
 Decisions are remembered in `$XDG_CACHE_HOME/featx/autotune.json` (else `~/.cache/featx/`),
 keyed by the processor or GPU name, torch version, model and input size, so the measurement runs
 once per machine and model, and an `auto` request resolves the same way every time.
+
+`FEATX_AUTOTUNE=fp32|bf16` forces the precision decision without measuring (nothing is
+remembered): the outcome then no longer depends on the machine, which is how the test suite runs
+the cache, store and reliability paths under both decisions on any CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 log = logging.getLogger("featx")
 
 MARGIN = 1.2
+FORCE_ENV = "FEATX_AUTOTUNE"
 _PROBE_BATCH = 8
 
 
@@ -112,8 +117,24 @@ def _bf16_ok(device) -> bool:
     return torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu"
 
 
+def forced_precision() -> str | None:
+    """The decision `FEATX_AUTOTUNE` forces ('fp32' or 'bf16'), None when unset or empty."""
+    value = os.environ.get(FORCE_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in ("fp32", "bf16"):
+        from featx.errors import UsageError
+
+        raise UsageError(f"{FORCE_ENV}={value!r} is not a precision: set it to fp32 or bf16, or unset it")
+    return value
+
+
 def choose_precision(model, device, size: int) -> str:
-    """'bf16' when bf16 autocast beats fp32 by MARGIN on this device for this model, else 'fp32'."""
+    """'bf16' when bf16 autocast beats fp32 by MARGIN on this device for this model, else 'fp32'
+    (or what `FEATX_AUTOTUNE` forces)."""
+    forced = forced_precision()
+    if forced is not None:
+        return forced
     key = _key("precision", device, str(model), size)
     known = _load().get(key)
     if known in ("fp32", "bf16"):

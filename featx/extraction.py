@@ -140,6 +140,8 @@ def extract(
     'torchvision' (batched JPEG decoding and resizing on the device), 'auto' (torchvision on CUDA).
     `compile`: torch.compile the forward. A repeated call returns the cached file (`hit=True`) at once.
     """
+    from featx.autotune import forced_precision
+
     t0 = time.perf_counter()
     _check_options(dtype, precision, relu, pool, device)
     if decoder not in DECODERS:
@@ -150,6 +152,8 @@ def extract(
         log.warning(note)
     cache_dir = ensure_writable(cache_dir or default_cache_dir())
     layer_text = layers if isinstance(layers, str) else ",".join(layers)
+    if precision == "auto":
+        precision = forced_precision() or "auto"  # a forced decision is a different request
     request = digest({
         "featx": __version__, "model": model, "weights": _weights_request(weights), "layers": layer_text,
         "pool": pool, "relu": relu, "image_size": image_size, "crop_pct": crop_pct, "dtype": dtype,

@@ -72,6 +72,8 @@ FAST_ARGS = [
     "0",
     "--batch-size",
     "4",
+    "--precision",
+    "fp32",
 ]
 
 

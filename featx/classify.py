@@ -5,10 +5,17 @@ The protocol of every fit (one *cell*: a layer or concatenation of layers, a tra
 1. training images = the file's `train` split, subsampled to `train_size` (total, stratified;
    or K per class) with `seed`;
 2. validation = the file's `val` split when it has one (and a separate `test` split); else a seeded
-   stratified hold-out of `val_fraction` of the training images; or, with `cv=K`, K-fold
-   cross-validation on the training (+ val) images;
-3. C is the grid value with the best validation accuracy (ties go to the smaller C, the stronger
-   regularization); the pipeline is refitted on train + val with it;
+   stratified hold-out of `val_fraction` of the training images, as long as it keeps at least
+   `MIN_VAL_PER_CLASS` (10) images of every class; below that a hold-out decides on noise (two
+   images per class at 10/class), so C is chosen by stratified k-fold cross-validation on the
+   training images instead, k = min(5, smallest class count); or, with `cv=K`, K-fold
+   cross-validation on the training (+ val) images. `sgd` streams its data and always uses the
+   hold-out. `Protocol(min_val_per_class=0)` restores the plain hold-out;
+3. C is the grid value with the best validation accuracy; ties are broken by a continuous
+   validation score, the mean log-likelihood of the true class for softmax and the mean margin
+   (true class's decision value minus the best other's) for svm and sgd, and only an exact tie of
+   both goes to the smaller C. Layers are ranked the same way (`val_score`, then `val_tiebreak`).
+   The pipeline is refitted on train + val with the chosen C;
 4. metrics come from the test split only: the `test` split, or the `val` split when the file has
    no test split (hymenoptera's train/val), in which case validation comes from the training images.
    The test split never influences any choice.
@@ -43,9 +50,12 @@ from threadpoolctl import threadpool_limits
 
 from featx.data import stratified_holdout
 from featx.errors import FeatxError, UsageError
+from featx.stats import wilson_interval
 from featx.store import CodesFile
 
 CLASSIFIERS = ("svm", "softmax", "sgd")
+MIN_VAL_PER_CLASS = 10  # a hold-out keeping fewer images of a class than this: choose by CV instead
+MAX_AUTO_FOLDS = 5
 SCALES = ("standardize", "l2", "none")
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 3, 8))
 VISSL_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
@@ -61,6 +71,7 @@ class Protocol:
     pca: int | None = None
     cv: int | None = None  # K-fold CV instead of a hold-out
     val_fraction: float = 0.2
+    min_val_per_class: int = MIN_VAL_PER_CLASS  # smaller hold-outs become k-fold CV (0: never)
     preset: str | None = None
     per_class: bool = False  # VISSL's one binary SVM per class
     max_iter: int = 2000
@@ -78,6 +89,8 @@ class Protocol:
             raise UsageError(f"--pca {self.pca}: must be a positive number of components")
         if self.cv is not None and self.cv < 2:
             raise UsageError(f"--cv {self.cv}: needs at least 2 folds")
+        if self.min_val_per_class < 0:
+            raise UsageError(f"min_val_per_class {self.min_val_per_class}: must be 0 or more")
         if not 0.0 < self.val_fraction < 1.0:
             raise UsageError(f"--val-fraction {self.val_fraction}: must be between 0 and 1")
         if self.epochs < 1 or self.chunk_rows < 16:
@@ -254,9 +267,10 @@ class Rows:
     train: np.ndarray  # images the classifier learns from (after subsampling), hold-out excluded
     val: np.ndarray  # validation images (empty with cv)
     test: np.ndarray
-    val_source: str  # 'val split' | 'hold-out 20%' | '3-fold cv'
+    val_source: str  # 'val split' | 'hold-out 20% of train' | '5-fold cv'
     test_split: str  # 'test' | 'val'
     train_size: int  # training-split images used, hold-out included
+    folds: int | None = None  # C chosen by this many CV folds on `train` (val is then empty)
 
 
 def select_rows(f: CodesFile, protocol: Protocol, train_size: TrainSize, seed: int) -> Rows:
@@ -288,6 +302,8 @@ def select_rows(f: CodesFile, protocol: Protocol, train_size: TrainSize, seed: i
             source = f"{protocol.cv or 3}-fold cv on train+val"
     elif protocol.cv or protocol.per_class:
         val, source = np.empty(0, np.int64), f"{protocol.cv or 3}-fold cv"
+    elif (folds := _auto_folds(f.labels[train], protocol)) is not None:
+        return Rows(train, np.empty(0, np.int64), test, f"{folds}-fold cv", test_split, n_train, folds)
     else:
         held = stratified_holdout(f.labels[train], protocol.val_fraction, rng)
         train, val = train[~held], train[held]
@@ -296,7 +312,20 @@ def select_rows(f: CodesFile, protocol: Protocol, train_size: TrainSize, seed: i
             raise FeatxError(
                 f"--train-size {train_size} leaves no images to validate on; use a larger train size or --cv"
             )
-    return Rows(np.sort(train), np.sort(val), test, source, test_split, n_train)
+    folds = protocol.cv if protocol.cv and not protocol.per_class else None
+    return Rows(np.sort(train), np.sort(val), test, source, test_split, n_train, folds)
+
+
+def _auto_folds(labels: np.ndarray, protocol: Protocol) -> int | None:
+    """k for cross-validation when a hold-out would keep fewer than `min_val_per_class` images of
+    some class (the same count `stratified_holdout` takes), else None: keep the hold-out."""
+    if protocol.classifier == "sgd" or not protocol.min_val_per_class:
+        return None
+    smallest = int(np.bincount(labels)[np.unique(labels)].min())
+    held = max(1, int(round(smallest * protocol.val_fraction)))
+    if held >= protocol.min_val_per_class or smallest < 2:
+        return None
+    return min(MAX_AUTO_FOLDS, smallest)
 
 
 def _subsample(rows: np.ndarray, labels: np.ndarray, size: TrainSize, rng, classes: list[str]) -> np.ndarray:
@@ -366,16 +395,19 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
         with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1, user_api="blas"):
             warnings.simplefilter("always")
             if protocol.classifier == "sgd":
-                pipe, C, val_score, y_pred = _fit_sgd(f, layers, rows, protocol, seed)
+                pipe, C, (val_score, tiebreak), y_pred = _fit_sgd(f, layers, rows, protocol, seed)
             else:
-                pipe, C, val_score, y_pred = _fit_in_memory(f, layers, rows, protocol, seed, dim)
+                pipe, C, (val_score, tiebreak), y_pred = _fit_in_memory(f, layers, rows, protocol, seed, dim)
         y_test = f.labels[rows.test]
+        low, high = wilson_interval(int(np.sum(y_test == y_pred)), len(y_test))
         result = {
             "layer": "+".join(layers), "layers": layers, "dim": dim, "classifier": protocol.classifier,
             "preset": protocol.preset, "scale": protocol.scale, "pca": protocol.pca, "C": C, "seed": seed,
             "train_size": rows.train_size, "train_size_spec": str(train_size), "n_fit": len(rows.train) + len(rows.val),
             "n_val": len(rows.val), "n_test": len(rows.test), "val_source": rows.val_source,
-            "test_split": rows.test_split, "val_score": val_score, **metrics(y_test, y_pred, f.classes),
+            "test_split": rows.test_split, "val_score": val_score, "val_tiebreak": tiebreak,
+            "val_tiebreak_metric": _tiebreak_metric(protocol), **metrics(y_test, y_pred, f.classes),
+            "test_ci_low": low, "test_ci_high": high,
             "fit_seconds": round(time.perf_counter() - t0, 3),
             "convergence_warnings": sum(1 for w in caught if "Converge" in type(w.message).__name__),
         }  # fmt: skip
@@ -387,14 +419,16 @@ def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: i
     if protocol.per_class:
         pipe = make_pipeline(protocol, 1.0, seed, len(y_tr), dim).fit(X_tr, y_tr)
         clf = pipe.named_steps["clf"]
-        C, val_score = clf.costs_, float(np.mean(clf.cv_ap_))
+        C, val_score = clf.costs_, (float(np.mean(clf.cv_ap_)),) * 2  # mean AP is continuous already
     else:
-        if protocol.cv:
-            scores = _cv_scores(X_tr, y_tr, protocol, seed, dim)
+        if rows.folds:
+            scores = _cv_scores(X_tr, y_tr, protocol, seed, dim, rows.folds)
         else:
             X_va, y_va = _load(f, layers, rows.val), f.labels[rows.val]
             scores = [
-                float(make_pipeline(protocol, C, seed, len(y_tr), dim).fit(X_tr, y_tr).score(X_va, y_va))
+                _val_scores(
+                    make_pipeline(protocol, C, seed, len(y_tr), dim).fit(X_tr, y_tr), X_va, y_va, protocol
+                )
                 for C in protocol.Cs
             ]
         best = _best(protocol.Cs, scores)
@@ -407,29 +441,58 @@ def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: i
     return pipe, C, val_score, y_pred
 
 
-def _best(Cs: Sequence[float], scores: Sequence[float]) -> int:
-    """The best score; ties go to the smallest C (the strongest regularization)."""
+def _best(Cs: Sequence[float], scores: Sequence[tuple[float, float]]) -> int:
+    """The best (accuracy, tie-break) score; an exact tie of both goes to the smallest C (the
+    strongest regularization)."""
     top = max(scores)
     return min((i for i, s in enumerate(scores) if s == top), key=lambda i: Cs[i])
 
 
-def _cv_scores(X, y, protocol: Protocol, seed: int, dim: int) -> list[float]:
+def _tiebreak_metric(protocol: Protocol) -> str:
+    if protocol.per_class:
+        return "mean average precision"
+    return "mean log-likelihood" if protocol.classifier == "softmax" else "mean margin"
+
+
+def _val_scores(clf, X, y, protocol: Protocol) -> tuple[float, float]:
+    """(accuracy, continuous tie-break) of a fitted classifier on validation images: the mean
+    log-likelihood of the true class (softmax) or the mean margin of the true class's decision
+    value over the best other class's (svm, sgd). Classes the classifier never saw count as the
+    worst case."""
+    y = np.asarray(y)
+    if len(y) == 0:
+        return (0.0, 0.0)
+    acc = float(np.mean(clf.predict(X) == y))
+    classes = np.asarray(clf.classes_)
+    known = np.isin(y, classes)
+    col = np.searchsorted(classes, y).clip(0, len(classes) - 1)
+    rows = np.arange(len(y))
+    if protocol.classifier == "softmax":
+        p = clf.predict_proba(X)[rows, col]
+        return acc, float(np.mean(np.where(known, np.log(np.clip(p, 1e-15, 1.0)), np.log(1e-15))))
+    d = np.asarray(clf.decision_function(X), dtype=np.float64)
+    if d.ndim == 1:  # binary: one value, positive for classes[1]
+        d = np.stack([-d, d], axis=1)
+    true = d[rows, col]
+    d[rows, col] = -np.inf
+    margin = np.where(known, true - d.max(axis=1), -np.abs(d).max(axis=1))
+    return acc, float(np.mean(margin))
+
+
+def _cv_scores(X, y, protocol: Protocol, seed: int, dim: int, folds: int) -> list[tuple[float, float]]:
     from sklearn.model_selection import StratifiedKFold
 
     smallest = int(np.bincount(y)[np.unique(y)].min())
-    folds = min(protocol.cv, smallest)
-    if folds < 2:
-        raise FeatxError(
-            f"--cv {protocol.cv} needs at least 2 training images per class; one class has {smallest}"
-        )
-    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    if min(folds, smallest) < 2:
+        raise FeatxError(f"--cv {folds} needs at least 2 training images per class; one class has {smallest}")
+    splitter = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed)
     scores = []
     for C in protocol.Cs:
         fold_scores = []
         for tr, va in splitter.split(X, y):
             pipe = make_pipeline(protocol, C, seed, len(tr), dim).fit(X[tr], y[tr])
-            fold_scores.append(pipe.score(X[va], y[va]))
-        scores.append(float(np.mean(fold_scores)))
+            fold_scores.append(_val_scores(pipe, X[va], y[va], protocol))
+        scores.append(tuple(float(v) for v in np.mean(fold_scores, axis=0)))
     return scores
 
 
@@ -496,6 +559,15 @@ def _sgd_predict(f, layers, rows, steps, clf, chunk_rows: int) -> np.ndarray:
     return out
 
 
+def _sgd_val_scores(f, layers, rows, steps, clf, protocol: Protocol) -> tuple[float, float]:
+    """`_val_scores` over streamed chunks, weighted by chunk size."""
+    total, acc, tie = 0, 0.0, 0.0
+    for part, X in _chunks(f, layers, rows, protocol.chunk_rows):
+        a, t = _val_scores(clf, _apply(steps, X), f.labels[part], protocol)
+        total, acc, tie = total + len(part), acc + a * len(part), tie + t * len(part)
+    return (acc / total, tie / total) if total else (0.0, 0.0)
+
+
 def _fit_sgd(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: int):
     from sklearn.pipeline import Pipeline
 
@@ -509,13 +581,7 @@ def _fit_sgd(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: int):
     scores = []
     for C in protocol.Cs:
         clf = _sgd_train(f, layers, rows.train, steps, protocol, C, seed, classes)
-        scores.append(
-            float(
-                np.mean(
-                    _sgd_predict(f, layers, rows.val, steps, clf, protocol.chunk_rows) == f.labels[rows.val]
-                )
-            )
-        )
+        scores.append(_sgd_val_scores(f, layers, rows.val, steps, clf, protocol))
     best = _best(protocol.Cs, scores)
     C = float(protocol.Cs[best])
     fit_rows = np.sort(np.concatenate([rows.train, rows.val]))
@@ -553,10 +619,13 @@ class FitReport:
             acc = np.array([r["accuracy"] for r in rs])
             bal = np.array([r["balanced_accuracy"] for r in rs])
             val = np.array([r["val_score"] for r in rs])
+            tie = np.array([r.get("val_tiebreak", 0.0) for r in rs])
             rows.append({
                 "layer": layer, "dim": rs[0]["dim"], "classifier": rs[0]["classifier"], "preset": rs[0]["preset"],
                 "C": rs[0]["C"] if len(rs) == 1 else [r["C"] for r in rs], "seeds": [r["seed"] for r in rs],
-                "train_size": rs[0]["train_size"], "val_score": float(val.mean()), "accuracy": float(acc.mean()),
+                "train_size": rs[0]["train_size"], "val_score": float(val.mean()),
+                "val_tiebreak": float(tie.mean()), "val_source": rs[0]["val_source"], "n_test": rs[0]["n_test"],
+                "accuracy": float(acc.mean()),
                 "accuracy_std": float(acc.std()), "balanced_accuracy": float(bal.mean()),
                 "balanced_accuracy_std": float(bal.std()), "fit_seconds": float(sum(r["fit_seconds"] for r in rs)),
             })  # fmt: skip
@@ -604,5 +673,5 @@ def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol
             models["+".join(g)] = pipe
         results.append(o)
     report = FitReport(path, protocol, train_size, results, best="", models=models)
-    report.best = max(report.summary(), key=lambda r: r["val_score"])["layer"]
+    report.best = max(report.summary(), key=lambda r: (r["val_score"], r["val_tiebreak"]))["layer"]
     return report

@@ -42,7 +42,9 @@ def _strip(r):
 
 
 def test_fit_reports_what_the_issue_asks(codes):
-    r = fit_cell(codes, ["good"], protocol_for("softmax"), "all", 0)
+    r = fit_cell(
+        codes, ["good"], protocol_for("softmax", min_val_per_class=0), "all", 0
+    )  # the plain hold-out
     for key in (
         "accuracy",
         "balanced_accuracy",
@@ -79,7 +81,7 @@ def test_val_split_and_missing_test_split(tmp_path):
     assert r["val_source"] == "val split" and r["n_fit"] == r["train_size"] + r["n_val"]
     s = np.where(np.arange(len(y)) % 4 == 0, "val", "train")
     no_test = write_codes(tmp_path / "n.h5", {"L": X}, y, s, CLASSES)
-    r = fit_cell(no_test, ["L"], protocol_for("svm"), "all", 0)
+    r = fit_cell(no_test, ["L"], protocol_for("svm", min_val_per_class=0), "all", 0)
     assert r["test_split"] == "val" and r["val_source"].startswith("hold-out") and r["n_test"] == 30
 
 
@@ -218,3 +220,83 @@ def test_sgd_memory_stays_bounded(tmp_path):
         f"peak grew by {int(grown) / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB file"
     )
     assert float(acc) > 0.9
+
+
+# -- selection that survives small data (issue 17) -----------------------------------------------
+
+
+def test_small_hold_outs_become_cross_validation(tmp_path):
+    """A 20% hold-out of 30 training images per class keeps 6 per class: C is chosen by 5-fold CV
+    on the training images; with 100 per class the hold-out keeps 20 per class and stays."""
+    X, y = blobs(40, 3, 16)
+    small = write_codes(tmp_path / "s.h5", {"L": X}, y, _splits(y), CLASSES)
+    r = fit_cell(small, ["L"], protocol_for("softmax"), "all", 0)
+    assert r["val_source"] == "5-fold cv" and r["n_val"] == 0 and r["n_fit"] == r["train_size"] == 90
+    assert (
+        fit_cell(small, ["L"], protocol_for("softmax"), "3/class", 0)["val_source"] == "3-fold cv"
+    )  # k <= smallest
+    assert fit_cell(small, ["L"], protocol_for("sgd"), "all", 0)["val_source"].startswith(
+        "hold-out"
+    )  # streams
+    X, y = blobs(134, 3, 16)
+    large = write_codes(tmp_path / "l.h5", {"L": X}, y, _splits(y), CLASSES)
+    r = fit_cell(large, ["L"], protocol_for("softmax"), "all", 0)
+    assert r["val_source"] == "hold-out 20% of train" and r["n_val"] >= 3 * 10
+
+
+def test_ties_on_accuracy_go_to_the_continuous_score_not_the_grid_order(tmp_path):
+    """Well-separated blobs: every C is 100% right on validation; the pick is the C with the best
+    mean log-likelihood of the true class (computed here independently), not the smallest C."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featx.classify import select_rows
+    from featx.store import CodesFile
+
+    X, y = blobs(40, 3, 8, sep=12.0)
+    path = write_codes(tmp_path / "t.h5", {"L": X}, y, _splits(y), CLASSES)
+    Cs = (0.001, 0.01, 0.1, 1.0)
+    proto = protocol_for("softmax", Cs=Cs, min_val_per_class=0)
+    r = fit_cell(path, ["L"], proto, "all", 0)
+    with CodesFile(path) as f:
+        rows = select_rows(f, proto, parse_train_size("all"), 0)
+    lik = {}
+    for C in Cs:
+        m = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000)).fit(
+            X[rows.train], y[rows.train]
+        )
+        assert m.score(X[rows.val], y[rows.val]) == 1.0  # a real tie on accuracy
+        lik[C] = -log_loss(y[rows.val], m.predict_proba(X[rows.val]), labels=[0, 1, 2])
+    assert r["C"] == max(lik, key=lik.get) != min(Cs)
+    assert r["val_tiebreak"] == pytest.approx(lik[r["C"]], rel=1e-6)
+    assert r["val_tiebreak_metric"] == "mean log-likelihood"
+
+
+def test_layers_tied_on_accuracy_are_ranked_by_the_continuous_score(tmp_path):
+    """Never by position in the layer list: both orders give the same pick, the layer with the
+    better continuous score (for softmax, the sharper layer's higher log-likelihood)."""
+    X, y = blobs(40, 3, 8, sep=12.0)
+    blurry = X + np.random.default_rng(3).normal(size=X.shape) * 2.0  # still separable, less sharply
+    path = write_codes(tmp_path / "r.h5", {"blurry": blurry, "sharp": X}, y, _splits(y), CLASSES)
+    for clf in ("softmax", "svm"):
+        picks = set()
+        for order in (["blurry", "sharp"], ["sharp", "blurry"]):
+            rep = fit(path, order, protocol_for(clf, Cs=(0.1, 1.0)))
+            s = {x["layer"]: x for x in rep.summary()}
+            assert s["blurry"]["val_score"] == s["sharp"]["val_score"] == 1.0
+            assert rep.best == max(s, key=lambda n: s[n]["val_tiebreak"])
+            picks.add(rep.best)
+        assert len(picks) == 1, clf
+        if clf == "softmax":
+            assert picks == {"sharp"}
+
+
+def test_every_accuracy_carries_its_wilson_interval(codes):
+    from featx.stats import wilson_interval
+
+    r = fit_cell(codes, ["noisy"], protocol_for("softmax"), "all", 0)
+    right = round(r["accuracy"] * r["n_test"])
+    assert (r["test_ci_low"], r["test_ci_high"]) == wilson_interval(right, r["n_test"])
+    assert r["test_ci_low"] <= r["accuracy"] <= r["test_ci_high"]

@@ -1,0 +1,137 @@
+"""Regret of featx's choices (layer and C) on small training sets: the old rule against the new.
+
+For every dataset, train size and seed, both rules fit every layer exactly as `featx fit` does
+(`featx.classify.fit_cell`): the *old* rule validates on a 20% hold-out whatever its size
+(`min_val_per_class=0`); the *new* rule switches to stratified k-fold CV when the hold-out would keep
+fewer than 10 images per class, and breaks accuracy ties with a continuous score. Then, for the
+same training images, every (layer, C) is refitted on all of them and scored on the test split (the
+"oracle" table, never seen by either rule). Regrets, in accuracy points (mean over seeds):
+
+- layer: test accuracy of the best-on-test layer (at each layer's chosen C) minus the chosen layer's;
+- C: mean over layers of (test accuracy at the best-on-test C minus at the chosen C);
+- total: the best (layer, C) on test minus the chosen pair.
+
+    python benchmarks/selection_regret.py                        # shared datasets + digits, 10 seeds
+    python benchmarks/selection_regret.py --data sklearn:digits --seeds 3   # a quick look
+
+Where both rules select on the same rows (a hold-out of >= 10 per class: 50/class and up) their
+numbers are the same by construction; the table shows them anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from featx.classify import fit_cell, make_pipeline, parse_train_size, protocol_for, select_rows  # noqa: E402
+from featx.data import DataOptions, parse_per_class_limit  # noqa: E402
+from featx.extraction import extract  # noqa: E402
+from featx.report import format_table  # noqa: E402
+from featx.store import CodesFile  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets")
+DEFAULT_DATA = ["sklearn:digits", f"{SHARED}/hymenoptera", f"{SHARED}/flowers5_128", f"{SHARED}/brain_tumor_mri",
+                "/usr/share/datasets/fashion-mnist"]  # fmt: skip
+
+
+def oracle(
+    f: CodesFile, layer: str, rows: np.ndarray, test: np.ndarray, C: float, proto, seed: int, memo: dict
+):
+    """Test accuracy of `layer` at `C` refitted on `rows` (train + val: what fit_cell refits on)."""
+    # lbfgs ignores the seed, so softmax refits of the same rows are shared across seeds
+    key = (layer, C, rows.tobytes(), None if proto.classifier == "softmax" else seed)
+    if key not in memo:
+        X, y = f.codes(layer, rows), f.labels[rows]
+        with threadpool_limits(limits=1, user_api="blas"):  # as fit_cell does: the same bits
+            pipe = make_pipeline(proto, C, seed, len(y), X.shape[1]).fit(X, y)
+        memo[key] = float(np.mean(pipe.predict(f.codes(layer, test)) == f.labels[test]))
+    return memo[key]
+
+
+def regrets(path: str, layers: list[str], size: str, seed: int, Cs, classifier: str, memo: dict) -> dict:
+    out = {}
+    for rule, extra in (("old", {"min_val_per_class": 0}), ("new", {})):
+        proto = protocol_for(classifier, Cs=Cs, **extra)
+        cells = {n: fit_cell(path, [n], proto, size, seed) for n in layers}
+        with CodesFile(path) as f:
+            rows = select_rows(f, proto, parse_train_size(size), seed)
+            fit_rows = np.sort(np.concatenate([rows.train, rows.val]))
+            table = {
+                (n, C): oracle(f, n, fit_rows, rows.test, C, proto, seed, memo) for n in layers for C in Cs
+            }
+        for n, c in cells.items():  # the oracle refits exactly what fit_cell refitted
+            assert abs(table[(n, c["C"])] - c["accuracy"]) < 1e-9, (
+                n,
+                c["C"],
+                table[(n, c["C"])],
+                c["accuracy"],
+            )
+        pick = max(layers, key=lambda n: (cells[n]["val_score"], cells[n]["val_tiebreak"]))
+        at_chosen = {n: cells[n]["accuracy"] for n in layers}
+        out[rule] = {
+            "layer": max(at_chosen.values()) - at_chosen[pick],
+            "C": float(np.mean([max(table[(n, C)] for C in Cs) - at_chosen[n] for n in layers])),
+            "total": max(table.values()) - at_chosen[pick],
+            "source": cells[layers[0]]["val_source"],
+        }
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", action="append", help="data specs (default: the shared datasets and digits)")
+    ap.add_argument("--model", default="efficientnet_lite0")
+    ap.add_argument("--weights", default="imagenet")
+    ap.add_argument("--image-size", type=int, default=112)
+    ap.add_argument("--layers", default="depth:0.25,0.55,0.85,1.0")
+    ap.add_argument("--sizes", default="5/class,10/class,50/class,all")
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--C", default="0.001,0.01,0.1,1,10")
+    ap.add_argument("--classifier", default="softmax")
+    ap.add_argument("--per-class-limit", default="train=200,test=100")
+    ap.add_argument("--cache-dir", default=None)
+    a = ap.parse_args(argv)
+    data = [d for d in (a.data or DEFAULT_DATA) if ":" in d.split("/")[0] or os.path.exists(d)]
+    Cs = tuple(float(c) for c in a.C.split(","))
+    sizes = a.sizes.split(",")
+    opts = DataOptions(per_class_limit=parse_per_class_limit(a.per_class_limit))
+    rows, t0 = [], time.perf_counter()
+    for spec in data:
+        r = extract(a.model, spec, a.layers, weights=a.weights, image_size=a.image_size, data_options=opts,
+                    cache_dir=a.cache_dir, precision="fp32", progress=False)  # fmt: skip
+        name = os.path.basename(spec.rstrip("/")) if ":" not in spec else spec.split(":", 1)[1]
+        memo: dict = {}
+        for size in sizes:
+            runs = []
+            for seed in range(a.seeds):
+                try:
+                    runs.append(regrets(r.path, r.layers, size, seed, Cs, a.classifier, memo))
+                except Exception as e:  # noqa: BLE001 - a size the data cannot support is a row, not a crash
+                    print(f"{name} {size} seed {seed}: {str(e).splitlines()[0]}", file=sys.stderr)
+                    break
+            if not runs:
+                continue
+            row = [name, size, runs[0]["old"]["source"], runs[0]["new"]["source"]]
+            for what in ("layer", "C", "total"):
+                old = 100 * np.mean([x["old"][what] for x in runs])
+                new = 100 * np.mean([x["new"][what] for x in runs])
+                row += [f"{old:.2f}", f"{new:.2f}"]
+            rows.append(row + [len(runs)])
+            print(f"{name} {size}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    headers = ["dataset", "size", "old: validation", "new: validation", "layer old", "layer new", "C old", "C new",
+               "total old", "total new", "seeds"]  # fmt: skip
+    print(format_table(rows, headers))
+    print(f"\nregret in accuracy points (test accuracy of the best-on-test choice minus featx's), mean over seeds; "
+          f"{a.model} @ {a.weights}, {a.image_size} px, layers {a.layers}, {a.classifier}, C in {a.C}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

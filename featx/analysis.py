@@ -23,6 +23,14 @@ evidence. The ImageNet head's mean top-1 probability on the target images is rep
 not used: it does not separate the two kinds (scikit-learn digits 0.87, flowers 0.19), it measures
 confidence, not similarity.
 
+Selection and uncertainty. The chosen ("best") layer is the one with the best mean validation
+score, ties broken by the continuous validation score (`val_tiebreak`), never by position; it is
+the one meaning of "best" in the tables, the summary and the plots (the best layer *on test* is
+shown too, labelled as such). Every test accuracy carries its Wilson 95% interval over the test
+images. When the chosen layer and another candidate (the top layer, the runner-up by validation)
+differ, the exact McNemar test on the same test images (the first seed's cells) says whether the
+difference is beyond noise (p < 0.05) or not.
+
 Size. `large` when the training split holds at least `LARGE_PER_CLASS` (1,000) images per class
 on average (fine-tuning a full network on fewer tends to overfit), else `small`; the report adds
 the learning curve's last step (accuracy gained from the second-largest to the largest train size)
@@ -35,10 +43,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from featx.stats import Paired, mcnemar_exact, unpack_correct, wilson_interval
+
 GAIN_THRESHOLD = 0.1
 MID_MAX_DEPTH = 0.75
 TOP_TOLERANCE = 0.01  # the fallback without a gain: similar when the top layer is this close to the best
 LARGE_PER_CLASS = 1000
+NOISE_P = 0.05  # a paired difference with a larger McNemar p is "within noise"
+
+RULES = {  # what the rule of thumb recommends, per case
+    1: "a linear classifier on the top (penultimate) codes",
+    2: "fine-tuning through the network",
+    3: "a linear classifier on codes from earlier in the network",
+    4: "fine-tuning the whole network",
+}
 
 CASES = {
     1: "small, similar: a linear classifier on the top (penultimate) codes",
@@ -70,6 +88,12 @@ class DatasetAnalysis:
     acc: dict[tuple[str, str], Stat]  # (layer, size) -> test accuracy over seeds
     val: dict[tuple[str, str], Stat]
     pixels: dict[str, Stat] = field(default_factory=dict)  # size -> raw-pixel baseline accuracy
+    tie: dict[tuple[str, str], Stat] = field(default_factory=dict)  # continuous validation tie-break
+    correct: dict[tuple[str, str], np.ndarray] = field(
+        default_factory=dict
+    )  # first seed's per-image correctness
+    val_source: dict[str, str] = field(default_factory=dict)  # size -> how validation was done
+    n_test: int = 0
     n_train: int = 0
     n_classes: int = 0
     head_confidence: float | None = None
@@ -81,6 +105,29 @@ class DatasetAnalysis:
     size: str = ""
     case: int = 0
     evidence: list[str] = field(default_factory=list)
+    best_on_test: str = ""
+    gain_by_size: dict[str, float] = field(default_factory=dict)
+    answer: str = ""
+    rule_check: str = ""
+
+    def ci(self, layer: str, size: str) -> tuple[float, float]:
+        """Wilson 95% interval of the (seed-mean) test accuracy over the n test images."""
+        acc = self.acc[(layer, size)].mean
+        return wilson_interval(int(round(acc * self.n_test)), self.n_test)
+
+    def acc_text(self, layer: str, size: str) -> str:
+        lo, hi = self.ci(layer, size)
+        return f"{self.acc[(layer, size)].mean:.3f} (95% CI {lo:.2f}-{hi:.2f})"
+
+    def paired(self, a: str, b: str, size: str) -> Paired | None:
+        """McNemar of layers a and b on the same test images (first seed), when both were stored."""
+        ca, cb = self.correct.get((a, size)), self.correct.get((b, size))
+        return None if ca is None or cb is None or len(ca) != len(cb) else mcnemar_exact(ca, cb)
+
+    @property
+    def similarity_text(self) -> str:
+        """'labelled similar' or 'measured different': who decided, in the words."""
+        return f"labelled {self.label}" if self.label else f"measured {self.measured}"
 
     @property
     def similarity(self) -> str:
@@ -117,6 +164,7 @@ def analyze(
             groups: dict[tuple[str, str], list[dict]] = {}
             for r in cnn:
                 groups.setdefault((r["layer"], r["train_size_spec"]), []).append(r)
+            first = {k: min(v, key=lambda r: r["seed"]) for k, v in groups.items()}
             a = DatasetAnalysis(
                 name=src.name, label=src.data.label, classifier=clf, layers=layers, depth=dict(src.depth), sizes=sizes,
                 size_counts={s: next(r["train_size"] for r in cnn if r["train_size_spec"] == s) for s in sizes},
@@ -125,17 +173,93 @@ def analyze(
                 pixels={s: _stat([r["accuracy"] for r in rs if r["baseline"] and r["train_size_spec"] == s])
                         for s in sizes if any(r["baseline"] and r["train_size_spec"] == s for r in rs)},
                 n_train=src.n_train, n_classes=src.n_classes, head_confidence=head_confidence.get(src.name),
+                tie={k: _stat([r.get("val_tiebreak") or 0.0 for r in v]) for k, v in groups.items()},
+                correct={k: unpack_correct(r["test_correct"], r["n_test"]) for k, r in first.items()
+                         if r.get("test_correct")},
+                val_source={s: next(r.get("val_source", "") for r in cnn if r["train_size_spec"] == s) for s in sizes},
+                n_test=int(cnn[0].get("n_test") or 0),
             )  # fmt: skip
             _decide(a)
             out.append(a)
     return out
 
 
-def best_layer(a: DatasetAnalysis, size: str) -> str:
-    """The layer with the best mean validation score at `size` (ties: the deeper layer)."""
-    return max(
-        a.layers, key=lambda n: (a.val[(n, size)].mean, a.depth[n]) if (n, size) in a.val else (-1.0, 0.0)
-    )
+def best_layer(a: DatasetAnalysis, size: str, among: list[str] | None = None) -> str:
+    """The layer with the best mean validation score at `size`; ties go to the better continuous
+    validation score (`val_tiebreak`), and only an exact tie of both to the deeper layer."""
+
+    def key(n):
+        if (n, size) not in a.val:
+            return (-1.0, -np.inf, 0.0)
+        return (a.val[(n, size)].mean, a.tie[(n, size)].mean if (n, size) in a.tie else 0.0, a.depth[n])
+
+    return max(a.layers if among is None else among, key=key)
+
+
+def _noise(a: DatasetAnalysis, x: str, y: str, size: str) -> str:
+    """', beyond noise (McNemar p = ...)' or ', within noise (p = ...)' for layers x and y."""
+    t = a.paired(x, y, size)
+    if t is None:
+        return ""
+    verdict = "beyond noise" if t.p < NOISE_P else "within noise"
+    return f", {verdict} (exact McNemar p = {t.p:.2g} on {a.n_test} test images)"
+
+
+def _within_noise(a: DatasetAnalysis, x: str, y: str, size: str) -> bool:
+    t = a.paired(x, y, size)
+    return t is not None and t.p >= NOISE_P
+
+
+def _compare(a: DatasetAnalysis, size: str) -> list[str]:
+    """The chosen layer against the top layer and the runner-up, in words that never contradict."""
+    best, out = a.best, []
+    for other, what in ((a.top, "the top layer"), (_runner_up(a, size), "the runner-up by validation")):
+        if not other or other == best or (what != "the top layer" and other == a.top):
+            continue
+        d = (a.acc[(best, size)].mean - a.acc[(other, size)].mean) * 100
+        if abs(d) < 0.05:
+            rel = f"is level with {what} {other} on test"
+        elif d > 0:
+            rel = f"beats {what} {other} by {d:.1f} points on test"
+        else:
+            rel = f"is {-d:.1f} points below {what} {other} on test (validation and test disagree)"
+        line = f"the chosen layer {best} {rel}{_noise(a, best, other, size)}"
+        if _within_noise(a, best, other, size):
+            shallow = min((best, other), key=lambda n: a.depth[n])
+            line += f"; either will do, {shallow} is cheaper to extract (the forward stops earlier)"
+        out.append(line)
+    return out
+
+
+def _runner_up(a: DatasetAnalysis, size: str) -> str:
+    rest = [n for n in a.layers if n != a.best and (n, size) in a.val]
+    return best_layer(a, size, among=rest) if rest else ""
+
+
+def _rule_check(a: DatasetAnalysis, size: str) -> str:
+    """One sentence: what the rule of thumb says for this case and whether this data confirmed it."""
+    rule = f"rule of thumb for {a.size} + {a.similarity} data: {RULES[a.case]}"
+    if a.case in (2, 4):
+        return f"{rule}; featx measured linear probes only, so fine-tuning is not measured here"
+    earlier = [n for n in a.layers if n != a.top and (n, size) in a.acc]
+    if a.best == a.top:
+        measured = "the top layer"
+        if earlier:
+            e = max(earlier, key=lambda n: a.acc[(n, size)].mean)
+            loss = (a.acc[(a.top, size)].mean - a.acc[(e, size)].mean) * 100
+            measured += (f"; the best earlier layer on test, {e}, is {loss:.1f} points lower" if loss > 0
+                         else f"; the earlier layer {e} is {-loss:.1f} points higher on test, but validation chose the top")  # fmt: skip
+    else:
+        measured = f"{a.best} (depth {a.depth[a.best]:.2f}), an earlier layer"
+    noise = _within_noise(a, a.best, a.top, size) if a.best != a.top else False
+    if a.case == 1:
+        ok = a.best == a.top or noise
+    else:
+        ok = a.best != a.top and not noise and a.acc[(a.best, size)].mean > a.acc[(a.top, size)].mean
+    verdict = "confirmed" if ok else "not confirmed"
+    if a.best != a.top and noise:
+        verdict += " (the chosen earlier layer and the top layer are within noise)"
+    return f"{rule}; measured here: {measured}: {verdict}"
 
 
 def _decide(a: DatasetAnalysis) -> None:
@@ -147,19 +271,33 @@ def _decide(a: DatasetAnalysis) -> None:
     # the gain needs a layer from the middle of the network, not one just below the top
     others = [n for n in a.layers if n != a.top and (n, size) in a.acc and a.depth[n] <= MID_MAX_DEPTH]
     chance = 1.0 / max(a.n_classes, 2)
+    a.best_on_test = max((n for n in a.layers if (n, size) in a.acc), key=lambda n: a.acc[(n, size)].mean)
     ev = [
-        f"at train size {size} ({a.size_counts[size]} images), the best layer by validation is {a.best} "
-        f"(depth {a.depth[a.best]:.2f}): test accuracy {best}; the top layer {a.top} (depth {a.depth[a.top]:.2f}): {top}"
-        + (f"; the best layer leads by {gap * 100:.1f} points" if a.best != a.top else ""),
+        f"at train size {size} ({a.size_counts[size]} images), the chosen layer (best by validation, "
+        f"{a.val_source.get(size) or 'validation'}) is {a.best} (depth {a.depth[a.best]:.2f}): test accuracy "
+        f"{a.acc_text(a.best, size)}; the top layer {a.top} (depth {a.depth[a.top]:.2f}): {a.acc_text(a.top, size)}",
+        *_compare(a, size),
     ]
+    if a.best_on_test != a.best:
+        ev.append(f"best on test (not used for the choice): {a.best_on_test} (depth {a.depth[a.best_on_test]:.2f}), "
+                  f"{a.acc_text(a.best_on_test, size)}")  # fmt: skip
     if others and top.mean > chance:
         a.mid = min(others, key=lambda n: (abs(a.depth[n] - 0.5), a.depth[n]))
         mid = a.acc[(a.mid, size)]
         a.late_gain = (top.mean - mid.mean) / (top.mean - chance)
         a.measured = "similar" if a.late_gain >= GAIN_THRESHOLD else "different"
-        ev.append(f"late-layer gain {a.late_gain:.2f}: from {a.mid} (depth {a.depth[a.mid]:.2f}, {mid.mean:.3f}) to {a.top} "
-                  f"({top.mean:.3f}) over chance {chance:.3f} -> behaves as {a.measured} "
-                  f"(similar from {GAIN_THRESHOLD})")  # fmt: skip
+        ev.append(f"late-layer gain {a.late_gain:.2f} (the verdict, taken at train size {size}): from {a.mid} "
+                  f"(depth {a.depth[a.mid]:.2f}, {mid.mean:.3f}) to {a.top} ({top.mean:.3f}) over chance {chance:.3f} "
+                  f"-> behaves as {a.measured} (similar from {GAIN_THRESHOLD})")  # fmt: skip
+        for s in a.sizes:
+            if (a.mid, s) in a.acc and (a.top, s) in a.acc and a.acc[(a.top, s)].mean > chance:
+                t = a.acc[(a.top, s)].mean
+                a.gain_by_size[s] = (t - a.acc[(a.mid, s)].mean) / (t - chance)
+        if len(a.gain_by_size) > 1:
+            ev.append(
+                "late-layer gain by train size: "
+                + ", ".join(f"{s} {g:.2f}" for s, g in a.gain_by_size.items())
+            )
     else:  # no gain to measure: fall back on whether an earlier layer beats the top one
         a.measured = "similar" if gap <= TOP_TOLERANCE else "different"
         why = (f"the top layer is at chance ({top.mean:.3f})" if others
@@ -179,6 +317,11 @@ def _decide(a: DatasetAnalysis) -> None:
     ev.append(
         f"{a.n_train} training images, {per_class:.0f} per class -> {a.size} (large from {LARGE_PER_CLASS} per class)"
     )
+    lo, hi = a.ci(a.best, size)
+    a.answer = (f"Use {a.best} (depth {a.depth[a.best]:.2f}): test accuracy {a.acc[(a.best, size)].mean:.3f} "
+                f"(95% CI {lo:.2f}-{hi:.2f}, {a.n_test} test images) at train size {size} ({a.size_counts[size]} "
+                f"images), chosen by validation score ({a.val_source.get(size) or 'validation'}).")  # fmt: skip
+    a.rule_check = _rule_check(a, size)
     if len(a.sizes) > 1:
         prev = a.sizes[-2]
         step = best.mean - a.acc[(a.best, prev)].mean

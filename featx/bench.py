@@ -292,6 +292,10 @@ def _ends_with_newline(path: str) -> bool:
         return f.read(1) == b"\n"
 
 
+# selection and uncertainty of each cell (issue 17); absent from cells fitted by older releases
+CELL_EXTRAS = ("val_tiebreak", "val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct")
+
+
 @dataclass
 class BenchResult:
     config: BenchConfig
@@ -312,5 +316,6 @@ class BenchResult:
                 "preset": r["preset"] or "", "C": r["C"], "seed": cell.seed, "accuracy": r["accuracy"],
                 "balanced_accuracy": r["balanced_accuracy"], "val_score": r["val_score"], "n_test": r["n_test"],
                 "fit_seconds": r["fit_seconds"], "baseline": "pixels" if pixels else "",
+                **{k: r.get(k) for k in CELL_EXTRAS},
             })  # fmt: skip
         return out

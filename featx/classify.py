@@ -50,7 +50,7 @@ from threadpoolctl import threadpool_limits
 
 from featx.data import stratified_holdout
 from featx.errors import FeatxError, UsageError
-from featx.stats import wilson_interval
+from featx.stats import pack_correct, wilson_interval
 from featx.store import CodesFile
 
 CLASSIFIERS = ("svm", "softmax", "sgd")
@@ -407,7 +407,7 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
             "n_val": len(rows.val), "n_test": len(rows.test), "val_source": rows.val_source,
             "test_split": rows.test_split, "val_score": val_score, "val_tiebreak": tiebreak,
             "val_tiebreak_metric": _tiebreak_metric(protocol), **metrics(y_test, y_pred, f.classes),
-            "test_ci_low": low, "test_ci_high": high,
+            "test_ci_low": low, "test_ci_high": high, "test_correct": pack_correct(y_test == y_pred),
             "fit_seconds": round(time.perf_counter() - t0, 3),
             "convergence_warnings": sum(1 for w in caught if "Converge" in type(w.message).__name__),
         }  # fmt: skip

@@ -45,9 +45,11 @@ def _cell(v) -> str:
 
 # -- bench outputs -------------------------------------------------------------------------------
 
+# results.json also holds each cell's `test_correct` (per-image correctness bits, for paired tests)
 RESULT_COLUMNS = [
     "dataset", "similarity_label", "layer", "relative_depth", "code_dim", "train_size", "train_size_spec", "classifier",
-    "preset", "C", "seed", "accuracy", "balanced_accuracy", "val_score", "n_test", "fit_seconds", "baseline",
+    "preset", "C", "seed", "accuracy", "balanced_accuracy", "test_ci_low", "test_ci_high", "n_test", "val_score",
+    "val_tiebreak", "val_source", "n_val", "fit_seconds", "baseline",
 ]  # fmt: skip
 
 
@@ -93,8 +95,11 @@ def _style(similarity: str):
 
 def plot_depth(analyses, path: str, title: str) -> str:
     """Accuracy vs relative depth: a panel per train size, a line per dataset (similar solid,
-    different dashed); the lower row shows accuracy relative to each dataset's best layer."""
+    different dashed); the lower row shows accuracy relative to each dataset's chosen layer (the
+    best by validation at that size, as in the tables)."""
     import matplotlib
+
+    from featx.analysis import best_layer
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -111,14 +116,15 @@ def plot_depth(analyses, path: str, title: str) -> str:
             x = [p[0] for p in pts]
             y = np.array([p[1].mean for p in pts])
             e = np.array([p[1].std for p in pts])
-            label = f"{a.name} ({a.similarity})"
+            label = f"{a.name} ({a.similarity_text})"
             color = colors[k % len(colors)]
+            chosen = a.acc[(best_layer(a, size), size)].mean
             axes[0][j].errorbar(x, y, yerr=e, ls=ls, marker=marker, color=color, label=label, capsize=2)
-            axes[1][j].plot(x, y / y.max(), ls=ls, marker=marker, color=color, label=label)
+            axes[1][j].plot(x, y / chosen, ls=ls, marker=marker, color=color, label=label)
         axes[0][j].set_title(f"train size {size}")
         axes[1][j].set_xlabel("relative depth (1.0 = penultimate)")
     axes[0][0].set_ylabel("test accuracy")
-    axes[1][0].set_ylabel("accuracy / best layer's")
+    axes[1][0].set_ylabel("accuracy / chosen layer's")
     # one legend for the figure: a dataset missing from some panel (a size it cannot reach) still shows
     handles = {}
     for ax in axes[0]:
@@ -145,9 +151,9 @@ def plot_learning_curves(analyses, path: str, title: str) -> str:
     for ax, a in zip(axes[0], analyses):
         xs = [a.size_counts[s] for s in a.sizes]
         curves = (
-            [(a.best, "-o", "best = top")]
+            [(a.best, "-o", "chosen = top")]
             if a.best == a.top
-            else [(a.best, "-o", "best"), (a.top, "--s", "top")]
+            else [(a.best, "-o", "chosen"), (a.top, "--s", "top")]
         )
         for layer, style, tag in curves:
             ys = [a.acc[(layer, s)].mean if (layer, s) in a.acc else np.nan for s in a.sizes]
@@ -160,7 +166,7 @@ def plot_learning_curves(analyses, path: str, title: str) -> str:
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.minorticks_off()
         ax.set_xlabel("training images")
-        ax.set_title(f"{a.name} ({a.similarity})")
+        ax.set_title(f"{a.name} ({a.similarity_text})")
         ax.legend(fontsize=8, loc="lower right")
     axes[0][0].set_ylabel("test accuracy")
     fig.suptitle(title)
@@ -184,15 +190,22 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
         size = a.sizes[-1]
         gain = f"{a.late_gain:.2f}" if a.late_gain is not None else "-"
         summary.append([a.name, a.classifier, a.label or "-", f"{a.measured} ({gain})", a.size, f"{a.case}",
-                        f"{a.best} ({a.depth[a.best]:.2f})", str(a.acc[(a.best, size)]), f"{a.top}: {a.acc[(a.top, size)]}",
+                        f"{a.best} ({a.depth[a.best]:.2f})", a.acc_text(a.best, size), f"{a.top}: {a.acc_text(a.top, size)}",
                         str(a.pixels[size]) if size in a.pixels else "-"])  # fmt: skip
     lines += [markdown_table(summary, ["dataset", "classifier", "label", "measured (late-layer gain)", "size", "case",
-                                       "best layer (depth)", "best test acc", "top layer", "raw pixels"]), ""]  # fmt: skip
-    lines += ["Cases: " + "; ".join(f"{k}. {v}" for k, v in CASES.items()) + ".", ""]
+                                       "chosen layer (depth)", "its test acc", "top layer", "raw pixels"]), ""]  # fmt: skip
+    lines += [
+        "The chosen layer is the best by validation score (never by test) at the largest train size; "
+        "test accuracies are seed means with their Wilson 95% interval over the test images.",
+        "",
+        "Cases: " + "; ".join(f"{k}. {v}" for k, v in CASES.items()) + ".",
+        "",
+    ]
     for p in plots:
         lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})", ""]
     for a in analyses:
-        lines += [f"## {a.name} ({a.classifier}): case {a.case}, {CASES[a.case]}", ""]
+        lines += [f"## {a.name} ({a.classifier}): case {a.case} ({a.size}, {a.similarity_text})", ""]
+        lines += [f"**{a.answer}**", "", a.rule_check[0].upper() + a.rule_check[1:] + ".", ""]
         if a.disagrees:
             lines += [
                 f"**Label and measurement disagree**: labelled {a.label}, but the depth curve says {a.measured}.",
@@ -209,7 +222,10 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
             rows.append([n, f"{a.depth[n]:.2f}", *cells])
         if a.pixels:
             rows.append(["raw pixels", "-", *[str(a.pixels[s]) if s in a.pixels else "-" for s in a.sizes]])
-        lines += ["Test accuracy (mean ± std over seeds; bold: best layer by validation score at that train size):", "",
+        lines += ["Test accuracy (mean ± std over seeds; bold: the chosen layer, best by validation score at that "
+                  f"train size). The ± is the spread over seeds, each drawing its own training subset; at `all` the "
+                  f"seeds share the training images and only the validation split changes, so a small ± there is not "
+                  f"precision: the test set's own uncertainty is the 95% interval ({a.n_test} test images).", "",
                   markdown_table(rows, header), ""]  # fmt: skip
         lines += [f"- {e}" for e in a.evidence] + [""]
     if notes:

@@ -58,3 +58,14 @@ def mcnemar_exact(a_correct, b_correct) -> Paired:
     n = a_only + b_only
     p = 1.0 if n == 0 else min(1.0, 2.0 * float(binom.cdf(min(a_only, b_only), n, 0.5)))
     return Paired(a_only, b_only, p)
+
+
+def pack_correct(correct) -> str:
+    """Per-image correctness on a test set as a compact hex string (1 bit an image), so that
+    results can be compared image by image later (`unpack_correct`)."""
+    return np.packbits(np.asarray(correct, dtype=bool)).tobytes().hex()
+
+
+def unpack_correct(text: str, n: int) -> np.ndarray:
+    """The boolean vector `pack_correct` stored, for `n` test images."""
+    return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n].astype(bool)

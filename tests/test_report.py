@@ -1,0 +1,87 @@
+"""The bench report's words against its own numbers: constructed results where validation and test
+disagree, ties, noise, labels (issue 17)."""
+
+import numpy as np
+
+from featx.analysis import analyze
+from featx.bench import BenchData
+from featx.report import markdown_report
+from featx.stats import pack_correct
+
+N_TEST = 200
+
+
+class _Src:
+    def __init__(self, name, depth, label=None, n_train=100, n_classes=2):
+        self.name, self.depth, self.n_train, self.n_classes = name, depth, n_train, n_classes
+        self.data = BenchData(name, label)
+
+
+def _correct(n_right: int, offset: int = 0) -> np.ndarray:
+    """n_right of N_TEST images right, the wrong ones starting at `offset` (so two vectors overlap)."""
+    c = np.ones(N_TEST, bool)
+    wrong = (np.arange(N_TEST - n_right) + offset) % N_TEST
+    c[wrong] = False
+    return c
+
+
+def _rows(name, cells):
+    """cells: layer -> (val_score, correct vector)."""
+    rows = []
+    for layer, (val, correct) in cells.items():
+        for seed in (0, 1):
+            rows.append({"dataset": name, "layer": layer, "classifier": "softmax", "preset": "", "baseline": "",
+                         "train_size_spec": "all", "train_size": 100, "accuracy": float(correct.mean()),
+                         "val_score": val, "val_tiebreak": -0.5, "seed": seed, "n_test": N_TEST,
+                         "val_source": "5-fold cv", "test_correct": pack_correct(correct)})  # fmt: skip
+    return rows
+
+
+def _report(rows, srcs) -> tuple[list, str]:
+    analyses = analyze(rows, srcs)
+    return analyses, markdown_report(analyses, title="t", command=None, plots=[], notes=[])
+
+
+def test_validation_and_test_disagree_reads_correctly():
+    """Validation picks `mid`, which is 6 points below the top layer on test: no negative lead,
+    the disagreement said in words, the best-on-test layer labelled as such, one meaning of best."""
+    depth = {"early": 0.3, "mid": 0.6, "top": 1.0}
+    cells = {"early": (0.7, _correct(120)), "mid": (0.95, _correct(150)), "top": (0.9, _correct(162))}
+    (a,), md = _report(_rows("x", cells), [_Src("x", depth, "different")])
+    assert a.best == "mid" and a.best_on_test == "top"
+    assert "leads by -" not in md and "by -" not in md
+    assert "is 6.0 points below the top layer top on test (validation and test disagree)" in md
+    assert "beyond noise" in md  # 12 images the top layer alone gets right, none the other way
+    assert "best on test (not used for the choice): top" in md
+    assert md.index("**Use mid (depth 0.60)") < md.index("Test accuracy (mean")  # the answer comes first
+    assert "95% CI" in md and "chosen by validation score (5-fold cv)" in md
+    assert "labelled different" in md
+    assert "rule of thumb for small + different data: a linear classifier on codes from earlier" in md.lower()
+    assert "not confirmed" in md  # the earlier layer was chosen but loses on test
+
+
+def test_a_top_layer_choice_is_never_headed_as_earlier_layers():
+    depth = {"early": 0.3, "mid": 0.5, "top": 1.0}
+    cells = {"early": (0.7, _correct(140)), "mid": (0.86, _correct(176)), "top": (0.9, _correct(180))}
+    (a,), md = _report(_rows("y", cells), [_Src("y", depth)])
+    assert a.best == "top" and a.measured == "different" and a.case == 3
+    heading = next(line for line in md.splitlines() if line.startswith("## y"))
+    assert "earlier in the network" not in heading and "measured different" in heading
+    assert (
+        "measured here: the top layer; the best earlier layer on test, mid, is 2.0 points lower: not confirmed"
+        in md
+    )
+
+
+def test_differences_within_noise_say_either_will_do():
+    depth = {"early": 0.3, "mid": 0.5, "late": 0.86, "top": 1.0}
+    # late and top differ by 2 images out of 200 and disagree on 10 (6 vs 4): far from significant
+    cells = {"early": (0.6, _correct(120)), "mid": (0.7, _correct(150)),
+             "late": (0.92, _correct(184, offset=0)), "top": (0.91, _correct(182, offset=4))}  # fmt: skip
+    (a,), md = _report(_rows("z", cells), [_Src("z", depth, "similar")])
+    assert a.best == "late"
+    t = a.paired("late", "top", "all")
+    assert t.p > 0.05 and (t.a_only, t.b_only) == (6, 4)
+    assert "within noise (exact McNemar p = " in md
+    assert "either will do, late is cheaper to extract" in md
+    assert "(the chosen earlier layer and the top layer are within noise)" in md

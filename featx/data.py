@@ -30,6 +30,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -760,9 +761,9 @@ def decode_image(path: str, ident: str | None = None):
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses at open
-        raise ImageError(
-            ident, f"too large ({_first(e)}); raise FEATX_MAX_IMAGE_PIXELS to allow it"
-        ) from None
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{n.group(1)} pixels, over {MAX_IMAGE_PIXELS}" if n else _first(e)
+        raise ImageError(ident, f"too large ({size}); raise FEATX_MAX_IMAGE_PIXELS to allow it") from None
     except Exception as e:  # decoders raise many types on hostile files; each is this file's fault
         reason = e.strerror if isinstance(e, OSError) and e.strerror else _first(e)
         raise ImageError(ident, f"cannot decode ({type(e).__name__}: {reason})") from None

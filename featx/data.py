@@ -4,7 +4,8 @@ load the image as RGB.
 `--data` specs
   DIR               ImageFolder layout `DIR/CLASS/image`; top-level `train/`, `val/`, `test/` folders
                     (also training, valid, validation, testing) become splits: `DIR/train/CLASS/image`
-  FILE.csv          a manifest `path,label[,split]` (header optional, see `read_csv`; relative
+  FILE.csv          a manifest `path,label[,split]` (header optional, see `read_csv`; a header may
+                    name a group column, whose groups a seeded split keeps on one side; relative
                     paths are relative to the CSV's folder)
   sklearn:digits    scikit-learn's bundled 8x8 digits (1,797 images)
   DIR of idx files  MNIST-format idx files (`train-images-idx3-ubyte[.gz]`, `t10k-...`), e.g.
@@ -202,6 +203,7 @@ class _Raw:
     fingerprint: str
     split_source: str
     notes: list[str] = field(default_factory=list)
+    groups: np.ndarray | None = None  # str [N]: a seeded split keeps each group on one side
 
 
 def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
@@ -215,7 +217,7 @@ def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
     limit = opts.per_class_limit
     splits_all = raw.splits
     if splits_all is None and isinstance(limit, dict):
-        splits_all = _seeded_split(raw.labels, opts.test_fraction, rng)
+        splits_all = _seeded_split(raw.labels, opts.test_fraction, rng, raw.groups)
     keep = np.ones(n, dtype=bool)
     if limit is not None:
         groups = splits_all if splits_all is not None else np.full(n, "all")
@@ -229,7 +231,12 @@ def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
                     keep[np.setdiff1d(idx, rng.choice(idx, size=k, replace=False))] = False
     sel = np.flatnonzero(keep)
     labels = raw.labels[sel]
-    splits = splits_all[sel] if splits_all is not None else _seeded_split(labels, opts.test_fraction, rng)
+    if splits_all is not None:
+        splits = splits_all[sel]
+    else:
+        splits = _seeded_split(
+            labels, opts.test_fraction, rng, None if raw.groups is None else raw.groups[sel]
+        )
     split_source = raw.split_source if raw.splits is not None else "seeded"
     ids = [raw.ids[i] for i in sel]
     loader = raw.loader if len(sel) == n else _Subset(raw.loader, sel)
@@ -268,8 +275,33 @@ def _untrained_classes(raw: _Raw, labels: np.ndarray, splits: np.ndarray) -> lis
     ]
 
 
-def _seeded_split(labels: np.ndarray, test_fraction: float, rng) -> np.ndarray:
-    return np.where(stratified_holdout(labels, test_fraction, rng), "test", "train").astype("<U5")
+def _seeded_split(
+    labels: np.ndarray, test_fraction: float, rng, groups: np.ndarray | None = None
+) -> np.ndarray:
+    held = (
+        stratified_holdout(labels, test_fraction, rng)
+        if groups is None
+        else _group_holdout(labels, groups, test_fraction, rng)
+    )
+    return np.where(held, "test", "train").astype("<U5")
+
+
+def _group_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, rng) -> np.ndarray:
+    """Hold out whole groups (a manifest's group column: a subject, a patient, a source photo) so
+    that no group is on both sides: groups in seeded order are held out while no class of theirs
+    would pass round(fraction * its size) (at least 1) held-out images."""
+    names, inverse = np.unique(groups, return_inverse=True)
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    per_group = np.zeros((len(names), n_classes), dtype=np.int64)
+    np.add.at(per_group, (inverse, labels), 1)
+    target = np.maximum(np.round(per_group.sum(0) * fraction), 1)
+    taken = np.zeros(n_classes, dtype=np.int64)
+    held = np.zeros(len(names), dtype=bool)
+    for g in rng.permutation(len(names)):
+        if (taken + per_group[g] <= target).all():
+            held[g] = True
+            taken += per_group[g]
+    return held[inverse]
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -614,7 +646,9 @@ def read_csv(path: str | Path, where: str, need: tuple[str, ...] = ("path", "lab
 def _manifest(path: Path) -> _Raw:
     where = f"--data {path}"
     table = read_csv(path, where, need=("path", "label"))
-    has_split = "split" in table.columns
+    has_split, has_group = "split" in table.columns, "group" in table.columns
+    group_split: dict[str, tuple[int, str | None]] = {}  # group -> (first row, its split)
+    groups: list[str] = []
     base = path.parent
     seen: dict[str, tuple[int, str, str | None]] = {}  # normalized path -> (line, label, split)
     paths, labels_s, splits, dropped = [], [], [], []
@@ -639,6 +673,15 @@ def _manifest(path: Path) -> _Raw:
                 )
             dropped.append((p, first_line, line))
             continue
+        if has_group:
+            group = rec["group"] or f"\0row {line}"  # no group: the image is its own
+            first = group_split.setdefault(group, (line, split))
+            if has_split and first[1] != split:
+                raise UsageError(
+                    f"{where}: group {group!r} is in split {first[1]} (row {first[0]}) and {split} (row {line}); "
+                    f"a group's images must share one split, or the test images leak into training"
+                )
+            groups.append(group)
         seen[key] = (line, lab, split)
         paths.append(p)
         labels_s.append(lab)
@@ -658,6 +701,7 @@ def _manifest(path: Path) -> _Raw:
         labels=np.array([index[c] for c in labels_s], dtype=np.int64),
         splits=np.array(splits, dtype="<U5") if has_split else None, loader=FileLoader(full, paths),
         fingerprint=h.hexdigest(), split_source="manifest" if has_split else "seeded", notes=notes,
+        groups=np.array(groups, dtype=str) if has_group and not has_split else None,
     )  # fmt: skip
 
 

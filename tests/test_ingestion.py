@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import FAST_ARGS, cli, make_images
-from featx.data import ImageError, decode_image, open_source
+from featx.data import DataOptions, ImageError, decode_image, open_source
 from featx.errors import UsageError
 from featx.predict import collect_images
 from featx.preprocess import Preprocess
@@ -174,6 +174,26 @@ def test_predict_csv_uses_the_same_reader(tmp_path, imgs):
 
     t = read_csv(_manifest(tmp_path, "path", imgs, bom=True), "x", need=("path",))
     assert t.header == "named" and [r["path"] for _, r in t.rows] == imgs
+
+
+def test_group_column_keeps_each_group_on_one_side(tmp_path):
+    """Images of one subject in both train and test leak; a group column prevents it."""
+    make_images(tmp_path / "imgs", classes=("c0", "c1"), per_class=12, size=(8, 8))
+    rows = [f"{p.relative_to(tmp_path)},{p.parent.name},s{k // 3}{p.parent.name}"
+            for k, p in enumerate(sorted((tmp_path / "imgs").rglob("*.jpg")))]  # fmt: skip
+    m = _manifest(tmp_path, "filename,class,subject", rows)
+    for seed in range(4):
+        ds = open_source(str(m), DataOptions(seed=seed, test_fraction=0.25))
+        group = {r.split(",")[0]: r.split(",")[2] for r in rows}
+        sides = {}
+        for i, s in zip(ds.ids, ds.splits):
+            sides.setdefault(group[i], set()).add(s)
+        assert all(len(v) == 1 for v in sides.values()), sides
+        assert ds.counts()["test"] == {"c0": 3, "c1": 3}
+    with_split = [f"{r},{'test' if k == 4 else 'train'}" for k, r in enumerate(rows)]
+    m = _manifest(tmp_path, "path,label,group,split", with_split)
+    with pytest.raises(UsageError, match="group 's1c0' is in split train \\(row 5\\) and test \\(row 6\\)"):
+        open_source(str(m))
 
 
 # -- item 8: what a folder drops, and why --------------------------------------------------------

@@ -441,7 +441,8 @@ def _unique_files(files: list[tuple], root: str, notes: list[str] | None) -> lis
             st = os.stat(p)
         except OSError:
             continue  # missing or looping: listed, and skipped with its reason when decoded
-        by_file.setdefault((st.st_dev, st.st_ino), []).append(k)
+        if st.st_ino:  # some network file systems give every file inode 0: no identity to compare
+            by_file.setdefault((st.st_dev, st.st_ino), []).append(k)
     drop: set[int] = set()
     first = None
     for ks in by_file.values():
@@ -509,8 +510,9 @@ def _folder(root: Path) -> _Raw:
     files = _unique_files(files, str(root), notes)
     if not files:
         where = f"{root}/CLASS/image or {root}/train/CLASS/image"
+        loose = f"; {len(walk.loose)} image(s) lie outside class folders" if walk.loose else ""
         raise UsageError(
-            f"--data {root}: no images found (expected {where}; extensions {' '.join(IMAGE_EXTENSIONS)})"
+            f"--data {root}: no images found (expected {where}; extensions {' '.join(IMAGE_EXTENSIONS)}){loose}"
         )
     classes = sorted({c for _, c, _ in files})
     empty = sorted(class_dirs - set(classes))

@@ -214,6 +214,11 @@ def test_loose_images_beside_class_folders_are_noted_once(tmp_path):
     assert any(
         "1 image(s) lie directly" in n and "first: stray.jpg" in n for n in open_source(str(flat)).notes
     )
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.new("RGB", (8, 8)).save(loose / "x.png")
+    with pytest.raises(UsageError, match="no images found .*; 1 image.s. lie outside class folders"):
+        open_source(str(loose))
 
 
 def test_class_folder_named_train_in_a_flat_layout_is_a_class(tmp_path):

@@ -542,7 +542,6 @@ CSV_COLUMNS = {
     "split": ("split", "subset", "set", "partition"),
     "group": ("group", "group_id", "subject", "subject_id", "patient", "patient_id"),
 }  # fmt: skip
-_POSITIONS = ("path", "label", "split")  # the columns of a CSV without a recognised header
 
 
 @dataclass
@@ -778,7 +777,7 @@ def check_size(ident: str, w: int, h: int, resized: tuple[int, int] | None = Non
         )
 
 
-def _pil_image():
+def pil_with_limits():
     """PIL.Image with its decompression-bomb limit set to featx's (Pillow refuses images over
     twice its limit at open, whatever featx allows)."""
     from PIL import Image
@@ -791,7 +790,7 @@ def decode_image(path: str, ident: str | None = None):
     """Open an image file as an RGB PIL image, or raise ImageError(ident, reason)."""
     from PIL import ImageOps
 
-    Image = _pil_image()
+    Image = pil_with_limits()
     ident = ident or _printable(path)
     if not os.path.isfile(path):  # a FIFO or device would block or mislead the decoder
         raise ImageError(ident, "missing" if not os.path.exists(path) else "not a regular file")

@@ -49,7 +49,7 @@ class RawImages:
 def _jpeg_bytes(path: str, ident: str, preprocess) -> bytes | None:
     """The file's bytes when it is a JPEG whose header size, aspect ratio and resized size are
     within featx's limits (else ImageError); None for other formats."""
-    from featx.data import _pil_image
+    from featx.data import pil_with_limits
 
     try:
         with open(path, "rb") as f:
@@ -62,7 +62,7 @@ def _jpeg_bytes(path: str, ident: str, preprocess) -> bytes | None:
         import io
         import warnings
 
-        Image = _pil_image()
+        Image = pil_with_limits()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_size says it
             with Image.open(io.BytesIO(raw)) as im:  # reads the header only

@@ -4,8 +4,9 @@ load the image as RGB.
 `--data` specs
   DIR               ImageFolder layout `DIR/CLASS/image`; top-level `train/`, `val/`, `test/` folders
                     (also training, valid, validation, testing) become splits: `DIR/train/CLASS/image`
-  FILE.csv          a manifest `path,label[,split]` (header optional; relative paths are relative
-                    to the CSV's folder)
+  FILE.csv          a manifest `path,label[,split]` (header optional, see `read_csv`; a header may
+                    name a group column, whose groups a seeded split keeps on one side; relative
+                    paths are relative to the CSV's folder)
   sklearn:digits    scikit-learn's bundled 8x8 digits (1,797 images)
   DIR of idx files  MNIST-format idx files (`train-images-idx3-ubyte[.gz]`, `t10k-...`), e.g.
                     Fashion-MNIST from Debian's `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist)
@@ -16,8 +17,10 @@ Sources without splits get a seeded, stratified train/test split (`test_fraction
 `per_class_limit` keeps at most K images per class and split (an int, or {split: K}), chosen with
 `seed`. Images are decoded with EXIF orientation applied and converted to RGB (grayscale,
 palette, CMYK, RGBA by dropping alpha like torchvision's loader, 16-bit scaled to 8-bit);
-animated images give their first frame. A file that cannot be decoded raises `ImageError` with its
-path and the reason; the extractor skips and lists it.
+animated images give their first frame. A file that cannot be decoded, or whose size or aspect
+ratio is over the limits (`check_size`), raises `ImageError` with its path and the reason; the
+extractor skips and lists it. What a source drops (loose images, folder links back into the tree,
+files reached twice, duplicate manifest rows) is said once per kind in `Dataset.notes`.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import io
 import logging
 import os
+import re
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.errors import UsageError
+from featx.errors import FeatxError, UsageError
 
 log = logging.getLogger("featx")
 
@@ -63,8 +68,8 @@ _IDX_FILES = {
 }
 
 
-class ImageError(Exception):
-    """An image that cannot be decoded; `str()` is 'path: reason'."""
+class ImageError(FeatxError):
+    """An image that cannot be decoded or is over the size limits; `str()` is 'path: reason'."""
 
     def __init__(self, ident: str, reason: str):
         super().__init__(f"{ident}: {reason}")
@@ -153,6 +158,7 @@ def parse_per_class_limit(text: str | int | None) -> int | dict[str, int] | None
 def open_source(spec: str, options: DataOptions | None = None) -> Dataset:
     """List the samples of `spec` (see the module docstring) and cut them per `options`."""
     opts = options or DataOptions()
+    check_limits()
     if not isinstance(opts.seed, int) or opts.seed < 0:
         raise UsageError(f"--seed {opts.seed}: must be a non-negative integer")
     if not 0.0 < opts.test_fraction < 1.0:
@@ -197,6 +203,7 @@ class _Raw:
     fingerprint: str
     split_source: str
     notes: list[str] = field(default_factory=list)
+    groups: np.ndarray | None = None  # str [N]: a seeded split keeps each group on one side
 
 
 def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
@@ -210,7 +217,7 @@ def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
     limit = opts.per_class_limit
     splits_all = raw.splits
     if splits_all is None and isinstance(limit, dict):
-        splits_all = _seeded_split(raw.labels, opts.test_fraction, rng)
+        splits_all = _seeded_split(raw.labels, opts.test_fraction, rng, raw.groups)
     keep = np.ones(n, dtype=bool)
     if limit is not None:
         groups = splits_all if splits_all is not None else np.full(n, "all")
@@ -224,7 +231,12 @@ def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
                     keep[np.setdiff1d(idx, rng.choice(idx, size=k, replace=False))] = False
     sel = np.flatnonzero(keep)
     labels = raw.labels[sel]
-    splits = splits_all[sel] if splits_all is not None else _seeded_split(labels, opts.test_fraction, rng)
+    if splits_all is not None:
+        splits = splits_all[sel]
+    else:
+        splits = _seeded_split(
+            labels, opts.test_fraction, rng, None if raw.groups is None else raw.groups[sel]
+        )
     split_source = raw.split_source if raw.splits is not None else "seeded"
     ids = [raw.ids[i] for i in sel]
     loader = raw.loader if len(sel) == n else _Subset(raw.loader, sel)
@@ -237,15 +249,59 @@ def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
     )
     h.update(np.ascontiguousarray(sel, dtype=np.int64).tobytes())
     h.update("\n".join(splits.tolist()).encode())
+    notes = list(raw.notes)
+    if raw.splits is not None:
+        notes += _untrained_classes(raw, labels, splits)
     return Dataset(
         name=raw.name, spec=raw.spec, classes=raw.classes, ids=ids, labels=labels.astype(np.int64),
         splits=splits.astype("<U5"), loader=loader, fingerprint=h.hexdigest(), split_source=split_source,
-        notes=raw.notes,
+        notes=notes,
     )  # fmt: skip
 
 
-def _seeded_split(labels: np.ndarray, test_fraction: float, rng) -> np.ndarray:
-    return np.where(stratified_holdout(labels, test_fraction, rng), "test", "train").astype("<U5")
+def _untrained_classes(raw: _Raw, labels: np.ndarray, splits: np.ndarray) -> list[str]:
+    """A note naming the classes that have val/test images but no training images: a classifier
+    can never predict them, so each of their images counts as an error."""
+    n = len(raw.classes)
+    train = np.bincount(labels[splits == "train"], minlength=n)
+    other = np.bincount(labels[splits != "train"], minlength=n)
+    missing = [c for c in range(n) if other[c] and not train[c]]
+    if not missing:
+        return []
+    names = ", ".join(raw.classes[c] for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    return [
+        f"{raw.spec}: {len(missing)} class(es) have val/test images but no training images "
+        f"({names}; {int(other[missing].sum())} images): a classifier cannot predict them"
+    ]
+
+
+def _seeded_split(
+    labels: np.ndarray, test_fraction: float, rng, groups: np.ndarray | None = None
+) -> np.ndarray:
+    held = (
+        stratified_holdout(labels, test_fraction, rng)
+        if groups is None
+        else _group_holdout(labels, groups, test_fraction, rng)
+    )
+    return np.where(held, "test", "train").astype("<U5")
+
+
+def _group_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, rng) -> np.ndarray:
+    """Hold out whole groups (a manifest's group column: a subject, a patient, a source photo) so
+    that no group is on both sides: groups in seeded order are held out while no class of theirs
+    would pass round(fraction * its size) (at least 1) held-out images."""
+    names, inverse = np.unique(groups, return_inverse=True)
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    per_group = np.zeros((len(names), n_classes), dtype=np.int64)
+    np.add.at(per_group, (inverse, labels), 1)
+    target = np.maximum(np.round(per_group.sum(0) * fraction), 1)
+    taken = np.zeros(n_classes, dtype=np.int64)
+    held = np.zeros(len(names), dtype=bool)
+    for g in rng.permutation(len(names)):
+        if (taken + per_group[g] <= target).all():
+            held[g] = True
+            taken += per_group[g]
+    return held[inverse]
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -276,44 +332,131 @@ def _printable(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def walk_images(top: str, fence: str | None = None, notes: list[str] | None = None) -> list[str]:
-    """Image files under `top`, sorted. Symlinks are followed but never loop; with `fence`
-    (the dataset root), a symlinked folder that leads back inside the dataset but out of `top`
-    is skipped (it would label another class's images as this one's) and noted."""
-    found: list[str] = []
-    top_real = os.path.realpath(top)
-    fence_real = os.path.realpath(fence) if fence else None
-    seen: set[str] = set()
-    for root, dirs, files in os.walk(top, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
+def _inside(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree.rstrip(os.sep) + os.sep)
+
+
+def _leads_back(path: str, tree: str) -> bool:
+    """A symlinked folder whose target is inside `tree` (the real dataset root) or holds it:
+    following it would list the tree's images again, under another folder's label."""
+    if not os.path.islink(path):
+        return False
+    target = os.path.realpath(path)
+    return _inside(target, tree) or _inside(tree, target)
+
+
+class _Walk:
+    """What one listing of image files dropped, summed over its folders and said once each."""
+
+    def __init__(self, tree: str):
+        self.tree = os.path.realpath(tree)
+        self.links: dict[str, None] = {}  # folder links back into the tree, skipped (ordered set)
+        self.loose: list[str] = []  # images beside class folders, ignored
+
+    def subdirs(self, path: str) -> list[str]:
+        """Non-hidden subfolders of `path` that do not lead back into the tree, sorted."""
         keep = []
-        for d in sorted(dirs):
-            if d.startswith("."):
+        for d in _subdirs(path):
+            if _leads_back(os.path.join(path, d), self.tree):
+                self.links[os.path.join(path, d)] = None
+            else:
+                keep.append(d)
+        return keep
+
+    def images(self, top: str) -> list[str]:
+        """Image files under `top`, sorted; symlinks are followed unless they lead back into the
+        tree, and never loop."""
+        found: list[str] = []
+        seen: set[str] = set()
+        for root, dirs, files in os.walk(top, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:
+                dirs[:] = []
                 continue
-            target = os.path.realpath(os.path.join(root, d))
-            inside_top = target == top_real or target.startswith(top_real + os.sep)
-            inside_fence = fence_real is not None and (
-                target == fence_real or target.startswith(fence_real + os.sep)
+            seen.add(real)
+            keep = []
+            for d in sorted(dirs):
+                if d.startswith("."):
+                    continue
+                if _leads_back(os.path.join(root, d), self.tree):
+                    self.links[os.path.join(root, d)] = None
+                    continue
+                keep.append(d)
+            dirs[:] = keep
+            for f in files:
+                path = os.path.join(root, f)
+                # non-regular files (FIFOs, dangling or looping links) are listed: decoding skips them with a reason
+                if _is_image_name(f) and not os.path.isdir(path):
+                    found.append(path)
+        return sorted(found)
+
+    def note_loose(self, folder: str) -> None:
+        try:
+            names = sorted(e.name for e in os.scandir(folder) if _is_image_name(e.name) and not e.is_dir())
+        except OSError:
+            return
+        self.loose += [os.path.join(folder, n) for n in names]
+
+    def notes(self, root: str) -> list[str]:
+        out = []
+        if self.loose:
+            out.append(
+                f"{root}: {len(self.loose)} image(s) lie directly in the data folder or a split folder, "
+                f"not in a class folder, and were ignored (first: {_rel(self.loose[0], root)})"
             )
-            escapes_up = top_real.startswith(target + os.sep)
-            if not inside_top and (inside_fence or escapes_up):
-                if notes is not None:
-                    notes.append(
-                        f"{_printable(os.path.join(root, d))}: a link out of its class folder; skipped"
-                    )
-                continue
-            keep.append(d)
-        dirs[:] = keep
-        for f in files:
-            path = os.path.join(root, f)
-            # non-regular files (FIFOs, dangling or looping links) are listed: decoding skips them with a reason
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(path):
-                found.append(path)
-    return sorted(found)
+        if self.links:
+            first = next(iter(self.links))
+            out.append(
+                f"{root}: {len(self.links)} folder link(s) lead back into the dataset and were skipped, "
+                f"as they would list its images again under another label (first: {_rel(first, root)} -> "
+                f"{_printable(os.readlink(first))})"
+            )
+        return out
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _rel(path: str, root: str) -> str:
+    return _printable(os.path.relpath(path, root))
+
+
+def walk_images(top: str, notes: list[str] | None = None) -> list[str]:
+    """Image files under `top`, sorted, each file once. Folder symlinks are followed unless they
+    lead back into `top`'s tree (skipped, noted in `notes`), and never loop."""
+    walk = _Walk(top)
+    found = _unique_files([(None, None, p) for p in walk.images(top)], top, notes)
+    if notes is not None:
+        notes += walk.notes(top)
+    return [p for _, _, p in found]
+
+
+def _unique_files(files: list[tuple], root: str, notes: list[str] | None) -> list[tuple]:
+    """(split, class, path) entries with each file (device, inode) once: where one file is reached
+    twice (links), the entry at its own path wins over one through a link, else the first."""
+    by_file: dict[tuple[int, int], list[int]] = {}
+    for k, (_, _, p) in enumerate(files):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue  # missing or looping: listed, and skipped with its reason when decoded
+        if st.st_ino:  # some network file systems give every file inode 0: no identity to compare
+            by_file.setdefault((st.st_dev, st.st_ino), []).append(k)
+    drop: set[int] = set()
+    first = None
+    for ks in by_file.values():
+        if len(ks) > 1:
+            own = [k for k in ks if os.path.realpath(files[k][2]) == os.path.abspath(files[k][2])]
+            keep = (own or ks)[0]
+            drop.update(k for k in ks if k != keep)
+            first = first or (files[keep][2], files[next(k for k in ks if k != keep)][2])
+    if drop and notes is not None:
+        notes.append(
+            f"{root}: {len(drop)} image file(s) are reached twice (through links) and were taken once "
+            f"(first: {_rel(first[0], root)}, again as {_rel(first[1], root)})"
+        )
+    return [f for k, f in enumerate(files) if k not in drop]
 
 
 def _stat_key(path: str) -> bytes:
@@ -332,30 +475,44 @@ def _subdirs(path: str) -> list[str]:
 
 
 def _folder(root: Path) -> _Raw:
-    top = _subdirs(str(root))
-    split_dirs = [d for d in top if d.lower() in _SPLIT_ALIASES]
+    """An ImageFolder. Top-level folders named like splits (train/, test/, ...) are splits when
+    at least one of them holds subfolders (class folders); otherwise they are classes like any."""
+    walk = _Walk(str(root))
+    top = walk.subdirs(str(root))
+    named = [d for d in top if d.lower() in _SPLIT_ALIASES]
+    split_dirs = [d for d in named if walk.subdirs(os.path.join(str(root), d))]
     notes = []
     if split_dirs:
         ignored = [d for d in top if d not in split_dirs]
         if ignored:
             notes.append(
-                f"{root}: folders {', '.join(ignored)} are not split folders (train/val/test) and were ignored"
+                f"{root}: folders {', '.join(ignored)} are not split folders holding class folders "
+                f"(train/CLASS, test/CLASS) and were ignored"
             )
         layout = [(_SPLIT_ALIASES[d.lower()], os.path.join(str(root), d)) for d in split_dirs]
         if len({s for s, _ in layout}) != len(layout):
             raise UsageError(f"--data {root}: two folders name the same split ({', '.join(split_dirs)})")
+        walk.note_loose(str(root))
     else:
         layout = [(None, str(root))]
+        if named:
+            notes.append(
+                f"{root}: folder(s) {', '.join(named)} hold no class folders and are read as classes, not splits"
+            )
     files: list[tuple[str | None, str, str]] = []  # (split, class, path)
     class_dirs: set[str] = set()
     for split, base in layout:
-        for cls in _subdirs(base):
+        walk.note_loose(base)
+        for cls in walk.subdirs(base):
             class_dirs.add(cls)
-            files.extend((split, cls, p) for p in walk_images(os.path.join(base, cls), str(root), notes))
+            files.extend((split, cls, p) for p in walk.images(os.path.join(base, cls)))
+    notes += walk.notes(str(root))
+    files = _unique_files(files, str(root), notes)
     if not files:
         where = f"{root}/CLASS/image or {root}/train/CLASS/image"
+        loose = f"; {len(walk.loose)} image(s) lie outside class folders" if walk.loose else ""
         raise UsageError(
-            f"--data {root}: no images found (expected {where}; extensions {' '.join(IMAGE_EXTENSIONS)})"
+            f"--data {root}: no images found (expected {where}; extensions {' '.join(IMAGE_EXTENSIONS)}){loose}"
         )
     classes = sorted({c for _, c, _ in files})
     empty = sorted(class_dirs - set(classes))
@@ -377,36 +534,163 @@ def _folder(root: Path) -> _Raw:
     )  # fmt: skip
 
 
-def _manifest(path: Path) -> _Raw:
+# Column names a CSV header may use, per role (compared case-insensitively).
+CSV_COLUMNS = {
+    "path": ("path", "filename", "file", "file_name", "filepath", "file_path", "image", "image_path",
+             "image_file", "image_name", "img", "img_path", "fname"),
+    "label": ("label", "class", "target", "category", "class_name", "classname", "labels", "y"),
+    "split": ("split", "subset", "set", "partition"),
+    "group": ("group", "group_id", "subject", "subject_id", "patient", "patient_id"),
+}  # fmt: skip
+
+
+@dataclass
+class CsvTable:
+    """The data rows of a CSV: `rows[k]` is (line number, {role: stripped value}) for the roles
+    in `columns` (role -> column index); `header` is 'named', 'unnamed' or None."""
+
+    columns: dict[str, int]
+    rows: list[tuple[int, dict[str, str]]]
+    header: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+def read_csv(path: str | Path, where: str, need: tuple[str, ...] = ("path", "label")) -> CsvTable:
+    """Read a CSV of image paths for extract's manifest and predict's input, or raise a one-line
+    UsageError that starts with `where` (the option and file).
+
+    UTF-8 with or without a byte-order mark. The first row is a header when none of its cells
+    names an image (an existing file, or a name ending in an image extension): taken as data, such
+    a row would invent an image and a class named after its label column. A header's known column
+    names (CSV_COLUMNS: path, filename, file, image...; label, class, target...; split; group)
+    place the columns (an unnamed path or label column is the first or second one); without
+    known names, or without a header, the columns are path, label[, split] by position. `need`
+    lists the roles every row must have."""
+    path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
-            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UsageError(f"--data {path}: cannot read the CSV manifest ({e})") from None
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
-        rows = rows[1:]
-    if not rows:
-        raise UsageError(f"--data {path}: the manifest lists no images (expected rows path,label[,split])")
-    widths = {len(r) for r in rows}
-    if not widths <= {2, 3} or len(widths) != 1:
-        bad = next(i for i, r in enumerate(rows, 1) if len(r) != len(rows[0]) or len(r) not in (2, 3))
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{where}: cannot read the CSV ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: spreadsheets write a byte-order mark
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
         raise UsageError(
-            f"--data {path}: row {bad} has {len(rows[bad - 1])} columns; every row must be path,label or path,label,split"
-        )
-    has_split = widths == {3}
+            f"{where}: the CSV is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as "
+            f"UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}-utf8.csv"
+        ) from None
+    rows: list[tuple[int, list[str]]] = []
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for r in reader:
+            if r and any(c.strip() for c in r):
+                rows.append((reader.line_num, [c.strip() for c in r]))
+    except csv.Error as e:
+        raise UsageError(f"{where}: row {reader.line_num} is not valid CSV ({e})") from None
+    expect = ",".join(need) + ("[,split]" if "label" in need else "")
+    if not rows:
+        raise UsageError(f"{where}: the CSV lists no images (expected rows {expect})")
     base = path.parent
-    paths, labels_s, splits = [], [], []
-    for i, r in enumerate(rows, 1):
-        p, lab = r[0].strip(), r[1].strip()
+
+    def is_file(p: str) -> bool:
+        return bool(p) and os.path.isfile(p if os.path.isabs(p) else base / p)
+
+    first = [c.lower() for c in rows[0][1]]
+    header = None
+    notes: list[str] = []
+    columns: dict[str, int] = {}
+    if not any(is_file(c) or _is_image_name(c) for c in rows[0][1]):
+        for role, names in CSV_COLUMNS.items():
+            hit = next((k for k, c in enumerate(first) if c in names and k not in columns.values()), None)
+            if hit is not None:
+                columns[role] = hit
+        header = "named" if columns else "unnamed"
+    if header == "named":
+        for role, k in (("path", 0), ("label", 1)):
+            if role in need and role not in columns and k < len(first) and k not in columns.values():
+                columns[role] = k
+        missing = [r for r in need if r not in columns]
+        if missing:
+            raise UsageError(
+                f"{where}: the header {','.join(rows[0][1])} names no {missing[0]} column; "
+                f"call it one of {', '.join(CSV_COLUMNS[missing[0]][:4])}"
+            )
+    else:
+        if header == "unnamed":
+            notes.append(
+                f"{where}: the first row ({','.join(rows[0][1])[:80]}) names no image file, so it was read "
+                f"as a header (columns {expect} by position)"
+            )
+        width = len(rows[1][1]) if header and len(rows) > 1 else len(rows[0][1])
+        columns = {"path": 0}
+        if "label" in need:
+            columns.update({"label": 1, **({"split": 2} if width >= 3 else {})})
+    data = rows[1:] if header else rows
+    if not data:
+        raise UsageError(f"{where}: the CSV lists no images, only a header (expected rows {expect})")
+    if header != "named" and "label" in need:  # by position: path,label or path,label,split throughout
+        width = len(data[0][1])
+        for line, r in data:
+            if len(r) != width or len(r) not in (2, 3):
+                raise UsageError(
+                    f"{where}: row {line} has {len(r)} columns; every row must be path,label or path,label,split"
+                )
+    top = max(columns.values())
+    out = []
+    for line, r in data:
+        if len(r) <= top:
+            raise UsageError(f"{where}: row {line} has {len(r)} columns; the header has {len(first)}")
+        out.append((line, {role: r[k] for role, k in columns.items()}))
+    return CsvTable(columns, out, header, notes)
+
+
+def _manifest(path: Path) -> _Raw:
+    where = f"--data {path}"
+    table = read_csv(path, where, need=("path", "label"))
+    has_split, has_group = "split" in table.columns, "group" in table.columns
+    group_split: dict[str, tuple[int, str | None]] = {}  # group -> (first row, its split)
+    groups: list[str] = []
+    base = path.parent
+    seen: dict[str, tuple[int, str, str | None]] = {}  # normalized path -> (line, label, split)
+    paths, labels_s, splits, dropped = [], [], [], []
+    for line, rec in table.rows:
+        p, lab = rec["path"], rec["label"]
         if not p or not lab:
-            raise UsageError(f"--data {path}: row {i} has an empty path or label")
+            raise UsageError(f"{where}: row {line} has an empty path or label")
+        split = None
+        if has_split:
+            split = _SPLIT_ALIASES.get(rec["split"].lower())
+            if split is None:
+                raise UsageError(f"{where}: row {line}: split {rec['split']!r} is not train, val or test")
+        key = os.path.normcase(os.path.normpath(p if os.path.isabs(p) else base / p))
+        if key in seen:
+            first_line, first_lab, first_split = seen[key]
+            if (first_lab, first_split) != (lab, split):
+                was = "/".join(x for x in (first_lab, first_split) if x)
+                now = "/".join(x for x in (lab, split) if x)
+                raise UsageError(
+                    f"{where}: {p} is listed twice with different labels or splits (row {first_line}: "
+                    f"{was}, row {line}: {now}); keep one row per image"
+                )
+            dropped.append((p, first_line, line))
+            continue
+        if has_group:
+            group = rec["group"] or f"\0row {line}"  # no group: the image is its own
+            first = group_split.setdefault(group, (line, split))
+            if has_split and first[1] != split:
+                raise UsageError(
+                    f"{where}: group {group!r} is in split {first[1]} (row {first[0]}) and {split} (row {line}); "
+                    f"a group's images must share one split, or the test images leak into training"
+                )
+            groups.append(group)
+        seen[key] = (line, lab, split)
         paths.append(p)
         labels_s.append(lab)
-        if has_split:
-            s = _SPLIT_ALIASES.get(r[2].strip().lower())
-            if s is None:
-                raise UsageError(f"--data {path}: row {i}: split {r[2].strip()!r} is not train, val or test")
-            splits.append(s)
+        splits.append(split)
+    notes = list(table.notes)
+    if dropped:
+        p, a, b = dropped[0]
+        notes.append(f"{where}: {len(dropped)} duplicate row(s) were dropped (first: {p}, rows {a} and {b})")
     classes = sorted(set(labels_s))
     index = {c: i for i, c in enumerate(classes)}
     full = [p if os.path.isabs(p) else str(base / p) for p in paths]
@@ -417,8 +701,19 @@ def _manifest(path: Path) -> _Raw:
         name=path.stem, spec=str(path), classes=classes, ids=paths,
         labels=np.array([index[c] for c in labels_s], dtype=np.int64),
         splits=np.array(splits, dtype="<U5") if has_split else None, loader=FileLoader(full, paths),
-        fingerprint=h.hexdigest(), split_source="manifest" if has_split else "seeded",
+        fingerprint=h.hexdigest(), split_source="manifest" if has_split else "seeded", notes=notes,
+        groups=np.array(groups, dtype=str) if has_group and not has_split else None,
     )  # fmt: skip
+
+
+def read_image_list(path: str) -> list[str]:
+    """The image paths of a CSV given to `featx predict` (the path column; see `read_csv`),
+    relative ones joined to the CSV's folder. Rows with an empty path are left out."""
+    table = read_csv(path, str(path), need=("path",))
+    for note in table.notes:
+        log.warning(note)
+    base = os.path.dirname(os.path.abspath(path))
+    return [p if os.path.isabs(p) else os.path.join(base, p) for _, rec in table.rows if (p := rec["path"])]
 
 
 class FileLoader:
@@ -431,14 +726,71 @@ class FileLoader:
         return decode_image(self.paths[i], self.ids[i])
 
 
-# Pillow's own limit (it warns above it and refuses above twice it); FEATX_MAX_IMAGE_PIXELS moves featx's
-MAX_IMAGE_PIXELS = int(os.environ.get("FEATX_MAX_IMAGE_PIXELS", 89_478_485))
+_BAD_LIMITS: list[str] = []  # settings that are not positive integers, reported by check_limits
+
+
+def _env_limit(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    try:
+        value = int(text) if text else default
+    except ValueError:
+        value = 0
+    if value < 1:
+        _BAD_LIMITS.append(f"{name}={text!r}: must be a positive integer (unset it for {default})")
+        return default
+    return value
+
+
+# The most pixels an image may have, decoded or resized (Pillow's default limit; featx sets Pillow's
+# own to it, so that FEATX_MAX_IMAGE_PIXELS governs both), and the widest aspect ratio it may have.
+MAX_IMAGE_PIXELS = _env_limit("FEATX_MAX_IMAGE_PIXELS", 89_478_485)
+MAX_ASPECT_RATIO = _env_limit("FEATX_MAX_ASPECT_RATIO", 100)
+
+
+def check_limits() -> None:
+    """Raise UsageError when FEATX_MAX_IMAGE_PIXELS or FEATX_MAX_ASPECT_RATIO is not a positive integer."""
+    if _BAD_LIMITS:
+        raise UsageError(_BAD_LIMITS[0])
+
+
+def check_size(ident: str, w: int, h: int, resized: tuple[int, int] | None = None) -> None:
+    """Raise ImageError(ident, reason) when a w x h image, or its `resized` (w, h), is over the
+    limits; called with the header's size, before anything is decoded or resized."""
+    pixels, aspect = MAX_IMAGE_PIXELS, MAX_ASPECT_RATIO
+    if min(w, h) < 1:
+        raise ImageError(ident, f"empty ({w}x{h} pixels)")
+    if w * h > pixels:
+        raise ImageError(
+            ident, f"too large ({w}x{h} pixels, over {pixels}); raise FEATX_MAX_IMAGE_PIXELS to allow it"
+        )
+    if max(w, h) > aspect * min(w, h):
+        raise ImageError(
+            ident,
+            f"too elongated ({w}x{h} pixels, aspect ratio over {aspect}:1); "
+            f"raise FEATX_MAX_ASPECT_RATIO to allow it",
+        )
+    if resized is not None and resized[0] * resized[1] > pixels:
+        raise ImageError(
+            ident,
+            f"too large once resized ({w}x{h} -> {resized[0]}x{resized[1]} pixels, over {pixels}); "
+            f"raise FEATX_MAX_IMAGE_PIXELS to allow it",
+        )
+
+
+def pil_with_limits():
+    """PIL.Image with its decompression-bomb limit set to featx's (Pillow refuses images over
+    twice its limit at open, whatever featx allows)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    return Image
 
 
 def decode_image(path: str, ident: str | None = None):
     """Open an image file as an RGB PIL image, or raise ImageError(ident, reason)."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
+    Image = pil_with_limits()
     ident = ident or _printable(path)
     if not os.path.isfile(path):  # a FIFO or device would block or mislead the decoder
         raise ImageError(ident, "missing" if not os.path.exists(path) else "not a regular file")
@@ -446,19 +798,17 @@ def decode_image(path: str, ident: str | None = None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # featx applies its own limit
             with Image.open(path) as im:
-                w, h = im.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise ImageError(
-                        ident,
-                        f"too large ({w}x{h} pixels, over {MAX_IMAGE_PIXELS}); "
-                        f"raise FEATX_MAX_IMAGE_PIXELS to allow it",
-                    )
+                check_size(ident, *im.size)
                 im.load()  # the first frame of an animation
                 if im.getexif().get(0x0112, 1) != 1:  # only then: exif_transpose copies the image
                     im = ImageOps.exif_transpose(im) or im
                 return to_rgb(im)
     except ImageError:
         raise
+    except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses at open
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{n.group(1)} pixels, over {MAX_IMAGE_PIXELS}" if n else _first(e)
+        raise ImageError(ident, f"too large ({size}); raise FEATX_MAX_IMAGE_PIXELS to allow it") from None
     except Exception as e:  # decoders raise many types on hostile files; each is this file's fault
         reason = e.strerror if isinstance(e, OSError) and e.strerror else _first(e)
         raise ImageError(ident, f"cannot decode ({type(e).__name__}: {reason})") from None
@@ -559,14 +909,19 @@ def _idx(root: Path) -> _Raw:
         splits += [split] * len(lab)
         ids += [f"{split}/{i:05d}" for i in range(len(lab))]
         h.update(hashlib.sha256(ipath.read_bytes()).digest() + hashlib.sha256(lpath.read_bytes()).digest())
-    labels_all = np.concatenate(labels)
-    n_classes = int(labels_all.max()) + 1
-    fashion = "fashion" in str(root).lower() and n_classes == 10
-    classes = list(_FASHION_CLASSES) if fashion else [str(c) for c in range(n_classes)]
+    if not sum(len(x) for x in labels):
+        raise UsageError(f"--data {root}: the idx label files hold no samples")
+    # the classes are the label values present ({0, 255} is two classes, not 256)
+    present, labels_all = np.unique(np.concatenate(labels), return_inverse=True)
+    fashion = "fashion" in str(root).lower() and present.max() <= 9
+    classes = [_FASHION_CLASSES[v] if fashion else str(v) for v in present.tolist()]
+    notes = []
+    if present.tolist() != list(range(len(present))):
+        notes.append(f"{root}: the label files hold the values {_listing(present.tolist())}; each is a class")
     return _Raw(
         name="fashion-mnist" if fashion else root.name, spec=str(root), classes=classes, ids=ids,
-        labels=labels_all, splits=np.array(splits, dtype="<U5"), loader=_ArrayLoader(np.concatenate(images)),
-        fingerprint=h.hexdigest(), split_source="files",
+        labels=labels_all.astype(np.int64), splits=np.array(splits, dtype="<U5"),
+        loader=_ArrayLoader(np.concatenate(images)), fingerprint=h.hexdigest(), split_source="files", notes=notes,
     )  # fmt: skip
 
 
@@ -581,6 +936,10 @@ class _TorchvisionLoader:
         k = int(np.searchsorted(self.offsets, i, side="right")) - 1
         image = self.parts[k][i - self.offsets[k]][0]
         return to_rgb(image)
+
+
+def _listing(values: list, k: int = 8) -> str:
+    return ", ".join(map(str, values[:k])) + (f", ... ({len(values)} in all)" if len(values) > k else "")
 
 
 def _torchvision(name: str, root: str | None) -> _Raw:

@@ -2,7 +2,7 @@
 
 On a GPU, decoding and resizing JPEGs on the CPU starves the device. With `decoder="torchvision"`
 data-loader workers only read the file bytes (and the image size from its header, for the
-decompression-bomb limit); the main process decodes the whole batch at once with
+size and aspect-ratio limits, checked before anything is decoded); the main process decodes the whole batch at once with
 `torchvision.io.decode_jpeg(..., device=DEVICE)` (nvjpeg on CUDA), then resizes (antialiased)
 and centre-crops on the device. Non-JPEG files and in-memory images take the PIL path in the
 workers, as with the `pil` decoder.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featx.data import MAX_IMAGE_PIXELS, ImageError
+from featx.data import ImageError, check_size
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -38,7 +38,7 @@ class RawImages:
         i = self.start + k
         try:
             if self.paths is not None:
-                raw = _jpeg_bytes(self.paths[i], self.loader.ids[i])
+                raw = _jpeg_bytes(self.paths[i], self.loader.ids[i], self.pre)
                 if raw is not None:
                     return i, ("jpeg", torch.frombuffer(bytearray(raw), dtype=torch.uint8)), None
             return i, ("ready", self.pre.to_uint8(self.loader(i))), None
@@ -46,9 +46,10 @@ class RawImages:
             return i, None, e.reason
 
 
-def _jpeg_bytes(path: str, ident: str) -> bytes | None:
-    """The file's bytes when it is a JPEG of acceptable size; None for other formats."""
-    from PIL import Image
+def _jpeg_bytes(path: str, ident: str, preprocess) -> bytes | None:
+    """The file's bytes when it is a JPEG whose header size, aspect ratio and resized size are
+    within featx's limits (else ImageError); None for other formats."""
+    from featx.data import pil_with_limits
 
     try:
         with open(path, "rb") as f:
@@ -59,17 +60,17 @@ def _jpeg_bytes(path: str, ident: str) -> bytes | None:
         return None
     try:
         import io
+        import warnings
 
-        with Image.open(io.BytesIO(raw)) as im:
-            w, h = im.size
-    except Exception as e:  # a header PIL cannot parse: let the PIL path report it precisely
+        Image = pil_with_limits()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_size says it
+            with Image.open(io.BytesIO(raw)) as im:  # reads the header only
+                w, h = im.size
+    except Exception as e:  # a header PIL cannot parse, or a bomb: let the PIL path report it precisely
         del e
         return None
-    if w * h > MAX_IMAGE_PIXELS:
-        raise ImageError(
-            ident,
-            f"too large ({w}x{h} pixels, over {MAX_IMAGE_PIXELS}); raise FEATX_MAX_IMAGE_PIXELS to allow it",
-        )
+    check_size(ident, w, h, resized=preprocess.resized_size(w, h))
     return raw
 
 

@@ -14,7 +14,6 @@ you trust.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -165,8 +164,11 @@ def load_classifier(path: str, force: bool = False):
 
 
 def collect_images(inputs: list[str]) -> list[str]:
-    """Files as given; folders searched recursively for images; a .csv gives its first column."""
-    from featx.data import IMAGE_EXTENSIONS, walk_images
+    """Files as given; folders searched recursively for images; a .csv gives its path column
+    (featx.data.read_csv: the same reader as extract's manifests)."""
+    from featx.data import IMAGE_EXTENSIONS, check_limits, read_image_list, walk_images
+
+    check_limits()
 
     out: list[str] = []
     for item in inputs:
@@ -178,15 +180,7 @@ def collect_images(inputs: list[str]) -> list[str]:
                 )
             out.extend(found)
         elif item.lower().endswith(".csv") and os.path.isfile(item):
-            base = os.path.dirname(os.path.abspath(item))
-            with open(item, newline="", encoding="utf-8") as f:
-                rows = [r for r in csv.reader(f) if r and r[0].strip()]
-            if rows and rows[0][0].strip().lower() == "path":
-                rows = rows[1:]
-            out.extend(
-                r[0].strip() if os.path.isabs(r[0].strip()) else os.path.join(base, r[0].strip())
-                for r in rows
-            )
+            out.extend(read_image_list(item))
         elif os.path.exists(item):
             out.append(item)
         else:

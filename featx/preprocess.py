@@ -83,11 +83,27 @@ class Preprocess:
 
     # -- the two halves of the transform -------------------------------------------------------
 
-    def to_uint8(self, image):
-        """PIL RGB image -> uint8 tensor [3, crop, crop] (resize and crop only)."""
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of a width x height image after the resize step (torchvision's rule:
+        the shorter side becomes resize_size, the longer one keeps the aspect ratio, truncated)."""
+        r = self.resize_size
+        if self.crop_mode == "squash":
+            return r, r
+        short, long = min(width, height), max(width, height)
+        other = int(r * long / short) if short else 0
+        return (r, other) if width <= height else (other, r)
+
+    def to_uint8(self, image, ident: str = "image"):
+        """PIL RGB image -> uint8 tensor [3, crop, crop] (resize and crop only). An image whose
+        size, aspect ratio or resized size is over featx's limits raises ImageError(ident, reason)
+        before anything is allocated (a 300,000 x 1 image resized to a shorter side of 256 would be
+        59 GB)."""
         import torchvision.transforms.functional as TF
         from torchvision.transforms import InterpolationMode
 
+        from featx.data import check_size
+
+        check_size(ident, *image.size, resized=self.resized_size(*image.size))
         mode = InterpolationMode(self.interpolation)
         size = [self.resize_size, self.resize_size] if self.crop_mode == "squash" else [self.resize_size]
         image = TF.resize(image, size, interpolation=mode, antialias=True)

@@ -190,6 +190,8 @@ def test_undecodable_files_raise_image_error(tmp_path, monkeypatch):
     import featx.data
 
     monkeypatch.setattr(featx.data, "MAX_IMAGE_PIXELS", 1000)
+    # decode_image sets Pillow's limit to featx's: restore it after the test
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
     with pytest.raises(ImageError, match="too large.*FEATX_MAX_IMAGE_PIXELS"):
         decode_image(str(tmp_path / "big.png"))

@@ -1,0 +1,92 @@
+"""How long featx.scores takes per layer, against the straightforward reference versions in the same run.
+
+    python benchmarks/score_speed.py                          # 10,000 x 2,048, 10 classes
+    python benchmarks/score_speed.py --shapes 10000x2048x10,5000x512x100 --threads 2
+
+Codes are synthetic float32 (class means plus noise, rectified like post-ReLU codes), as a codes file
+holds them. Prints one row per shape and metric: featx's seconds (best of --rounds), the reference's
+(one round; it is slow), their ratio, and the two values side by side (they should agree to float32
+rounding). The time of the shared step (centring, covariance, banded reduction) is counted in
+`shared` and again inside the `all` row, which is what `featx score` pays per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from reference_scores import REFERENCES  # noqa: E402
+
+from featx import scores  # noqa: E402
+
+
+def synthetic(n: int, d: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    X = rng.standard_normal((n, d), dtype=np.float32) + 0.5 * rng.standard_normal((c, d), dtype=np.float32)[y]
+    return np.maximum(X + 0.3, 0.0), y
+
+
+def best_of(fn, rounds: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def run_shape(n: int, d: int, c: int, metrics: list[str], rounds: int, reference: bool) -> None:
+    X, y = synthetic(n, d, c)
+    label = f"{n} x {d} x {c}"
+    t_shared, _ = best_of(lambda: scores._Spectrum(X), rounds)
+    print(f"{label:>22}  {'shared':<9} {t_shared:8.3f}")
+    t_all, values = best_of(lambda: scores.score(X, y, metrics), rounds)
+    ref_total = 0.0
+    for m in metrics:
+        t_m, _ = best_of(lambda m=m: scores.score(X, y, [m]), rounds)
+        if not reference:
+            print(f"{label:>22}  {m:<9} {t_m:8.3f} {'-':>11} {'-':>7}  {values[m]:14.6g}")
+            continue
+        t_ref, ref = best_of(lambda m=m: REFERENCES[m](X, y), 1)
+        ref_total += t_ref
+        ratio = f"{t_ref / t_m:6.1f}x"
+        print(f"{label:>22}  {m:<9} {t_m:8.3f} {t_ref:11.3f} {ratio}  {values[m]:14.6g} {ref:15.6g}")
+    ratio = f"{ref_total / t_all:6.1f}x" if ref_total else f"{'-':>7}"
+    print(f"{label:>22}  {'all':<9} {t_all:8.3f} {ref_total or float('nan'):11.3f} {ratio}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="10000x2048x10", help="comma list of ROWSxDIMSxCLASSES")
+    p.add_argument("--metrics", default=",".join(scores.METRICS))
+    p.add_argument("--rounds", type=int, default=3, help="featx timings: best of this many")
+    p.add_argument("--threads", type=int, help="BLAS threads (threadpoolctl); default: the library's")
+    p.add_argument("--no-reference", action="store_true", help="skip the slow reference versions")
+    args = p.parse_args(argv)
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    metrics = scores.parse_metrics(args.metrics)
+    blas = ", ".join(f"{i['internal_api']} {i['num_threads']} threads" for i in threadpool_info())
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"cpus {os.cpu_count()}, BLAS: {blas}{f', limited to {args.threads}' if args.threads else ''}, "
+          f"load average {load:.1f}")  # fmt: skip
+    header = f"{'rows x dims x classes':>22}  {'metric':<9} {'featx s':>8} {'reference s':>11} {'ratio':>7}  {'featx value':>14} {'reference value':>15}"  # noqa: E501
+    print(header)
+    print("-" * len(header))
+    with threadpool_limits(args.threads) if args.threads else contextlib.nullcontext():
+        for shape in args.shapes.split(","):
+            n, d, c = (int(v) for v in shape.lower().split("x"))
+            run_shape(n, d, c, metrics, args.rounds, not args.no_reference)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -247,3 +247,84 @@ def _transrate(spec: _Spectrum, y: np.ndarray, c: int, eps: float = TRANSRATE_EP
 
 
 _SCORES = {"logme": _logme, "hscore": _hscore, "transrate": _transrate}
+
+
+# -- codes files ---------------------------------------------------------------------------------
+
+
+def training_rows(f) -> np.ndarray:
+    """The rows a probe trains on (the `train` split, as classify.select_rows takes them before any
+    subsampling or hold-out); scores never see validation or test rows."""
+    rows = np.flatnonzero(f.split == "train")
+    if not len(rows):
+        present = [s for s in ("train", "val", "test") if (f.split == s).any()]
+        raise FeatxError(f"{f.path} has no train split (splits: {', '.join(present) or 'none'}); scores use "
+                         f"training images only: extract data with a train split, or without splits")  # fmt: skip
+    return rows
+
+
+def _layer_names(f, layers: str | Sequence[str] | None) -> list[str]:
+    if layers in (None, "all"):
+        return list(f.layers)
+    names = [x.strip() for x in layers.split(",")] if isinstance(layers, str) else list(layers)
+    names = list(dict.fromkeys(n for n in names if n))
+    if not names:
+        raise UsageError("--layer is empty; name layers of the file (featx info FILE lists them), or all")
+    for n in names:
+        if n not in f.layers:
+            raise UsageError(f"--layer {n!r}: {f.path} has no such layer; it holds {', '.join(f.layers)}")
+    return names
+
+
+def score_file(
+    path: str, layers: str | Sequence[str] | None = None, metrics: Sequence[str] = METRICS
+) -> dict:
+    """Every score of every (or each named) layer of a codes file, on its training rows.
+
+    Returns a plain dict: the file, model, weights, dataset, the training rows' count and class
+    count, and per layer its name, relative depth, dim, scores and seconds."""
+    import time
+
+    from featx.store import CodesFile
+
+    metrics = parse_metrics(list(metrics))
+    with CodesFile(path) as f:
+        names = _layer_names(f, layers)
+        rows = training_rows(f)
+        y = f.labels[rows]
+        out = {"file": f.path, "model": f.attrs.get("model"), "weights": f.attrs.get("weights"),
+               "dataset": f.attrs.get("dataset"), "rows": int(len(rows)), "classes": int(len(np.unique(y))),
+               "train_sha256": _rows_digest([f.paths[i] for i in rows], y), "layers": []}  # fmt: skip
+        for name in names:
+            t0 = time.perf_counter()
+            values = score(f.codes(name, rows), y, metrics)
+            depth = f.layer_attrs(name).get("depth")
+            out["layers"].append({"layer": name, "depth": depth if isinstance(depth, (int, float)) else None,
+                                  "dim": f.dim(name), "scores": values,
+                                  "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
+    return out
+
+
+def _rows_digest(ids: list[str], labels: np.ndarray) -> str:
+    """Which images, in which order, with which labels: equal digests mean the same training data."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([ids, [int(v) for v in labels]]).encode()).hexdigest()
+
+
+def rank_models(results: Sequence[dict], metrics: Sequence[str]) -> dict[str, list[dict]]:
+    """Per metric, the files (models) ordered by their best layer's score, best first. The files must
+    hold the same training images with the same labels: a score compares models on one data set only."""
+    first = results[0]
+    for r in results[1:]:
+        if r["train_sha256"] != first["train_sha256"]:
+            raise UsageError(f"{r['file']} and {first['file']} hold different training images or labels; "
+                             f"featx score ranks models extracted from the same data only")  # fmt: skip
+    ranking = {}
+    for m in metrics:
+        best = [(max(r["layers"], key=lambda ly: ly["scores"][m]), r) for r in results]
+        best.sort(key=lambda br: -br[0]["scores"][m])
+        ranking[m] = [{"file": r["file"], "model": r["model"], "weights": r["weights"], "layer": ly["layer"],
+                       "score": ly["scores"][m]} for ly, r in best]  # fmt: skip
+    return ranking

@@ -43,15 +43,17 @@ def best_of(fn, rounds: int) -> tuple[float, object]:
     return best, out
 
 
-def run_shape(n: int, d: int, c: int, metrics: list[str], rounds: int, reference: bool) -> None:
+def run_shape(
+    n: int, d: int, c: int, metrics: list[str], rounds: int, reference: bool, precision: str
+) -> None:
     X, y = synthetic(n, d, c)
     label = f"{n} x {d} x {c}"
-    t_shared, _ = best_of(lambda: scores._Spectrum(X), rounds)
+    t_shared, _ = best_of(lambda: scores._Spectrum(X.astype(precision)), rounds)
     print(f"{label:>22}  {'shared':<9} {t_shared:8.3f}")
-    t_all, values = best_of(lambda: scores.score(X, y, metrics), rounds)
+    t_all, values = best_of(lambda: scores.score(X, y, metrics, precision), rounds)
     ref_total = 0.0
     for m in metrics:
-        t_m, _ = best_of(lambda m=m: scores.score(X, y, [m]), rounds)
+        t_m, _ = best_of(lambda m=m: scores.score(X, y, [m], precision), rounds)
         if not reference:
             print(f"{label:>22}  {m:<9} {t_m:8.3f} {'-':>11} {'-':>7}  {values[m]:14.6g}")
             continue
@@ -69,6 +71,12 @@ def main(argv=None) -> int:
     p.add_argument("--metrics", default=",".join(scores.METRICS))
     p.add_argument("--rounds", type=int, default=3, help="featx timings: best of this many")
     p.add_argument("--threads", type=int, help="BLAS threads (threadpoolctl); default: the library's")
+    p.add_argument(
+        "--precision",
+        default="float64",
+        choices=["float64", "float32"],
+        help="of the covariance product (featx.scores.score's precision)",
+    )
     p.add_argument("--no-reference", action="store_true", help="skip the slow reference versions")
     args = p.parse_args(argv)
     from threadpoolctl import threadpool_info, threadpool_limits
@@ -76,7 +84,7 @@ def main(argv=None) -> int:
     metrics = scores.parse_metrics(args.metrics)
     blas = ", ".join(f"{i['internal_api']} {i['num_threads']} threads" for i in threadpool_info())
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"cpus {os.cpu_count()}, BLAS: {blas}{f', limited to {args.threads}' if args.threads else ''}, "
+    print(f"precision {args.precision}, cpus {os.cpu_count()}, BLAS: {blas}{f', limited to {args.threads}' if args.threads else ''}, "
           f"load average {load:.1f}")  # fmt: skip
     header = f"{'rows x dims x classes':>22}  {'metric':<9} {'featx s':>8} {'reference s':>11} {'ratio':>7}  {'featx value':>14} {'reference value':>15}"  # noqa: E501
     print(header)
@@ -84,7 +92,7 @@ def main(argv=None) -> int:
     with threadpool_limits(args.threads) if args.threads else contextlib.nullcontext():
         for shape in args.shapes.split(","):
             n, d, c = (int(v) for v in shape.lower().split("x"))
-            run_shape(n, d, c, metrics, args.rounds, not args.no_reference)
+            run_shape(n, d, c, metrics, args.rounds, not args.no_reference, args.precision)
     return 0
 
 

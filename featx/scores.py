@@ -38,6 +38,7 @@ from featx.errors import FeatxError, UsageError
 
 METRICS = ("logme", "hscore", "transrate")
 TRANSRATE_EPS = 1e-4
+MAX_DIM = 8192  # a D x D float64 covariance of 0.5 GiB, and a few copies of it
 # bandwidth of the reduced covariance: wide enough for matrix-matrix speed, narrow for cheap solves
 _BAND = 64
 _DENSE_MAX = 256  # below this dimension a plain eigendecomposition is the fastest route
@@ -72,6 +73,10 @@ def score(
     classes, y = np.unique(np.asarray(y), return_inverse=True)
     if len(classes) < 2:
         raise FeatxError("scores need two or more classes among the rows scored")
+    if X.shape[1] > MAX_DIM:
+        raise FeatxError(f"codes of {X.shape[1]} dims: scores need a D x D covariance "
+                         f"({X.shape[1] ** 2 * 8 / 2**30:.1f} GiB), featx scores up to {MAX_DIM} dims; "
+                         f"extract the layer pooled (--pool avg) or score another layer")  # fmt: skip
     if not np.isfinite(X).all():
         raise FeatxError("the codes hold NaN or infinite values; scores need finite codes")
     if precision not in ("float64", "float32"):

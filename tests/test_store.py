@@ -35,7 +35,10 @@ CLASSES = ["zebra", "koala", "otter"]
 def codes_file(tmp_path) -> str:
     rng = np.random.default_rng(0)
     labels = np.arange(30) % 3
-    layers = {"a": rng.normal(size=(30, 8)).astype(np.float32), "b": rng.normal(size=(30, 4)).astype(np.float32)}
+    layers = {
+        "a": rng.normal(size=(30, 8)).astype(np.float32),
+        "b": rng.normal(size=(30, 4)).astype(np.float32),
+    }
     return write_codes(tmp_path / "x.h5", layers, labels, ["train"] * 20 + ["test"] * 10, CLASSES)
 
 
@@ -196,7 +199,8 @@ def test_damaged_journal_is_set_aside_with_one_warning_and_restarted(tmp_path, c
 
 
 @pytest.mark.parametrize(
-    "record", [{}, [1, 2], "abc", None, 7, {"rows_done": "x"}, {"rows_done": 4, "samples_done": 2, "checksum": "0"}]
+    "record",
+    [{}, [1, 2], "abc", None, 7, {"rows_done": "x"}, {"rows_done": 4, "samples_done": 2, "checksum": "0"}],
 )
 def test_progress_record_of_the_wrong_shape_is_rejected_not_a_traceback(tmp_path, caplog, record):
     path = _journal(tmp_path)

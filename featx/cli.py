@@ -491,9 +491,11 @@ def cmd_cache(args) -> int:
         for path in removed:
             print(f"removed {path}")
         if busy:
-            names = ", ".join(os.path.basename(p) for p in removed) or "nothing"
-            raise FeatxError(f"removed {len(removed)} entries ({names}); kept {len(busy)} that another featx "
-                             f"process is writing: {', '.join(busy)}; stop it (or wait for it), then rerun")  # fmt: skip
+            held = f"{', '.join(busy)} {'is' if len(busy) == 1 else 'are'} being written by another featx process"
+            done = f"removed {len(removed)} entries ({', '.join(os.path.basename(p) for p in removed)}); kept {len(busy)}: "
+            raise FeatxError(
+                f"{done if removed else 'nothing removed: '}{held}; stop it (or wait for it), then rerun"
+            )
         return 0
     raise UsageError("featx cache: use `featx cache ls` or `featx cache rm ENTRY...`")
 

@@ -230,3 +230,10 @@ def test_journal_of_another_configuration_or_release_is_discarded_quietly(tmp_pa
         Path(path, "meta.json").write_text(json.dumps(meta))
         assert Journal.open(path, {**META, "batch_size": 4}).rows_done == 0
     assert caplog.records == [] and not os.path.exists(path + ".corrupt")
+
+
+def test_non_ascii_names_verify_on_every_open(tmp_path):
+    path = write_codes(tmp_path / "u.h5", {"a": np.ones((3, 2))}, [0, 1, 1], ["train"] * 3, ["çå", "日本"])
+    for _ in range(2):  # the first open reads the codes, the second only the structure and rows
+        with open_codes(path) as f:
+            assert f.classes == ["çå", "日本"]

@@ -319,9 +319,10 @@ class EntryStatus:
 
 
 def _size(path: str) -> int:
-    if os.path.isdir(path):
-        return sum(_size(os.path.join(path, n)) for n in os.listdir(path))
+    """Bytes in a file or a folder's files (0 for what vanished meanwhile: another process may be at work)."""
     with contextlib.suppress(OSError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            return sum(_size(os.path.join(path, n)) for n in os.listdir(path))
         return os.lstat(path).st_size
     return 0
 

@@ -491,11 +491,14 @@ def cmd_cache(args) -> int:
         for path in removed:
             print(f"removed {path}")
         if busy:
-            held = f"{', '.join(busy)} {'is' if len(busy) == 1 else 'are'} being written by another featx process"
-            done = f"removed {len(removed)} entries ({', '.join(os.path.basename(p) for p in removed)}); kept {len(busy)}: "
-            raise FeatxError(
-                f"{done if removed else 'nothing removed: '}{held}; stop it (or wait for it), then rerun"
+            names = ", ".join(os.path.basename(p) for p in removed)
+            done = (
+                f"removed {len(removed)} entries ({names}); kept {len(busy)}: "
+                if removed
+                else "nothing removed: "
             )
+            held = f"{', '.join(busy)} {'is' if len(busy) == 1 else 'are'} being written by another featx process"
+            raise FeatxError(f"{done}{held}; stop it (or wait for it), then rerun")
         return 0
     raise UsageError("featx cache: use `featx cache ls` or `featx cache rm ENTRY...`")
 

@@ -161,8 +161,9 @@ def extract(
     with entry.locked(wait=wait):
         if entry.ready():  # another process finished it while we waited (a damaged file is set aside)
             return _hit_result(entry.path, t0)
-        path = entry.path
-        result = _run(plan, ds, opts, path, batch_size, workers, channels_last, compile, strict, progress, t0)
+        result = _run(
+            plan, ds, opts, entry.path, batch_size, workers, channels_last, compile, strict, progress, t0
+        )
     entry.remember()
     return result
 

@@ -201,7 +201,7 @@ class Journal:
         if len(index) and (index[0] < 0 or index[-1] >= samples or np.any(np.diff(index) <= 0)):
             raise JournalDamaged("index.bin holds sample indices out of order or range")
         skipped = np.array([i for i, _ in prog["skipped"]], dtype=np.int64)
-        if len(index) and len(skipped) and np.isin(skipped, index, assume_unique=True).any():
+        if len(index) and len(skipped) and np.isin(skipped, index).any():
             raise JournalDamaged("an image is both a row and skipped")
         self.rows_done, self.samples_done, self._crc = rows, samples, crc
         self.skipped = [list(s) for s in prog["skipped"]]

@@ -14,6 +14,10 @@ ignored.
 
 Locks are `fcntl.flock` on `<entry>.lock`: the kernel releases them when a process dies, even
 by kill -9, so a stale lock never blocks anyone.
+
+`CacheEntry` is the protocol `extract` follows: find (memo, then the file), lock, verify, set a
+damaged file aside as `<entry>.corrupt` (one warning naming it) so it is rebuilt, remember.
+A cache hit is always a verified entry.
 """
 
 from __future__ import annotations
@@ -31,7 +35,15 @@ import time
 from dataclasses import dataclass
 
 from featx.errors import FeatxError, UsageError
-from featx.store import journal_path, read_progress, verify, write_json_atomic
+from featx.store import (
+    forget_verified,
+    journal_path,
+    journal_problem,
+    read_progress,
+    set_aside,
+    verify,
+    write_json_atomic,
+)
 
 log = logging.getLogger("featx")
 
@@ -229,85 +241,190 @@ def tidy_complete(entry: str) -> None:
         pass
 
 
+# -- the entry protocol --------------------------------------------------------------------------
+
+
+class CacheEntry:
+    """One request's entry in `cache_dir`: find it, lock it, verify it, set a damaged one aside,
+    remember it. `extract` uses it as
+
+        entry = CacheEntry(cache_dir, request)
+        if entry.remembered(): ...hit...             # the request memo, no model needed
+        if entry.find(dataset, model, key): ...hit...
+        with entry.locked(wait):
+            if entry.ready(): ...hit...               # finished by another process, or set aside
+            ...build entry.path...
+        entry.remember()
+    """
+
+    def __init__(self, cache_dir: str, request: str):
+        self.cache_dir, self.request = cache_dir, request
+        self.path: str | None = None
+        self.key: str | None = None
+
+    def remembered(self) -> bool:
+        """True when the request memo names a verified entry (then `path` is it)."""
+        self.path = memo_lookup(self.cache_dir, self.request)
+        return self.path is not None
+
+    def find(self, dataset_name: str, model_name: str, key: str) -> bool:
+        """Name the entry for cache key `key`; True when it is there and verified (no lock needed:
+        complete files only ever appear by an atomic rename)."""
+        self.path, self.key = entry_path(self.cache_dir, dataset_name, model_name, key), key
+        if os.path.exists(self.path) and verify(self.path) is None:
+            self.remember()
+            return True
+        return False
+
+    @contextlib.contextmanager
+    def locked(self, wait: bool = True):
+        """Hold the entry's lock; clears leftovers of an interrupted finalization."""
+        with EntryLock(self.path, wait=wait):
+            remove_stale_temporaries(self.path)
+            yield self
+
+    def ready(self) -> bool:
+        """Under the lock: True when the file is there and verified; a damaged one is set aside
+        (renamed `<entry>.corrupt`, replacing an older one) with one warning, and False."""
+        if not os.path.lexists(self.path):
+            return False
+        reason = verify(self.path)
+        if reason is None:
+            self.remember()
+            return True
+        try:
+            aside = set_aside(self.path)
+        except OSError as e:
+            raise FeatxError(f"cache entry {self.path} is not usable ({reason}) and cannot be set aside "
+                             f"({e.strerror or e}); remove it and rerun") from None  # fmt: skip
+        forget_verified(self.path)
+        log.warning("cache entry %s is not usable (%s); set it aside as %s and rebuilding it",
+                    self.path, reason, os.path.basename(aside))  # fmt: skip
+        return False
+
+    def remember(self) -> None:
+        """Point the request memo at the entry (a shortcut for the next identical request)."""
+        memo_store(self.cache_dir, self.request, self.path, self.key)
+
+
 # -- listing and removing ------------------------------------------------------------------------
 
 
 @dataclass
 class EntryStatus:
     path: str
-    state: str  # 'complete' | 'partial' | 'corrupt'
+    state: str  # 'complete' | 'partial' | 'corrupt' | 'set aside' (a damaged copy, `*.corrupt`)
     size: int
     detail: dict
 
 
-def list_entries(cache_dir: str) -> list[EntryStatus]:
-    """Every entry in `cache_dir`: complete files, partial journals, unreadable files."""
+def _size(path: str) -> int:
+    """Bytes in a file or a folder's files (0 for what vanished meanwhile: another process may be at work)."""
+    with contextlib.suppress(OSError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            return sum(_size(os.path.join(path, n)) for n in os.listdir(path))
+        return os.lstat(path).st_size
+    return 0
+
+
+def _complete_status(path: str) -> EntryStatus:
     import h5py
 
+    reason = verify(path)
+    if reason is None:
+        try:
+            with h5py.File(path, "r") as f:
+                a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        except (OSError, ValueError, TypeError) as e:  # replaced or damaged since verify
+            reason = f"it is not readable ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+    if reason:
+        return EntryStatus(path, "corrupt", _size(path), {"reason": reason})
+    detail = {k: a.get(k) for k in ("model", "weights", "dataset", "rows", "created")}
+    detail["layers"] = [str(x) for x in a.get("layers", [])]
+    return EntryStatus(path, "complete", _size(path), detail)
+
+
+def _partial_status(path: str) -> EntryStatus:
+    size = _size(journal_path(path))
+    prog = read_progress(path)
+    if prog is None:
+        why = journal_problem(path) or "unreadable partial journal"
+        return EntryStatus(path, "corrupt", size, {"reason": f"partial journal: {why}"})
+    detail = {"samples_done": prog["samples_done"], "samples": prog["samples"], "rows": prog["rows_done"],
+              "layers": prog["layers"]}  # fmt: skip
+    return EntryStatus(path, "partial", size, detail)
+
+
+def list_entries(cache_dir: str) -> list[EntryStatus]:
+    """Every entry in `cache_dir`: complete files, partial journals, damaged files, set-aside copies."""
     cache_dir = os.path.abspath(cache_dir)
     if not os.path.isdir(cache_dir):
         return []
     out = []
-    names = set(glob.glob(os.path.join(glob.escape(cache_dir), "*.h5")))
-    names |= {p[: -len(".partial")] for p in glob.glob(os.path.join(glob.escape(cache_dir), "*.h5.partial"))}
+    here = glob.escape(cache_dir)
+    names = set(glob.glob(os.path.join(here, "*.h5")))
+    names |= {p[: -len(".partial")] for p in glob.glob(os.path.join(here, "*.h5.partial"))}
     for path in sorted(names):
-        if os.path.exists(path):
-            reason = verify(path)
-            if reason:
-                out.append(EntryStatus(path, "corrupt", os.path.getsize(path), {"reason": reason}))
-                continue
-            with h5py.File(path, "r") as f:
-                a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            detail = {k: a.get(k) for k in ("model", "weights", "dataset", "rows", "created")}
-            detail["layers"] = [str(x) for x in a.get("layers", [])]
-            out.append(EntryStatus(path, "complete", os.path.getsize(path), detail))
-        else:
-            prog = read_progress(path)
-            size = sum(
-                os.path.getsize(p) for p in glob.glob(os.path.join(glob.escape(journal_path(path)), "*"))
-            )
-            if prog is None:
-                out.append(EntryStatus(path, "corrupt", size, {"reason": "unreadable partial journal"}))
-            else:
-                out.append(EntryStatus(path, "partial", size, {"samples_done": prog["samples_done"], "samples": prog["samples"],
-                                                               "rows": prog["rows_done"], "layers": prog["layers"]}))  # fmt: skip
+        out.append(_complete_status(path) if os.path.exists(path) else _partial_status(path))
+    for path in sorted(
+        glob.glob(os.path.join(here, "*.h5.corrupt")) + glob.glob(os.path.join(here, "*.h5.partial.corrupt"))
+    ):
+        out.append(EntryStatus(path, "set aside", _size(path),
+                               {"reason": "a damaged copy featx set aside; remove it with featx cache rm"}))  # fmt: skip
     return out
 
 
-def remove_entries(cache_dir: str, targets: list[str], remove_all: bool = False) -> list[str]:
-    """Remove entries named by path, file name or key prefix (or all); refuses locked ones."""
-    entries = list_entries(cache_dir)
-    if remove_all:
-        chosen = entries
-    else:
-        if not targets:
-            raise UsageError("featx cache rm: name entries (file name, path or key prefix) or pass --all")
-        chosen = []
-        for t in targets:
-            base = os.path.basename(t.rstrip("/")).removesuffix(".partial")
-            if not base or base in (".", ".."):
-                raise UsageError(
-                    f"featx cache rm {t!r}: name an entry by file name, path or key prefix (4+ characters)"
-                )
-            key_prefix = len(base) >= 4 and re.fullmatch(r"[0-9a-f]+", base) is not None
-            hits = [e for e in entries if os.path.basename(e.path) == base
-                    or (key_prefix and os.path.basename(e.path).split("--")[-1].startswith(base))]  # fmt: skip
-            if len(hits) != 1:
-                known = ", ".join(os.path.basename(e.path) for e in entries) or "none"
-                what = "matches no entry" if not hits else f"matches {len(hits)} entries"
-                raise UsageError(f"featx cache rm {t}: {what}; entries: {known}")
-            chosen.extend(hits)
-    removed = []
-    for e in chosen:
-        if is_locked(e.path):
-            raise FeatxError(f"{e.path} is being written by another featx process; stop it first")
-        for p in (e.path, e.path + ".lock"):
-            if os.path.exists(p):
-                os.remove(p)
-        if os.path.isdir(journal_path(e.path)):
-            import shutil
+def _choose(entries: list[EntryStatus], targets: list[str]) -> list[EntryStatus]:
+    if not targets:
+        raise UsageError("featx cache rm: name entries (file name, path or key prefix) or pass --all")
+    chosen = []
+    for t in targets:
+        name = os.path.basename(t.rstrip("/"))
+        base = name if name.endswith(".corrupt") else name.removesuffix(".partial")
+        if not base or base in (".", ".."):
+            raise UsageError(
+                f"featx cache rm {t!r}: name an entry by file name, path or key prefix (4+ characters)"
+            )
+        key_prefix = len(base) >= 4 and re.fullmatch(r"[0-9a-f]+", base) is not None
+        hits = [e for e in entries if os.path.basename(e.path) == base
+                or (key_prefix and e.state != "set aside" and os.path.basename(e.path).split("--")[-1].startswith(base))]  # fmt: skip
+        if len(hits) != 1:
+            known = ", ".join(os.path.basename(e.path) for e in entries) or "none"
+            what = "matches no entry" if not hits else f"matches {len(hits)} entries"
+            raise UsageError(f"featx cache rm {t}: {what}; entries: {known}")
+        chosen.extend(hits)
+    return chosen
 
-            shutil.rmtree(journal_path(e.path))
+
+def _remove_tree_or_file(path: str) -> None:
+    import shutil
+
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def remove_entries(
+    cache_dir: str, targets: list[str], remove_all: bool = False
+) -> tuple[list[str], list[str]]:
+    """Remove entries named by path, file name or key prefix (or all): (removed, busy). An entry
+    another process holds the lock of is kept and listed in `busy`; the others are removed."""
+    entries = list_entries(cache_dir)
+    chosen = entries if remove_all else _choose(entries, targets)
+    removed, busy = [], []
+    for e in chosen:
+        if e.state == "set aside":
+            _remove_tree_or_file(e.path)
+            removed.append(e.path)
+            continue
+        if is_locked(e.path):
+            busy.append(e.path)
+            continue
+        for p in (e.path, e.path + ".lock"):
+            _remove_tree_or_file(p)
+        _remove_tree_or_file(journal_path(e.path))
+        forget_verified(e.path)
         remove_stale_temporaries(e.path)
         removed.append(e.path)
-    return removed
+    return removed, busy

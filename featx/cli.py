@@ -393,11 +393,15 @@ def cmd_extract(args) -> int:
 
 def cmd_info(args) -> int:
     from featx.report import format_table
-    from featx.store import CodesFile, read_progress
+    from featx.store import CodesFile, journal_path, journal_problem, read_progress
 
     path = args.file
-    if not os.path.exists(path):
-        prog = read_progress(path.removesuffix(".partial"))
+    if not os.path.isfile(path):  # a partial entry, named by its file or by its journal folder
+        entry = path.rstrip("/").removesuffix(".partial")
+        prog = read_progress(entry)
+        if prog is None and os.path.isdir(journal_path(entry)):
+            raise UsageError(f"featx info: {path}: a partial entry whose journal cannot be resumed "
+                             f"({journal_problem(entry)}); rerun its extract command to start it over")  # fmt: skip
         if prog is None:
             raise UsageError(f"featx info: {path}: no such file or partial entry")
         done = {k: prog[k] for k in ("samples_done", "samples", "rows_done")}
@@ -479,13 +483,23 @@ def cmd_cache(args) -> int:
                              round(e.size / 2**20, 1), ", ".join(d.get("layers", []))])  # fmt: skip
             else:
                 rows.append(
-                    [os.path.basename(e.path), "corrupt", None, round(e.size / 2**20, 1), d.get("reason")]
+                    [os.path.basename(e.path), e.state, None, round(e.size / 2**20, 1), d.get("reason")]
                 )
         print(format_table(rows, ["entry", "state", "rows", "MiB", "contents"], align="llrrl"))
         return 0
     if args.cache_command == "rm":
-        for path in remove_entries(cache_dir, args.entries, args.all):
+        removed, busy = remove_entries(cache_dir, args.entries, args.all)
+        for path in removed:
             print(f"removed {path}")
+        if busy:
+            names = ", ".join(os.path.basename(p) for p in removed)
+            done = (
+                f"removed {len(removed)} entries ({names}); kept {len(busy)}: "
+                if removed
+                else "nothing removed: "
+            )
+            held = f"{', '.join(busy)} {'is' if len(busy) == 1 else 'are'} being written by another featx process"
+            raise FeatxError(f"{done}{held}; stop it (or wait for it), then rerun")
         return 0
     raise UsageError("featx cache: use `featx cache ls` or `featx cache rm ENTRY...`")
 

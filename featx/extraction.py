@@ -27,20 +27,10 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 
 from featx import __version__
-from featx.cache import (
-    EntryLock,
-    default_cache_dir,
-    digest,
-    ensure_writable,
-    entry_path,
-    memo_lookup,
-    memo_store,
-    remove_stale_temporaries,
-    tidy_complete,
-)
+from featx.cache import CacheEntry, default_cache_dir, digest, ensure_writable, tidy_complete
 from featx.data import DataOptions, Dataset, ImageError, open_source
 from featx.errors import FeatxError, Interrupted, UsageError
-from featx.store import Journal, finalize, journal_path, read_progress, verify
+from featx.store import Journal, finalize, journal_path, read_progress
 
 log = logging.getLogger("featx")
 
@@ -159,28 +149,22 @@ def extract(
         "pool": pool, "relu": relu, "image_size": image_size, "crop_pct": crop_pct, "dtype": dtype,
         "precision": precision, "decoder": decoder, "data": ds.fingerprint, "libs": _lib_versions(),
     })  # fmt: skip
-    hit = memo_lookup(cache_dir, request)
-    if hit:
-        return _hit_result(hit, t0)
+    entry = CacheEntry(cache_dir, request)
+    if entry.remembered():
+        return _hit_result(entry.path, t0)
 
     plan = _plan(
         model, weights, layer_text, pool, relu, image_size, crop_pct, dtype, precision, device, decoder, ds
     )
-    path = entry_path(cache_dir, ds.name, str(plan.model), plan.key)
-    if os.path.exists(path) and verify(path) is None:
-        memo_store(cache_dir, request, path, plan.key)
-        return _hit_result(path, t0)
-    with EntryLock(path, wait=wait):
-        remove_stale_temporaries(path)
-        if os.path.exists(path):
-            reason = verify(path)
-            if reason is None:  # another process finished it while we waited
-                memo_store(cache_dir, request, path, plan.key)
-                return _hit_result(path, t0)
-            log.warning("cache entry %s is not usable (%s); rebuilding it", path, reason)
-            os.remove(path)
-        result = _run(plan, ds, opts, path, batch_size, workers, channels_last, compile, strict, progress, t0)
-    memo_store(cache_dir, request, path, plan.key)
+    if entry.find(ds.name, str(plan.model), plan.key):
+        return _hit_result(entry.path, t0)
+    with entry.locked(wait=wait):
+        if entry.ready():  # another process finished it while we waited (a damaged file is set aside)
+            return _hit_result(entry.path, t0)
+        result = _run(
+            plan, ds, opts, entry.path, batch_size, workers, channels_last, compile, strict, progress, t0
+        )
+    entry.remember()
     return result
 
 

@@ -6,8 +6,10 @@ committed row:
 
 - while extracting, rows go to `ENTRY.h5.partial/`: one raw append-only file per layer plus the
   sample index of each row. After each batch the data files are fsync'ed, then `progress.json`
-  (rows and samples done, images skipped) is replaced atomically. On resume every file is cut
-  back to the committed row count, so a torn write is simply overwritten.
+  (rows and samples done, images skipped, the CRC32 of each file's committed bytes, a checksum of
+  the record) is replaced atomically. On resume every field and the committed bytes are checked,
+  and every file is cut back to the committed row count, so a torn write is simply overwritten; a
+  journal that fails a check is set aside as `ENTRY.h5.partial.corrupt` and restarted.
 - when every sample is done, the HDF5 file is built next to the entry as `ENTRY.h5.tmp-PID`,
   fsync'ed and renamed into place (an atomic step), then the journal is removed.
 
@@ -32,15 +34,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from featx.errors import FeatxError, UsageError
+
+log = logging.getLogger("featx")
 
 FORMAT_VERSION = 1
 COMPLETE = "complete"
@@ -109,9 +115,24 @@ class LayerSpec:
     dim: int
 
 
+class JournalDamaged(Exception):
+    """A journal whose files fail their checks (internal: the journal is set aside and restarted)."""
+
+
+JOURNAL_FORMAT = 2  # 2: progress records carry CRC32s of the committed bytes and a checksum of themselves
+_DTYPES = ("float32", "float16")
+
+
 class Journal:
     """Append-only partial entry. `meta` must hold 'key', 'layers' [[name, dim]...], 'dtype',
-    'samples' (total) and 'batch_size'; a journal with other meta is discarded and restarted."""
+    'samples' (total) and 'batch_size'.
+
+    Every commit records, in `progress.json`, the CRC32 of each data file's committed bytes, a
+    checksum of `meta.json` and one of the record itself. On resume every field is validated and the committed bytes are
+    checked against their CRC32s (a garbled index or code, a torn or hand-edited record). A journal
+    of another configuration is discarded; one that fails a check is set aside as
+    `ENTRY.h5.partial.corrupt` (one warning) and restarted, so it can never produce a wrong row.
+    """
 
     def __init__(self, path: str, meta: dict):
         self.path = path
@@ -123,26 +144,35 @@ class Journal:
         self.skipped: list[list] = []  # [sample index, reason]
         self.resumed = False
         self._files: list = []
+        self._crc = [0] * (len(self.layers) + 1)  # CRC32 of each data file's committed bytes
 
     # files: rows.<j>.bin per layer, index.bin (int64 sample index per row)
     def _data_paths(self) -> list[str]:
-        return [os.path.join(self.path, f"rows.{j}.bin") for j in range(len(self.layers))] + [
-            os.path.join(self.path, "index.bin")
-        ]
+        return _data_paths(self.path, len(self.layers))
 
     def _row_bytes(self) -> list[int]:
         return [spec.dim * self.itemsize for spec in self.layers] + [8]
 
+    def _disk_meta(self) -> dict:
+        return {**self.meta, "journal": JOURNAL_FORMAT}
+
     @classmethod
     def open(cls, path: str, meta: dict) -> Journal:
-        """Resume the journal at `path` if it matches `meta`, else start it afresh."""
+        """Resume the journal at `path` if it matches `meta` and passes its checks, else start it
+        afresh (setting a damaged one aside with a warning)."""
         j = cls(path, meta)
-        reason = j._try_resume()
-        if reason is not None:
+        try:
+            fresh = j._try_resume()
+        except JournalDamaged as e:
+            aside = set_aside(path)
+            log.warning("journal %s is damaged (%s); set it aside as %s and starting this entry over",
+                        path, e, aside)  # fmt: skip
+            fresh = True
+        if fresh:
             if os.path.exists(path):
                 shutil.rmtree(path, ignore_errors=True)
             os.makedirs(path)
-            write_json_atomic(os.path.join(path, "meta.json"), meta)
+            write_json_atomic(os.path.join(path, "meta.json"), j._disk_meta())
             j._commit_progress()
             fsync_dir(os.path.dirname(path))
         # unbuffered: a failed write (a full disk) must not leave bytes behind to flush at close
@@ -152,30 +182,38 @@ class Journal:
             f.seek(j.rows_done * rb)
         return j
 
-    def _try_resume(self) -> str | None:
-        """None when resumed; else why not."""
-        try:
-            meta = _read_json(os.path.join(self.path, "meta.json"))
-            prog = _read_json(os.path.join(self.path, "progress.json"))
-        except (OSError, ValueError):
-            return "no journal"
-        if meta != self.meta:
-            return "journal of another configuration"
-        rows, samples = int(prog["rows_done"]), int(prog["samples_done"])
-        for p, rb in zip(self._data_paths(), self._row_bytes()):
-            if not os.path.exists(p) or os.path.getsize(p) < rows * rb:
-                return "journal data shorter than its progress record"
-        self.rows_done, self.samples_done = rows, samples
-        self.skipped = [list(s) for s in prog.get("skipped", [])]
+    def _try_resume(self) -> bool:
+        """False when resumed; True when there is nothing to resume (no journal, an empty one, one
+        of another configuration). Raises JournalDamaged for a journal that fails a check."""
+        if not os.path.isdir(self.path) or not os.listdir(self.path):
+            return True  # none, or killed right after creating its folder
+        meta = _load_meta(self.path)
+        if meta != self._disk_meta():
+            return True  # another configuration or featx release: discarded, not damaged
+        prog = _load_progress(self.path, meta)
+        rows, samples = prog["rows_done"], prog["samples_done"]
+        crc = [_crc_prefix(p, rows * rb) for p, rb in zip(self._data_paths(), self._row_bytes())]
+        if crc != prog["crc32"]:
+            bad = [os.path.basename(p) for p, a, b in zip(self._data_paths(), crc, prog["crc32"]) if a != b]
+            raise JournalDamaged(f"{', '.join(bad)} do not match the checksum of the committed rows")
+        with open(self._data_paths()[-1], "rb") as f:
+            index = np.frombuffer(f.read(rows * 8), dtype=np.int64)
+        if len(index) and (index[0] < 0 or index[-1] >= samples or np.any(np.diff(index) <= 0)):
+            raise JournalDamaged("index.bin holds sample indices out of order or range")
+        skipped = np.array([i for i, _ in prog["skipped"]], dtype=np.int64)
+        if len(index) and len(skipped) and np.isin(skipped, index).any():
+            raise JournalDamaged("an image is both a row and skipped")
+        self.rows_done, self.samples_done, self._crc = rows, samples, crc
+        self.skipped = [list(s) for s in prog["skipped"]]
         self.resumed = samples > 0
-        return None
+        return False
 
     def _commit_progress(self) -> None:
+        record = {"rows_done": self.rows_done, "samples_done": self.samples_done, "skipped": self.skipped,
+                  "crc32": list(self._crc), "meta": _record_sum(self._disk_meta()), "updated": time.time()}  # fmt: skip
         write_json_atomic(
-            os.path.join(self.path, "progress.json"),
-            {"rows_done": self.rows_done, "samples_done": self.samples_done, "skipped": self.skipped,
-             "updated": time.time()},
-        )  # fmt: skip
+            os.path.join(self.path, "progress.json"), {**record, "checksum": _record_sum(record)}
+        )
 
     def append(
         self, codes: Sequence[np.ndarray], sample_index: np.ndarray, samples_done: int, skipped: Sequence
@@ -186,15 +224,17 @@ class Journal:
             if c.shape != (n, spec.dim):
                 raise ValueError(f"layer {spec.name}: got codes {c.shape}, expected ({n}, {spec.dim})")
         dtype = np.dtype(self.meta["dtype"])
-        for f, c in zip(self._files, [*codes, sample_index]):
-            _write_all(
-                f, np.ascontiguousarray(c, dtype=dtype if c is not sample_index else np.int64).tobytes()
-            )
+        crc = list(self._crc)
+        for k, (f, c) in enumerate(zip(self._files, [*codes, sample_index])):
+            data = np.ascontiguousarray(c, dtype=dtype if c is not sample_index else np.int64).tobytes()
+            _write_all(f, data)
+            crc[k] = zlib.crc32(data, crc[k])
         for f in self._files:
             os.fsync(f.fileno())
         self.rows_done += n
         self.samples_done = samples_done
         self.skipped.extend([int(i), str(r)] for i, r in skipped)
+        self._crc = crc
         self._commit_progress()
 
     def close(self) -> None:
@@ -230,19 +270,126 @@ def journal_path(entry: str) -> str:
     return entry + ".partial"
 
 
-def read_progress(entry: str) -> dict | None:
-    """A partial entry's progress record, or None."""
+def _data_paths(path: str, n_layers: int) -> list[str]:
+    return [os.path.join(path, f"rows.{j}.bin") for j in range(n_layers)] + [os.path.join(path, "index.bin")]
+
+
+def _record_sum(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _crc_prefix(path: str, nbytes: int) -> int:
+    crc, left = 0, nbytes
+    with open(path, "rb") as f:
+        while left:
+            block = f.read(min(left, _BLOCK_BYTES))
+            if not block:
+                raise JournalDamaged(f"{os.path.basename(path)} is shorter than its progress record")
+            crc, left = zlib.crc32(block, crc), left - len(block)
+    return crc
+
+
+def _count(v, low: int = 0, high: float = float("inf")) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _load_meta(path: str) -> dict:
+    """A journal's meta.json, validated field by field; raises JournalDamaged."""
     try:
-        prog = _read_json(os.path.join(journal_path(entry), "progress.json"))
-        meta = _read_json(os.path.join(journal_path(entry), "meta.json"))
-    except (OSError, ValueError):
+        meta = _read_json(os.path.join(path, "meta.json"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise JournalDamaged(f"meta.json is unreadable ({_first(e)})") from None
+    ok = (
+        isinstance(meta, dict)
+        and isinstance(meta.get("key"), str)
+        and isinstance(meta.get("layers"), list)
+        and len(meta["layers"]) > 0
+        and all(
+            isinstance(ly, list) and len(ly) == 2 and isinstance(ly[0], str) and _count(ly[1], 1)
+            for ly in meta["layers"]
+        )  # fmt: skip
+        and meta.get("dtype") in _DTYPES
+        and _count(meta.get("samples"))
+        and _count(meta.get("batch_size"), 1)
+    )
+    if not ok:
+        raise JournalDamaged("meta.json does not describe a featx journal")
+    return meta
+
+
+def _load_progress(path: str, meta: dict) -> dict:
+    """A journal's progress.json, every field validated against `meta` and its own checksum, and
+    the data files long enough for it; raises JournalDamaged. (Their content is checked on resume.)"""
+    if meta.get("journal") != JOURNAL_FORMAT:
+        raise JournalDamaged("it was written by another featx version")
+    try:
+        prog = _read_json(os.path.join(path, "progress.json"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise JournalDamaged(f"progress.json is unreadable ({_first(e)})") from None
+    if not isinstance(prog, dict) or not isinstance(prog.get("checksum"), str):
+        raise JournalDamaged("progress.json is not a featx progress record")
+    record = {k: v for k, v in prog.items() if k != "checksum"}
+    if _record_sum(record) != prog["checksum"]:
+        raise JournalDamaged("progress.json does not match its checksum")
+    if record.get("meta") != _record_sum(meta):
+        raise JournalDamaged("meta.json does not match the checksum in progress.json")
+    n_files = len(meta["layers"]) + 1
+    rows, samples, skipped, crc = (prog.get(k) for k in ("rows_done", "samples_done", "skipped", "crc32"))
+    ok = (
+        _count(samples, 0, meta["samples"])
+        and _count(rows, 0, samples)
+        and isinstance(skipped, list)
+        and all(
+            isinstance(s, list) and len(s) == 2 and _count(s[0], 0, samples - 1) and isinstance(s[1], str)
+            for s in skipped
+        )  # fmt: skip
+        and rows + len(skipped) <= samples
+        and isinstance(crc, list)
+        and len(crc) == n_files
+        and all(_count(c, 0, 0xFFFFFFFF) for c in crc)
+    )
+    if not ok:
+        raise JournalDamaged("progress.json holds values out of range")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    sizes = [d * itemsize for _, d in meta["layers"]] + [8]
+    for p, rb in zip(_data_paths(path, len(meta["layers"])), sizes):
+        if not os.path.isfile(p) or os.path.getsize(p) < rows * rb:
+            raise JournalDamaged(f"{os.path.basename(p)} is shorter than its progress record")
+    return prog
+
+
+def read_progress(entry: str) -> dict | None:
+    """A partial entry's progress record (validated), or None; `journal_problem` says why not."""
+    try:
+        meta = _load_meta(journal_path(entry))
+        prog = _load_progress(journal_path(entry), meta)
+    except JournalDamaged:
         return None
-    return {
-        **prog,
-        "samples": meta.get("samples"),
-        "layers": [n for n, _ in meta.get("layers", [])],
-        "meta": meta,
-    }
+    return {**prog, "samples": meta["samples"], "layers": [n for n, _ in meta["layers"]], "meta": meta}
+
+
+def journal_problem(entry: str) -> str | None:
+    """Why the partial entry of `entry` cannot be resumed as it is (None: it can, or there is none)."""
+    if not os.path.isdir(journal_path(entry)):
+        return None
+    try:
+        _load_progress(journal_path(entry), _load_meta(journal_path(entry)))
+    except JournalDamaged as e:
+        return str(e)
+    return None
+
+
+def set_aside(path: str) -> str:
+    """Rename a damaged file or folder to `PATH.corrupt` (replacing an older one), out of the way but
+    kept for inspection; return the new name."""
+    target = path + ".corrupt"
+    if os.path.isdir(target) and not os.path.islink(target):
+        shutil.rmtree(target, ignore_errors=True)
+    elif os.path.lexists(target):
+        os.remove(target)
+    os.rename(path, target)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return target
 
 
 # -- finalizing ----------------------------------------------------------------------------------
@@ -388,8 +535,8 @@ def rows_sha256(labels: np.ndarray, splits: Sequence[str], ids: Sequence[str], c
 
 
 def check_complete(path: str) -> str | None:
-    """None when `path` is structurally a complete featx file (attributes and shapes); else why not.
-    Cheap; `verify` also checks the content."""
+    """None when `path` is structurally a complete featx file (attributes, datasets, shapes); else
+    why not. Cheap; `verify` also checks the content."""
     import h5py
 
     try:
@@ -400,15 +547,65 @@ def check_complete(path: str) -> str | None:
 
 
 def _structure(f) -> str | None:
-    if f.attrs.get("featx_state") != COMPLETE:
+    """Every dataset a reader needs is there with the shape the root attributes promise."""
+    if _attr(f.attrs.get("featx_state")) != COMPLETE:
         return "it was never finished"
-    n = int(f.attrs["rows"])
+    n = _attr(f.attrs.get("rows"))
+    if not _count(n):
+        return f"its rows attribute is {n!r}, not a row count"
+    for name in ("labels", "split", "paths", "classes", "codes", "skipped/paths", "skipped/reasons"):
+        if name not in f:
+            return f"/{name} is missing"
     for name in ("labels", "split", "paths"):
         if f[name].shape != (n,):
-            return f"/{name} has {f[name].shape[0]} rows, expected {n}"
+            return f"/{name} has shape {f[name].shape}, expected ({n},)"
+    if f["classes"].ndim != 1 or f["skipped/paths"].shape != f["skipped/reasons"].shape:
+        return "/classes or /skipped has the wrong shape"
+    listed = _attr(f.attrs.get("layers"))
+    listed = [listed] if isinstance(listed, str) else listed
+    if listed is not None:
+        if not isinstance(listed, list) or not listed or not all(isinstance(x, str) for x in listed):
+            return f"its layers attribute is {listed!r}, not a list of layer names"
+        missing = [x for x in listed if x not in f["codes"]]
+        if missing:
+            return f"/codes/{missing[0]} is missing (the file lists layers {', '.join(listed)})"
     for name, ds in f["codes"].items():
-        if ds.ndim != 2 or ds.shape[0] != n:
-            return f"/codes/{name} has shape {ds.shape}, expected {n} rows"
+        if not hasattr(ds, "shape") or ds.ndim != 2 or ds.shape[0] != n or ds.shape[1] < 1:
+            return f"/codes/{name} has shape {getattr(ds, 'shape', None)}, expected ({n}, D)"
+    return None
+
+
+def _rows_problem(f) -> str | None:
+    """The per-row metadata (labels, splits, ids, class names) against its checksum: small, so
+    checked on every open; bit rot there would silently mislabel rows."""
+    want = _attr(f.attrs.get("rows_sha256"))
+    if want is None:
+        return None
+    # the stored UTF-8 bytes hash as `rows_sha256` hashes the decoded strings, without decoding them (~35% faster)
+    h = hashlib.sha256(np.ascontiguousarray(f["labels"][:], dtype=np.int64).tobytes())
+    for name in ("split", "paths", "classes"):
+        h.update(
+            b"\n".join(x if isinstance(x, bytes) else str(x).encode() for x in f[name][:].tolist()) + b"\0"
+        )
+    return (
+        None
+        if h.hexdigest() == want
+        else "its labels, splits, paths or class names do not match their checksum"
+    )
+
+
+def _codes_problem(f) -> str | None:
+    """Every layer's codes against its sha256: reads the whole file."""
+    for name, ds in f["codes"].items():
+        want = _attr(ds.attrs.get("sha256"))
+        if want is None:
+            continue
+        h = hashlib.sha256()
+        step = max(1, _BLOCK_BYTES // max(1, ds.shape[1] * ds.dtype.itemsize))
+        for start in range(0, ds.shape[0], step):
+            h.update(np.ascontiguousarray(ds[start : start + step]).tobytes())
+        if h.hexdigest() != want:
+            return f"the codes of layer {name} do not match their checksum"
     return None
 
 
@@ -422,12 +619,13 @@ def _marker(path: str) -> str:
 
 
 def _fingerprint(path: str) -> dict:
+    # ctime too: no user-space tool can set it, so a file rewritten with its mtime restored is checked again
     st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
 
 
 def mark_verified(path: str) -> None:
-    """Remember that `path`, as it is now on disk, passed `verify`."""
+    """Remember that the codes of `path`, as it is now on disk, passed their checksums."""
     try:
         marker = _marker(path)
         os.makedirs(os.path.dirname(marker), exist_ok=True)
@@ -436,43 +634,38 @@ def mark_verified(path: str) -> None:
         pass  # only a shortcut
 
 
+def forget_verified(path: str) -> None:
+    """Drop the remembered check of `path` (its codes failed a read): the next `verify` reads them all."""
+    _remove(_marker(path))
+
+
+def _remembered(path: str) -> bool:
+    try:
+        with open(_marker(path), encoding="utf-8") as fh:
+            return json.load(fh) == _fingerprint(path)
+    except (OSError, ValueError):
+        return False
+
+
 def verify(path: str) -> str | None:
     """None when `path` is a complete featx file whose content matches its checksums; else why not.
 
-    Reading every byte costs time in proportion to the file, so a passed check is remembered
-    (`.verified/` beside the file) for as long as the file's size, mtime and inode stay the same;
-    a file changed on disk is checked again. Reads still verify HDF5's per-chunk fletcher32 checksums.
+    The structure and the per-row metadata are checked every time. The codes' sha256 means
+    reading every byte, so a passed check is remembered (`.verified/` beside the file) for as long
+    as the file's size, mtime, ctime and inode stay the same; reads still verify HDF5's per-chunk
+    fletcher32 checksums, and a read that fails one drops the remembered check.
     """
     import h5py
 
     try:
-        with open(_marker(path), encoding="utf-8") as fh:
-            if json.load(fh) == _fingerprint(path):
-                return check_complete(path)
-    except (OSError, ValueError):
-        pass
-    try:
         with h5py.File(path, "r") as f:
-            reason = _structure(f)
+            reason = _structure(f) or _rows_problem(f)
+            if reason or _remembered(path):
+                return reason
+            reason = _codes_problem(f)
             if reason:
                 return reason
-            for name, ds in f["codes"].items():
-                want = ds.attrs.get("sha256")
-                if want is None:
-                    continue
-                h = hashlib.sha256()
-                step = max(1, _BLOCK_BYTES // max(1, ds.shape[1] * ds.dtype.itemsize))
-                for start in range(0, ds.shape[0], step):
-                    h.update(np.ascontiguousarray(ds[start : start + step]).tobytes())
-                if h.hexdigest() != (want.decode() if isinstance(want, bytes) else want):
-                    return f"the codes of layer {name} do not match their checksum"
-            want = f.attrs.get("rows_sha256")
-            if want is not None:
-                got = rows_sha256(f["labels"][:], f["split"].asstr()[:].tolist(), f["paths"].asstr()[:].tolist(),
-                                  f["classes"].asstr()[:].tolist())  # fmt: skip
-                if got != (want.decode() if isinstance(want, bytes) else want):
-                    return "its labels, splits or paths do not match their checksum"
-    except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError) as e:
         return f"it is not a readable featx HDF5 file ({_first(e)})"
     mark_verified(path)
     return None
@@ -565,6 +758,7 @@ class CodesFile:
                 idx = np.flatnonzero(rows) if rows.dtype == bool else rows
                 out = ds[np.sort(idx)] if len(idx) else np.empty((0, ds.shape[1]), ds.dtype)
         except OSError as e:  # a chunk failed its checksum or cannot be decompressed
+            forget_verified(self.path)  # so the next extract checks the whole file, and sets it aside
             raise FeatxError(f"{self.path}: reading /codes/{layer} failed ({_first(e)}); the file is damaged: "
                              f"delete it (featx cache rm) and rerun featx extract") from None  # fmt: skip
         return out.astype(np.float32, copy=False)

@@ -42,13 +42,15 @@ DEFAULT_DATA = ["sklearn:digits", f"{SHARED}/hymenoptera", f"{SHARED}/flowers5_1
 
 
 def oracle(
-    f: CodesFile, layer: str, rows: np.ndarray, test: np.ndarray, C: float, proto, seed: int, memo: dict
-):
-    """Test accuracy of `layer` at `C` refitted on `rows` (train + val: what fit_cell refits on)."""
+    f: CodesFile, layer: str, parts, test: np.ndarray, C: float, proto, seed: int, memo: dict
+) -> float:
+    """Test accuracy of `layer` at `C` refitted on the row sets `parts` (train, then val: exactly
+    the rows and order fit_cell refits on; lbfgs sums in row order)."""
     # lbfgs ignores the seed, so softmax refits of the same rows are shared across seeds
-    key = (layer, C, rows.tobytes(), None if proto.classifier == "softmax" else seed)
+    key = (layer, C, tuple(p.tobytes() for p in parts), None if proto.classifier == "softmax" else seed)
     if key not in memo:
-        X, y = f.codes(layer, rows), f.labels[rows]
+        X = np.vstack([f.codes(layer, p) for p in parts if len(p)])
+        y = np.concatenate([f.labels[p] for p in parts])
         with threadpool_limits(limits=1, user_api="blas"):  # as fit_cell does: the same bits
             pipe = make_pipeline(proto, C, seed, len(y), X.shape[1]).fit(X, y)
         memo[key] = float(np.mean(pipe.predict(f.codes(layer, test)) == f.labels[test]))
@@ -62,10 +64,8 @@ def regrets(path: str, layers: list[str], size: str, seed: int, Cs, classifier: 
         cells = {n: fit_cell(path, [n], proto, size, seed) for n in layers}
         with CodesFile(path) as f:
             rows = select_rows(f, proto, parse_train_size(size), seed)
-            fit_rows = np.sort(np.concatenate([rows.train, rows.val]))
-            table = {
-                (n, C): oracle(f, n, fit_rows, rows.test, C, proto, seed, memo) for n in layers for C in Cs
-            }
+            parts = (rows.train, rows.val)
+            table = {(n, C): oracle(f, n, parts, rows.test, C, proto, seed, memo) for n in layers for C in Cs}
         for n, c in cells.items():  # the oracle refits exactly what fit_cell refitted
             assert abs(table[(n, c["C"])] - c["accuracy"]) < 1e-9, (
                 n,

@@ -90,6 +90,7 @@ class Dataset:
     fingerprint: str  # changes when the samples, labels or files change
     split_source: str  # 'folders' | 'manifest' | 'files' | 'seeded'
     notes: list[str] = field(default_factory=list)
+    uncapped_train: int | None = None  # training images before --per-class-limit removed some
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -219,8 +220,13 @@ def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
     if splits_all is None and isinstance(limit, dict):
         splits_all = _seeded_split(raw.labels, opts.test_fraction, rng, raw.groups)
     keep = np.ones(n, dtype=bool)
+    notes = list(raw.notes)
     if limit is not None:
         groups = splits_all if splits_all is not None else np.full(n, "all")
+        if isinstance(limit, dict) and (unused := [k for k in limit if k not in set(groups.tolist())]):
+            have = ", ".join(s for s in SPLITS if s in set(groups.tolist()))
+            notes.append(f"--per-class-limit {','.join(f'{k}={limit[k]}' for k in unused)}: the data has no "
+                         f"{' or '.join(unused)} split (its splits: {have}), so that limit does nothing")  # fmt: skip
         for g in sorted(set(groups.tolist())):
             k = limit if isinstance(limit, int) else limit.get(g)
             if k is None:
@@ -231,6 +237,7 @@ def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
                     keep[np.setdiff1d(idx, rng.choice(idx, size=k, replace=False))] = False
     sel = np.flatnonzero(keep)
     labels = raw.labels[sel]
+    train_before = int(np.sum(splits_all == "train")) if splits_all is not None else None
     if splits_all is not None:
         splits = splits_all[sel]
     else:
@@ -249,13 +256,13 @@ def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
     )
     h.update(np.ascontiguousarray(sel, dtype=np.int64).tobytes())
     h.update("\n".join(splits.tolist()).encode())
-    notes = list(raw.notes)
     if raw.splits is not None:
         notes += _untrained_classes(raw, labels, splits)
+    train_after = int(np.sum(splits == "train"))
     return Dataset(
         name=raw.name, spec=raw.spec, classes=raw.classes, ids=ids, labels=labels.astype(np.int64),
         splits=splits.astype("<U5"), loader=loader, fingerprint=h.hexdigest(), split_source=split_source,
-        notes=notes,
+        notes=notes, uncapped_train=train_before if train_before is not None and train_before > train_after else None,
     )  # fmt: skip
 
 

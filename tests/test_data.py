@@ -216,3 +216,15 @@ def test_odd_folders(tmp_path):
         assert ds.load(i).mode == "RGB"
     for ident in ds.ids:
         ident.encode("utf-8")
+
+
+def test_a_limit_for_a_split_the_data_lacks_says_so(tmp_path):
+    """--per-class-limit val=K on data without a val split did nothing silently (issue 17)."""
+
+    root = make_images(tmp_path / "s", per_class=10, splits=("train", "test"))
+    ds = open_source(str(root), DataOptions(per_class_limit={"val": 3, "train": 4}))
+    assert ds.notes == [
+        "--per-class-limit val=3: the data has no val split (its splits: train, test), so that limit does nothing"
+    ]
+    assert ds.uncapped_train == 30 and ds.counts()["train"] == {"cat": 4, "dog": 4, "owl": 4}
+    assert open_source(str(root), DataOptions(per_class_limit={"test": 3})).uncapped_train is None

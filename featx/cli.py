@@ -75,6 +75,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-pct", type=_fraction, help="centre-crop fraction (default: the weights')")
 
 
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """How a source is cut into samples (featx.data.DataOptions): shared by extract and bench."""
+    p.add_argument("--test-fraction", type=_fraction, default=0.2, help="test share for data without splits (0.2)")
+    p.add_argument("--per-class-limit", help="at most K images per class and split: K, or train=K1,test=K2")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split and subsets (default 0)")
+    p.add_argument("--data-root", help="where torchvision:NAME datasets live (downloaded there)")
+
+
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     """How the forward runs: shared by extract and bench."""
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -111,15 +119,7 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     relu.add_argument("--no-relu", dest="relu", action="store_const", const="off", help="keep raw outputs")
     p.set_defaults(relu="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored code type")
-    p.add_argument(
-        "--test-fraction",
-        type=_fraction,
-        default=0.2,
-        help="test share for data without splits (default 0.2)",
-    )
-    p.add_argument("--per-class-limit", help="at most K images per class and split: K, or train=K1,test=K2")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split and subsets (default 0)")
-    p.add_argument("--data-root", help="where torchvision:NAME datasets live (downloaded there)")
+    _add_data_args(p)
     p.add_argument(
         "--strict", action="store_true", help="stop at the first undecodable image instead of skipping it"
     )
@@ -176,11 +176,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="parallel fits (joblib; -1 = all cores)")
     p.add_argument("--image-size", type=_positive_int, help="input size (default: the weights')")
-    p.add_argument("--per-class-limit", help="at most K images per class and split: K, or train=K1,test=K2")
-    p.add_argument("--seed", type=int, default=0, help="seed for data splits and subsets (default 0)")
-    p.add_argument(
-        "--test-fraction", type=_fraction, default=0.2, help="test share for data without splits (0.2)"
-    )
+    _add_data_args(p)
     p.add_argument(
         "--baseline", choices=["pixels"], help="add the raw-pixel baseline (logistic regression on pixels)"
     )
@@ -309,15 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_layers(args) -> int:
-    from featx.models import (
-        build_module,
-        parse_model_name,
-        resolve_weights,
-        torchvision_models,
-        weights_preprocess,
-    )
+    from featx.models import torchvision_models
+    from featx.plan import resolve
     from featx.report import format_table
-    from featx.taps import activation_for, list_taps, parse_pool
+    from featx.settings import ModelSettings
+    from featx.taps import activation_for, parse_pool
 
     if args.list_models:
         print(
@@ -326,12 +318,11 @@ def cmd_layers(args) -> int:
         return 0
     if not args.model:
         raise UsageError("featx layers: give a model name (or --list-models)")
-    model = parse_model_name(args.model)
-    ref = resolve_weights(model, args.weights) if args.weights != "DEFAULT" else _default_ref(model)
-    skeleton = build_module(model, device="meta")
-    pre = weights_preprocess(model, ref, skeleton).with_overrides(args.image_size, args.crop_pct)
+    # DEFAULT's preprocessing needs no download; models without pretrained weights fall back to none
+    plan = resolve(_settings(ModelSettings, args, name=args.model), default_may_be_none=True)
     pool = parse_pool(args.pool)
-    taps = [t for t in list_taps(skeleton, pre.crop_size, device="meta") if args.all or t.trunk]
+    model, pre = plan.model, plan.preprocess
+    taps = [t for t in plan.taps if args.all or t.trunk]
     if args.json:
         print(json.dumps({"model": str(model), "input_size": pre.crop_size, "preprocessing": pre.to_dict(),
                           "layers": [{**t.to_dict(), "relu_by_default": activation_for(t) != "none",
@@ -351,16 +342,6 @@ def cmd_layers(args) -> int:
     return 0
 
 
-def _default_ref(model):
-    """DEFAULT's preprocessing needs no download; models without pretrained weights fall back to none."""
-    from featx.models import resolve_weights
-
-    try:
-        return resolve_weights(model, "DEFAULT")
-    except FeatxError:
-        return resolve_weights(model, "none")
-
-
 def _data_options(args):
     from featx.data import DataOptions, parse_per_class_limit
 
@@ -368,16 +349,23 @@ def _data_options(args):
                        seed=args.seed, data_root=args.data_root)  # fmt: skip
 
 
+def _settings(cls, args, **given):
+    """A settings object from the parsed options named like its fields (one mapping for every
+    command: a new option is one field plus one CLI line)."""
+    from dataclasses import fields
+
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **given})
+
+
 def cmd_extract(args) -> int:
     from featx.extraction import extract
+    from featx.settings import CodeSettings, ModelSettings, RunSettings
 
     result = extract(
-        args.model, args.data, args.layers, weights=args.weights, pool=args.pool, relu=args.relu,
-        image_size=args.image_size, crop_pct=args.crop_pct, dtype=args.dtype, precision=args.precision,
-        data_options=_data_options(args), cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
-        workers=args.workers, channels_last=args.channels_last, decoder=args.decoder, compile=args.compile,
-        strict=args.strict, wait=not args.no_wait,
-        progress=not args.quiet,
+        _settings(ModelSettings, args, name=args.model), args.data, _settings(CodeSettings, args),
+        run=_settings(RunSettings, args), data_options=_data_options(args), cache_dir=args.cache_dir,
+        strict=args.strict, wait=not args.no_wait, progress=not args.quiet,
     )  # fmt: skip
     if result.resolved:
         log.info("layers: %s", ", ".join(f"{k} -> {v}" for k, v in result.resolved.items()))
@@ -627,19 +615,17 @@ def _run_bench(config, command: str, progress: bool) -> int:
 
 def cmd_bench(args) -> int:
     from featx.bench import BenchConfig, parse_bench_data
-    from featx.data import DataOptions, parse_per_class_limit
+    from featx.settings import CodeSettings, ModelSettings, RunSettings
 
     if args.jobs == 0 or args.jobs < -1:
         raise UsageError(f"--jobs {args.jobs}: use a positive number, or -1 for all cores")
     config = BenchConfig(
-        model=args.model, weights=args.weights, datasets=[parse_bench_data(d) for d in args.data], layers=args.layers,
+        _settings(ModelSettings, args, name=args.model), [parse_bench_data(d) for d in args.data],
+        CodeSettings(args.layers), _settings(RunSettings, args),
         train_sizes=[s.strip() for s in args.train_sizes.split(",") if s.strip()] or ["all"],
-        protocols=_bench_protocols(args), seeds=_ints(args.seeds, "--seeds") or (0,), image_size=args.image_size,
-        data_options=DataOptions(test_fraction=args.test_fraction, per_class_limit=parse_per_class_limit(args.per_class_limit),
-                                 seed=args.seed),
+        protocols=_bench_protocols(args), seeds=_ints(args.seeds, "--seeds") or (0,), data_options=_data_options(args),
         baseline_pixels=args.baseline == "pixels", pixel_size=args.pixel_size, out=args.out, cache_dir=args.cache_dir,
-        jobs=args.jobs, device=args.device, batch_size=args.batch_size, workers=args.workers,
-        precision=args.precision,
+        jobs=args.jobs,
     )  # fmt: skip
     from featx.classify import parse_train_size
 

@@ -216,11 +216,10 @@ class Predictor:
     """A loaded classifier plus the backbone that feeds it, checked against each other."""
 
     def __init__(self, path: str, *, weights: str | None = None, device: str = "auto", force: bool = False):
-        from featx.extraction import CodeComputer, resolve_device
+        from featx.engine import computer_for, resolve_device
         from featx.models import load_model, resolve_weights
         from featx.models import parse_model_name as parse
-        from featx.preprocess import Preprocess
-        from featx.taps import Pool, list_taps, parse_pool
+        from featx.plan import Plan
 
         self.pipeline, self.meta = load_classifier(path, force=force)
         meta = self.meta
@@ -243,16 +242,14 @@ class Predictor:
                 f"(sha256 {want_sha[:16] or meta.get('weights_ident')}), but the weights found differ "
                 f"(sha256 {found_sha[:16] or ref.ident}); use the weights it was made for (--weights PATH) or refit it"
             )
-        self.preprocess = Preprocess.from_dict(meta["preprocessing"])
-        pool: Pool = parse_pool(meta["pool"])
-        taps = {t.name: t for t in list_taps(backbone.module, self.preprocess.crop_size, device="cpu")}
-        missing = [n for n in meta["layers"] if n not in taps]
+        plan = Plan.from_meta(meta, backbone.module, weights_ref=ref)  # exactly what the codes file recorded
+        self.preprocess = plan.preprocess
+        missing = plan.missing_layers()
         if missing:
             raise FeatxError(
                 f"{path}: layers {', '.join(missing)} are not in {meta['model']}; the classifier does not fit this model"
             )
-        chosen = [taps[n] for n in meta["layers"]]
-        dim = sum(t.code_dim(pool) for t in chosen)
+        dim = sum(plan.dims)
         ids = getattr(self.pipeline, "classes_", None)
         if (
             getattr(self.pipeline, "n_features_in_", dim) != dim
@@ -262,13 +259,8 @@ class Predictor:
             raise FeatxError(
                 f"{path}: the pipeline does not match its description (features or classes differ); refit it"
             )
-        dev = resolve_device(device)
-        precision = meta.get("precision", "fp32")
-        if dev.type != "cuda" and precision in ("bf16", "fp16"):
-            precision = "fp32"  # what the CPU does best; codes agree within bf16 tolerance
-        self.computer = CodeComputer(
-            backbone.module, chosen, meta["activations"], pool, self.preprocess, dev, precision
-        )
+        # the precision the training codes were computed at, on any device: the same codes
+        self.computer = computer_for(plan, backbone.module, resolve_device(device), meta.get("precision") or "fp32")
         self.classes = meta["classes"]
 
     def close(self) -> None:

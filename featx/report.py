@@ -235,7 +235,7 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
     csv_path, json_path = write_results(rows, cfg.out)
     conf = {s.name: head_confidence(s.codes, s.head) for s in result.sources if s.head}
     analyses = analyze(rows, result.sources, conf)
-    title = f"featx bench: {cfg.model} ({cfg.weights} weights)"
+    title = f"featx bench: {cfg.model.name} ({cfg.model.weights} weights)"
     plots = []
     by_clf: dict[str, list] = {}
     for a in analyses:

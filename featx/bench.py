@@ -83,12 +83,20 @@ class BenchConfig:
                  protocols: Sequence[Protocol] = (Protocol(),), seeds: Sequence[int] = (0,),
                  data_options: DataOptions | None = None, baseline_pixels: bool = False, pixel_size: int = 32,
                  out: str = "results/bench", cache_dir: str | None = None, jobs: int = 1, **settings):  # fmt: skip
-        self.model, self.codes, self.run = gather(model, codes or DEFAULT_LAYERS, run, settings, "BenchConfig")
+        self.model, self.codes, self.run = gather(
+            model, codes or DEFAULT_LAYERS, run, settings, "BenchConfig"
+        )
         self.datasets, self.train_sizes, self.protocols = datasets, train_sizes, protocols
-        self.seeds = tuple(dict.fromkeys(int(s) for s in seeds))  # a repeated seed would fit the same cells twice
+        self.seeds = tuple(
+            dict.fromkeys(int(s) for s in seeds)
+        )  # a repeated seed would fit the same cells twice
         self.data_options = data_options or DataOptions()
         self.baseline_pixels, self.pixel_size, self.out, self.cache_dir, self.jobs = (
-            baseline_pixels, pixel_size, out, cache_dir, jobs
+            baseline_pixels,
+            pixel_size,
+            out,
+            cache_dir,
+            jobs,
         )
 
 
@@ -122,7 +130,9 @@ def prepare(config: BenchConfig, progress: bool = False) -> list[Source]:
     head = _head_layer(config.model)
     codes = replace(config.codes, layers=config.codes.layers + (f",{head}" if head else ""))
     pixels_model = ModelSettings("pixels", "DEFAULT", image_size=config.pixel_size)
-    common = dict(run=config.run, data_options=config.data_options, cache_dir=config.cache_dir, progress=progress)
+    common = dict(
+        run=config.run, data_options=config.data_options, cache_dir=config.cache_dir, progress=progress
+    )
     sources = []
     for bd in config.datasets:
         res = extract(config.model, bd.spec, codes, **common)

@@ -77,7 +77,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     """How a source is cut into samples (featx.data.DataOptions): shared by extract and bench."""
-    p.add_argument("--test-fraction", type=_fraction, default=0.2, help="test share for data without splits (0.2)")
+    p.add_argument(
+        "--test-fraction", type=_fraction, default=0.2, help="test share for data without splits (0.2)"
+    )
     p.add_argument("--per-class-limit", help="at most K images per class and split: K, or train=K1,test=K2")
     p.add_argument("--seed", type=int, default=0, help="seed for the split and subsets (default 0)")
     p.add_argument("--data-root", help="where torchvision:NAME datasets live (downloaded there)")

@@ -23,7 +23,6 @@ from featx.errors import FeatxError, UsageError
 log = logging.getLogger("featx")
 
 
-
 # -- timing hook ---------------------------------------------------------------------------------
 
 
@@ -97,7 +96,6 @@ def resolve_device(device: str):
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
     return dev
-
 
 
 class ImageSequence:

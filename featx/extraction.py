@@ -199,7 +199,9 @@ def _run(job: _Job, rset: RunSettings, ds: Dataset, opts: DataOptions, path: str
     job = replace(job, plan=plan)
     use_cl = rset.channels_last in ("on", "auto")
     with _phase(timings, "model to device / hooks"):
-        computer = computer_for(plan, backbone.module, job.device, job.precision, use_cl, rset.compile, timings)
+        computer = computer_for(
+            plan, backbone.module, job.device, job.precision, use_cl, rset.compile, timings
+        )
     try:
         return _loop(job, rset, ds, opts, path, backbone, computer, use_cl, strict, progress, t0, timings)
     finally:

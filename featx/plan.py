@@ -61,7 +61,11 @@ class Plan:
         if self.weights.source in ("random", "builtin", "file"):
             return None
         taps = self.taps
-        heads = [t for t in taps if t.depth > 1.0 and t.shape == (1000,) and not any(c.depth > t.depth for c in taps)]
+        heads = [
+            t
+            for t in taps
+            if t.depth > 1.0 and t.shape == (1000,) and not any(c.depth > t.depth for c in taps)
+        ]
         return heads[-1].name if heads else None
 
     def with_module(self, module) -> Plan:

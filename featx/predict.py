@@ -260,7 +260,9 @@ class Predictor:
                 f"{path}: the pipeline does not match its description (features or classes differ); refit it"
             )
         # the precision the training codes were computed at, on any device: the same codes
-        self.computer = computer_for(plan, backbone.module, resolve_device(device), meta.get("precision") or "fp32")
+        self.computer = computer_for(
+            plan, backbone.module, resolve_device(device), meta.get("precision") or "fp32"
+        )
         self.classes = meta["classes"]
 
     def close(self) -> None:

@@ -69,7 +69,10 @@ class ModelSettings:
             _bad("image_size", size, "use a positive number of pixels")
         pct = self.crop_pct
         if pct is not None and (
-            isinstance(pct, bool) or not isinstance(pct, (int, float)) or not math.isfinite(pct) or not 0 < pct <= 1
+            isinstance(pct, bool)
+            or not isinstance(pct, (int, float))
+            or not math.isfinite(pct)
+            or not 0 < pct <= 1
         ):
             _bad("crop_pct", pct, "use a fraction in (0, 1]")
 
@@ -142,7 +145,9 @@ def _field_names(cls) -> tuple[str, ...]:
     return tuple(f.name for f in fields(cls))
 
 
-def gather(model, codes, run, options: dict, caller: str = "extract") -> tuple[ModelSettings, CodeSettings, RunSettings]:
+def gather(
+    model, codes, run, options: dict, caller: str = "extract"
+) -> tuple[ModelSettings, CodeSettings, RunSettings]:
     """The three settings from a call's arguments: objects as given, strings as shorthands, and
     the flat keywords of the older API (`weights=`, `pool=`, `device=`, ...) folded into their
     group (replacing that field of a given object)."""

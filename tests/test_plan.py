@@ -40,7 +40,10 @@ def test_request_keys_are_unchanged():
     assert request_key(m, c, "fp32", "auto", FINGERPRINT, libs) == (
         "3174f28d2b2c1fd5eb4371a02d8ac5772ffe47fac16871ae9d96aa45db206ba9"
     )
-    m, c = ModelSettings("resnet18", "none", 48, 0.875), CodeSettings("depth:0.5,1.0", "avg2x2", "off", "float16")
+    m, c = (
+        ModelSettings("resnet18", "none", 48, 0.875),
+        CodeSettings("depth:0.5,1.0", "avg2x2", "off", "float16"),
+    )
     assert request_key(m, c, "auto", "auto", FINGERPRINT, libs) == (
         "d91d91ffe4fe20815611a1f2481608740d65170c92a5e08bb3c139c0006e7574"
     )

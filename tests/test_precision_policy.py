@@ -24,7 +24,9 @@ SETTINGS = dict(weights="none", image_size=32, workers=0, batch_size=4, device="
 def test_extract_predict_and_cnncodes_give_identical_codes(tmp_path, monkeypatch):
     monkeypatch.setenv("FEATX_AUTOTUNE", "bf16")  # what `auto` decides here, whatever the CPU
     data = make_images(tmp_path / "data", per_class=4, splits=("train", "test"), size=(36, 36))
-    res = extract("resnet18", str(data), "layer3", cache_dir=str(tmp_path / "cache"), precision="auto", **SETTINGS)
+    res = extract(
+        "resnet18", str(data), "layer3", cache_dir=str(tmp_path / "cache"), precision="auto", **SETTINGS
+    )
     with open_codes(res.path) as f:
         assert f.attrs["precision"] == "bf16"
         paths = [os.path.join(data, p) for p in f.paths]
@@ -37,7 +39,9 @@ def test_extract_predict_and_cnncodes_give_identical_codes(tmp_path, monkeypatch
     predictor = Predictor(str(clf), device="cpu")
     try:
         images = [predictor.preprocess.to_uint8(Image.open(p).convert("RGB")) for p in paths]
-        from_predict = np.vstack([predictor.codes(torch.stack(images[i : i + 4])) for i in range(0, len(images), 4)])
+        from_predict = np.vstack(
+            [predictor.codes(torch.stack(images[i : i + 4])) for i in range(0, len(images), 4)]
+        )
     finally:
         predictor.close()
     np.testing.assert_array_equal(from_predict, cached)
@@ -45,7 +49,9 @@ def test_extract_predict_and_cnncodes_give_identical_codes(tmp_path, monkeypatch
     monkeypatch.setenv("FEATX_AUTOTUNE", "bf16")
     t = CNNCodes("resnet18", weights="none", layers="layer3", image_size=32, batch_size=4, precision="auto")
     np.testing.assert_array_equal(t.fit(paths).transform(paths), cached)
-    fp32 = CNNCodes("resnet18", weights="none", layers="layer3", image_size=32, batch_size=4, precision="fp32")
+    fp32 = CNNCodes(
+        "resnet18", weights="none", layers="layer3", image_size=32, batch_size=4, precision="fp32"
+    )
     assert not np.array_equal(fp32.fit(paths).transform(paths), cached)  # the test can tell precisions apart
 
 

@@ -142,10 +142,10 @@ def resolve(
 
 def weights_request(weights: str) -> str:
     """The weights as typed, with a local file replaced by its content hash (for the request key)."""
-    from featx.models import _looks_like_path, file_sha256
+    from featx.models import _looks_like_path, weights_sha256
 
     if weights and (_looks_like_path(weights) or os.path.exists(weights)):
-        return f"sha256:{file_sha256(weights)}" if os.path.isfile(weights) else f"missing:{weights}"
+        return f"sha256:{weights_sha256(weights)}" if os.path.isfile(weights) else f"missing:{weights}"
     return weights
 
 

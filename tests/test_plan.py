@@ -94,3 +94,27 @@ def test_extract_rejects_unknown_precision_and_relu(image_folder, cache_dir):
             extract("resnet18", str(image_folder), "layer2", cache_dir=str(cache_dir), weights="none", **kw)
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
         extract("resnet18", str(image_folder), "layer2", cache_dir=str(cache_dir), colour="red")
+
+
+def test_a_weights_file_is_hashed_once_while_unchanged(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    import featx.models as fm
+    from featx.plan import weights_request
+
+    ckpt = tmp_path / "w.pth"
+    module = fm.build_module(fm.parse_model_name("resnet18"))
+    torch.save(module.state_dict(), ckpt)
+    calls, orig = [], fm.file_sha256
+    monkeypatch.setattr(fm, "file_sha256", lambda p: calls.append(p) or orig(p))
+    first = resolve(ModelSettings("resnet18", str(ckpt), 32), "layer2")
+    assert weights_request(str(ckpt)) == first.weights.ident
+    resolve(ModelSettings("resnet18", str(ckpt), 32), "layer3")
+    assert len(calls) == 1
+    with torch.no_grad():
+        module.fc.bias.add_(1.0)
+    torch.save(module.state_dict(), ckpt)
+    os.utime(ckpt, ns=(1, 1))  # another mtime, whatever the clock's resolution
+    assert resolve(ModelSettings("resnet18", str(ckpt), 32), "layer2").weights.ident != first.weights.ident

@@ -138,9 +138,9 @@ def prepare(config: BenchConfig, progress: bool = False) -> list[Source]:
         res = extract(config.model, bd.spec, codes, **common)
         with CodesFile(res.path) as f:
             layers = [n for n in f.layers if n != head]
-            depth = {n: float(f.layer_attrs(n).get("depth", 0.0)) for n in layers}
+            depth = {n: f.layer_meta(n).depth for n in layers}
             dims = {n: f.dim(n) for n in layers}
-            name = str(f.attrs.get("dataset_name") or os.path.basename(bd.spec.rstrip("/")))
+            name = str(f.meta.dataset_name or os.path.basename(bd.spec.rstrip("/")))
             n_train = int((f.split == "train").sum())
             n_classes = len(f.classes)
         layers.sort(key=lambda n: depth[n])
@@ -180,7 +180,7 @@ class Cell:
 
 def _cache_key(path: str) -> str:
     with CodesFile(path) as f:
-        return str(f.attrs.get("cache_key") or path)
+        return str(f.meta.cache_key or path)
 
 
 def grid(config: BenchConfig, sources: list[Source]) -> tuple[list[Cell], list[str]]:

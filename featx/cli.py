@@ -405,20 +405,18 @@ def cmd_info(args) -> int:
             print(json.dumps({"state": "complete", "attrs": f.attrs, "layers": layers, "splits": splits,
                               "classes": f.classes, "skipped": f.skipped}, indent=1, default=str))  # fmt: skip
             return 0
-        a = f.attrs
+        m = f.meta
         print(f"{path}")
-        sha = str(a.get("weights_sha256") or "")
-        print(f"  model         {a.get('model')}  weights {a.get('weights')} ({a.get('weights_source')}"
+        sha = str(m.weights_sha256 or "")
+        print(f"  model         {m.model}  weights {m.weights} ({m.weights_source}"
               + (f", sha256 {sha[:16]}..." if sha else "") + ")")  # fmt: skip
-        print(f"  preprocessing {a.get('preprocessing_text')}")
+        print(f"  preprocessing {m.preprocessing_text}")
+        print(f"  dataset       {m.dataset}  ({len(f.classes)} classes; splits {splits}, {m.split_source})")
         print(
-            f"  dataset       {a.get('dataset')}  ({len(f.classes)} classes; splits {splits}, {a.get('split_source')})"
+            f"  rows          {len(f)} of {m.samples} images ({len(f.skipped)} skipped), state {f.attrs.get('featx_state')}"
         )
-        print(
-            f"  rows          {len(f)} of {a.get('samples')} images ({len(f.skipped)} skipped), state {a.get('featx_state')}"
-        )
-        print(f"  extraction    {a.get('precision')} on {a.get('device')}, batch {a.get('batch_size')}, dtype {a.get('dtype')}, "
-              f"created {a.get('created')}, featx {a.get('featx_version')}")  # fmt: skip
+        print(f"  extraction    {m.precision} on {m.device}, batch {m.batch_size}, dtype {m.dtype}, "
+              f"created {m.created}, featx {m.featx_version}, format {m.format_version}")  # fmt: skip
         rows = [[ly["name"], ly["dim"], _shape_text(ly.get("pre_pool_shape")), ly.get("pool"), ly.get("activation"),
                  _fixed(ly.get("depth"))] for ly in layers]  # fmt: skip
         print()

@@ -56,7 +56,16 @@ from featx.engine import phase as _phase
 from featx.errors import FeatxError, Interrupted
 from featx.plan import Plan, request_key, resolve
 from featx.settings import CodeSettings, ModelSettings, RunSettings, gather
-from featx.store import Journal, finalize, journal_path, read_progress, verify
+from featx.store import (
+    FORMAT_VERSION,
+    FileMeta,
+    Journal,
+    LayerMeta,
+    finalize,
+    journal_path,
+    read_progress,
+    verify,
+)
 
 log = logging.getLogger("featx")
 
@@ -311,34 +320,21 @@ def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
 
 
 def _layer_attrs(chosen, plan: Plan) -> dict[str, dict]:
-    out = {}
-    for t in chosen:
-        act = plan.activations[t.name]
-        out[t.name] = {
-            "pre_pool_shape": np.array(t.shape, dtype=np.int64), "pool": str(plan.pool),
-            "relu": act != "none" or t.post_act in ("relu", "relu6"), "activation": act,
-            "post_act": t.post_act or "none", "next_act": t.next_act or "none", "code_dim": t.code_dim(plan.pool),
-            "stride": t.stride or 0, "depth": t.depth, "kind": t.kind,
-        }  # fmt: skip
-    return out
+    return {t.name: LayerMeta.from_tap(t, plan.activations[t.name], plan.pool).to_attrs() for t in chosen}
 
 
 def _file_attrs(job: _Job, backbone, ds: Dataset, opts: DataOptions, bs: int, workers: int, channels_last: bool,
                 compile: bool) -> dict:  # fmt: skip
-    import json
-
     plan = job.plan
-
-    return {
-        "featx_version": __version__, "format_version": 1, "cache_key": job.key, "model": str(plan.model),
-        "weights": plan.weights.spec, "weights_source": plan.weights.source, "weights_ident": plan.weights.ident,
-        "weights_sha256": backbone.weights.sha256 or "", "preprocessing": json.dumps(plan.preprocess.to_dict()),
-        "preprocessing_text": str(plan.preprocess), "image_size": plan.preprocess.crop_size,
-        "dataset": ds.spec, "dataset_name": ds.name, "dataset_fingerprint": ds.fingerprint,
-        "split_source": ds.split_source, "data_options": json.dumps(opts.to_dict()), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "library_versions": json.dumps(_lib_versions()), "layers": np.array(list(plan.layers), dtype=object),
-        "layer_resolution": json.dumps(plan.resolved), "pool": str(plan.pool), "relu": plan.relu_mode,
-        "dtype": plan.dtype, "precision": job.precision, "device": str(job.device), "batch_size": bs,
-        "workers": workers, "channels_last": channels_last, "compile": compile, "decoder": job.decoder, "samples": len(ds),
-        "config": json.dumps({"layers": list(plan.layers), "activations": plan.activations, "pool": str(plan.pool)}),
-    }  # fmt: skip
+    return FileMeta(
+        featx_version=__version__, format_version=FORMAT_VERSION, cache_key=job.key, model=str(plan.model),
+        weights=plan.weights.spec, weights_source=plan.weights.source, weights_ident=plan.weights.ident,
+        weights_sha256=backbone.weights.sha256 or "", preprocessing=plan.preprocess.to_dict(),
+        preprocessing_text=str(plan.preprocess), image_size=plan.preprocess.crop_size, dataset=ds.spec,
+        dataset_name=ds.name, dataset_fingerprint=ds.fingerprint, split_source=ds.split_source,
+        data_options=opts.to_dict(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        library_versions=_lib_versions(), layers=plan.layers, layer_resolution=plan.resolved, pool=str(plan.pool),
+        relu_mode=plan.relu_mode, dtype=plan.dtype, precision=job.precision, device=str(job.device), batch_size=bs,
+        workers=workers, channels_last=channels_last, compile=compile, decoder=job.decoder, samples=len(ds),
+        config={"layers": list(plan.layers), "activations": plan.activations, "pool": str(plan.pool)},
+    ).to_attrs()  # fmt: skip

@@ -45,15 +45,15 @@ def classifier_meta(codes_path: str, layers: list[str]) -> dict:
     from featx.store import CodesFile
 
     with CodesFile(codes_path) as f:
-        a = f.attrs
+        m = f.meta
         return {
-            "featx_version": __version__, "format": FORMAT, "layers": list(layers), "model": a["model"],
-            "weights": a["weights"], "weights_source": a.get("weights_source"), "weights_ident": a.get("weights_ident"),
-            "weights_sha256": a.get("weights_sha256") or "", "pool": a["pool"],
-            "activations": {n: f.layer_attrs(n)["activation"] for n in layers},
-            "dims": {n: f.dim(n) for n in layers}, "preprocessing": f.json_attr("preprocessing"),
-            "precision": a.get("precision", "fp32"), "classes": f.classes, "codes_file": os.path.abspath(codes_path),
-            "cache_key": a.get("cache_key"), "dataset": a.get("dataset"),
+            "featx_version": __version__, "format": FORMAT, "layers": list(layers), "model": m.model,
+            "weights": m.weights, "weights_source": m.weights_source, "weights_ident": m.weights_ident,
+            "weights_sha256": m.weights_sha256 or "", "pool": m.pool,
+            "activations": {n: f.layer_meta(n).activation for n in layers},
+            "dims": {n: f.dim(n) for n in layers}, "preprocessing": m.parsed("preprocessing", f.path),
+            "precision": m.precision or "fp32", "classes": f.classes, "codes_file": os.path.abspath(codes_path),
+            "cache_key": m.cache_key, "dataset": m.dataset,
         }  # fmt: skip
 
 

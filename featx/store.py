@@ -24,7 +24,8 @@ last, inside the file, as a second check. Layout (readable with plain h5py, no f
                      created, library_versions (JSON), config (JSON), rows, samples, layers
 
 String datasets read as bytes in h5py 3: use `f["split"].asstr()[:]`. JSON attributes are parsed
-with `json.loads` only; nothing read from a file is ever evaluated.
+with `json.loads` only; nothing read from a file is ever evaluated. The attributes are typed by
+`FileMeta` and `LayerMeta` (written by extraction, read through `CodesFile.meta` / `layer_meta`).
 """
 
 from __future__ import annotations

@@ -100,6 +100,31 @@ class BenchConfig:
         )
 
 
+DEMO_FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def demo_config(extra_data: Sequence[str] = (), out: str = "results/demo", cache_dir: str | None = None,
+                jobs: int = 2) -> BenchConfig:  # fmt: skip
+    """`featx demo`: a small bench that works offline on a fresh install (scikit-learn's digits,
+    plus Fashion-MNIST where the Debian package is installed, plus `extra_data`)."""
+    from featx.classify import protocol_for
+
+    datasets = [BenchData("sklearn:digits", "different")]
+    if os.path.isdir(DEMO_FASHION):
+        datasets.append(BenchData(DEMO_FASHION, "different"))
+    else:
+        log.warning(
+            "Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist); the demo runs without it"
+        )
+    datasets += [parse_bench_data(d) for d in extra_data]
+    return BenchConfig(
+        ModelSettings("efficientnet_lite0", "imagenet", image_size=112), datasets, DEFAULT_LAYERS,
+        train_sizes=["10/class", "50/class", "all"], protocols=[protocol_for("softmax", Cs=(0.001, 0.01, 0.1, 1.0, 10.0))],
+        seeds=(0, 1), data_options=DataOptions(per_class_limit={"train": 200, "test": 100, "val": 100}),
+        baseline_pixels=True, pixel_size=28, out=out, cache_dir=cache_dir, jobs=jobs,
+    )  # fmt: skip
+
+
 @dataclass
 class Source:
     """A dataset of the bench with its codes files."""

@@ -309,9 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_layers(args) -> int:
     from featx.models import torchvision_models
     from featx.plan import resolve
-    from featx.report import format_table
+    from featx.report import layers_json, layers_text
     from featx.settings import ModelSettings
-    from featx.taps import activation_for, parse_pool
+    from featx.taps import parse_pool
 
     if args.list_models:
         print(
@@ -323,24 +323,7 @@ def cmd_layers(args) -> int:
     # DEFAULT's preprocessing needs no download; models without pretrained weights fall back to none
     plan = resolve(_settings(ModelSettings, args, name=args.model), default_may_be_none=True)
     pool = parse_pool(args.pool)
-    model, pre = plan.model, plan.preprocess
-    taps = [t for t in plan.taps if args.all or t.trunk]
-    if args.json:
-        print(json.dumps({"model": str(model), "input_size": pre.crop_size, "preprocessing": pre.to_dict(),
-                          "layers": [{**t.to_dict(), "relu_by_default": activation_for(t) != "none",
-                                      "code_dim": t.code_dim(pool)} for t in taps]}, indent=1))  # fmt: skip
-        return 0
-    rows = []
-    for t in taps:
-        shape = "x".join(str(s) for s in t.shape)
-        rows.append(["  " * t.level + t.name, t.kind, shape, t.stride, f"{t.depth:.2f}", t.activation_label,
-                     "yes" if activation_for(t) != "none" else "no", t.code_dim(pool)])  # fmt: skip
-    print(format_table(rows, ["layer", "type", "output (C,H,W)", "stride", "depth", "activation", "relu'd", f"dim ({pool})"],
-                       align="lllrrllr"))  # fmt: skip
-    print(f"\n{model} at {pre.crop_size}px: {pre}. 'activation': post-X = the output already went through X; "
-          f"->X = the network applies X next. Codes are ReLU'd where 'relu'd' says yes (--no-relu keeps raw "
-          f"outputs, --relu forces ReLU everywhere). depth: share of conv/linear ops done (1.0 = penultimate)."
-          + ("" if args.all else " --all lists every module."))  # fmt: skip
+    print(layers_json(plan, pool, args.all) if args.json else layers_text(plan, pool, args.all))
     return 0
 
 
@@ -381,7 +364,7 @@ def cmd_extract(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from featx.report import format_table
+    from featx.report import info_text
     from featx.store import CodesFile, read_progress
 
     path = args.file
@@ -405,40 +388,8 @@ def cmd_info(args) -> int:
             print(json.dumps({"state": "complete", "attrs": f.attrs, "layers": layers, "splits": splits,
                               "classes": f.classes, "skipped": f.skipped}, indent=1, default=str))  # fmt: skip
             return 0
-        m = f.meta
-        print(f"{path}")
-        sha = str(m.weights_sha256 or "")
-        print(f"  model         {m.model}  weights {m.weights} ({m.weights_source}"
-              + (f", sha256 {sha[:16]}..." if sha else "") + ")")  # fmt: skip
-        print(f"  preprocessing {m.preprocessing_text}")
-        print(f"  dataset       {m.dataset}  ({len(f.classes)} classes; splits {splits}, {m.split_source})")
-        print(
-            f"  rows          {len(f)} of {m.samples} images ({len(f.skipped)} skipped), state {f.attrs.get('featx_state')}"
-        )
-        print(f"  extraction    {m.precision} on {m.device}, batch {m.batch_size}, dtype {m.dtype}, "
-              f"created {m.created}, featx {m.featx_version}, format {m.format_version}")  # fmt: skip
-        rows = [[ly["name"], ly["dim"], _shape_text(ly.get("pre_pool_shape")), ly.get("pool"), ly.get("activation"),
-                 _fixed(ly.get("depth"))] for ly in layers]  # fmt: skip
-        print()
-        print(
-            format_table(
-                rows, ["layer", "dim", "pre-pool shape", "pool", "activation", "depth"], align="lrllll"
-            )
-        )
-        for ident, reason in f.skipped[:10]:
-            print(f"  skipped {ident}: {reason}")
-        if len(f.skipped) > 10:
-            print(f"  ... {len(f.skipped) - 10} more in /skipped")
+        print(info_text(path, f, layers, splits))
     return 0
-
-
-def _fixed(v, digits: int = 2) -> str:
-    """A number from a file's attributes, which may hold anything: shown as it is if not a number."""
-    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
-
-
-def _shape_text(v) -> str:
-    return "x".join(str(s) for s in v) if isinstance(v, (list, tuple)) else str(v)
 
 
 def cmd_cache(args) -> int:
@@ -634,29 +585,11 @@ def cmd_bench(args) -> int:
     return _run_bench(config, "featx " + shlex.join(args.argv), not args.quiet)
 
 
-DEMO_FASHION = "/usr/share/datasets/fashion-mnist"
-
-
 def cmd_demo(args) -> int:
     """A small bench that works offline on a fresh install."""
-    from featx.bench import BenchConfig, BenchData, parse_bench_data
-    from featx.classify import protocol_for
-    from featx.data import DataOptions
+    from featx.bench import demo_config
 
-    datasets = [BenchData("sklearn:digits", "different")]
-    if os.path.isdir(DEMO_FASHION):
-        datasets.append(BenchData(DEMO_FASHION, "different"))
-    else:
-        log.warning(
-            "Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist); the demo runs without it"
-        )
-    datasets += [parse_bench_data(d) for d in args.data]
-    config = BenchConfig(
-        model="efficientnet_lite0", weights="imagenet", datasets=datasets, layers="depth:0.1,0.25,0.4,0.55,0.7,0.85,1.0",
-        train_sizes=["10/class", "50/class", "all"], protocols=[protocol_for("softmax", Cs=(0.001, 0.01, 0.1, 1.0, 10.0))],
-        seeds=(0, 1), image_size=112, data_options=DataOptions(per_class_limit={"train": 200, "test": 100, "val": 100}),
-        baseline_pixels=True, pixel_size=28, out=args.out, cache_dir=args.cache_dir, jobs=args.jobs,
-    )  # fmt: skip
+    config = demo_config(args.data, args.out, args.cache_dir, args.jobs)
     return _run_bench(config, "featx " + shlex.join(args.argv), not args.quiet)
 
 

@@ -22,6 +22,7 @@ import sys
 
 from featx import __version__
 from featx.errors import FeatxError, UsageError
+from featx.settings import CHANNELS_LAST, DECODERS, DTYPES, PRECISIONS
 
 log = logging.getLogger("featx")
 
@@ -90,7 +91,7 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=_auto_or_int, default="auto", help="images per forward pass, or auto")
     p.add_argument("--workers", type=_workers, default="auto", help="data-loading processes, or auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="forward precision: auto = fp32 or bf16, whichever is measured faster on this device")  # fmt: skip
 
 
@@ -120,7 +121,7 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     )
     relu.add_argument("--no-relu", dest="relu", action="store_const", const="off", help="keep raw outputs")
     p.set_defaults(relu="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored code type")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="stored code type")
     _add_data_args(p)
     p.add_argument(
         "--strict", action="store_true", help="stop at the first undecodable image instead of skipping it"
@@ -128,9 +129,9 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="cache directory (default: $FEATX_CACHE_DIR or ./cache)")
     _add_device_args(p)
     p.add_argument(
-        "--channels-last", default="auto", choices=["auto", "on", "off"], help="memory format for the forward"
+        "--channels-last", default="auto", choices=CHANNELS_LAST, help="memory format for the forward"
     )
-    p.add_argument("--decoder", default="auto", choices=["auto", "pil", "torchvision"],
+    p.add_argument("--decoder", default="auto", choices=DECODERS,
                    help="pil: decode and resize in workers; torchvision: batched JPEG decode and resize on the device "
                         "(auto: torchvision on CUDA)")  # fmt: skip
     p.add_argument(

@@ -479,14 +479,10 @@ def child_main(method: str, spec: dict) -> int:
 
 
 def _fx():
-    """featx's extraction module (featx/extraction.py; featx/extract.py before the rename)."""
+    """featx's compute engine (featx/engine.py)."""
     import importlib
 
-    try:
-        return importlib.import_module("featx.extraction")
-    except ModuleNotFoundError:
-        importlib.import_module("featx")
-        return importlib.import_module("featx.extract")
+    return importlib.import_module("featx.engine")
 
 
 def _device(spec):
@@ -501,19 +497,21 @@ def _sync(dev):
 
 
 def featx_setup(spec, layers: str):
-    """featx's own plan and model, exactly as `featx.extract._run` builds them."""
-    from featx.data import open_source
+    """featx's own plan, device decisions and model, exactly as `featx.extract` makes them."""
+    from types import SimpleNamespace
 
-    _plan = _fx()._plan
-    from featx.models import load_model
+    from featx.plan import resolve
+    from featx.settings import CodeSettings, ModelSettings
 
-    ds = open_source(spec["data"])
+    fx = _fx()
+    plan = resolve(ModelSettings(spec["model"], spec["weights"], spec["image_size"]), CodeSettings(layers))
+    dev = fx.resolve_device(spec["device"])
     precision = spec["options"].get("precision", spec.get("precision", "auto"))
-    plan = _plan(spec["model"], spec["weights"], layers, "avg", "auto", spec["image_size"], None, "float32", precision,
-                 spec["device"], "pil", ds)  # fmt: skip
-    backbone = load_model(str(plan.model), weights_ref=plan.weights)
-    taps = {t.name: t for t in plan.taps}  # the probe featx's _run uses
-    return plan, backbone, [taps[n] for n in plan.layers]
+    precision = fx.decide_precision(precision, plan.model, dev, plan.preprocess.crop_size)
+    backbone, plan = fx.load_backbone(plan)
+    setup = SimpleNamespace(activations=plan.activations, pool=plan.pool, preprocess=plan.preprocess,
+                            layers=plan.layers, model=plan.model, device=dev, precision=precision)  # fmt: skip
+    return setup, backbone, plan.chosen
 
 
 def time_rounds(step, n_batches: int, rounds: int, dev, warmup: int = 2) -> list[float]:
@@ -660,66 +658,22 @@ def m_naive(spec) -> dict:
     return {**_rate(spec, secs, nb), "note": "model(x), fp32 contiguous, no_grad, whole network"}
 
 
-class _Acc:
-    """Thread-safe accumulated seconds per phase."""
-
-    def __init__(self):
-        self.t: dict[str, float] = {}
-        self.lock = threading.Lock()
-
-    def add(self, k, v):
-        with self.lock:
-            self.t[k] = self.t.get(k, 0.0) + v
-
-    def timed(self, key, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.add(key(*a, **kw) if callable(key) else key, time.perf_counter() - t)
-
-        return wrapper
-
-
-def _instrument(acc: _Acc, io: dict):
-    """Wrap featx's phases with timers (negligible overhead: a few perf_counter calls per batch)."""
-    fe = _fx()
-    import featx.models as fm
+def _instrument(io: dict):
+    """What featx's timing hook (`featx.engine.Timings`, passed to `extract`) does not see: the
+    bytes of each progress commit and the fsync calls per thread (a few perf_counter calls each)."""
     import featx.store as fs
-    import featx.taps as ft
+    from featx.engine import Timings
 
-    fe._plan = acc.timed("plan (meta skeleton, probe on meta, key)", fe._plan)
-    fm.load_model = acc.timed("load_model (build + init weights)", fm.load_model)
-    ft.list_taps = acc.timed(
-        lambda *a, **kw: f"list_taps on {kw.get('device', 'meta')} (probe forward)", ft.list_taps
-    )
-    fe.finalize = acc.timed("finalize (HDF5 gzip + fsync + rename)", fe.finalize)
-    fe.CodeComputer.__call__ = acc.timed("loop: forward (CodeComputer)", fe.CodeComputer.__call__)
-    fe.CodeComputer.__init__ = acc.timed("model to device / hooks", fe.CodeComputer.__init__)
-    fe._Writer.put = acc.timed("loop: writer.put blocked", fe._Writer.put)
-    fe._Writer.close = acc.timed("writer drain at end", fe._Writer.close)
-    orig_append = fs.Journal.append
+    timings = Timings()
+    orig_commit = getattr(fs.Journal, "_commit_progress", None)
+    if orig_commit is not None:  # informational only: skipped if the journal changes shape
 
-    def append(self, codes, sample_index, samples_done, skipped):
-        io["code_bytes"] = io.get("code_bytes", 0) + sum(int(c.size) * self.itemsize for c in codes)
-        io["index_bytes"] = io.get("index_bytes", 0) + 8 * len(sample_index)
-        io["appends"] = io.get("appends", 0) + 1
-        t = time.perf_counter()
-        try:
-            return orig_append(self, codes, sample_index, samples_done, skipped)
-        finally:
-            acc.add("[writer thread] journal append", time.perf_counter() - t)
+        def commit(self):
+            orig_commit(self)
+            with open(os.path.join(self.path, "progress.json"), "rb") as f:
+                io["progress_bytes"] = io.get("progress_bytes", 0) + len(f.read())
 
-    fs.Journal.append = append
-    orig_commit = fs.Journal._commit_progress
-
-    def commit(self):
-        orig_commit(self)
-        with open(os.path.join(self.path, "progress.json"), "rb") as f:
-            io["progress_bytes"] = io.get("progress_bytes", 0) + len(f.read())
-
-    fs.Journal._commit_progress = commit
+        fs.Journal._commit_progress = commit
     orig_fsync = os.fsync
 
     def fsync(fd):
@@ -727,31 +681,10 @@ def _instrument(acc: _Acc, io: dict):
         try:
             return orig_fsync(fd)
         finally:
-            acc.add(f"[{threading.current_thread().name}] fsync", time.perf_counter() - t)
+            timings.add(f"[{threading.current_thread().name}] fsync", time.perf_counter() - t)
 
     os.fsync = fsync
-    orig_make_loader = fe.make_loader
-
-    class TimedLoader:
-        def __init__(self, loader):
-            self.loader = loader
-
-        def __iter__(self):
-            it = iter(self.loader)
-            first = True
-            while True:
-                t = time.perf_counter()
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-                finally:
-                    acc.add("loop: first batch (worker start + decode)" if first else "loop: waiting for data",
-                            time.perf_counter() - t)  # fmt: skip
-                first = False
-                yield item
-
-    fe.make_loader = lambda *a, **kw: TimedLoader(orig_make_loader(*a, **kw))
+    return timings
 
 
 def m_featx(spec) -> dict:
@@ -767,16 +700,17 @@ def m_featx(spec) -> dict:
     workers = opts.get("workers", spec["workers"])
     workers = workers if workers == "auto" else int(workers)
     cache = tempfile.mkdtemp(prefix="cache-", dir=spec["tmp"])
-    acc, io = _Acc(), {}
-    _instrument(acc, io)
+    io = {}
+    timings = _instrument(io)
     w0 = wchar()
     with Meter() as meter:
         res = featx.extract(
             spec["model"], data, layers, weights=spec["weights"], pool="avg", image_size=spec["image_size"],
             cache_dir=cache, device=spec["device"], batch_size=spec["batch_size"], workers=workers,
             precision=opts.get("precision", spec.get("precision", "auto")),
-            channels_last=opts.get("channels_last", spec.get("channels_last", "auto")),
+            channels_last=opts.get("channels_last", spec.get("channels_last", "auto")), timings=timings,
         )  # fmt: skip
+    io.update(timings.counts)
     secs = meter.wall
     written = wchar() - w0
     n = res.samples
@@ -805,7 +739,7 @@ def m_featx(spec) -> dict:
         "wchar_per_image": written / max(1, n), "h5_bytes_per_image": h5size / max(1, res.rows),
         "appends": io.get("appends", 0),
     }  # fmt: skip
-    phases = {k: v for k, v in sorted(acc.t.items(), key=lambda kv: -kv[1])}
+    phases = {k: v for k, v in sorted(timings.seconds.items(), key=lambda kv: -kv[1])}
     out["phases"] = phases
     out["attrs"] = attrs
     out["note"] = (

@@ -1,5 +1,8 @@
 """featx: tap layers of pretrained CNNs into an HDF5 cache and measure their codes with linear classifiers.
 
+docs/architecture.md draws the one-way flow (settings -> plan -> engine -> store -> classifiers ->
+bench/report) with the module that owns each step.
+
 The package imports lazily so that `import featx` and cache hits stay fast (importing torch alone
 takes over a second); the names below load their modules on first use.
 """
@@ -20,6 +23,12 @@ _EXPORTS = {
     "TapInfo": "featx.taps",
     "resolve_layers": "featx.taps",
     "open_source": "featx.data",
+    "ModelSettings": "featx.settings",
+    "CodeSettings": "featx.settings",
+    "RunSettings": "featx.settings",
+    "resolve": "featx.plan",
+    "Plan": "featx.plan",
+    "Timings": "featx.engine",
     "extract": "featx.extraction",
     "ExtractResult": "featx.extraction",
     "CodesFile": "featx.store",

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from featx.cache import digest
 from featx.classify import Protocol, TrainSize, fit_cell, parse_train_size
 from featx.data import DataOptions
 from featx.errors import FeatxError, UsageError
+from featx.settings import CodeSettings, ModelSettings, RunSettings, gather
 from featx.store import CodesFile
 
 log = logging.getLogger("featx")
@@ -52,26 +53,76 @@ def parse_bench_data(text: str) -> BenchData:
     return BenchData(text, None)
 
 
-@dataclass
+DEFAULT_LAYERS = "depth:0.1,0.25,0.4,0.55,0.7,0.85,1.0"
+
+
+@dataclass(init=False)
 class BenchConfig:
-    model: str
+    """A bench: the model and codes settings, how to run the forward, the data, and the grid.
+
+    `model`, `codes` and `run` are `featx.settings` objects (a model name and a layers string are
+    accepted as shorthands); their fields may also be given flat (`weights=`, `layers=`,
+    `image_size=`, `device=`, `batch_size=`, ...), as `extract` takes them."""
+
+    model: ModelSettings
     datasets: list[BenchData]
-    layers: str = "depth:0.1,0.25,0.4,0.55,0.7,0.85,1.0"
-    weights: str = "DEFAULT"
-    train_sizes: Sequence[str] = ("all",)
-    protocols: Sequence[Protocol] = (Protocol(),)
-    seeds: Sequence[int] = (0,)
-    image_size: int | None = None
-    data_options: DataOptions = field(default_factory=DataOptions)
-    baseline_pixels: bool = False
-    pixel_size: int = 32
-    out: str = "results/bench"
-    cache_dir: str | None = None
-    jobs: int = 1
-    device: str = "auto"
-    batch_size: int | str = "auto"
-    workers: int | str = "auto"
-    precision: str = "auto"
+    codes: CodeSettings
+    run: RunSettings
+    train_sizes: Sequence[str]
+    protocols: Sequence[Protocol]
+    seeds: Sequence[int]
+    data_options: DataOptions
+    baseline_pixels: bool
+    pixel_size: int
+    out: str
+    cache_dir: str | None
+    jobs: int
+
+    def __init__(self, model: ModelSettings | str, datasets: list[BenchData], codes: CodeSettings | str | None = None,
+                 run: RunSettings | None = None, *, train_sizes: Sequence[str] = ("all",),
+                 protocols: Sequence[Protocol] = (Protocol(),), seeds: Sequence[int] = (0,),
+                 data_options: DataOptions | None = None, baseline_pixels: bool = False, pixel_size: int = 32,
+                 out: str = "results/bench", cache_dir: str | None = None, jobs: int = 1, **settings):  # fmt: skip
+        self.model, self.codes, self.run = gather(
+            model, codes or DEFAULT_LAYERS, run, settings, "BenchConfig"
+        )
+        self.datasets, self.train_sizes, self.protocols = datasets, train_sizes, protocols
+        self.seeds = tuple(
+            dict.fromkeys(int(s) for s in seeds)
+        )  # a repeated seed would fit the same cells twice
+        self.data_options = data_options or DataOptions()
+        self.baseline_pixels, self.pixel_size, self.out, self.cache_dir, self.jobs = (
+            baseline_pixels,
+            pixel_size,
+            out,
+            cache_dir,
+            jobs,
+        )
+
+
+DEMO_FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def demo_config(extra_data: Sequence[str] = (), out: str = "results/demo", cache_dir: str | None = None,
+                jobs: int = 2) -> BenchConfig:  # fmt: skip
+    """`featx demo`: a small bench that works offline on a fresh install (scikit-learn's digits,
+    plus Fashion-MNIST where the Debian package is installed, plus `extra_data`)."""
+    from featx.classify import protocol_for
+
+    datasets = [BenchData("sklearn:digits", "different")]
+    if os.path.isdir(DEMO_FASHION):
+        datasets.append(BenchData(DEMO_FASHION, "different"))
+    else:
+        log.warning(
+            "Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist); the demo runs without it"
+        )
+    datasets += [parse_bench_data(d) for d in extra_data]
+    return BenchConfig(
+        ModelSettings("efficientnet_lite0", "imagenet", image_size=112), datasets, DEFAULT_LAYERS,
+        train_sizes=["10/class", "50/class", "all"], protocols=[protocol_for("softmax", Cs=(0.001, 0.01, 0.1, 1.0, 10.0))],
+        seeds=(0, 1), data_options=DataOptions(per_class_limit={"train": 200, "test": 100, "val": 100}),
+        baseline_pixels=True, pixel_size=28, out=out, cache_dir=cache_dir, jobs=jobs,
+    )  # fmt: skip
 
 
 @dataclass
@@ -90,50 +141,37 @@ class Source:
     n_classes: int = 0
 
 
-def _head_layer(model: str, weights: str, image_size: int | None) -> str | None:
+def _head_layer(model: ModelSettings) -> str | None:
     """The classifier head's module name, when the weights come with ImageNet classes."""
-    from featx.models import build_module, parse_model_name, resolve_weights
-    from featx.taps import list_taps
+    from featx.plan import resolve
 
-    m = parse_model_name(model)
-    ref = resolve_weights(m, weights)
-    if ref.source in ("random", "builtin", "file"):
-        return None
-    skeleton = build_module(m, device="meta")
-    taps = list_taps(skeleton, image_size or 224, device="meta")
-    heads = [
-        t for t in taps if t.depth > 1.0 and t.shape == (1000,) and not any(c.depth > t.depth for c in taps)
-    ]
-    return heads[-1].name if heads else None
+    return resolve(model).head_layer()
 
 
 def prepare(config: BenchConfig, progress: bool = False) -> list[Source]:
     """Extract (or find in the cache) the codes of every dataset."""
     from featx.extraction import extract
 
-    head = _head_layer(config.model, config.weights, config.image_size)
+    head = _head_layer(config.model)
+    codes = replace(config.codes, layers=config.codes.layers + (f",{head}" if head else ""))
+    pixels_model = ModelSettings("pixels", "DEFAULT", image_size=config.pixel_size)
+    common = dict(
+        run=config.run, data_options=config.data_options, cache_dir=config.cache_dir, progress=progress
+    )
     sources = []
     for bd in config.datasets:
-        layer_spec = config.layers + (f",{head}" if head else "")
-        common = dict(data_options=config.data_options, cache_dir=config.cache_dir, device=config.device,
-                      batch_size=config.batch_size, workers=config.workers, precision=config.precision,
-                      progress=progress)  # fmt: skip
-        res = extract(
-            config.model, bd.spec, layer_spec, weights=config.weights, image_size=config.image_size, **common
-        )
+        res = extract(config.model, bd.spec, codes, **common)
         with CodesFile(res.path) as f:
             layers = [n for n in f.layers if n != head]
-            depth = {n: float(f.layer_attrs(n).get("depth", 0.0)) for n in layers}
+            depth = {n: f.layer_meta(n).depth for n in layers}
             dims = {n: f.dim(n) for n in layers}
-            name = str(f.attrs.get("dataset_name") or os.path.basename(bd.spec.rstrip("/")))
+            name = str(f.meta.dataset_name or os.path.basename(bd.spec.rstrip("/")))
             n_train = int((f.split == "train").sum())
             n_classes = len(f.classes)
         layers.sort(key=lambda n: depth[n])
         pixels = None
         if config.baseline_pixels:
-            pixels = extract(
-                "pixels", bd.spec, "pixels", pool="none", image_size=config.pixel_size, **common
-            ).path
+            pixels = extract(pixels_model, bd.spec, CodeSettings("pixels", pool="none"), **common).path
         sources.append(
             Source(
                 bd, name, res.path, layers, depth, dims, head if head else None, pixels, n_train, n_classes
@@ -167,7 +205,7 @@ class Cell:
 
 def _cache_key(path: str) -> str:
     with CodesFile(path) as f:
-        return str(f.attrs.get("cache_key") or path)
+        return str(f.meta.cache_key or path)
 
 
 def grid(config: BenchConfig, sources: list[Source]) -> tuple[list[Cell], list[str]]:

@@ -22,6 +22,7 @@ import sys
 
 from featx import __version__
 from featx.errors import FeatxError, UsageError
+from featx.settings import CHANNELS_LAST, DECODERS, DTYPES, PRECISIONS
 
 log = logging.getLogger("featx")
 
@@ -75,12 +76,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-pct", type=_fraction, help="centre-crop fraction (default: the weights')")
 
 
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """How a source is cut into samples (featx.data.DataOptions): shared by extract and bench."""
+    p.add_argument(
+        "--test-fraction", type=_fraction, default=0.2, help="test share for data without splits (0.2)"
+    )
+    p.add_argument("--per-class-limit", help="at most K images per class and split: K, or train=K1,test=K2")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split and subsets (default 0)")
+    p.add_argument("--data-root", help="where torchvision:NAME datasets live (downloaded there)")
+
+
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     """How the forward runs: shared by extract and bench."""
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=_auto_or_int, default="auto", help="images per forward pass, or auto")
     p.add_argument("--workers", type=_workers, default="auto", help="data-loading processes, or auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="forward precision: auto = fp32 or bf16, whichever is measured faster on this device")  # fmt: skip
 
 
@@ -110,25 +121,17 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     )
     relu.add_argument("--no-relu", dest="relu", action="store_const", const="off", help="keep raw outputs")
     p.set_defaults(relu="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored code type")
-    p.add_argument(
-        "--test-fraction",
-        type=_fraction,
-        default=0.2,
-        help="test share for data without splits (default 0.2)",
-    )
-    p.add_argument("--per-class-limit", help="at most K images per class and split: K, or train=K1,test=K2")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split and subsets (default 0)")
-    p.add_argument("--data-root", help="where torchvision:NAME datasets live (downloaded there)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="stored code type")
+    _add_data_args(p)
     p.add_argument(
         "--strict", action="store_true", help="stop at the first undecodable image instead of skipping it"
     )
     p.add_argument("--cache-dir", help="cache directory (default: $FEATX_CACHE_DIR or ./cache)")
     _add_device_args(p)
     p.add_argument(
-        "--channels-last", default="auto", choices=["auto", "on", "off"], help="memory format for the forward"
+        "--channels-last", default="auto", choices=CHANNELS_LAST, help="memory format for the forward"
     )
-    p.add_argument("--decoder", default="auto", choices=["auto", "pil", "torchvision"],
+    p.add_argument("--decoder", default="auto", choices=DECODERS,
                    help="pil: decode and resize in workers; torchvision: batched JPEG decode and resize on the device "
                         "(auto: torchvision on CUDA)")  # fmt: skip
     p.add_argument(
@@ -176,11 +179,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="parallel fits (joblib; -1 = all cores)")
     p.add_argument("--image-size", type=_positive_int, help="input size (default: the weights')")
-    p.add_argument("--per-class-limit", help="at most K images per class and split: K, or train=K1,test=K2")
-    p.add_argument("--seed", type=int, default=0, help="seed for data splits and subsets (default 0)")
-    p.add_argument(
-        "--test-fraction", type=_fraction, default=0.2, help="test share for data without splits (0.2)"
-    )
+    _add_data_args(p)
     p.add_argument(
         "--baseline", choices=["pixels"], help="add the raw-pixel baseline (logistic regression on pixels)"
     )
@@ -310,15 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_layers(args) -> int:
-    from featx.models import (
-        build_module,
-        parse_model_name,
-        resolve_weights,
-        torchvision_models,
-        weights_preprocess,
-    )
-    from featx.report import format_table
-    from featx.taps import activation_for, list_taps, parse_pool
+    from featx.models import torchvision_models
+    from featx.plan import resolve
+    from featx.report import layers_json, layers_text
+    from featx.settings import ModelSettings
+    from featx.taps import parse_pool
 
     if args.list_models:
         print(
@@ -327,39 +322,11 @@ def cmd_layers(args) -> int:
         return 0
     if not args.model:
         raise UsageError("featx layers: give a model name (or --list-models)")
-    model = parse_model_name(args.model)
-    ref = resolve_weights(model, args.weights) if args.weights != "DEFAULT" else _default_ref(model)
-    skeleton = build_module(model, device="meta")
-    pre = weights_preprocess(model, ref, skeleton).with_overrides(args.image_size, args.crop_pct)
+    # DEFAULT's preprocessing needs no download; models without pretrained weights fall back to none
+    plan = resolve(_settings(ModelSettings, args, name=args.model), default_may_be_none=True)
     pool = parse_pool(args.pool)
-    taps = [t for t in list_taps(skeleton, pre.crop_size, device="meta") if args.all or t.trunk]
-    if args.json:
-        print(json.dumps({"model": str(model), "input_size": pre.crop_size, "preprocessing": pre.to_dict(),
-                          "layers": [{**t.to_dict(), "relu_by_default": activation_for(t) != "none",
-                                      "code_dim": t.code_dim(pool)} for t in taps]}, indent=1))  # fmt: skip
-        return 0
-    rows = []
-    for t in taps:
-        shape = "x".join(str(s) for s in t.shape)
-        rows.append(["  " * t.level + t.name, t.kind, shape, t.stride, f"{t.depth:.2f}", t.activation_label,
-                     "yes" if activation_for(t) != "none" else "no", t.code_dim(pool)])  # fmt: skip
-    print(format_table(rows, ["layer", "type", "output (C,H,W)", "stride", "depth", "activation", "relu'd", f"dim ({pool})"],
-                       align="lllrrllr"))  # fmt: skip
-    print(f"\n{model} at {pre.crop_size}px: {pre}. 'activation': post-X = the output already went through X; "
-          f"->X = the network applies X next. Codes are ReLU'd where 'relu'd' says yes (--no-relu keeps raw "
-          f"outputs, --relu forces ReLU everywhere). depth: share of conv/linear ops done (1.0 = penultimate)."
-          + ("" if args.all else " --all lists every module."))  # fmt: skip
+    print(layers_json(plan, pool, args.all) if args.json else layers_text(plan, pool, args.all))
     return 0
-
-
-def _default_ref(model):
-    """DEFAULT's preprocessing needs no download; models without pretrained weights fall back to none."""
-    from featx.models import resolve_weights
-
-    try:
-        return resolve_weights(model, "DEFAULT")
-    except FeatxError:
-        return resolve_weights(model, "none")
 
 
 def _data_options(args):
@@ -369,16 +336,23 @@ def _data_options(args):
                        seed=args.seed, data_root=args.data_root)  # fmt: skip
 
 
+def _settings(cls, args, **given):
+    """A settings object from the parsed options named like its fields (one mapping for every
+    command: a new option is one field plus one CLI line)."""
+    from dataclasses import fields
+
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **given})
+
+
 def cmd_extract(args) -> int:
     from featx.extraction import extract
+    from featx.settings import CodeSettings, ModelSettings, RunSettings
 
     result = extract(
-        args.model, args.data, args.layers, weights=args.weights, pool=args.pool, relu=args.relu,
-        image_size=args.image_size, crop_pct=args.crop_pct, dtype=args.dtype, precision=args.precision,
-        data_options=_data_options(args), cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
-        workers=args.workers, channels_last=args.channels_last, decoder=args.decoder, compile=args.compile,
-        strict=args.strict, wait=not args.no_wait,
-        progress=not args.quiet,
+        _settings(ModelSettings, args, name=args.model), args.data, _settings(CodeSettings, args),
+        run=_settings(RunSettings, args), data_options=_data_options(args), cache_dir=args.cache_dir,
+        strict=args.strict, wait=not args.no_wait, progress=not args.quiet,
     )  # fmt: skip
     if result.resolved:
         log.info("layers: %s", ", ".join(f"{k} -> {v}" for k, v in result.resolved.items()))
@@ -392,7 +366,7 @@ def cmd_extract(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from featx.report import format_table
+    from featx.report import info_text
     from featx.store import CodesFile, journal_path, journal_problem, read_progress
 
     path = args.file
@@ -420,42 +394,8 @@ def cmd_info(args) -> int:
             print(json.dumps({"state": "complete", "attrs": f.attrs, "layers": layers, "splits": splits,
                               "classes": f.classes, "skipped": f.skipped}, indent=1, default=str))  # fmt: skip
             return 0
-        a = f.attrs
-        print(f"{path}")
-        sha = str(a.get("weights_sha256") or "")
-        print(f"  model         {a.get('model')}  weights {a.get('weights')} ({a.get('weights_source')}"
-              + (f", sha256 {sha[:16]}..." if sha else "") + ")")  # fmt: skip
-        print(f"  preprocessing {a.get('preprocessing_text')}")
-        print(
-            f"  dataset       {a.get('dataset')}  ({len(f.classes)} classes; splits {splits}, {a.get('split_source')})"
-        )
-        print(
-            f"  rows          {len(f)} of {a.get('samples')} images ({len(f.skipped)} skipped), state {a.get('featx_state')}"
-        )
-        print(f"  extraction    {a.get('precision')} on {a.get('device')}, batch {a.get('batch_size')}, dtype {a.get('dtype')}, "
-              f"created {a.get('created')}, featx {a.get('featx_version')}")  # fmt: skip
-        rows = [[ly["name"], ly["dim"], _shape_text(ly.get("pre_pool_shape")), ly.get("pool"), ly.get("activation"),
-                 _fixed(ly.get("depth"))] for ly in layers]  # fmt: skip
-        print()
-        print(
-            format_table(
-                rows, ["layer", "dim", "pre-pool shape", "pool", "activation", "depth"], align="lrllll"
-            )
-        )
-        for ident, reason in f.skipped[:10]:
-            print(f"  skipped {ident}: {reason}")
-        if len(f.skipped) > 10:
-            print(f"  ... {len(f.skipped) - 10} more in /skipped")
+        print(info_text(path, f, layers, splits))
     return 0
-
-
-def _fixed(v, digits: int = 2) -> str:
-    """A number from a file's attributes, which may hold anything: shown as it is if not a number."""
-    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
-
-
-def _shape_text(v) -> str:
-    return "x".join(str(s) for s in v) if isinstance(v, (list, tuple)) else str(v)
 
 
 def cmd_cache(args) -> int:
@@ -642,19 +582,17 @@ def _run_bench(config, command: str, progress: bool) -> int:
 
 def cmd_bench(args) -> int:
     from featx.bench import BenchConfig, parse_bench_data
-    from featx.data import DataOptions, parse_per_class_limit
+    from featx.settings import CodeSettings, ModelSettings, RunSettings
 
     if args.jobs == 0 or args.jobs < -1:
         raise UsageError(f"--jobs {args.jobs}: use a positive number, or -1 for all cores")
     config = BenchConfig(
-        model=args.model, weights=args.weights, datasets=[parse_bench_data(d) for d in args.data], layers=args.layers,
+        _settings(ModelSettings, args, name=args.model), [parse_bench_data(d) for d in args.data],
+        CodeSettings(args.layers), _settings(RunSettings, args),
         train_sizes=[s.strip() for s in args.train_sizes.split(",") if s.strip()] or ["all"],
-        protocols=_bench_protocols(args), seeds=_ints(args.seeds, "--seeds") or (0,), image_size=args.image_size,
-        data_options=DataOptions(test_fraction=args.test_fraction, per_class_limit=parse_per_class_limit(args.per_class_limit),
-                                 seed=args.seed),
+        protocols=_bench_protocols(args), seeds=_ints(args.seeds, "--seeds") or (0,), data_options=_data_options(args),
         baseline_pixels=args.baseline == "pixels", pixel_size=args.pixel_size, out=args.out, cache_dir=args.cache_dir,
-        jobs=args.jobs, device=args.device, batch_size=args.batch_size, workers=args.workers,
-        precision=args.precision,
+        jobs=args.jobs,
     )  # fmt: skip
     from featx.classify import parse_train_size
 
@@ -663,29 +601,11 @@ def cmd_bench(args) -> int:
     return _run_bench(config, "featx " + shlex.join(args.argv), not args.quiet)
 
 
-DEMO_FASHION = "/usr/share/datasets/fashion-mnist"
-
-
 def cmd_demo(args) -> int:
     """A small bench that works offline on a fresh install."""
-    from featx.bench import BenchConfig, BenchData, parse_bench_data
-    from featx.classify import protocol_for
-    from featx.data import DataOptions
+    from featx.bench import demo_config
 
-    datasets = [BenchData("sklearn:digits", "different")]
-    if os.path.isdir(DEMO_FASHION):
-        datasets.append(BenchData(DEMO_FASHION, "different"))
-    else:
-        log.warning(
-            "Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist); the demo runs without it"
-        )
-    datasets += [parse_bench_data(d) for d in args.data]
-    config = BenchConfig(
-        model="efficientnet_lite0", weights="imagenet", datasets=datasets, layers="depth:0.1,0.25,0.4,0.55,0.7,0.85,1.0",
-        train_sizes=["10/class", "50/class", "all"], protocols=[protocol_for("softmax", Cs=(0.001, 0.01, 0.1, 1.0, 10.0))],
-        seeds=(0, 1), image_size=112, data_options=DataOptions(per_class_limit={"train": 200, "test": 100, "val": 100}),
-        baseline_pixels=True, pixel_size=28, out=args.out, cache_dir=args.cache_dir, jobs=args.jobs,
-    )  # fmt: skip
+    config = demo_config(args.data, args.out, args.cache_dir, args.jobs)
     return _run_bench(config, "featx " + shlex.join(args.argv), not args.quiet)
 
 

@@ -149,6 +149,20 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+_WEIGHTS_SHA256: dict[tuple, str] = {}
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """A weights file's sha256, hashed once per process while the file is unchanged (same path,
+    inode, size and mtime): the request key, the plan and every bench dataset name the same file.
+    Not for integrity checks of untrusted files (those use `file_sha256`)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _WEIGHTS_SHA256:
+        _WEIGHTS_SHA256[key] = file_sha256(path)
+    return _WEIGHTS_SHA256[key]
+
+
 def _looks_like_path(spec: str) -> bool:
     return (
         os.sep in spec
@@ -197,7 +211,7 @@ def resolve_weights(model: ModelName, weights: str) -> WeightsRef:
         path = os.path.abspath(spec)
         if not os.path.isfile(path):
             raise UsageError(f"--weights {spec}: no such checkpoint file")
-        digest = file_sha256(path)
+        digest = weights_sha256(path)
         return WeightsRef(path, "file", f"sha256:{digest}", digest)
     if model.arch == PIXELS:
         if spec not in ("DEFAULT", "none"):
@@ -208,7 +222,7 @@ def resolve_weights(model: ModelName, weights: str) -> WeightsRef:
             raise UsageError(
                 f"--weights {spec}: {model.arch} takes imagenet (= DEFAULT), none, or a checkpoint path"
             )
-        digest = file_sha256(lite_weights_path(model.arch))
+        digest = weights_sha256(lite_weights_path(model.arch))
         return WeightsRef("imagenet", "package", f"sha256:{digest}", digest)
     if model.family == "torchvision":
         enum = _torchvision_weights_enum(model.arch, spec)

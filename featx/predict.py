@@ -44,15 +44,15 @@ def classifier_meta(codes_path: str, layers: list[str]) -> dict:
     from featx.store import CodesFile
 
     with CodesFile(codes_path) as f:
-        a = f.attrs
+        m = f.meta
         return {
-            "featx_version": __version__, "format": FORMAT, "layers": list(layers), "model": a["model"],
-            "weights": a["weights"], "weights_source": a.get("weights_source"), "weights_ident": a.get("weights_ident"),
-            "weights_sha256": a.get("weights_sha256") or "", "pool": a["pool"],
-            "activations": {n: f.layer_attrs(n)["activation"] for n in layers},
-            "dims": {n: f.dim(n) for n in layers}, "preprocessing": f.json_attr("preprocessing"),
-            "precision": a.get("precision", "fp32"), "classes": f.classes, "codes_file": os.path.abspath(codes_path),
-            "cache_key": a.get("cache_key"), "dataset": a.get("dataset"),
+            "featx_version": __version__, "format": FORMAT, "layers": list(layers), "model": m.model,
+            "weights": m.weights, "weights_source": m.weights_source, "weights_ident": m.weights_ident,
+            "weights_sha256": m.weights_sha256 or "", "pool": m.pool,
+            "activations": {n: f.layer_meta(n).activation for n in layers},
+            "dims": {n: f.dim(n) for n in layers}, "preprocessing": m.parsed("preprocessing", f.path),
+            "precision": m.precision or "fp32", "classes": f.classes, "codes_file": os.path.abspath(codes_path),
+            "cache_key": m.cache_key, "dataset": m.dataset,
         }  # fmt: skip
 
 
@@ -210,11 +210,10 @@ class Predictor:
     """A loaded classifier plus the backbone that feeds it, checked against each other."""
 
     def __init__(self, path: str, *, weights: str | None = None, device: str = "auto", force: bool = False):
-        from featx.extraction import CodeComputer, resolve_device
+        from featx.engine import computer_for, resolve_device
         from featx.models import load_model, resolve_weights
         from featx.models import parse_model_name as parse
-        from featx.preprocess import Preprocess
-        from featx.taps import Pool, list_taps, parse_pool
+        from featx.plan import Plan
 
         self.pipeline, self.meta = load_classifier(path, force=force)
         meta = self.meta
@@ -237,16 +236,14 @@ class Predictor:
                 f"(sha256 {want_sha[:16] or meta.get('weights_ident')}), but the weights found differ "
                 f"(sha256 {found_sha[:16] or ref.ident}); use the weights it was made for (--weights PATH) or refit it"
             )
-        self.preprocess = Preprocess.from_dict(meta["preprocessing"])
-        pool: Pool = parse_pool(meta["pool"])
-        taps = {t.name: t for t in list_taps(backbone.module, self.preprocess.crop_size, device="cpu")}
-        missing = [n for n in meta["layers"] if n not in taps]
+        plan = Plan.from_meta(meta, backbone.module, weights_ref=ref)  # exactly what the codes file recorded
+        self.preprocess = plan.preprocess
+        missing = plan.missing_layers()
         if missing:
             raise FeatxError(
                 f"{path}: layers {', '.join(missing)} are not in {meta['model']}; the classifier does not fit this model"
             )
-        chosen = [taps[n] for n in meta["layers"]]
-        dim = sum(t.code_dim(pool) for t in chosen)
+        dim = sum(plan.dims)
         ids = getattr(self.pipeline, "classes_", None)
         if (
             getattr(self.pipeline, "n_features_in_", dim) != dim
@@ -256,12 +253,9 @@ class Predictor:
             raise FeatxError(
                 f"{path}: the pipeline does not match its description (features or classes differ); refit it"
             )
-        dev = resolve_device(device)
-        precision = meta.get("precision", "fp32")
-        if dev.type != "cuda" and precision in ("bf16", "fp16"):
-            precision = "fp32"  # what the CPU does best; codes agree within bf16 tolerance
-        self.computer = CodeComputer(
-            backbone.module, chosen, meta["activations"], pool, self.preprocess, dev, precision
+        # the precision the training codes were computed at, on any device: the same codes
+        self.computer = computer_for(
+            plan, backbone.module, resolve_device(device), meta.get("precision") or "fp32"
         )
         self.classes = meta["classes"]
 

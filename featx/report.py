@@ -25,6 +25,74 @@ def format_table(rows: Sequence[Sequence], headers: Sequence[str], align: str | 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *[line(r) for r in cells]])
 
 
+# -- what `featx layers` and `featx info` print ------------------------------------------------------
+
+
+def layers_json(plan, pool, show_all: bool) -> str:
+    """`featx layers --json`: the model's taps (main path, or all) with their code dims under `pool`."""
+    import json
+
+    from featx.taps import activation_for
+
+    pre = plan.preprocess
+    taps = [t for t in plan.taps if show_all or t.trunk]
+    return json.dumps({"model": str(plan.model), "input_size": pre.crop_size, "preprocessing": pre.to_dict(),
+                       "layers": [{**t.to_dict(), "relu_by_default": activation_for(t) != "none",
+                                   "code_dim": t.code_dim(pool)} for t in taps]}, indent=1)  # fmt: skip
+
+
+def layers_text(plan, pool, show_all: bool) -> str:
+    """`featx layers`: the taps as a table, and how to read it."""
+    from featx.taps import activation_for
+
+    pre = plan.preprocess
+    rows = []
+    for t in (t for t in plan.taps if show_all or t.trunk):
+        shape = "x".join(str(s) for s in t.shape)
+        rows.append(["  " * t.level + t.name, t.kind, shape, t.stride, f"{t.depth:.2f}", t.activation_label,
+                     "yes" if activation_for(t) != "none" else "no", t.code_dim(pool)])  # fmt: skip
+    table = format_table(rows, ["layer", "type", "output (C,H,W)", "stride", "depth", "activation", "relu'd",
+                                f"dim ({pool})"], align="lllrrllr")  # fmt: skip
+    return table + (f"\n\n{plan.model} at {pre.crop_size}px: {pre}. 'activation': post-X = the output already went "
+                    f"through X; ->X = the network applies X next. Codes are ReLU'd where 'relu'd' says yes (--no-relu "
+                    f"keeps raw outputs, --relu forces ReLU everywhere). depth: share of conv/linear ops done (1.0 = "
+                    f"penultimate)." + ("" if show_all else " --all lists every module."))  # fmt: skip
+
+
+def info_text(path: str, f, layers: list[dict], splits: dict) -> str:
+    """`featx info FILE`: a complete codes file (`f`, a CodesFile) in a few lines and a layer table."""
+    m = f.meta
+    sha = str(m.weights_sha256 or "")
+    lines = [
+        f"{path}",
+        f"  model         {m.model}  weights {m.weights} ({m.weights_source}" + (f", sha256 {sha[:16]}..." if sha else "") + ")",
+        f"  preprocessing {m.preprocessing_text}",
+        f"  dataset       {m.dataset}  ({len(f.classes)} classes; splits {splits}, {m.split_source})",
+        f"  rows          {len(f)} of {m.samples} images ({len(f.skipped)} skipped), state {f.attrs.get('featx_state')}",
+        f"  extraction    {m.precision} on {m.device}, batch {m.batch_size}, dtype {m.dtype}, created {m.created}, "
+        f"featx {m.featx_version}, format {m.format_version}",
+        "",
+    ]  # fmt: skip
+    rows = [[ly["name"], ly["dim"], _shape_text(ly.get("pre_pool_shape")), ly.get("pool"), ly.get("activation"),
+             _fixed(ly.get("depth"))] for ly in layers]  # fmt: skip
+    lines.append(
+        format_table(rows, ["layer", "dim", "pre-pool shape", "pool", "activation", "depth"], align="lrllll")
+    )
+    lines += [f"  skipped {ident}: {reason}" for ident, reason in f.skipped[:10]]
+    if len(f.skipped) > 10:
+        lines.append(f"  ... {len(f.skipped) - 10} more in /skipped")
+    return "\n".join(lines)
+
+
+def _fixed(v, digits: int = 2) -> str:
+    """A number from a file's attributes, which may hold anything: shown as it is if not a number."""
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def _shape_text(v) -> str:
+    return "x".join(str(s) for s in v) if isinstance(v, (list, tuple)) else str(v)
+
+
 def markdown_table(rows: Sequence[Sequence], headers: Sequence[str]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
@@ -251,7 +319,7 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
     csv_path, json_path = write_results(rows, cfg.out)
     conf = {s.name: head_confidence(s.codes, s.head) for s in result.sources if s.head}
     analyses = analyze(rows, result.sources, conf)
-    title = f"featx bench: {cfg.model} ({cfg.weights} weights)"
+    title = f"featx bench: {cfg.model.name} ({cfg.model.weights} weights)"
     plots = []
     by_clf: dict[str, list] = {}
     for a in analyses:

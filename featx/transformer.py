@@ -7,9 +7,11 @@
 
 X is a list of image paths, PIL images or uint8 arrays (HxW, HxWx3, HxWx4), or one uint8 array
 [N, H, W(, C)]. Codes are computed exactly as `featx extract` computes them (same preprocessing,
-taps, activation and pooling), in memory, without the cache. Following scikit-learn's contract,
-`__init__` only stores parameters; `fit` resolves the layers; the network itself is loaded on
-first use and shared between clones (cross-validation folds reuse one loaded model).
+taps, activation and pooling: the same `featx.plan.resolve`; precision `auto` decided by the same
+`featx.engine.decide_precision`), in memory, without the cache. Following scikit-learn's contract,
+`__init__` only stores parameters; `fit` validates them (as `featx.settings` objects) and resolves
+the layers; the network itself is loaded on first use and shared between clones
+(cross-validation folds reuse one loaded model).
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from featx.errors import FeatxError
+from featx.settings import CodeSettings, ModelSettings, RunSettings
 
 
 @lru_cache(maxsize=2)
-def _backbone(model: str, weights: str, image_size, crop_pct):
-    from featx.models import load_model
-    from featx.taps import list_taps
+def _loaded(model: ModelSettings):
+    """(Backbone, plan of its taps): the network, loaded once per model settings and shared by clones."""
+    from featx.engine import load_backbone
+    from featx.plan import resolve
 
-    backbone = load_model(model, weights, image_size=image_size, crop_pct=crop_pct)
-    return backbone, list_taps(backbone.module, backbone.preprocess.crop_size, device="cpu")
+    return load_backbone(resolve(model))
 
 
 def _as_pil(item):
@@ -53,7 +56,8 @@ class CNNCodes(TransformerMixin, BaseEstimator):
     """Images -> CNN codes of `layers` of `model` (concatenated in execution order).
 
     Parameters mirror `featx extract`: model, weights, layers (names and/or depth fractions),
-    pool, relu ('auto', 'on', 'off'), image_size, crop_pct, device, batch_size, precision.
+    pool, relu ('auto', 'on', 'off'), image_size, crop_pct, device, batch_size, precision
+    ('auto': as extract decides on this device).
     """
 
     def __init__(self, model: str = "efficientnet_lite0", weights: str = "DEFAULT", layers: str = "depth:1.0",
@@ -70,46 +74,48 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.precision = precision
 
-    def fit(self, X=None, y=None):
-        """Resolve the layers (the network has nothing to learn)."""
-        from featx.taps import activation_for, parse_pool, resolve_layers
+    def _settings(self) -> tuple[ModelSettings, CodeSettings, RunSettings]:
+        """The parameters as validated settings objects (one-line UsageError naming the bad one)."""
+        return (
+            ModelSettings(self.model, self.weights, self.image_size, self.crop_pct),
+            CodeSettings(self.layers, self.pool, self.relu),
+            RunSettings(device=self.device, batch_size=self.batch_size, precision=self.precision),
+        )
 
-        backbone, taps = _backbone(self.model, self.weights, self.image_size, self.crop_pct)
-        names, resolved = resolve_layers(taps, self.layers, self.model)
-        by_name = {t.name: t for t in taps}
-        pool = parse_pool(self.pool)
-        for n in names:
-            pool.check(by_name[n])
-        self.layers_ = names
-        self.layer_resolution_ = resolved
-        self.activations_ = {n: activation_for(by_name[n], self.relu) for n in names}
-        self.dims_ = [by_name[n].code_dim(pool) for n in names]
+    def _plan(self):
+        from featx.plan import resolve
+
+        model, codes, _ = self._settings()
+        backbone, _ = _loaded(model)
+        return backbone, resolve(model, codes).with_module(backbone.module)
+
+    def fit(self, X=None, y=None):
+        """Validate the parameters and resolve the layers (the network has nothing to learn)."""
+        _, plan = self._plan()
+        self.layers_ = list(plan.layers)
+        self.layer_resolution_ = plan.resolved
+        self.activations_ = dict(plan.activations)
+        self.dims_ = plan.dims
         self.n_features_out_ = int(sum(self.dims_))
-        self.preprocessing_ = backbone.preprocess.to_dict()
+        self.preprocessing_ = plan.preprocess.to_dict()
         return self
 
     def transform(self, X) -> np.ndarray:
         import torch
 
-        from featx.extraction import CodeComputer, resolve_device
-        from featx.taps import parse_pool
+        from featx.engine import computer_for, decide_precision, resolve_device
 
         check_is_fitted(self, "layers_")
-        backbone, taps = _backbone(self.model, self.weights, self.image_size, self.crop_pct)
-        by_name = {t.name: t for t in taps}
-        device = resolve_device(self.device)
-        precision = (
-            self.precision if self.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-        )
+        backbone, plan = self._plan()
+        _, _, run = self._settings()
+        device = resolve_device(run.device)
+        precision = decide_precision(run.precision, plan.model, device, plan.preprocess.crop_size)
         items = list(X)  # paths, PIL images, arrays, or the rows of an [N, H, W(, C)] array
-        pre = backbone.preprocess
+        pre, bs = plan.preprocess, 32 if run.batch_size == "auto" else run.batch_size
         out = np.empty((len(items), self.n_features_out_), dtype=np.float32)
-        with CodeComputer(backbone.module, [by_name[n] for n in self.layers_], self.activations_, parse_pool(self.pool),
-                          pre, device, precision) as computer:  # fmt: skip
-            for start in range(0, len(items), self.batch_size):
-                batch = torch.stack(
-                    [pre.to_uint8(_as_pil(x)) for x in items[start : start + self.batch_size]]
-                )
+        with computer_for(plan, backbone.module, device, precision) as computer:
+            for start in range(0, len(items), bs):
+                batch = torch.stack([pre.to_uint8(_as_pil(x)) for x in items[start : start + bs]])
                 out[start : start + len(batch)] = np.hstack(computer(batch))
         return out
 

@@ -104,6 +104,22 @@ def cli(*argv) -> tuple[object, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
+def assert_one_line_error(rc, err: str, code=1, needles=(), only_error_lines: bool = False) -> str:
+    """A user mistake's outcome: exit `code` (or one of a tuple of codes), no traceback, and stderr
+    exactly one 'featx...' line holding every needle; `only_error_lines` counts only the
+    'featx: error' lines (documented warnings may precede them). Returns that line."""
+    codes = code if isinstance(code, tuple) else (code,)
+    assert "Traceback" not in err, err
+    assert rc in codes, (rc, err)
+    lines = [ln for ln in err.strip().split("\n") if ln.strip()]
+    if only_error_lines:
+        lines = [ln for ln in lines if "featx: error" in ln]
+    assert len(lines) == 1 and lines[0].startswith("featx"), err
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+    return lines[0]
+
+
 def run_cli(*args: str, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
     """Run `python -m featx.cli ARGS` in a fresh process (what a user's shell does)."""
     full_env = {**os.environ, **(env or {})}

@@ -21,20 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FAST_ARGS, cli, make_images
+from conftest import FAST_ARGS, assert_one_line_error, cli, make_images
 from featx.store import open_codes
 
 LAYERS = "layer1,layer3"
-
-
-def assert_one_line_error(rc, err: str, code, needles=()) -> str:
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.strip().split("\n") if ln.strip()]
-    assert rc == code, (rc, err)
-    assert len(lines) == 1 and lines[0].startswith("featx"), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def extract(data, cache, *extra) -> tuple[str, str]:

@@ -220,13 +220,14 @@ def test_undecodable_images_are_skipped_and_listed(tmp_path, cache_dir):
 
 
 def test_lock_no_wait_and_wait(image_folder, cache_dir):
-    from featx.extraction import _plan
+    from featx.plan import resolve
+    from featx.settings import ModelSettings
 
     ds = open_source(str(image_folder))
-    plan = _plan("resnet18", "none", "layer2", "avg", "auto", 32, None, "float32", "fp32", "cpu", "auto", ds)
+    plan = resolve(ModelSettings("resnet18", "none", 32), "layer2")
     from featx.cache import entry_path
 
-    entry = entry_path(str(cache_dir), ds.name, "resnet18", plan.key)
+    entry = entry_path(str(cache_dir), ds.name, "resnet18", plan.cache_key("fp32", "pil", ds.fingerprint))
     lock = EntryLock(entry).__enter__()
     try:
         with pytest.raises(FeatxError, match="another featx process.*is writing"):

@@ -36,7 +36,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import FAST_ARGS, cli, make_images
+from conftest import FAST_ARGS, assert_one_line_error, cli, make_images
 from featx.store import check_complete, open_codes
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -44,17 +44,6 @@ from featx.store import check_complete, open_codes
 
 def featx_argv(*args) -> list[str]:
     return [sys.executable, "-m", "featx.cli", *[str(a) for a in args]]
-
-
-def assert_one_line_error(rc, err: str, code: int = 1, needles=()) -> str:
-    """Exit `code`, stderr exactly one line 'featx: error: ...' holding every needle, no traceback."""
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.strip().split("\n") if ln.strip()]
-    assert rc == code, (rc, err)
-    assert len(lines) == 1 and lines[0].startswith("featx"), err
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def snapshot(path) -> dict:

@@ -1,0 +1,166 @@
+"""Settings objects: what to extract (model, codes) and how to run the forward (run).
+
+Each is a small frozen dataclass validated once, at construction, with a one-line
+`UsageError` that names the field (by its CLI flag, from `FLAGS`, so the CLI and the Python API
+say the same thing). Everything downstream (`featx.plan.resolve`, `featx.engine`, `extract`,
+`bench`, `CNNCodes`, `Predictor`) takes these objects instead of loose keyword arguments, so a
+new option is one field here plus one CLI line.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+from featx.errors import UsageError
+
+DTYPES = ("float32", "float16")
+DECODERS = ("auto", "pil", "torchvision")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RELU_MODES = ("auto", "on", "off")
+CHANNELS_LAST = ("auto", "on", "off")
+
+# field -> how the CLI spells it; library errors name the field this way
+FLAGS = {
+    "name": "--model", "weights": "--weights", "image_size": "--image-size", "crop_pct": "--crop-pct",
+    "layers": "--layers", "pool": "--pool", "relu": "relu", "dtype": "--dtype", "device": "--device",
+    "batch_size": "--batch-size", "workers": "--workers", "precision": "--precision",
+    "channels_last": "--channels-last", "decoder": "--decoder", "compile": "--compile",
+}  # fmt: skip
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _bad(field: str, value, want: str):
+    sep = "=" if FLAGS[field] == field else " "  # Python-only fields read as keyword arguments
+    raise UsageError(f"{FLAGS[field]}{sep}{value!r}: {want}")
+
+
+def _choice(field: str, value, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        _bad(field, value, f"use one of {', '.join(choices)}")
+
+
+def _auto_or_count(field: str, value, minimum: int) -> None:
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _bad(field, value, f"use auto or an integer >= {minimum}")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The network: its name, weights, and input-size / crop overrides of the weights' preprocessing."""
+
+    name: str
+    weights: str = "DEFAULT"
+    image_size: int | None = None
+    crop_pct: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            _bad("name", self.name, "give a torchvision name (resnet50), timm:NAME or efficientnet_lite0")
+        if not isinstance(self.weights, str) or not self.weights.strip():
+            _bad("weights", self.weights, "use DEFAULT, none, a weights name or a checkpoint path")
+        size = self.image_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            _bad("image_size", size, "use a positive number of pixels")
+        pct = self.crop_pct
+        if pct is not None and (
+            isinstance(pct, bool)
+            or not isinstance(pct, (int, float))
+            or not math.isfinite(pct)
+            or not 0 < pct <= 1
+        ):
+            _bad("crop_pct", pct, "use a fraction in (0, 1]")
+
+
+@dataclass(frozen=True)
+class CodeSettings:
+    """Which codes: layers (names and/or depth fractions), pooling, ReLU mode and stored dtype.
+    `layers` may be given as a sequence; it is kept as the comma-joined text (part of the request key)."""
+
+    layers: str = "depth:1.0"
+    pool: str = "avg"
+    relu: str = "auto"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        from featx.taps import parse_pool
+
+        if not isinstance(self.layers, str):
+            if not isinstance(self.layers, Sequence) or not all(isinstance(x, str) for x in self.layers):
+                _bad("layers", self.layers, "give layer names and/or depth fractions, comma-separated")
+            object.__setattr__(self, "layers", ",".join(self.layers))
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("relu", self.relu, RELU_MODES)
+        if not isinstance(self.pool, str):
+            _bad("pool", self.pool, "use avg, max, avgNxN or none")
+        parse_pool(self.pool)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How the forward runs; none of it changes the codes except precision and decoder (both in
+    the cache key)."""
+
+    device: str = "auto"
+    batch_size: int | str = "auto"
+    workers: int | str = "auto"
+    precision: str = "auto"
+    channels_last: str = "auto"
+    decoder: str = "auto"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            _bad("device", self.device, "use auto, cpu, cuda, cuda:N or mps")
+        _auto_or_count("batch_size", self.batch_size, 1)
+        _auto_or_count("workers", self.workers, 0)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("channels_last", self.channels_last, CHANNELS_LAST)
+        _choice("decoder", self.decoder, DECODERS)
+        if not isinstance(self.compile, bool):
+            _bad("compile", self.compile, "use True or False")
+
+
+def as_model(value: ModelSettings | str, **overrides) -> ModelSettings:
+    """A `ModelSettings`, from one or from a model name (the string shorthand)."""
+    if isinstance(value, ModelSettings):
+        return value
+    return ModelSettings(value, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def as_codes(value: CodeSettings | str | Sequence[str] | None, **overrides) -> CodeSettings:
+    """A `CodeSettings`, from one or from a layers string/list (the shorthand)."""
+    if isinstance(value, CodeSettings):
+        return value
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    return CodeSettings(value, **kw) if value is not None else CodeSettings(**kw)
+
+
+def _field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def gather(
+    model, codes, run, options: dict, caller: str = "extract"
+) -> tuple[ModelSettings, CodeSettings, RunSettings]:
+    """The three settings from a call's arguments: objects as given, strings as shorthands, and
+    the flat keywords of the older API (`weights=`, `pool=`, `device=`, ...) folded into their
+    group (replacing that field of a given object)."""
+    owners = {ModelSettings: {}, CodeSettings: {}, RunSettings: {}}
+    for key, value in options.items():
+        owner = next((cls for cls in owners if key in _field_names(cls) and key != "name"), None)
+        if owner is None:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}")
+        owners[owner][key] = value
+    m, c, r = owners[ModelSettings], owners[CodeSettings], owners[RunSettings]
+    if not isinstance(codes, CodeSettings) and "layers" in c:
+        codes = c.pop("layers")
+    model = replace(model, **m) if isinstance(model, ModelSettings) else as_model(model, **m)
+    codes = replace(codes, **c) if isinstance(codes, CodeSettings) else as_codes(codes, **c)
+    run = replace(run, **r) if isinstance(run, RunSettings) else RunSettings(**r)
+    return model, codes, run

@@ -637,7 +637,7 @@ def _add_score_parser(sub) -> None:
 
 
 def cmd_score(args) -> int:
-    from featx.report import format_table
+    from featx.report import score_text
     from featx.scores import parse_metrics, rank_models, score_file
 
     metrics = parse_metrics(args.metric)
@@ -645,21 +645,8 @@ def cmd_score(args) -> int:
     ranking = rank_models(results, metrics) if len(results) > 1 else None
     if args.json:
         print(json.dumps({"metrics": metrics, "files": results, "ranking": ranking}, indent=1))
-        return 0
-    rows = [[f"{r['model']}@{r['weights']}" if len(results) > 1 else ly["layer"], *([ly["layer"]] if len(results) > 1 else []),
-             "-" if ly["depth"] is None else _fixed(ly["depth"]), ly["dim"], *(f"{ly['scores'][m]:.4f}" for m in metrics), f"{ly['seconds']:.2f}"]
-            for r in results for ly in r["layers"]]  # fmt: skip
-    head = [*(["model", "layer"] if len(results) > 1 else ["layer"]), "depth", "dim", *metrics, "s"]
-    for r in results:
-        print(
-            f"{r['file']}: {r['model']} ({r['weights']}), {r['rows']} training images, {r['classes']} classes"
-        )
-    print(format_table(rows, head, align="l" * (len(head) - len(metrics) - 3) + "r" * (len(metrics) + 3)))
-    if ranking:
-        print("\nmodels by their best layer (higher is better; scores rank, probes measure):")
-        rank_rows = [[m, i + 1, f"{e['model']}@{e['weights']}", e["layer"], f"{e['score']:.4f}"]
-                     for m in metrics for i, e in enumerate(ranking[m])]  # fmt: skip
-        print(format_table(rank_rows, ["metric", "rank", "model", "best layer", "score"], align="lrllr"))
+    else:
+        print(score_text(results, ranking, metrics))
     return 0
 
 

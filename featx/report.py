@@ -337,3 +337,23 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
     write_text_atomic(md_path, md)
     return {"results.csv": csv_path, "results.json": json_path, "report.md": md_path,
             **{os.path.basename(p): p for p in plots}}  # fmt: skip
+
+
+def score_text(results: list[dict], ranking: dict | None, metrics: list[str]) -> str:
+    """`featx score`'s tables: per file and layer its scores; with several files, the model ranking."""
+    several = len(results) > 1
+    rows = [[f"{r['model']}@{r['weights']}" if several else ly["layer"], *([ly["layer"]] if several else []),
+             "-" if ly["depth"] is None else _fixed(ly["depth"]), ly["dim"], *(f"{ly['scores'][m]:.4f}" for m in metrics),
+             f"{ly['seconds']:.2f}"] for r in results for ly in r["layers"]]  # fmt: skip
+    head = [*(["model", "layer"] if several else ["layer"]), "depth", "dim", *metrics, "s"]
+    out = [f"{r['file']}: {r['model']} ({r['weights']}), {r['rows']} training images, {r['classes']} classes"
+           for r in results]  # fmt: skip
+    out.append(
+        format_table(rows, head, align="l" * (len(head) - len(metrics) - 3) + "r" * (len(metrics) + 3))
+    )
+    if ranking:
+        out.append("\nmodels by their best layer (higher is better; scores rank, probes measure):")
+        rank_rows = [[m, i + 1, f"{e['model']}@{e['weights']}", e["layer"], f"{e['score']:.4f}"]
+                     for m in metrics for i, e in enumerate(ranking[m])]  # fmt: skip
+        out.append(format_table(rank_rows, ["metric", "rank", "model", "best layer", "score"], align="lrllr"))
+    return "\n".join(out)

@@ -96,6 +96,8 @@ class DatasetAnalysis:
     n_test: int = 0
     n_train: int = 0
     n_classes: int = 0
+    uncapped_train: int | None = None  # the training images the data holds, when a cap removed some
+    cap: str = ""
     head_confidence: float | None = None
     late_gain: float | None = None
     mid: str = ""
@@ -109,6 +111,7 @@ class DatasetAnalysis:
     gain_by_size: dict[str, float] = field(default_factory=dict)
     answer: str = ""
     rule_check: str = ""
+    size_text: str = ""  # the size regime, and what capped it
 
     def ci(self, layer: str, size: str) -> tuple[float, float]:
         """Wilson 95% interval of the (seed-mean) test accuracy over the n test images."""
@@ -173,6 +176,7 @@ def analyze(
                 pixels={s: _stat([r["accuracy"] for r in rs if r["baseline"] and r["train_size_spec"] == s])
                         for s in sizes if any(r["baseline"] and r["train_size_spec"] == s for r in rs)},
                 n_train=src.n_train, n_classes=src.n_classes, head_confidence=head_confidence.get(src.name),
+                uncapped_train=getattr(src, "uncapped_train", None), cap=getattr(src, "cap", ""),
                 tie={k: _stat([r.get("val_tiebreak") or 0.0 for r in v]) for k, v in groups.items()},
                 correct={k: unpack_correct(r["test_correct"], r["n_test"]) for k, r in first.items()
                          if r.get("test_correct")},
@@ -314,8 +318,15 @@ def _decide(a: DatasetAnalysis) -> None:
         ("small", "different"): 3,
         ("large", "different"): 4,
     }[(a.size, a.similarity)]
+    capped = ""
+    if a.uncapped_train:
+        full = a.uncapped_train / max(a.n_classes, 1)
+        capped = (f" (as capped by --per-class-limit {a.cap}; the data holds {a.uncapped_train} training images, "
+                  f"{full:.0f} per class" + (", which would be large" if full >= LARGE_PER_CLASS and a.size == "small" else "")
+                  + ")")  # fmt: skip
+    a.size_text = a.size + capped
     ev.append(
-        f"{a.n_train} training images, {per_class:.0f} per class -> {a.size} (large from {LARGE_PER_CLASS} per class)"
+        f"{a.n_train} training images, {per_class:.0f} per class -> {a.size_text} (large from {LARGE_PER_CLASS} per class)"
     )
     lo, hi = a.ci(a.best, size)
     a.answer = (f"Use {a.best} (depth {a.depth[a.best]:.2f}): test accuracy {a.acc[(a.best, size)].mean:.3f} "

@@ -139,6 +139,8 @@ class Source:
     pixels: str | None = None  # the raw-pixel baseline's codes file
     n_train: int = 0
     n_classes: int = 0
+    uncapped_train: int | None = None  # training images before --per-class-limit (when it removed some)
+    cap: str = ""  # the limit that did, as the user wrote it
 
 
 def _head_layer(model: ModelSettings) -> str | None:
@@ -146,6 +148,10 @@ def _head_layer(model: ModelSettings) -> str | None:
     from featx.plan import resolve
 
     return resolve(model).head_layer()
+
+
+def _limit_text(limit) -> str:
+    return str(limit) if isinstance(limit, int) else ",".join(f"{k}={v}" for k, v in (limit or {}).items())
 
 
 def prepare(config: BenchConfig, progress: bool = False) -> list[Source]:
@@ -173,10 +179,9 @@ def prepare(config: BenchConfig, progress: bool = False) -> list[Source]:
         if config.baseline_pixels:
             pixels = extract(pixels_model, bd.spec, CodeSettings("pixels", pool="none"), **common).path
         sources.append(
-            Source(
-                bd, name, res.path, layers, depth, dims, head if head else None, pixels, n_train, n_classes
-            )
-        )
+            Source(bd, name, res.path, layers, depth, dims, head if head else None, pixels, n_train, n_classes,
+                   res.uncapped_train, _limit_text(config.data_options.per_class_limit) if res.uncapped_train else "")
+        )  # fmt: skip
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         for i, s in enumerate(sources):

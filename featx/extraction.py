@@ -75,6 +75,7 @@ class ExtractResult:
     resolved: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     resumed_from: int = 0
+    uncapped_train: int | None = None  # training images before --per-class-limit removed some
 
     @property
     def images_per_second(self) -> float:
@@ -128,19 +129,19 @@ def extract(
     request = request_key(mset, cset, precision, rset.decoder, ds.fingerprint, _lib_versions())
     entry = CacheEntry(cache_dir, request)
     if entry.remembered():
-        return _hit_result(entry.path, t0)
+        return replace(_hit_result(entry.path, t0), uncapped_train=ds.uncapped_train)
 
     with _phase(timings, "plan (meta skeleton, probe on meta, key)"):
         job = _job(resolve(mset, cset), rset, precision, ds)
     plan = job.plan
     if entry.find(ds.name, str(plan.model), job.key):
-        return _hit_result(entry.path, t0)
+        return replace(_hit_result(entry.path, t0), uncapped_train=ds.uncapped_train)
     with entry.locked(wait=wait):
         if entry.ready():  # another process finished it while we waited (a damaged file is set aside)
-            return _hit_result(entry.path, t0)
+            return replace(_hit_result(entry.path, t0), uncapped_train=ds.uncapped_train)
         result = _run(job, rset, ds, opts, entry.path, strict, progress, t0, timings)
     entry.remember()
-    return result
+    return replace(result, uncapped_train=ds.uncapped_train)
 
 
 @dataclass(frozen=True)

@@ -257,7 +257,7 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
     for a in analyses:
         size = a.sizes[-1]
         gain = f"{a.late_gain:.2f}" if a.late_gain is not None else "-"
-        summary.append([a.name, a.classifier, a.label or "-", f"{a.measured} ({gain})", a.size, f"{a.case}",
+        summary.append([a.name, a.classifier, a.label or "-", f"{a.measured} ({gain})", a.size_text, f"{a.case}",
                         f"{a.best} ({a.depth[a.best]:.2f})", a.acc_text(a.best, size), f"{a.top}: {a.acc_text(a.top, size)}",
                         str(a.pixels[size]) if size in a.pixels else "-"])  # fmt: skip
     lines += [markdown_table(summary, ["dataset", "classifier", "label", "measured (late-layer gain)", "size", "case",

@@ -85,3 +85,15 @@ def test_differences_within_noise_say_either_will_do():
     assert "within noise (exact McNemar p = " in md
     assert "either will do, late is cheaper to extract" in md
     assert "(the chosen earlier layer and the top layer are within noise)" in md
+
+
+def test_a_cap_that_decides_the_size_regime_is_named():
+    depth = {"early": 0.3, "mid": 0.5, "top": 1.0}
+    cells = {"early": (0.7, _correct(140)), "mid": (0.8, _correct(160)), "top": (0.9, _correct(180))}
+    src = _Src("big", depth, "similar", n_train=4000, n_classes=10)
+    src.uncapped_train, src.cap = 20760, "train=400"
+    (a,), md = _report(_rows("big", cells), [src])
+    assert a.size == "small" and a.case == 1
+    text = ("small (as capped by --per-class-limit train=400; the data holds 20760 training images, 2076 per class, "
+            "which would be large)")  # fmt: skip
+    assert a.size_text == text and text in md

@@ -48,7 +48,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from threadpoolctl import threadpool_limits
 
-from featx.data import stratified_holdout
+from featx.data import group_holdout, stratified_holdout
 from featx.errors import FeatxError, UsageError
 from featx.stats import pack_correct, wilson_interval
 from featx.store import CodesFile
@@ -271,6 +271,9 @@ class Rows:
     test_split: str  # 'test' | 'val'
     train_size: int  # training-split images used, hold-out included
     folds: int | None = None  # C chosen by this many CV folds on `train` (val is then empty)
+    groups: np.ndarray | None = (
+        None  # the groups of `train` (files made with --group-by): folds keep them whole
+    )
 
 
 def select_rows(f: CodesFile, protocol: Protocol, train_size: TrainSize, seed: int) -> Rows:
@@ -295,37 +298,47 @@ def select_rows(f: CodesFile, protocol: Protocol, train_size: TrainSize, seed: i
         )
     test = np.flatnonzero(f.split == test_split)
     n_train = len(train)
+    g = getattr(f, "groups", None)
+    grouped = "grouped " if g is not None else ""
     if test_split == "test" and "val" in present:
         val, source = np.flatnonzero(f.split == "val"), "val split"
         if protocol.cv or protocol.per_class:  # CV uses every labelled non-test image
             train, val = np.sort(np.concatenate([train, val])), np.empty(0, np.int64)
             source = f"{protocol.cv or 3}-fold cv on train+val"
     elif protocol.cv or protocol.per_class:
-        val, source = np.empty(0, np.int64), f"{protocol.cv or 3}-fold cv"
-    elif (folds := _auto_folds(f.labels[train], protocol)) is not None:
-        return Rows(train, np.empty(0, np.int64), test, f"{folds}-fold cv", test_split, n_train, folds)
+        val, source = np.empty(0, np.int64), f"{protocol.cv or 3}-fold {grouped}cv"
+    elif (folds := _auto_folds(f.labels[train], protocol, None if g is None else g[train])) is not None:
+        return Rows(train, np.empty(0, np.int64), test, f"{folds}-fold {grouped}cv", test_split, n_train, folds,
+                    None if g is None else g[train])  # fmt: skip
     else:
-        held = stratified_holdout(f.labels[train], protocol.val_fraction, rng)
+        held = (
+            stratified_holdout(f.labels[train], protocol.val_fraction, rng)
+            if g is None
+            else group_holdout(f.labels[train], g[train], protocol.val_fraction, rng)
+        )
         train, val = train[~held], train[held]
-        source = f"hold-out {protocol.val_fraction:.0%} of train"
+        source = f"{grouped}hold-out {protocol.val_fraction:.0%} of train"
         if len(val) == 0:
             raise FeatxError(
                 f"--train-size {train_size} leaves no images to validate on; use a larger train size or --cv"
             )
     folds = protocol.cv if protocol.cv and not protocol.per_class else None
-    return Rows(np.sort(train), np.sort(val), test, source, test_split, n_train, folds)
+    train, val = np.sort(train), np.sort(val)
+    return Rows(train, val, test, source, test_split, n_train, folds, None if g is None else g[train])
 
 
-def _auto_folds(labels: np.ndarray, protocol: Protocol) -> int | None:
+def _auto_folds(labels: np.ndarray, protocol: Protocol, groups: np.ndarray | None = None) -> int | None:
     """k for cross-validation when a hold-out would keep fewer than `min_val_per_class` images of
-    some class (the same count `stratified_holdout` takes), else None: keep the hold-out."""
+    some class (the same count `stratified_holdout` takes), else None: keep the hold-out. With
+    groups, k is at most the number of groups."""
     if protocol.classifier == "sgd" or not protocol.min_val_per_class:
         return None
     smallest = int(np.bincount(labels)[np.unique(labels)].min())
     held = max(1, int(round(smallest * protocol.val_fraction)))
-    if held >= protocol.min_val_per_class or smallest < 2:
+    k = min(MAX_AUTO_FOLDS, smallest, len(np.unique(groups)) if groups is not None else smallest)
+    if held >= protocol.min_val_per_class or k < 2:
         return None
-    return min(MAX_AUTO_FOLDS, smallest)
+    return k
 
 
 def _subsample(rows: np.ndarray, labels: np.ndarray, size: TrainSize, rng, classes: list[str]) -> np.ndarray:
@@ -422,7 +435,7 @@ def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: i
         C, val_score = clf.costs_, (float(np.mean(clf.cv_ap_)),) * 2  # mean AP is continuous already
     else:
         if rows.folds:
-            scores = _cv_scores(X_tr, y_tr, protocol, seed, dim, rows.folds)
+            scores = _cv_scores(X_tr, y_tr, protocol, seed, dim, rows.folds, rows.groups)
         else:
             X_va, y_va = _load(f, layers, rows.val), f.labels[rows.val]
             scores = [
@@ -479,17 +492,28 @@ def _val_scores(clf, X, y, protocol: Protocol) -> tuple[float, float]:
     return acc, float(np.mean(margin))
 
 
-def _cv_scores(X, y, protocol: Protocol, seed: int, dim: int, folds: int) -> list[tuple[float, float]]:
-    from sklearn.model_selection import StratifiedKFold
+def _cv_scores(
+    X, y, protocol: Protocol, seed: int, dim: int, folds: int, groups=None
+) -> list[tuple[float, float]]:
+    """Mean (accuracy, tie-break) per C over stratified folds; with `groups`, stratified *group*
+    folds (scikit-learn's StratifiedGroupKFold): no group is on both sides of a fold."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     smallest = int(np.bincount(y)[np.unique(y)].min())
     if min(folds, smallest) < 2:
         raise FeatxError(f"--cv {folds} needs at least 2 training images per class; one class has {smallest}")
-    splitter = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed)
+    k = min(folds, smallest)
+    if groups is None:
+        splits = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(X, y))
+    else:
+        k = min(k, len(np.unique(groups)))
+        if k < 2:
+            raise FeatxError("cross-validation needs at least 2 groups of training images; the file has 1")
+        splits = list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(X, y, groups))
     scores = []
     for C in protocol.Cs:
         fold_scores = []
-        for tr, va in splitter.split(X, y):
+        for tr, va in splits:
             pipe = make_pipeline(protocol, C, seed, len(tr), dim).fit(X[tr], y[tr])
             fold_scores.append(_val_scores(pipe, X[va], y[va], protocol))
         scores.append(tuple(float(v) for v in np.mean(fold_scores, axis=0)))

@@ -84,6 +84,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class-limit", help="at most K images per class and split: K, or train=K1,test=K2")
     p.add_argument("--seed", type=int, default=0, help="seed for the split and subsets (default 0)")
     p.add_argument("--data-root", help="where torchvision:NAME datasets live (downloaded there)")
+    p.add_argument("--group-by", metavar="REGEX",
+                   help="group images by the first match of REGEX on their relative path (its first capture group "
+                        "if it has one): a group never sits on both sides of a split, hold-out or CV fold")  # fmt: skip
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -333,7 +336,7 @@ def _data_options(args):
     from featx.data import DataOptions, parse_per_class_limit
 
     return DataOptions(test_fraction=args.test_fraction, per_class_limit=parse_per_class_limit(args.per_class_limit),
-                       seed=args.seed, data_root=args.data_root)  # fmt: skip
+                       seed=args.seed, data_root=args.data_root, group_by=args.group_by or None)  # fmt: skip
 
 
 def _settings(cls, args, **given):

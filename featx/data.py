@@ -91,6 +91,7 @@ class Dataset:
     split_source: str  # 'folders' | 'manifest' | 'files' | 'seeded'
     notes: list[str] = field(default_factory=list)
     uncapped_train: int | None = None  # training images before --per-class-limit removed some
+    groups: np.ndarray | None = None  # str [N]: subjects/patients/...; never on both sides of a split
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -116,14 +117,18 @@ class DataOptions:
     per_class_limit: int | dict[str, int] | None = None
     seed: int = 0
     data_root: str | None = None
+    group_by: str | None = None  # regex: its first match on an image's relative path is its group
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "test_fraction": self.test_fraction,
             "per_class_limit": self.per_class_limit,
             "seed": self.seed,
             "data_root": self.data_root,
         }
+        if self.group_by:  # only when set, so files and keys without groups stay as they were
+            d["group_by"] = self.group_by
+        return d
 
 
 def parse_per_class_limit(text: str | int | None) -> int | dict[str, int] | None:
@@ -189,7 +194,44 @@ def open_source(spec: str, options: DataOptions | None = None) -> Dataset:
             raw = _idx(path.resolve())
         else:
             raw = _folder(path.resolve())
+    if opts.group_by:
+        raw.groups = groups_from_paths(raw.ids, opts.group_by)
     return _cut(raw, opts)
+
+
+def groups_from_paths(ids: list[str], pattern: str) -> np.ndarray:
+    """Each image's group: the first match of `pattern` on its relative path (its first capture
+    group when the pattern has one). Every image must match."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"--group-by {pattern!r} is not a regular expression ({e})") from None
+    out, missing = [], []
+    for ident in ids:
+        m = rx.search(ident)
+        if m is None:
+            missing.append(ident)
+        else:
+            out.append(m.group(1) if rx.groups else m.group(0))
+    if missing:
+        raise UsageError(f"--group-by {pattern!r} matches nothing in {len(missing)} of {len(ids)} image paths "
+                         f"(first: {_printable(missing[0])}); every image needs a group: adjust the pattern")  # fmt: skip
+    return np.array(out, dtype=str)
+
+
+def _group_notes(groups: np.ndarray, labels: np.ndarray, splits: np.ndarray, given: bool) -> list[str]:
+    names, inverse = np.unique(groups, return_inverse=True)
+    notes = []
+    mixed = sum(1 for g in range(len(names)) if len(set(labels[inverse == g].tolist())) > 1)
+    if mixed:
+        notes.append(f"{mixed} of {len(names)} groups hold images of more than one class (allowed: each group "
+                     f"stays whole on one side of every split)")  # fmt: skip
+    if given:
+        both = sum(1 for g in range(len(names)) if len(set(splits[inverse == g].tolist())) > 1)
+        if both:
+            notes.append(f"{both} of {len(names)} groups have images in more than one of the data's own splits; "
+                         f"featx keeps those splits as given and groups only its hold-out and CV folds")  # fmt: skip
+    return notes
 
 
 @dataclass
@@ -256,13 +298,19 @@ def _cut(raw: _Raw, opts: DataOptions) -> Dataset:
     )
     h.update(np.ascontiguousarray(sel, dtype=np.int64).tobytes())
     h.update("\n".join(splits.tolist()).encode())
+    groups = None if raw.groups is None else raw.groups[sel]
+    if groups is not None:
+        h.update(("groups\0" + "\0".join(groups.tolist())).encode())
     if raw.splits is not None:
         notes += _untrained_classes(raw, labels, splits)
+    if groups is not None:
+        notes += _group_notes(groups, labels, splits, raw.splits is not None)
     train_after = int(np.sum(splits == "train"))
     return Dataset(
         name=raw.name, spec=raw.spec, classes=raw.classes, ids=ids, labels=labels.astype(np.int64),
         splits=splits.astype("<U5"), loader=loader, fingerprint=h.hexdigest(), split_source=split_source,
         notes=notes, uncapped_train=train_before if train_before is not None and train_before > train_after else None,
+        groups=groups,
     )  # fmt: skip
 
 
@@ -288,12 +336,12 @@ def _seeded_split(
     held = (
         stratified_holdout(labels, test_fraction, rng)
         if groups is None
-        else _group_holdout(labels, groups, test_fraction, rng)
+        else group_holdout(labels, groups, test_fraction, rng)
     )
     return np.where(held, "test", "train").astype("<U5")
 
 
-def _group_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, rng) -> np.ndarray:
+def group_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, rng) -> np.ndarray:
     """Hold out whole groups (a manifest's group column: a subject, a patient, a source photo) so
     that no group is on both sides: groups in seeded order are held out while no class of theirs
     would pass round(fraction * its size) (at least 1) held-out images."""
@@ -709,7 +757,7 @@ def _manifest(path: Path) -> _Raw:
         labels=np.array([index[c] for c in labels_s], dtype=np.int64),
         splits=np.array(splits, dtype="<U5") if has_split else None, loader=FileLoader(full, paths),
         fingerprint=h.hexdigest(), split_source="manifest" if has_split else "seeded", notes=notes,
-        groups=np.array(groups, dtype=str) if has_group and not has_split else None,
+        groups=np.array(groups, dtype=str) if has_group else None,
     )  # fmt: skip
 
 

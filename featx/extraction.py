@@ -280,7 +280,7 @@ def _loop(job: _Job, rset: RunSettings, ds, opts, path, backbone, computer, use_
 
     with _phase(timings, "finalize (HDF5 gzip + fsync + rename)"):
         finalize(
-            path, journal, classes=ds.classes, labels=ds.labels, splits=ds.splits, ids=ds.ids,
+            path, journal, classes=ds.classes, labels=ds.labels, splits=ds.splits, ids=ds.ids, groups=ds.groups,
             layer_attrs=_layer_attrs(chosen, plan),
             attrs=_file_attrs(job, backbone, ds, opts, bs, n_workers, use_cl, rset.compile),
         )  # fmt: skip

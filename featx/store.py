@@ -426,7 +426,8 @@ def _check_space(entry: str, need: int) -> None:
 
 
 def finalize(entry: str, journal: Journal, *, classes: Sequence[str], labels: np.ndarray, splits: np.ndarray,
-             ids: Sequence[str], layer_attrs: dict[str, dict], attrs: dict) -> None:  # fmt: skip
+             ids: Sequence[str], layer_attrs: dict[str, dict], attrs: dict,
+             groups: np.ndarray | None = None) -> None:  # fmt: skip
     """Build the HDF5 file from a finished journal, atomically, then remove the journal."""
     import gc
     import hashlib
@@ -469,6 +470,10 @@ def finalize(entry: str, journal: Journal, *, classes: Sequence[str], labels: np
         f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=str_dt)
         f.create_dataset("split", data=np.array(row_splits, dtype=object), dtype=str_dt)
         f.create_dataset("paths", data=np.array(row_ids, dtype=object), dtype=str_dt)
+        if groups is not None:  # --group-by / a manifest's group column: keeps subjects on one side
+            f.create_dataset(
+                "groups", data=np.array([str(groups[i]) for i in index], dtype=object), dtype=str_dt
+            )
         sk = f.create_group("skipped")
         sk.create_dataset(
             "paths", data=np.array([ids[i] for i, _ in journal.skipped], dtype=object), dtype=str_dt
@@ -479,7 +484,13 @@ def finalize(entry: str, journal: Journal, *, classes: Sequence[str], labels: np
         for k, v in attrs.items():
             f.attrs[k] = v
         f.attrs["rows"] = n
-        f.attrs["rows_sha256"] = rows_sha256(row_labels, row_splits, row_ids, list(classes))
+        f.attrs["rows_sha256"] = rows_sha256(
+            row_labels,
+            row_splits,
+            row_ids,
+            list(classes),
+            None if groups is None else [str(groups[i]) for i in index],
+        )
         f.attrs["featx_state"] = COMPLETE  # last: a file without it is never trusted
     except (OSError, RuntimeError, ValueError) as e:  # h5py reports a failed write as any of these
         failure = f"writing {tmp} failed ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
@@ -522,12 +533,14 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def rows_sha256(labels: np.ndarray, splits: Sequence[str], ids: Sequence[str], classes: Sequence[str]) -> str:
-    """A checksum of the per-row metadata: labels, splits, ids, and the class names."""
+def rows_sha256(labels: np.ndarray, splits: Sequence[str], ids: Sequence[str], classes: Sequence[str],
+                groups: Sequence[str] | None = None) -> str:  # fmt: skip
+    """A checksum of the per-row metadata: labels, splits, ids, the class names (and the groups,
+    in files that have them: files without keep the checksum they always had)."""
     import hashlib
 
     h = hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
-    for part in (splits, ids, classes):
+    for part in (splits, ids, classes) if groups is None else (splits, ids, classes, groups):
         h.update("\n".join(part).encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()
 
@@ -557,7 +570,7 @@ def _structure(f) -> str | None:
     for name in ("labels", "split", "paths", "classes", "codes", "skipped/paths", "skipped/reasons"):
         if name not in f:
             return f"/{name} is missing"
-    for name in ("labels", "split", "paths"):
+    for name in ("labels", "split", "paths", *(("groups",) if "groups" in f else ())):
         if f[name].shape != (n,):
             return f"/{name} has shape {f[name].shape}, expected ({n},)"
     if f["classes"].ndim != 1 or f["skipped/paths"].shape != f["skipped/reasons"].shape:
@@ -584,14 +597,14 @@ def _rows_problem(f) -> str | None:
         return None
     # the stored UTF-8 bytes hash as `rows_sha256` hashes the decoded strings, without decoding them (~35% faster)
     h = hashlib.sha256(np.ascontiguousarray(f["labels"][:], dtype=np.int64).tobytes())
-    for name in ("split", "paths", "classes"):
+    for name in ("split", "paths", "classes", *(("groups",) if "groups" in f else ())):
         h.update(
             b"\n".join(x if isinstance(x, bytes) else str(x).encode() for x in f[name][:].tolist()) + b"\0"
         )
     return (
         None
         if h.hexdigest() == want
-        else "its labels, splits, paths or class names do not match their checksum"
+        else "its labels, splits, paths, class names or groups do not match their checksum"
     )
 
 
@@ -858,6 +871,8 @@ class CodesFile:
         self.labels: np.ndarray = f["labels"][:]
         self.split: np.ndarray = np.array(f["split"].asstr()[:].tolist(), dtype="<U5")
         self.paths: list[str] = f["paths"].asstr()[:].tolist()
+        # --group-by: whole groups (subjects, patients) stay on one side of every hold-out and CV fold
+        self.groups: np.ndarray | None = np.array(f["groups"].asstr()[:].tolist()) if "groups" in f else None
         self.skipped: list[tuple[str, str]] = list(
             zip(f["skipped/paths"].asstr()[:].tolist(), f["skipped/reasons"].asstr()[:].tolist())
         )

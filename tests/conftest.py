@@ -133,7 +133,7 @@ def run_cli(*args: str, cwd=None, env=None, timeout=300) -> subprocess.Completed
     )
 
 
-def write_codes(path, layers: dict, labels, splits, classes, model="resnet18", weights="none"):
+def write_codes(path, layers: dict, labels, splits, classes, model="resnet18", weights="none", groups=None):
     """A featx codes file from arrays, written by featx's own journal + finalize."""
     import json as _json
 
@@ -150,7 +150,8 @@ def write_codes(path, layers: dict, labels, splits, classes, model="resnet18", w
              "mean": [0.5] * 3, "std": [0.5] * 3, "crop_mode": "center"}), "layers": np.array(list(layers), dtype=object),
              "dataset": "synthetic", "samples": n}  # fmt: skip
     finalize(str(path), j, classes=classes, labels=labels, splits=np.asarray(splits), ids=[f"s{i}" for i in range(n)],
-             layer_attrs={k: {"activation": "none", "pool": "avg"} for k in layers}, attrs=attrs)  # fmt: skip
+             layer_attrs={k: {"activation": "none", "pool": "avg"} for k in layers}, attrs=attrs,
+             groups=None if groups is None else np.asarray(groups, dtype=str))  # fmt: skip
     return str(path)
 
 

@@ -441,9 +441,11 @@ def _step_names(pipe) -> list[str]:
 
 
 def _save_file(arrays: dict, tmp: str, header: str) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    save_file(arrays, tmp, metadata={HEADER_KEY: header, "format": f"featx-classifier/{FORMAT}"})
+    data = save(arrays, metadata={HEADER_KEY: header, "format": f"featx-classifier/{FORMAT}"})
+    with open(tmp, "wb") as f:  # Python's write, so a full disk is an OSError like any other
+        f.write(data)
 
 
 def _description(pipeline, codes, layers) -> tuple[dict, object]:
@@ -543,7 +545,12 @@ def read_description(path: str) -> dict:
         meta = json.loads(header[HEADER_KEY])
     except ValueError as e:
         raise FeatxError(f"{path}: its classifier description is not JSON ({e})") from None
-    return validate_description(meta, path, need=("pipeline", "arrays_sha256"))
+    validate_description(meta, path, need=("pipeline", "arrays_sha256", "dims"))
+    width = sum(meta["dims"].values())
+    if meta["pipeline"][0].get("n_features_in") != width:
+        raise FeatxError(f"{path}: field 'dims' (layer widths summing to {width}) does not match the pipeline's "
+                         f"input; the file was edited or is damaged; refit the classifier")  # fmt: skip
+    return meta
 
 
 def _load_arrays(path: str, force: bool):

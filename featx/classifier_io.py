@@ -62,7 +62,9 @@ def classifier_path(name: str, option: str = "--out") -> str:
     """Where `save_classifier(name)` writes: NAME.safetensors (NAME.joblib, the 0.1.0 spelling,
     and NAME.safetensors name the same file)."""
     if not name or name.endswith(os.sep) or os.path.isdir(name):
-        raise UsageError(f"{option} {name!r}: give a file name, e.g. models/flowers (writes models/flowers{SUFFIX})")
+        raise UsageError(
+            f"{option} {name!r}: give a file name, e.g. models/flowers (writes models/flowers{SUFFIX})"
+        )
     stem = name
     for ext in (SUFFIX, ".joblib"):
         if stem.endswith(ext):
@@ -223,7 +225,9 @@ def validate_description(meta, where: str, need: tuple[str, ...] = ()) -> dict:
     from featx.taps import parse_pool
 
     def bad(field: str, want: str):
-        raise FeatxError(f"{where}: field {field!r} must be {want}; refit the classifier with featx fit --out")
+        raise FeatxError(
+            f"{where}: field {field!r} must be {want}; refit the classifier with featx fit --out"
+        )
 
     if not isinstance(meta, dict):
         raise FeatxError(f"{where}: not a featx classifier description (a JSON object expected)")
@@ -264,7 +268,9 @@ def _plain(v) -> bool:
 
 def _params(est) -> dict:
     """The hyper-parameters that are plain values (dicts such as class_weight are rebuilt by type)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in est.get_params(deep=False).items() if _plain(v)}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in est.get_params(deep=False).items() if _plain(v)
+    }
 
 
 def to_arrays(pipeline) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -283,13 +289,18 @@ def to_arrays(pipeline) -> tuple[list[dict], dict[str, np.ndarray]]:
                 f"optional PCA, and LinearSVC, LogisticRegression, SGDClassifier or PerClassSVM (export_joblib "
                 f"writes any Pipeline as a pickle)"
             )
-        n_in = getattr(est, "n_features_in_", None) or est.estimators_[0].n_features_in_  # PerClassSVM: its SVMs'
+        n_in = (
+            getattr(est, "n_features_in_", None) or est.estimators_[0].n_features_in_
+        )  # PerClassSVM: its SVMs'
         spec = {"type": kind, "params": _params(est), "n_features_in": int(n_in), "fitted": {}}
         if kind == "PerClassSVM":
             arrays[f"{i}.coef_"] = np.vstack([e.coef_ for e in est.estimators_])
             arrays[f"{i}.intercept_"] = np.concatenate([np.ravel(e.intercept_) for e in est.estimators_])
             arrays[f"{i}.classes_"] = np.asarray(est.classes_)
-            spec["fitted"] = {"costs_": [float(c) for c in est.costs_], "cv_ap_": [float(a) for a in est.cv_ap_]}
+            spec["fitted"] = {
+                "costs_": [float(c) for c in est.costs_],
+                "cv_ap_": [float(a) for a in est.cv_ap_],
+            }
         else:
             names, ints = (_LINEAR, ()) if last else _TRANSFORMERS[kind][1:]
             for a in names:
@@ -333,7 +344,12 @@ def from_arrays(specs: list[dict], arrays: dict[str, np.ndarray], where: str, n_
         if kind not in table:
             bad(f"step {i} has type {kind!r}, not one of {', '.join(table)}")
         params, fitted, n_in = spec.get("params"), spec.get("fitted"), spec.get("n_features_in")
-        if not (isinstance(params, dict) and isinstance(fitted, dict) and _is_size(n_in) and all(map(_plain, params.values()))):
+        if not (
+            isinstance(params, dict)
+            and isinstance(fitted, dict)
+            and _is_size(n_in)
+            and all(map(_plain, params.values()))
+        ):
             bad(f"step {i} ({kind}) needs plain params, fitted values and n_features_in")  # fmt: skip
         if width is not None and n_in != width:
             bad(f"step {i} ({kind}) takes {n_in} features, the step before gives {width}")
@@ -345,26 +361,41 @@ def from_arrays(specs: list[dict], arrays: dict[str, np.ndarray], where: str, n_
         except (TypeError, ValueError) as e:
             bad(f"step {i} ({kind}) has unusable params ({e})")
 
-        def get(name: str, ndim: int, rows: int | None = None, cols: int | None = None, ints: bool = False, i=i):
+        def get(
+            name: str, ndim: int, rows: int | None = None, cols: int | None = None, ints: bool = False, i=i
+        ):
             return _array(arrays, used, f"{i}.{name}", ndim, rows, cols, ints, bad)
 
         est.n_features_in_ = n_in
         if last:
             classes = get("classes_", 1, ints=True)
-            if len(classes) < 2 or len(np.unique(classes)) != len(classes) or classes.min() < 0 or classes.max() >= n_labels:
+            if (
+                len(classes) < 2
+                or len(np.unique(classes)) != len(classes)
+                or classes.min() < 0
+                or classes.max() >= n_labels
+            ):
                 bad(f"array {i}.classes_ must hold 2 or more distinct class ids below {n_labels}")  # fmt: skip
             rows = len(classes) if (kind == "PerClassSVM" or len(classes) > 2) else 1
             coef, intercept = get("coef_", 2, rows, n_in), get("intercept_", 1, rows)
             est.classes_ = classes
             if kind == "PerClassSVM":
                 costs, aps = fitted.get("costs_"), fitted.get("cv_ap_")
-                if not (isinstance(costs, list) and len(costs) == rows and all(_is_num(c) and c > 0 for c in costs)):
+                if not (
+                    isinstance(costs, list)
+                    and len(costs) == rows
+                    and all(_is_num(c) and c > 0 for c in costs)
+                ):
                     bad("the per-class SVM needs one positive cost per class")
                 est.costs_, est.cv_ap_ = costs, aps
                 est.estimators_ = []
                 for r, cost in enumerate(costs):
                     svm = est._svm(cost)
-                    svm.coef_, svm.intercept_, svm.classes_ = coef[r : r + 1], intercept[r : r + 1], np.array([-1, 1])
+                    svm.coef_, svm.intercept_, svm.classes_ = (
+                        coef[r : r + 1],
+                        intercept[r : r + 1],
+                        np.array([-1, 1]),
+                    )
                     svm.n_features_in_ = n_in
                     est.estimators_.append(svm)
             else:
@@ -372,7 +403,11 @@ def from_arrays(specs: list[dict], arrays: dict[str, np.ndarray], where: str, n_
             width = None
         elif kind == "StandardScaler":
             for a in ("mean_", "scale_", "var_"):
-                if f"{i}.{a}" in arrays or (a == "mean_" and est.with_mean) or (a == "scale_" and est.with_std):
+                if (
+                    f"{i}.{a}" in arrays
+                    or (a == "mean_" and est.with_mean)
+                    or (a == "scale_" and est.with_std)
+                ):
                     setattr(est, a, get(a, 1, n_in))
             if getattr(est, "scale_", None) is not None and not (est.scale_ > 0).all():
                 bad(f"array {i}.scale_ must be positive")
@@ -425,7 +460,13 @@ def save_classifier(path: str, pipeline, codes: str | dict | None = None, layers
     specs, arrays = to_arrays(pipe)
     for name, spec in zip(_step_names(pipe), specs):
         spec["name"] = name
-    meta = {**meta, **(extra or {}), "format": FORMAT, "pipeline": specs, "arrays_sha256": arrays_sha256(arrays)}
+    meta = {
+        **meta,
+        **(extra or {}),
+        "format": FORMAT,
+        "pipeline": specs,
+        "arrays_sha256": arrays_sha256(arrays),
+    }
     meta.pop("joblib_sha256", None)
     validate_description(meta, target)
     from_arrays(specs, arrays, target, len(meta["classes"]))  # what load will do, before anything is written

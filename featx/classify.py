@@ -79,7 +79,9 @@ class Protocol:
             raise UsageError("--C: give positive, finite values (e.g. 0.01,0.1,1)")
         out = [c for c in self.Cs if not C_RANGE[0] <= c <= C_RANGE[1]]
         if out:
-            raise UsageError(f"--C {out[0]:g}: use values from {C_RANGE[0]:g} to {C_RANGE[1]:g} (e.g. 0.01,0.1,1)")
+            raise UsageError(
+                f"--C {out[0]:g}: use values from {C_RANGE[0]:g} to {C_RANGE[1]:g} (e.g. 0.01,0.1,1)"
+            )
         if self.pca is not None and self.pca < 1:
             raise UsageError(f"--pca {self.pca}: must be a positive number of components")
         if self.cv is not None and self.cv < 2:

@@ -521,7 +521,9 @@ def _fit_outputs(args) -> None:
     for option, path in outs:
         key = os.path.realpath(path)
         if key in seen:
-            raise UsageError(f"{option} {path} is also {seen[key]}; give each output of featx fit its own path")
+            raise UsageError(
+                f"{option} {path} is also {seen[key]}; give each output of featx fit its own path"
+            )
         seen[key] = f"the file {option} writes"
 
 
@@ -543,7 +545,9 @@ def cmd_fit(args) -> int:
                  return_models=bool(args.out or args.export_joblib))  # fmt: skip
     data = report.to_dict()
     if args.out:
-        log.info("saved %s (%s) with its description and results", save_classifier(args.out, report), report.best)
+        log.info(
+            "saved %s (%s) with its description and results", save_classifier(args.out, report), report.best
+        )
     if args.export_joblib:
         log.info("exported the pipeline to %s and %s (a pickle: predict needs --trust-pickle)",
                  *export_joblib(args.export_joblib, report))  # fmt: skip

@@ -15,7 +15,14 @@ from featx.errors import FeatxError, UsageError
 log = logging.getLogger("featx")
 
 classifier_meta = describe  # the 0.1.0 name
-__all__ = ["Prediction", "Predictor", "collect_images", "classifier_meta", "load_classifier", "save_classifier"]
+__all__ = [
+    "Prediction",
+    "Predictor",
+    "collect_images",
+    "classifier_meta",
+    "load_classifier",
+    "save_classifier",
+]
 
 
 # -- images in -----------------------------------------------------------------------------------

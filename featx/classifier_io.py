@@ -472,6 +472,10 @@ def save_classifier(path: str, pipeline, codes: str | dict | None = None, layers
     from_arrays(specs, arrays, target, len(meta["classes"]))  # what load will do, before anything is written
     header = json.dumps(meta)
     _write(target, lambda tmp: _save_file(arrays, tmp, header), "--out")
+    old = target[: -len(SUFFIX)] + ".joblib"
+    if os.path.isfile(old):
+        log.info("%s now stands for this name; featx predict no longer reads the older pickle %s (remove it "
+                 "and its .json when you no longer need them)", target, old)  # fmt: skip
     return target
 
 

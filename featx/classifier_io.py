@@ -65,11 +65,11 @@ def classifier_path(name: str, option: str = "--out") -> str:
         raise UsageError(
             f"{option} {name!r}: give a file name, e.g. models/flowers (writes models/flowers{SUFFIX})"
         )
-    stem = name
-    for ext in (SUFFIX, ".joblib"):
-        if stem.endswith(ext):
-            stem = stem[: -len(ext)]
-            break
+    stem, ext = os.path.splitext(name)
+    if ext not in ("", SUFFIX, ".joblib"):  # m.pkl, r.json: most likely not meant as a classifier name
+        raise UsageError(
+            f"{option} {name}: name the classifier NAME or NAME{SUFFIX} (NAME.joblib is accepted too)"
+        )
     return os.path.abspath(stem + SUFFIX)
 
 
@@ -77,7 +77,9 @@ def export_paths(path: str) -> tuple[str, str]:
     """The joblib export's two files: PATH.joblib and PATH.json."""
     if not path or os.path.isdir(path):
         raise UsageError(f"--export-joblib {path!r}: give a file name, e.g. models/flowers.joblib")
-    stem = path[: -len(".joblib")] if path.endswith(".joblib") else path
+    stem, ext = os.path.splitext(path)
+    if ext not in ("", ".joblib"):
+        raise UsageError(f"--export-joblib {path}: name the export PATH.joblib")
     return os.path.abspath(stem + ".joblib"), os.path.abspath(stem + ".json")
 
 

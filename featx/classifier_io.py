@@ -136,7 +136,7 @@ def _backbone_of(meta: dict) -> dict | None:
     try:
         ref = resolve_weights(parse_model_name(meta["model"]), meta["weights"])
         return backbone_identity(load_model(meta["model"], weights_ref=ref).module)
-    except FeatxError as e:
+    except (FeatxError, OSError) as e:  # OSError: e.g. hub weights that are not cached, offline
         log.warning("cannot load %s to record its identity (%s); predict will check the weights by name only",
                     meta["model"], str(e).splitlines()[0])  # fmt: skip
         return None

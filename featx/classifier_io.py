@@ -441,6 +441,8 @@ def _array(arrays, used: set, key: str, ndim: int, rows, cols, ints: bool, bad) 
     if v is None or v.ndim != ndim or (rows is not None and v.shape[0] != rows) or (
             cols is not None and v.shape[-1] != cols) or (v.dtype.kind in "iu") != ints:  # fmt: skip
         bad(f"array {key} is missing or has the wrong shape or type")
+    if not ints and not np.isfinite(v).all():
+        bad(f"array {key} holds values that are not finite")
     used.add(key)
     return v.astype(np.int64) if ints else v  # floats as saved: float32 PCA of float32 codes stays float32
 

@@ -439,7 +439,7 @@ def from_arrays(specs: list[dict], arrays: dict[str, np.ndarray], where: str, n_
 def _array(arrays, used: set, key: str, ndim: int, rows, cols, ints: bool, bad) -> np.ndarray:
     v = arrays.get(key)
     if v is None or v.ndim != ndim or (rows is not None and v.shape[0] != rows) or (
-            cols is not None and v.shape[-1] != cols) or (v.dtype.kind in "iu") != ints:  # fmt: skip
+            cols is not None and v.shape[-1] != cols) or v.dtype.kind not in ("iu" if ints else "f"):  # fmt: skip
         bad(f"array {key} is missing or has the wrong shape or type")
     if not ints and not np.isfinite(v).all():
         bad(f"array {key} holds values that are not finite")

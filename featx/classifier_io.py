@@ -370,62 +370,10 @@ def from_arrays(specs: list[dict], arrays: dict[str, np.ndarray], where: str, n_
 
         est.n_features_in_ = n_in
         if last:
-            classes = get("classes_", 1, ints=True)
-            if (
-                len(classes) < 2
-                or len(np.unique(classes)) != len(classes)
-                or classes.min() < 0
-                or classes.max() >= n_labels
-            ):
-                bad(f"array {i}.classes_ must hold 2 or more distinct class ids below {n_labels}")  # fmt: skip
-            rows = len(classes) if (kind == "PerClassSVM" or len(classes) > 2) else 1
-            coef, intercept = get("coef_", 2, rows, n_in), get("intercept_", 1, rows)
-            est.classes_ = classes
-            if kind == "PerClassSVM":
-                costs, aps = fitted.get("costs_"), fitted.get("cv_ap_")
-                if not (
-                    isinstance(costs, list)
-                    and len(costs) == rows
-                    and all(_is_num(c) and c > 0 for c in costs)
-                ):
-                    bad("the per-class SVM needs one positive cost per class")
-                est.costs_, est.cv_ap_ = costs, aps
-                est.estimators_ = []
-                for r, cost in enumerate(costs):
-                    svm = est._svm(cost)
-                    svm.coef_, svm.intercept_, svm.classes_ = (
-                        coef[r : r + 1],
-                        intercept[r : r + 1],
-                        np.array([-1, 1]),
-                    )
-                    svm.n_features_in_ = n_in
-                    est.estimators_.append(svm)
-            else:
-                est.coef_, est.intercept_ = coef, intercept
+            _rebuild_classifier(i, kind, est, fitted, n_in, n_labels, get, bad)
             width = None
-        elif kind == "StandardScaler":
-            for a in ("mean_", "scale_", "var_"):
-                if (
-                    f"{i}.{a}" in arrays
-                    or (a == "mean_" and est.with_mean)
-                    or (a == "scale_" and est.with_std)
-                ):
-                    setattr(est, a, get(a, 1, n_in))
-            if getattr(est, "scale_", None) is not None and not (est.scale_ > 0).all():
-                bad(f"array {i}.scale_ must be positive")
-            est.n_samples_seen_ = 1
-            width = n_in
-        elif kind == "L2Normalize":
-            width = n_in
-        else:  # PCA, IncrementalPCA
-            k = fitted.get("n_components_")
-            if not _is_size(k) or k > n_in:
-                bad(f"step {i} ({kind}) needs n_components_ between 1 and {n_in}")
-            est.components_, est.mean_ = get("components_", 2, k, n_in), get("mean_", 1, n_in)
-            if f"{i}.explained_variance_" in arrays or est.whiten:
-                est.explained_variance_ = get("explained_variance_", 1, k)
-            est.n_components_ = k
-            width = k
+        else:
+            width = _rebuild_transformer(i, kind, est, fitted, n_in, arrays, get, bad)
         steps.append((spec.get("name") or ("clf" if last else ("pca" if "PCA" in kind else "scale")), est))
     extra = sorted(set(arrays) - used)
     if extra:
@@ -434,6 +382,55 @@ def from_arrays(specs: list[dict], arrays: dict[str, np.ndarray], where: str, n_
     if len(set(names)) != len(names):
         steps = [(f"{n}{i}", e) for i, (n, e) in enumerate(steps)]
     return Pipeline(steps)
+
+
+def _rebuild_classifier(i: int, kind: str, est, fitted: dict, n_in: int, n_labels: int, get, bad) -> None:
+    """Set a linear classifier's fitted arrays (PerClassSVM: one binary LinearSVC per class)."""
+    classes = get("classes_", 1, ints=True)
+    if (
+        len(classes) < 2
+        or len(np.unique(classes)) != len(classes)
+        or classes.min() < 0
+        or classes.max() >= n_labels
+    ):
+        bad(f"array {i}.classes_ must hold 2 or more distinct class ids below {n_labels}")  # fmt: skip
+    rows = len(classes) if (kind == "PerClassSVM" or len(classes) > 2) else 1
+    coef, intercept = get("coef_", 2, rows, n_in), get("intercept_", 1, rows)
+    est.classes_ = classes
+    if kind != "PerClassSVM":
+        est.coef_, est.intercept_ = coef, intercept
+        return
+    costs = fitted.get("costs_")
+    if not (isinstance(costs, list) and len(costs) == rows and all(_is_num(c) and c > 0 for c in costs)):
+        bad("the per-class SVM needs one positive cost per class")
+    est.costs_, est.cv_ap_, est.estimators_ = costs, fitted.get("cv_ap_"), []
+    for r, cost in enumerate(costs):
+        svm = est._svm(cost)
+        svm.coef_, svm.intercept_, svm.classes_ = coef[r : r + 1], intercept[r : r + 1], np.array([-1, 1])
+        svm.n_features_in_ = n_in
+        est.estimators_.append(svm)
+
+
+def _rebuild_transformer(i: int, kind: str, est, fitted: dict, n_in: int, arrays, get, bad) -> int:
+    """Set a scaler's or PCA's fitted arrays; returns the width it outputs."""
+    if kind == "StandardScaler":
+        for a in ("mean_", "scale_", "var_"):
+            if f"{i}.{a}" in arrays or (a == "mean_" and est.with_mean) or (a == "scale_" and est.with_std):
+                setattr(est, a, get(a, 1, n_in))
+        if getattr(est, "scale_", None) is not None and not (est.scale_ > 0).all():
+            bad(f"array {i}.scale_ must be positive")
+        est.n_samples_seen_ = 1
+        return n_in
+    if kind == "L2Normalize":
+        return n_in
+    k = fitted.get("n_components_")  # PCA, IncrementalPCA
+    if not _is_size(k) or k > n_in:
+        bad(f"step {i} ({kind}) needs n_components_ between 1 and {n_in}")
+    est.components_, est.mean_ = get("components_", 2, k, n_in), get("mean_", 1, n_in)
+    if f"{i}.explained_variance_" in arrays or est.whiten:
+        est.explained_variance_ = get("explained_variance_", 1, k)
+    est.n_components_ = k
+    return k
 
 
 def _array(arrays, used: set, key: str, ndim: int, rows, cols, ints: bool, bad) -> np.ndarray:

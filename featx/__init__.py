@@ -39,8 +39,9 @@ _EXPORTS = {
     "Protocol": "featx.classify",
     "FitReport": "featx.classify",
     "Predictor": "featx.predict",
-    "load_classifier": "featx.predict",
-    "save_classifier": "featx.predict",
+    "load_classifier": "featx.classifier_io",
+    "save_classifier": "featx.classifier_io",
+    "export_joblib": "featx.classifier_io",
     "CNNCodes": "featx.transformer",
 }
 

@@ -58,6 +58,9 @@ MIN_VAL_PER_CLASS = 10  # a hold-out keeping fewer images of a class than this: 
 MAX_AUTO_FOLDS = 5
 SCALES = ("standardize", "l2", "none")
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 3, 8))
+# C outside this range breaks the solvers (sgd: alpha = 1 / (C n) underflows to 0 or overflows the
+# weights; liblinear at C = 1e308 runs for minutes) and is far beyond any published grid
+C_RANGE = (1e-10, 1e10)
 VISSL_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
 
 
@@ -85,6 +88,11 @@ class Protocol:
             raise UsageError(f"--scale {self.scale!r}: use one of {', '.join(SCALES)}")
         if not self.Cs or any(not (c > 0 and math.isfinite(c)) for c in self.Cs):
             raise UsageError("--C: give positive, finite values (e.g. 0.01,0.1,1)")
+        out = [c for c in self.Cs if not C_RANGE[0] <= c <= C_RANGE[1]]
+        if out:
+            raise UsageError(
+                f"--C {out[0]:g}: use values from {C_RANGE[0]:g} to {C_RANGE[1]:g} (e.g. 0.01,0.1,1)"
+            )
         if self.pca is not None and self.pca < 1:
             raise UsageError(f"--pca {self.pca}: must be a positive number of components")
         if self.cv is not None and self.cv < 2:
@@ -203,7 +211,8 @@ class PerClassSVM(ClassifierMixin, BaseEstimator):
             folds = min(self.folds, int(min((yb == 1).sum(), (yb == -1).sum())))
             if folds < 2:
                 raise FeatxError(
-                    f"class {c!r} has fewer than 2 training images; the vissl-svm preset needs 2 or more"
+                    f"class {c.item() if hasattr(c, 'item') else c} has fewer than 2 training images; "
+                    f"the vissl-svm preset needs 2 or more"
                 )
             aps = [
                 cross_val_score(self._svm(cost), X, yb, cv=folds, scoring="average_precision").mean()
@@ -407,10 +416,17 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
         # fitting cells side by side instead.
         with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1, user_api="blas"):
             warnings.simplefilter("always")
-            if protocol.classifier == "sgd":
-                pipe, C, (val_score, tiebreak), y_pred = _fit_sgd(f, layers, rows, protocol, seed)
-            else:
-                pipe, C, (val_score, tiebreak), y_pred = _fit_in_memory(f, layers, rows, protocol, seed, dim)
+            try:
+                if protocol.classifier == "sgd":
+                    pipe, C, (val_score, tiebreak), y_pred = _fit_sgd(f, layers, rows, protocol, seed)
+                else:
+                    pipe, C, (val_score, tiebreak), y_pred = _fit_in_memory(
+                        f, layers, rows, protocol, seed, dim
+                    )
+            except (ValueError, FloatingPointError) as e:  # the solver gave up (overflow, degenerate data)
+                raise FeatxError(f"layer {'+'.join(layers)}: the {protocol.preset or protocol.classifier} solver "
+                                 f"failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); try other "
+                                 f"--C values or --scale standardize") from None  # fmt: skip
         y_test = f.labels[rows.test]
         low, high = wilson_interval(int(np.sum(y_test == y_pred)), len(y_test))
         result = {

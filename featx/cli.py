@@ -251,14 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, help="sgd: passes over the data (5)")
     p.add_argument("--chunk-rows", type=_positive_int, help="sgd: rows read per chunk (4096)")
     p.add_argument("--max-iter", type=_positive_int, help="solver iterations (2000; kornblith 1000)")
-    p.add_argument(
-        "--out", help="save the best layer's pipeline to NAME.joblib (+ NAME.json with metadata and results)"
-    )
+    p.add_argument("--out", metavar="NAME",
+                   help="save the best layer's classifier as NAME.safetensors: arrays and a JSON description in one "
+                        "pickle-free file that featx predict loads (NAME.joblib is accepted as the same name)")  # fmt: skip
+    p.add_argument("--export-joblib", metavar="PATH.joblib",
+                   help="also write the fitted scikit-learn Pipeline as a joblib pickle (+ PATH.json); featx predict "
+                        "reads it only with --trust-pickle")  # fmt: skip
     p.add_argument("--results", help="write the full results as JSON to this file")
     p.add_argument("--json", action="store_true", help="print the full results as JSON instead of tables")
 
     p = sub.add_parser("predict", help="classify new images with a saved classifier")
-    p.add_argument("classifier", help="NAME.joblib from featx fit --out")
+    p.add_argument("classifier", help="NAME (or NAME.safetensors) from featx fit --out")
     p.add_argument("inputs", nargs="+", help="image files, folders, or a CSV whose first column holds paths")
     p.add_argument("--top-k", type=_positive_int, default=3, help="classes to show per image (3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -271,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use a classifier whose hash, featx version or weights do not match",
     )
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a joblib pickle (featx 0.1.0's format, or --export-joblib): unpickling runs "
+                        "code, so only for files you trust")  # fmt: skip
 
     p = sub.add_parser("bench", help="measure layer transferability: datasets x layers x train sizes x seeds")
     _add_bench_args(p)
@@ -461,9 +467,27 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
         raise UsageError(f"{option} {text!r}: give comma-separated integers") from None
 
 
+def _fit_outputs(args) -> None:
+    """Every file a fit writes must be its own: one output overwriting another (or the codes file)
+    would destroy what the run just saved."""
+    from featx.classifier_io import classifier_path, export_paths
+
+    seen = {os.path.realpath(args.file): f"the codes file {args.file}"}
+    outs = [("--out", classifier_path(args.out))] if args.out else []
+    outs += [("--export-joblib", p) for p in export_paths(args.export_joblib)] if args.export_joblib else []
+    outs += [("--results", os.path.abspath(args.results))] if args.results else []
+    for option, path in outs:
+        key = os.path.realpath(path)
+        if key in seen:
+            raise UsageError(
+                f"{option} {path} is also {seen[key]}; give each output of featx fit its own path"
+            )
+        seen[key] = f"the file {option} writes"
+
+
 def cmd_fit(args) -> int:
+    from featx.classifier_io import export_joblib, save_classifier
     from featx.classify import fit, parse_train_size, protocol_for
-    from featx.predict import classifier_meta, save_classifier
     from featx.report import format_table
 
     overrides = {k: v for k, v in {
@@ -474,17 +498,17 @@ def cmd_fit(args) -> int:
     seeds = _ints(args.seeds, "--seeds") if args.seeds else (args.seed,)
     if args.jobs == 0 or args.jobs < -1:
         raise UsageError(f"--jobs {args.jobs}: use a positive number, or -1 for all cores")
+    _fit_outputs(args)
     report = fit(args.file, args.layer, protocol, parse_train_size(args.train_size), seeds, args.jobs, args.concat,
-                 return_models=bool(args.out))  # fmt: skip
+                 return_models=bool(args.out or args.export_joblib))  # fmt: skip
     data = report.to_dict()
     if args.out:
-        best = report.best
-        meta = classifier_meta(args.file, best.split("+"))
-        first = next(r for r in report.results if r["layer"] == best)
-        meta.update({"layer": best, "protocol": protocol.to_dict(), "train_size": str(report.train_size),
-                     "seed": first["seed"], "C": first["C"], "results": data})  # fmt: skip
-        model_path, meta_path = save_classifier(args.out, report.models[best], meta)
-        log.info("saved %s (%s) with metadata and results in %s", model_path, best, meta_path)
+        log.info(
+            "saved %s (%s) with its description and results", save_classifier(args.out, report), report.best
+        )
+    if args.export_joblib:
+        log.info("exported the pipeline to %s and %s (a pickle: predict needs --trust-pickle)",
+                 *export_joblib(args.export_joblib, report))  # fmt: skip
     if args.results:
         from featx.store import write_json_atomic
 
@@ -540,7 +564,8 @@ def cmd_predict(args) -> int:
     from featx.report import format_table
 
     paths = collect_images(args.inputs)
-    predictor = Predictor(args.classifier, weights=args.weights, device=args.device, force=args.force)
+    predictor = Predictor(args.classifier, weights=args.weights, device=args.device, force=args.force,
+                          trust_pickle=args.trust_pickle)  # fmt: skip
     try:
         preds = predictor.predict(paths, top_k=args.top_k, batch_size=args.batch_size,
                                   workers=0 if args.workers == "auto" else args.workers)  # fmt: skip

@@ -7,6 +7,7 @@ one line instead of a traceback.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -17,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from test_classifier_io import rewrite_description
 
 from conftest import assert_one_line_error as _assert_one_line_error
 from conftest import cli, make_images
@@ -40,7 +42,8 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Images, their codes, and a classifier fitted on them and saved with `fit --out`."""
+    """Images, their codes, a classifier fitted on them and saved with `fit --out` (pickle-free), and
+    the same exported as a joblib pickle (`--export-joblib`, the format of featx 0.1.0)."""
     root = tmp_path_factory.mktemp("hostile")
     data = make_images(root / "data", per_class=6, size=(36, 36), splits=("train", "test"))
     cache = root / "cache"
@@ -48,10 +51,10 @@ def world(tmp_path_factory):
                        "layer2,layer3", "--cache-dir", cache)  # fmt: skip
     assert rc == 0, err
     codes = out.strip().splitlines()[-1]
-    clf = root / "clf" / "m.joblib"
-    rc, out, err = cli("-q", "fit", codes, "--C", "1", "--out", clf)
+    clf, pkl = root / "clf" / "m.safetensors", root / "pkl" / "m.joblib"
+    rc, out, err = cli("-q", "fit", codes, "--C", "1", "--out", clf, "--export-joblib", pkl)
     assert rc == 0, err
-    return {"root": root, "data": data, "cache": cache, "codes": codes, "clf": clf}
+    return {"root": root, "data": data, "cache": cache, "codes": codes, "clf": clf, "pkl": pkl}
 
 
 @pytest.fixture
@@ -121,16 +124,39 @@ def test_unreadable_checkpoint_is_one_line_error(world, tmp_path, kind):
 # -- classifier files ----------------------------------------------------------------------------
 
 
-def _copy_classifier(world, tmp_path) -> Path:
-    d = tmp_path / "clf"
-    shutil.copytree(world["clf"].parent, d)
-    return d / "m.joblib"
+def _copy_classifier(world, tmp_path, kind: str = "clf") -> Path:
+    d = tmp_path / kind
+    shutil.copytree(world[kind].parent, d)
+    return d / world[kind].name
+
+
+def _forge(clf: Path, marker: Path) -> None:
+    """A code-running pickle in place of the classifier, and its sha256 written into the JSON."""
+    clf.write_bytes(pickle.dumps(Payload(marker)))
+    side = clf.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    meta["joblib_sha256"] = hashlib.sha256(clf.read_bytes()).hexdigest()
+    side.write_text(json.dumps(meta))
+
+
+def test_forged_pickle_pair_never_runs(world, tmp_path, marker):
+    """Issue 19.12: a payload plus a JSON whose sha256 was forged to match passed every check and ran;
+    featx predict does not unpickle without --trust-pickle, whatever the JSON says."""
+    clf = _copy_classifier(world, tmp_path, "pkl")
+    _forge(clf, marker)
+    for name in (clf, clf.with_suffix("")):
+        rc, out, err = cli("predict", name, world["data"] / "test" / "cat", "--device", "cpu")
+        assert_one_line_error(rc, err, (1,), [str(clf), "--trust-pickle"])
+        assert out == ""
+    shutil.copy(world["clf"], clf.with_suffix(".safetensors"))  # re-saved: the pickle is never touched again
+    rc, out, err = cli("predict", clf, world["data"] / "test" / "cat", "--device", "cpu", "--json")
+    assert rc == 0 and len(json.loads(out)) == 6, err
 
 
 def test_tampered_classifier_pickle_is_refused_before_unpickling(world, tmp_path, marker):
-    clf = _copy_classifier(world, tmp_path)
+    clf = _copy_classifier(world, tmp_path, "pkl")
     clf.write_bytes(pickle.dumps(Payload(marker)))
-    rc, out, err = cli("predict", clf, world["data"] / "test" / "cat", "--device", "cpu")
+    rc, out, err = cli("predict", clf, world["data"] / "test" / "cat", "--device", "cpu", "--trust-pickle")
     assert_one_line_error(rc, err, (1,), [str(clf), "sha256", "--force"])
     assert out == ""
 
@@ -138,12 +164,12 @@ def test_tampered_classifier_pickle_is_refused_before_unpickling(world, tmp_path
 def test_classifier_with_other_hash_is_refused_unless_forced(world, tmp_path):
     import joblib
 
-    clf = _copy_classifier(world, tmp_path)
-    joblib.dump(joblib.load(world["clf"]), clf, compress=3)  # the same model, other bytes
+    clf = _copy_classifier(world, tmp_path, "pkl")
+    joblib.dump(joblib.load(world["pkl"]), clf, compress=3)  # the same model, other bytes
     inputs = world["data"] / "test"
-    rc, out, err = cli("predict", clf, inputs, "--device", "cpu")
+    rc, out, err = cli("predict", clf, inputs, "--device", "cpu", "--trust-pickle")
     assert_one_line_error(rc, err, (1,), [str(clf), "sha256", "--force"])
-    rc, out, err = cli("predict", clf, inputs, "--device", "cpu", "--force", "--json")
+    rc, out, err = cli("predict", clf, inputs, "--device", "cpu", "--force", "--trust-pickle", "--json")
     assert rc == 0 and "Traceback" not in err, err
     preds = json.loads(out)
     assert len(preds) == 18 and all(p["class"] in ("cat", "dog", "owl") for p in preds)
@@ -152,10 +178,7 @@ def test_classifier_with_other_hash_is_refused_unless_forced(world, tmp_path):
 
 def test_classifier_from_another_featx_release_is_refused_unless_forced(world, tmp_path):
     clf = _copy_classifier(world, tmp_path)
-    side = clf.with_suffix(".json")
-    meta = json.loads(side.read_text())
-    meta["featx_version"] = "9.9.0"
-    side.write_text(json.dumps(meta))
+    rewrite_description(clf, featx_version="9.9.0")
     inputs = world["data"] / "test" / "dog"
     rc, out, err = cli("predict", clf, inputs, "--device", "cpu")
     assert_one_line_error(rc, err, (1,), [str(clf), "9.9.0", "--force"])
@@ -171,22 +194,23 @@ HOSTILE_META = {
     "classes-not-a-list": {"classes": 3},
     "preprocessing-a-string": {"preprocessing": "__import__('os')"},
     "preprocessing-missing-keys": {"preprocessing": {"crop_size": 32}},
+    "mean-wrong-length": {"preprocessing": {"crop_size": 32, "resize_size": 32, "interpolation": "bilinear",
+                                            "mean": [0.5, 0.5], "std": [0.5] * 3, "crop_mode": "center"}},
     "activation-unknown": {"activations": {"layer2": "exec", "layer3": "exec"}},
     "pool-unknown": {"pool": "sum"},
     "model-code": {"model": "__import__('os').system('true')"},
-}
+    "model-other": {"model": "resnet34"},
+    "pipeline-code": {"pipeline": [{"type": "builtins.eval", "params": {}, "n_features_in": 1, "fitted": {}}]},
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(HOSTILE_META))
 def test_hostile_classifier_metadata_is_a_clear_error(world, tmp_path, marker, case):
-    """A sidecar JSON with wrong types or values (the joblib file itself unchanged): one line
-    naming the problem, never a traceback, never predictions computed from made-up settings."""
+    """A description with wrong types or values (the arrays unchanged): one line naming the
+    problem, never a traceback, never predictions computed from made-up settings, even forced."""
     clf = _copy_classifier(world, tmp_path)
-    side = clf.with_suffix(".json")
-    meta = json.loads(side.read_text())
-    meta.update(HOSTILE_META[case])
-    side.write_text(json.dumps(meta))
-    rc, out, err = cli("predict", clf, world["data"] / "test" / "owl", "--device", "cpu", "--json")
+    rewrite_description(clf, merge=False, **HOSTILE_META[case])
+    rc, out, err = cli("predict", clf, world["data"] / "test" / "owl", "--device", "cpu", "--json", "--force")
     assert_one_line_error(rc, err, (1, 2))
     assert out == ""
 
@@ -194,10 +218,14 @@ def test_hostile_classifier_metadata_is_a_clear_error(world, tmp_path, marker, c
 @pytest.mark.parametrize("content", ["[1, 2]", "{", "", "null", '{"featx_version": "0.1.0"}'])
 def test_unreadable_classifier_metadata_is_refused(world, tmp_path, marker, content):
     clf = _copy_classifier(world, tmp_path)
-    clf.write_bytes(pickle.dumps(Payload(marker)))  # it must not even be opened
-    clf.with_suffix(".json").write_text(content)
+    rewrite_description(clf, raw=content)
     rc, out, err = cli("predict", clf, world["data"] / "test" / "owl", "--device", "cpu")
-    assert_one_line_error(rc, err, (1, 2), [str(clf.with_suffix(".json"))])
+    assert_one_line_error(rc, err, (1, 2), [str(clf)])
+    pkl = _copy_classifier(world, tmp_path, "pkl")
+    pkl.write_bytes(pickle.dumps(Payload(marker)))  # even trusted, it must not be opened
+    pkl.with_suffix(".json").write_text(content)
+    rc, out, err = cli("predict", pkl, world["data"] / "test" / "owl", "--device", "cpu", "--trust-pickle")
+    assert_one_line_error(rc, err, (1, 2), [str(pkl.with_suffix(".json"))])
 
 
 # -- HDF5 attributes -----------------------------------------------------------------------------
@@ -231,11 +259,11 @@ def _run_all_readers(world, tmp_path, path) -> dict[str, tuple]:
         "info --json": cli("info", path, "--json"),
         "cache ls": cli("cache", "ls", "--cache-dir", os.path.dirname(path)),
         "fit": cli("-q", "fit", path, "--C", "1"),
-        "fit --out": cli("-q", "fit", path, "--C", "1", "--out", tmp_path / "h" / "m.joblib"),
+        "fit --out": cli("-q", "fit", path, "--C", "1", "--out", tmp_path / "h" / "m"),
     }
-    if (tmp_path / "h" / "m.joblib").exists():
+    if (tmp_path / "h" / "m.safetensors").exists():
         runs["predict"] = cli(
-            "predict", tmp_path / "h" / "m.joblib", world["data"] / "test" / "cat", "--device", "cpu"
+            "predict", tmp_path / "h" / "m", world["data"] / "test" / "cat", "--device", "cpu"
         )
     # the same extract command finds this file as its cache entry
     runs["extract (hit)"] = cli("extract", *FAST_ARGS, "--weights", "none", "--data", world["data"], "--layers",

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import FAST, make_images, run_cli
+from featx.classifier_io import export_joblib, read_description
 from featx.classify import fit, protocol_for
 from featx.errors import FeatxError
 from featx.extraction import extract
@@ -24,9 +25,8 @@ def trained(tmp_path_factory):
     data = make_images(root / "data", per_class=8, splits=("train", "test"), size=(36, 36))
     res = extract("resnet18", str(data), "layer2,layer3", cache_dir=str(root / "cache"), **FAST)
     report = fit(res.path, "layer2,layer3", protocol_for("softmax"), return_models=True)
-    out = root / "clf" / "model.joblib"
-    save_classifier(str(out), report.models[report.best], classifier_meta(res.path, [report.best]))
-    return {"data": data, "codes": res.path, "clf": str(out), "layer": report.best, "root": root}
+    out = save_classifier(str(root / "clf" / "model"), report)  # a FitReport: its best layer and results
+    return {"data": data, "codes": res.path, "clf": out, "layer": report.best, "root": root, "report": report}
 
 
 def test_predictor_codes_equal_the_cached_codes(trained):
@@ -51,35 +51,44 @@ def test_predictor_codes_equal_the_cached_codes(trained):
     pr.close()
 
 
-def test_sidecar_records_what_prediction_needs(trained):
-    meta = json.loads(open(trained["clf"][: -len(".joblib")] + ".json").read())
+def test_description_records_what_prediction_needs(trained):
+    meta = read_description(trained["clf"])
     for key in ("model", "weights", "weights_sha256", "layers", "pool", "activations", "preprocessing", "classes",
-                "featx_version", "joblib_sha256"):  # fmt: skip
+                "featx_version", "backbone", "pipeline", "arrays_sha256", "results"):  # fmt: skip
         assert key in meta
     assert meta["classes"] == ["cat", "dog", "owl"] and meta["layers"] == [trained["layer"]]
+    assert meta["results"]["best_layer"] == trained["layer"] and meta["format"] == 2
 
 
-def test_tampered_or_foreign_classifiers_are_refused(trained, tmp_path, caplog):
+def test_joblib_export_is_read_only_when_trusted(trained, tmp_path, caplog):
     import shutil
 
-    clf = tmp_path / "m.joblib"
-    shutil.copy(trained["clf"], clf)
-    shutil.copy(trained["clf"][:-7] + ".json", tmp_path / "m.json")
+    clf, side = export_joblib(str(tmp_path / "m.joblib"), trained["report"])
+    assert side == str(tmp_path / "m.json") and json.loads(open(side).read())["joblib_sha256"]
+    with pytest.raises(FeatxError, match="joblib pickle.*--trust-pickle"):
+        load_classifier(clf)
+    pipe, _ = load_classifier(clf, trust_pickle=True)
+    assert "pickles that can run code" in caplog.text
+    X = np.ones((2, pipe.n_features_in_), np.float32)
+    np.testing.assert_allclose(
+        pipe.predict_proba(X), load_classifier(trained["clf"])[0].predict_proba(X), rtol=1e-6
+    )
     with open(clf, "ab") as f:
         f.write(b"\0")
     with pytest.raises(FeatxError, match="sha256 does not match.*refusing to unpickle"):
-        load_classifier(str(clf))
-    load_classifier(str(clf), force=True)  # the explicit override
-    assert "pickles that can run code" in caplog.text
-    shutil.copy(trained["clf"], clf)
-    meta = json.loads((tmp_path / "m.json").read_text())
+        load_classifier(clf, trust_pickle=True)
+    load_classifier(clf, force=True, trust_pickle=True)  # the explicit override
+    shutil.copy(trained["clf"], tmp_path / "m.safetensors")
+    assert load_classifier(clf)[1]["format"] == 2  # beside a pickle-free file, that file wins
+    export_joblib(clf, trained["report"])
+    meta = json.loads(open(side).read())
     meta["featx_version"] = "9.9.0"
-    (tmp_path / "m.json").write_text(json.dumps(meta))
+    open(side, "w").write(json.dumps(meta))
     with pytest.raises(FeatxError, match="made by featx 9.9.0"):
-        load_classifier(str(clf))
-    os.remove(tmp_path / "m.json")
+        load_classifier(clf, force=False, trust_pickle=True)
+    os.remove(side)
     with pytest.raises(FeatxError, match="metadata .* is missing"):
-        load_classifier(str(clf))
+        load_classifier(clf, trust_pickle=True)
 
 
 def test_classifier_for_other_weights_is_refused(tmp_path):
@@ -91,14 +100,15 @@ def test_classifier_for_other_weights_is_refused(tmp_path):
     kw = {**FAST, "weights": str(ck)}
     res = extract("resnet18", str(data), "layer3", cache_dir=str(tmp_path / "c"), **kw)
     report = fit(res.path, "layer3", protocol_for("svm"), return_models=True)
-    out = tmp_path / "m.joblib"
-    save_classifier(str(out), report.models["layer3"], classifier_meta(res.path, ["layer3"]))
-    Predictor(str(out), device="cpu").close()  # same weights: fine
+    out = save_classifier(str(tmp_path / "m"), report.models["layer3"], res.path, ["layer3"])
+    Predictor(out, device="cpu").close()  # same weights: fine
     state = torch.load(ck, weights_only=True)
     state["conv1.weight"] *= 2
     torch.save(state, ck)
     with pytest.raises(FeatxError, match="weights found differ"):
-        Predictor(str(out), device="cpu")
+        Predictor(out, device="cpu")
+    meta = classifier_meta(res.path, ["layer3"])  # the 0.1.0 name of describe()
+    assert meta["backbone"]["state_sha256"] != read_description(out)["backbone"]["state_sha256"]
 
 
 def test_cli_fit_and_predict(trained, tmp_path):

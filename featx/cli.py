@@ -488,7 +488,7 @@ def _fit_outputs(args) -> None:
 def cmd_fit(args) -> int:
     from featx.classifier_io import export_joblib, save_classifier
     from featx.classify import fit, parse_train_size, protocol_for
-    from featx.report import format_table
+    from featx.report import fit_text
 
     overrides = {k: v for k, v in {
         "Cs": _floats(args.Cs, "--C") if args.Cs else None, "scale": args.scale, "pca": args.pca, "cv": args.cv,
@@ -519,43 +519,7 @@ def cmd_fit(args) -> int:
     if args.json:
         print(json.dumps(data, indent=1))
         return 0
-    seeds_note = f" over seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else f", seed {seeds[0]}"
-    rows = []
-    for s in report.summary():
-        acc = f"{s['accuracy']:.4f}" + (f" ± {s['accuracy_std']:.4f}" if len(seeds) > 1 else "")
-        bal = f"{s['balanced_accuracy']:.4f}" + (
-            f" ± {s['balanced_accuracy_std']:.4f}" if len(seeds) > 1 else ""
-        )
-        C = (
-            s["C"]
-            if not isinstance(s["C"], list)
-            else "per-class"
-            if protocol.per_class
-            else "/".join(f"{c:.3g}" for c in s["C"])
-        )
-        rows.append([s["layer"], s["dim"], C if isinstance(C, str) else f"{C:.4g}", f"{s['val_score']:.4f}", acc, bal,
-                     s["train_size"], f"{s['fit_seconds']:.1f}"])  # fmt: skip
-    first = report.results[0]
-    name = protocol.preset or protocol.classifier
-    print(f"{name} on {args.file}: train {first['train_size']} images ({report.train_size}), validation: "
-          f"{first['val_source']}, test: the {first['test_split']} split ({first['n_test']} images){seeds_note}")  # fmt: skip
-    print(
-        format_table(
-            rows,
-            ["layer", "dim", "C", "val score", "test acc", "balanced acc", "train", "fit s"],
-            align="lrrrrrrr",
-        )
-    )
-    best = next(r for r in report.results if r["layer"] == report.best)
-    print(
-        f"\nbest layer by validation score: {report.best} (test accuracy {best['accuracy']:.4f}, seed {best['seed']})"
-    )
-    classes = list(best["per_class"])
-    print(format_table([[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", v["support"]] for c, v in best["per_class"].items()],
-                       ["class", "precision", "recall", "support"], align="lrrr"))  # fmt: skip
-    print("\nconfusion matrix (rows: true, columns: predicted)")
-    short = [c[:10] for c in classes]
-    print(format_table([[short[i], *row] for i, row in enumerate(best["confusion_matrix"])], ["", *short]))
+    print(fit_text(report, args.file, seeds))
     return 0
 
 

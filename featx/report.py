@@ -357,3 +357,46 @@ def score_text(results: list[dict], ranking: dict | None, metrics: list[str]) ->
                      for m in metrics for i, e in enumerate(ranking[m])]  # fmt: skip
         out.append(format_table(rank_rows, ["metric", "rank", "model", "best layer", "score"], align="lrllr"))
     return "\n".join(out)
+
+
+def fit_text(report, codes_file: str, seeds) -> str:
+    """`featx fit`'s tables: one line per layer (with the test accuracy's 95% interval), then the
+    per-class numbers and the confusion matrix of the layer chosen by validation."""
+    from featx.stats import wilson_interval
+
+    protocol = report.protocol
+    several = len(seeds) > 1
+    seeds_note = f" over seeds {','.join(map(str, seeds))}" if several else f", seed {seeds[0]}"
+    rows = []
+    for s in report.summary():
+        acc = f"{s['accuracy']:.4f}" + (f" ± {s['accuracy_std']:.4f}" if several else "")
+        bal = f"{s['balanced_accuracy']:.4f}" + (f" ± {s['balanced_accuracy_std']:.4f}" if several else "")
+        lo, hi = wilson_interval(int(round(s["accuracy"] * s["n_test"])), s["n_test"])
+        C = (
+            s["C"]
+            if not isinstance(s["C"], list)
+            else "per-class"
+            if protocol.per_class
+            else "/".join(f"{c:.3g}" for c in s["C"])
+        )
+        rows.append([s["layer"], s["dim"], C if isinstance(C, str) else f"{C:.4g}", f"{s['val_score']:.4f}", acc,
+                     f"{lo:.3f}-{hi:.3f}", bal, s["train_size"], f"{s['fit_seconds']:.1f}"])  # fmt: skip
+    first = report.results[0]
+    name = protocol.preset or protocol.classifier
+    out = [f"{name} on {codes_file}: train {first['train_size']} images ({report.train_size}), validation: "
+           f"{first['val_source']}, test: the {first['test_split']} split ({first['n_test']} images){seeds_note}",
+           format_table(rows, ["layer", "dim", "C", "val score", "test acc", "95% CI", "balanced acc", "train", "fit s"],
+                        align="lrrrrrrrr")]  # fmt: skip
+    best = next(r for r in report.results if r["layer"] == report.best)
+    out.append(f"\nbest layer by validation score: {report.best} (test accuracy {best['accuracy']:.4f}, 95% CI "
+               f"{best['test_ci_low']:.3f}-{best['test_ci_high']:.3f}, seed {best['seed']}; ties on validation "
+               f"accuracy go to the better {best.get('val_tiebreak_metric', 'continuous score')})")  # fmt: skip
+    classes = list(best["per_class"])
+    out.append(format_table([[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", v["support"]] for c, v in best["per_class"].items()],
+                            ["class", "precision", "recall", "support"], align="lrrr"))  # fmt: skip
+    out.append("\nconfusion matrix (rows: true, columns: predicted)")
+    short = [c[:10] for c in classes]
+    out.append(
+        format_table([[short[i], *row] for i, row in enumerate(best["confusion_matrix"])], ["", *short])
+    )
+    return "\n".join(out)

@@ -279,6 +279,16 @@ def _append(fh, rec: dict) -> None:
     os.fsync(fh.fileno())
 
 
+def _make_out_dir(path: str) -> None:
+    """--out is a folder: a file there, or one that cannot be made, is one line (not FileExistsError)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out {path}: is a file; bench writes a folder of results, give a folder path")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot make the results folder ({e.strerror or e})") from None
+
+
 def run(config: BenchConfig, progress: bool = False) -> BenchResult:
     """Extract, fit every missing cell, and return everything the report needs."""
     from joblib import Parallel, delayed
@@ -286,7 +296,7 @@ def run(config: BenchConfig, progress: bool = False) -> BenchResult:
 
     if not config.datasets:
         raise UsageError("featx bench: give at least one --data")
-    os.makedirs(config.out, exist_ok=True)
+    _make_out_dir(config.out)
     sources = prepare(config, progress)
     cells, notes = grid(config, sources)
     for note in notes:

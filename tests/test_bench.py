@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import make_images, run_cli
+from conftest import cli, make_images, run_cli
 from featx.analysis import analyze
 from featx.bench import BenchConfig, BenchData, load_done, parse_bench_data, run
 from featx.classify import protocol_for
@@ -226,6 +226,17 @@ def test_bench_cli_errors(tmp_path):
         str(tmp_path),
     )
     assert r.returncode == 2 and "--classifier" in r.stderr
+
+
+def test_bench_out_that_is_a_file_is_one_line(tmp_path, image_folder):
+    """It was a FileExistsError traceback (issue 19, item 10)."""
+    (tmp_path / "results").write_text("not a folder")
+    rc, out, err = cli("bench", "--model", "resnet18", "--weights", "none", "--data", image_folder, "--layers", "layer1",
+                       "--train-sizes", "all", "--out", tmp_path / "results", "--cache-dir", tmp_path / "c")  # fmt: skip
+    assert (
+        rc == 2 and err.count("\n") == 1 and "--out" in err and "is a file" in err and "Traceback" not in err
+    ), err
+    assert (tmp_path / "results").read_text() == "not a folder"
 
 
 def test_results_json_matches_csv(two_datasets, tmp_path):

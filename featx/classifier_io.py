@@ -532,6 +532,7 @@ def export_joblib(path: str, pipeline, codes: str | dict | None = None, layers: 
     import joblib
 
     from featx.models import file_sha256
+    from featx.store import fsync_file
 
     pkl, side = export_paths(path)
     meta, pipe = _description(pipeline, codes, layers)
@@ -545,11 +546,7 @@ def export_joblib(path: str, pipeline, codes: str | dict | None = None, layers: 
         with open(tmp_side, "w", encoding="utf-8") as f:
             json.dump(meta, f)
         for tmp in (tmp_pkl, tmp_side):
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(tmp)
         os.replace(tmp_pkl, pkl)
         os.replace(tmp_side, side)
     except OSError as e:

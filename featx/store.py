@@ -609,7 +609,7 @@ def _rows_problem(f) -> str | None:
     return (
         None
         if h.hexdigest() == want
-        else "its labels, splits, paths, class names or groups do not match their checksum"
+        else "its labels, splits, paths, groups or class names do not match their checksum"
     )
 
 

@@ -264,7 +264,7 @@ def _run_cell(cell: Cell) -> dict:
     pass for a finished cell on every resume."""
     if not os.path.isfile(cell.codes):
         raise FeatxError(
-            f"{socket.gethostname()} cannot read the codes file {cell.codes}: with --scheduler, the cache"
+            f"cannot read the codes file {cell.codes} on {socket.gethostname()}: with --scheduler, the cache"
             " directory (--cache-dir) must be on a filesystem every Dask worker sees"
         )
     try:
@@ -336,10 +336,11 @@ def _fit_cells(config: BenchConfig, todo: list[Cell], total: int, done: dict, cl
         # a torn line from a killed run must not swallow the next record
         if fh.tell() > 0 and not _ends_with_newline(path):
             fh.write("\n")
-        bar = tqdm(total=total, initial=total - len(todo), unit="cell", disable=not progress, desc="bench")
         # on a cluster, its workers decide how many cells run at once
         backend = parallel_config(backend="dask", client=client) if client else contextlib.nullcontext()
-        with backend:
+        # the bar is closed on an error too, so that the error starts a line of its own
+        bar = tqdm(total=total, initial=total - len(todo), unit="cell", disable=not progress, desc="bench")
+        with bar, backend:
             # absolute paths: a worker's working directory is not this one
             jobs = Parallel(n_jobs=-1 if client else config.jobs, return_as="generator_unordered")(
                 delayed(_run_cell)(replace(c, codes=os.path.abspath(c.codes))) for c in todo
@@ -348,7 +349,6 @@ def _fit_cells(config: BenchConfig, todo: list[Cell], total: int, done: dict, cl
                 _append(fh, rec)
                 done[rec["key"]] = rec["result"]
                 bar.update(1)
-        bar.close()
 
 
 def scheduler_address(config: BenchConfig) -> tuple[str | None, str]:
@@ -394,8 +394,11 @@ def _dask_client(config: BenchConfig) -> Iterator[object]:
         except TimeoutError:
             raise FeatxError(f"{origin}: the Dask scheduler has no workers after {WORKERS_TIMEOUT_S} s; "
                              f"start some (dask worker {address})") from None  # fmt: skip
-        log.info("fitting cells on the Dask cluster at %s (%d worker threads)", address,
-                 sum(client.nthreads().values()))  # fmt: skip
+        threads = sum(client.nthreads().values())
+        log.info("the cells go to the Dask cluster at %s (%d worker threads)", address, threads)
+        if threads == 1:  # joblib runs a one-job Parallel in the calling process
+            log.warning("%s: the cluster has 1 worker thread, so joblib fits the cells here, in this process; "
+                        "start more workers to fit them there", origin)  # fmt: skip
         yield client
     finally:
         client.close()

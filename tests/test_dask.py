@@ -31,7 +31,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None) as c:  # fmt: skip
+                                  dashboard_address=":0") as c:  # fmt: skip
         yield c
 
 
@@ -90,6 +90,17 @@ def test_scheduler_from_the_environment(data, cluster, tmp_path, monkeypatch, ca
     assert "6 cells: 0 done before, 6 to fit" in caplog.text and "Dask cluster" not in caplog.text
 
 
+def test_a_one_thread_cluster_says_joblib_fits_here(data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="featx")
+    root, a, b = data
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
+                                  dashboard_address=":0") as one:  # fmt: skip
+        rc, _, err = cli(*_args(root, a, b, seeds="5"), "--train-sizes", "all", "--out", tmp_path / "out",
+                         "--scheduler", one.scheduler_address)  # fmt: skip
+    assert rc == 0, err
+    assert "the cluster has 1 worker thread, so joblib fits the cells here" in caplog.text
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,6 +144,44 @@ def test_a_worker_without_the_codes_file_stops_the_bench(tmp_path):
 def test_bench_config_keeps_the_scheduler():
     cfg = BenchConfig("resnet18", [], weights="none", scheduler="tcp://h:8786")
     assert cfg.scheduler == "tcp://h:8786" and BenchConfig("resnet18", [], weights="none").scheduler is None
+
+
+def _can_hide(path) -> bool:
+    """Whether a process can run with a tmpfs over `path` (a mount namespace, unprivileged or root)."""
+    cmd = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs none {path}"]
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.slow
+def test_workers_that_do_not_see_the_cache_stop_the_bench(data, tmp_path):
+    """Workers of another 'machine': a mount namespace where the cache directory is an empty tmpfs."""
+    root, a, b = data
+    cache = root / "cache"
+    rc, _, err = cli(*_args(root, a, b, seeds="0"), "--out", tmp_path / "out")  # the codes, here
+    assert rc == 0, err
+    if not _can_hide(cache):
+        pytest.skip("needs unshare -rm (mount namespaces)")
+    with distributed.LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=":0") as cluster:
+        worker = subprocess.Popen(
+            ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs none {cache} && exec {sys.executable} -m distributed.cli."
+             f"dask_worker {cluster.scheduler_address} --nworkers 2 --nthreads 1 --no-dashboard"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            with distributed.Client(cluster, set_as_default=False) as c:
+                c.wait_for_workers(2, timeout=60)
+            rc, _, err = cli(*_args(root, a, b, seeds="0,1"), "--out", tmp_path / "out",
+                             "--scheduler", cluster.scheduler_address)  # fmt: skip
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+    line = assert_one_line_error(rc, err, 1, ("cannot read the codes file", "filesystem every Dask worker sees"),
+                                 only_error_lines=True)  # fmt: skip
+    assert str(cache) in line
+    assert len(load_done(str(tmp_path / "out"))) == 12  # nothing recorded for the cells that could not run
 
 
 @pytest.mark.slow

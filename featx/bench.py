@@ -20,6 +20,7 @@ and they need the same featx installed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -384,14 +385,14 @@ def _dask_client(config: BenchConfig) -> Iterator[object]:
         raise UsageError(f"{origin}: {e}; give the scheduler as tcp://HOST:8786") from None
     try:
         client = Client(address, set_as_default=False)
-    except (OSError, TimeoutError) as e:
+    except (OSError, TimeoutError, asyncio.TimeoutError) as e:  # distinct classes before Python 3.11
         raise FeatxError(
             f"{origin}: cannot reach the Dask scheduler ({e}); start it (dask scheduler) or fix the address"
         ) from None
     try:
         try:
             client.wait_for_workers(1, timeout=WORKERS_TIMEOUT_S)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):
             raise FeatxError(f"{origin}: the Dask scheduler has no workers after {WORKERS_TIMEOUT_S} s; "
                              f"start some (dask worker {address})") from None  # fmt: skip
         threads = sum(client.nthreads().values())

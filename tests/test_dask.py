@@ -93,8 +93,8 @@ def test_scheduler_from_the_environment(data, cluster, tmp_path, monkeypatch, ca
 def test_a_one_thread_cluster_says_joblib_fits_here(data, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="featx")
     root, a, b = data
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
-                                  dashboard_address=":0") as one:  # fmt: skip
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                                  host="127.0.0.1", dashboard_address=":0") as one:  # fmt: skip
         rc, _, err = cli(*_args(root, a, b, seeds="5"), "--train-sizes", "all", "--out", tmp_path / "out",
                          "--scheduler", one.scheduler_address)  # fmt: skip
     assert rc == 0, err
@@ -125,6 +125,20 @@ def test_unreachable_scheduler_is_one_line(data, tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "cache") or not os.listdir(tmp_path / "cache")
     rc, _, err = cli(*args, "--scheduler", "myhost")
     assert_one_line_error(rc, err, 2, ("--scheduler myhost", "tcp://HOST:8786"))
+
+
+def test_a_scheduler_without_workers_is_one_line(data, tmp_path, monkeypatch):
+    import featx.bench
+
+    root, a, b = data
+    monkeypatch.setattr(featx.bench, "WORKERS_TIMEOUT_S", 2)  # 60 s for a user
+    with distributed.LocalCluster(
+        n_workers=0, protocol="tcp", host="127.0.0.1", dashboard_address=":0"
+    ) as empty:
+        rc, _, err = cli(
+            *_args(root, a, b), "--out", tmp_path / "out", "--scheduler", empty.scheduler_address
+        )
+    assert_one_line_error(rc, err, 1, (f"--scheduler {empty.scheduler_address}", "no workers after 2 s"))
 
 
 def test_missing_dask_says_which_extra(data, tmp_path, monkeypatch):

@@ -10,14 +10,23 @@ refitting finished cells, and cells already computed by an earlier bench with ot
 reused. The results files are rebuilt from the cells of the current grid, in a fixed order, so a
 resumed bench writes the same results as an uninterrupted one (apart from the measured fit
 seconds, which are whatever the run that fitted each cell measured).
+
+With `scheduler` (`--scheduler tcp://HOST:8786`, or `$DASK_SCHEDULER_ADDRESS`) the cells go to an
+existing Dask cluster through joblib's Dask backend instead (`pip install "featx[dask]"`); this
+process still owns the bench and appends `cells.jsonl`, so resume and results are the same. The
+workers open the codes files by path: the cache directory must be on a filesystem they all see,
+and they need the same featx installed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -77,12 +86,14 @@ class BenchConfig:
     out: str
     cache_dir: str | None
     jobs: int
+    scheduler: str | None  # a Dask scheduler's address; None: $DASK_SCHEDULER_ADDRESS, else local joblib
 
     def __init__(self, model: ModelSettings | str, datasets: list[BenchData], codes: CodeSettings | str | None = None,
                  run: RunSettings | None = None, *, train_sizes: Sequence[str] = ("all",),
                  protocols: Sequence[Protocol] = (Protocol(),), seeds: Sequence[int] = (0,),
                  data_options: DataOptions | None = None, baseline_pixels: bool = False, pixel_size: int = 32,
-                 out: str = "results/bench", cache_dir: str | None = None, jobs: int = 1, **settings):  # fmt: skip
+                 out: str = "results/bench", cache_dir: str | None = None, jobs: int = 1, scheduler: str | None = None,
+                 **settings):  # fmt: skip
         self.model, self.codes, self.run = gather(
             model, codes or DEFAULT_LAYERS, run, settings, "BenchConfig"
         )
@@ -98,6 +109,7 @@ class BenchConfig:
             cache_dir,
             jobs,
         )
+        self.scheduler = scheduler
 
 
 DEMO_FASHION = "/usr/share/datasets/fashion-mnist"
@@ -248,7 +260,14 @@ def _min_class_count(path: str) -> int:
 
 def _run_cell(cell: Cell) -> dict:
     """One fit; a cell the data cannot support (too few images to hold out validation images,
-    say) is recorded with its reason instead of stopping the bench."""
+    say) is recorded with its reason instead of stopping the bench. A codes file this process
+    cannot see (a Dask worker on another machine) stops the bench instead: recorded, it would
+    pass for a finished cell on every resume."""
+    if not os.path.isfile(cell.codes):
+        raise FeatxError(
+            f"cannot read the codes file {cell.codes} on {socket.gethostname()}: with --scheduler, the cache"
+            " directory (--cache-dir) must be on a filesystem every Dask worker sees"
+        )
     try:
         result = fit_cell(cell.codes, [cell.layer], cell.protocol, cell.train_size, cell.seed)
     except FeatxError as e:
@@ -291,39 +310,20 @@ def _make_out_dir(path: str) -> None:
 
 def run(config: BenchConfig, progress: bool = False) -> BenchResult:
     """Extract, fit every missing cell, and return everything the report needs."""
-    from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
-
     if not config.datasets:
         raise UsageError("featx bench: give at least one --data")
     _make_out_dir(config.out)
-    sources = prepare(config, progress)
-    cells, notes = grid(config, sources)
-    for note in notes:
-        log.warning(note)
-    done = load_done(config.out)
-    todo = [c for c in cells if c.key not in done]
-    log.info("%d cells: %d done before, %d to fit", len(cells), len(cells) - len(todo), len(todo))
-    if todo:
-        with open(os.path.join(config.out, CELLS_FILE), "a", encoding="utf-8") as fh:
-            # a torn line from a killed run must not swallow the next record
-            if fh.tell() > 0 and not _ends_with_newline(os.path.join(config.out, CELLS_FILE)):
-                fh.write("\n")
-            bar = tqdm(
-                total=len(cells),
-                initial=len(cells) - len(todo),
-                unit="cell",
-                disable=not progress,
-                desc="bench",
-            )
-            jobs = Parallel(n_jobs=config.jobs, return_as="generator_unordered")(
-                delayed(_run_cell)(c) for c in todo
-            )
-            for rec in jobs:
-                _append(fh, rec)
-                done[rec["key"]] = rec["result"]
-                bar.update(1)
-            bar.close()
+    # connected before the extraction, so that a wrong --scheduler fails at once, not hours later
+    with _dask_client(config) as client:
+        sources = prepare(config, progress)
+        cells, notes = grid(config, sources)
+        for note in notes:
+            log.warning(note)
+        done = load_done(config.out)
+        todo = [c for c in cells if c.key not in done]
+        log.info("%d cells: %d done before, %d to fit", len(cells), len(cells) - len(todo), len(todo))
+        if todo:
+            _fit_cells(config, todo, len(cells), done, client, progress)
     failed = [(c, done[c.key]["error"]) for c in cells if "error" in done[c.key]]
     for c, err in failed[:20]:
         notes.append(
@@ -334,6 +334,85 @@ def run(config: BenchConfig, progress: bool = False) -> BenchResult:
     return BenchResult(
         config, sources, [(c, done[c.key]) for c in cells if "error" not in done[c.key]], notes
     )
+
+
+def _fit_cells(config: BenchConfig, todo: list[Cell], total: int, done: dict, client, progress: bool) -> None:
+    """Fit `todo` side by side (joblib's own backend, or its Dask backend on `client`), appending
+    each record to cells.jsonl here, in this process, as it arrives."""
+    from joblib import Parallel, delayed, parallel_config
+    from tqdm.auto import tqdm
+
+    path = os.path.join(config.out, CELLS_FILE)
+    with open(path, "a", encoding="utf-8") as fh:
+        # a torn line from a killed run must not swallow the next record
+        if fh.tell() > 0 and not _ends_with_newline(path):
+            fh.write("\n")
+        # on a cluster, its workers decide how many cells run at once
+        backend = parallel_config(backend="dask", client=client) if client else contextlib.nullcontext()
+        # the bar is closed on an error too, so that the error starts a line of its own
+        bar = tqdm(total=total, initial=total - len(todo), unit="cell", disable=not progress, desc="bench")
+        with bar, backend:
+            # absolute paths: a worker's working directory is not this one
+            jobs = Parallel(n_jobs=-1 if client else config.jobs, return_as="generator_unordered")(
+                delayed(_run_cell)(replace(c, codes=os.path.abspath(c.codes))) for c in todo
+            )
+            for rec in jobs:
+                _append(fh, rec)
+                done[rec["key"]] = rec["result"]
+                bar.update(1)
+
+
+def scheduler_address(config: BenchConfig) -> tuple[str | None, str]:
+    """The Dask scheduler the cells go to (None: local joblib) and where that came from, for
+    messages. 'local' ignores $DASK_SCHEDULER_ADDRESS."""
+    if config.scheduler:
+        address, origin = config.scheduler.strip(), f"--scheduler {config.scheduler.strip()}"
+    else:
+        address = os.environ.get("DASK_SCHEDULER_ADDRESS", "").strip()
+        origin = f"--scheduler (DASK_SCHEDULER_ADDRESS={address})"
+    return (None if address.lower() in ("", "local") else address), origin
+
+
+WORKERS_TIMEOUT_S = 60
+
+
+@contextlib.contextmanager
+def _dask_client(config: BenchConfig) -> Iterator[object]:
+    """A dask.distributed Client of the configured scheduler, with at least one worker, closed on
+    exit (the cluster itself is the user's and stays up); None without a scheduler."""
+    address, origin = scheduler_address(config)
+    if address is None:
+        yield None
+        return
+    try:
+        from distributed import Client
+        from distributed.comm.addressing import get_address_host_port
+    except ImportError:
+        raise UsageError(f'{origin}: Dask is not installed; pip install "featx[dask]"') from None
+    try:
+        get_address_host_port(address)
+    except ValueError as e:
+        raise UsageError(f"{origin}: {e}; give the scheduler as tcp://HOST:8786") from None
+    try:
+        client = Client(address, set_as_default=False)
+    except (OSError, TimeoutError, asyncio.TimeoutError) as e:  # distinct classes before Python 3.11
+        raise FeatxError(
+            f"{origin}: cannot reach the Dask scheduler ({e}); start it (dask scheduler) or fix the address"
+        ) from None
+    try:
+        try:
+            client.wait_for_workers(1, timeout=WORKERS_TIMEOUT_S)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise FeatxError(f"{origin}: the Dask scheduler has no workers after {WORKERS_TIMEOUT_S} s; "
+                             f"start some (dask worker {address})") from None  # fmt: skip
+        threads = sum(client.nthreads().values())
+        log.info("the cells go to the Dask cluster at %s (%d worker threads)", address, threads)
+        if threads == 1:  # joblib runs a one-job Parallel in the calling process
+            log.warning("%s: the cluster has 1 worker thread, so joblib fits the cells here, in this process; "
+                        "start more workers to fit them there", origin)  # fmt: skip
+        yield client
+    finally:
+        client.close()
 
 
 def _ends_with_newline(path: str) -> bool:

@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default="results/bench", help="results directory (default results/bench); rerun to resume"
     )
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="fit the cells on this Dask cluster (tcp://HOST:8786; default $DASK_SCHEDULER_ADDRESS; "
+                        "'local': here, with --jobs); needs featx[dask] and a cache dir the workers see")  # fmt: skip
 
     p = sub.add_parser(
         "demo", help="a small offline bench on the data this machine has (a few minutes on 2 cores)"
@@ -584,7 +587,7 @@ def cmd_bench(args) -> int:
         train_sizes=[s.strip() for s in args.train_sizes.split(",") if s.strip()] or ["all"],
         protocols=_bench_protocols(args), seeds=_ints(args.seeds, "--seeds") or (0,), data_options=_data_options(args),
         baseline_pixels=args.baseline == "pixels", pixel_size=args.pixel_size, out=args.out, cache_dir=args.cache_dir,
-        jobs=args.jobs,
+        jobs=args.jobs, scheduler=args.scheduler,
     )  # fmt: skip
     from featx.classify import parse_train_size
 

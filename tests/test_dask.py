@@ -1,0 +1,224 @@
+"""featx bench --scheduler: the cells on a real Dask cluster (a LocalCluster of 2 worker processes
+on the loopback), with the same results and resume as the default joblib backend."""
+
+import csv
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import assert_one_line_error, cli, make_images, run_cli
+from featx.bench import BenchConfig, Cell, _run_cell, load_done
+from featx.classify import Protocol, parse_train_size
+from featx.errors import FeatxError
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dask")
+    a = make_images(root / "alpha", per_class=8, splits=("train", "test"), size=(36, 36), seed=1)
+    b = make_images(root / "beta", classes=("x", "y"), per_class=10, size=(36, 36), seed=2)
+    return root, a, b
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=":0") as c:  # fmt: skip
+        yield c
+
+
+def _args(root, a, b, seeds="0,1"):
+    return ["bench", "--model", "resnet18", "--weights", "none", "--data", f"{a}:similar", "--data", f"{b}:different",
+            "--layers", "layer1,layer3,avgpool", "--train-sizes", "2/class,all", "--seeds", seeds, "--image-size", "32",
+            "--workers", "0", "--batch-size", "8", "--precision", "fp32", "--C", "0.1,1", "--cache-dir",
+            str(root / "cache")]  # fmt: skip
+
+
+def _without_timing(path):
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k != "fit_seconds"} for r in csv.DictReader(f)]
+
+
+def _cells_on(cluster) -> bool:
+    """Whether the cluster's scheduler has seen joblib batches of bench cells."""
+    with distributed.Client(cluster, set_as_default=False) as c:
+        prefixes = c.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+    return any("_run_cell" in p for p in prefixes)
+
+
+def test_dask_resumes_and_matches_joblib(data, cluster, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="featx")
+    root, a, b = data
+    rc, _, err = cli(*_args(root, a, b), "--out", tmp_path / "ref")
+    assert rc == 0, err
+    # an interrupted bench: only seed 0 fitted, here, by joblib
+    out = tmp_path / "out"
+    rc, _, err = cli(*_args(root, a, b, seeds="0"), "--out", out)
+    assert rc == 0, err
+    assert not _cells_on(cluster)
+    caplog.clear()
+    rc, _, err = cli(*_args(root, a, b), "--out", out, "--scheduler", cluster.scheduler_address)
+    assert rc == 0, err
+    assert "24 cells: 12 done before, 12 to fit" in caplog.text
+    assert f"Dask cluster at {cluster.scheduler_address} (2 worker threads)" in caplog.text
+    assert _cells_on(cluster)
+    # nothing refitted: one line per cell, appended by this process
+    assert sum(1 for _ in open(out / "cells.jsonl")) == len(load_done(str(out))) == 24
+    assert _without_timing(out / "results.csv") == _without_timing(tmp_path / "ref" / "results.csv")
+
+
+def test_scheduler_from_the_environment(data, cluster, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="featx")
+    root, a, b = data
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", cluster.scheduler_address)
+    rc, _, err = cli(*_args(root, a, b, seeds="3"), "--train-sizes", "all", "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert f"Dask cluster at {cluster.scheduler_address}" in caplog.text
+    # 'local' keeps the cells here despite the variable
+    caplog.clear()
+    rc, _, err = cli(*_args(root, a, b, seeds="4"), "--train-sizes", "all", "--out", tmp_path / "out",
+                     "--scheduler", "local")  # fmt: skip
+    assert rc == 0, err
+    assert "6 cells: 0 done before, 6 to fit" in caplog.text and "Dask cluster" not in caplog.text
+
+
+def test_a_one_thread_cluster_says_joblib_fits_here(data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="featx")
+    root, a, b = data
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                                  host="127.0.0.1", dashboard_address=":0") as one:  # fmt: skip
+        rc, _, err = cli(*_args(root, a, b, seeds="5"), "--train-sizes", "all", "--out", tmp_path / "out",
+                         "--scheduler", one.scheduler_address)  # fmt: skip
+    assert rc == 0, err
+    assert "the cluster has 1 worker thread, so joblib fits the cells here" in caplog.text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_scheduler_is_one_line(data, tmp_path, monkeypatch):
+    import dask
+
+    root, a, b = data
+    args = [*_args(root, a, b), "--out", tmp_path / "out", "--cache-dir", tmp_path / "cache"]
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        rc, _, err = cli(*args, "--scheduler", address)
+        assert_one_line_error(rc, err, 1, ("--scheduler", address, "cannot reach the Dask scheduler"))
+        monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", address)
+        rc, _, err = cli(*args)
+        assert_one_line_error(rc, err, 1, ("--scheduler", f"DASK_SCHEDULER_ADDRESS={address}"))
+    assert time.monotonic() - t0 < 30
+    # said before the extraction, not after it
+    assert not os.path.exists(tmp_path / "cache") or not os.listdir(tmp_path / "cache")
+    rc, _, err = cli(*args, "--scheduler", "myhost")
+    assert_one_line_error(rc, err, 2, ("--scheduler myhost", "tcp://HOST:8786"))
+
+
+def test_a_scheduler_without_workers_is_one_line(data, tmp_path, monkeypatch):
+    import featx.bench
+
+    root, a, b = data
+    monkeypatch.setattr(featx.bench, "WORKERS_TIMEOUT_S", 2)  # 60 s for a user
+    with distributed.LocalCluster(
+        n_workers=0, protocol="tcp", host="127.0.0.1", dashboard_address=":0"
+    ) as empty:
+        rc, _, err = cli(
+            *_args(root, a, b), "--out", tmp_path / "out", "--scheduler", empty.scheduler_address
+        )
+    assert_one_line_error(rc, err, 1, (f"--scheduler {empty.scheduler_address}", "no workers after 2 s"))
+
+
+def test_missing_dask_says_which_extra(data, tmp_path, monkeypatch):
+    root, a, b = data
+    monkeypatch.setitem(sys.modules, "distributed", None)  # what an install without the extra sees
+    rc, _, err = cli(*_args(root, a, b), "--out", tmp_path / "out", "--scheduler", "tcp://127.0.0.1:8786")
+    assert_one_line_error(rc, err, 2, ("--scheduler", 'pip install "featx[dask]"'))
+
+
+def test_a_worker_without_the_codes_file_stops_the_bench(tmp_path):
+    cell = Cell(0, str(tmp_path / "elsewhere.h5"), "k", "layer1", parse_train_size("all"), Protocol(), 0)
+    # raised, not recorded as a finished cell that every resume would skip
+    with pytest.raises(FeatxError, match="filesystem every Dask worker sees"):
+        _run_cell(cell)
+
+
+def test_bench_config_keeps_the_scheduler():
+    cfg = BenchConfig("resnet18", [], weights="none", scheduler="tcp://h:8786")
+    assert cfg.scheduler == "tcp://h:8786" and BenchConfig("resnet18", [], weights="none").scheduler is None
+
+
+def _can_hide(path) -> bool:
+    """Whether a process can run with a tmpfs over `path` (a mount namespace, unprivileged or root)."""
+    cmd = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs none {path}"]
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.slow
+def test_workers_that_do_not_see_the_cache_stop_the_bench(data, tmp_path):
+    """Workers of another 'machine': a mount namespace where the cache directory is an empty tmpfs."""
+    root, a, b = data
+    cache = root / "cache"
+    rc, _, err = cli(*_args(root, a, b, seeds="0"), "--out", tmp_path / "out")  # the codes, here
+    assert rc == 0, err
+    if not _can_hide(cache):
+        pytest.skip("needs unshare -rm (mount namespaces)")
+    with distributed.LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=":0") as cluster:
+        worker = subprocess.Popen(
+            ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs none {cache} && exec {sys.executable} -m distributed.cli."
+             f"dask_worker {cluster.scheduler_address} --nworkers 2 --nthreads 1 --no-dashboard"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            with distributed.Client(cluster, set_as_default=False) as c:
+                c.wait_for_workers(2, timeout=60)
+            rc, _, err = cli(*_args(root, a, b, seeds="0,1"), "--out", tmp_path / "out",
+                             "--scheduler", cluster.scheduler_address)  # fmt: skip
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+    line = assert_one_line_error(rc, err, 1, ("cannot read the codes file", "filesystem every Dask worker sees"),
+                                 only_error_lines=True)  # fmt: skip
+    assert str(cache) in line
+    assert len(load_done(str(tmp_path / "out"))) == 12  # nothing recorded for the cells that could not run
+
+
+@pytest.mark.slow
+def test_killed_dask_bench_resumes(data, cluster, tmp_path):
+    root, a, b = data
+    args = [*_args(root, a, b, seeds="0,1,2"), "--layers", "layer1,layer2,layer3,layer4,avgpool", "--scheduler",
+            cluster.scheduler_address]  # fmt: skip
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "featx.cli", *args, "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 120
+    cells = out / "cells.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if cells.exists() and sum(1 for _ in open(cells)) >= 10:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(load_done(str(out)))
+    assert 10 <= done < 60, done
+    r = run_cli(*args, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"60 cells: {done} done before, {60 - done} to fit" in r.stderr
+    ref = run_cli(*args[:-2], "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    assert _without_timing(out / "results.csv") == _without_timing(tmp_path / "ref" / "results.csv")

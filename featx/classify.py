@@ -23,6 +23,9 @@ The protocol of every fit (one *cell*: a layer or concatenation of layers, a tra
 Classifiers: `svm` (LinearSVC, squared hinge, L2), `softmax` (multinomial LogisticRegression,
 lbfgs), `sgd` (SGDClassifier with hinge loss trained by `partial_fit` on row chunks streamed from
 the HDF5 file, alpha = 1 / (C * n)): its memory is bounded by `chunk_rows`, whatever the file size.
+softmax walks its C grid in fixed chains of warm starts (each C starts from the previous one's
+solution, the refit from the chosen C's) and fits chains and CV folds side by side with `jobs`
+(`_grid_scores` says how close that is to fits from scratch; `warm=False` gives those).
 Codes are standardized (default), L2-normalized or left as they are, optionally reduced by PCA.
 
 Presets reproduce published protocols:

@@ -531,13 +531,14 @@ def _cv_scores(
     return _grid_scores(X, y, _cv_splits(X, y, seed, folds, groups), protocol, seed, dim, jobs, warm)[0]
 
 
-CHAIN_LENGTH = 4  # grid values per warm-start chain (a fixed split, so results never depend on --jobs)
+CHAIN_LENGTH = 2  # grid values per warm-start chain: a fixed split, so results never depend on --jobs;
+# 2 balances the chains across cores better than longer ones (measured: benchmarks/fit_speed.py)
 
 
 def _chains(protocol: Protocol, warm: bool) -> list[list[int]]:
-    """Indices of `protocol.Cs` grouped into warm-start chains, each in ascending C: consecutive
-    runs of about CHAIN_LENGTH values of the sorted grid for softmax (lbfgs takes a starting point),
-    one value each for svm (liblinear starts from zero, always) or with `warm=False`."""
+    """Indices of `protocol.Cs` grouped into warm-start chains, each in ascending C: consecutive runs
+    of CHAIN_LENGTH values (or one fewer) of the sorted grid for softmax (lbfgs takes a starting
+    point), one value each for svm (liblinear starts from zero, always) or with `warm=False`."""
     order = sorted(range(len(protocol.Cs)), key=lambda i: protocol.Cs[i])
     if not warm or protocol.classifier != "softmax":
         return [[i] for i in order]

@@ -110,8 +110,8 @@ def test_results_are_bit_identical_whatever_jobs(tmp_path, proto, shape):
 
 
 def test_a_single_layer_fit_runs_grid_chains_side_by_side(tmp_path, monkeypatch):
-    """fit(jobs=2) on one layer: the two warm-start chains of the 8-value grid run at the same time
-    (each waits at a barrier for the other; run one after another, the barrier would time out)."""
+    """fit(jobs=2) on one layer: the warm-start chains of the 8-value grid run two at a time (each
+    waits at a barrier for another; run one after another, the barrier would time out)."""
     barrier, real = threading.Barrier(2, timeout=20), classify._chain
     seen = []
 
@@ -128,8 +128,10 @@ def test_a_single_layer_fit_runs_grid_chains_side_by_side(tmp_path, monkeypatch)
 def test_chains_walk_the_sorted_grid_and_do_not_depend_on_jobs():
     proto = Protocol("softmax", Cs=(10.0, 0.1, 1.0, 0.01, 100.0, 1e-3, 1e3, 1e-4))
     chains = _chains(proto, warm=True)
-    assert [[proto.Cs[i] for i in c] for c in chains] == [[1e-4, 1e-3, 0.01, 0.1], [1.0, 10.0, 100.0, 1e3]]
-    assert len(_chains(Protocol("softmax", Cs=tuple(np.logspace(-6, 5, 45))), warm=True)) == 12
+    pairs = [[1e-4, 1e-3], [0.01, 0.1], [1.0, 10.0], [100.0, 1e3]]
+    assert [[proto.Cs[i] for i in c] for c in chains] == pairs
+    kornblith = _chains(Protocol("softmax", Cs=tuple(np.logspace(-6, 5, 45))), warm=True)
+    assert len(kornblith) == 23 and sorted(i for c in kornblith for i in c) == list(range(45))
     assert _chains(Protocol("svm", Cs=(1.0, 0.1)), warm=True) == [[1], [0]]
     assert _chains(proto, warm=False) == [[i] for i in np.argsort(proto.Cs)]
 

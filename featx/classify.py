@@ -524,13 +524,6 @@ def _cv_splits(X, y, seed: int, folds: int, groups=None) -> list[tuple[np.ndarra
     return list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(X, y, groups))
 
 
-def _cv_scores(
-    X, y, protocol: Protocol, seed: int, dim: int, folds: int, groups=None, jobs: int = 1, warm: bool = True
-) -> list[tuple[float, float]]:
-    """Mean (accuracy, tie-break) per C over stratified (group) folds."""
-    return _grid_scores(X, y, _cv_splits(X, y, seed, folds, groups), protocol, seed, dim, jobs, warm)[0]
-
-
 CHAIN_LENGTH = 2  # grid values per warm-start chain: a fixed split, so results never depend on --jobs;
 # 2 balances the chains across cores better than longer ones (measured: benchmarks/fit_speed.py)
 

@@ -61,7 +61,7 @@ def regrets(path: str, layers: list[str], size: str, seed: int, Cs, classifier: 
     out = {}
     for rule, extra in (("old", {"min_val_per_class": 0}), ("new", {})):
         proto = protocol_for(classifier, Cs=Cs, **extra)
-        cells = {n: fit_cell(path, [n], proto, size, seed) for n in layers}
+        cells = {n: fit_cell(path, [n], proto, size, seed, warm=False) for n in layers}  # cold: as the oracle
         with CodesFile(path) as f:
             rows = select_rows(f, proto, parse_train_size(size), seed)
             parts = (rows.train, rows.val)

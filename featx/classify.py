@@ -23,6 +23,9 @@ The protocol of every fit (one *cell*: a layer or concatenation of layers, a tra
 Classifiers: `svm` (LinearSVC, squared hinge, L2), `softmax` (multinomial LogisticRegression,
 lbfgs), `sgd` (SGDClassifier with hinge loss trained by `partial_fit` on row chunks streamed from
 the HDF5 file, alpha = 1 / (C * n)): its memory is bounded by `chunk_rows`, whatever the file size.
+softmax walks its C grid in fixed chains of warm starts (each C starts from the previous one's
+solution, the refit from the chosen C's) and fits chains and CV folds side by side with `jobs`
+(`_grid_scores` says how close that is to fits from scratch; `warm=False` gives those).
 Codes are standardized (default), L2-normalized or left as they are, optionally reduced by PCA.
 
 Presets reproduce published protocols:
@@ -400,8 +403,12 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
 
 
 def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: TrainSize | str = "all", seed: int = 0,
-             return_model: bool = False):  # fmt: skip
-    """Fit and evaluate one cell. Returns the result dict, or (result, pipeline) with return_model."""
+             return_model: bool = False, jobs: int = 1, warm: bool = True):  # fmt: skip
+    """Fit and evaluate one cell. Returns the result dict, or (result, pipeline) with return_model.
+
+    `jobs` fits grid values (and CV folds) side by side in threads; the results do not depend on
+    it. `warm=False` fits every grid value and the refit from scratch, as featx did before warm
+    starts (see `_grid_scores` for how far the two may differ)."""
     train_size = train_size if isinstance(train_size, TrainSize) else parse_train_size(train_size)
     t0 = time.perf_counter()
     with CodesFile(path) as f:
@@ -413,16 +420,15 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
         # One BLAS thread, always: a multi-threaded BLAS sums in an order that depends on the
         # thread count, and lbfgs amplifies the last bits, so the numbers would change with --jobs
         # (joblib gives each worker one thread) or with the machine's cores. Parallelism comes from
-        # fitting cells side by side instead.
+        # fitting cells, grid values and folds side by side instead.
         with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1, user_api="blas"):
             warnings.simplefilter("always")
             try:
                 if protocol.classifier == "sgd":
                     pipe, C, (val_score, tiebreak), y_pred = _fit_sgd(f, layers, rows, protocol, seed)
                 else:
-                    pipe, C, (val_score, tiebreak), y_pred = _fit_in_memory(
-                        f, layers, rows, protocol, seed, dim
-                    )
+                    pipe, C, (val_score, tiebreak), y_pred = _fit_in_memory(f, layers, rows, protocol, seed, dim,
+                                                                             jobs, warm)  # fmt: skip
             except (ValueError, FloatingPointError) as e:  # the solver gave up (overflow, degenerate data)
                 raise FeatxError(f"layer {'+'.join(layers)}: the {protocol.preset or protocol.classifier} solver "
                                  f"failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); try other "
@@ -443,29 +449,36 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
     return (result, pipe) if return_model else result
 
 
-def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: int, dim: int):
+def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: int, dim: int, jobs: int = 1,
+                   warm: bool = True):  # fmt: skip
     X_tr, y_tr = _load(f, layers, rows.train), f.labels[rows.train]
+    start = None  # where the refit's solver starts: from zero, or the chosen C's grid solution
     if protocol.per_class:
         pipe = make_pipeline(protocol, 1.0, seed, len(y_tr), dim).fit(X_tr, y_tr)
         clf = pipe.named_steps["clf"]
         C, val_score = clf.costs_, (float(np.mean(clf.cv_ap_)),) * 2  # mean AP is continuous already
     else:
         if rows.folds:
-            scores = _cv_scores(X_tr, y_tr, protocol, seed, dim, rows.folds, rows.groups)
+            scores, _ = _grid_scores(X_tr, y_tr, _cv_splits(X_tr, y_tr, seed, rows.folds, rows.groups),
+                                     protocol, seed, dim, jobs, warm)  # fmt: skip
+            # CV fits are small; the refit starts from zero
         else:
             X_va, y_va = _load(f, layers, rows.val), f.labels[rows.val]
-            scores = [
-                _val_scores(
-                    make_pipeline(protocol, C, seed, len(y_tr), dim).fit(X_tr, y_tr), X_va, y_va, protocol
-                )
-                for C in protocol.Cs
-            ]
+            X_all = np.vstack([X_tr, X_va])
+            n = len(y_tr)
+            holdout = [(np.arange(n), np.arange(n, n + len(y_va)))]
+            scores, starts = _grid_scores(
+                X_all, np.concatenate([y_tr, y_va]), holdout, protocol, seed, dim, jobs, warm
+            )
         best = _best(protocol.Cs, scores)
         C, val_score = float(protocol.Cs[best]), scores[best]
         if len(rows.val):
-            X_tr = np.vstack([X_tr, _load(f, layers, rows.val)])
-            y_tr = np.concatenate([y_tr, f.labels[rows.val]])
-        pipe = make_pipeline(protocol, C, seed, len(y_tr), dim).fit(X_tr, y_tr)
+            X_tr, y_tr = X_all, np.concatenate([y_tr, y_va])
+            start = starts[best]
+        pipe = make_pipeline(protocol, C, seed, len(y_tr), dim)
+        _warm_start(pipe.named_steps["clf"], start if warm else None)
+        pipe.fit(X_tr, y_tr)
+        _warm_start(pipe.named_steps["clf"], None)  # the saved model reads as a plain one
     y_pred = pipe.predict(_load(f, layers, rows.test))
     return pipe, C, val_score, y_pred
 
@@ -508,11 +521,9 @@ def _val_scores(clf, X, y, protocol: Protocol) -> tuple[float, float]:
     return acc, float(np.mean(margin))
 
 
-def _cv_scores(
-    X, y, protocol: Protocol, seed: int, dim: int, folds: int, groups=None
-) -> list[tuple[float, float]]:
-    """Mean (accuracy, tie-break) per C over stratified folds; with `groups`, stratified *group*
-    folds (scikit-learn's StratifiedGroupKFold): no group is on both sides of a fold."""
+def _cv_splits(X, y, seed: int, folds: int, groups=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds; with `groups`, stratified *group* folds (scikit-learn's
+    StratifiedGroupKFold): no group is on both sides of a fold."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     smallest = int(np.bincount(y)[np.unique(y)].min())
@@ -520,20 +531,95 @@ def _cv_scores(
         raise FeatxError(f"--cv {folds} needs at least 2 training images per class; one class has {smallest}")
     k = min(folds, smallest)
     if groups is None:
-        splits = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(X, y))
-    else:
-        k = min(k, len(np.unique(groups)))
-        if k < 2:
-            raise FeatxError("cross-validation needs at least 2 groups of training images; the file has 1")
-        splits = list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(X, y, groups))
-    scores = []
-    for C in protocol.Cs:
-        fold_scores = []
-        for tr, va in splits:
-            pipe = make_pipeline(protocol, C, seed, len(tr), dim).fit(X[tr], y[tr])
-            fold_scores.append(_val_scores(pipe, X[va], y[va], protocol))
-        scores.append(tuple(float(v) for v in np.mean(fold_scores, axis=0)))
-    return scores
+        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(X, y))
+    k = min(k, len(np.unique(groups)))
+    if k < 2:
+        raise FeatxError("cross-validation needs at least 2 groups of training images; the file has 1")
+    return list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(X, y, groups))
+
+
+CHAIN_LENGTH = 2  # grid values per warm-start chain: a fixed split, so results never depend on --jobs;
+# 2 balances the chains across cores better than longer ones (measured: benchmarks/fit_speed.py)
+
+
+def _chains(protocol: Protocol, warm: bool) -> list[list[int]]:
+    """Indices of `protocol.Cs` grouped into warm-start chains, each in ascending C: consecutive runs
+    of CHAIN_LENGTH values (or one fewer) of the sorted grid for softmax (lbfgs takes a starting
+    point), one value each for svm (liblinear starts from zero, always) or with `warm=False`."""
+    order = sorted(range(len(protocol.Cs)), key=lambda i: protocol.Cs[i])
+    if not warm or protocol.classifier != "softmax":
+        return [[i] for i in order]
+    return [list(c) for c in np.array_split(order, math.ceil(len(order) / CHAIN_LENGTH))]
+
+
+def _warm_start(clf, start) -> None:
+    """Start a LogisticRegression's next fit at `start` = (coef, intercept); None: from zero.
+    Other classifiers (liblinear's LinearSVC has no starting point) always start from zero."""
+    from sklearn.linear_model import LogisticRegression
+
+    if not isinstance(clf, LogisticRegression):
+        return
+    if start is None:
+        clf.set_params(warm_start=False)
+        return
+    clf.set_params(warm_start=True)
+    clf.coef_, clf.intercept_ = start[0].copy(), start[1].copy()
+
+
+def _chain(X, y, split, chain: list[int], protocol: Protocol, seed: int, dim: int):
+    """One fold, one chain of grid values: (index, score, (coef, intercept)) per value, each fit
+    warm-started from the previous one's solution (the first from zero)."""
+    tr, va = split
+    pipe = make_pipeline(protocol, protocol.Cs[chain[0]], seed, len(tr), dim)
+    steps, clf = pipe.steps[:-1], pipe.steps[-1][1]
+    Xt = X[tr]
+    for _, step in steps:  # what Pipeline.fit does, once for the whole chain
+        Xt = step.fit_transform(Xt, y[tr])
+    Xv = _apply(steps, X[va])
+    out, start = [], None
+    for i in chain:
+        clf.set_params(C=protocol.Cs[i])
+        _warm_start(clf, start)
+        clf.fit(Xt, y[tr])
+        start = (clf.coef_.copy(), clf.intercept_.copy()) if hasattr(clf, "coef_") else None
+        out.append((i, _val_scores(clf, Xv, y[va], protocol), start))
+    return out
+
+
+def _grid_scores(X, y, splits, protocol: Protocol, seed: int, dim: int, jobs: int = 1, warm: bool = True):
+    """Mean (accuracy, tie-break) per C over `splits` (one hold-out, or CV folds), and per C the
+    first split's solution (coef, intercept), the refit's starting point.
+
+    Every (split, chain) runs as one task, side by side in `jobs` threads (each fit still uses one
+    BLAS thread, and no task reads another's result), so the numbers are the same whatever `jobs`.
+
+    Warm starts: lbfgs stops when the largest gradient component of scikit-learn's objective (mean
+    log-loss + ||w||^2 / (2 C n)) is below `tol` (1e-4), from a cold start or a warm one alike, so
+    a warm-started solution meets the same stopping rule as the cold one but is not bit-equal to it:
+    coefficients differ by about what that tolerance allows, little where the objective is strongly
+    convex (small C), more at C far above the best one, where the objective is flat and lbfgs may stop
+    at once near the previous C's solution (both are then approximations of the same optimum). On
+    benchmarks/fit_speed.py's problems (synthetic, and real EfficientNet-Lite0 codes) the chosen C
+    is the same and test accuracy is within 0.1 point. Long chains drift further: one chain through
+    the whole 8-value grid chose C = 1 instead of the cold fits' 0.1 on brain_tumor_mri's
+    `global_pool` (test accuracy 0.9325 vs 0.9308), which is one reason chains are 2 values long.
+    `warm=False` restores the cold fits exactly."""
+    from joblib import Parallel, delayed
+
+    tasks = [(s, c) for s in range(len(splits)) for c in _chains(protocol, warm)]
+    runs = Parallel(n_jobs=min(jobs, len(tasks)) if jobs > 0 else jobs, backend="threading")(
+        delayed(_chain)(X, y, splits[s], c, protocol, seed, dim) for s, c in tasks
+    )
+    per_c: dict[int, list] = {}
+    starts: dict[int, tuple] = {}
+    for (s, _), run in zip(tasks, runs):
+        for i, score, start in run:
+            per_c.setdefault(i, []).append(score)
+            if s == 0:
+                starts[i] = start
+    n = len(protocol.Cs)
+    scores = [tuple(float(v) for v in np.mean(per_c[i], axis=0)) for i in range(n)]
+    return scores, [starts[i] for i in range(n)]
 
 
 # -- out-of-core SGD -----------------------------------------------------------------------------
@@ -678,10 +764,11 @@ class FitReport:
 
 def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol | None = None,
         train_size: TrainSize | str = "all", seeds: Sequence[int] = (0,), jobs: int = 1, concat: bool = False,
-        return_models: bool = False) -> FitReport:  # fmt: skip
+        return_models: bool = False, warm: bool = True) -> FitReport:  # fmt: skip
     """Fit every layer (each on its own, plus their concatenation with `concat`) for every seed,
-    in parallel with joblib; the best layer is the one with the best mean validation score."""
-    from joblib import Parallel, delayed
+    in parallel with joblib; the best layer is the one with the best mean validation score.
+    `warm=False`: every grid value fitted from scratch (`fit_cell`)."""
+    from joblib import Parallel, delayed, effective_n_jobs
 
     protocol = (protocol or Protocol()).validate()
     train_size = train_size if isinstance(train_size, TrainSize) else parse_train_size(train_size)
@@ -703,9 +790,17 @@ def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol
         groups.append(list(dict.fromkeys(names)))
     seeds = list(dict.fromkeys(int(s) for s in seeds)) or [0]
     cells = [(g, s) for g in groups for s in seeds]
-    out = Parallel(n_jobs=jobs)(
-        delayed(fit_cell)(path, g, protocol, train_size, s, return_models and s == seeds[0]) for g, s in cells
-    )
+    # Cells side by side in processes; cores left over fit grid values side by side inside a cell
+    # (a single-layer fit gets them all). Neither changes a number.
+    n_jobs = effective_n_jobs(jobs)
+    inner = max(1, n_jobs // len(cells))
+    if len(cells) == 1:
+        out = [fit_cell(path, cells[0][0], protocol, train_size, cells[0][1], return_models, inner, warm)]
+    else:
+        out = Parallel(n_jobs=min(n_jobs, len(cells)))(
+            delayed(fit_cell)(path, g, protocol, train_size, s, return_models and s == seeds[0], inner, warm)
+            for g, s in cells
+        )
     results, models = [], {}
     for (g, s), o in zip(cells, out):
         if return_models and s == seeds[0]:

@@ -246,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for subsets, hold-outs and solvers (default 0)")
     p.add_argument("--seeds", help="repeat with these seeds (e.g. 0,1,2) and report mean and std")
-    p.add_argument("--jobs", type=int, default=1, help="parallel fits (joblib; -1 = all cores)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="parallel fits: layers and seeds, and a single layer's C grid (joblib; -1 = all cores)",
+    )
     p.add_argument("--concat", action="store_true", help="also fit on the concatenation of the layers")
     p.add_argument("--epochs", type=_positive_int, help="sgd: passes over the data (5)")
     p.add_argument("--chunk-rows", type=_positive_int, help="sgd: rows read per chunk (4096)")

@@ -259,7 +259,8 @@ def test_ties_on_accuracy_go_to_the_continuous_score_not_the_grid_order(tmp_path
     path = write_codes(tmp_path / "t.h5", {"L": X}, y, _splits(y), CLASSES)
     Cs = (0.001, 0.01, 0.1, 1.0)
     proto = protocol_for("softmax", Cs=Cs, min_val_per_class=0)
-    r = fit_cell(path, ["L"], proto, "all", 0)
+    r = fit_cell(path, ["L"], proto, "all", 0, warm=False)  # from-scratch fits, as computed below
+    warm = fit_cell(path, ["L"], proto, "all", 0)  # warm starts: the same pick, a near-equal score
     with CodesFile(path) as f:
         rows = select_rows(f, proto, parse_train_size("all"), 0)
     lik = {}
@@ -271,6 +272,7 @@ def test_ties_on_accuracy_go_to_the_continuous_score_not_the_grid_order(tmp_path
         lik[C] = -log_loss(y[rows.val], m.predict_proba(X[rows.val]), labels=[0, 1, 2])
     assert r["C"] == max(lik, key=lik.get) != min(Cs)
     assert r["val_tiebreak"] == pytest.approx(lik[r["C"]], rel=1e-6)
+    assert warm["C"] == r["C"] and warm["val_tiebreak"] == pytest.approx(lik[r["C"]], rel=1e-2)
     assert r["val_tiebreak_metric"] == "mean log-likelihood"
 
 

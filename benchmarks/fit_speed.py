@@ -1,0 +1,151 @@
+"""How long `featx fit` takes to choose C: the old path (every grid value fitted from scratch, one after
+another) against the new one (warm starts along the C grid, chains and folds side by side), same run.
+
+    python benchmarks/fit_speed.py                                    # 5,000 x 256 x 10 and 20,000 x 512 x 10
+    python benchmarks/fit_speed.py --shapes 60000x1280x10 --jobs 2    # Fashion-MNIST's size
+    python benchmarks/fit_speed.py --codes fmnist.h5 --layer global_pool --jobs 2   # real codes
+
+Synthetic codes: images of each class scattered around a class mean in a 64-dimensional latent space,
+sent through a fixed random linear map to `dims` and rectified like post-ReLU codes, with a test
+split of one image in seven (Fashion-MNIST's 60,000 + 10,000). One layer, one seed, the default
+protocol (softmax, standardized, the 8-value C grid, a 20% hold-out). Prints per shape: wall-clock
+seconds of the old path (`warm=False, jobs=1`, featx's behaviour before) and the new one (`--jobs`),
+their ratio, the CPU seconds of each (all threads; on a shared machine wall-clock also counts other
+people's work), the new path's time on `--jobs` idle cores (`new idle s`: its serial CPU seconds
+plus the grid tasks' CPU seconds, each task timed in its thread, scheduled in featx's order on
+`--jobs` workers) and the old path's CPU seconds over that (`idle ratio`: the old path runs on one
+core, so its CPU seconds are its time on an idle machine), the chosen C and the test accuracy of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from featx import classify  # noqa: E402
+from featx.classify import Protocol, fit  # noqa: E402
+
+
+def synthetic(n: int, d: int, c: int, seed: int = 0, noise: float = 2.2) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    latent = 64
+    y = np.arange(n) % c
+    rng.shuffle(y)
+    z = rng.normal(0, 1.0, (c, latent))[y] + rng.normal(0, noise, (n, latent))
+    W = rng.normal(0, 1.0, (latent, d)) / np.sqrt(latent)
+    X = np.maximum(z @ W + rng.normal(0, 0.5, (n, d)), 0.0)
+    return X.astype(np.float32), y
+
+
+def write_codes(path: str, X: np.ndarray, y: np.ndarray, test_every: int = 7) -> str:
+    """A codes file from arrays, written by featx's own journal + finalize (one layer, `L`)."""
+    from featx.store import Journal, finalize
+
+    n, d = X.shape
+    splits = np.array(["train"] * n, dtype=object)
+    splits[::test_every] = "test"
+    meta = {"key": "bench", "layers": [["L", d]], "dtype": "float32", "samples": n, "batch_size": n}
+    j = Journal.open(path + ".partial", meta)
+    j.append([X], np.arange(n), n, [])
+    attrs = {"model": "synthetic", "weights": "none", "weights_source": "random", "weights_ident": "x",
+             "weights_sha256": "", "pool": "avg", "preprocessing": json.dumps({"crop_size": 32, "resize_size": 32,
+             "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_mode": "center"}),
+             "layers": np.array(["L"], dtype=object), "dataset": "synthetic", "samples": n}  # fmt: skip
+    finalize(path, j, classes=[f"c{i}" for i in range(int(y.max()) + 1)], labels=y.astype(np.int64),
+             splits=splits, ids=[f"s{i}" for i in range(n)], layer_attrs={"L": {"activation": "none", "pool": "avg"}},
+             attrs=attrs)  # fmt: skip
+    return path
+
+
+TASK_CPU: list[float] = []  # CPU seconds of each grid task (one fold, one chain), in dispatch order
+
+
+def _timed_chain(*args, **kwargs):
+    t = time.thread_time()
+    try:
+        return _real_chain(*args, **kwargs)
+    finally:
+        TASK_CPU.append(time.thread_time() - t)
+
+
+_real_chain, classify._chain = classify._chain, _timed_chain
+
+
+def timed(
+    path: str, layer: str, protocol: Protocol, jobs: int, warm: bool
+) -> tuple[float, float, float, dict]:
+    """Wall and CPU seconds of one fit, and its time on `jobs` idle cores (see the module docstring)."""
+    TASK_CPU.clear()
+    t, c = time.perf_counter(), time.process_time()
+    report = fit(path, [layer], protocol, "all", (0,), jobs=jobs, warm=warm)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    workers = [0.0] * jobs  # joblib hands the next task to the first free worker
+    for task in TASK_CPU:
+        workers[workers.index(min(workers))] += task
+    return wall, cpu, cpu - sum(TASK_CPU) + max(workers), report.results[0]
+
+
+def row(name: str, path: str, layer: str, protocol: Protocol, jobs: int) -> dict:
+    old_s, old_cpu, _, old = timed(path, layer, protocol, 1, warm=False)
+    new_s, new_cpu, new_idle, new = timed(path, layer, protocol, jobs, warm=True)
+    return {"shape": name, "grid": len(protocol.Cs), "old_s": old_s, "new_s": new_s, "ratio": old_s / new_s,
+            "old_cpu_s": old_cpu, "new_cpu_s": new_cpu, "new_idle_s": new_idle, "idle_ratio": old_cpu / new_idle,
+            "C_old": old["C"], "C_new": new["C"], "acc_old": old["accuracy"], "acc_new": new["accuracy"]}  # fmt: skip
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="5000x256x10,20000x512x10", help="ROWSxDIMSxCLASSES, comma-separated")
+    ap.add_argument("--codes", help="a featx codes file to time instead of synthetic codes")
+    ap.add_argument("--layer", help="the layer of --codes (default: its first)")
+    ap.add_argument("--classifier", default="softmax", choices=("softmax", "svm"))
+    ap.add_argument("--jobs", type=int, default=2, help="--jobs of the new path (2)")
+    ap.add_argument("--json", help="write the rows here too")
+    args = ap.parse_args(argv)
+    protocol = Protocol(classifier=args.classifier).validate()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.codes:
+            from featx.store import CodesFile
+
+            with CodesFile(args.codes) as f:
+                layer = args.layer or f.layers[0]
+                n, d, c = int((f.split == "train").sum()), f.dim(layer), len(f.classes)
+            name = f"{os.path.basename(args.codes)}:{layer} {n}x{d}x{c}"
+            rows.append(row(name, args.codes, layer, protocol, args.jobs))
+        for shape in [s for s in args.shapes.split(",") if s] if not args.codes else []:
+            n, d, c = (int(v) for v in shape.lower().split("x"))
+            X, y = synthetic(n + n // 6, d, c)  # n training images, test images on top (1 in 7)
+            path = write_codes(os.path.join(tmp, f"{shape}.h5"), X, y)
+            rows.append(row(f"{n}x{d}x{c}", path, "L", protocol, args.jobs))
+            print_rows(rows[-1:], args, header=len(rows) == 1)
+    if args.codes:
+        print_rows(rows, args, header=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+    return 0
+
+
+def print_rows(rows: list[dict], args, header: bool) -> None:
+    if header:
+        print(f"{args.classifier}, new path --jobs {args.jobs}; old: every C from scratch, one after another")
+        print(f"{'rows x dims x classes':<28} {'grid':>4} {'old s':>7} {'new s':>7} {'ratio':>6} {'old cpu':>7} "
+              f"{'new cpu':>7} {'new idle s':>10} {'idle ratio':>10} {'C old':>7} {'C new':>7} {'acc old':>7} "
+              f"{'acc new':>7}")  # fmt: skip
+    for r in rows:
+        print(f"{r['shape']:<28} {r['grid']:>4} {r['old_s']:>7.1f} {r['new_s']:>7.1f} {r['ratio']:>5.2f}x "
+              f"{r['old_cpu_s']:>7.1f} {r['new_cpu_s']:>7.1f} {r['new_idle_s']:>10.1f} {r['idle_ratio']:>9.2f}x "
+              f"{r['C_old']:>7g} {r['C_new']:>7g} {r['acc_old']:>7.4f} {r['acc_new']:>7.4f}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -113,7 +113,12 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
         default="depth:1.0",
         help="module names and/or depth fractions: layer2,layer4 or depth:0.25,0.5,1.0 (default: depth:1.0)",
     )
-    p.add_argument("--pool", default="avg", help="avg (default), max, avgNxN (e.g. avg2x2) or none")
+    p.add_argument(
+        "--pool",
+        default="avg",
+        help="avg (default), max, avgNxN (e.g. avg2x2) or none; token maps (ViT): cls (class token), mean "
+        "(= avg: mean of the patch tokens, prefix tokens excluded) or cls+mean (both, 2 x dim)",
+    )
     relu = p.add_mutually_exclusive_group()
     relu.add_argument(
         "--relu",
@@ -205,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="torchvision name, timm:NAME or efficientnet_lite0")
     _add_model_args(p)
     p.add_argument("--all", action="store_true", help="every module, not only the main path")
-    p.add_argument("--pool", default="avg", help="pooling used for the code-dim column (default avg)")
+    p.add_argument(
+        "--pool",
+        default="avg",
+        help="pooling used for the code-dim column (default avg; cls, mean, cls+mean for token maps)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
         "--list-models", action="store_true", help="list the torchvision model names featx accepts"

@@ -54,6 +54,11 @@ class Plan:
         }  # fmt: skip
         if decoder != "pil":  # its resize differs slightly from PIL's: other pixels, another entry
             fields["decoder"] = decoder
+        skipped = {t.name: t.prefix_tokens for t in self.chosen if t.prefix_tokens}
+        if skipped and self.pool.kind in ("avg", "max"):
+            # avg/max of a token map pool only its patch tokens: entries of earlier featx versions, which
+            # pooled the class token in, must not be hits (keys without token maps are unchanged)
+            fields["prefix_tokens_skipped"] = skipped
         return digest(fields)
 
     def head_layer(self) -> str | None:

@@ -29,7 +29,8 @@ def format_table(rows: Sequence[Sequence], headers: Sequence[str], align: str | 
 
 
 def layers_json(plan, pool, show_all: bool) -> str:
-    """`featx layers --json`: the model's taps (main path, or all) with their code dims under `pool`."""
+    """`featx layers --json`: the model's taps (main path, or all) with their code dims under `pool`
+    (null where `pool` cannot apply); token maps also give their patch-token count."""
     import json
 
     from featx.taps import activation_for
@@ -38,25 +39,49 @@ def layers_json(plan, pool, show_all: bool) -> str:
     taps = [t for t in plan.taps if show_all or t.trunk]
     return json.dumps({"model": str(plan.model), "input_size": pre.crop_size, "preprocessing": pre.to_dict(),
                        "layers": [{**t.to_dict(), "relu_by_default": activation_for(t) != "none",
-                                   "code_dim": t.code_dim(pool)} for t in taps]}, indent=1)  # fmt: skip
+                                   "patch_tokens": t.shape[0] - t.prefix_tokens if t.tokens else None,
+                                   "code_dim": None if pool.problem(t) else t.code_dim(pool)} for t in taps]},
+                      indent=1)  # fmt: skip
+
+
+def _output_text(t) -> str:
+    """A tap's output shape: C x H x W, D, or a token map as [prefix+]patches tok x D."""
+    if not t.tokens:
+        return "x".join(str(s) for s in t.shape)
+    n, d = t.shape
+    tokens = f"{t.prefix_tokens}+{n - t.prefix_tokens}" if t.prefix_tokens else str(n)
+    return f"{tokens} tok x {d}"
 
 
 def layers_text(plan, pool, show_all: bool) -> str:
     """`featx layers`: the taps as a table, and how to read it."""
-    from featx.taps import activation_for
+    from featx.taps import RELU_FAMILY, activation_for
 
     pre = plan.preprocess
+    shown = [t for t in plan.taps if show_all or t.trunk]
     rows = []
-    for t in (t for t in plan.taps if show_all or t.trunk):
-        shape = "x".join(str(s) for s in t.shape)
-        rows.append(["  " * t.level + t.name, t.kind, shape, t.stride, f"{t.depth:.2f}", t.activation_label,
-                     "yes" if activation_for(t) != "none" else "no", t.code_dim(pool)])  # fmt: skip
-    table = format_table(rows, ["layer", "type", "output (C,H,W)", "stride", "depth", "activation", "relu'd",
-                                f"dim ({pool})"], align="lllrrllr")  # fmt: skip
-    return table + (f"\n\n{plan.model} at {pre.crop_size}px: {pre}. 'activation': post-X = the output already went "
-                    f"through X; ->X = the network applies X next. Codes are ReLU'd where 'relu'd' says yes (--no-relu "
-                    f"keeps raw outputs, --relu forces ReLU everywhere). depth: share of conv/linear ops done (1.0 = "
-                    f"penultimate)." + ("" if show_all else " --all lists every module."))  # fmt: skip
+    for t in shown:
+        dim = "-" if pool.problem(t) else t.code_dim(pool)
+        rows.append(["  " * t.level + t.name, t.kind, _output_text(t), t.stride, f"{t.depth:.2f}", t.activation_label,
+                     "yes" if activation_for(t) != "none" else "no", dim])  # fmt: skip
+    tokens = any(t.tokens for t in shown)
+    output = ("output (C,H,W | tokens x D)" if any(len(t.shape) == 3 for t in shown) else "output (tokens x D)") \
+        if tokens else "output (C,H,W)"  # fmt: skip
+    table = format_table(rows, ["layer", "type", output, "stride", "depth", "activation", "relu'd", f"dim ({pool})"],
+                         align="lllrrllr")  # fmt: skip
+    text = (f"\n\n{plan.model} at {pre.crop_size}px: {pre}. 'activation': post-X = the output already went "
+            f"through X; ->X = the network applies X next. Codes are ReLU'd where 'relu'd' says yes (--no-relu "
+            f"keeps raw outputs, --relu forces ReLU everywhere). depth: share of conv/linear ops done (1.0 = "
+            f"penultimate).")  # fmt: skip
+    acts = {a for t in plan.taps for a in (t.post_act, t.next_act) if a}
+    if acts and not acts & set(RELU_FAMILY):
+        text += f" This network uses {', '.join(sorted(acts))}, no ReLU: no code is ReLU'd by default."
+    if tokens:
+        text += (" Token maps: P+N tok x D = P prefix tokens (the class token first, then any register or "
+                 "distillation tokens) and N patch tokens of dim D. --pool cls takes the class token, mean (= avg) "
+                 "and max pool the patch tokens only, cls+mean concatenates the class token and the patch mean "
+                 "(2 x D).")  # fmt: skip
+    return table + text + ("" if show_all else " --all lists every module.")
 
 
 def info_text(path: str, f, layers: list[dict], splits: dict) -> str:

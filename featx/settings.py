@@ -97,7 +97,7 @@ class CodeSettings:
         _choice("dtype", self.dtype, DTYPES)
         _choice("relu", self.relu, RELU_MODES)
         if not isinstance(self.pool, str):
-            _bad("pool", self.pool, "use avg, max, avgNxN or none")
+            _bad("pool", self.pool, "use avg (alias mean), max, avgNxN, none, cls or cls+mean")
         parse_pool(self.pool)
 
 

@@ -14,6 +14,12 @@ Naming: taps are module names as `model.named_modules()` gives them (`layer3`, `
 Relative depth: the fraction of the network's convolution and linear operations that have run when
 the tap's output exists, out of those before the classifier head; 1.0 is the penultimate
 representation (the input of the final classifier).
+
+Token maps: a [T, D] output of a ViT-style model (timm ViT/DeiT/BEiT/EVA, torchvision ViT) starts
+with its prefix tokens (the class token first, then any register or distillation tokens) and ends
+with the patch tokens; `TapInfo.prefix_tokens` counts them, so pooling can take the class token
+(`cls`) or pool only the patch tokens (`avg`/`mean`, `max`), as a CNN's global pooling covers only
+its spatial grid.
 """
 
 from __future__ import annotations
@@ -63,9 +69,16 @@ class TapInfo:
     calls: int  # calls per forward (a tap takes the last)
     order: int  # position in execution order (by call start)
     level: int  # nesting level, for display
+    prefix_tokens: int = 0  # token maps [T, D]: leading class/register/distillation tokens (0: all patches)
+    class_token: bool = False  # token 0 of this token map is a class token (what --pool cls takes)
 
     def code_dim(self, pool: Pool) -> int:
         return pool.dim(self.shape)
+
+    @property
+    def tokens(self) -> bool:
+        """A token map [T, D] (ViT-style blocks), as opposed to a spatial map [C, H, W] or a vector [D]."""
+        return len(self.shape) == 2
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,9 +100,11 @@ class TapInfo:
 @dataclass(frozen=True)
 class Pool:
     """`avg` / `max` (global), `avgNxN` (adaptive average to an N x N grid, flattened channel-major),
-    `none` (the whole map, flattened)."""
+    `none` (the whole map, flattened); for token maps [T, D] also `cls` (the class token) and
+    `cls+mean` (the class token, then the mean of the patch tokens: 2 x D). On token maps `avg`
+    (alias `mean`) and `max` pool the patch tokens only, never the prefix tokens."""
 
-    kind: str  # 'avg' | 'max' | 'grid' | 'none'
+    kind: str  # 'avg' | 'max' | 'grid' | 'none' | 'cls' | 'cls+mean'
     grid: int = 0
 
     def __str__(self) -> str:
@@ -102,40 +117,69 @@ class Pool:
             return math.prod(shape)
         if len(shape) == 3 and self.kind == "grid":
             return shape[0] * self.grid * self.grid
+        if len(shape) == 2 and self.kind == "cls+mean":
+            return 2 * shape[1]
         return shape[-1] if len(shape) == 2 else shape[0]
 
-    def check(self, tap: TapInfo) -> None:
+    def problem(self, tap: TapInfo) -> str | None:
+        """Why this pooling cannot make a code of `tap`'s output (one line), or None when it can."""
+        shape = list(tap.shape)
         if len(tap.shape) not in (1, 2, 3):
-            raise UsageError(
-                f"layer {tap.name} outputs shape {tap.shape}; featx taps [C,H,W], [L,C] or [D] outputs"
-            )
+            return f"layer {tap.name} outputs shape {tap.shape}; featx taps [C,H,W], [L,C] or [D] outputs"
         if self.kind == "grid" and len(tap.shape) != 3:
-            raise UsageError(
-                f"--pool {self} needs a spatial [C,H,W] output; layer {tap.name} outputs {list(tap.shape)}"
-            )
+            return f"--pool {self} needs a spatial [C,H,W] output; layer {tap.name} outputs {shape}"
+        if self.kind in ("cls", "cls+mean"):
+            if not tap.tokens:
+                other = "avg, max, avgNxN or none" if len(tap.shape) == 3 else "avg or none"
+                return (f"--pool {self} needs a token map [T, D] with a class token (ViT-style models); "
+                        f"layer {tap.name} outputs {shape}, no tokens: use {other}")  # fmt: skip
+            if not tap.class_token:
+                k = tap.prefix_tokens
+                why = f"its {k} prefix tokens hold none" if k else "all are patch tokens"
+                return (f"--pool {self}: the {tap.shape[0]} tokens of layer {tap.name} have no class token ({why}); "
+                        f"use mean or none, or a block after the class token joins")  # fmt: skip
+        return None
 
-    def apply(self, x):
-        """[N, C, H, W] / [N, L, C] / [N, D] -> [N, code_dim]; always a new tensor."""
+    def check(self, tap: TapInfo) -> None:
+        msg = self.problem(tap)
+        if msg:
+            raise UsageError(msg)
+
+    def apply(self, x, prefix_tokens: int = 0):
+        """[N, C, H, W] / [N, T, D] / [N, D] -> [N, code_dim]; always a new tensor. `prefix_tokens`:
+        the leading non-patch tokens of a token map, skipped by avg and max."""
+        import torch
         import torch.nn.functional as F
 
         if x.dim() == 2 or self.kind == "none":
             return x.flatten(1).clone()
-        dims = (2, 3) if x.dim() == 4 else (1,)
+        if x.dim() == 3:  # a token map
+            patches = x[:, prefix_tokens:]
+            if self.kind == "cls":
+                return x[:, 0].clone()
+            if self.kind == "cls+mean":
+                return torch.cat([x[:, 0], patches.mean(1)], dim=1)
+            return patches.amax(1) if self.kind == "max" else patches.mean(1)
         if self.kind == "avg":
-            return x.mean(dims)
+            return x.mean((2, 3))
         if self.kind == "max":
-            return x.amax(dims)
+            return x.amax((2, 3))
         return F.adaptive_avg_pool2d(x, self.grid).flatten(1)
+
+
+POOL_CHOICES = "avg (alias mean), max, avgNxN with N in 1..64 (e.g. avg2x2), none, cls or cls+mean"
 
 
 def parse_pool(spec: str) -> Pool:
     s = (spec or "").strip().lower()
-    if s in ("avg", "max", "none"):
+    if s in ("avg", "max", "none", "cls", "cls+mean"):
         return Pool(s)
+    if s == "mean":  # the same codes as avg (and so the same cache entry)
+        return Pool("avg")
     m = re.fullmatch(r"avg(\d+)x(\d+)", s)
     if m and m.group(1) == m.group(2) and 1 <= int(m.group(1)) <= 64:
         return Pool("grid", int(m.group(1)))
-    raise UsageError(f"--pool {spec!r}: use avg, max, none, or avgNxN with N in 1..64 (e.g. avg2x2)")
+    raise UsageError(f"--pool {spec!r}: use {POOL_CHOICES}")
 
 
 # -- activation policy ---------------------------------------------------------------------------
@@ -260,9 +304,12 @@ def list_taps(module, input_size: int, device: str = "meta") -> list[TapInfo]:
     cands = [n for n in outs if is_candidate(n, mods[n])]
     denom = max((outs[n][2] for n in cands), default=0) or max(wcount[0], 1)
 
+    prefix, patches, has_cls = _token_layout(module, outs, mods)
     infos = []
     for n, (o, t, w, calls, _inp) in outs.items():
         shape = tuple(int(s) for s in o.shape[1:])
+        # a token map [T, D] of prefix + patch tokens; the patch embedding's own output has no prefix
+        k = prefix if prefix and len(shape) == 2 and shape[0] == patches + prefix else 0
         stride = int(round(input_size / shape[1])) if len(shape) == 3 and shape[1] else None
         pa = tensor_act.get(id(o))
         post = pa[0] if pa and pa[1] <= t else None
@@ -273,11 +320,41 @@ def list_taps(module, input_size: int, device: str = "meta") -> list[TapInfo]:
             TapInfo(
                 name=n, kind=type(mods[n]).__name__, shape=shape, stride=stride, depth=round(w / denom, 4),
                 post_act=post, next_act=nxt, trunk=n in trunk, candidate=n in cands, calls=calls,
-                order=starts[n], level=n.count("."),
+                order=starts[n], level=n.count("."), prefix_tokens=k, class_token=bool(k) and has_cls,
             )
         )  # fmt: skip
     infos.sort(key=lambda i: i.order)
     return infos
+
+
+def _token_layout(module, outs: dict, mods: dict) -> tuple[int, int, bool]:
+    """(prefix tokens, patch tokens, class token first) of a ViT-style model; (0, 0, False) otherwise.
+
+    timm's ViT family says how many tokens it prepends to the patches (`num_prefix_tokens`: class,
+    register and distillation tokens, the class token first) and holds a `cls_token` when one is
+    among them; torchvision's ViT prepends one `class_token`. The patch count is what the patch
+    embedding (timm `patch_embed`, torchvision `conv_proj`) output in the probe.
+    """
+    import torch.nn as nn
+
+    cls = getattr(module, "cls_token", None)
+    if cls is None:
+        cls = getattr(module, "class_token", None)
+    has_cls = isinstance(cls, nn.Parameter)
+    prefix = getattr(module, "num_prefix_tokens", None)
+    if isinstance(prefix, bool) or not isinstance(prefix, int):
+        prefix = 1 if has_cls else 0
+    embed = next((n for n in ("patch_embed", "conv_proj") if n in outs), None)
+    if prefix <= 0 or embed is None:
+        return 0, 0, False
+    shape = tuple(outs[embed][0].shape[1:])
+    if len(shape) == 2:  # [P, D]
+        patches = shape[0]
+    elif len(shape) == 3:  # a conv's [D, H, W], or timm's NHWC [H, W, D]
+        patches = shape[1] * shape[2] if isinstance(mods[embed], nn.Conv2d) else shape[0] * shape[1]
+    else:
+        return 0, 0, False
+    return prefix, int(patches), has_cls
 
 
 def _trunk_names(module) -> tuple[set[str], set[str]]:
@@ -412,7 +489,7 @@ class Tapper:
                 x = F.relu(x)
             elif op == "relu6":
                 x = F.relu6(x)
-            self._codes[tap.name] = self.pool.apply(x)
+            self._codes[tap.name] = self.pool.apply(x, tap.prefix_tokens)
             if self.stop_early and len(self._codes) == len(self.taps):
                 raise _Stop
 

@@ -133,6 +133,30 @@ def run_cli(*args: str, cwd=None, env=None, timeout=300) -> subprocess.Completed
     )
 
 
+def sigkill_when(argv, ready, timeout: float = 120) -> None:
+    """Start `featx ARGV` in a fresh process and SIGKILL it as soon as `ready()` holds (or it has
+    ended, or `timeout` seconds passed): the kill half of every kill-then-resume test."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "featx.cli", *map(str, argv)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not ready() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def cells_written(out) -> int:
+    """Lines in a bench's cells.jsonl so far (0 before it exists)."""
+    try:
+        with open(os.path.join(str(out), "cells.jsonl"), encoding="utf-8") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
 def write_codes(path, layers: dict, labels, splits, classes, model="resnet18", weights="none", groups=None):
     """A featx codes file from arrays, written by featx's own journal + finalize."""
     import json as _json

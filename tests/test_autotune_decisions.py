@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import cli, make_images, run_cli
+from conftest import cli, make_images, run_cli, sigkill_when
 from featx.classify import fit, protocol_for
 from featx.extraction import extract
 from featx.store import open_codes, verify
@@ -97,13 +93,7 @@ def test_killed_auto_extract_resumes_to_the_uninterrupted_file(decision, tmp_pat
     ref_path = ref.stdout.strip().splitlines()[-1]
     cache = tmp_path / "c"
     entry = str(cache / os.path.basename(ref_path))
-    proc = subprocess.Popen([sys.executable, "-m", "featx.cli", *args, str(cache)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while _samples_done(entry) < 12 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when([*args, cache], lambda: _samples_done(entry) >= 12, timeout=300)
     assert not os.path.exists(entry), "the run finished before it could be killed"
     done = _samples_done(entry)
     assert 12 <= done < 90

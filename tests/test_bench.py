@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import cli, make_images, run_cli
+from conftest import cells_written, cli, make_images, run_cli, sigkill_when
 from featx.analysis import analyze
 from featx.bench import BenchConfig, BenchData, load_done, parse_bench_data, run
 from featx.classify import protocol_for
@@ -103,16 +103,7 @@ def test_killed_bench_resumes_to_the_same_results(two_datasets, tmp_path):
     ref = run_cli(*args, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "featx.cli", *args, "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.monotonic() + 120
-    cells = out / "cells.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if cells.exists() and sum(1 for _ in open(cells)) >= 20:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when([*args, "--out", out], lambda: cells_written(out) >= 20)
     done = len(load_done(str(out)))
     assert 20 <= done < 90, done
     r = run_cli(*args, "--out", str(out))

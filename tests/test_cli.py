@@ -2,15 +2,13 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import make_images, run_cli
+from conftest import make_images, run_cli, sigkill_when
 from featx.store import open_codes
 
 TINY = ["--weights", "none", "--image-size", "32", "--workers", "0", "--batch-size", "4"]
@@ -113,14 +111,7 @@ def test_sigkill_then_resume_gives_identical_file(tmp_path):
     ref_path = ref.stdout.strip()
     cache = tmp_path / "c"
     entry = str(cache / os.path.basename(ref_path))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "featx.cli", *args, str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 120
-    while _progress(entry) < 16 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when([*args, cache], lambda: _progress(entry) >= 16)
     assert not os.path.exists(entry), "the run finished before it could be killed"
     done = _progress(entry)
     assert 16 <= done < 120

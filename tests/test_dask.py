@@ -4,7 +4,6 @@ on the loopback), with the same results and resume as the default joblib backend
 import csv
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import assert_one_line_error, cli, make_images, run_cli
+from conftest import assert_one_line_error, cells_written, cli, make_images, run_cli, sigkill_when
 from featx.bench import BenchConfig, Cell, _run_cell, load_done
 from featx.classify import Protocol, parse_train_size
 from featx.errors import FeatxError
@@ -204,16 +203,7 @@ def test_killed_dask_bench_resumes(data, cluster, tmp_path):
     args = [*_args(root, a, b, seeds="0,1,2"), "--layers", "layer1,layer2,layer3,layer4,avgpool", "--scheduler",
             cluster.scheduler_address]  # fmt: skip
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "featx.cli", *args, "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.monotonic() + 120
-    cells = out / "cells.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if cells.exists() and sum(1 for _ in open(cells)) >= 10:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when([*args, "--out", out], lambda: cells_written(out) >= 10)
     done = len(load_done(str(out)))
     assert 10 <= done < 60, done
     r = run_cli(*args, "--out", str(out))

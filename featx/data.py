@@ -40,16 +40,12 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import FeatxError, UsageError
+from featx.settings import _SPLIT_ALIASES, DataOptions, parse_per_class_limit  # noqa: F401 (re-exported)
 
 log = logging.getLogger("featx")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SPLITS = ("train", "val", "test")
-_SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val",
-    "test": "test", "testing": "test",
-}  # fmt: skip
 _FASHION_CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -109,55 +105,6 @@ class Dataset:
         return out
 
 
-@dataclass(frozen=True)
-class DataOptions:
-    """How to cut a source into the samples of one extraction."""
-
-    test_fraction: float = 0.2
-    per_class_limit: int | dict[str, int] | None = None
-    seed: int = 0
-    data_root: str | None = None
-    group_by: str | None = None  # regex: its first match on an image's relative path is its group
-
-    def to_dict(self) -> dict:
-        d = {
-            "test_fraction": self.test_fraction,
-            "per_class_limit": self.per_class_limit,
-            "seed": self.seed,
-            "data_root": self.data_root,
-        }
-        if self.group_by:  # only when set, so files and keys without groups stay as they were
-            d["group_by"] = self.group_by
-        return d
-
-
-def parse_per_class_limit(text: str | int | None) -> int | dict[str, int] | None:
-    """'200' -> 200; 'train=200,test=100' -> {'train': 200, 'test': 100}."""
-    if text is None or isinstance(text, int):
-        if isinstance(text, int) and text < 1:
-            raise UsageError(f"--per-class-limit {text}: must be a positive integer")
-        return text
-    text = str(text).strip()
-    try:
-        if "=" not in text:
-            k = int(text)
-            if k < 1:
-                raise ValueError
-            return k
-        out = {}
-        for part in text.split(","):
-            split, _, k = part.partition("=")
-            split = _SPLIT_ALIASES.get(split.strip().lower())
-            if split is None or int(k) < 1:
-                raise ValueError
-            out[split] = int(k)
-        return out
-    except ValueError:
-        raise UsageError(
-            f"--per-class-limit {text!r}: use a positive integer K, or per split: train=200,test=100"
-        ) from None
-
-
 # -- opening -------------------------------------------------------------------------------------
 
 
@@ -167,8 +114,6 @@ def open_source(spec: str, options: DataOptions | None = None) -> Dataset:
     check_limits()
     if not isinstance(opts.seed, int) or opts.seed < 0:
         raise UsageError(f"--seed {opts.seed}: must be a non-negative integer")
-    if not 0.0 < opts.test_fraction < 1.0:
-        raise UsageError(f"--test-fraction {opts.test_fraction}: must be between 0 and 1 (exclusive)")
     spec = (spec or "").strip()
     if not spec:
         raise UsageError(

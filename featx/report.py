@@ -3,6 +3,7 @@ results.json, report.md, the depth and learning-curve plots)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -107,6 +108,29 @@ def info_text(path: str, f, layers: list[dict], splits: dict) -> str:
     if len(f.skipped) > 10:
         lines.append(f"  ... {len(f.skipped) - 10} more in /skipped")
     return "\n".join(lines)
+
+
+def cache_text(entries) -> str:
+    """`featx cache ls`: one row per entry (cache.list_entries)."""
+    rows = []
+    for e in entries:
+        d, mib = e.detail, round(e.size / 2**20, 1)
+        if e.state == "complete":
+            what = f"{d.get('model')} {d.get('weights')} | {len(d.get('layers', []))} layers | {d.get('dataset')}"
+            rows.append([os.path.basename(e.path), "complete", d.get("rows"), mib, what])
+        elif e.state == "partial":
+            rows.append([os.path.basename(e.path), f"partial {d['samples_done']}/{d['samples']}", d.get("rows"), mib,
+                         ", ".join(d.get("layers", []))])  # fmt: skip
+        else:
+            rows.append([os.path.basename(e.path), e.state, None, mib, d.get("reason")])
+    return format_table(rows, ["entry", "state", "rows", "MiB", "contents"], align="llrrl")
+
+
+def predictions_text(preds, top_k: int) -> str:
+    """`featx predict`: one row per image (predict.Prediction)."""
+    rows = [[p.path, p.label, f"{p.score:.4f}" if p.score is not None else None,
+             ", ".join(f"{c} {s:.3f}" for c, s in p.top) if not p.error else f"error: {p.error}"] for p in preds]  # fmt: skip
+    return format_table(rows, ["image", "class", "score", f"top {top_k}"], align="llrl")
 
 
 def _fixed(v, digits: int = 2) -> str:

@@ -33,9 +33,8 @@ import numpy as np
 
 from featx.cache import digest
 from featx.classify import Protocol, TrainSize, fit_cell, parse_train_size
-from featx.data import DataOptions
 from featx.errors import FeatxError, UsageError
-from featx.settings import CodeSettings, ModelSettings, RunSettings, gather
+from featx.settings import CodeSettings, DataOptions, ModelSettings, RunSettings, gather
 from featx.store import CodesFile
 
 log = logging.getLogger("featx")

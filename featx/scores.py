@@ -310,7 +310,7 @@ def _gbc(spec: _Spectrum, y: np.ndarray, c: int) -> float:
                 np.log(s).sum() - 0.5 * np.log(var[i]).sum() - 0.5 * np.log(var[j]).sum()
             )
             total += 2.0 * np.exp(-d_b)  # D_B is symmetric: (i, j) and (j, i) alike
-    return -total
+    return 0.0 - total  # not -0.0 when no classes overlap
 
 
 _SCORES = {"logme": _logme, "hscore": _hscore, "transrate": _transrate, "gbc": _gbc}

@@ -30,7 +30,11 @@ def test_split_model_spec():
     assert split_model_spec("timm:resnet18@none") == ("timm:resnet18", "none")
     assert split_model_spec(" resnet18 ") == ("resnet18", None)
     assert split_model_spec("resnet18@/ckpt/a@b.pt") == ("resnet18", "/ckpt/a@b.pt")  # the first @ splits
-    for bad, needle in (("resnet18@", "no weights after @"), ("@none", "no model name"), ("", "no model name")):
+    for bad, needle in (
+        ("resnet18@", "no weights after @"),
+        ("@none", "no model name"),
+        ("", "no model name"),
+    ):
         with pytest.raises(UsageError, match=needle):
             split_model_spec(bad)
 
@@ -43,15 +47,22 @@ def test_bench_config_models_and_defaults():
     assert [model.weights for model in cfg.models] == ["none", "IMAGENET1K_V1", "IMAGENET1K_V1"]
     assert all(model.image_size == 32 for model in cfg.models) and cfg.model == cfg.models[0]
     # the single-model form still works, and a repeated model is benched once
-    assert BenchConfig("resnet18", [BenchData("x")], weights="none").models == (ModelSettings("resnet18", "none"),)
+    assert BenchConfig("resnet18", [BenchData("x")], weights="none").models == (
+        ModelSettings("resnet18", "none"),
+    )
     assert len(BenchConfig(["resnet18@none", "resnet18@none"], [BenchData("x")]).models) == 1
-    labels = [b.label for b in BenchConfig(["a@imagenet", "b@none"], [BenchData("x")], control="random").bench_models()]
+    labels = [
+        b.label
+        for b in BenchConfig(["a@imagenet", "b@none"], [BenchData("x")], control="random").bench_models()
+    ]
     assert labels == ["a@imagenet", "a@none (random control)", "b@none"]
     with pytest.raises(UsageError, match="--control 'fancy'"):
         BenchConfig("resnet18", [BenchData("x")], control="fancy")
 
 
-@pytest.mark.parametrize("model, needle", [("resnet18@", "no weights after @"), ("@imagenet", "no model name")])
+@pytest.mark.parametrize(
+    "model, needle", [("resnet18@", "no weights after @"), ("@imagenet", "no model name")]
+)
 def test_bad_model_spec_is_one_line(tmp_path, model, needle):
     rc, _, err = cli("bench", "--model", "resnet18@none", "--model", model, "--data", "sklearn:digits",
                      "--out", tmp_path / "o")  # fmt: skip
@@ -100,8 +111,16 @@ def test_two_models_and_a_control_in_one_bench(data, tmp_path, caplog):
     assert len(rows) == 36 and all(r["relative_depth"] is not None for r in rows)
     assert {r["control_of"] for r in rows if r["model"] == labels[1]} == {labels[0]}
     # the control is the same architecture, randomly initialised: the same layers, other codes
-    ctl = {(r["dataset"], r["layer"], r["train_size_spec"], r["seed"]): r for r in rows if r["model"] == labels[1]}
-    pre = {(r["dataset"], r["layer"], r["train_size_spec"], r["seed"]): r for r in rows if r["model"] == labels[0]}
+    ctl = {
+        (r["dataset"], r["layer"], r["train_size_spec"], r["seed"]): r
+        for r in rows
+        if r["model"] == labels[1]
+    }
+    pre = {
+        (r["dataset"], r["layer"], r["train_size_spec"], r["seed"]): r
+        for r in rows
+        if r["model"] == labels[0]
+    }
     assert ctl.keys() == pre.keys()
     # scores: every (model, dataset, layer) once, filled on the largest size's rows only
     assert len(load_done(str(out), "scores.jsonl")) == 3 * 2 * 3
@@ -114,7 +133,7 @@ def test_two_models_and_a_control_in_one_bench(data, tmp_path, caplog):
     assert {"model", "control_of", "score_logme", "score_gbc"} <= set(table[0])
     md = open(paths["report.md"]).read()
     assert "## Which model, which layer" in md and "### alpha (softmax)" in md and "### beta (softmax)" in md
-    section = md[md.index("### alpha (softmax)"): md.index("### beta (softmax)")]
+    section = md[md.index("### alpha (softmax)") : md.index("### beta (softmax)")]
     assert all(f"| {lab} |" in section or f"| **{lab}** |" in section for lab in labels)
     assert "## What pretraining adds" in md and "pretraining adds" in md and "## Transferability scores" in md
     assert f"## alpha ({labels[1]}, softmax)" in md
@@ -201,10 +220,17 @@ def test_the_model_is_chosen_by_validation_never_by_test():
     srcs = [_Src("d", "A@imagenet", DEPTH), _Src("d", "B@imagenet", DEPTH)]
     analyses = analyze(rows, srcs)
     (c,) = model_choices(analyses)
-    assert (c.chosen.model, c.chosen.best, c.runner_up.model, c.runner_up.best) == ("A@imagenet", "top", "B@imagenet", "mid")
+    assert (c.chosen.model, c.chosen.best, c.runner_up.model, c.runner_up.best) == (
+        "A@imagenet",
+        "top",
+        "B@imagenet",
+        "mid",
+    )
     md = markdown_report(analyses, title="t", command=None, plots=[], notes=[])
     assert "**Use A@imagenet, layer top (depth 1.00)" in md
-    assert "15.0 points below (validation and test disagree) the runner-up by validation, B@imagenet mid" in md
+    assert (
+        "15.0 points below (validation and test disagree) the runner-up by validation, B@imagenet mid" in md
+    )
     assert "beyond noise" in md
     assert "best on test (not used for the choice): B@imagenet mid" in md
     assert "Use B@imagenet" not in md
@@ -218,7 +244,11 @@ def test_pretraining_gain_per_depth():
     srcs = [_Src("d", "A@imagenet", DEPTH), _Src("d", "A@none (random control)", DEPTH, "A@imagenet")]
     analyses = analyze(rows, srcs)
     (g,) = pretraining_gains(analyses)
-    assert [(n, round(gain * 100, 1)) for n, _, _, _, gain in g.by_layer] == [("early", -5.0), ("mid", 10.0), ("top", 35.0)]
+    assert [(n, round(gain * 100, 1)) for n, _, _, _, gain in g.by_layer] == [
+        ("early", -5.0),
+        ("mid", 10.0),
+        ("top", 35.0),
+    ]
     md = markdown_report(analyses, title="t", command=None, plots=[], notes=[])
     assert "## What pretraining adds" in md
     assert "adds -5.0 points over random init at depth 0.30 and +35.0 at depth 1.00; most at depth 1.00" in md

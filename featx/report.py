@@ -211,6 +211,13 @@ def _style(similarity: str):
     return ("-", "o") if similarity == "similar" else ("--", "s")
 
 
+def _wrap(title: str, width: int = 110) -> str:
+    """A long title (several models) on several lines rather than cut off at the figure's edge."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
+
+
 def plot_depth(analyses, path: str, title: str) -> str:
     """Accuracy vs relative depth: a panel per train size, a line per dataset and model (similar
     solid, different dashed, random-init controls dotted) on the shared relative-depth axis; the
@@ -256,8 +263,8 @@ def plot_depth(analyses, path: str, title: str) -> str:
         list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 2 if several else 4),
         fontsize=9,
     )
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06 + (0.03 * len(handles) / 2 if several else 0), 1, 1))
+    fig.suptitle(_wrap(title))
+    fig.tight_layout(rect=(0, 0.06 + (0.02 * len(handles) / 2 if several else 0), 1, 1))
     _save_figure(fig, path)
     plt.close(fig)
     return path
@@ -293,7 +300,7 @@ def plot_learning_curves(analyses, path: str, title: str) -> str:
                      f"{a.name} ({a.similarity_text})", fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
     axes[0][0].set_ylabel("test accuracy")
-    fig.suptitle(title)
+    fig.suptitle(_wrap(title))
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)

@@ -16,8 +16,12 @@ def add_parser(sub) -> None:
     from featx.bench import DEFAULT_LAYERS
 
     p = sub.add_parser("bench", help="measure layer transferability: datasets x layers x train sizes x seeds")
-    p.add_argument("--model", required=True, help=o.MODEL_HELP)
+    p.add_argument("--model", action="append", required=True, metavar="NAME[@WEIGHTS]",
+                   help=o.MODEL_HELP + ", optionally @WEIGHTS; repeatable: several models in one bench "
+                        "(--weights is the default of a model without @)")  # fmt: skip
     o.add_model_args(p)
+    p.add_argument("--control", choices=["random"],
+                   help="add each pretrained model's random-init twin (--weights none, seeded) as a control")  # fmt: skip
     p.add_argument("--data", action="append", required=True,
                    help="a dataset, repeatable; append :similar or :different to label it (PATH:similar)")  # fmt: skip
     p.add_argument("--layers", default=DEFAULT_LAYERS, help="layers to compare (default: 7 depths)")
@@ -71,20 +75,32 @@ def _run(config, args) -> int:
 def run(args) -> int:
     from featx.bench import BenchConfig, parse_bench_data
     from featx.classify import parse_train_size
-    from featx.settings import CodeSettings, DataOptions, ModelSettings, RunSettings
+    from featx.settings import CodeSettings, DataOptions, RunSettings
 
     o.check_jobs(args.jobs)
     sizes = [s.strip() for s in args.train_sizes.split(",") if s.strip()] or ["all"]
     for s in sizes:
         parse_train_size(s)
     config = BenchConfig(
-        o.settings_from(ModelSettings, args, name=args.model), [parse_bench_data(d) for d in args.data],
+        _models(args), [parse_bench_data(d) for d in args.data],
         CodeSettings(args.layers), o.settings_from(RunSettings, args), train_sizes=sizes, protocols=_protocols(args),
         seeds=o.ints(args.seeds, "--seeds") or (0,), data_options=o.settings_from(DataOptions, args),
         baseline_pixels=args.baseline == "pixels", pixel_size=args.pixel_size, out=args.out, cache_dir=args.cache_dir,
-        jobs=args.jobs, scheduler=args.scheduler,
+        jobs=args.jobs, scheduler=args.scheduler, control=args.control,
     )  # fmt: skip
     return _run(config, args)
+
+
+def _models(args) -> list:
+    """--model NAME[@WEIGHTS], repeatable: one ModelSettings each (--weights for those without @)."""
+    from featx.bench import split_model_spec
+    from featx.settings import ModelSettings
+
+    models = []
+    for spec in args.model:
+        name, weights = split_model_spec(spec)
+        models.append(o.settings_from(ModelSettings, args, name=name, weights=weights or args.weights))
+    return models
 
 
 def run_demo(args) -> int:

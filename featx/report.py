@@ -471,7 +471,8 @@ def score_text(results: list[dict], ranking: dict | None, metrics: list[str]) ->
     """`featx score`'s tables: per file and layer its scores; with several files, the model ranking."""
     several = len(results) > 1
     rows = [[f"{r['model']}@{r['weights']}" if several else ly["layer"], *([ly["layer"]] if several else []),
-             "-" if ly["depth"] is None else _fixed(ly["depth"]), ly["dim"], *(f"{ly['scores'][m]:.4f}" for m in metrics),
+             "-" if ly["depth"] is None else _fixed(ly["depth"]), ly["dim"],
+             *("-" if ly["scores"][m] is None else f"{ly['scores'][m]:.4f}" for m in metrics),
              f"{ly['seconds']:.2f}"] for r in results for ly in r["layers"]]  # fmt: skip
     head = [*(["model", "layer"] if several else ["layer"]), "depth", "dim", *metrics, "s"]
     out = [f"{r['file']}: {r['model']} ({r['weights']}), {r['rows']} training images, {r['classes']} classes"
@@ -479,6 +480,8 @@ def score_text(results: list[dict], ranking: dict | None, metrics: list[str]) ->
     out.append(
         format_table(rows, head, align="l" * (len(head) - len(metrics) - 3) + "r" * (len(metrics) + 3))
     )
+    out += [f"  {r['model']} {ly['layer']}: {msg}" for r in results for ly in r["layers"]
+            for msg in ly.get("errors", {}).values()]  # fmt: skip
     if ranking:
         out.append("\nmodels by their best layer (higher is better; scores rank, probes measure):")
         rank_rows = [[m, i + 1, f"{e['model']}@{e['weights']}", e["layer"], f"{e['score']:.4f}"]

@@ -68,9 +68,13 @@ def parse_metrics(text: str | Sequence[str] | None) -> list[str]:
 
 
 def score(
-    X: np.ndarray, y: np.ndarray, metrics: Sequence[str] = METRICS, precision: str = "float64"
-) -> dict[str, float]:
+    X: np.ndarray, y: np.ndarray, metrics: Sequence[str] = METRICS, precision: str = "float64",
+    errors: dict | None = None,
+) -> dict[str, float | None]:
     """Every score in `metrics` of codes X [N, D] for labels y [N] (any integer class ids).
+
+    A metric that is numerically undefined on these codes raises FeatxError, or, when an `errors`
+    dict is given, scores None with its one-line reason in `errors[metric]`.
 
     `precision` is that of the covariance product, the one step of size N x D x D: float64 (default)
     is exact to rounding; float32 halves its time but accumulates rounding over N rows: 1e-8 on codes
@@ -91,8 +95,22 @@ def score(
         raise FeatxError("the codes hold NaN or infinite values; scores need finite codes")
     if precision not in ("float64", "float32"):
         raise UsageError(f"precision {precision!r}: use float64 or float32")
-    spec = _Spectrum(X.astype(precision, copy=False))
-    return {m: float(_SCORES[m](spec, y, len(classes))) for m in metrics}
+    out, spec = {}, None
+    for m in metrics:
+        try:
+            with np.errstate(all="ignore"):
+                spec = spec or _Spectrum(X.astype(precision, copy=False))
+                value = float(_SCORES[m](spec, y, len(classes)))
+            if not np.isfinite(value):
+                raise FloatingPointError(f"the result is {value}")
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError, FeatxError) as e:
+            # degenerate codes (dead channels, a random-init layer on a few rows): this metric only
+            problem = FeatxError(f"{m} is not defined on these codes ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            if errors is None:
+                raise problem from None
+            errors[m], value = str(problem), None
+        out[m] = value
+    return out
 
 
 class _Spectrum:
@@ -364,10 +382,11 @@ def score_file(
                "train_sha256": _rows_digest([f.paths[i] for i in rows], y), "layers": []}  # fmt: skip
         for name in names:
             t0 = time.perf_counter()
-            values = score(f.codes(name, rows), y, metrics)
+            errors: dict[str, str] = {}
+            values = score(f.codes(name, rows), y, metrics, errors=errors)
             depth = f.layer_attrs(name).get("depth")
             out["layers"].append({"layer": name, "depth": depth if isinstance(depth, (int, float)) else None,
-                                  "dim": f.dim(name), "scores": values,
+                                  "dim": f.dim(name), "scores": values, "errors": errors,
                                   "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
     return out
 
@@ -390,7 +409,8 @@ def rank_models(results: Sequence[dict], metrics: Sequence[str]) -> dict[str, li
                              f"featx score ranks models extracted from the same data only")  # fmt: skip
     ranking = {}
     for m in metrics:
-        best = [(max(r["layers"], key=lambda ly: ly["scores"][m]), r) for r in results]
+        scored = [(r, [ly for ly in r["layers"] if ly["scores"][m] is not None]) for r in results]
+        best = [(max(layers, key=lambda ly: ly["scores"][m]), r) for r, layers in scored if layers]
         best.sort(key=lambda br: -br[0]["scores"][m])
         ranking[m] = [{"file": r["file"], "model": r["model"], "weights": r["weights"], "layer": ly["layer"],
                        "score": ly["scores"][m]} for ly, r in best]  # fmt: skip

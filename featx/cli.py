@@ -328,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--all", action="store_true", help="remove every entry")
     q.add_argument("--cache-dir")
     _add_score_parser(sub)
+    _add_finetune_parser(sub)
     return parser
 
 
@@ -662,6 +663,76 @@ def cmd_score(args) -> int:
 COMMANDS["score"] = cmd_score
 
 
+# -- featx finetune ------------------------------------------------------------------------------
+
+
+def _add_finetune_parser(sub) -> None:
+    from featx.finetune import OPTIMIZERS, FinetuneSettings as D
+
+    p = sub.add_parser("finetune", help="fine-tune from a freeze point; saves a model predict and extract can use")
+    p.add_argument("--model", required=True, help="torchvision name (resnet50), timm:NAME, or efficientnet_lite0")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="image folder, CSV manifest, sklearn:digits, idx folder or torchvision:NAME")
+    p.add_argument("--train-from", default=D.train_from,
+                   help="freeze point: depth:F (0 = everything trains, 1.0 = head only) or a layer name (depth:0.5)")
+    p.add_argument("--epochs", type=_positive_int, default=D.epochs, help=f"epochs ({D.epochs})")
+    p.add_argument("--lr", type=float, default=D.lr, help=f"peak learning rate of the new head ({D.lr})")
+    p.add_argument("--backbone-lr-mult", type=float, default=D.backbone_lr_mult,
+                   help=f"pretrained layers train at lr x this ({D.backbone_lr_mult})")
+    p.add_argument("--weight-decay", type=float, default=D.weight_decay, help=f"on weights, not biases/norms ({D.weight_decay})")
+    p.add_argument("--optimizer", default=D.optimizer, choices=OPTIMIZERS, help=f"({D.optimizer}, momentum {D.momentum})")
+    p.add_argument("--momentum", type=float, default=D.momentum, help=f"sgd momentum ({D.momentum})")
+    p.add_argument("--warmup", type=int, default=D.warmup, help=f"epochs of linear warm-up before the cosine decay ({D.warmup})")
+    p.add_argument("--batch-size", type=_positive_int, default=D.batch_size, help=f"images per step ({D.batch_size})")
+    p.add_argument("--label-smoothing", type=float, default=D.label_smoothing, help="(0)")
+    p.add_argument("--train-size", default=D.train_size, help="all, N in total or K/class: the same subsets as fit (all)")
+    p.add_argument("--seed", type=int, default=D.seed, help="seed of the subset, hold-out, head and data order (0)")
+    p.add_argument("--val-fraction", type=float, default=D.val_fraction, help="hold-out share of train without a val split (0.2)")
+    p.add_argument("--max-images", type=_positive_int, help="cap the training images (a seeded stratified subset)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="train on the eval transform")
+    p.add_argument("--test-fraction", type=_fraction, default=0.2, help="test share for data without splits (0.2)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of that split, as extract --seed (0)")
+    p.add_argument("--per-class-limit", help="at most K images per class and split: K, or train=K1,test=K2")
+    p.add_argument("--data-root", help="where torchvision:NAME datasets live")
+    p.add_argument("--group-by", metavar="REGEX", help="keep groups (patients, ...) on one side of every split")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=_workers, default="auto", help="data-loading processes (auto: 0 on the CPU)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    p.add_argument("--out", required=True, help="save the model as OUT.safetensors (checkpoints in OUT.ckpt/ meanwhile)")
+    p.add_argument("--results", help="write the results as JSON to FILE")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def cmd_finetune(args) -> int:
+    from featx.classifier_io import classifier_path
+    from featx.data import DataOptions, parse_per_class_limit
+    from featx.finetune import FinetuneSettings, finetune
+    from featx.settings import ModelSettings, RunSettings
+
+    settings = _settings(FinetuneSettings, args)
+    if args.results and os.path.realpath(args.results) == os.path.realpath(classifier_path(args.out)):
+        raise UsageError(f"--results {args.results} is also the model --out writes; give each its own path")
+    options = DataOptions(test_fraction=args.test_fraction, per_class_limit=parse_per_class_limit(args.per_class_limit),
+                          seed=args.split_seed, data_root=args.data_root, group_by=args.group_by or None)  # fmt: skip
+    result = finetune(_settings(ModelSettings, args, name=args.model), args.data, settings,
+                      run=_settings(RunSettings, args, batch_size="auto"), data_options=options, out=args.out,
+                      progress=not args.quiet)  # fmt: skip
+    if args.results:
+        from featx.store import write_json_atomic
+
+        try:
+            write_json_atomic(args.results, result.results)
+        except OSError as e:
+            raise FeatxError(f"--results {args.results}: cannot write ({e.strerror or e})") from None
+    print(json.dumps({**result.results, "path": result.path}, indent=1) if args.json else result.summary())
+    if not args.json:
+        print(result.path)
+    return 0
+
+
+COMMANDS["finetune"] = cmd_finetune
+
+
 def _setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("featx: %(message)s"))
@@ -694,3 +765,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

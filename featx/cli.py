@@ -667,7 +667,8 @@ COMMANDS["score"] = cmd_score
 
 
 def _add_finetune_parser(sub) -> None:
-    from featx.finetune import OPTIMIZERS, FinetuneSettings as D
+    from featx.finetune import OPTIMIZERS
+    from featx.finetune import FinetuneSettings as D
 
     p = sub.add_parser("finetune", help="fine-tune from a freeze point; saves a model predict and extract can use")
     p.add_argument("--model", required=True, help="torchvision name (resnet50), timm:NAME, or efficientnet_lite0")

@@ -275,12 +275,16 @@ def select_samples(ds, settings: FinetuneSettings):
     try:
         rows = select_rows(_RowsView(ds), protocol, parse_train_size(settings.train_size), settings.seed)
     except FeatxError as e:
-        raise UsageError(str(e)) from None
-    counts = np.bincount(ds.labels[rows.val], minlength=len(ds.classes))[present]
-    if counts.min() < MIN_VAL_PER_CLASS:
-        short = ds.classes[int(present[int(np.argmin(counts))])]
-        raise UsageError(f"--data {ds.spec}: class {short!r} has no validation images ({rows.val_source}); give it more "
-                         f"training images (at least 2 per class) or a larger --train-size")  # fmt: skip
+        if "validate on" not in str(e):
+            raise UsageError(str(e)) from None
+        rows = None
+    if rows is not None:
+        counts = np.bincount(ds.labels[rows.val], minlength=len(ds.classes))[present]
+    if rows is None or counts.min() < MIN_VAL_PER_CLASS:
+        smallest = int(np.bincount(ds.labels[train])[present].min())
+        raise UsageError(f"--data {ds.spec}: too few images per class for a validation split ({smallest} training "
+                         f"image(s) in the smallest class, --train-size {settings.train_size}); give every class at "
+                         f"least 2 training images, a val split, or a larger --train-size")  # fmt: skip
     if settings.max_images is not None and settings.max_images < len(rows.train):
         size = parse_train_size(str(settings.max_images))
         rows.train = _subsample(rows.train, ds.labels, size, np.random.default_rng([settings.seed, 1]), ds.classes)

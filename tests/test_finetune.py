@@ -109,10 +109,14 @@ def test_head_only_close_to_fit_softmax(data, tmp_path):
     assert r["accuracy"] > 0.5
 
 
-def test_test_split_read_only_at_the_end(data):
+def test_test_split_read_only_at_the_end(data, caplog):
     """Instrument the reader: no test image is read before the last training/validation read,
-    and each test image is read once."""
+    and each test image is read once. (On the CPU the run time is estimated up front.)"""
+    import logging
+
     from featx.data import open_source
+
+    caplog.set_level(logging.INFO, logger="featx")
 
     ds = open_source(str(data))
     reads: list[int] = []
@@ -123,6 +127,18 @@ def test_test_split_read_only_at_the_end(data):
     first = next(k for k, i in enumerate(reads) if i in test)
     assert all(i in test for i in reads[first:]) and len(reads[first:]) == len(test) == r["n_test"]
     assert first > 0
+    assert "fine-tuning on the CPU: about" in caplog.text and "first batch" in caplog.text
+
+
+def test_max_images_caps_the_training_images(data):
+    from featx.data import open_source
+
+    ds = open_source(str(data))
+    full = select_samples(ds, FinetuneSettings(seed=2))
+    capped = select_samples(ds, FinetuneSettings(seed=2, max_images=6))
+    assert len(capped.train) == 6 and set(capped.train) <= set(full.train)
+    assert sorted(np.bincount(ds.labels[capped.train]).tolist()) == [2, 2, 2]  # stratified
+    assert np.array_equal(capped.val, full.val) and np.array_equal(capped.test, full.test)
 
 
 def test_predict_uses_the_saved_model(tuned, data):

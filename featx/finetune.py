@@ -570,16 +570,18 @@ def _val_scores(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def _precision(run, device):
+    """bf16 autocast on CUDA (`auto` or `bf16`), fp32 elsewhere; fp16 would need loss scaling."""
     import torch
 
-    if run.precision in ("auto", "fp32") or device.type != "cuda":
-        if run.precision in ("bf16", "fp16") and device.type != "cuda":
-            raise UsageError(f"--precision {run.precision}: fine-tuning uses mixed precision on CUDA only; use fp32 or auto")
-        return None if (run.precision == "fp32" or device.type != "cuda") else torch.bfloat16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[run.precision]
+    if run.precision == "fp16" or (run.precision == "bf16" and device.type != "cuda"):
+        raise UsageError(f"--precision {run.precision}: fine-tuning uses bf16 autocast on CUDA only; use auto, fp32 "
+                         f"or (on CUDA) bf16")  # fmt: skip
+    if device.type == "cuda" and run.precision in ("auto", "bf16"):
+        return torch.bfloat16
+    return None
 
 
-def _prepare(model, data, settings, run, data_options):
+def _prepare(model, data, settings, data_options):
     """(dataset, rows, backbone, plan taps, freeze point, head name): everything before training."""
     from featx.data import open_source
     from featx.engine import load_backbone
@@ -679,7 +681,7 @@ def finetune(model, data, settings: FinetuneSettings | None = None, *, run=None,
 
     settings, run, t0 = settings or FinetuneSettings(), run or RunSettings(workers=0), time.perf_counter()
     target = _target(out)
-    ds, rows, backbone, plan, point, head = _prepare(as_model(model), data, settings, run, data_options)
+    ds, rows, backbone, plan, point, head = _prepare(as_model(model), data, settings, data_options)
     device = resolve_device(run.device)
     amp = _precision(run, device)
     module = backbone.module

@@ -518,7 +518,14 @@ def read_checkpoint(path: str) -> dict:
 def _head_classes(model: ModelName, state: dict) -> int | None:
     """A checkpoint fine-tuned with another number of classes: its last 2-D tensor's rows."""
     module = build_module(model, device="meta")
-    own = list(module.state_dict().items())
+    own_dict = module.state_dict()
+    if set(state) == set(own_dict):  # same names (a safetensors file lists them sorted, not in module order)
+        last = list(own_dict)[-2:]
+        diffs = [k for k in own_dict if tuple(own_dict[k].shape) != tuple(state[k].shape)]
+        if diffs and set(diffs) <= set(last) and state[last[0]].dim() == 2:
+            return int(state[last[0]].shape[0])
+        return None
+    own = list(own_dict.items())
     theirs = list(state.items())
     if len(own) != len(theirs) or not own:
         return None

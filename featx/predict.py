@@ -80,6 +80,8 @@ class Predictor:
         from featx.models import parse_model_name as parse
         from featx.plan import Plan
 
+        if self._init_finetuned(path, device):
+            return
         self.pipeline, self.meta = load_classifier(path, force=force, trust_pickle=trust_pickle)
         meta = self.meta
         model = parse(meta["model"])
@@ -125,6 +127,22 @@ class Predictor:
         )
         self.classes = meta["classes"]
 
+    def _init_finetuned(self, path: str, device: str) -> bool:
+        """A fine-tuned network (`featx finetune --out`): its own head gives the class scores."""
+        from featx.classifier_io import locate
+        from featx.engine import CodeComputer, resolve_device
+        from featx.finetune import finetuned_description, load_finetuned
+        from featx.taps import Pool
+
+        kind, found = locate(path)
+        if kind != "arrays" or finetuned_description(found) is None:
+            return False
+        module, head, self.preprocess, self.meta = load_finetuned(found)
+        self.pipeline, self.classes = None, self.meta["classes"]
+        self.computer = CodeComputer(module, [head], {head.name: "none"}, Pool("avg"), self.preprocess,
+                                     resolve_device(device), "fp32")  # fmt: skip
+        return True
+
     def close(self) -> None:
         self.computer.close()
 
@@ -160,10 +178,13 @@ class Predictor:
 
     @property
     def _class_ids(self) -> np.ndarray:
-        return self.pipeline.classes_
+        return np.arange(len(self.classes)) if self.pipeline is None else self.pipeline.classes_
 
     def _scores(self, X) -> tuple[np.ndarray, bool]:
         """Per class: probabilities when the classifier has them, else decision values."""
+        if self.pipeline is None:  # a fine-tuned network's logits: softmax
+            z = np.exp(X - X.max(1, keepdims=True))
+            return z / z.sum(1, keepdims=True), True
         if hasattr(self.pipeline, "predict_proba") and hasattr(self.pipeline[-1], "predict_proba"):
             try:
                 return self.pipeline.predict_proba(X), True

@@ -1,0 +1,122 @@
+"""Fine-tune cells of a bench: one per (dataset, freeze point, train size, seed), beside the probe cells.
+
+A fine-tune cell runs `featx.finetune.finetune` on the dataset with the bench's model, run and data
+options, from its freeze point, with the same train-size subset and seed a probe cell of that
+train size and seed uses (so they see the same training images). Cells are resumable like probe
+cells: each finished cell is appended (fsync'ed) to the bench's `cells.jsonl` under a key that
+hashes what determines it (model, weights, preprocessing overrides, the data spec and options,
+freeze point, train size, seed, recipe); a cell killed mid-run resumes from its own epoch
+checkpoints (`OUT/finetune-ckpt/KEY/`), removed once the cell is recorded. Their rows carry
+`kind: "finetune"` (probe rows: `kind: "probe"`), the freeze point's module and depth in the
+`layer` / `relative_depth` columns.
+
+Not yet wired into `featx bench` (see `run_finetune_cells`; bench.py is changing in parallel).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, replace
+
+from featx.cache import digest
+from featx.classify import TrainSize, parse_train_size
+from featx.errors import FeatxError, UsageError
+from featx.finetune import FinetuneSettings
+
+log = logging.getLogger("featx")
+
+
+def parse_points(text: str) -> list[str]:
+    """'depth:0,0.5,1.0' or 'layer3,depth:0.5' -> ['depth:0', 'depth:0.5', 'depth:1.0'] (a `depth:`
+    prefix carries over to the numbers after it, as in --layers)."""
+    out, in_depth = [], False
+    for tok in (t.strip() for t in (text or "").split(",")):
+        if not tok:
+            continue
+        if tok.startswith("depth:"):
+            in_depth, tok = True, tok[len("depth:") :].strip()
+        elif in_depth:
+            try:
+                float(tok)
+            except ValueError:
+                in_depth = False
+        out.append(f"depth:{tok}" if in_depth else tok)
+    if not out:
+        raise UsageError("--finetune is empty; give freeze points, e.g. depth:0,0.5,1.0")
+    return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class FinetuneCell:
+    source: int  # index into the bench's datasets
+    spec: str
+    point: str
+    train_size: TrainSize
+    seed: int
+
+    def settings(self, base: FinetuneSettings) -> FinetuneSettings:
+        return replace(base, train_from=self.point, train_size=str(self.train_size), seed=self.seed)
+
+    def key(self, config, base: FinetuneSettings) -> str:
+        m = config.model
+        return digest({"kind": "finetune", "model": m.name, "weights": m.weights, "image_size": m.image_size,
+                       "crop_pct": m.crop_pct, "data": os.path.abspath(self.spec) if os.path.exists(self.spec)
+                       else self.spec, "data_options": config.data_options.to_dict(),
+                       "run": {"device": config.run.device, "precision": config.run.precision},
+                       "recipe": self.settings(base).to_dict()})  # fmt: skip
+
+
+def finetune_cells(config, points: list[str], sizes: list[str], seeds) -> list[FinetuneCell]:
+    """Every fine-tune cell, in a fixed order (dataset, freeze point, train size, seed)."""
+    return [FinetuneCell(i, bd.spec, p, parse_train_size(s), int(seed))
+            for i, bd in enumerate(config.datasets) for p in points for s in sizes
+            for seed in dict.fromkeys(seeds)]  # fmt: skip
+
+
+def run_finetune_cells(config, points: list[str], base: FinetuneSettings, progress: bool = False) -> list[tuple]:
+    """Run the missing fine-tune cells of `config` (a BenchConfig) one after another (each uses all
+    cores); returns [(cell, result)] for every cell of the grid, finished before or now. A cell the
+    data cannot support is recorded with its reason (`{"error": ...}`), as probe cells are."""
+    from featx.bench import CELLS_FILE, _append, _make_out_dir, load_done
+    from featx.finetune import finetune
+
+    _make_out_dir(config.out)
+    cells = finetune_cells(config, points, list(config.train_sizes), config.seeds)
+    done = load_done(config.out)
+    todo = [c for c in cells if c.key(config, base) not in done]
+    log.info("%d fine-tune cells: %d done before, %d to run", len(cells), len(cells) - len(todo), len(todo))
+    with open(os.path.join(config.out, CELLS_FILE), "a", encoding="utf-8") as fh:
+        for cell in todo:
+            key = cell.key(config, base)
+            ckpt = os.path.join(config.out, "finetune-ckpt", key[:24])
+            try:
+                r = finetune(config.model, cell.spec, cell.settings(base), run=config.run,
+                             data_options=config.data_options, checkpoint_dir=ckpt, progress=progress).results  # fmt: skip
+            except FeatxError as e:
+                r = {"error": str(e)}
+            _append(fh, {"key": key, "result": json.loads(json.dumps(r))})
+            done[key] = r
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return [(c, done[c.key(config, base)]) for c in cells]
+
+
+def finetune_rows(config, cells: list[tuple]) -> list[dict]:
+    """One flat row per finished fine-tune cell, in the columns of the probe rows plus `kind`."""
+    rows = []
+    for cell, r in cells:
+        if "error" in r:
+            continue
+        bd = config.datasets[cell.source]
+        rows.append({
+            "kind": "finetune", "dataset": os.path.basename(bd.spec.rstrip("/")), "similarity_label": bd.label or "",
+            "layer": r["train_from_module"], "train_from": cell.point, "relative_depth": r["train_from_depth"],
+            "code_dim": None, "train_size": r["train_size"], "train_size_spec": str(cell.train_size),
+            "classifier": "finetune", "preset": "", "C": None, "seed": cell.seed, "accuracy": r["accuracy"],
+            "balanced_accuracy": r["balanced_accuracy"], "val_score": r["val_score"], "n_test": r["n_test"],
+            "fit_seconds": r["seconds"], "baseline": "", "epoch": r["epoch"],
+            **{k: r.get(k) for k in ("val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct")},
+        })  # fmt: skip
+    return rows

@@ -1,0 +1,266 @@
+"""featx.finetune and `featx finetune`: the freeze point, the recipe's guarantees, crash safety,
+the saved model (predict, extract --weights) and bad input.
+
+Tiny generated images and timm's tiny random-init `test_resnet` (470k parameters, batch norm)
+at 32 px, so each fine-tune takes a few seconds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_one_line_error, cli, make_images, sigkill_when
+from featx.errors import UsageError
+from featx.finetune import FinetuneSettings, finetune, select_samples
+from featx.settings import ModelSettings, RunSettings
+
+MODEL = ModelSettings("timm:test_resnet", "none", image_size=32)
+RUN = RunSettings(device="cpu", workers=0, precision="fp32")
+ARGS = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--device", "cpu", "--workers", "0",
+        "--precision", "fp32", "--batch-size", "4"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """train/ and test/ folders, 3 classes x 8 training and 4 test images."""
+    root = tmp_path_factory.mktemp("ft") / "imgs"
+    make_images(root / "x", per_class=8, splits=("train",), seed=1)
+    make_images(root / "x", per_class=4, splits=("test",), seed=2)
+    return root / "x"
+
+
+@pytest.fixture(scope="module")
+def tuned(data, tmp_path_factory):
+    """One fine-tune from depth:0.5, saved."""
+    out = tmp_path_factory.mktemp("model") / "m"
+    s = FinetuneSettings(train_from="depth:0.5", epochs=2, batch_size=4, lr=0.05)
+    return finetune(MODEL, str(data), s, run=RUN, out=str(out), progress=False)
+
+
+def _initial():
+    from featx.models import load_model
+
+    return load_model("timm:test_resnet", "none").module.state_dict()
+
+
+def test_frozen_part_bitwise_unchanged_and_bn_stats_fixed(tuned):
+    r = tuned.results
+    assert r["train_from"] == "depth:0.5" and r["train_from_module"] == "after layer2.0"
+    before, after = _initial(), tuned.module.state_dict()
+    frozen = {n for n, p in tuned.module.named_parameters() if not p.requires_grad}
+    trained = {n for n, p in tuned.module.named_parameters() if p.requires_grad} - {"fc.weight", "fc.bias"}
+    assert frozen and trained and all(n.startswith(("conv1", "bn1", "layer1", "layer2")) for n in frozen)
+    assert all(n.startswith(("layer3", "layer4")) for n in trained)
+    for n in frozen:
+        assert torch.equal(before[n], after[n]), n
+    stats = [k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    frozen_stats = [k for k in stats if k.startswith(("conv1", "bn1", "layer1", "layer2"))]
+    assert frozen_stats and all(torch.equal(before[k], after[k]) for k in frozen_stats)
+    moved = [k for k in stats if k.startswith("layer3") and not torch.equal(before[k], after[k])]
+    assert moved, "the trained part's batch norm should update its statistics"
+    assert any(not torch.equal(before[n], after[n]) for n in trained)
+
+
+def test_results_schema(tuned):
+    r = tuned.results
+    for key in ("accuracy", "balanced_accuracy", "per_class", "confusion_matrix", "seed", "train_size", "seconds",
+                "test_ci_low", "test_ci_high", "val_source", "n_val", "n_test", "recipe", "epoch", "history"):  # fmt: skip
+        assert key in r, key
+    assert r["n_test"] == 12 and r["test_split"] == "test" and r["val_source"] == "hold-out 20% of train"
+    assert len(r["history"]) == 2 and 1 <= r["epoch"] <= 2
+    assert r["test_ci_low"] <= r["accuracy"] <= r["test_ci_high"]
+    assert tuned.path.endswith("m.safetensors") and not os.path.exists(tuned.path[: -len(".safetensors")] + ".ckpt")
+
+
+def test_same_training_images_as_fit(data, tmp_path):
+    """A fine-tune cell and a probe cell with the same seed and train size see the same rows."""
+    from featx.classify import Protocol, parse_train_size, select_rows
+    from featx.data import open_source
+    from featx.extraction import extract
+    from featx.store import CodesFile
+
+    ds = open_source(str(data))
+    codes = extract(MODEL, str(data), "depth:1.0", run=RUN, cache_dir=str(tmp_path), progress=False).path
+    for size, seed in (("all", 0), ("4/class", 3)):
+        ours = select_samples(ds, FinetuneSettings(train_size=size, seed=seed))
+        with CodesFile(codes) as f:
+            theirs = select_rows(f, Protocol(min_val_per_class=0), parse_train_size(size), seed)
+        for a, b in ((ours.train, theirs.train), (ours.val, theirs.val), (ours.test, theirs.test)):
+            assert np.array_equal(a, b)
+
+
+def test_head_only_close_to_fit_softmax(data, tmp_path):
+    """depth:1.0 trains only the head: a probe by SGD. On the same images (eval transform, no
+    augmentation) it lands within 0.25 accuracy of fit's softmax on the depth:1.0 codes (loose:
+    SGD for a few epochs on raw codes vs lbfgs on standardized ones with C chosen on validation)."""
+    from featx.classify import fit_cell, protocol_for
+    from featx.extraction import extract
+
+    s = FinetuneSettings(train_from="depth:1.0", epochs=8, lr=0.5, batch_size=8, augment=False, warmup=0)
+    r = finetune(MODEL, str(data), s, run=RUN, progress=False).results
+    codes = extract(MODEL, str(data), "depth:1.0", run=RUN, cache_dir=str(tmp_path), progress=False)
+    probe = fit_cell(codes.path, list(codes.layers), protocol_for("softmax"))
+    assert r["trainable_params"] == probe["dim"] * 3 + 3  # the new head alone
+    assert abs(r["accuracy"] - probe["accuracy"]) <= 0.25, (r["accuracy"], probe["accuracy"])
+    assert r["accuracy"] > 0.5
+
+
+def test_test_split_read_only_at_the_end(data, caplog):
+    """Instrument the reader: no test image is read before the last training/validation read,
+    and each test image is read once. (On the CPU the run time is estimated up front.)"""
+    import logging
+
+    from featx.data import open_source
+
+    caplog.set_level(logging.INFO, logger="featx")
+
+    ds = open_source(str(data))
+    reads: list[int] = []
+    inner = ds.loader
+    ds.loader = lambda i: (reads.append(i), inner(i))[1]
+    r = finetune(MODEL, ds, FinetuneSettings(epochs=2, batch_size=4), run=RUN, progress=False).results
+    test = set(np.flatnonzero(ds.splits == "test").tolist())
+    first = next(k for k, i in enumerate(reads) if i in test)
+    assert all(i in test for i in reads[first:]) and len(reads[first:]) == len(test) == r["n_test"]
+    assert first > 0
+    assert "fine-tuning on the CPU: about" in caplog.text and "first batch" in caplog.text
+
+
+def test_max_images_caps_the_training_images(data):
+    from featx.data import open_source
+
+    ds = open_source(str(data))
+    full = select_samples(ds, FinetuneSettings(seed=2))
+    capped = select_samples(ds, FinetuneSettings(seed=2, max_images=6))
+    assert len(capped.train) == 6 and set(capped.train) <= set(full.train)
+    assert sorted(np.bincount(ds.labels[capped.train]).tolist()) == [2, 2, 2]  # stratified
+    assert np.array_equal(capped.val, full.val) and np.array_equal(capped.test, full.test)
+
+
+def test_predict_uses_the_saved_model(tuned, data):
+    """predict's top-1 on the test images gives exactly the accuracy the fine-tune reported."""
+    from featx.predict import Predictor, collect_images
+
+    paths = collect_images([str(data / "test")])
+    p = Predictor(tuned.path[: -len(".safetensors")], device="cpu")
+    try:
+        preds = p.predict(paths, top_k=2, workers=0)
+    finally:
+        p.close()
+    truth = [os.path.basename(os.path.dirname(x)) for x in paths]
+    acc = np.mean([q.label == t for q, t in zip(preds, truth)])
+    assert acc == pytest.approx(tuned.results["accuracy"])
+    assert all(abs(sum(s for _, s in q.top) - 1) < 1 and q.top[0][1] >= q.top[1][1] for q in preds)
+    rc, out, err = cli("predict", tuned.path, str(data / "test" / "cat"), "--device", "cpu")
+    assert rc == 0 and "cat_000" in out, err
+
+
+def test_extract_taps_the_saved_backbone(tuned, data, tmp_path):
+    """extract --weights OUT.safetensors loads the fine-tuned network: codes of the frozen part equal
+    the original weights' codes, codes after the freeze point differ."""
+    from featx.extraction import extract
+    from featx.store import CodesFile
+
+    got = {}
+    for w in ("none", tuned.path):
+        res = extract(ModelSettings("timm:test_resnet", w, image_size=32), str(data), "layer1.0,layer4.0", run=RUN,
+                      cache_dir=str(tmp_path), progress=False)  # fmt: skip
+        with CodesFile(res.path) as f:
+            got[w] = {k: f.codes(k) for k in ("layer1.0", "layer4.0")}
+    assert np.array_equal(got["none"]["layer1.0"], got[tuned.path]["layer1.0"])
+    assert not np.allclose(got["none"]["layer4.0"], got[tuned.path]["layer4.0"])
+
+
+def _load(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def test_interrupted_run_resumes_bit_identical(data, tmp_path, monkeypatch):
+    """The fast in-process version: an exception after the first epoch's checkpoint, then a rerun."""
+    import featx.finetune as ft
+
+    s = FinetuneSettings(epochs=3, batch_size=4, lr=0.05)
+    ref = finetune(MODEL, str(data), s, run=RUN, out=str(tmp_path / "ref"), progress=False)
+    real = ft.train_epoch
+
+    def dying(job, epoch, *a, **k):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(job, epoch, *a, **k)
+
+    monkeypatch.setattr(ft, "train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(MODEL, str(data), s, run=RUN, out=str(tmp_path / "cut"), progress=False)
+    assert sorted(os.listdir(tmp_path / "cut.ckpt")) == ["epoch-0000.safetensors"]
+    monkeypatch.setattr(ft, "train_epoch", real)
+    again = finetune(MODEL, str(data), s, run=RUN, out=str(tmp_path / "cut"), progress=False)
+    a, b = _load(ref.path), _load(again.path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["val_loss"] for h in ref.results["history"]] == [h["val_loss"] for h in again.results["history"]]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
+    """Kill -9 after the first checkpoint, leave a torn newer checkpoint and a .tmp behind, rerun:
+    the model and results are bit-identical to an uninterrupted run (CPU, fp32, same seed)."""
+    argv = ["finetune", *ARGS, "--data", str(data), "--train-from", "depth:0.5", "--epochs", "6", "--lr", "0.05"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    assert cli(*argv, "--out", ref, "-q")[0] == 0
+    ckpt = tmp_path / "killed.ckpt"
+    sigkill_when([*argv, "--out", killed], lambda: (ckpt / "epoch-0000.safetensors").exists())
+    assert not (tmp_path / "killed.safetensors").exists(), "the run ended before the kill"
+    done = sorted(os.listdir(ckpt))
+    assert done and all(n.startswith("epoch-") for n in done)
+    last = ckpt / [n for n in done if n.endswith(".safetensors")][-1]
+    torn = ckpt / "epoch-0005.safetensors"
+    torn.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    shutil.copy(last, ckpt / "epoch-0004.safetensors.tmp")
+    rc, out, err = cli(*argv, "--out", killed, "--results", tmp_path / "r.json")
+    assert rc == 0, err
+    assert "resuming from" in err and "incomplete checkpoint" in err
+    a, b = _load(str(ref) + ".safetensors"), _load(str(killed) + ".safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from featx.finetune import finetuned_description
+
+    ra, rb = (finetuned_description(f"{p}.safetensors")["results"] for p in (ref, killed))
+    for r in (ra, rb):
+        r.pop("seconds"), r.pop("fit_seconds")
+        for h in r["history"]:
+            h.pop("seconds")
+    assert ra == rb
+
+
+@pytest.mark.parametrize("case", ["freeze point", "one class", "few per class", "no head"])
+def test_bad_input_is_one_line(case, data, tmp_path):
+    argv = ["finetune", *ARGS, "--data", str(data), "--out", tmp_path / "m", "--epochs", "1"]
+    if case == "freeze point":
+        argv += ["--train-from", "layer9"]
+        needles = ("--train-from layer9", "depth:F", "layer2.0", "global_pool")
+    elif case == "one class":
+        argv[argv.index("--data") + 1] = str(make_images(tmp_path / "one", classes=("cat",), per_class=4))
+        needles = ("single class", "cat")
+    elif case == "few per class":
+        argv[argv.index("--data") + 1] = str(make_images(tmp_path / "few", per_class=1, splits=("train", "test")))
+        needles = ("too few images per class for a validation split",)
+    else:
+        argv[argv.index("--model") + 1] = "squeezenet1_0"
+        needles = ("no recognisable classifier head",)
+    rc, _out, err = cli(*argv)
+    assert_one_line_error(rc, err, code=2, needles=needles)
+
+
+def test_settings_validated():
+    with pytest.raises(UsageError, match="--lr"):
+        FinetuneSettings(lr=0)
+    with pytest.raises(UsageError, match="--optimizer"):
+        FinetuneSettings(optimizer="adam")
+    with pytest.raises(UsageError, match="--train-size"):
+        FinetuneSettings(train_size="lots")
+    with pytest.raises(UsageError, match="--warmup"):
+        FinetuneSettings(epochs=2, warmup=3)

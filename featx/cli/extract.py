@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-dir", help=o.CACHE_HELP)
     o.add_device_args(p)
     o.add_run_args(p)
+    p.add_argument("--distributed", action="store_true", help="be one rank of a torchrun job (implied by its RANK/WORLD_SIZE)")
     p.add_argument("--no-wait", action="store_true", help="fail instead of waiting when another process writes the entry")
 
 
@@ -37,5 +38,6 @@ def run(args) -> int:
     if result.skipped:
         log.warning("%d image(s) could not be decoded and were skipped (listed in /skipped of the file)",
                     len(result.skipped))  # fmt: skip
-    print(result.path)
+    if result.rank == 0:  # a distributed job's other ranks print nothing on stdout
+        print(result.path)
     return 0

@@ -221,7 +221,7 @@ def _loop(job: _Job, rset: RunSettings, ds, opts, path, backbone, computer, use_
     prior = read_progress(path)
     bs = _batch_size(job, rset, computer, prior["meta"] if prior is not None else None)
     if os.path.isdir(distributed.shards_path(path)):
-        log.warning("%s holds rows of an interrupted distributed run; only a run under torchrun resumes from them",
+        log.warning("%s holds rows of an interrupted distributed run; only a run under torchrun resumes from them (this one removes them when done)",
                     distributed.shards_path(path))  # fmt: skip
     journal = _open_journal(journal_path(path), _journal_meta(job, computer, ds, bs))
     start = journal.samples_done
@@ -248,8 +248,10 @@ def _loop(job: _Job, rset: RunSettings, ds, opts, path, backbone, computer, use_
         bar.close()
     loop_seconds = time.perf_counter() - t_loop
     _check_rows(journal, ds)
-    return _finish(job, backbone, ds, opts, path, journal, bs, n_workers, use_cl, rset, start, t0, loop_seconds,
-                   timings)  # fmt: skip
+    result = _finish(job, backbone, ds, opts, path, journal, bs, n_workers, use_cl, rset, start, t0, loop_seconds,
+                     timings)  # fmt: skip
+    shutil.rmtree(distributed.shards_path(path), ignore_errors=True)  # the entry is complete: shards are moot
+    return result
 
 
 def _batch_size(job: _Job, rset: RunSettings, computer, prior_meta: dict | None) -> int:
@@ -462,7 +464,10 @@ def _build(world, job: _Job, rset, ds, opts, path, strict, progress, t0, timings
                 return ExtractResult(path, False, 0, len(ds), list(plan.layers), rank=world.rank)
             for r in range(world.size):
                 world.wait_for(
-                    f"done/{r}", [r], f"rank {r} computes its rows", tick=lambda: _show(world, bar, work["initial"])
+                    f"done/{r}",
+                    [r],
+                    f"rank {r} computes its rows",
+                    tick=lambda: _show(world, bar, work["initial"]),
                 )
             _show(world, bar, work["initial"])
         finally:

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import make_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,6 +26,7 @@ def test_extract_speed_runs_and_checks_the_bytes(tmp_path):
     assert "limit ratio: featx end to end / bare forward" in r.stdout
 
 
+@pytest.mark.slow  # four torchrun launches: ~1 min on 2 shared cores
 def test_distributed_scaling_prints_a_table_of_world_sizes(tmp_path):
     data = make_images(tmp_path / "data", per_class=3, size=(40, 40))
     r = subprocess.run(

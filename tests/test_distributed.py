@@ -224,3 +224,27 @@ def test_a_rank_killed_mid_run_is_named_and_reruns_with_one_or_two_ranks_finish_
         assert r.returncode == 0, r.stderr[-3000:]
         assert_same(snapshot(r.stdout.strip().splitlines()[-1]), ref)
     assert os.path.isdir(shard)
+
+
+@pytest.mark.slow
+def test_a_job_waits_for_the_entry_lock_longer_than_the_timeout_then_finds_the_entry(uneven_folder, tmp_path):
+    """Two jobs asking for one entry serialize on its lock: while another process holds it, rank 0
+    waits (beating, so rank 1 does not time out) and the job then builds the entry."""
+    from featx.cache import EntryLock
+
+    cache = tmp_path / "c"
+    rc, out, err = cli("extract", *FAST_ARGS, "--data", uneven_folder, "--cache-dir", cache, "-q")
+    path = out.strip().splitlines()[-1]
+    os.remove(path)  # the entry's name is known; the job must rebuild it
+    with EntryLock(path):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+             str(_free_port()), "-m", "featx", "extract", *FAST_ARGS, "--data", uneven_folder, "--cache-dir", cache],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(float(TIMEOUT) + 15)  # longer than any wait's timeout
+        assert proc.poll() is None  # still waiting, not failed
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "waiting for another featx process" in err
+    assert out.strip().splitlines()[-1] == path and os.path.isfile(path)

@@ -12,12 +12,17 @@ supplies the pieces a job spread over ranks needs. The design:
   `FEATX_DIST_TIMEOUT` (seconds, default 600). Only small control messages cross the network
   (decisions, progress counts, heartbeats): codes go through the cache directory, so gloo is the
   backend on CPU and on CUDA alike. Each rank computes on `cuda:LOCAL_RANK` when the device is
-  `auto`/`cuda` and CUDA is there, else on the CPU.
-- **Timeouts.** The start-up barrier is `monitored_barrier` (its error names the missing ranks).
+  `auto`/`cuda` and CUDA is there, else on the CPU. Rank 0 resolves `auto` precision and decoder
+  (and the batch size) and the others take its choices, so every rank computes the same key;
+  the keys are compared anyway (a rank given other data or options fails, naming itself).
+- **Timeouts.** `FEATX_DIST_TIMEOUT` (seconds, default 300) bounds the rendezvous, the process
+  group's collectives and the start-up `monitored_barrier` (its error names the missing ranks).
   Every later wait is a poll of the job's c10d store that watches the heartbeat counters of the
-  ranks it waits for: a rank that shows no sign of life for the timeout is named in the error
-  (died, or hangs), and a rank that fails publishes its one-line error for the others to repeat.
-  A rank beats after every batch, so the timeout must exceed one batch's time.
+  ranks it waits for (each rank beats once a second from a daemon thread, and after every
+  batch): a rank whose counter stands still for the timeout is named in the error (its process
+  died, or lost the store), and a rank that fails publishes its one-line error under
+  `error/<rank>`, which the others repeat at once instead of waiting for the timeout. Under
+  torchrun the agent also stops the other ranks of a node as soon as one exits non-zero.
 - **Rows.** Rank r of W owns the contiguous planned rows [r*N//W, (r+1)*N//W): no padding, no
   duplicates (not DistributedSampler). Loader workers inside a rank see only that slice.
 - **Shards on disk.** `ENTRY.h5.shards/from-<start>/` is an ordinary `store.Journal` (the same
@@ -47,6 +52,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -60,14 +66,14 @@ from featx.store import Journal, LayerSpec
 log = logging.getLogger("featx")
 
 ENV_TIMEOUT = "FEATX_DIST_TIMEOUT"
-DEFAULT_TIMEOUT = 600.0
+DEFAULT_TIMEOUT = 300.0
 _ENV = ("RANK", "WORLD_SIZE")
 _BEAT_SECONDS = 1.0
 _calls = 0  # extract() calls in this process: keeps each job's store keys apart
 
 
 def timeout_seconds() -> float:
-    """FEATX_DIST_TIMEOUT (seconds, > 0), default 600."""
+    """FEATX_DIST_TIMEOUT (seconds, > 0), default 300."""
     text = os.environ.get(ENV_TIMEOUT, "")
     if not text:
         return DEFAULT_TIMEOUT
@@ -120,6 +126,22 @@ class World:
         if force or now - self._beat_at >= _BEAT_SECONDS:
             self._op(self.store.add, f"alive/{self.rank}", 1)
             self._beat_at = now
+
+    def start_beating(self) -> threading.Event:
+        """Beat once a second from a daemon thread (c10d store clients serialize their operations),
+        so a long step (a model download, a big assembly) is not taken for a dead rank; set the
+        returned event to stop."""
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(_BEAT_SECONDS):
+                try:
+                    self.store.add(f"alive/{self.rank}", 1)
+                except Exception:  # noqa: BLE001 (the store is gone: the main thread reports it)
+                    return
+
+        threading.Thread(target=run, name="featx-heartbeat", daemon=True).start()
+        return stop
 
     def publish(self, key: str, value) -> None:
         self._op(self.store.set, key, json.dumps(value))
@@ -194,9 +216,11 @@ def joined():
     prefix = f"featx/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_calls}"
     world = World(rank, size, local, dist.PrefixStore(prefix, store), timeout)
     world.beat(force=True)
+    beating = world.start_beating()
     try:
         yield world
     finally:
+        beating.set()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 

@@ -400,7 +400,12 @@ def _extract_distributed(mset, cset, rset, precision, ds, opts, entry, strict, w
 
 
 def _ranked(world, mset, cset, rset, precision, ds, opts, entry, strict, wait, progress, t0, timings):
-    job = _job(resolve(mset, cset), rset, precision, ds)
+    if world.main:  # rank 0 settles what `auto` leaves open (it may measure), the others take its choices
+        job = _job(resolve(mset, cset), rset, precision, ds)
+        world.publish("choices", {"precision": job.precision, "decoder": job.decoder})
+    else:
+        chosen = world.wait_for("choices", [0], "rank 0 plans the job")
+        job = _job(resolve(mset, cset), replace(rset, decoder=chosen["decoder"]), chosen["precision"], ds)
     keys = world.gather("key", job.key, "comparing the ranks' cache keys")
     odd = [r for r, k in enumerate(keys) if k != keys[0]]
     if odd:

@@ -167,8 +167,8 @@ class World:
                     seen[r] = (count, now)
                 elif now - seen[r][1] > self.timeout:
                     raise FeatxError(
-                        f"rank {r} of {self.size} stopped (no sign of life for {self.timeout:g}s while {what}; it died "
-                        f"or hangs, see its error; {ENV_TIMEOUT} sets the wait): the committed rows are kept, rerun "
+                        f"rank {r} of {self.size} stopped (no sign of life for {self.timeout:g}s while {what}; its process died "
+                        f"or lost the job store; {ENV_TIMEOUT} sets the wait): the committed rows are kept, rerun "
                         f"the same command to resume"
                     )  # fmt: skip
             if tick is not None:

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -236,15 +237,25 @@ def test_a_job_waits_for_the_entry_lock_longer_than_the_timeout_then_finds_the_e
     rc, out, err = cli("extract", *FAST_ARGS, "--data", uneven_folder, "--cache-dir", cache, "-q")
     path = out.strip().splitlines()[-1]
     os.remove(path)  # the entry's name is known; the job must rebuild it
+    lines: list[str] = []
     with EntryLock(path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
              str(_free_port()), "-m", "featx", "extract", *FAST_ARGS, "--data", uneven_folder, "--cache-dir", cache],
             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        time.sleep(float(TIMEOUT) + 15)  # longer than any wait's timeout
-        assert proc.poll() is None  # still waiting, not failed
-    out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-3000:]
-    assert "waiting for another featx process" in err
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 180
+        while (
+            not any("waiting for another featx process" in ln for ln in lines) and time.monotonic() < deadline
+        ):
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            time.sleep(0.1)
+        time.sleep(float(TIMEOUT) + 5)  # longer than any wait's timeout: rank 1 must not give up
+        assert proc.poll() is None, "".join(lines)[-3000:]  # still waiting, not failed
+    out = proc.stdout.read()
+    proc.wait(timeout=240)
+    reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(lines)[-3000:]
     assert out.strip().splitlines()[-1] == path and os.path.isfile(path)

@@ -4,9 +4,10 @@ and leaving, timed waits that name a dead rank, row slices, and the shards that 
 `featx.extraction` stays the job (request memo, plan, lock, loop, finalize); this module only
 supplies the pieces a job spread over ranks needs. The design:
 
-- **Who is distributed.** A process started by torchrun (or srun, or by hand) with `RANK`,
+- **Who is distributed.** `featx extract` started by torchrun (or srun, or by hand) with `RANK`,
   `WORLD_SIZE`, `LOCAL_RANK` and `MASTER_ADDR`/`MASTER_PORT` in its environment, or given
-  `--distributed` (which then requires those variables). `torchrun --nproc-per-node 1` is a
+  `--distributed` (which then requires those variables); in the library, `RunSettings(distributed=True)`
+  (never implied by the environment, so a DDP script calling `extract` on each rank is unaffected). `torchrun --nproc-per-node 1` is a
   world of one and uses the same shard machinery, so it resumes from any world size.
 - **Joining.** `env://` rendezvous and a gloo process group, both with the timeout
   `FEATX_DIST_TIMEOUT` (seconds, default 600). Only small control messages cross the network
@@ -86,13 +87,19 @@ def timeout_seconds() -> float:
     raise UsageError(f"{ENV_TIMEOUT}={text!r}: use a number of seconds > 0")
 
 
+def in_launcher() -> bool:
+    """True when a launcher (torchrun, srun, ...) set RANK and WORLD_SIZE: the CLI's default for `--distributed`."""
+    return all(k in os.environ for k in _ENV)
+
+
 def requested(flag: bool) -> bool:
-    """True when this process is a rank of a distributed job (torchrun's environment, or `--distributed`)."""
-    have = all(k in os.environ for k in _ENV)
-    if flag and not have:
+    """`flag` (RunSettings.distributed), checked: a rank needs the launcher's environment. The
+    library never turns distributed on by itself, so a user's own DDP script that calls `extract`
+    on each rank keeps one-process extractions; `featx extract` defaults the flag to `in_launcher()`."""
+    if flag and not in_launcher():
         raise UsageError("--distributed: RANK and WORLD_SIZE are not set; start featx with "
                          "`torchrun --nproc-per-node N -m featx extract ...` (or srun setting them)")  # fmt: skip
-    return have
+    return flag
 
 
 def row_slice(n: int, world_size: int, rank: int) -> tuple[int, int]:

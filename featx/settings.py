@@ -115,7 +115,7 @@ class RunSettings:
     channels_last: str = "auto"
     decoder: str = "auto"
     compile: bool = False
-    distributed: bool = False  # a rank of torchrun's job (also implied by RANK/WORLD_SIZE in the environment)
+    distributed: bool = False  # one rank of a torchrun job (`featx extract` turns it on when RANK/WORLD_SIZE are set)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):

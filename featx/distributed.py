@@ -53,6 +53,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -239,6 +240,9 @@ def shards_path(entry: str) -> str:
     return entry + ".shards"
 
 
+_SHARD_NAME = re.compile(r"from-\d{12}")
+
+
 def shard_dir(entry: str, start: int) -> str:
     return os.path.join(shards_path(entry), f"from-{start:012d}")
 
@@ -294,10 +298,11 @@ def committed_shards(entry: str, meta: dict) -> list[Shard]:
     names = sorted(os.listdir(root)) if os.path.isdir(root) else []
     for name in names:
         path = os.path.join(root, name)
-        rng = _shard_range(path) if name.startswith("from-") else None
+        if not _SHARD_NAME.fullmatch(name):
+            continue  # probes, and damaged shards set aside as from-N.corrupt (kept for inspection)
+        rng = _shard_range(path)
         if rng is None or not os.path.isdir(path):
-            if name.startswith("from-"):
-                shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
             continue
         with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
             same = {k: v for k, v in json.load(f).items() if k != "journal"} == shard_meta(meta, *rng)

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from conftest import FAST_ARGS, REPO, cli, make_images
-from featx.distributed import Shard, assign, row_slice
-from featx.store import open_codes
+from featx.distributed import Shard, ShardSet, assign, committed_shards, row_slice, shard_dir, shard_meta
+from featx.store import Journal, open_codes
 
 TIMEOUT = "12"  # FEATX_DIST_TIMEOUT for the job's waits
 
@@ -120,6 +120,40 @@ def test_assign_computes_only_missing_rows_and_resumes_the_shard_that_ends_there
     three = assign("e", shards, n, 3)  # slices [0,6) [6,13) [13,20): gaps [4,6) [6,10) [17,20)
     assert three == [[(4, 6)], [(6, 10)], [(10, 20)]]
     assert assign("e", [Shard("a", 0, 20, 20)], n, 4) == [[], [], [], []]
+
+
+def _write_shard(entry, meta, start, stop, upto):
+    j = Journal.open(shard_dir(entry, start), shard_meta(meta, start, stop))
+    for i in range(j.samples_done or start, upto, 2):
+        j.append([np.full((2, 3), i, np.float32)], np.arange(i, i + 2), i + 2, [])
+    j.close()
+
+
+def test_shards_are_checked_like_journals_and_read_back_in_row_order(tmp_path):
+    entry = str(tmp_path / "e.h5")
+    meta = {
+        "key": "k",
+        "layers": [["l", 3]],
+        "dtype": "float32",
+        "samples": 12,
+        "batch_size": 2,
+        "featx": "x",
+    }
+    _write_shard(entry, meta, 0, 6, 4)
+    _write_shard(entry, meta, 6, 12, 10)
+    _write_shard(entry, {**meta, "key": "other"}, 2, 4, 4)  # another configuration's shard: dropped
+    assert [(s.start, s.stop, s.done) for s in committed_shards(entry, meta)] == [(0, 6, 4), (6, 12, 10)]
+    with open(os.path.join(shard_dir(entry, 6), "rows.0.bin"), "r+b") as f:
+        f.write(b"\xff" * 8)  # garble a committed row: that shard is set aside and counts as empty
+    shards = committed_shards(entry, meta)
+    assert [(s.start, s.done) for s in shards] == [(0, 4), (6, 6)]
+    assert os.path.isdir(shard_dir(entry, 6) + ".corrupt") and not os.path.isdir(shard_dir(entry, 2))
+    assert assign(entry, shards, 12, 1) == [[(4, 12)]]  # the gap [4, 12) as one new shard
+    assert assign(entry, shards, 12, 2) == [[(0, 6)], [(6, 12)]]  # world 2: each resumes its own
+    _write_shard(entry, meta, 4, 12, 12)
+    whole = ShardSet(entry, meta, committed_shards(entry, meta), 12)
+    assert whole.rows_done == 12 and whole.read_index().tolist() == list(range(12))
+    assert whole.read_layer(0, 3, 9)[:, 0].tolist() == [2, 4, 4, 6, 6, 8]  # rows 3..8 across the two shards
 
 
 # -- real processes ------------------------------------------------------------------------------

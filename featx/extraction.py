@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -25,9 +26,18 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
-from featx import __version__
+from featx import __version__, distributed
 from featx.autotune import forced_precision
-from featx.cache import CacheEntry, default_cache_dir, ensure_writable, tidy_complete
+from featx.cache import (
+    CacheEntry,
+    EntryLock,
+    default_cache_dir,
+    ensure_writable,
+    entry_path,
+    is_locked,
+    remove_stale_temporaries,
+    tidy_complete,
+)
 from featx.data import DataOptions, Dataset, open_source
 from featx.engine import (
     ImageSequence,
@@ -76,6 +86,7 @@ class ExtractResult:
     seconds: float = 0.0
     resumed_from: int = 0
     uncapped_train: int | None = None  # training images before --per-class-limit removed some
+    rank: int = 0  # of a distributed job: only rank 0 reports the path
 
     @property
     def images_per_second(self) -> float:
@@ -128,6 +139,11 @@ def extract(
         precision = forced_precision() or "auto"  # a forced decision is a different request
     request = request_key(mset, cset, precision, rset.decoder, ds.fingerprint, _lib_versions())
     entry = CacheEntry(cache_dir, request)
+    if distributed.requested(rset.distributed):
+        result = _extract_distributed(
+            mset, cset, rset, precision, ds, opts, entry, strict, wait, progress, t0, timings
+        )
+        return replace(result, uncapped_train=ds.uncapped_train)
     if entry.remembered():
         return replace(_hit_result(entry.path, t0), uncapped_train=ds.uncapped_train)
 
@@ -202,47 +218,87 @@ def _run(job: _Job, rset: RunSettings, ds: Dataset, opts: DataOptions, path: str
 
 def _loop(job: _Job, rset: RunSettings, ds, opts, path, backbone, computer, use_cl, strict, progress, t0,
           timings) -> ExtractResult:  # fmt: skip
-    from featx.autotune import choose_batch_size
-
-    plan, dev = job.plan, job.device
-    pre, chosen, batch_size = plan.preprocess, plan.chosen, rset.batch_size
     prior = read_progress(path)
-    if prior is not None and prior["meta"].get("key") == job.key:
-        bs = int(prior["meta"]["batch_size"])  # resumed rows must come from identical batches
-        if batch_size not in ("auto", bs):
-            log.warning("resuming with batch size %d of the interrupted run (not %s), so codes match an uninterrupted run",
-                        bs, batch_size)  # fmt: skip
-    else:
-        bs = (
-            choose_batch_size(computer, pre, dev, str(plan.model))
-            if batch_size == "auto"
-            else int(batch_size)
-        )
-    meta = {
-        "key": job.key, "layers": [[t.name, d] for t, d in zip(chosen, computer.dims)], "dtype": plan.dtype,
-        "samples": len(ds), "batch_size": bs, "featx": __version__,
-    }  # fmt: skip
-    try:
-        journal = Journal.open(journal_path(path), meta)
-    except OSError as e:
-        raise FeatxError(f"cannot write {journal_path(path)} ({e.strerror or e}); free space or fix permissions "
-                         f"and rerun") from None  # fmt: skip
+    bs = _batch_size(job, rset, computer, prior["meta"] if prior is not None else None)
+    if os.path.isdir(distributed.shards_path(path)):
+        log.warning("%s holds rows of an interrupted distributed run; only a run under torchrun resumes from them (this one removes them when done)",
+                    distributed.shards_path(path))  # fmt: skip
+    journal = _open_journal(journal_path(path), _journal_meta(job, computer, ds, bs))
     start = journal.samples_done
     if journal.resumed:
         log.info("resuming %s at image %d of %d", os.path.basename(path), start, len(ds))
-
     n_workers = resolve_workers(rset.workers)
+    bar = _progress_bar(progress, len(ds), start, os.path.basename(path))
+    t_loop = time.perf_counter()
+    try:
+        _fill(
+            job,
+            ds,
+            computer,
+            journal,
+            start,
+            len(ds),
+            bs,
+            n_workers,
+            strict,
+            lambda n: bar.update(n),
+            timings,
+        )
+    finally:
+        bar.close()
+    loop_seconds = time.perf_counter() - t_loop
+    _check_rows(journal, ds)
+    result = _finish(job, backbone, ds, opts, path, journal, bs, n_workers, use_cl, rset, start, t0, loop_seconds,
+                     timings)  # fmt: skip
+    shutil.rmtree(distributed.shards_path(path), ignore_errors=True)  # the entry is complete: shards are moot
+    return result
+
+
+def _batch_size(job: _Job, rset: RunSettings, computer, prior_meta: dict | None) -> int:
+    """The batch size of an interrupted run of this entry (resumed rows must come from identical
+    batches), else the one asked for, or the autotuned one."""
+    from featx.autotune import choose_batch_size
+
+    if prior_meta is not None and prior_meta.get("key") == job.key:
+        bs = int(prior_meta["batch_size"])
+        if rset.batch_size not in ("auto", bs):
+            log.warning("resuming with batch size %d of the interrupted run (not %s), so codes match an uninterrupted run",
+                        bs, rset.batch_size)  # fmt: skip
+        return bs
+    if rset.batch_size == "auto":
+        return choose_batch_size(computer, job.plan.preprocess, job.device, str(job.plan.model))
+    return int(rset.batch_size)
+
+
+def _journal_meta(job: _Job, computer, ds: Dataset, bs: int) -> dict:
+    return {
+        "key": job.key, "layers": [[t.name, d] for t, d in zip(job.plan.chosen, computer.dims)],
+        "dtype": job.plan.dtype, "samples": len(ds), "batch_size": bs, "featx": __version__,
+    }  # fmt: skip
+
+
+def _open_journal(jpath: str, meta: dict) -> Journal:
+    try:
+        return Journal.open(jpath, meta)
+    except OSError as e:
+        raise FeatxError(f"cannot write {jpath} ({e.strerror or e}); free space or fix permissions "
+                         f"and rerun") from None  # fmt: skip
+
+
+def _fill(job: _Job, ds, computer, journal: Journal, start: int, stop: int, bs: int, n_workers: int, strict: bool,
+          advanced, timings) -> None:  # fmt: skip
+    """The batched loop: images [start, stop) of `ds` through `computer` into `journal` (closed on
+    any exit; Ctrl-C keeps what was committed). `advanced(n)` after each batch of n images."""
+    dev, pre = job.device, job.plan.preprocess
     if job.decoder == "torchvision":
         from featx.decode import RawImages, collate_raw, decode_batch
 
-        dataset, collate_fn = RawImages(ds.loader, len(ds), pre, start), collate_raw
+        dataset, collate_fn = RawImages(ds.loader, stop, pre, start), collate_raw
     else:
-        dataset, collate_fn = ImageSequence(ds.load, len(ds), pre, start), collate
+        dataset, collate_fn = ImageSequence(ds.load, stop, pre, start), collate
     loader = make_loader(dataset, bs, n_workers, pin_memory=dev.type == "cuda", collate_fn=collate_fn)
-    out_dtype = np.float16 if plan.dtype == "float16" else np.float32
-    bar = _progress_bar(progress, len(ds), start, os.path.basename(path))
-    writer = JournalWriter(journal, timings=timings)
-    t_loop = time.perf_counter()
+    out_dtype = np.float16 if job.plan.dtype == "float16" else np.float32
+    writer, at = JournalWriter(journal, timings=timings), start
     try:
         for index, images, bad, samples_done in timed_batches(loader, timings):
             if job.decoder == "torchvision":
@@ -254,7 +310,8 @@ def _loop(job: _Job, rset: RunSettings, ds, opts, path, backbone, computer, use_
                 raise FeatxError(f"{ds.ids[i]}: {reason} (--strict stops at the first undecodable image)")
             codes = [c.astype(out_dtype, copy=False) for c in computer(images)]
             writer.put(codes, index, samples_done, sorted(bad))
-            bar.update(samples_done - bar.n)
+            advanced(samples_done - at)
+            at = samples_done
     except KeyboardInterrupt:
         writer.close()
         journal.close()
@@ -268,16 +325,21 @@ def _loop(job: _Job, rset: RunSettings, ds, opts, path, backbone, computer, use_
         finally:
             journal.close()
         raise
-    finally:
-        bar.close()
     writer.close()
-    loop_seconds = time.perf_counter() - t_loop
+
+
+def _check_rows(journal, ds: Dataset) -> None:
     if journal.rows_done == 0:
         first = journal.skipped[0] if journal.skipped else None
         detail = f" (first: {ds.ids[first[0]]}: {first[1]})" if first else ""
         journal.close()
         raise FeatxError(f"none of the {len(ds)} images could be decoded{detail}")
 
+
+def _finish(job: _Job, backbone, ds, opts, path, journal, bs, n_workers, use_cl, rset: RunSettings, start, t0,
+            loop_seconds, timings) -> ExtractResult:  # fmt: skip
+    """Finalize `journal` (a Journal or a distributed.ShardSet) into the entry; the result."""
+    plan, chosen = job.plan, job.plan.chosen
     with _phase(timings, "finalize (HDF5 gzip + fsync + rename)"):
         finalize(
             path, journal, classes=ds.classes, labels=ds.labels, splits=ds.splits, ids=ds.ids, groups=ds.groups,
@@ -321,3 +383,145 @@ def _file_attrs(job: _Job, backbone, ds: Dataset, opts: DataOptions, bs: int, wo
         workers=workers, channels_last=channels_last, compile=compile, decoder=job.decoder, samples=len(ds),
         config={"layers": list(plan.layers), "activations": plan.activations, "pool": str(plan.pool)},
     ).to_attrs()  # fmt: skip
+
+
+# -- the job spread over the ranks of torchrun (featx.distributed has the design) ----------------
+
+
+def _extract_distributed(mset, cset, rset, precision, ds, opts, entry, strict, wait, progress, t0, timings):
+    with distributed.joined() as world:
+        try:
+            return _ranked(world, mset, cset, replace(rset, device=world.device(rset.device)), precision, ds, opts,
+                           entry, strict, wait, progress, t0, timings)  # fmt: skip
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # the others repeat it instead of waiting for a timeout
+                world.publish(f"error/{world.rank}", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise
+
+
+def _ranked(world, mset, cset, rset, precision, ds, opts, entry, strict, wait, progress, t0, timings):
+    if world.main:  # rank 0 settles what `auto` leaves open (it may measure), the others take its choices
+        job = _job(resolve(mset, cset), rset, precision, ds)
+        world.publish("choices", {"precision": job.precision, "decoder": job.decoder})
+    else:
+        chosen = world.wait_for("choices", [0], "rank 0 plans the job")
+        job = _job(resolve(mset, cset), replace(rset, decoder=chosen["decoder"]), chosen["precision"], ds)
+    keys = world.gather("key", job.key, "comparing the ranks' cache keys")
+    odd = [r for r, k in enumerate(keys) if k != keys[0]]
+    if odd:
+        raise FeatxError(f"rank {odd[0]} computes cache key {keys[odd[0]][:16]}, rank 0 {keys[0][:16]}: every rank "
+                         f"must run the same command on the same data and featx version")  # fmt: skip
+    if not world.main:
+        entry.path = entry_path(entry.cache_dir, ds.name, str(job.plan.model), job.key)
+        decision = world.wait_for("decision", [0], "rank 0 locks the entry")
+        if decision.get("hit"):
+            return ExtractResult(entry.path, True, 0, len(ds), list(job.plan.layers), rank=world.rank)
+        return _build(world, job, rset, ds, opts, entry.path, strict, progress, t0, timings)
+    if entry.find(ds.name, str(job.plan.model), job.key):
+        world.publish("decision", {"hit": True})
+        return _hit_result(entry.path, t0)
+    with contextlib.ExitStack() as held:
+        held.push(_lock_beating(world, entry.path, wait))  # entered: released when the block ends
+        remove_stale_temporaries(entry.path)
+        if entry.ready():
+            shutil.rmtree(distributed.shards_path(entry.path), ignore_errors=True)
+            world.publish("decision", {"hit": True})
+            return _hit_result(entry.path, t0)
+        world.publish("decision", {"hit": False})
+        result = _build(world, job, rset, ds, opts, entry.path, strict, progress, t0, timings)
+    entry.remember()
+    return result
+
+
+def _lock_beating(world, path: str, wait: bool):
+    """The entry lock for rank 0, beating while another job holds it (the other ranks watch the beats)."""
+    warned = False
+    while True:
+        try:
+            return EntryLock(path, wait=False).__enter__()
+        except FeatxError:
+            if not wait or not is_locked(path):
+                raise
+        if not warned:
+            log.warning("waiting for another featx process that is writing %s", os.path.basename(path))
+            warned = True
+        world.beat()
+        time.sleep(0.2)
+
+
+def _build(world, job: _Job, rset, ds, opts, path, strict, progress, t0, timings) -> ExtractResult:
+    backbone, plan = load_backbone(job.plan)
+    job = replace(job, plan=plan)
+    use_cl = rset.channels_last in ("on", "auto")
+    computer = computer_for(plan, backbone.module, job.device, job.precision, use_cl, rset.compile, timings)
+    try:
+        work = _plan_rows(world, job, rset, ds, computer, path)
+        meta = _journal_meta(job, computer, ds, work["bs"])
+        distributed.probe(world, path, work["nonce"])
+        n_workers = resolve_workers(rset.workers)
+        bar = _progress_bar(progress and world.main, len(ds), work["initial"], os.path.basename(path))
+        t_loop = time.perf_counter()
+        try:
+            _fill_slice(world, job, ds, computer, path, meta, work, n_workers, strict, bar, timings)
+            world.publish(f"done/{world.rank}", True)
+            if not world.main:
+                world.wait_for("entry", [0], "rank 0 assembles the entry")
+                return ExtractResult(path, False, 0, len(ds), list(plan.layers), rank=world.rank)
+            for r in range(world.size):
+                world.wait_for(
+                    f"done/{r}",
+                    [r],
+                    f"rank {r} computes its rows",
+                    tick=lambda: _show(world, bar, work["initial"]),
+                )
+            _show(world, bar, work["initial"])
+        finally:
+            bar.close()
+        shards = distributed.ShardSet(path, meta, distributed.committed_shards(path, meta), len(ds))
+        _check_rows(shards, ds)
+        result = _finish(job, backbone, ds, opts, path, shards, work["bs"], n_workers, use_cl, rset, work["initial"],
+                         t0, time.perf_counter() - t_loop, timings)  # fmt: skip
+        world.publish("entry", path)
+        return result
+    finally:
+        computer.close()
+
+
+def _plan_rows(world, job: _Job, rset, ds, computer, path) -> dict:
+    """Rank 0 reads every shard and gives each rank the missing rows of its slice; all get the plan."""
+    if not world.main:
+        return world.wait_for("work", [0], "rank 0 plans the rows")
+    prior = distributed.prior_meta(path, job.key)
+    bs = _batch_size(job, rset, computer, prior)
+    shards = distributed.committed_shards(path, _journal_meta(job, computer, ds, bs))
+    work = {"bs": bs, "nonce": distributed.new_nonce(), "initial": sum(s.done - s.start for s in shards),
+            "ranges": distributed.assign(path, shards, len(ds), world.size)}  # fmt: skip
+    if work["initial"]:
+        log.info("resuming %s: %d of %d images are committed in its shards", os.path.basename(path),
+                 work["initial"], len(ds))  # fmt: skip
+    world.publish("work", work)
+    return work
+
+
+def _fill_slice(world, job, ds, computer, path, meta, work, n_workers, strict, bar, timings) -> None:
+    """This rank's missing rows, each range into its journal shard; progress counted on the store."""
+
+    def advanced(n: int) -> None:
+        world.add("images", n)
+        world.beat()
+        if world.main:
+            _show(world, bar, work["initial"])
+
+    for start, stop in work["ranges"][world.rank]:
+        journal = _open_journal(distributed.shard_dir(path, start), distributed.shard_meta(meta, start, stop))
+        at = max(start, journal.samples_done)
+        if at < stop:
+            _fill(job, ds, computer, journal, at, stop, work["bs"], n_workers, strict, advanced, timings)
+        journal.close()
+
+
+def _show(world, bar, initial: int) -> None:
+    """Rank 0's bar: the images every rank has done (a store counter), so its rate is the job's."""
+    done = initial + world.add("images", 0)
+    if done > bar.n:
+        bar.update(done - bar.n)

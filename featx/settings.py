@@ -27,7 +27,7 @@ FLAGS = {
     "name": "--model", "weights": "--weights", "image_size": "--image-size", "crop_pct": "--crop-pct",
     "layers": "--layers", "pool": "--pool", "relu": "relu", "dtype": "--dtype", "device": "--device",
     "batch_size": "--batch-size", "workers": "--workers", "precision": "--precision",
-    "channels_last": "--channels-last", "decoder": "--decoder", "compile": "--compile",
+    "channels_last": "--channels-last", "decoder": "--decoder", "compile": "--compile", "distributed": "--distributed",
     "test_fraction": "--test-fraction", "per_class_limit": "--per-class-limit", "seed": "--seed",
     "data_root": "--data-root", "group_by": "--group-by",
 }  # fmt: skip
@@ -115,6 +115,7 @@ class RunSettings:
     channels_last: str = "auto"
     decoder: str = "auto"
     compile: bool = False
+    distributed: bool = False  # one rank of a torchrun job (`featx extract` turns it on when RANK/WORLD_SIZE are set)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
@@ -126,6 +127,8 @@ class RunSettings:
         _choice("decoder", self.decoder, DECODERS)
         if not isinstance(self.compile, bool):
             _bad("compile", self.compile, "use True or False")
+        if not isinstance(self.distributed, bool):
+            _bad("distributed", self.distributed, "use True or False")
 
 
 _SPLIT_ALIASES = {

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import make_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,3 +24,17 @@ def test_extract_speed_runs_and_checks_the_bytes(tmp_path):
         assert re.search(rf"^{method} +\d+\.\d+ +\d\.\d\d", r.stdout, re.M), (method, r.stdout)
     assert "codes written 2048 B/image (dims 512 x 4 B = 2048 B; OK)" in r.stdout
     assert "limit ratio: featx end to end / bare forward" in r.stdout
+
+
+@pytest.mark.slow  # four torchrun launches: ~1 min on 2 shared cores
+def test_distributed_scaling_prints_a_table_of_world_sizes(tmp_path):
+    data = make_images(tmp_path / "data", per_class=3, size=(40, 40))
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "distributed_scaling.py"), "--data", str(data), "--limit", "8",
+         "--nproc", "1,2", "--image-size", "32", "--batch-size", "4"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ROOT},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "8 images" in r.stdout
+    assert re.search(r"^ +1 +\d+ +\d+\.\d +\d+\.\d +1\.00$", r.stdout, re.M), r.stdout
+    assert re.search(r"^ +2 +\d+ +\d+\.\d +\d+\.\d +\d\.\d\d$", r.stdout, re.M), r.stdout

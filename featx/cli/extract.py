@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from featx.cli import options as o
+from featx.distributed import in_launcher
 
 log = logging.getLogger("featx")
 
@@ -20,6 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-dir", help=o.CACHE_HELP)
     o.add_device_args(p)
     o.add_run_args(p)
+    p.add_argument("--distributed", action="store_true", default=in_launcher(), help="be one rank of a torchrun job (the default under torchrun: RANK/WORLD_SIZE set)")
     p.add_argument("--no-wait", action="store_true", help="fail instead of waiting when another process writes the entry")
 
 
@@ -37,5 +39,6 @@ def run(args) -> int:
     if result.skipped:
         log.warning("%d image(s) could not be decoded and were skipped (listed in /skipped of the file)",
                     len(result.skipped))  # fmt: skip
-    print(result.path)
+    if result.rank == 0:  # a distributed job's other ranks print nothing on stdout
+        print(result.path)
     return 0

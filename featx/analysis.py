@@ -159,7 +159,8 @@ def analyze(
     for src in sources:
         model = getattr(src, "model", "")
         # the raw-pixel baseline belongs to the dataset, whichever model's sources it came with
-        mine = [r for r in rows if r["dataset"] == src.name and (r["baseline"] or r.get("model", "") == model)]
+        mine = [r for r in rows if r["dataset"] == src.name and r.get("kind", "probe") == "probe"
+                and (r["baseline"] or r.get("model", "") == model)]  # fine-tune rows: featx.bench_finetune.compare
         for clf in dict.fromkeys(
             f"{r['classifier']}{'/' + r['preset'] if r['preset'] else ''}" for r in mine
         ):

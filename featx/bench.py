@@ -143,14 +143,22 @@ class BenchConfig:
     cache_dir: str | None
     jobs: int
     scheduler: str | None  # a Dask scheduler's address; None: $DASK_SCHEDULER_ADDRESS, else local joblib
+    finetune: list[str]  # freeze points of the fine-tune cells (featx.bench_finetune); [] for none
 
     def __init__(self, model: ModelSettings | str | Sequence[ModelSettings | str], datasets: list[BenchData], codes: CodeSettings | str | None = None,
                  run: RunSettings | None = None, *, train_sizes: Sequence[str] = ("all",),
                  protocols: Sequence[Protocol] = (Protocol(),), seeds: Sequence[int] = (0,),
                  data_options: DataOptions | None = None, baseline_pixels: bool = False, pixel_size: int = 32,
                  out: str = "results/bench", cache_dir: str | None = None, jobs: int = 1, scheduler: str | None = None,
-                 control: str | None = None, **settings):  # fmt: skip
+                 control: str | None = None, finetune: Sequence[str] | str = (), finetune_settings=None,
+                 **settings):  # fmt: skip
+        from featx.bench_finetune import parse_points
+        from featx.finetune import FinetuneSettings
+
         self.models, self.codes, self.run = _gather_models(model, codes or DEFAULT_LAYERS, run, settings)
+        # fine-tune cells (freeze points, for the first model) and their recipe
+        self.finetune = parse_points(",".join(finetune) if not isinstance(finetune, str) else finetune) if finetune else []
+        self.finetune_settings = finetune_settings or FinetuneSettings()
         if control is not None and control not in CONTROLS:
             raise UsageError(f"--control {control!r}: use random (or leave it out)")
         self.control = control
@@ -501,6 +509,13 @@ def run(config: BenchConfig, progress: bool = False) -> BenchResult:
         if todo:
             _fit_cells(config, todo, len(cells), done, client, progress)
         layer_scores = score_sources(config, sources)
+    ft_cells = []
+    if config.finetune:  # after the probes: each fine-tune uses every core
+        from featx.bench_finetune import run_finetune_cells
+
+        ft_cells = run_finetune_cells(config, config.finetune, config.finetune_settings, progress)
+        notes += [f"{bd.spec} fine-tune from {c.point}, train size {c.train_size}, seed {c.seed}: not run ({r['error']})"
+                  for c, r in ft_cells if "error" in r for bd in [config.datasets[c.source]]]  # fmt: skip
     for (i, layer), rec in layer_scores.items():
         for m, err in ({"all scores": rec["error"]} if "error" in rec else rec.get("errors", {})).items():
             notes.append(f"{sources[i].model} {sources[i].name} {layer}: no {m} ({err})")
@@ -513,7 +528,8 @@ def run(config: BenchConfig, progress: bool = False) -> BenchResult:
     if len(failed) > 20:
         notes.append(f"... {len(failed) - 20} more cells not fitted")
     return BenchResult(
-        config, sources, [(c, done[c.key]) for c in cells if "error" not in done[c.key]], notes, layer_scores
+        config, sources, [(c, done[c.key]) for c in cells if "error" not in done[c.key]], notes, layer_scores,
+        ft_cells,
     )
 
 
@@ -616,6 +632,7 @@ class BenchResult:
     cells: list[tuple[Cell, dict]]
     notes: list[str]
     scores: dict[tuple[int, str], dict] = field(default_factory=dict)  # (source, layer) -> scores record
+    finetune: list[tuple] = field(default_factory=list)  # (FinetuneCell, result) of the fine-tune cells
 
     def _scores(self, cell: Cell, pixels: bool) -> dict:
         """`score_<metric>` columns: filled on the rows of the train size the scores were taken at."""
@@ -632,7 +649,7 @@ class BenchResult:
             src = self.sources[cell.source]
             pixels = cell.layer == "pixels" and cell.codes == src.pixels
             out.append({
-                "model": "pixels" if pixels else src.model, "control_of": "" if pixels else src.control_of,
+                "kind": "probe", "model": "pixels" if pixels else src.model, "control_of": "" if pixels else src.control_of,
                 "dataset": src.name, "similarity_label": src.data.label or "", "layer": cell.layer,
                 "relative_depth": None if pixels else src.depth[cell.layer], "code_dim": r["dim"],
                 "train_size": r["train_size"], "train_size_spec": str(cell.train_size), "classifier": r["classifier"],
@@ -641,4 +658,8 @@ class BenchResult:
                 "fit_seconds": r["fit_seconds"], "baseline": "pixels" if pixels else "",
                 **{k: r.get(k) for k in CELL_EXTRAS}, **self._scores(cell, pixels),
             })  # fmt: skip
+        if self.finetune:
+            from featx.bench_finetune import finetune_rows
+
+            out += finetune_rows(self.config, self.finetune)
         return out

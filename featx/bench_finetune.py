@@ -10,7 +10,9 @@ checkpoints (`OUT/finetune-ckpt/KEY/`), removed once the cell is recorded. Their
 `kind: "finetune"` (probe rows: `kind: "probe"`), the freeze point's module and depth in the
 `layer` / `relative_depth` columns.
 
-Not yet wired into `featx bench` (see `run_finetune_cells`; bench.py is changing in parallel).
+`featx bench --finetune depth:0,0.5,1.0` runs them (for the bench's first model), after the
+probe cells; `compare` sets the best fine-tune cell beside the best probe cell per dataset and
+train size, both chosen by validation score, for the report.
 """
 
 from __future__ import annotations
@@ -105,13 +107,15 @@ def run_finetune_cells(config, points: list[str], base: FinetuneSettings, progre
 
 def finetune_rows(config, cells: list[tuple]) -> list[dict]:
     """One flat row per finished fine-tune cell, in the columns of the probe rows plus `kind`."""
+    from featx.bench import model_label
+
     rows = []
     for cell, r in cells:
         if "error" in r:
             continue
         bd = config.datasets[cell.source]
         rows.append({
-            "kind": "finetune", "dataset": os.path.basename(bd.spec.rstrip("/")), "similarity_label": bd.label or "",
+            "kind": "finetune", "model": model_label(config.model), "control_of": "", "dataset": os.path.basename(bd.spec.rstrip("/")), "similarity_label": bd.label or "",
             "layer": r["train_from_module"], "train_from": cell.point, "relative_depth": r["train_from_depth"],
             "code_dim": None, "train_size": r["train_size"], "train_size_spec": str(cell.train_size),
             "classifier": "finetune", "preset": "", "C": None, "seed": cell.seed, "accuracy": r["accuracy"],
@@ -120,3 +124,67 @@ def finetune_rows(config, cells: list[tuple]) -> list[dict]:
             **{k: r.get(k) for k in ("val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct")},
         })  # fmt: skip
     return rows
+
+
+@dataclass(frozen=True)
+class FinetuneVsProbe:
+    """At one (dataset, train size): the probe's chosen layer and the fine-tune's chosen freeze
+    point (each the best by mean validation score over seeds), their test accuracies (seed means)
+    and Wilson 95% intervals, and the gain of fine-tuning in points with its spread over seeds."""
+
+    dataset: str
+    size: str
+    probe_layer: str
+    probe_acc: float
+    probe_ci: tuple[float, float]
+    point: str
+    point_module: str
+    ft_acc: float
+    ft_std: float
+    ft_ci: tuple[float, float]
+    seeds: int
+    n_test: int
+    epoch: float
+
+    @property
+    def gain(self) -> float:
+        return 100 * (self.ft_acc - self.probe_acc)
+
+    @property
+    def verdict(self) -> str:
+        """'pays' / 'does not pay' when the two intervals are apart, else 'within noise'."""
+        if self.ft_ci[0] > self.probe_ci[1]:
+            return "pays"
+        if self.ft_ci[1] < self.probe_ci[0]:
+            return "does not pay"
+        return "within noise"
+
+
+def compare(analyses, rows: list[dict]) -> list[FinetuneVsProbe]:
+    """Best fine-tune cell beside best probe cell per (dataset, train size), both by validation."""
+    import numpy as np
+
+    from featx.analysis import best_layer
+    from featx.stats import wilson_interval
+
+    ft = [r for r in rows if r.get("kind") == "finetune"]
+    out = []
+    for a in analyses:
+        if a.control_of or (a.model and ft and a.model != ft[0]["model"]):
+            continue
+        for size in a.sizes:
+            mine = [r for r in ft if r["dataset"] == a.name and r["train_size_spec"] == size]
+            if not mine:
+                continue
+            by_point: dict[str, list[dict]] = {}
+            for r in mine:
+                by_point.setdefault(r["train_from"], []).append(r)
+            point = max(by_point, key=lambda p: (np.mean([r["val_score"] for r in by_point[p]]), p))
+            rs, layer = by_point[point], best_layer(a, size)
+            acc, n = float(np.mean([r["accuracy"] for r in rs])), int(rs[0]["n_test"])
+            out.append(FinetuneVsProbe(
+                a.name, size, layer, a.acc[(layer, size)].mean, a.ci(layer, size), point, rs[0]["layer"], acc,
+                float(np.std([r["accuracy"] for r in rs])), wilson_interval(int(round(acc * n)), n), len(rs), n,
+                float(np.mean([r["epoch"] for r in rs])),
+            ))  # fmt: skip
+    return out

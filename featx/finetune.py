@@ -120,6 +120,15 @@ class FinetuneSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def recipe_text(self) -> str:
+        """The recipe in one line, for reports."""
+        opt = f"sgd (momentum {self.momentum:g})" if self.optimizer == "sgd" else self.optimizer
+        cap = f", at most {self.max_images} training images" if self.max_images else ""
+        return (f"{opt}, {self.epochs} epochs ({self.warmup} warm-up, cosine), lr {self.lr:g} for the head and "
+                f"{self.lr * self.backbone_lr_mult:g} for pretrained layers, weight decay {self.weight_decay:g}, batch "
+                f"{self.batch_size}, {'RandomResizedCrop + flip' if self.augment else 'no augmentation'}{cap}; the "
+                f"epoch chosen on validation")  # fmt: skip
+
 
 @dataclass
 class FinetuneResult:

@@ -164,10 +164,10 @@ def _cell(v) -> str:
 
 # results.json also holds each cell's `test_correct` (per-image correctness bits, for paired tests)
 RESULT_COLUMNS = [
-    "model", "control_of", "dataset", "similarity_label", "layer", "relative_depth", "code_dim", "train_size", "train_size_spec", "classifier",
+    "kind", "model", "control_of", "dataset", "similarity_label", "layer", "relative_depth", "code_dim", "train_size", "train_size_spec", "classifier",
     "preset", "C", "seed", "accuracy", "balanced_accuracy", "test_ci_low", "test_ci_high", "n_test", "val_score",
     "val_tiebreak", "val_source", "n_val", "fit_seconds", "baseline",
-    "score_logme", "score_hscore", "score_transrate", "score_gbc",
+    "score_logme", "score_hscore", "score_transrate", "score_gbc", "train_from", "epoch",
 ]  # fmt: skip
 
 
@@ -184,7 +184,8 @@ def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
     w.writeheader()
     for r in rows:
         w.writerow(
-            {**r, "C": "/".join(f"{c:g}" for c in r["C"]) if isinstance(r["C"], list) else f"{r['C']:g}"}
+            {**r, "C": "/".join(f"{c:g}" for c in r["C"]) if isinstance(r["C"], list)
+             else "" if r["C"] is None else f"{r['C']:g}"}  # fmt: skip
         )
     csv_path, json_path = os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.json")
     write_text_atomic(csv_path, buf.getvalue())
@@ -218,7 +219,7 @@ def _wrap(title: str, width: int = 110) -> str:
     return "\n".join(textwrap.wrap(title, width)) or title
 
 
-def plot_depth(analyses, path: str, title: str) -> str:
+def plot_depth(analyses, path: str, title: str, finetune_rows: Sequence[dict] = ()) -> str:
     """Accuracy vs relative depth: a panel per train size, a line per dataset and model (similar
     solid, different dashed, random-init controls dotted) on the shared relative-depth axis; the
     lower row shows accuracy relative to each line's chosen layer (the best by validation at that
@@ -250,6 +251,11 @@ def plot_depth(analyses, path: str, title: str) -> str:
             chosen = a.acc[(best_layer(a, size), size)].mean
             axes[0][j].errorbar(x, y, yerr=e, ls=ls, marker=marker, color=color, label=label, capsize=2)
             axes[1][j].plot(x, y / chosen, ls=ls, marker=marker, color=color, label=label)
+            ft = _finetune_points(finetune_rows, a, size)
+            if ft:  # fine-tune cells at their freeze points, on the same depth axis
+                fx, fy = zip(*ft)
+                axes[0][j].plot(fx, fy, ls="none", marker="X", ms=9, color=color, label=f"{label}: fine-tuned from depth")
+                axes[1][j].plot(fx, np.array(fy) / chosen, ls="none", marker="X", ms=9, color=color)
         axes[0][j].set_title(f"train size {size}")
         axes[1][j].set_xlabel("relative depth (1.0 = penultimate)")
     axes[0][0].set_ylabel("test accuracy")
@@ -268,6 +274,15 @@ def plot_depth(analyses, path: str, title: str) -> str:
     _save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def _finetune_points(rows: Sequence[dict], a, size: str) -> list[tuple[float, float]]:
+    """(freeze depth, mean test accuracy over seeds) of the fine-tune rows of `a`'s dataset at `size`."""
+    by: dict[float, list[float]] = {}
+    for r in rows:
+        if r["dataset"] == a.name and r["train_size_spec"] == size and not a.control_of and r["model"] == a.model:
+            by.setdefault(float(r["relative_depth"]), []).append(r["accuracy"])
+    return sorted((d, float(np.mean(v))) for d, v in by.items())
 
 
 def plot_learning_curves(analyses, path: str, title: str) -> str:
@@ -307,7 +322,8 @@ def plot_learning_curves(analyses, path: str, title: str) -> str:
     return path
 
 
-def markdown_report(analyses, *, title: str, command: str | None, plots: list[str], notes: list[str]) -> str:
+def markdown_report(analyses, *, title: str, command: str | None, plots: list[str], notes: list[str],
+                    finetune=(), recipe: str = "") -> str:  # fmt: skip
     """The bench's report.md: a summary table, the plots, then per dataset its table and evidence."""
     import os
 
@@ -333,6 +349,7 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
         "Cases: " + "; ".join(f"{k}. {v}" for k, v in CASES.items()) + ".",
         "",
     ]
+    lines += _finetune_section(analyses, finetune, recipe)
     lines += _models_section(analyses) + _gain_section(analyses) + _scores_section(analyses)
     for p in plots:
         lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})", ""]
@@ -366,6 +383,37 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def _finetune_section(analyses, comparisons, recipe: str) -> list[str]:
+    """Fine-tuning beside probing: per dataset and train size the two picks, the gain, the verdict,
+    and at the largest size whether the measurement confirms the rule of thumb's case."""
+    if not comparisons:
+        return []
+    lines = ["## Fine-tuning beside probing", "",
+             "Per dataset and train size: the chosen probe layer and the best fine-tune freeze point, each chosen by "
+             "validation score (mean over seeds), never by test; test accuracies are seed means with their Wilson 95% "
+             "interval; the gain is fine-tune minus probe in points (± the fine-tune's spread over seeds). \"pays\" or "
+             "\"does not pay\" when the two intervals do not overlap, else \"within noise\"."
+             + (f" Recipe: {recipe}." if recipe else ""), ""]  # fmt: skip
+    rows = [[c.dataset, c.size, f"{c.probe_layer}: {c.probe_acc:.3f} ({c.probe_ci[0]:.2f}-{c.probe_ci[1]:.2f})",
+             f"{c.point} ({c.point_module}): {c.ft_acc:.3f} ± {c.ft_std:.3f} ({c.ft_ci[0]:.2f}-{c.ft_ci[1]:.2f})",
+             f"{c.gain:+.1f}", c.verdict, f"{c.epoch:g}"] for c in comparisons]  # fmt: skip
+    lines += [markdown_table(rows, ["dataset", "train size", "probe (chosen layer)", "fine-tune (chosen freeze point)",
+                                    "gain (points)", "verdict", "chosen epoch"]), ""]  # fmt: skip
+    for a in analyses:
+        mine = [c for c in comparisons if c.dataset == a.name]
+        if not mine or a.control_of:
+            continue
+        last = mine[-1]
+        rule = "fine-tune" if a.case in (2, 4) else "a linear classifier on codes"
+        agrees = {"pays": a.case in (2, 4), "does not pay": a.case in (1, 3)}.get(last.verdict)
+        word = "cannot tell them apart" if agrees is None else "confirms it" if agrees else "contradicts it"
+        lines.append(f"- {a.name}: rule of thumb for case {a.case} ({a.size}, {a.similarity_text}): {rule}; measured at "
+                     f"train size {last.size}: fine-tuning from {last.point} "
+                     f"{'is within noise of the probe' if last.verdict == 'within noise' else last.verdict} ({last.gain:+.1f} points "
+                     f"against {last.probe_layer}), which {word}.")  # fmt: skip
+    return lines + [""]
 
 
 def _models_section(analyses) -> list[str]:
@@ -445,6 +493,10 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
     csv_path, json_path = write_results(rows, cfg.out)
     conf = {(s.model, s.name): head_confidence(s.codes, s.head) for s in result.sources if s.head}
     analyses = analyze(rows, result.sources, conf)
+    ft_rows = [r for r in rows if r.get("kind") == "finetune"]
+    from featx.bench_finetune import compare
+
+    comparisons = compare(analyses, rows) if ft_rows else []
     models = cfg.bench_models()
     title = (f"featx bench: {cfg.model.name} ({cfg.model.weights} weights)" if len(models) == 1
              else f"featx bench: {', '.join(m.label for m in models)}")  # fmt: skip
@@ -454,13 +506,15 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
         by_clf.setdefault(a.classifier, []).append(a)
     for clf, group in by_clf.items():
         suffix = "" if len(by_clf) == 1 else f"_{clf.replace('/', '-')}"
-        plots.append(plot_depth(group, os.path.join(cfg.out, f"depth{suffix}.png"), f"{title}, {clf}"))
+        plots.append(plot_depth(group, os.path.join(cfg.out, f"depth{suffix}.png"), f"{title}, {clf}", ft_rows))
         plots.append(
             plot_learning_curves(
                 group, os.path.join(cfg.out, f"learning_curves{suffix}.png"), f"{title}, {clf}"
             )
         )
-    md = markdown_report(analyses, title=title, command=command, plots=plots, notes=result.notes)
+    recipe = cfg.finetune_settings.recipe_text() if ft_rows else ""
+    md = markdown_report(analyses, title=title, command=command, plots=plots, notes=result.notes,
+                         finetune=comparisons, recipe=recipe)  # fmt: skip
     md_path = os.path.join(cfg.out, "report.md")
     write_text_atomic(md_path, md)
     return {"results.csv": csv_path, "results.json": json_path, "report.md": md_path,

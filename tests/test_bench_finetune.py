@@ -43,3 +43,36 @@ def test_cells_resume_and_rows(tmp_path, monkeypatch):
     again = run_finetune_cells(config, ["depth:0.5", "depth:1.0"], base)
     assert [r for _, r in again] == [r for _, r in first]
     assert not (tmp_path / "bench" / "finetune-ckpt").exists() or not any((tmp_path / "bench" / "finetune-ckpt").iterdir())
+
+
+def test_bench_finetune_from_the_cli_report_and_resume(tmp_path):
+    """`featx bench --finetune`: fine-tune rows beside probe rows in results.csv, the report's
+    fine-tune section with verdicts that follow its own intervals, and a rerun that runs nothing."""
+    import csv
+    import re
+
+    from conftest import cli
+
+    data = make_images(tmp_path / "d", per_class=12)
+    argv = ["bench", "--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--data", f"{data}:different",
+            "--layers", "depth:0.5,1.0", "--train-sizes", "all", "--seeds", "0", "--C", "0.1,1", "--precision", "fp32",
+            "--workers", "0", "--device", "cpu", "--finetune", "depth:0.5,1.0", "--finetune-epochs", "1",
+            "--finetune-batch-size", "4", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "b", "-q"]  # fmt: skip
+    rc, out, err = cli(*argv)
+    assert rc == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "b" / "results.csv")))
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("probe") == 2 and kinds.count("finetune") == 2
+    assert {r["train_from"] for r in rows if r["kind"] == "finetune"} == {"depth:0.5", "depth:1.0"}
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "## Fine-tuning beside probing" in report
+    line = next(ln for ln in report.splitlines() if ln.startswith("| d | all |"))
+    probe_ci, ft_ci = [tuple(map(float, m)) for m in re.findall(r"\((\d\.\d\d)-(\d\.\d\d)\)", line)]
+    verdict = "pays" if ft_ci[0] > probe_ci[1] else "does not pay" if ft_ci[1] < probe_ci[0] else "within noise"
+    assert f"| {verdict} |" in line
+    assert "rule of thumb for case" in report and ("confirms it" in report or "contradicts it" in report
+                                                   or "cannot tell them apart" in report)  # fmt: skip
+    before = (tmp_path / "b" / "cells.jsonl").read_text()
+    rc, out, err = cli(*argv)
+    assert rc == 0, err
+    assert (tmp_path / "b" / "cells.jsonl").read_text() == before  # nothing refitted or re-run

@@ -36,6 +36,14 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="results/bench", help="results directory (default results/bench); rerun to resume")
     p.add_argument("--cache-dir", help=o.CACHE_HELP)
     o.add_device_args(p)
+    p.add_argument("--finetune", metavar="POINTS",
+                   help="add fine-tune cells from these freeze points (depth:0,0.5,1.0 or layer names), for the first "
+                        "--model, per dataset x train size x seed, beside the probe cells")  # fmt: skip
+    p.add_argument("--finetune-epochs", type=o.positive_int, help="fine-tune epochs (10)")
+    p.add_argument("--finetune-lr", type=float, help="fine-tune head learning rate (0.01; pretrained layers x0.1)")
+    p.add_argument("--finetune-batch-size", type=o.positive_int, help="fine-tune images per step (32)")
+    p.add_argument("--finetune-max-images", type=o.positive_int,
+                   help="cap each fine-tune's training images (a seeded stratified subset): fine-tuning on a CPU is slow")  # fmt: skip
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="fit the cells on this Dask cluster (tcp://HOST:8786; default $DASK_SCHEDULER_ADDRESS; "
                         "'local': here, with --jobs); needs featx[dask] and a cache dir the workers see")  # fmt: skip
@@ -86,9 +94,19 @@ def run(args) -> int:
         CodeSettings(args.layers), o.settings_from(RunSettings, args), train_sizes=sizes, protocols=_protocols(args),
         seeds=o.ints(args.seeds, "--seeds") or (0,), data_options=o.settings_from(DataOptions, args),
         baseline_pixels=args.baseline == "pixels", pixel_size=args.pixel_size, out=args.out, cache_dir=args.cache_dir,
-        jobs=args.jobs, scheduler=args.scheduler, control=args.control,
+        jobs=args.jobs, scheduler=args.scheduler, control=args.control, finetune=args.finetune or (),
+        finetune_settings=_finetune_settings(args),
     )  # fmt: skip
     return _run(config, args)
+
+
+def _finetune_settings(args):
+    """The fine-tune recipe from --finetune-*: the library's defaults for what is not given."""
+    from featx.finetune import FinetuneSettings
+
+    given = {"epochs": args.finetune_epochs, "lr": args.finetune_lr, "batch_size": args.finetune_batch_size,
+             "max_images": args.finetune_max_images}  # fmt: skip
+    return FinetuneSettings(**{k: v for k, v in given.items() if v is not None})
 
 
 def _models(args) -> list:

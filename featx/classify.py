@@ -83,6 +83,8 @@ class Protocol:
     max_iter: int = 2000
     epochs: int = 5  # sgd
     chunk_rows: int = 4096  # sgd
+    solver: str = "sklearn"  # softmax: 'sklearn' (lbfgs) or 'torch' (featx.torch_softmax); 'auto' resolves
+    device: str = field(default="auto", compare=False)  # where the torch solver runs; not part of identity
 
     def validate(self) -> Protocol:
         if self.classifier not in CLASSIFIERS:
@@ -106,11 +108,20 @@ class Protocol:
             raise UsageError(f"--val-fraction {self.val_fraction}: must be between 0 and 1")
         if self.epochs < 1 or self.chunk_rows < 16:
             raise UsageError("--epochs must be >= 1 and --chunk-rows >= 16")
-        return self
+        from featx.torch_softmax import resolve_solver
+
+        solver = resolve_solver(self.solver, self.classifier, self.device, self.per_class)
+        return self if solver == self.solver else replace(self, solver=solver)
 
     def to_dict(self) -> dict:
+        """The protocol's identity (reports, bench cell keys). `solver` enters it only when it is
+        torch (its numbers differ slightly from scikit-learn's), so sklearn protocols keep the keys
+        they had before the field existed; `device` never does (same solver, same answer)."""
         d = asdict(self)
         d["Cs"] = [float(c) for c in self.Cs]
+        d.pop("device")
+        if d["solver"] == "sklearn":
+            d.pop("solver")
         return d
 
 
@@ -261,6 +272,10 @@ def make_pipeline(protocol: Protocol, C: float, seed: int, n_fit: int, dim: int)
             max_iter=protocol.max_iter,
             random_state=seed,
         )
+    elif protocol.classifier == "softmax" and protocol.solver == "torch":
+        from featx.torch_softmax import TorchSoftmax
+
+        clf = TorchSoftmax(C=C, max_iter=protocol.max_iter, device=protocol.device)
     elif protocol.classifier == "softmax":
         clf = LogisticRegression(C=C, solver="lbfgs", max_iter=protocol.max_iter)
     else:
@@ -479,6 +494,8 @@ def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: i
         _warm_start(pipe.named_steps["clf"], start if warm else None)
         pipe.fit(X_tr, y_tr)
         _warm_start(pipe.named_steps["clf"], None)  # the saved model reads as a plain one
+        if hasattr(pipe.steps[-1][1], "to_sklearn"):  # torch's solution as a plain LogisticRegression
+            pipe.steps[-1] = ("clf", pipe.steps[-1][1].to_sklearn())
     y_pred = pipe.predict(_load(f, layers, rows.test))
     return pipe, C, val_score, y_pred
 
@@ -553,11 +570,13 @@ def _chains(protocol: Protocol, warm: bool) -> list[list[int]]:
 
 
 def _warm_start(clf, start) -> None:
-    """Start a LogisticRegression's next fit at `start` = (coef, intercept); None: from zero.
-    Other classifiers (liblinear's LinearSVC has no starting point) always start from zero."""
+    """Start a LogisticRegression's (or TorchSoftmax's) next fit at `start` = (coef, intercept); None:
+    from zero. Other classifiers (liblinear's LinearSVC has no starting point) start from zero."""
     from sklearn.linear_model import LogisticRegression
 
-    if not isinstance(clf, LogisticRegression):
+    from featx.torch_softmax import TorchSoftmax
+
+    if not isinstance(clf, (LogisticRegression, TorchSoftmax)):
         return
     if start is None:
         clf.set_params(warm_start=False)

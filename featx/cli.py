@@ -89,6 +89,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "if it has one): a group never sits on both sides of a split, hold-out or CV fold")  # fmt: skip
 
 
+SOLVER_HELP = ("softmax's solver: sklearn (lbfgs, float64), torch (L-BFGS in float32, same objective; fast on a "
+               "GPU) or auto (default: torch when --device is or finds CUDA, else sklearn)")
+
+
+def _solver_overrides(args) -> dict:
+    """--solver and the --device it runs on (auto with svm or sgd: sklearn; torch with them: an error)."""
+    return {"solver": args.solver, "device": args.device}
+
+
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     """How the forward runs: shared by extract and bench."""
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -194,6 +203,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pixel-size", type=_positive_int, default=32, help="image size of the pixel baseline (32)"
     )
+    p.add_argument("--solver", default="auto", help=SOLVER_HELP + "; runs on --device")
     p.add_argument("--cache-dir", help="cache directory (default: $FEATX_CACHE_DIR or ./cache)")
     _add_device_args(p)
 
@@ -265,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, help="sgd: passes over the data (5)")
     p.add_argument("--chunk-rows", type=_positive_int, help="sgd: rows read per chunk (4096)")
     p.add_argument("--max-iter", type=_positive_int, help="solver iterations (2000; kornblith 1000)")
+    p.add_argument("--solver", default="auto", help=SOLVER_HELP)
+    p.add_argument("--device", default="auto", help="where --solver torch runs: auto (cuda if available), cpu, cuda:N")
     p.add_argument("--out", metavar="NAME",
                    help="save the best layer's classifier as NAME.safetensors: arrays and a JSON description in one "
                         "pickle-free file that featx predict loads (NAME.joblib is accepted as the same name)")  # fmt: skip
@@ -510,6 +522,7 @@ def cmd_fit(args) -> int:
     overrides = {k: v for k, v in {
         "Cs": _floats(args.Cs, "--C") if args.Cs else None, "scale": args.scale, "pca": args.pca, "cv": args.cv,
         "val_fraction": args.val_fraction, "epochs": args.epochs, "chunk_rows": args.chunk_rows, "max_iter": args.max_iter,
+        **_solver_overrides(args),
     }.items() if v is not None}  # fmt: skip
     protocol = protocol_for(args.classifier, args.preset, **overrides)
     seeds = _ints(args.seeds, "--seeds") if args.seeds else (args.seed,)
@@ -568,13 +581,14 @@ def _bench_protocols(args) -> list:
     from featx.classify import protocol_for
 
     overrides = {k: v for k, v in {"Cs": _floats(args.Cs, "--C") if args.Cs else None, "scale": args.scale,
-                                   "cv": args.cv}.items() if v is not None}  # fmt: skip
+                                   "cv": args.cv, **_solver_overrides(args)}.items() if v is not None}  # fmt: skip
     if args.preset:
         return [protocol_for(preset=args.preset, **overrides)]
     names = [c.strip() for c in args.classifier.split(",") if c.strip()]
     if not names:
         raise UsageError("--classifier is empty; use svm, softmax or sgd")
-    return [protocol_for(c, **overrides) for c in dict.fromkeys(names)]
+    plain = {k: v for k, v in overrides.items() if k not in ("solver", "device")}  # --solver is softmax's
+    return [protocol_for(c, **(overrides if c == "softmax" else plain)) for c in dict.fromkeys(names)]
 
 
 def _run_bench(config, command: str, progress: bool) -> int:

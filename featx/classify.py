@@ -26,6 +26,11 @@ the HDF5 file, alpha = 1 / (C * n)): its memory is bounded by `chunk_rows`, what
 softmax walks its C grid in fixed chains of warm starts (each C starts from the previous one's
 solution, the refit from the chosen C's) and fits chains and CV folds side by side with `jobs`
 (`_grid_scores` says how close that is to fits from scratch; `warm=False` gives those).
+`Protocol(solver="torch")` solves softmax with featx.torch_softmax instead (scikit-learn's objective,
+torch L-BFGS in float32, on `Protocol.device`), along the same chains; the pipeline it returns holds
+a plain LogisticRegression with torch's solution, so saving and predicting do not change. `solver`
+is part of a protocol's identity (reports, bench cell keys) only when it is torch; "auto" resolves
+in `validate` (torch when softmax fits on CUDA, else sklearn), so a stored protocol never says auto.
 Codes are standardized (default), L2-normalized or left as they are, optionally reduced by PCA.
 
 Presets reproduce published protocols:

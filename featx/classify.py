@@ -46,6 +46,7 @@ Presets reproduce published protocols:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -441,7 +442,8 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
         # thread count, and lbfgs amplifies the last bits, so the numbers would change with --jobs
         # (joblib gives each worker one thread) or with the machine's cores. Parallelism comes from
         # fitting cells, grid values and folds side by side instead.
-        with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1, user_api="blas"):
+        with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1, user_api="blas"), \
+                _one_torch_thread(protocol):  # fmt: skip
             warnings.simplefilter("always")
             try:
                 if protocol.classifier == "sgd":
@@ -467,6 +469,25 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
             "convergence_warnings": sum(1 for w in caught if "Converge" in type(w.message).__name__),
         }  # fmt: skip
     return (result, pipe) if return_model else result
+
+
+@contextlib.contextmanager
+def _one_torch_thread(protocol: Protocol):
+    """The one-thread rule for the torch solver on the CPU (torch's intra-op threads are its BLAS;
+    they also spin badly on a loaded machine): torch.set_num_threads(1) for the fit, then back."""
+    from featx.torch_softmax import fit_device_is_cpu
+
+    if protocol.solver != "torch" or not fit_device_is_cpu(protocol.device):
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: int, dim: int, jobs: int = 1,

@@ -55,6 +55,10 @@ def fit_device(device: str | None) -> str:
     return name
 
 
+def fit_device_is_cpu(device: str | None) -> bool:
+    return fit_device(device) == "cpu"
+
+
 def resolve_solver(solver: str, classifier: str, device: str | None, per_class: bool = False) -> str:
     """'sklearn' or 'torch' for `--solver` (see the module docstring)."""
     if solver not in SOLVERS:

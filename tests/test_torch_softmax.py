@@ -128,6 +128,28 @@ def test_torch_results_do_not_depend_on_jobs(tmp_path):
     assert np.array_equal(pa.named_steps["clf"].coef_, pb.named_steps["clf"].coef_)
 
 
+def test_torch_fits_on_the_cpu_use_one_thread_like_blas(tmp_path, monkeypatch):
+    """featx's one-thread rule holds for torch's intra-op threads too, in the grid's threads."""
+    import threading
+
+    import torch
+
+    import featx.classify as classify
+
+    seen, real = [], classify._chain
+
+    def chain(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(classify, "_chain", chain)
+    torch.set_num_threads(2)
+    fit_cell(codes(tmp_path, n=420), ["L"], protocol_for("softmax", solver="torch", device="cpu", Cs=(0.1, 1.0)),
+             jobs=2)  # fmt: skip
+    assert torch.get_num_threads() == 2  # restored
+    assert seen and all(n == 1 for _, n in seen), seen
+
+
 def test_a_saved_torch_classifier_reloads_and_predicts_the_same(tmp_path):
     from featx.classifier_io import load_classifier, save_classifier
     from featx.store import CodesFile

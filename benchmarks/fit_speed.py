@@ -110,7 +110,9 @@ def row(name: str, path: str, layer: str, protocol: Protocol, jobs: int, device:
            "old_cpu_s": old_cpu, "new_cpu_s": new_cpu, "new_idle_s": new_idle, "idle_ratio": old_cpu / new_idle,
            "C_old": old["C"], "C_new": new["C"], "acc_old": old["accuracy"], "acc_new": new["accuracy"]}  # fmt: skip
     if device is not None:
-        torch_s, torch_cpu, _, t = timed(path, layer, replace(protocol, solver="torch", device=device), jobs, True)
+        torch_s, torch_cpu, _, t = timed(
+            path, layer, replace(protocol, solver="torch", device=device), jobs, True
+        )
         out.update({"torch_s": torch_s, "torch_cpu_s": torch_cpu, "new_over_torch": new_s / torch_s,
                     "old_over_torch": old_s / torch_s, "C_torch": t["C"], "acc_torch": t["accuracy"]})  # fmt: skip
     return out
@@ -156,8 +158,10 @@ def main(argv=None) -> int:
 
 def print_rows(rows: list[dict], args, header: bool) -> None:
     if header:
-        print(f"{args.classifier}, new path --jobs {args.jobs}; old: every C from scratch, one after another"
-              + (f"; torch: the new path with --solver torch on {args.fit_device}" if args.fit_device else ""))
+        print(
+            f"{args.classifier}, new path --jobs {args.jobs}; old: every C from scratch, one after another"
+            + (f"; torch: the new path with --solver torch on {args.fit_device}" if args.fit_device else "")
+        )
         print(f"{'rows x dims x classes':<28} {'grid':>4} {'old s':>7} {'new s':>7} {'ratio':>6} {'old cpu':>7} "
               f"{'new cpu':>7} {'new idle s':>10} {'idle ratio':>10} {'C old':>7} {'C new':>7} {'acc old':>7} "
               f"{'acc new':>7}" + (f" {'torch s':>7} {'new/torch':>9} {'C torch':>7} {'acc torch':>9}"

@@ -89,8 +89,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "if it has one): a group never sits on both sides of a split, hold-out or CV fold")  # fmt: skip
 
 
-SOLVER_HELP = ("softmax's solver: sklearn (lbfgs, float64), torch (L-BFGS in float32, same objective; fast on a "
-               "GPU) or auto (default: torch when --device is or finds CUDA, else sklearn)")
+SOLVER_HELP = (
+    "softmax's solver: sklearn (lbfgs, float64), torch (L-BFGS in float32, same objective; fast on a "
+    "GPU) or auto (default: torch when --device is or finds CUDA, else sklearn)"
+)
 
 
 def _solver_overrides(args) -> dict:
@@ -276,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=_positive_int, help="sgd: rows read per chunk (4096)")
     p.add_argument("--max-iter", type=_positive_int, help="solver iterations (2000; kornblith 1000)")
     p.add_argument("--solver", default="auto", help=SOLVER_HELP)
-    p.add_argument("--device", default="auto", help="where --solver torch runs: auto (cuda if available), cpu, cuda:N")
+    p.add_argument(
+        "--device", default="auto", help="where --solver torch runs: auto (cuda if available), cpu, cuda:N"
+    )
     p.add_argument("--out", metavar="NAME",
                    help="save the best layer's classifier as NAME.safetensors: arrays and a JSON description in one "
                         "pickle-free file that featx predict loads (NAME.joblib is accepted as the same name)")  # fmt: skip

@@ -65,7 +65,9 @@ def resolve_solver(solver: str, classifier: str, device: str | None, per_class: 
         raise UsageError(f"--solver {solver!r}: use one of {', '.join(SOLVERS)}")
     softmax = classifier == "softmax" and not per_class
     if solver == "torch" and not softmax:
-        raise UsageError(f"--solver torch fits softmax only; use --solver sklearn for --classifier {classifier}")
+        raise UsageError(
+            f"--solver torch fits softmax only; use --solver sklearn for --classifier {classifier}"
+        )
     if solver == "torch":
         fit_device(device)  # a clear error now, not in the middle of a grid
     if solver != "auto":

@@ -10,6 +10,8 @@ ground truth in tests/test_scores.py.
 - `hscore_reference`: the regularised H-score as thuml's Transfer-Learning-Library computes it:
   scikit-learn's LedoitWolf covariance, np.cov (1/(N-1)) of the class-mean features, pinv.
 - `transrate_reference`: TransRate with a D x D log-determinant per class, eps 1e-4.
+- `gbc_reference`: GBC as google-research's stable_transfer computes it: scikit-learn's PCA (full
+  SVD) to 64 components, per-class np.var floored at 1e-4, a double loop over ordered class pairs.
 """
 
 from __future__ import annotations
@@ -80,4 +82,22 @@ def transrate_reference(X: np.ndarray, y: np.ndarray, eps: float = 1e-4) -> floa
     return _coding_rate(f, eps) - float(np.mean([_coding_rate(f[y == c], eps) for c in classes]))
 
 
-REFERENCES = {"logme": logme_reference, "hscore": hscore_reference, "transrate": transrate_reference}
+def gbc_reference(X: np.ndarray, y: np.ndarray, dims: int = 64) -> float:
+    from sklearn.decomposition import PCA
+
+    f = np.asarray(X, dtype=np.float64)
+    f = PCA(n_components=min(dims, *f.shape), svd_solver="full").fit_transform(f)
+    stats = [(f[y == c].mean(axis=0), np.maximum(f[y == c].var(axis=0), 1e-4)) for c in np.unique(y)]
+    total = 0.0
+    for i, (mi, vi) in enumerate(stats):
+        for j, (mj, vj) in enumerate(stats):
+            if i != j:
+                s = (vi + vj) / 2
+                d_b = np.sum((mi - mj) ** 2 / s) / 8 + 0.5 * (np.sum(np.log(s)) - 0.5 * np.sum(np.log(vi))
+                                                            - 0.5 * np.sum(np.log(vj)))  # fmt: skip
+                total += np.exp(-d_b)
+    return float(-total)
+
+
+REFERENCES = {"logme": logme_reference, "hscore": hscore_reference, "transrate": transrate_reference,
+              "gbc": gbc_reference}  # fmt: skip

@@ -26,6 +26,7 @@ _EXPORTS = {
     "ModelSettings": "featx.settings",
     "CodeSettings": "featx.settings",
     "RunSettings": "featx.settings",
+    "DataOptions": "featx.settings",
     "resolve": "featx.plan",
     "Plan": "featx.plan",
     "Timings": "featx.engine",

@@ -112,6 +112,10 @@ class DatasetAnalysis:
     answer: str = ""
     rule_check: str = ""
     size_text: str = ""  # the size regime, and what capped it
+    model: str = ""  # the model's label in a bench of several models ("" in older results)
+    control_of: str = ""  # a random-init control: the label of the pretrained model it controls
+    rows_digest: str = ""  # equal digests: the same images in the same splits (test images pair up)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> metric -> score (largest size)
 
     def ci(self, layer: str, size: str) -> tuple[float, float]:
         """Wilson 95% interval of the (seed-mean) test accuracy over the n test images."""
@@ -153,7 +157,9 @@ def analyze(
     out = []
     head_confidence = head_confidence or {}
     for src in sources:
-        mine = [r for r in rows if r["dataset"] == src.name]
+        model = getattr(src, "model", "")
+        # the raw-pixel baseline belongs to the dataset, whichever model's sources it came with
+        mine = [r for r in rows if r["dataset"] == src.name and (r["baseline"] or r.get("model", "") == model)]
         for clf in dict.fromkeys(
             f"{r['classifier']}{'/' + r['preset'] if r['preset'] else ''}" for r in mine
         ):
@@ -175,13 +181,18 @@ def analyze(
                 val={k: _stat([r["val_score"] for r in v]) for k, v in groups.items()},
                 pixels={s: _stat([r["accuracy"] for r in rs if r["baseline"] and r["train_size_spec"] == s])
                         for s in sizes if any(r["baseline"] and r["train_size_spec"] == s for r in rs)},
-                n_train=src.n_train, n_classes=src.n_classes, head_confidence=head_confidence.get(src.name),
+                n_train=src.n_train, n_classes=src.n_classes,
+                head_confidence=head_confidence.get((model, src.name), head_confidence.get(src.name)),
                 uncapped_train=getattr(src, "uncapped_train", None), cap=getattr(src, "cap", ""),
                 tie={k: _stat([r.get("val_tiebreak") or 0.0 for r in v]) for k, v in groups.items()},
                 correct={k: unpack_correct(r["test_correct"], r["n_test"]) for k, r in first.items()
                          if r.get("test_correct")},
                 val_source={s: next(r.get("val_source", "") for r in cnn if r["train_size_spec"] == s) for s in sizes},
-                n_test=int(cnn[0].get("n_test") or 0),
+                n_test=int(cnn[0].get("n_test") or 0), model=model, control_of=getattr(src, "control_of", ""),
+                rows_digest=getattr(src, "rows_digest", ""),
+                scores={r["layer"]: {k[len("score_"):]: v for k, v in r.items() if k.startswith("score_") and v is not None}
+                        for r in cnn if r["train_size_spec"] == sizes[-1] and any(
+                            k.startswith("score_") and v is not None for k, v in r.items())},
             )  # fmt: skip
             _decide(a)
             out.append(a)

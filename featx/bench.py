@@ -16,6 +16,15 @@ existing Dask cluster through joblib's Dask backend instead (`pip install "featx
 process still owns the bench and appends `cells.jsonl`, so resume and results are the same. The
 workers open the codes files by path: the cache directory must be on a filesystem they all see,
 and they need the same featx installed.
+
+Several models (`--model NAME[@WEIGHTS]`, repeatable) make one bench: every (model, dataset) is
+extracted once through the cache, and the cells, results and report gain a `model` column (the cell
+key already hashes the codes file's cache key, which holds the model, so a single-model bench's
+cells.jsonl keeps resuming). `control="random"` adds, for every pretrained model, the same
+architecture with featx's seeded random initialisation (`--weights none`) as a model of its own.
+Every (model, dataset, layer) is also scored by featx.scores on the training rows of the largest
+train size (seed 0's draw, as the probes' seed-0 cell draws it, before any validation hold-out),
+resumably in `scores.jsonl`.
 """
 
 from __future__ import annotations
@@ -27,15 +36,14 @@ import logging
 import os
 import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from featx.cache import digest
 from featx.classify import Protocol, TrainSize, fit_cell, parse_train_size
-from featx.data import DataOptions
 from featx.errors import FeatxError, UsageError
-from featx.settings import CodeSettings, ModelSettings, RunSettings, gather
+from featx.settings import CodeSettings, DataOptions, ModelSettings, RunSettings, gather
 from featx.store import CodesFile
 
 log = logging.getLogger("featx")
@@ -63,17 +71,65 @@ def parse_bench_data(text: str) -> BenchData:
 
 
 DEFAULT_LAYERS = "depth:0.1,0.25,0.4,0.55,0.7,0.85,1.0"
+CONTROLS = ("random",)
+SCORES_FILE = "scores.jsonl"
+MODEL_SPEC_HELP = "use NAME or NAME@WEIGHTS (efficientnet_lite0@imagenet, timm:resnet18@none)"
+
+
+def split_model_spec(text: str) -> tuple[str, str | None]:
+    """'NAME' -> (NAME, None); 'NAME@WEIGHTS' -> (NAME, WEIGHTS). `@` because `timm:NAME` uses the colon."""
+    name, sep, weights = str(text).strip().partition("@")
+    if not name.strip():
+        raise UsageError(f"--model {text!r}: no model name before @; {MODEL_SPEC_HELP}")
+    if sep and not weights.strip():
+        raise UsageError(f"--model {text!r}: no weights after @; {MODEL_SPEC_HELP}")
+    return name.strip(), (weights.strip() or None)
+
+
+def model_label(m: ModelSettings) -> str:
+    return f"{m.name}@{m.weights}"
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """One model of a bench: its settings, its label in results, and, for a random-init control,
+    the label of the pretrained model it controls."""
+
+    settings: ModelSettings
+    label: str
+    control_of: str = ""
+
+
+def _gather_models(model, codes, run, settings: dict):
+    """The bench's models (deduplicated, in order), codes and run settings; a string model may be
+    NAME@WEIGHTS, whose weights win over a flat `weights=`."""
+    items = [model] if isinstance(model, (str, ModelSettings)) else list(model or ())
+    if not items:
+        raise UsageError("featx bench: give at least one --model")
+    models = []
+    for item in items:
+        kw = dict(settings)
+        if isinstance(item, str):
+            item, weights = split_model_spec(item)
+            if weights is not None:
+                kw["weights"] = weights
+        m, c, r = gather(item, codes, run, kw, "BenchConfig")
+        models.append(m)
+    return tuple(dict.fromkeys(models)), c, r
 
 
 @dataclass(init=False)
 class BenchConfig:
-    """A bench: the model and codes settings, how to run the forward, the data, and the grid.
+    """A bench: the model(s) and codes settings, how to run the forward, the data, and the grid.
 
-    `model`, `codes` and `run` are `featx.settings` objects (a model name and a layers string are
-    accepted as shorthands); their fields may also be given flat (`weights=`, `layers=`,
-    `image_size=`, `device=`, `batch_size=`, ...), as `extract` takes them."""
+    `model` is one `ModelSettings` or a sequence of them (a name, or NAME@WEIGHTS, is accepted as a
+    shorthand); `codes` and `run` are `featx.settings` objects (a layers string is a shorthand);
+    their fields may also be given flat (`weights=`, `layers=`, `image_size=`, `device=`, ...), as
+    `extract` takes them, and then apply to every model. `control="random"` adds each pretrained
+    model's random-init twin. `models` holds them all; `model` is the first."""
 
-    model: ModelSettings
+    models: tuple[ModelSettings, ...]
+    control: str | None
     datasets: list[BenchData]
     codes: CodeSettings
     run: RunSettings
@@ -88,15 +144,16 @@ class BenchConfig:
     jobs: int
     scheduler: str | None  # a Dask scheduler's address; None: $DASK_SCHEDULER_ADDRESS, else local joblib
 
-    def __init__(self, model: ModelSettings | str, datasets: list[BenchData], codes: CodeSettings | str | None = None,
+    def __init__(self, model: ModelSettings | str | Sequence[ModelSettings | str], datasets: list[BenchData], codes: CodeSettings | str | None = None,
                  run: RunSettings | None = None, *, train_sizes: Sequence[str] = ("all",),
                  protocols: Sequence[Protocol] = (Protocol(),), seeds: Sequence[int] = (0,),
                  data_options: DataOptions | None = None, baseline_pixels: bool = False, pixel_size: int = 32,
                  out: str = "results/bench", cache_dir: str | None = None, jobs: int = 1, scheduler: str | None = None,
-                 **settings):  # fmt: skip
-        self.model, self.codes, self.run = gather(
-            model, codes or DEFAULT_LAYERS, run, settings, "BenchConfig"
-        )
+                 control: str | None = None, **settings):  # fmt: skip
+        self.models, self.codes, self.run = _gather_models(model, codes or DEFAULT_LAYERS, run, settings)
+        if control is not None and control not in CONTROLS:
+            raise UsageError(f"--control {control!r}: use random (or leave it out)")
+        self.control = control
         self.datasets, self.train_sizes, self.protocols = datasets, train_sizes, protocols
         self.seeds = tuple(
             dict.fromkeys(int(s) for s in seeds)
@@ -110,6 +167,24 @@ class BenchConfig:
             jobs,
         )
         self.scheduler = scheduler
+
+    @property
+    def model(self) -> ModelSettings:
+        return self.models[0]
+
+    def bench_models(self) -> list[BenchModel]:
+        """Every model of the bench with its label; with control='random', each pretrained model
+        is followed by its random-init twin (`--weights none`, featx's seed 0)."""
+        out = [BenchModel(m, model_label(m)) for m in self.models]
+        if self.control == "random":
+            have = set(self.models)
+            for bm in list(out):
+                twin = replace(bm.settings, weights="none")
+                if bm.settings.weights.lower() != "none" and twin not in have:
+                    have.add(twin)
+                    out.insert(out.index(bm) + 1,
+                               BenchModel(twin, f"{model_label(twin)} (random control)", bm.label))  # fmt: skip
+        return out
 
 
 DEMO_FASHION = "/usr/share/datasets/fashion-mnist"
@@ -153,6 +228,9 @@ class Source:
     n_classes: int = 0
     uncapped_train: int | None = None  # training images before --per-class-limit (when it removed some)
     cap: str = ""  # the limit that did, as the user wrote it
+    model: str = ""  # the model's label (NAME@WEIGHTS, '(random control)' for a control)
+    control_of: str = ""  # for a random-init control: the pretrained model's label
+    rows_digest: str = ""  # which images in which split, in order: equal digests pair test images
 
 
 def _head_layer(model: ModelSettings) -> str | None:
@@ -167,10 +245,18 @@ def _limit_text(limit) -> str:
 
 
 def prepare(config: BenchConfig, progress: bool = False) -> list[Source]:
-    """Extract (or find in the cache) the codes of every dataset."""
+    """Extract (or find in the cache) the codes of every (model, dataset); the raw-pixel baseline
+    once per dataset (with the first model's sources)."""
+    sources = []
+    for k, bm in enumerate(config.bench_models()):
+        sources += _prepare_model(config, bm, progress, pixels=config.baseline_pixels and k == 0)
+    return sources
+
+
+def _prepare_model(config: BenchConfig, bm: BenchModel, progress: bool, pixels: bool) -> list[Source]:
     from featx.extraction import extract
 
-    head = _head_layer(config.model)
+    head = _head_layer(bm.settings)
     codes = replace(config.codes, layers=config.codes.layers + (f",{head}" if head else ""))
     pixels_model = ModelSettings("pixels", "DEFAULT", image_size=config.pixel_size)
     common = dict(
@@ -178,7 +264,7 @@ def prepare(config: BenchConfig, progress: bool = False) -> list[Source]:
     )
     sources = []
     for bd in config.datasets:
-        res = extract(config.model, bd.spec, codes, **common)
+        res = extract(bm.settings, bd.spec, codes, **common)
         with CodesFile(res.path) as f:
             layers = [n for n in f.layers if n != head]
             depth = {n: f.layer_meta(n).depth for n in layers}
@@ -186,13 +272,13 @@ def prepare(config: BenchConfig, progress: bool = False) -> list[Source]:
             name = str(f.meta.dataset_name or os.path.basename(bd.spec.rstrip("/")))
             n_train = int((f.split == "train").sum())
             n_classes = len(f.classes)
+            rows_digest = digest({"paths": f.paths, "split": f.split.tolist()})
         layers.sort(key=lambda n: depth[n])
-        pixels = None
-        if config.baseline_pixels:
-            pixels = extract(pixels_model, bd.spec, CodeSettings("pixels", pool="none"), **common).path
+        pix = extract(pixels_model, bd.spec, CodeSettings("pixels", pool="none"), **common).path if pixels else None
         sources.append(
-            Source(bd, name, res.path, layers, depth, dims, head if head else None, pixels, n_train, n_classes,
-                   res.uncapped_train, _limit_text(config.data_options.per_class_limit) if res.uncapped_train else "")
+            Source(bd, name, res.path, layers, depth, dims, head if head else None, pix, n_train, n_classes,
+                   res.uncapped_train, _limit_text(config.data_options.per_class_limit) if res.uncapped_train else "",
+                   bm.label, bm.control_of, rows_digest)
         )  # fmt: skip
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
@@ -258,6 +344,95 @@ def _min_class_count(path: str) -> int:
     return int(counts.min()) if len(counts) else 0
 
 
+# -- transferability scores ---------------------------------------------------------------------
+
+
+def _scored_size(config: BenchConfig, src: Source) -> TrainSize | None:
+    """The train size whose training rows the scores use: the largest of the grid this data
+    supports (by images), as the analysis's largest size."""
+    sizes = [parse_train_size(s) for s in config.train_sizes]
+    per_class_min = _min_class_count(src.codes)
+
+    def count(t: TrainSize) -> int:
+        return {"all": src.n_train, "total": t.n, "per_class": t.n * src.n_classes}[t.kind]
+
+    fits = [t for t in sizes if t.kind == "all" or (t.kind == "total" and t.n <= src.n_train)
+            or (t.kind == "per_class" and t.n <= per_class_min)]  # fmt: skip
+    return max(fits, key=count) if fits else None
+
+
+def _score_key(cache_key: str, layer: str, size: TrainSize) -> str:
+    from featx.scores import METRICS
+
+    return digest({"scores": cache_key, "layer": layer, "train_size": str(size), "seed": 0, "metrics": list(METRICS)})
+
+
+def _score_source(src: Source, size: TrainSize, todo: list[str]) -> dict[str, dict]:
+    """Every score of each layer in `todo`, on the training rows `size` draws with seed 0."""
+    import time
+
+    from featx.classify import _subsample
+    from featx.scores import METRICS, score
+
+    out = {}
+    with CodesFile(src.codes) as f:
+        train = np.flatnonzero(f.split == "train")
+        rows = _subsample(train, f.labels, size, np.random.default_rng(0), f.classes)
+        for layer in todo:
+            t0 = time.perf_counter()
+            X, y = f.codes(layer, rows), f.labels[rows]
+            try:
+                values, errors = _scores_of(X, y, METRICS, score), {}
+            except SCORE_FAILURES:  # one metric failing (degenerate codes) must not cost the others
+                values, errors = {}, {}
+                for m in METRICS:
+                    try:
+                        values.update(_scores_of(X, y, [m], score))
+                    except SCORE_FAILURES as e:
+                        values[m], errors[m] = None, str(e).splitlines()[0] if str(e) else type(e).__name__
+            if all(v is None for v in values.values()):
+                out[layer] = {"error": "; ".join(f"{m}: {e}" for m, e in errors.items())}
+                continue
+            out[layer] = {"scores": values, "rows": int(len(rows)), "train_size": str(size),
+                          "seconds": round(time.perf_counter() - t0, 3), **({"errors": errors} if errors else {})}  # fmt: skip
+    return out
+
+
+SCORE_FAILURES = (FeatxError, ValueError, FloatingPointError, np.linalg.LinAlgError)
+
+
+def _scores_of(X, y, metrics, score) -> dict:
+    with np.errstate(all="ignore"):
+        values = score(X, y, metrics)
+    bad = [m for m, v in values.items() if not np.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"{', '.join(bad)} not finite on these codes")
+    return values
+
+
+def score_sources(config: BenchConfig, sources: list[Source]) -> dict[tuple[int, str], dict]:
+    """(source index, layer) -> its scores record, computed where scores.jsonl lacks them (appended
+    as they finish, so a killed bench keeps them)."""
+    done = load_done(config.out, SCORES_FILE)
+    out = {}
+    path = os.path.join(config.out, SCORES_FILE)
+    with open(path, "a", encoding="utf-8") as fh:
+        if fh.tell() > 0 and not _ends_with_newline(path):
+            fh.write("\n")
+        for i, src in enumerate(sources):
+            size = _scored_size(config, src)
+            if size is None:
+                continue
+            ck = _cache_key(src.codes)
+            keys = {layer: _score_key(ck, layer, size) for layer in src.layers}
+            todo = [layer for layer in src.layers if keys[layer] not in done]
+            for layer, rec in (_score_source(src, size, todo) if todo else {}).items():
+                _append(fh, {"key": keys[layer], "result": rec})
+                done[keys[layer]] = rec
+            out.update({(i, layer): done[keys[layer]] for layer in src.layers})
+    return out
+
+
 def _run_cell(cell: Cell) -> dict:
     """One fit; a cell the data cannot support (too few images to hold out validation images,
     say) is recorded with its reason instead of stopping the bench. A codes file this process
@@ -275,10 +450,10 @@ def _run_cell(cell: Cell) -> dict:
     return {"key": cell.key, "result": result}
 
 
-def load_done(out_dir: str) -> dict[str, dict]:
-    """Finished cells by key; a torn last line (a killed run) is ignored."""
+def load_done(out_dir: str, name: str = CELLS_FILE) -> dict[str, dict]:
+    """Finished cells (or scores) by key; a torn last line (a killed run) is ignored."""
     done = {}
-    path = os.path.join(out_dir, CELLS_FILE)
+    path = os.path.join(out_dir, name)
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -317,6 +492,7 @@ def run(config: BenchConfig, progress: bool = False) -> BenchResult:
     with _dask_client(config) as client:
         sources = prepare(config, progress)
         cells, notes = grid(config, sources)
+        notes = list(dict.fromkeys(notes))  # a dataset's size notes, once for all its models
         for note in notes:
             log.warning(note)
         done = load_done(config.out)
@@ -324,15 +500,20 @@ def run(config: BenchConfig, progress: bool = False) -> BenchResult:
         log.info("%d cells: %d done before, %d to fit", len(cells), len(cells) - len(todo), len(todo))
         if todo:
             _fit_cells(config, todo, len(cells), done, client, progress)
+        layer_scores = score_sources(config, sources)
+    for (i, layer), rec in layer_scores.items():
+        for m, err in ({"all scores": rec["error"]} if "error" in rec else rec.get("errors", {})).items():
+            notes.append(f"{sources[i].model} {sources[i].name} {layer}: no {m} ({err})")
     failed = [(c, done[c.key]["error"]) for c in cells if "error" in done[c.key]]
     for c, err in failed[:20]:
+        who = f"{sources[c.source].model} " if len(config.models) > 1 or config.control else ""
         notes.append(
-            f"{sources[c.source].name} {c.layer} train size {c.train_size} seed {c.seed}: not fitted ({err})"
+            f"{who}{sources[c.source].name} {c.layer} train size {c.train_size} seed {c.seed}: not fitted ({err})"
         )
     if len(failed) > 20:
         notes.append(f"... {len(failed) - 20} more cells not fitted")
     return BenchResult(
-        config, sources, [(c, done[c.key]) for c in cells if "error" not in done[c.key]], notes
+        config, sources, [(c, done[c.key]) for c in cells if "error" not in done[c.key]], notes, layer_scores
     )
 
 
@@ -434,6 +615,15 @@ class BenchResult:
     sources: list[Source]
     cells: list[tuple[Cell, dict]]
     notes: list[str]
+    scores: dict[tuple[int, str], dict] = field(default_factory=dict)  # (source, layer) -> scores record
+
+    def _scores(self, cell: Cell, pixels: bool) -> dict:
+        """`score_<metric>` columns: filled on the rows of the train size the scores were taken at."""
+        from featx.scores import METRICS
+
+        rec = {} if pixels else self.scores.get((cell.source, cell.layer), {})
+        on = "scores" in rec and rec["train_size"] == str(cell.train_size)
+        return {f"score_{m}": rec["scores"][m] if on else None for m in METRICS}
 
     def rows(self) -> list[dict]:
         """One flat row per cell, for results.csv/json."""
@@ -442,12 +632,13 @@ class BenchResult:
             src = self.sources[cell.source]
             pixels = cell.layer == "pixels" and cell.codes == src.pixels
             out.append({
+                "model": "pixels" if pixels else src.model, "control_of": "" if pixels else src.control_of,
                 "dataset": src.name, "similarity_label": src.data.label or "", "layer": cell.layer,
                 "relative_depth": None if pixels else src.depth[cell.layer], "code_dim": r["dim"],
                 "train_size": r["train_size"], "train_size_spec": str(cell.train_size), "classifier": r["classifier"],
                 "preset": r["preset"] or "", "C": r["C"], "seed": cell.seed, "accuracy": r["accuracy"],
                 "balanced_accuracy": r["balanced_accuracy"], "val_score": r["val_score"], "n_test": r["n_test"],
                 "fit_seconds": r["fit_seconds"], "baseline": "pixels" if pixels else "",
-                **{k: r.get(k) for k in CELL_EXTRAS},
+                **{k: r.get(k) for k in CELL_EXTRAS}, **self._scores(cell, pixels),
             })  # fmt: skip
         return out

@@ -33,23 +33,28 @@ import logging
 import os
 import re
 import struct
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from featx.errors import FeatxError, UsageError
+from featx.decode import (  # noqa: F401 (re-exported: decoding lives in decode.py)
+    ImageError,
+    _first,
+    _printable,
+    check_limits,
+    check_size,
+    decode_image,
+    pil_with_limits,
+    to_rgb,
+)
+from featx.errors import UsageError
+from featx.settings import _SPLIT_ALIASES, DataOptions, parse_per_class_limit  # noqa: F401 (re-exported)
 
 log = logging.getLogger("featx")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SPLITS = ("train", "val", "test")
-_SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val",
-    "test": "test", "testing": "test",
-}  # fmt: skip
 _FASHION_CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -66,14 +71,6 @@ _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-
-
-class ImageError(FeatxError):
-    """An image that cannot be decoded or is over the size limits; `str()` is 'path: reason'."""
-
-    def __init__(self, ident: str, reason: str):
-        super().__init__(f"{ident}: {reason}")
-        self.ident, self.reason = ident, reason
 
 
 @dataclass
@@ -109,55 +106,6 @@ class Dataset:
         return out
 
 
-@dataclass(frozen=True)
-class DataOptions:
-    """How to cut a source into the samples of one extraction."""
-
-    test_fraction: float = 0.2
-    per_class_limit: int | dict[str, int] | None = None
-    seed: int = 0
-    data_root: str | None = None
-    group_by: str | None = None  # regex: its first match on an image's relative path is its group
-
-    def to_dict(self) -> dict:
-        d = {
-            "test_fraction": self.test_fraction,
-            "per_class_limit": self.per_class_limit,
-            "seed": self.seed,
-            "data_root": self.data_root,
-        }
-        if self.group_by:  # only when set, so files and keys without groups stay as they were
-            d["group_by"] = self.group_by
-        return d
-
-
-def parse_per_class_limit(text: str | int | None) -> int | dict[str, int] | None:
-    """'200' -> 200; 'train=200,test=100' -> {'train': 200, 'test': 100}."""
-    if text is None or isinstance(text, int):
-        if isinstance(text, int) and text < 1:
-            raise UsageError(f"--per-class-limit {text}: must be a positive integer")
-        return text
-    text = str(text).strip()
-    try:
-        if "=" not in text:
-            k = int(text)
-            if k < 1:
-                raise ValueError
-            return k
-        out = {}
-        for part in text.split(","):
-            split, _, k = part.partition("=")
-            split = _SPLIT_ALIASES.get(split.strip().lower())
-            if split is None or int(k) < 1:
-                raise ValueError
-            out[split] = int(k)
-        return out
-    except ValueError:
-        raise UsageError(
-            f"--per-class-limit {text!r}: use a positive integer K, or per split: train=200,test=100"
-        ) from None
-
-
 # -- opening -------------------------------------------------------------------------------------
 
 
@@ -167,8 +115,6 @@ def open_source(spec: str, options: DataOptions | None = None) -> Dataset:
     check_limits()
     if not isinstance(opts.seed, int) or opts.seed < 0:
         raise UsageError(f"--seed {opts.seed}: must be a non-negative integer")
-    if not 0.0 < opts.test_fraction < 1.0:
-        raise UsageError(f"--test-fraction {opts.test_fraction}: must be between 0 and 1 (exclusive)")
     spec = (spec or "").strip()
     if not spec:
         raise UsageError(
@@ -380,11 +326,6 @@ class _Subset:
 
 
 # -- image folders and manifests -----------------------------------------------------------------
-
-
-def _printable(path: str) -> str:
-    """A str that always encodes to UTF-8 (non-UTF-8 file names keep their bytes as \\x escapes)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _inside(path: str, tree: str) -> bool:
@@ -779,117 +720,6 @@ class FileLoader:
 
     def __call__(self, i: int):
         return decode_image(self.paths[i], self.ids[i])
-
-
-_BAD_LIMITS: list[str] = []  # settings that are not positive integers, reported by check_limits
-
-
-def _env_limit(name: str, default: int) -> int:
-    text = os.environ.get(name, "").strip()
-    try:
-        value = int(text) if text else default
-    except ValueError:
-        value = 0
-    if value < 1:
-        _BAD_LIMITS.append(f"{name}={text!r}: must be a positive integer (unset it for {default})")
-        return default
-    return value
-
-
-# The most pixels an image may have, decoded or resized (Pillow's default limit; featx sets Pillow's
-# own to it, so that FEATX_MAX_IMAGE_PIXELS governs both), and the widest aspect ratio it may have.
-MAX_IMAGE_PIXELS = _env_limit("FEATX_MAX_IMAGE_PIXELS", 89_478_485)
-MAX_ASPECT_RATIO = _env_limit("FEATX_MAX_ASPECT_RATIO", 100)
-
-
-def check_limits() -> None:
-    """Raise UsageError when FEATX_MAX_IMAGE_PIXELS or FEATX_MAX_ASPECT_RATIO is not a positive integer."""
-    if _BAD_LIMITS:
-        raise UsageError(_BAD_LIMITS[0])
-
-
-def check_size(ident: str, w: int, h: int, resized: tuple[int, int] | None = None) -> None:
-    """Raise ImageError(ident, reason) when a w x h image, or its `resized` (w, h), is over the
-    limits; called with the header's size, before anything is decoded or resized."""
-    pixels, aspect = MAX_IMAGE_PIXELS, MAX_ASPECT_RATIO
-    if min(w, h) < 1:
-        raise ImageError(ident, f"empty ({w}x{h} pixels)")
-    if w * h > pixels:
-        raise ImageError(
-            ident, f"too large ({w}x{h} pixels, over {pixels}); raise FEATX_MAX_IMAGE_PIXELS to allow it"
-        )
-    if max(w, h) > aspect * min(w, h):
-        raise ImageError(
-            ident,
-            f"too elongated ({w}x{h} pixels, aspect ratio over {aspect}:1); "
-            f"raise FEATX_MAX_ASPECT_RATIO to allow it",
-        )
-    if resized is not None and resized[0] * resized[1] > pixels:
-        raise ImageError(
-            ident,
-            f"too large once resized ({w}x{h} -> {resized[0]}x{resized[1]} pixels, over {pixels}); "
-            f"raise FEATX_MAX_IMAGE_PIXELS to allow it",
-        )
-
-
-def pil_with_limits():
-    """PIL.Image with its decompression-bomb limit set to featx's (Pillow refuses images over
-    twice its limit at open, whatever featx allows)."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    return Image
-
-
-def decode_image(path: str, ident: str | None = None):
-    """Open an image file as an RGB PIL image, or raise ImageError(ident, reason)."""
-    from PIL import ImageOps
-
-    Image = pil_with_limits()
-    ident = ident or _printable(path)
-    if not os.path.isfile(path):  # a FIFO or device would block or mislead the decoder
-        raise ImageError(ident, "missing" if not os.path.exists(path) else "not a regular file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # featx applies its own limit
-            with Image.open(path) as im:
-                check_size(ident, *im.size)
-                im.load()  # the first frame of an animation
-                if im.getexif().get(0x0112, 1) != 1:  # only then: exif_transpose copies the image
-                    im = ImageOps.exif_transpose(im) or im
-                return to_rgb(im)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses at open
-        n = re.search(r"\((\d+) pixels\)", str(e))
-        size = f"{n.group(1)} pixels, over {MAX_IMAGE_PIXELS}" if n else _first(e)
-        raise ImageError(ident, f"too large ({size}); raise FEATX_MAX_IMAGE_PIXELS to allow it") from None
-    except Exception as e:  # decoders raise many types on hostile files; each is this file's fault
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else _first(e)
-        raise ImageError(ident, f"cannot decode ({type(e).__name__}: {reason})") from None
-
-
-def _first(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
-
-
-def to_rgb(im):
-    """Any PIL mode -> RGB; 16/32-bit integer and float images are scaled to 8 bits."""
-    from PIL import Image
-
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255) else 255.0
-        if im.mode == "F" and a.max(initial=0) <= 1.0:
-            top = 1.0
-        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-
-# -- array sources -------------------------------------------------------------------------------
 
 
 class _ArrayLoader:

@@ -1,4 +1,6 @@
-"""Decoding JPEGs on the extraction device (the `torchvision` decoder).
+"""Decoding pixels, all of it: image files to RGB PIL images (`decode_image`, `to_rgb`) under
+featx's size and aspect-ratio limits (`check_size`, FEATX_MAX_IMAGE_PIXELS /
+FEATX_MAX_ASPECT_RATIO), and JPEGs decoded on the extraction device (the `torchvision` decoder).
 
 On a GPU, decoding and resizing JPEGs on the CPU starves the device. With `decoder="torchvision"`
 data-loader workers only read the file bytes (and the image size from its header, for the
@@ -13,9 +15,139 @@ of the cache key; codes agree with the PIL path within the tolerance the tests c
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
+
 import numpy as np
 
-from featx.data import ImageError, check_size
+from featx.errors import FeatxError, UsageError
+
+
+class ImageError(FeatxError):
+    """An image that cannot be decoded or is over the size limits; `str()` is 'path: reason'."""
+
+    def __init__(self, ident: str, reason: str):
+        super().__init__(f"{ident}: {reason}")
+        self.ident, self.reason = ident, reason
+
+
+def _printable(path: str) -> str:
+    """A str that always encodes to UTF-8 (non-UTF-8 file names keep their bytes as \\x escapes)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_BAD_LIMITS: list[str] = []  # settings that are not positive integers, reported by check_limits
+
+
+def _env_limit(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    try:
+        value = int(text) if text else default
+    except ValueError:
+        value = 0
+    if value < 1:
+        _BAD_LIMITS.append(f"{name}={text!r}: must be a positive integer (unset it for {default})")
+        return default
+    return value
+
+
+# The most pixels an image may have, decoded or resized (Pillow's default limit; featx sets Pillow's
+# own to it, so that FEATX_MAX_IMAGE_PIXELS governs both), and the widest aspect ratio it may have.
+MAX_IMAGE_PIXELS = _env_limit("FEATX_MAX_IMAGE_PIXELS", 89_478_485)
+MAX_ASPECT_RATIO = _env_limit("FEATX_MAX_ASPECT_RATIO", 100)
+
+
+def check_limits() -> None:
+    """Raise UsageError when FEATX_MAX_IMAGE_PIXELS or FEATX_MAX_ASPECT_RATIO is not a positive integer."""
+    if _BAD_LIMITS:
+        raise UsageError(_BAD_LIMITS[0])
+
+
+def check_size(ident: str, w: int, h: int, resized: tuple[int, int] | None = None) -> None:
+    """Raise ImageError(ident, reason) when a w x h image, or its `resized` (w, h), is over the
+    limits; called with the header's size, before anything is decoded or resized."""
+    pixels, aspect = MAX_IMAGE_PIXELS, MAX_ASPECT_RATIO
+    if min(w, h) < 1:
+        raise ImageError(ident, f"empty ({w}x{h} pixels)")
+    if w * h > pixels:
+        raise ImageError(
+            ident, f"too large ({w}x{h} pixels, over {pixels}); raise FEATX_MAX_IMAGE_PIXELS to allow it"
+        )
+    if max(w, h) > aspect * min(w, h):
+        raise ImageError(
+            ident,
+            f"too elongated ({w}x{h} pixels, aspect ratio over {aspect}:1); "
+            f"raise FEATX_MAX_ASPECT_RATIO to allow it",
+        )
+    if resized is not None and resized[0] * resized[1] > pixels:
+        raise ImageError(
+            ident,
+            f"too large once resized ({w}x{h} -> {resized[0]}x{resized[1]} pixels, over {pixels}); "
+            f"raise FEATX_MAX_IMAGE_PIXELS to allow it",
+        )
+
+
+def pil_with_limits():
+    """PIL.Image with its decompression-bomb limit set to featx's (Pillow refuses images over
+    twice its limit at open, whatever featx allows)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    return Image
+
+
+def decode_image(path: str, ident: str | None = None):
+    """Open an image file as an RGB PIL image, or raise ImageError(ident, reason)."""
+    from PIL import ImageOps
+
+    Image = pil_with_limits()
+    ident = ident or _printable(path)
+    if not os.path.isfile(path):  # a FIFO or device would block or mislead the decoder
+        raise ImageError(ident, "missing" if not os.path.exists(path) else "not a regular file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # featx applies its own limit
+            with Image.open(path) as im:
+                check_size(ident, *im.size)
+                im.load()  # the first frame of an animation
+                if im.getexif().get(0x0112, 1) != 1:  # only then: exif_transpose copies the image
+                    im = ImageOps.exif_transpose(im) or im
+                return to_rgb(im)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses at open
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{n.group(1)} pixels, over {MAX_IMAGE_PIXELS}" if n else _first(e)
+        raise ImageError(ident, f"too large ({size}); raise FEATX_MAX_IMAGE_PIXELS to allow it") from None
+    except Exception as e:  # decoders raise many types on hostile files; each is this file's fault
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else _first(e)
+        raise ImageError(ident, f"cannot decode ({type(e).__name__}: {reason})") from None
+
+
+def _first(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def to_rgb(im):
+    """Any PIL mode -> RGB; 16/32-bit integer and float images are scaled to 8 bits."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255) else 255.0
+        if im.mode == "F" and a.max(initial=0) <= 1.0:
+            top = 1.0
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+# -- array sources -------------------------------------------------------------------------------
+
+
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -49,7 +181,6 @@ class RawImages:
 def _jpeg_bytes(path: str, ident: str, preprocess) -> bytes | None:
     """The file's bytes when it is a JPEG whose header size, aspect ratio and resized size are
     within featx's limits (else ImageError); None for other formats."""
-    from featx.data import pil_with_limits
 
     try:
         with open(path, "rb") as f:

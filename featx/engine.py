@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from featx.data import ImageError
+from featx.decode import ImageError
 from featx.errors import FeatxError, UsageError
 
 log = logging.getLogger("featx")

@@ -101,7 +101,7 @@ class Preprocess:
         import torchvision.transforms.functional as TF
         from torchvision.transforms import InterpolationMode
 
-        from featx.data import check_size
+        from featx.decode import check_size
 
         check_size(ident, *image.size, resized=self.resized_size(*image.size))
         mode = InterpolationMode(self.interpolation)

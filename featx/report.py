@@ -3,6 +3,7 @@ results.json, report.md, the depth and learning-curve plots)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -109,6 +110,29 @@ def info_text(path: str, f, layers: list[dict], splits: dict) -> str:
     return "\n".join(lines)
 
 
+def cache_text(entries) -> str:
+    """`featx cache ls`: one row per entry (cache.list_entries)."""
+    rows = []
+    for e in entries:
+        d, mib = e.detail, round(e.size / 2**20, 1)
+        if e.state == "complete":
+            what = f"{d.get('model')} {d.get('weights')} | {len(d.get('layers', []))} layers | {d.get('dataset')}"
+            rows.append([os.path.basename(e.path), "complete", d.get("rows"), mib, what])
+        elif e.state == "partial":
+            rows.append([os.path.basename(e.path), f"partial {d['samples_done']}/{d['samples']}", d.get("rows"), mib,
+                         ", ".join(d.get("layers", []))])  # fmt: skip
+        else:
+            rows.append([os.path.basename(e.path), e.state, None, mib, d.get("reason")])
+    return format_table(rows, ["entry", "state", "rows", "MiB", "contents"], align="llrrl")
+
+
+def predictions_text(preds, top_k: int) -> str:
+    """`featx predict`: one row per image (predict.Prediction)."""
+    rows = [[p.path, p.label, f"{p.score:.4f}" if p.score is not None else None,
+             ", ".join(f"{c} {s:.3f}" for c, s in p.top) if not p.error else f"error: {p.error}"] for p in preds]  # fmt: skip
+    return format_table(rows, ["image", "class", "score", f"top {top_k}"], align="llrl")
+
+
 def _fixed(v, digits: int = 2) -> str:
     """A number from a file's attributes, which may hold anything: shown as it is if not a number."""
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
@@ -140,9 +164,10 @@ def _cell(v) -> str:
 
 # results.json also holds each cell's `test_correct` (per-image correctness bits, for paired tests)
 RESULT_COLUMNS = [
-    "dataset", "similarity_label", "layer", "relative_depth", "code_dim", "train_size", "train_size_spec", "classifier",
+    "model", "control_of", "dataset", "similarity_label", "layer", "relative_depth", "code_dim", "train_size", "train_size_spec", "classifier",
     "preset", "C", "seed", "accuracy", "balanced_accuracy", "test_ci_low", "test_ci_high", "n_test", "val_score",
     "val_tiebreak", "val_source", "n_val", "fit_seconds", "baseline",
+    "score_logme", "score_hscore", "score_transrate", "score_gbc",
 ]  # fmt: skip
 
 
@@ -186,10 +211,18 @@ def _style(similarity: str):
     return ("-", "o") if similarity == "similar" else ("--", "s")
 
 
+def _wrap(title: str, width: int = 110) -> str:
+    """A long title (several models) on several lines rather than cut off at the figure's edge."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
+
+
 def plot_depth(analyses, path: str, title: str) -> str:
-    """Accuracy vs relative depth: a panel per train size, a line per dataset (similar solid,
-    different dashed); the lower row shows accuracy relative to each dataset's chosen layer (the
-    best by validation at that size, as in the tables)."""
+    """Accuracy vs relative depth: a panel per train size, a line per dataset and model (similar
+    solid, different dashed, random-init controls dotted) on the shared relative-depth axis; the
+    lower row shows accuracy relative to each line's chosen layer (the best by validation at that
+    size, as in the tables)."""
     import matplotlib
 
     from featx.analysis import best_layer
@@ -198,7 +231,9 @@ def plot_depth(analyses, path: str, title: str) -> str:
     import matplotlib.pyplot as plt
 
     sizes = sorted({s for a in analyses for s in a.sizes}, key=_size_order)
-    fig, axes = plt.subplots(2, len(sizes), figsize=(4.2 * len(sizes), 7), squeeze=False, sharex=True)
+    several = len({a.model for a in analyses}) > 1
+    fig, axes = plt.subplots(2, len(sizes), figsize=(4.2 * len(sizes), 7 + 0.25 * several * len(analyses)),
+                             squeeze=False, sharex=True)  # fmt: skip
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, size in enumerate(sizes):
         for k, a in enumerate(analyses):
@@ -206,10 +241,11 @@ def plot_depth(analyses, path: str, title: str) -> str:
             if not pts:
                 continue
             ls, marker = _style(a.similarity)
+            ls = ":" if a.control_of else ls  # a random-init control: dotted
             x = [p[0] for p in pts]
             y = np.array([p[1].mean for p in pts])
             e = np.array([p[1].std for p in pts])
-            label = f"{a.name} ({a.similarity_text})"
+            label = f"{a.model + ' · ' if several else ''}{a.name} ({a.similarity_text})"
             color = colors[k % len(colors)]
             chosen = a.acc[(best_layer(a, size), size)].mean
             axes[0][j].errorbar(x, y, yerr=e, ls=ls, marker=marker, color=color, label=label, capsize=2)
@@ -224,10 +260,11 @@ def plot_depth(analyses, path: str, title: str) -> str:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     fig.legend(
-        list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 4), fontsize=9
+        list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 2 if several else 4),
+        fontsize=9,
     )
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.suptitle(_wrap(title))
+    fig.tight_layout(rect=(0, 0.06 + (0.02 * len(handles) / 2 if several else 0), 1, 1))
     _save_figure(fig, path)
     plt.close(fig)
     return path
@@ -259,10 +296,11 @@ def plot_learning_curves(analyses, path: str, title: str) -> str:
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.minorticks_off()
         ax.set_xlabel("training images")
-        ax.set_title(f"{a.name} ({a.similarity_text})")
+        ax.set_title(f"{a.model + chr(10) if a.model and len({b.model for b in analyses}) > 1 else ''}"
+                     f"{a.name} ({a.similarity_text})", fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
     axes[0][0].set_ylabel("test accuracy")
-    fig.suptitle(title)
+    fig.suptitle(_wrap(title))
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
@@ -279,13 +317,14 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
     if command:
         lines += ["Produced by:", "", "```", command, "```", ""]
     summary = []
+    several = len({a.model for a in analyses}) > 1
     for a in analyses:
         size = a.sizes[-1]
         gain = f"{a.late_gain:.2f}" if a.late_gain is not None else "-"
-        summary.append([a.name, a.classifier, a.label or "-", f"{a.measured} ({gain})", a.size_text, f"{a.case}",
+        summary.append([*([a.model] if several else []), a.name, a.classifier, a.label or "-", f"{a.measured} ({gain})", a.size_text, f"{a.case}",
                         f"{a.best} ({a.depth[a.best]:.2f})", a.acc_text(a.best, size), f"{a.top}: {a.acc_text(a.top, size)}",
                         str(a.pixels[size]) if size in a.pixels else "-"])  # fmt: skip
-    lines += [markdown_table(summary, ["dataset", "classifier", "label", "measured (late-layer gain)", "size", "case",
+    lines += [markdown_table(summary, [*(["model"] if several else []), "dataset", "classifier", "label", "measured (late-layer gain)", "size", "case",
                                        "chosen layer (depth)", "its test acc", "top layer", "raw pixels"]), ""]  # fmt: skip
     lines += [
         "The chosen layer is the best by validation score (never by test) at the largest train size; "
@@ -294,10 +333,13 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
         "Cases: " + "; ".join(f"{k}. {v}" for k, v in CASES.items()) + ".",
         "",
     ]
+    lines += _models_section(analyses) + _gain_section(analyses) + _scores_section(analyses)
     for p in plots:
         lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})", ""]
+    several = len({a.model for a in analyses}) > 1
     for a in analyses:
-        lines += [f"## {a.name} ({a.classifier}): case {a.case} ({a.size}, {a.similarity_text})", ""]
+        who = f"{a.model}, " if several else ""
+        lines += [f"## {a.name} ({who}{a.classifier}): case {a.case} ({a.size}, {a.similarity_text})", ""]
         lines += [f"**{a.answer}**", "", a.rule_check[0].upper() + a.rule_check[1:] + ".", ""]
         if a.disagrees:
             lines += [
@@ -326,6 +368,65 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
     return "\n".join(lines)
 
 
+def _models_section(analyses) -> list[str]:
+    """Which model, which layer: per dataset, each model's chosen layer, and the pick by validation."""
+    from featx.crossmodel import model_choices
+
+    choices = model_choices(analyses)
+    if not choices:
+        return []
+    lines = ["## Which model, which layer", "",
+             "Per dataset, each model's chosen layer (best by validation score at the largest train size) with its "
+             "validation score and test accuracy (seed mean, Wilson 95% interval); the model is chosen the same way, "
+             "by validation, never by test.", ""]  # fmt: skip
+    for c in choices:
+        rows = [[f"**{a.model}**" if a is c.chosen else a.model, f"{a.best} ({a.depth[a.best]:.2f})",
+                 f"{a.val[(a.best, c.size)].mean:.3f}", a.acc_text(a.best, c.size)] for a in c.entries]  # fmt: skip
+        lines += [f"### {c.dataset} ({c.classifier}), train size {c.size}", "", f"**{c.answer}**", "",
+                  markdown_table(rows, ["model", "chosen layer (depth)", "val score", "test acc (95% CI)"]), ""]
+        lines += [f"- {e}" for e in c.evidence] + [""]
+    return lines
+
+
+def _gain_section(analyses) -> list[str]:
+    """What pretraining adds: pretrained minus random-init accuracy per depth."""
+    from featx.crossmodel import pretraining_gains
+
+    gains = pretraining_gains(analyses)
+    if not gains:
+        return []
+    lines = ["## What pretraining adds", "",
+             "Test accuracy of each pretrained model minus its random-init control (the same architecture, featx's "
+             "seeded random initialisation) at each depth, at the largest train size.", ""]  # fmt: skip
+    for g in gains:
+        rows = [[n, f"{d:.2f}", f"{p:.3f}", f"{r:.3f}", f"{gain * 100:+.1f}"] for n, d, p, r, gain in g.by_layer]
+        lines += [f"### {g.dataset} ({g.classifier}): {g.model}", "",
+                  markdown_table(rows, ["layer", "depth", "pretrained", "random init", "gain (points)"]), "",
+                  g.sentence, ""]  # fmt: skip
+    return lines
+
+
+def _scores_section(analyses) -> list[str]:
+    """How well each transferability score ranked the layers against the measured probe."""
+    from featx.crossmodel import score_agreement
+
+    rows = []
+    for a in analyses:
+        for s in score_agreement(a):
+            tau = "-" if s.tau is None else f"{s.tau:+.2f} (p = {s.p:.2g})"
+            rows.append([a.name, a.model or "-", a.classifier, s.metric, s.n_layers, tau,
+                         s.pick + (" (= measured)" if s.pick == s.measured else ""), s.measured])  # fmt: skip
+    if not rows:
+        return []
+    return ["## Transferability scores against the probes", "",
+            "Kendall's tau-b across layers between each score (computed on the training rows of the largest train "
+            "size, seed 0's draw) and the measured test accuracy of each layer's probe at that size, with the layer "
+            "each score ranks first beside the layer validation chose. The scores show how far they agree with the "
+            "measurement; they do not replace it: the chosen layers above are the measured ones.", "",
+            markdown_table(rows, ["dataset", "model", "classifier", "score", "layers", "Kendall tau", "score's pick",
+                                  "measured pick (validation)"]), ""]  # fmt: skip
+
+
 def _best_at(a, size: str) -> str:
     from featx.analysis import best_layer
 
@@ -342,9 +443,11 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
     cfg = result.config
     rows = result.rows()
     csv_path, json_path = write_results(rows, cfg.out)
-    conf = {s.name: head_confidence(s.codes, s.head) for s in result.sources if s.head}
+    conf = {(s.model, s.name): head_confidence(s.codes, s.head) for s in result.sources if s.head}
     analyses = analyze(rows, result.sources, conf)
-    title = f"featx bench: {cfg.model.name} ({cfg.model.weights} weights)"
+    models = cfg.bench_models()
+    title = (f"featx bench: {cfg.model.name} ({cfg.model.weights} weights)" if len(models) == 1
+             else f"featx bench: {', '.join(m.label for m in models)}")  # fmt: skip
     plots = []
     by_clf: dict[str, list] = {}
     for a in analyses:
@@ -368,7 +471,8 @@ def score_text(results: list[dict], ranking: dict | None, metrics: list[str]) ->
     """`featx score`'s tables: per file and layer its scores; with several files, the model ranking."""
     several = len(results) > 1
     rows = [[f"{r['model']}@{r['weights']}" if several else ly["layer"], *([ly["layer"]] if several else []),
-             "-" if ly["depth"] is None else _fixed(ly["depth"]), ly["dim"], *(f"{ly['scores'][m]:.4f}" for m in metrics),
+             "-" if ly["depth"] is None else _fixed(ly["depth"]), ly["dim"],
+             *("-" if ly["scores"][m] is None else f"{ly['scores'][m]:.4f}" for m in metrics),
              f"{ly['seconds']:.2f}"] for r in results for ly in r["layers"]]  # fmt: skip
     head = [*(["model", "layer"] if several else ["layer"]), "depth", "dim", *metrics, "s"]
     out = [f"{r['file']}: {r['model']} ({r['weights']}), {r['rows']} training images, {r['classes']} classes"
@@ -376,6 +480,8 @@ def score_text(results: list[dict], ranking: dict | None, metrics: list[str]) ->
     out.append(
         format_table(rows, head, align="l" * (len(head) - len(metrics) - 3) + "r" * (len(metrics) + 3))
     )
+    out += [f"  {r['model']} {ly['layer']}: {msg}" for r in results for ly in r["layers"]
+            for msg in ly.get("errors", {}).values()]  # fmt: skip
     if ranking:
         out.append("\nmodels by their best layer (higher is better; scores rank, probes measure):")
         rank_rows = [[m, i + 1, f"{e['model']}@{e['weights']}", e["layer"], f"{e['score']:.4f}"]

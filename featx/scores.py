@@ -18,6 +18,14 @@ the same data and mean nothing across datasets.
 - `transrate`: TransRate (Huang et al. 2022, "Frustratingly Easy Transferability Estimation"):
   R(f) - mean_c R(f_c), R(Z) = 1/2 log det(I + Z^T Z / (n eps)), eps = 1e-4, on codes centred by
   their mean: how much the classes compress the codes' coding rate.
+- `gbc`: Gaussian Bhattacharyya Coefficient (Pandy et al. 2022, "Transferability Estimation using
+  Bhattacharyya Class Separability"), as google-research's stable_transfer reference computes it for
+  classification: the centred codes projected on their top `GBC_DIMS` (64) principal components
+  (fewer when D or N is smaller), each class a diagonal Gaussian (its mean and 1/N per-dimension
+  variance, floored at 1e-4), and GBC = -sum over ordered class pairs i != j of exp(-D_B(i, j)),
+  D_B = 1/8 sum (mu_i - mu_j)^2 / s + 1/2 sum log(s / sqrt(s_i s_j)), s = (s_i + s_j) / 2. At most 0
+  (no overlap); the principal components come from the same banded reduction (a banded
+  eigen-solve of the top 64 only).
 
 Speed: the straightforward versions eigendecompose a D x D matrix (and LogME then loops over classes
 in that eigenbasis); at D = 2048 the eigendecomposition alone takes seconds, because its reduction
@@ -36,8 +44,10 @@ import numpy as np
 
 from featx.errors import FeatxError, UsageError
 
-METRICS = ("logme", "hscore", "transrate")
+METRICS = ("logme", "hscore", "transrate", "gbc")
 TRANSRATE_EPS = 1e-4
+GBC_DIMS = 64  # principal components GBC models the classes in
+GBC_VAR_FLOOR = 1e-4  # the reference's floor on a per-dimension variance
 MAX_DIM = 8192  # a D x D float64 covariance of 0.5 GiB, and a few copies of it
 # bandwidth of the reduced covariance: wide enough for matrix-matrix speed, narrow for cheap solves
 _BAND = 64
@@ -58,9 +68,13 @@ def parse_metrics(text: str | Sequence[str] | None) -> list[str]:
 
 
 def score(
-    X: np.ndarray, y: np.ndarray, metrics: Sequence[str] = METRICS, precision: str = "float64"
-) -> dict[str, float]:
+    X: np.ndarray, y: np.ndarray, metrics: Sequence[str] = METRICS, precision: str = "float64",
+    errors: dict | None = None,
+) -> dict[str, float | None]:
     """Every score in `metrics` of codes X [N, D] for labels y [N] (any integer class ids).
+
+    A metric that is numerically undefined on these codes raises FeatxError, or, when an `errors`
+    dict is given, scores None with its one-line reason in `errors[metric]`.
 
     `precision` is that of the covariance product, the one step of size N x D x D: float64 (default)
     is exact to rounding; float32 halves its time but accumulates rounding over N rows: 1e-8 on codes
@@ -81,8 +95,22 @@ def score(
         raise FeatxError("the codes hold NaN or infinite values; scores need finite codes")
     if precision not in ("float64", "float32"):
         raise UsageError(f"precision {precision!r}: use float64 or float32")
-    spec = _Spectrum(X.astype(precision, copy=False))
-    return {m: float(_SCORES[m](spec, y, len(classes))) for m in metrics}
+    out, spec = {}, None
+    for m in metrics:
+        try:
+            with np.errstate(all="ignore"):
+                spec = spec or _Spectrum(X.astype(precision, copy=False))
+                value = float(_SCORES[m](spec, y, len(classes)))
+            if not np.isfinite(value):
+                raise FloatingPointError(f"the result is {value}")
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError, FeatxError) as e:
+            # degenerate codes (dead channels, a random-init layer on a few rows): this metric only
+            problem = FeatxError(f"{m} is not defined on these codes ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            if errors is None:
+                raise problem from None
+            errors[m], value = str(problem), None
+        out[m] = value
+    return out
 
 
 class _Spectrum:
@@ -117,6 +145,24 @@ class _Spectrum:
         for s, V, T in self._panels:
             Z[s:] -= V @ (T.T @ (V.T @ Z[s:]))
         return Z
+
+    def from_basis(self, Z: np.ndarray) -> np.ndarray:
+        """Q Z for Z [D, k] (the inverse of `to_basis`)."""
+        if self._V is not None:
+            return self._V @ Z
+        Z = np.array(Z, dtype=np.float64, copy=True)
+        for s, V, T in reversed(self._panels):
+            Z[s:] -= V @ (T @ (V.T @ Z[s:]))
+        return Z
+
+    def top_components(self, k: int) -> np.ndarray:
+        """The covariance's k leading eigenvectors [D, k] (principal axes), largest first."""
+        if self._V is not None:
+            return self._V[:, ::-1][:, :k]
+        import scipy.linalg as sl
+
+        _, v = sl.eig_banded(self.band, lower=True, select="i", select_range=(self.d - k, self.d - 1))
+        return self.from_basis(v[:, ::-1])
 
     def solver(self, scale: float, shift: float):
         """x -> (scale B + shift I)^-1 x, and log det(scale B + shift I)."""
@@ -268,7 +314,24 @@ def _transrate(spec: _Spectrum, y: np.ndarray, c: int, eps: float = TRANSRATE_EP
     return whole - float(np.mean(parts))
 
 
-_SCORES = {"logme": _logme, "hscore": _hscore, "transrate": _transrate}
+def _gbc(spec: _Spectrum, y: np.ndarray, c: int) -> float:
+    k = min(GBC_DIMS, spec.d, spec.n)
+    P = spec.Xc @ spec.top_components(k).astype(spec.Xc.dtype)  # [N, k], principal-component scores
+    groups = [P[y == i].astype(np.float64) for i in range(c)]
+    means = [g.mean(axis=0) for g in groups]
+    var = [np.maximum(g.var(axis=0), GBC_VAR_FLOOR) for g in groups]  # 1/N variance per dimension
+    total = 0.0
+    for i in range(c):
+        for j in range(i + 1, c):
+            s = (var[i] + var[j]) / 2
+            d_b = ((means[i] - means[j]) ** 2 / s).sum() / 8 + 0.5 * (
+                np.log(s).sum() - 0.5 * np.log(var[i]).sum() - 0.5 * np.log(var[j]).sum()
+            )
+            total += 2.0 * np.exp(-d_b)  # D_B is symmetric: (i, j) and (j, i) alike
+    return 0.0 - total  # not -0.0 when no classes overlap
+
+
+_SCORES = {"logme": _logme, "hscore": _hscore, "transrate": _transrate, "gbc": _gbc}
 
 
 # -- codes files ---------------------------------------------------------------------------------
@@ -319,10 +382,11 @@ def score_file(
                "train_sha256": _rows_digest([f.paths[i] for i in rows], y), "layers": []}  # fmt: skip
         for name in names:
             t0 = time.perf_counter()
-            values = score(f.codes(name, rows), y, metrics)
+            errors: dict[str, str] = {}
+            values = score(f.codes(name, rows), y, metrics, errors=errors)
             depth = f.layer_attrs(name).get("depth")
             out["layers"].append({"layer": name, "depth": depth if isinstance(depth, (int, float)) else None,
-                                  "dim": f.dim(name), "scores": values,
+                                  "dim": f.dim(name), "scores": values, "errors": errors,
                                   "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
     return out
 
@@ -345,7 +409,8 @@ def rank_models(results: Sequence[dict], metrics: Sequence[str]) -> dict[str, li
                              f"featx score ranks models extracted from the same data only")  # fmt: skip
     ranking = {}
     for m in metrics:
-        best = [(max(r["layers"], key=lambda ly: ly["scores"][m]), r) for r in results]
+        scored = [(r, [ly for ly in r["layers"] if ly["scores"][m] is not None]) for r in results]
+        best = [(max(layers, key=lambda ly: ly["scores"][m]), r) for r, layers in scored if layers]
         best.sort(key=lambda br: -br[0]["scores"][m])
         ranking[m] = [{"file": r["file"], "model": r["model"], "weights": r["weights"], "layer": ly["layer"],
                        "score": ly["scores"][m]} for ly, r in best]  # fmt: skip

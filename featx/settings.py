@@ -28,6 +28,8 @@ FLAGS = {
     "layers": "--layers", "pool": "--pool", "relu": "relu", "dtype": "--dtype", "device": "--device",
     "batch_size": "--batch-size", "workers": "--workers", "precision": "--precision",
     "channels_last": "--channels-last", "decoder": "--decoder", "compile": "--compile",
+    "test_fraction": "--test-fraction", "per_class_limit": "--per-class-limit", "seed": "--seed",
+    "data_root": "--data-root", "group_by": "--group-by",
 }  # fmt: skip
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -124,6 +126,80 @@ class RunSettings:
         _choice("decoder", self.decoder, DECODERS)
         if not isinstance(self.compile, bool):
             _bad("compile", self.compile, "use True or False")
+
+
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test",
+}  # fmt: skip
+
+
+def parse_per_class_limit(text: str | int | dict | None) -> int | dict[str, int] | None:
+    """'200' -> 200; 'train=200,test=100' -> {'train': 200, 'test': 100} (split aliases accepted)."""
+    if text is None:
+        return None
+    want = "use a positive integer K, or per split: train=200,test=100"
+    if isinstance(text, dict):
+        out = {_SPLIT_ALIASES.get(str(k).lower()): v for k, v in text.items()}
+        if None in out or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in out.values()):
+            _bad("per_class_limit", text, want)
+        return out
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text if text >= 1 else _bad("per_class_limit", text, want)
+    try:
+        if "=" not in str(text):
+            k = int(str(text).strip())
+            if k < 1:
+                raise ValueError
+            return k
+        out = {}
+        for part in str(text).split(","):
+            split, _, k = part.partition("=")
+            split = _SPLIT_ALIASES.get(split.strip().lower())
+            if split is None or int(k) < 1:
+                raise ValueError
+            out[split] = int(k)
+        return out
+    except ValueError:
+        _bad("per_class_limit", str(text).strip(), want)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How to cut a source into the samples of one extraction: the test share for data without
+    splits, per-class caps (K, or per split; the CLI's text form is accepted), the seed of the
+    split and caps, where torchvision:NAME datasets live, and the group regex (`--group-by`)."""
+
+    test_fraction: float = 0.2
+    per_class_limit: int | dict[str, int] | None = None
+    seed: int = 0
+    data_root: str | None = None
+    group_by: str | None = None  # regex: its first match on an image's relative path is its group
+
+    def __post_init__(self) -> None:
+        tf = self.test_fraction
+        if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0.0 < tf < 1.0:
+            _bad("test_fraction", tf, "must be between 0 and 1 (exclusive)")
+        object.__setattr__(self, "per_class_limit", parse_per_class_limit(self.per_class_limit))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            _bad("seed", self.seed, "use an integer")
+        if self.data_root is not None and not isinstance(self.data_root, str):
+            _bad("data_root", self.data_root, "use a directory path")
+        if self.group_by == "":
+            object.__setattr__(self, "group_by", None)
+        if self.group_by is not None:
+            try:
+                re.compile(self.group_by)
+            except (re.error, TypeError) as e:
+                _bad("group_by", self.group_by, f"not a regular expression ({e})")
+
+    def to_dict(self) -> dict:
+        d = {"test_fraction": self.test_fraction, "per_class_limit": self.per_class_limit, "seed": self.seed,
+             "data_root": self.data_root}  # fmt: skip
+        if self.group_by:  # only when set, so files and keys without groups stay as they were
+            d["group_by"] = self.group_by
+        return d
 
 
 def as_model(value: ModelSettings | str, **overrides) -> ModelSettings:

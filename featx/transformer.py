@@ -38,7 +38,7 @@ def _loaded(model: ModelSettings):
 def _as_pil(item):
     from PIL import Image
 
-    from featx.data import ImageError, decode_image, to_rgb
+    from featx.decode import ImageError, decode_image, to_rgb
 
     if isinstance(item, Image.Image):
         return to_rgb(item)
@@ -57,12 +57,13 @@ class CNNCodes(TransformerMixin, BaseEstimator):
 
     Parameters mirror `featx extract`: model, weights, layers (names and/or depth fractions),
     pool, relu ('auto', 'on', 'off'), image_size, crop_pct, device, batch_size, precision
-    ('auto': as extract decides on this device).
+    ('auto': as extract decides on this device), with extract's defaults (those of the settings
+    objects; `batch_size="auto"` is 32 images per forward here, since nothing is streamed).
     """
 
     def __init__(self, model: str = "efficientnet_lite0", weights: str = "DEFAULT", layers: str = "depth:1.0",
                  pool: str = "avg", relu: str = "auto", image_size: int | None = None, crop_pct: float | None = None,
-                 device: str = "cpu", batch_size: int = 32, precision: str = "auto"):  # fmt: skip
+                 device: str = "auto", batch_size: int | str = "auto", precision: str = "auto"):  # fmt: skip
         self.model = model
         self.weights = weights
         self.layers = layers

@@ -187,9 +187,9 @@ def test_undecodable_files_raise_image_error(tmp_path, monkeypatch):
         with pytest.raises(ImageError) as err:
             decode_image(str(tmp_path / name), name)
         assert str(err.value).startswith(f"{name}: cannot decode")
-    import featx.data
+    import featx.decode
 
-    monkeypatch.setattr(featx.data, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(featx.decode, "MAX_IMAGE_PIXELS", 1000)
     # decode_image sets Pillow's limit to featx's: restore it after the test
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")

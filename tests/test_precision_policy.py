@@ -61,3 +61,16 @@ def test_cnncodes_rejects_unknown_values(param, value, field):
     t = CNNCodes("resnet18", weights="none", layers="layer3", image_size=32, **{param: value})
     with pytest.raises(UsageError, match=field):
         t.fit(None)
+
+
+def test_cnncodes_defaults_are_extracts():
+    """CNNCodes' defaults are the settings objects' (what `featx extract` uses when not told)."""
+    import inspect
+
+    from featx.settings import CodeSettings, ModelSettings, RunSettings
+
+    defaults = {k: p.default for k, p in inspect.signature(CNNCodes).parameters.items() if k != "model"}
+    objects = (ModelSettings("x"), CodeSettings(), RunSettings())
+    expected = {k: getattr(o, k) for o in objects for k in defaults if hasattr(o, k)}
+    assert expected.keys() == defaults.keys()
+    assert defaults == expected

@@ -1,0 +1,111 @@
+"""`featx bench` and `featx demo`: the transferability grid, its report and plots."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+
+from featx.cli import options as o
+from featx.cli.fit import add_protocol_args, protocol_overrides
+from featx.errors import UsageError
+
+log = logging.getLogger("featx")
+
+
+def add_parser(sub) -> None:
+    from featx.bench import DEFAULT_LAYERS
+
+    p = sub.add_parser("bench", help="measure layer transferability: datasets x layers x train sizes x seeds")
+    p.add_argument("--model", action="append", required=True, metavar="NAME[@WEIGHTS]",
+                   help=o.MODEL_HELP + ", optionally @WEIGHTS; repeatable: several models in one bench "
+                        "(--weights is the default of a model without @)")  # fmt: skip
+    o.add_model_args(p)
+    p.add_argument("--control", choices=["random"],
+                   help="add each pretrained model's random-init twin (--weights none, seeded) as a control")  # fmt: skip
+    p.add_argument("--data", action="append", required=True,
+                   help="a dataset, repeatable; append :similar or :different to label it (PATH:similar)")  # fmt: skip
+    p.add_argument("--layers", default=DEFAULT_LAYERS, help="layers to compare (default: 7 depths)")
+    p.add_argument("--train-sizes", default="all", help="comma list of N (total), K/class or all (default all)")
+    p.add_argument("--classifier", default="softmax", help="svm, softmax, sgd, or a comma list (default softmax)")
+    add_protocol_args(p)
+    p.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel fits (joblib; -1 = all cores)")
+    o.add_data_args(p)
+    p.add_argument("--baseline", choices=["pixels"], help="add the raw-pixel baseline (logistic regression on pixels)")
+    p.add_argument("--pixel-size", type=o.positive_int, default=32, help="image size of the pixel baseline (32)")
+    p.add_argument("--out", default="results/bench", help="results directory (default results/bench); rerun to resume")
+    p.add_argument("--cache-dir", help=o.CACHE_HELP)
+    o.add_device_args(p)
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="fit the cells on this Dask cluster (tcp://HOST:8786; default $DASK_SCHEDULER_ADDRESS; "
+                        "'local': here, with --jobs); needs featx[dask] and a cache dir the workers see")  # fmt: skip
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="a small offline bench on the data this machine has (a few minutes on 2 cores)")
+    p.add_argument("--data", action="append", default=[], help="add an image folder (PATH[:similar|:different])")
+    p.add_argument("--out", default="results/demo", help="results directory (default results/demo)")
+    p.add_argument("--jobs", type=int, default=2, help="parallel fits (2)")
+    p.add_argument("--cache-dir", help=o.CACHE_HELP)
+
+
+def _protocols(args) -> list:
+    from featx.classify import protocol_for
+
+    if args.preset:
+        return [protocol_for(preset=args.preset, **protocol_overrides(args))]
+    names = [c.strip() for c in args.classifier.split(",") if c.strip()]
+    if not names:
+        raise UsageError("--classifier is empty; use svm, softmax or sgd")
+    plain = {k: v for k, v in protocol_overrides(args).items() if k not in ("solver", "device")}  # softmax's options
+    return [protocol_for(c, **(protocol_overrides(args) if c == "softmax" else plain)) for c in dict.fromkeys(names)]
+
+
+def _run(config, args) -> int:
+    from featx.bench import run
+    from featx.report import write_bench_report
+
+    result = run(config, progress=not args.quiet)
+    paths = write_bench_report(result, "featx " + shlex.join(args.argv))
+    log.info("bench done: %d cells; report and plots in %s", len(result.cells), config.out)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def run(args) -> int:
+    from featx.bench import BenchConfig, parse_bench_data
+    from featx.classify import parse_train_size
+    from featx.settings import CodeSettings, DataOptions, RunSettings
+
+    o.check_jobs(args.jobs)
+    sizes = [s.strip() for s in args.train_sizes.split(",") if s.strip()] or ["all"]
+    for s in sizes:
+        parse_train_size(s)
+    config = BenchConfig(
+        _models(args), [parse_bench_data(d) for d in args.data],
+        CodeSettings(args.layers), o.settings_from(RunSettings, args), train_sizes=sizes, protocols=_protocols(args),
+        seeds=o.ints(args.seeds, "--seeds") or (0,), data_options=o.settings_from(DataOptions, args),
+        baseline_pixels=args.baseline == "pixels", pixel_size=args.pixel_size, out=args.out, cache_dir=args.cache_dir,
+        jobs=args.jobs, scheduler=args.scheduler, control=args.control,
+    )  # fmt: skip
+    return _run(config, args)
+
+
+def _models(args) -> list:
+    """--model NAME[@WEIGHTS], repeatable: one ModelSettings each (--weights for those without @)."""
+    from featx.bench import split_model_spec
+    from featx.settings import ModelSettings
+
+    models = []
+    for spec in args.model:
+        name, weights = split_model_spec(spec)
+        models.append(o.settings_from(ModelSettings, args, name=name, weights=weights or args.weights))
+    return models
+
+
+def run_demo(args) -> int:
+    """A small bench that works offline on a fresh install."""
+    from featx.bench import demo_config
+
+    return _run(demo_config(args.data, args.out, args.cache_dir, args.jobs), args)

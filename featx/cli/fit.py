@@ -1,0 +1,113 @@
+"""`featx fit FILE`: linear classifiers on cached codes; `--out` saves what `featx predict` loads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from featx.cli import options as o
+from featx.errors import FeatxError, UsageError
+
+log = logging.getLogger("featx")
+
+
+def add_protocol_args(p, classifier_choices: bool = True) -> None:
+    """The protocol options fit and bench share (featx.classify.Protocol's fields)."""
+    from featx.classify import PRESETS, SCALES
+
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a published protocol (overrides classifier and grid)")
+    p.add_argument("--C", dest="Cs", help="comma-separated C grid (default: logspace(-4, 3, 8))")
+    p.add_argument("--scale", choices=SCALES, help="feature scaling (default standardize)")
+    p.add_argument("--cv", type=o.positive_int, help="choose C by K-fold cross-validation instead of a hold-out")
+    p.add_argument("--solver", default="auto", help=SOLVER_HELP)
+
+
+SOLVER_HELP = ("softmax's solver: sklearn (lbfgs, float64), torch (L-BFGS in float32, same objective; fast on a GPU; "
+               "runs on --device) or auto (default: torch when --device is or finds CUDA, else sklearn)")  # fmt: skip
+
+
+def protocol_overrides(args) -> dict:
+    given = {"Cs": o.floats(args.Cs, "--C") if args.Cs else None, "scale": args.scale, "cv": args.cv}
+    for name in ("pca", "val_fraction", "epochs", "chunk_rows", "max_iter", "solver", "device"):
+        given[name] = getattr(args, name, None)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def add_parser(sub) -> None:
+    from featx.classify import CLASSIFIERS
+
+    p = sub.add_parser("fit", help="train and evaluate linear classifiers on cached codes")
+    p.add_argument("file", help="a codes file from featx extract")
+    p.add_argument("--layer", "--layers", dest="layer", default="all", help="layers to fit, comma-separated, or all (default)")
+    p.add_argument("--classifier", default="softmax", choices=CLASSIFIERS,
+                   help="svm: LinearSVC; softmax: multinomial logistic regression; sgd: out-of-core SGD (default softmax)")  # fmt: skip
+    add_protocol_args(p)
+    p.add_argument("--pca", type=o.positive_int, help="reduce codes to K dimensions with PCA first")
+    p.add_argument("--val-fraction", type=o.fraction, help="hold-out share of train when the file has no val split (0.2)")
+    p.add_argument("--train-size", default="all", help="training images: all, N in total, or K/class (default all)")
+    p.add_argument("--seed", type=int, default=0, help="seed for subsets, hold-outs and solvers (default 0)")
+    p.add_argument("--seeds", help="repeat with these seeds (e.g. 0,1,2) and report mean and std")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="parallel fits: layers and seeds, and a single layer's C grid (joblib; -1 = all cores)")  # fmt: skip
+    p.add_argument("--concat", action="store_true", help="also fit on the concatenation of the layers")
+    p.add_argument("--epochs", type=o.positive_int, help="sgd: passes over the data (5)")
+    p.add_argument("--chunk-rows", type=o.positive_int, help="sgd: rows read per chunk (4096)")
+    p.add_argument("--max-iter", type=o.positive_int, help="solver iterations (2000; kornblith 1000)")
+    p.add_argument("--device", default="auto", help="where --solver torch runs: auto (cuda if available), cpu, cuda:N")
+    p.add_argument("--out", metavar="NAME",
+                   help="save the best layer's classifier as NAME.safetensors: arrays and a JSON description in one "
+                        "pickle-free file that featx predict loads (NAME.joblib is accepted as the same name)")  # fmt: skip
+    p.add_argument("--export-joblib", metavar="PATH.joblib",
+                   help="also write the fitted scikit-learn Pipeline as a joblib pickle (+ PATH.json); featx predict "
+                        "reads it only with --trust-pickle")  # fmt: skip
+    p.add_argument("--results", help="write the full results as JSON to this file")
+    p.add_argument("--json", action="store_true", help="print the full results as JSON instead of tables")
+
+
+def _check_outputs(args) -> None:
+    """Every file a fit writes must be its own: one output overwriting another (or the codes file)
+    would destroy what the run just saved."""
+    from featx.classifier_io import classifier_path, export_paths
+
+    seen = {os.path.realpath(args.file): f"the codes file {args.file}"}
+    outs = [("--out", classifier_path(args.out))] if args.out else []
+    outs += [("--export-joblib", p) for p in export_paths(args.export_joblib)] if args.export_joblib else []
+    outs += [("--results", os.path.abspath(args.results))] if args.results else []
+    for option, path in outs:
+        key = os.path.realpath(path)
+        if key in seen:
+            raise UsageError(f"{option} {path} is also {seen[key]}; give each output of featx fit its own path")
+        seen[key] = f"the file {option} writes"
+
+
+def _save(args, report, data: dict) -> None:
+    from featx.classifier_io import export_joblib, save_classifier
+    from featx.store import write_json_atomic
+
+    if args.out:
+        log.info("saved %s (%s) with its description and results", save_classifier(args.out, report), report.best)
+    if args.export_joblib:
+        log.info("exported the pipeline to %s and %s (a pickle: predict needs --trust-pickle)",
+                 *export_joblib(args.export_joblib, report))  # fmt: skip
+    if args.results:
+        try:
+            write_json_atomic(args.results, data)
+        except OSError as e:
+            raise FeatxError(f"--results {args.results}: cannot write ({e.strerror or e})") from None
+
+
+def run(args) -> int:
+    from featx.classify import fit, parse_train_size, protocol_for
+    from featx.report import fit_text
+
+    protocol = protocol_for(args.classifier, args.preset, **protocol_overrides(args))
+    seeds = o.ints(args.seeds, "--seeds") if args.seeds else (args.seed,)
+    o.check_jobs(args.jobs)
+    _check_outputs(args)
+    report = fit(args.file, args.layer, protocol, parse_train_size(args.train_size), seeds, args.jobs, args.concat,
+                 return_models=bool(args.out or args.export_joblib))  # fmt: skip
+    data = report.to_dict()
+    _save(args, report, data)
+    print(json.dumps(data, indent=1) if args.json else fit_text(report, args.file, seeds))
+    return 0

@@ -4,6 +4,7 @@ another) against the new one (warm starts along the C grid, chains and folds sid
     python benchmarks/fit_speed.py                                    # 5,000 x 256 x 10 and 20,000 x 512 x 10
     python benchmarks/fit_speed.py --shapes 60000x1280x10 --jobs 2    # Fashion-MNIST's size
     python benchmarks/fit_speed.py --codes fmnist.h5 --layer global_pool --jobs 2   # real codes
+    python benchmarks/fit_speed.py --solvers sklearn                  # without the torch solver's columns
 
 Synthetic codes: images of each class scattered around a class mean in a 64-dimensional latent space,
 sent through a fixed random linear map to `dims` and rectified like post-ReLU codes, with a test
@@ -15,6 +16,12 @@ people's work), the new path's time on `--jobs` idle cores (`new idle s`: its se
 plus the grid tasks' CPU seconds, each task timed in its thread, scheduled in featx's order on
 `--jobs` workers) and the old path's CPU seconds over that (`idle ratio`: the old path runs on one
 core, so its CPU seconds are its time on an idle machine), the chosen C and the test accuracy of both.
+
+With `--solvers sklearn,torch` (default, softmax only) each shape also runs the new path with
+`--solver torch` on `--device` (auto: CUDA when present, else this CPU, where torch uses its own
+intra-op threads): `torch s`, `new/torch` (the sklearn new path's seconds over torch's: above 1,
+torch is faster), and torch's chosen C and test accuracy; the device is in the header. The
+headline numbers are the ratios; absolute seconds depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -32,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from featx import classify  # noqa: E402
 from featx.classify import Protocol, fit  # noqa: E402
+from featx.torch_softmax import fit_device  # noqa: E402
 
 
 def synthetic(n: int, d: int, c: int, seed: int = 0, noise: float = 2.2) -> tuple[np.ndarray, np.ndarray]:
@@ -93,12 +102,20 @@ def timed(
     return wall, cpu, cpu - sum(TASK_CPU) + max(workers), report.results[0]
 
 
-def row(name: str, path: str, layer: str, protocol: Protocol, jobs: int) -> dict:
+def row(name: str, path: str, layer: str, protocol: Protocol, jobs: int, device: str | None = None) -> dict:
+    """Old path, new path, and (with `device`) the new path with the torch solver on `device`."""
     old_s, old_cpu, _, old = timed(path, layer, protocol, 1, warm=False)
     new_s, new_cpu, new_idle, new = timed(path, layer, protocol, jobs, warm=True)
-    return {"shape": name, "grid": len(protocol.Cs), "old_s": old_s, "new_s": new_s, "ratio": old_s / new_s,
-            "old_cpu_s": old_cpu, "new_cpu_s": new_cpu, "new_idle_s": new_idle, "idle_ratio": old_cpu / new_idle,
-            "C_old": old["C"], "C_new": new["C"], "acc_old": old["accuracy"], "acc_new": new["accuracy"]}  # fmt: skip
+    out = {"shape": name, "grid": len(protocol.Cs), "old_s": old_s, "new_s": new_s, "ratio": old_s / new_s,
+           "old_cpu_s": old_cpu, "new_cpu_s": new_cpu, "new_idle_s": new_idle, "idle_ratio": old_cpu / new_idle,
+           "C_old": old["C"], "C_new": new["C"], "acc_old": old["accuracy"], "acc_new": new["accuracy"]}  # fmt: skip
+    if device is not None:
+        torch_s, torch_cpu, _, t = timed(
+            path, layer, replace(protocol, solver="torch", device=device), jobs, True
+        )
+        out.update({"torch_s": torch_s, "torch_cpu_s": torch_cpu, "new_over_torch": new_s / torch_s,
+                    "old_over_torch": old_s / torch_s, "C_torch": t["C"], "acc_torch": t["accuracy"]})  # fmt: skip
+    return out
 
 
 def main(argv=None) -> int:
@@ -108,9 +125,13 @@ def main(argv=None) -> int:
     ap.add_argument("--layer", help="the layer of --codes (default: its first)")
     ap.add_argument("--classifier", default="softmax", choices=("softmax", "svm"))
     ap.add_argument("--jobs", type=int, default=2, help="--jobs of the new path (2)")
+    ap.add_argument("--solvers", default="sklearn,torch", help="softmax solvers to time (sklearn,torch)")
+    ap.add_argument("--device", default="auto", help="where the torch solver runs (auto: cuda if present)")
     ap.add_argument("--json", help="write the rows here too")
     args = ap.parse_args(argv)
-    protocol = Protocol(classifier=args.classifier).validate()
+    protocol = Protocol(classifier=args.classifier, solver="sklearn").validate()
+    torch_on = "torch" in args.solvers.split(",") and args.classifier == "softmax"
+    args.fit_device = fit_device(args.device) if torch_on else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.codes:
@@ -120,12 +141,12 @@ def main(argv=None) -> int:
                 layer = args.layer or f.layers[0]
                 n, d, c = int((f.split == "train").sum()), f.dim(layer), len(f.classes)
             name = f"{os.path.basename(args.codes)}:{layer} {n}x{d}x{c}"
-            rows.append(row(name, args.codes, layer, protocol, args.jobs))
+            rows.append(row(name, args.codes, layer, protocol, args.jobs, args.fit_device))
         for shape in [s for s in args.shapes.split(",") if s] if not args.codes else []:
             n, d, c = (int(v) for v in shape.lower().split("x"))
             X, y = synthetic(n + n // 6, d, c)  # n training images, test images on top (1 in 7)
             path = write_codes(os.path.join(tmp, f"{shape}.h5"), X, y)
-            rows.append(row(f"{n}x{d}x{c}", path, "L", protocol, args.jobs))
+            rows.append(row(f"{n}x{d}x{c}", path, "L", protocol, args.jobs, args.fit_device))
             print_rows(rows[-1:], args, header=len(rows) == 1)
     if args.codes:
         print_rows(rows, args, header=True)
@@ -137,14 +158,20 @@ def main(argv=None) -> int:
 
 def print_rows(rows: list[dict], args, header: bool) -> None:
     if header:
-        print(f"{args.classifier}, new path --jobs {args.jobs}; old: every C from scratch, one after another")
+        print(
+            f"{args.classifier}, new path --jobs {args.jobs}; old: every C from scratch, one after another"
+            + (f"; torch: the new path with --solver torch on {args.fit_device}" if args.fit_device else "")
+        )
         print(f"{'rows x dims x classes':<28} {'grid':>4} {'old s':>7} {'new s':>7} {'ratio':>6} {'old cpu':>7} "
               f"{'new cpu':>7} {'new idle s':>10} {'idle ratio':>10} {'C old':>7} {'C new':>7} {'acc old':>7} "
-              f"{'acc new':>7}")  # fmt: skip
+              f"{'acc new':>7}" + (f" {'torch s':>7} {'new/torch':>9} {'C torch':>7} {'acc torch':>9}"
+                                   if args.fit_device else ""))  # fmt: skip
     for r in rows:
         print(f"{r['shape']:<28} {r['grid']:>4} {r['old_s']:>7.1f} {r['new_s']:>7.1f} {r['ratio']:>5.2f}x "
               f"{r['old_cpu_s']:>7.1f} {r['new_cpu_s']:>7.1f} {r['new_idle_s']:>10.1f} {r['idle_ratio']:>9.2f}x "
-              f"{r['C_old']:>7g} {r['C_new']:>7g} {r['acc_old']:>7.4f} {r['acc_new']:>7.4f}", flush=True)  # fmt: skip
+              f"{r['C_old']:>7g} {r['C_new']:>7g} {r['acc_old']:>7.4f} {r['acc_new']:>7.4f}" + (
+              f" {r['torch_s']:>7.1f} {r['new_over_torch']:>8.2f}x {r['C_torch']:>7g} {r['acc_torch']:>9.4f}"
+              if "torch_s" in r else ""), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

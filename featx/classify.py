@@ -26,6 +26,11 @@ the HDF5 file, alpha = 1 / (C * n)): its memory is bounded by `chunk_rows`, what
 softmax walks its C grid in fixed chains of warm starts (each C starts from the previous one's
 solution, the refit from the chosen C's) and fits chains and CV folds side by side with `jobs`
 (`_grid_scores` says how close that is to fits from scratch; `warm=False` gives those).
+`Protocol(solver="torch")` solves softmax with featx.torch_softmax instead (scikit-learn's objective,
+torch L-BFGS in float32, on `Protocol.device`), along the same chains; the pipeline it returns holds
+a plain LogisticRegression with torch's solution, so saving and predicting do not change. `solver`
+is part of a protocol's identity (reports, bench cell keys) only when it is torch; "auto" resolves
+in `validate` (torch when softmax fits on CUDA, else sklearn), so a stored protocol never says auto.
 Codes are standardized (default), L2-normalized or left as they are, optionally reduced by PCA.
 
 Presets reproduce published protocols:
@@ -41,6 +46,7 @@ Presets reproduce published protocols:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -83,6 +89,8 @@ class Protocol:
     max_iter: int = 2000
     epochs: int = 5  # sgd
     chunk_rows: int = 4096  # sgd
+    solver: str = "sklearn"  # softmax: 'sklearn' (lbfgs) or 'torch' (featx.torch_softmax); 'auto' resolves
+    device: str = field(default="auto", compare=False)  # where the torch solver runs; not part of identity
 
     def validate(self) -> Protocol:
         if self.classifier not in CLASSIFIERS:
@@ -106,11 +114,20 @@ class Protocol:
             raise UsageError(f"--val-fraction {self.val_fraction}: must be between 0 and 1")
         if self.epochs < 1 or self.chunk_rows < 16:
             raise UsageError("--epochs must be >= 1 and --chunk-rows >= 16")
-        return self
+        from featx.torch_softmax import resolve_solver
+
+        solver = resolve_solver(self.solver, self.classifier, self.device, self.per_class)
+        return self if solver == self.solver else replace(self, solver=solver)
 
     def to_dict(self) -> dict:
+        """The protocol's identity (reports, bench cell keys). `solver` enters it only when it is
+        torch (its numbers differ slightly from scikit-learn's), so sklearn protocols keep the keys
+        they had before the field existed; `device` never does (same solver, same answer)."""
         d = asdict(self)
         d["Cs"] = [float(c) for c in self.Cs]
+        d.pop("device")
+        if d["solver"] == "sklearn":
+            d.pop("solver")
         return d
 
 
@@ -261,6 +278,10 @@ def make_pipeline(protocol: Protocol, C: float, seed: int, n_fit: int, dim: int)
             max_iter=protocol.max_iter,
             random_state=seed,
         )
+    elif protocol.classifier == "softmax" and protocol.solver == "torch":
+        from featx.torch_softmax import TorchSoftmax
+
+        clf = TorchSoftmax(C=C, max_iter=protocol.max_iter, device=protocol.device)
     elif protocol.classifier == "softmax":
         clf = LogisticRegression(C=C, solver="lbfgs", max_iter=protocol.max_iter)
     else:
@@ -421,7 +442,8 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
         # thread count, and lbfgs amplifies the last bits, so the numbers would change with --jobs
         # (joblib gives each worker one thread) or with the machine's cores. Parallelism comes from
         # fitting cells, grid values and folds side by side instead.
-        with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1, user_api="blas"):
+        with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1, user_api="blas"), \
+                _one_torch_thread(protocol):  # fmt: skip
             warnings.simplefilter("always")
             try:
                 if protocol.classifier == "sgd":
@@ -447,6 +469,25 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
             "convergence_warnings": sum(1 for w in caught if "Converge" in type(w.message).__name__),
         }  # fmt: skip
     return (result, pipe) if return_model else result
+
+
+@contextlib.contextmanager
+def _one_torch_thread(protocol: Protocol):
+    """The one-thread rule for the torch solver on the CPU (torch's intra-op threads are its BLAS;
+    they also spin badly on a loaded machine): torch.set_num_threads(1) for the fit, then back."""
+    from featx.torch_softmax import fit_device_is_cpu
+
+    if protocol.solver != "torch" or not fit_device_is_cpu(protocol.device):
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: int, dim: int, jobs: int = 1,
@@ -479,6 +520,8 @@ def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: i
         _warm_start(pipe.named_steps["clf"], start if warm else None)
         pipe.fit(X_tr, y_tr)
         _warm_start(pipe.named_steps["clf"], None)  # the saved model reads as a plain one
+        if hasattr(pipe.steps[-1][1], "to_sklearn"):  # torch's solution as a plain LogisticRegression
+            pipe.steps[-1] = ("clf", pipe.steps[-1][1].to_sklearn())
     y_pred = pipe.predict(_load(f, layers, rows.test))
     return pipe, C, val_score, y_pred
 
@@ -553,11 +596,13 @@ def _chains(protocol: Protocol, warm: bool) -> list[list[int]]:
 
 
 def _warm_start(clf, start) -> None:
-    """Start a LogisticRegression's next fit at `start` = (coef, intercept); None: from zero.
-    Other classifiers (liblinear's LinearSVC has no starting point) always start from zero."""
+    """Start a LogisticRegression's (or TorchSoftmax's) next fit at `start` = (coef, intercept); None:
+    from zero. Other classifiers (liblinear's LinearSVC has no starting point) start from zero."""
     from sklearn.linear_model import LogisticRegression
 
-    if not isinstance(clf, LogisticRegression):
+    from featx.torch_softmax import TorchSoftmax
+
+    if not isinstance(clf, (LogisticRegression, TorchSoftmax)):
         return
     if start is None:
         clf.set_params(warm_start=False)

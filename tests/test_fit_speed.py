@@ -146,3 +146,4 @@ def test_fit_speed_benchmark_runs(tmp_path):
 
     (row,) = json.loads(out.read_text())
     assert row["C_old"] == row["C_new"] and row["grid"] == 8
+    assert row["C_torch"] == row["C_old"] and "new/torch" in r.stdout  # the torch solver's columns (#13)

@@ -65,7 +65,8 @@ def _protocols(args) -> list:
     names = [c.strip() for c in args.classifier.split(",") if c.strip()]
     if not names:
         raise UsageError("--classifier is empty; use svm, softmax or sgd")
-    return [protocol_for(c, **protocol_overrides(args)) for c in dict.fromkeys(names)]
+    plain = {k: v for k, v in protocol_overrides(args).items() if k not in ("solver", "device")}  # softmax's options
+    return [protocol_for(c, **(protocol_overrides(args) if c == "softmax" else plain)) for c in dict.fromkeys(names)]
 
 
 def _run(config, args) -> int:

@@ -20,11 +20,16 @@ def add_protocol_args(p, classifier_choices: bool = True) -> None:
     p.add_argument("--C", dest="Cs", help="comma-separated C grid (default: logspace(-4, 3, 8))")
     p.add_argument("--scale", choices=SCALES, help="feature scaling (default standardize)")
     p.add_argument("--cv", type=o.positive_int, help="choose C by K-fold cross-validation instead of a hold-out")
+    p.add_argument("--solver", default="auto", help=SOLVER_HELP)
+
+
+SOLVER_HELP = ("softmax's solver: sklearn (lbfgs, float64), torch (L-BFGS in float32, same objective; fast on a GPU; "
+               "runs on --device) or auto (default: torch when --device is or finds CUDA, else sklearn)")  # fmt: skip
 
 
 def protocol_overrides(args) -> dict:
     given = {"Cs": o.floats(args.Cs, "--C") if args.Cs else None, "scale": args.scale, "cv": args.cv}
-    for name in ("pca", "val_fraction", "epochs", "chunk_rows", "max_iter"):
+    for name in ("pca", "val_fraction", "epochs", "chunk_rows", "max_iter", "solver", "device"):
         given[name] = getattr(args, name, None)
     return {k: v for k, v in given.items() if v is not None}
 
@@ -49,6 +54,7 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=o.positive_int, help="sgd: passes over the data (5)")
     p.add_argument("--chunk-rows", type=o.positive_int, help="sgd: rows read per chunk (4096)")
     p.add_argument("--max-iter", type=o.positive_int, help="solver iterations (2000; kornblith 1000)")
+    p.add_argument("--device", default="auto", help="where --solver torch runs: auto (cuda if available), cpu, cuda:N")
     p.add_argument("--out", metavar="NAME",
                    help="save the best layer's classifier as NAME.safetensors: arrays and a JSON description in one "
                         "pickle-free file that featx predict loads (NAME.joblib is accepted as the same name)")  # fmt: skip

@@ -38,21 +38,14 @@ MAX_EVAL = 15000  # objective evaluations, scipy L-BFGS-B's default maxfun (line
 
 
 def fit_device(device: str | None) -> str:
-    """The torch device a `device` option names: auto = cuda if available, else cpu."""
-    import torch
+    """The torch device a `device` option names (as `featx.engine.resolve_device` reads it: auto =
+    cuda if available, else cpu), limited to the devices the solver runs on."""
+    from featx.engine import resolve_device
 
-    name = (device or "auto").strip().lower()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+    dev = resolve_device((device or "auto").strip().lower())
     if dev.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {device!r}: the torch solver runs on cpu or cuda")
-    return name
+    return str(dev)
 
 
 def fit_device_is_cpu(device: str | None) -> bool:

@@ -116,6 +116,7 @@ class DatasetAnalysis:
     control_of: str = ""  # a random-init control: the label of the pretrained model it controls
     rows_digest: str = ""  # equal digests: the same images in the same splits (test images pair up)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> metric -> score (largest size)
+    finetuned: bool = False  # the bench has fine-tune cells for this dataset (bench --finetune)
 
     def ci(self, layer: str, size: str) -> tuple[float, float]:
         """Wilson 95% interval of the (seed-mean) test accuracy over the n test images."""
@@ -195,6 +196,8 @@ def analyze(
                         for r in cnn if r["train_size_spec"] == sizes[-1] and any(
                             k.startswith("score_") and v is not None for k, v in r.items())},
             )  # fmt: skip
+            a.finetuned = any(r.get("kind") == "finetune" and r["dataset"] == src.name
+                              and r.get("model", "") == model for r in rows)  # fmt: skip
             _decide(a)
             out.append(a)
     return out
@@ -256,7 +259,9 @@ def _rule_check(a: DatasetAnalysis, size: str) -> str:
     """One sentence: what the rule of thumb says for this case and whether this data confirmed it."""
     rule = f"rule of thumb for {a.size} + {a.similarity} data: {RULES[a.case]}"
     if a.case in (2, 4):
-        return f"{rule}; featx measured linear probes only, so fine-tuning is not measured here"
+        if a.finetuned:
+            return f"{rule}; measured by this bench's fine-tune cells: see \"Fine-tuning beside probing\""
+        return f"{rule}; this bench measured linear probes only (bench --finetune adds fine-tune cells)"
     earlier = [n for n in a.layers if n != a.top and (n, size) in a.acc]
     if a.best == a.top:
         measured = "the top layer"
@@ -274,7 +279,9 @@ def _rule_check(a: DatasetAnalysis, size: str) -> str:
         ok = a.best != a.top and not noise and a.acc[(a.best, size)].mean > a.acc[(a.top, size)].mean
     verdict = "confirmed" if ok else "not confirmed"
     if a.best != a.top and noise:
-        verdict += " (the chosen earlier layer and the top layer are within noise)"
+        verdict = ("consistent with it: the chosen earlier layer and the top layer are within noise, so the top "
+                   "codes do as well" if a.case == 1 else
+                   "not confirmed: the chosen earlier layer and the top layer are within noise")  # fmt: skip
     return f"{rule}; measured here: {measured}: {verdict}"
 
 

@@ -145,6 +145,7 @@ class FinetuneVsProbe:
     seeds: int
     n_test: int
     epoch: float
+    points: tuple = ()  # every freeze point: {"point", "acc", "std", "val"} (seed means), in grid order
 
     @property
     def gain(self) -> float:
@@ -186,5 +187,8 @@ def compare(analyses, rows: list[dict]) -> list[FinetuneVsProbe]:
                 a.name, size, layer, a.acc[(layer, size)].mean, a.ci(layer, size), point, rs[0]["layer"], acc,
                 float(np.std([r["accuracy"] for r in rs])), wilson_interval(int(round(acc * n)), n), len(rs), n,
                 float(np.mean([r["epoch"] for r in rs])),
+                tuple({"point": p, "acc": float(np.mean([r["accuracy"] for r in v])),
+                       "std": float(np.std([r["accuracy"] for r in v])),
+                       "val": float(np.mean([r["val_score"] for r in v]))} for p, v in by_point.items()),
             ))  # fmt: skip
     return out

@@ -397,10 +397,15 @@ def _finetune_section(analyses, comparisons, recipe: str) -> list[str]:
              "\"does not pay\" when the two intervals do not overlap, else \"within noise\"."
              + (f" Recipe: {recipe}." if recipe else ""), ""]  # fmt: skip
     rows = [[c.dataset, c.size, f"{c.probe_layer}: {c.probe_acc:.3f} ({c.probe_ci[0]:.2f}-{c.probe_ci[1]:.2f})",
-             f"{c.point} ({c.point_module}): {c.ft_acc:.3f} ± {c.ft_std:.3f} ({c.ft_ci[0]:.2f}-{c.ft_ci[1]:.2f})",
+             f"{c.point} ({c.point_module.removeprefix('input (').removesuffix(')')}): {c.ft_acc:.3f} ± {c.ft_std:.3f} ({c.ft_ci[0]:.2f}-{c.ft_ci[1]:.2f})",
              f"{c.gain:+.1f}", c.verdict, f"{c.epoch:g}"] for c in comparisons]  # fmt: skip
     lines += [markdown_table(rows, ["dataset", "train size", "probe (chosen layer)", "fine-tune (chosen freeze point)",
                                     "gain (points)", "verdict", "chosen epoch"]), ""]  # fmt: skip
+    lines += ["Every freeze point (test accuracy, mean ± std over seeds; validation score in brackets):", ""]
+    every = [[c.dataset, c.size, *(_point_text(p) for p in c.points)] for c in comparisons]
+    width = max(len(c.points) for c in comparisons)
+    lines += [markdown_table([r + [""] * (2 + width - len(r)) for r in every],
+                             ["dataset", "train size", *[f"freeze point {i + 1}" for i in range(width)]]), ""]  # fmt: skip
     for a in analyses:
         mine = [c for c in comparisons if c.dataset == a.name]
         if not mine or a.control_of:
@@ -414,6 +419,10 @@ def _finetune_section(analyses, comparisons, recipe: str) -> list[str]:
                      f"{'is within noise of the probe' if last.verdict == 'within noise' else last.verdict} ({last.gain:+.1f} points "
                      f"against {last.probe_layer}), which {word}.")  # fmt: skip
     return lines + [""]
+
+
+def _point_text(p: dict) -> str:
+    return f"{p['point']}: {p['acc']:.3f} ± {p['std']:.3f} [{p['val']:.3f}]"
 
 
 def _models_section(analyses) -> list[str]:

@@ -84,7 +84,9 @@ def test_differences_within_noise_say_either_will_do():
     assert t.p > 0.05 and (t.a_only, t.b_only) == (6, 4)
     assert "within noise (exact McNemar p = " in md
     assert "either will do, late is cheaper to extract" in md
-    assert "(the chosen earlier layer and the top layer are within noise)" in md
+    # small + similar: the rule says top codes; an earlier pick within noise of the top is consistent with it
+    assert ("consistent with it: the chosen earlier layer and the top layer are within noise, so the top codes do "
+            "as well") in md  # fmt: skip
 
 
 def test_a_cap_that_decides_the_size_regime_is_named():
@@ -97,3 +99,25 @@ def test_a_cap_that_decides_the_size_regime_is_named():
     text = ("small (as capped by --per-class-limit train=400; the data holds 20760 training images, 2076 per class, "
             "which would be large)")  # fmt: skip
     assert a.size_text == text and text in md
+
+
+def test_fine_tune_cells_decide_the_large_data_words():
+    """Case 2/4 text points at the measured fine-tune cells when the bench has them (and says they
+    are missing when it has not); the fine-tune section's verdict follows its own intervals."""
+    from featx.bench_finetune import compare
+
+    depth = {"mid": 0.5, "top": 1.0}
+    cells = {"mid": (0.80, _correct(160)), "top": (0.90, _correct(180))}
+    src = _Src("big", depth, "similar", n_train=4000, n_classes=2)
+    (a,), md = _report(_rows("big", cells), [src])
+    assert a.case == 2 and "this bench measured linear probes only (bench --finetune adds fine-tune cells)" in md
+    ft = [{"kind": "finetune", "model": "", "dataset": "big", "train_size_spec": "all", "train_from": p, "layer": p,
+           "relative_depth": d, "accuracy": acc, "val_score": val, "n_test": N_TEST, "epoch": 3, "seed": seed}
+          for p, d, acc, val in (("depth:0", 0.0, 0.985, 0.99), ("depth:1.0", 1.0, 0.90, 0.91)) for seed in (0, 1)]  # fmt: skip
+    rows = _rows("big", cells) + ft
+    (a,) = analyze(rows, [src])
+    (c,) = compare([a], rows)
+    assert (c.point, c.probe_layer, round(c.gain, 1), c.verdict) == ("depth:0", "top", 8.5, "pays")
+    md = markdown_report([a], title="t", command=None, plots=[], notes=[], finetune=[c])
+    assert 'measured by this bench\'s fine-tune cells: see "Fine-tuning beside probing"' in md
+    assert "fine-tuning from depth:0 pays (+8.5 points against top), which confirms it" in md

@@ -161,8 +161,10 @@ class _Spectrum:
             return self._V[:, ::-1][:, :k]
         import scipy.linalg as sl
 
-        _, v = sl.eig_banded(self.band, lower=True, select="i", select_range=(self.d - k, self.d - 1))
-        return self.from_basis(v[:, ::-1])
+        # LAPACK's selected-eigenvector path on the dense S: 0.3 s for 64 of 2,048 on 2 cores, where
+        # eig_banded's (dsbevx) forms the whole reduction's Q first (1.5-2 s)
+        _, v = sl.eigh(self.S, subset_by_index=[self.d - k, self.d - 1], driver="evx")
+        return v[:, ::-1]
 
     def solver(self, scale: float, shift: float):
         """x -> (scale B + shift I)^-1 x, and log det(scale B + shift I)."""

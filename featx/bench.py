@@ -388,34 +388,18 @@ def _score_source(src: Source, size: TrainSize, todo: list[str]) -> dict[str, di
         rows = _subsample(train, f.labels, size, np.random.default_rng(0), f.classes)
         for layer in todo:
             t0 = time.perf_counter()
-            X, y = f.codes(layer, rows), f.labels[rows]
-            try:
-                values, errors = _scores_of(X, y, METRICS, score), {}
-            except SCORE_FAILURES:  # one metric failing (degenerate codes) must not cost the others
-                values, errors = {}, {}
-                for m in METRICS:
-                    try:
-                        values.update(_scores_of(X, y, [m], score))
-                    except SCORE_FAILURES as e:
-                        values[m], errors[m] = None, str(e).splitlines()[0] if str(e) else type(e).__name__
+            X, y, errors = f.codes(layer, rows), f.labels[rows], {}
+            try:  # a metric undefined on these codes scores None with its reason; the others are kept
+                values = score(X, y, METRICS, errors=errors)
+            except FeatxError as e:  # no metric can be computed (one class, non-finite codes, too many dims)
+                out[layer] = {"error": str(e)}
+                continue
             if all(v is None for v in values.values()):
                 out[layer] = {"error": "; ".join(f"{m}: {e}" for m, e in errors.items())}
                 continue
             out[layer] = {"scores": values, "rows": int(len(rows)), "train_size": str(size),
                           "seconds": round(time.perf_counter() - t0, 3), **({"errors": errors} if errors else {})}  # fmt: skip
     return out
-
-
-SCORE_FAILURES = (FeatxError, ValueError, FloatingPointError, np.linalg.LinAlgError)
-
-
-def _scores_of(X, y, metrics, score) -> dict:
-    with np.errstate(all="ignore"):
-        values = score(X, y, metrics)
-    bad = [m for m, v in values.items() if not np.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"{', '.join(bad)} not finite on these codes")
-    return values
 
 
 def score_sources(config: BenchConfig, sources: list[Source]) -> dict[tuple[int, str], dict]:

@@ -95,15 +95,22 @@ def score(
         raise FeatxError("the codes hold NaN or infinite values; scores need finite codes")
     if precision not in ("float64", "float32"):
         raise UsageError(f"precision {precision!r}: use float64 or float32")
-    out, spec = {}, None
+    failures = (np.linalg.LinAlgError, ValueError, FloatingPointError, FeatxError)
+    out, spec, broken = {}, None, None
+    try:
+        with np.errstate(all="ignore"):
+            spec = _Spectrum(X.astype(precision, copy=False))
+    except failures as e:  # degenerate codes: no metric has its covariance, each fails for that reason
+        broken = e
     for m in metrics:
         try:
+            if broken is not None:
+                raise broken
             with np.errstate(all="ignore"):
-                spec = spec or _Spectrum(X.astype(precision, copy=False))
                 value = float(_SCORES[m](spec, y, len(classes)))
             if not np.isfinite(value):
                 raise FloatingPointError(f"the result is {value}")
-        except (np.linalg.LinAlgError, ValueError, FloatingPointError, FeatxError) as e:
+        except failures as e:
             # degenerate codes (dead channels, a random-init layer on a few rows): this metric only
             problem = FeatxError(f"{m} is not defined on these codes ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
             if errors is None:

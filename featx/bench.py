@@ -407,10 +407,7 @@ def score_sources(config: BenchConfig, sources: list[Source]) -> dict[tuple[int,
     as they finish, so a killed bench keeps them)."""
     done = load_done(config.out, SCORES_FILE)
     out = {}
-    path = os.path.join(config.out, SCORES_FILE)
-    with open(path, "a", encoding="utf-8") as fh:
-        if fh.tell() > 0 and not _ends_with_newline(path):
-            fh.write("\n")
+    with open_log(config.out, SCORES_FILE) as fh:
         for i, src in enumerate(sources):
             size = _scored_size(config, src)
             if size is None:
@@ -457,6 +454,16 @@ def load_done(out_dir: str, name: str = CELLS_FILE) -> dict[str, dict]:
     except OSError:
         pass
     return done
+
+
+def open_log(out_dir: str, name: str = CELLS_FILE):
+    """`out_dir/name` (cells.jsonl, scores.jsonl) opened for appending records with `_append`; a
+    torn last line from a killed run is ended first, so it cannot swallow the next record."""
+    path = os.path.join(out_dir, name)
+    fh = open(path, "a", encoding="utf-8")
+    if fh.tell() > 0 and not _ends_with_newline(path):
+        fh.write("\n")
+    return fh
 
 
 def _append(fh, rec: dict) -> None:
@@ -523,11 +530,7 @@ def _fit_cells(config: BenchConfig, todo: list[Cell], total: int, done: dict, cl
     from joblib import Parallel, delayed, parallel_config
     from tqdm.auto import tqdm
 
-    path = os.path.join(config.out, CELLS_FILE)
-    with open(path, "a", encoding="utf-8") as fh:
-        # a torn line from a killed run must not swallow the next record
-        if fh.tell() > 0 and not _ends_with_newline(path):
-            fh.write("\n")
+    with open_log(config.out, CELLS_FILE) as fh:
         # on a cluster, its workers decide how many cells run at once
         backend = parallel_config(backend="dask", client=client) if client else contextlib.nullcontext()
         # the bar is closed on an error too, so that the error starts a line of its own

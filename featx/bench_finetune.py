@@ -82,7 +82,7 @@ def run_finetune_cells(config, points: list[str], base: FinetuneSettings, progre
     """Run the missing fine-tune cells of `config` (a BenchConfig) one after another (each uses all
     cores); returns [(cell, result)] for every cell of the grid, finished before or now. A cell the
     data cannot support is recorded with its reason (`{"error": ...}`), as probe cells are."""
-    from featx.bench import CELLS_FILE, _append, _make_out_dir, load_done
+    from featx.bench import _append, _make_out_dir, load_done, open_log
     from featx.finetune import finetune
 
     _make_out_dir(config.out)
@@ -90,7 +90,7 @@ def run_finetune_cells(config, points: list[str], base: FinetuneSettings, progre
     done = load_done(config.out)
     todo = [c for c in cells if c.key(config, base) not in done]
     log.info("%d fine-tune cells: %d done before, %d to run", len(cells), len(cells) - len(todo), len(todo))
-    with open(os.path.join(config.out, CELLS_FILE), "a", encoding="utf-8") as fh:
+    with open_log(config.out) as fh:
         for cell in todo:
             key = cell.key(config, base)
             ckpt = os.path.join(config.out, "finetune-ckpt", key[:24])

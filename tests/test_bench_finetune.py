@@ -76,3 +76,19 @@ def test_bench_finetune_from_the_cli_report_and_resume(tmp_path):
     rc, out, err = cli(*argv)
     assert rc == 0, err
     assert (tmp_path / "b" / "cells.jsonl").read_text() == before  # nothing refitted or re-run
+
+
+def test_a_torn_last_line_does_not_swallow_the_next_fine_tune_record(tmp_path):
+    """A bench killed mid-append leaves a torn line; the next fine-tune record still lands whole."""
+    from featx.bench import load_done
+
+    data = make_images(tmp_path / "d", per_class=6)
+    config = BenchConfig(ModelSettings("timm:test_resnet", "none", image_size=32), [BenchData(str(data), "similar")],
+                         "depth:1.0", RunSettings(device="cpu", workers=0, precision="fp32"),
+                         train_sizes=["all"], seeds=(0,), out=str(tmp_path / "bench"))  # fmt: skip
+    base = FinetuneSettings(epochs=1, batch_size=4)
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "cells.jsonl").write_text('{"key": "torn", "result": {"acc')
+    ((cell, result),) = run_finetune_cells(config, ["depth:1.0"], base)
+    assert "error" not in result
+    assert load_done(str(tmp_path / "bench"))[cell.key(config, base)] == result

@@ -43,6 +43,7 @@ import numpy as np
 
 from featx import __version__
 from featx.errors import FeatxError, UsageError
+from featx.settings import _bad  # one table (settings.FLAGS) maps fields to their flags
 
 log = logging.getLogger("featx")
 
@@ -51,17 +52,6 @@ FORMAT = 1
 OPTIMIZERS = ("sgd", "adamw")
 MIN_VAL_PER_CLASS = 1  # every class must have validation images, or the epoch choice ignores it
 _RRC_SCALE, _RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop defaults
-_FLAGS = {
-    "train_from": "--train-from", "epochs": "--epochs", "lr": "--lr", "backbone_lr_mult": "--backbone-lr-mult",
-    "weight_decay": "--weight-decay", "optimizer": "--optimizer", "momentum": "--momentum", "warmup": "--warmup",
-    "batch_size": "--batch-size", "label_smoothing": "--label-smoothing", "seed": "--seed",
-    "train_size": "--train-size", "max_images": "--max-images", "val_fraction": "--val-fraction",
-    "augment": "augment",
-}  # fmt: skip
-
-
-def _bad(name: str, value, want: str):
-    raise UsageError(f"{_FLAGS[name]} {value!r}: {want}")
 
 
 def _number(name: str, value, low: float, high: float = math.inf, integer: bool = False, low_open: bool = False):

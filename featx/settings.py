@@ -30,6 +30,11 @@ FLAGS = {
     "channels_last": "--channels-last", "decoder": "--decoder", "compile": "--compile", "distributed": "--distributed",
     "test_fraction": "--test-fraction", "per_class_limit": "--per-class-limit", "seed": "--seed",
     "data_root": "--data-root", "group_by": "--group-by",
+    # featx.finetune.FinetuneSettings
+    "train_from": "--train-from", "epochs": "--epochs", "lr": "--lr", "backbone_lr_mult": "--backbone-lr-mult",
+    "weight_decay": "--weight-decay", "optimizer": "--optimizer", "momentum": "--momentum", "warmup": "--warmup",
+    "label_smoothing": "--label-smoothing", "train_size": "--train-size", "max_images": "--max-images",
+    "val_fraction": "--val-fraction", "augment": "augment",
 }  # fmt: skip
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

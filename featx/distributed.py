@@ -261,12 +261,18 @@ class Shard:
     done: int
 
 
-def _shard_range(path: str) -> tuple[int, int] | None:
+def _read_meta(path: str) -> dict | None:
+    """A shard folder's journal meta.json, or None when it is missing or not a JSON object."""
     try:
         with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
-            rng = json.load(f).get("shard")
-    except (OSError, ValueError, AttributeError, RecursionError):
+            meta = json.load(f)
+    except (OSError, ValueError, RecursionError):
         return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _shard_range(meta: dict | None) -> tuple[int, int] | None:
+    rng = meta.get("shard") if meta else None
     ok = (
         isinstance(rng, list)
         and len(rng) == 2
@@ -279,12 +285,8 @@ def prior_meta(entry: str, key: str) -> dict | None:
     """The journal meta of an interrupted distributed run of this entry (its batch size must be kept), or None."""
     root = shards_path(entry)
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        try:
-            with open(os.path.join(root, name, "meta.json"), encoding="utf-8") as f:
-                meta = json.load(f)
-        except (OSError, ValueError, RecursionError):
-            continue
-        if isinstance(meta, dict) and meta.get("key") == key and isinstance(meta.get("batch_size"), int):
+        meta = _read_meta(os.path.join(root, name))
+        if meta is not None and meta.get("key") == key and isinstance(meta.get("batch_size"), int):
             return meta
     return None
 
@@ -300,12 +302,12 @@ def committed_shards(entry: str, meta: dict) -> list[Shard]:
         path = os.path.join(root, name)
         if not _SHARD_NAME.fullmatch(name):
             continue  # probes, and damaged shards set aside as from-N.corrupt (kept for inspection)
-        rng = _shard_range(path)
+        found = _read_meta(path)
+        rng = _shard_range(found)
         if rng is None or not os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
             continue
-        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
-            same = {k: v for k, v in json.load(f).items() if k != "journal"} == shard_meta(meta, *rng)
+        same = {k: v for k, v in found.items() if k != "journal"} == shard_meta(meta, *rng)
         if not same:  # another configuration: a journal of it would be discarded too
             shutil.rmtree(path, ignore_errors=True)
             continue

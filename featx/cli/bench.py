@@ -91,12 +91,14 @@ def run(args) -> int:
     for s in sizes:
         parse_train_size(s)
     config = BenchConfig(
-        _models(args), [parse_bench_data(d) for d in args.data],
+        args.model, [parse_bench_data(d) for d in args.data],
         CodeSettings(args.layers), o.settings_from(RunSettings, args), train_sizes=sizes, protocols=_protocols(args),
         seeds=o.ints(args.seeds, "--seeds") or (0,), data_options=o.settings_from(DataOptions, args),
         baseline_pixels=args.baseline == "pixels", pixel_size=args.pixel_size, out=args.out, cache_dir=args.cache_dir,
         jobs=args.jobs, scheduler=args.scheduler, control=args.control, finetune=args.finetune or (),
         finetune_settings=_finetune_settings(args),
+        # NAME@WEIGHTS is parsed by BenchConfig; these apply to every model (--weights: to those without @)
+        weights=args.weights, image_size=args.image_size, crop_pct=args.crop_pct,
     )  # fmt: skip
     return _run(config, args)
 
@@ -108,18 +110,6 @@ def _finetune_settings(args):
     given = {"epochs": args.finetune_epochs, "lr": args.finetune_lr, "batch_size": args.finetune_batch_size,
              "max_images": args.finetune_max_images}  # fmt: skip
     return FinetuneSettings(**{k: v for k, v in given.items() if v is not None})
-
-
-def _models(args) -> list:
-    """--model NAME[@WEIGHTS], repeatable: one ModelSettings each (--weights for those without @)."""
-    from featx.bench import split_model_spec
-    from featx.settings import ModelSettings
-
-    models = []
-    for spec in args.model:
-        name, weights = split_model_spec(spec)
-        models.append(o.settings_from(ModelSettings, args, name=name, weights=weights or args.weights))
-    return models
 
 
 def run_demo(args) -> int:

@@ -43,7 +43,7 @@ import numpy as np
 from featx.cache import digest
 from featx.classify import Protocol, TrainSize, fit_cell, parse_train_size
 from featx.errors import FeatxError, UsageError
-from featx.settings import CodeSettings, DataOptions, ModelSettings, RunSettings, gather
+from featx.settings import DEFAULT_BENCH_LAYERS, CodeSettings, DataOptions, ModelSettings, RunSettings, gather
 from featx.store import CodesFile
 
 log = logging.getLogger("featx")
@@ -70,7 +70,7 @@ def parse_bench_data(text: str) -> BenchData:
     return BenchData(text, None)
 
 
-DEFAULT_LAYERS = "depth:0.1,0.25,0.4,0.55,0.7,0.85,1.0"
+DEFAULT_LAYERS = DEFAULT_BENCH_LAYERS
 CONTROLS = ("random",)
 SCORES_FILE = "scores.jsonl"
 MODEL_SPEC_HELP = "use NAME or NAME@WEIGHTS (efficientnet_lite0@imagenet, timm:resnet18@none)"

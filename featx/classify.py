@@ -59,13 +59,12 @@ from threadpoolctl import threadpool_limits
 
 from featx.data import group_holdout, stratified_holdout
 from featx.errors import FeatxError, UsageError
+from featx.settings import CLASSIFIERS, SCALES  # noqa: F401 (re-exported)
 from featx.stats import pack_correct, wilson_interval
 from featx.store import CodesFile
 
-CLASSIFIERS = ("svm", "softmax", "sgd")
 MIN_VAL_PER_CLASS = 10  # a hold-out keeping fewer images of a class than this: choose by CV instead
 MAX_AUTO_FOLDS = 5
-SCALES = ("standardize", "l2", "none")
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 3, 8))
 # C outside this range breaks the solvers (sgd: alpha = 1 / (C n) underflows to 0 or overflows the
 # weights; liblinear at C = 1e308 runs for minutes) and is far beyond any published grid

@@ -17,6 +17,12 @@ from dataclasses import dataclass, fields, replace
 from featx.errors import UsageError
 
 DTYPES = ("float32", "float16")
+# choices the CLI offers, kept here (not in the modules that use them) so that parsing a command line
+# imports nothing heavy: a cache hit must answer without loading scikit-learn or torch
+CLASSIFIERS = ("svm", "softmax", "sgd")
+SCALES = ("standardize", "l2", "none")
+PRESET_NAMES = ("kornblith", "vissl-svm")  # classify.PRESETS' keys (tests/test_classify.py pins it)
+DEFAULT_BENCH_LAYERS = "depth:0.1,0.25,0.4,0.55,0.7,0.85,1.0"
 DECODERS = ("auto", "pil", "torchvision")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RELU_MODES = ("auto", "on", "off")

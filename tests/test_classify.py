@@ -302,3 +302,20 @@ def test_every_accuracy_carries_its_wilson_interval(codes):
     right = round(r["accuracy"] * r["n_test"])
     assert (r["test_ci_low"], r["test_ci_high"]) == wilson_interval(right, r["n_test"])
     assert r["test_ci_low"] <= r["accuracy"] <= r["test_ci_high"]
+
+
+def test_the_cli_choices_are_the_library_ones():
+    """settings.py holds the CLI's choices so that parsing imports nothing heavy; they must match."""
+    from featx.classify import PRESETS
+    from featx.settings import PRESET_NAMES
+
+    assert tuple(PRESETS) == PRESET_NAMES
+
+
+def test_parsing_a_command_line_imports_no_heavy_library():
+    """A cache hit answers in well under a second: building the parser loads no scikit-learn,
+    torch or h5py (each takes a second or more to import)."""
+    code = ("import sys; from featx.cli.main import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'sklearn', 'h5py', 'timm', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

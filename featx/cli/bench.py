@@ -13,7 +13,7 @@ log = logging.getLogger("featx")
 
 
 def add_parser(sub) -> None:
-    from featx.bench import DEFAULT_LAYERS
+    from featx.settings import DEFAULT_BENCH_LAYERS as DEFAULT_LAYERS
 
     p = sub.add_parser("bench", help="measure layer transferability: datasets x layers x train sizes x seeds")
     p.add_argument("--model", action="append", required=True, metavar="NAME[@WEIGHTS]",

@@ -14,9 +14,9 @@ log = logging.getLogger("featx")
 
 def add_protocol_args(p, classifier_choices: bool = True) -> None:
     """The protocol options fit and bench share (featx.classify.Protocol's fields)."""
-    from featx.classify import PRESETS, SCALES
+    from featx.settings import PRESET_NAMES, SCALES
 
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a published protocol (overrides classifier and grid)")
+    p.add_argument("--preset", choices=PRESET_NAMES, help="a published protocol (overrides classifier and grid)")
     p.add_argument("--C", dest="Cs", help="comma-separated C grid (default: logspace(-4, 3, 8))")
     p.add_argument("--scale", choices=SCALES, help="feature scaling (default standardize)")
     p.add_argument("--cv", type=o.positive_int, help="choose C by K-fold cross-validation instead of a hold-out")
@@ -35,7 +35,7 @@ def protocol_overrides(args) -> dict:
 
 
 def add_parser(sub) -> None:
-    from featx.classify import CLASSIFIERS
+    from featx.settings import CLASSIFIERS
 
     p = sub.add_parser("fit", help="train and evaluate linear classifiers on cached codes")
     p.add_argument("file", help="a codes file from featx extract")

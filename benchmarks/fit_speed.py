@@ -12,9 +12,10 @@ split of one image in seven (Fashion-MNIST's 60,000 + 10,000). One layer, one se
 protocol (softmax, standardized, the 8-value C grid, a 20% hold-out). Prints per shape: wall-clock
 seconds of the old path (`warm=False, jobs=1`, featx's behaviour before) and the new one (`--jobs`),
 their ratio, the CPU seconds of each (all threads; on a shared machine wall-clock also counts other
-people's work), the new path's time on `--jobs` idle cores (`new idle s`: its serial CPU seconds
-plus the grid tasks' CPU seconds, each task timed in its thread, scheduled in featx's order on
-`--jobs` workers) and the old path's CPU seconds over that (`idle ratio`: the old path runs on one
+people's work), the new path's time on `--jobs` idle cores (`new idle s`: its serial CPU seconds,
+plus the grid tasks' and the refit preprocessing's CPU seconds, each timed in its thread and
+scheduled in featx's order on `--jobs` workers, plus a BlockSoftmax refit's CPU seconds over
+`--jobs`) and the old path's CPU seconds over that (`idle ratio`: the old path runs on one
 core, so its CPU seconds are its time on an idle machine), the chosen C and the test accuracy of both.
 
 With `--solvers sklearn,torch` (default, softmax only) each shape also runs the new path with
@@ -39,6 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from featx import classify  # noqa: E402
+from featx.block_softmax import BlockSoftmax  # noqa: E402
 from featx.classify import Protocol, fit  # noqa: E402
 from featx.torch_softmax import fit_device  # noqa: E402
 
@@ -78,28 +80,54 @@ TASK_CPU: list[float] = []  # CPU seconds of each grid task (one fold, one chain
 
 
 def _timed_chain(*args, **kwargs):
-    t = time.thread_time()
+    t, slot = time.thread_time(), len(TASK_CPU)
+    TASK_CPU.append(0.0)  # its place in the order tasks start
     try:
         return _real_chain(*args, **kwargs)
     finally:
-        TASK_CPU.append(time.thread_time() - t)
+        TASK_CPU[slot] = time.thread_time() - t
 
 
 _real_chain, classify._chain = classify._chain, _timed_chain
+SIDE_CPU: list[float] = []  # CPU seconds of the refit's preprocessing, run in the grid's pool after its tasks
+REFIT_CPU: list[float] = []  # CPU seconds (all its threads) of a BlockSoftmax refit, which spreads over --jobs
+
+
+def _timed_prepare(*args, **kwargs):
+    t = time.thread_time()
+    try:
+        return _real_prepare(*args, **kwargs)
+    finally:
+        if kwargs.get("steps_only"):
+            SIDE_CPU.append(time.thread_time() - t)
+
+
+def _timed_refit(self, *args, **kwargs):
+    c = time.process_time()
+    try:
+        return _real_refit(self, *args, **kwargs)
+    finally:
+        REFIT_CPU.append(time.process_time() - c)
+
+
+_real_prepare, classify._prepare = classify._prepare, _timed_prepare
+_real_refit, BlockSoftmax.fit = BlockSoftmax.fit, _timed_refit
 
 
 def timed(
     path: str, layer: str, protocol: Protocol, jobs: int, warm: bool
 ) -> tuple[float, float, float, dict]:
     """Wall and CPU seconds of one fit, and its time on `jobs` idle cores (see the module docstring)."""
-    TASK_CPU.clear()
+    for log in (TASK_CPU, SIDE_CPU, REFIT_CPU):
+        log.clear()
     t, c = time.perf_counter(), time.process_time()
     report = fit(path, [layer], protocol, "all", (0,), jobs=jobs, warm=warm)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     workers = [0.0] * jobs  # joblib hands the next task to the first free worker
-    for task in TASK_CPU:
+    for task in TASK_CPU + SIDE_CPU:
         workers[workers.index(min(workers))] += task
-    return wall, cpu, cpu - sum(TASK_CPU) + max(workers), report.results[0]
+    pooled = sum(TASK_CPU) + sum(SIDE_CPU) + sum(REFIT_CPU)
+    return wall, cpu, cpu - pooled + max(workers) + sum(REFIT_CPU) / jobs, report.results[0]
 
 
 def row(name: str, path: str, layer: str, protocol: Protocol, jobs: int, device: str | None = None) -> dict:

@@ -61,6 +61,7 @@ _LINEAR = ("coef_", "intercept_", "classes_")
 def classifier_path(name: str, option: str = "--out") -> str:
     """Where `save_classifier(name)` writes: NAME.safetensors (NAME.joblib, the 0.1.0 spelling,
     and NAME.safetensors name the same file)."""
+    name = os.fspath(name) if isinstance(name, os.PathLike) else name
     if not name or name.endswith(os.sep) or os.path.isdir(name):
         raise UsageError(
             f"{option} {name!r}: give a file name, e.g. models/flowers (writes models/flowers{SUFFIX})"

@@ -406,6 +406,14 @@ def _load(f: CodesFile, layers: Sequence[str], rows: np.ndarray) -> np.ndarray:
     )
 
 
+def _load_parts(f: CodesFile, layers: Sequence[str], parts: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """`_load` of several disjoint row sets in one read of their union (a cell's train, val and
+    test rows together are often the whole file, which reads faster in one pass than in three)."""
+    union = np.sort(np.concatenate(parts))
+    X = _load(f, layers, union)
+    return [X[np.searchsorted(union, p)] for p in parts]
+
+
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
@@ -491,7 +499,15 @@ def _one_torch_thread(protocol: Protocol):
 
 def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: int, dim: int, jobs: int = 1,
                    warm: bool = True):  # fmt: skip
-    X_tr, y_tr = _load(f, layers, rows.train), f.labels[rows.train]
+    from joblib import effective_n_jobs
+    from sklearn.linear_model import LogisticRegression
+
+    from featx import block_softmax
+    from featx.block_softmax import BlockSoftmax
+
+    BLOCK_ROWS = block_softmax.BLOCK_ROWS  # read at call time (tests make it small)
+    X_tr, X_va, X_te = _load_parts(f, layers, (rows.train, rows.val, rows.test))
+    y_tr = f.labels[rows.train]
     start = None  # where the refit's solver starts: from zero, or the chosen C's grid solution
     if protocol.per_class:
         pipe = make_pipeline(protocol, 1.0, seed, len(y_tr), dim).fit(X_tr, y_tr)
@@ -503,25 +519,39 @@ def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: i
                                      protocol, seed, dim, jobs, warm)  # fmt: skip
             # CV fits are small; the refit starts from zero
         else:
-            X_va, y_va = _load(f, layers, rows.val), f.labels[rows.val]
+            y_va = f.labels[rows.val]
             X_all = np.vstack([X_tr, X_va])
             n = len(y_tr)
             holdout = [(np.arange(n), np.arange(n, n + len(y_va)))]
-            scores, starts = _grid_scores(
-                X_all, np.concatenate([y_tr, y_va]), holdout, protocol, seed, dim, jobs, warm
-            )
+            y_all = np.concatenate([y_tr, y_va])
+            # the refit's scaling/PCA does not depend on C: fitted in the grid's pool, after its chains
+            scores, starts, refit_steps = _grid_scores(
+                X_all, y_all, holdout, protocol, seed, dim, jobs, warm,
+                side=lambda: _prepare(X_all, y_all, (np.arange(len(y_all)), np.arange(0)), protocol, seed, dim,
+                                      steps_only=True),
+            )  # fmt: skip
         best = _best(protocol.Cs, scores)
         C, val_score = float(protocol.Cs[best]), scores[best]
         if len(rows.val):
-            X_tr, y_tr = X_all, np.concatenate([y_tr, y_va])
+            X_tr, y_tr = X_all, y_all
             start = starts[best]
         pipe = make_pipeline(protocol, C, seed, len(y_tr), dim)
+        if len(rows.val):
+            steps, Xt = refit_steps
+            pipe.steps[:-1] = steps
+        if warm and len(y_tr) > BLOCK_ROWS and isinstance(pipe.steps[-1][1], LogisticRegression):
+            # the refit runs alone: spread it over `jobs` cores, in numbers that do not depend on jobs
+            pipe.steps[-1] = ("clf", BlockSoftmax(C=C, max_iter=protocol.max_iter, threads=effective_n_jobs(jobs),
+                                                  block_rows=BLOCK_ROWS))  # fmt: skip
         _warm_start(pipe.named_steps["clf"], start if warm else None)
-        pipe.fit(X_tr, y_tr)
+        if len(rows.val):  # the steps are fitted: what Pipeline.fit would do next
+            pipe.steps[-1][1].fit(Xt, y_tr)
+        else:
+            pipe.fit(X_tr, y_tr)
         _warm_start(pipe.named_steps["clf"], None)  # the saved model reads as a plain one
-        if hasattr(pipe.steps[-1][1], "to_sklearn"):  # torch's solution as a plain LogisticRegression
+        if hasattr(pipe.steps[-1][1], "to_sklearn"):  # torch's or BlockSoftmax's as a plain LogisticRegression
             pipe.steps[-1] = ("clf", pipe.steps[-1][1].to_sklearn())
-    y_pred = pipe.predict(_load(f, layers, rows.test))
+    y_pred = pipe.predict(X_te)
     return pipe, C, val_score, y_pred
 
 
@@ -599,9 +629,10 @@ def _warm_start(clf, start) -> None:
     from zero. Other classifiers (liblinear's LinearSVC has no starting point) start from zero."""
     from sklearn.linear_model import LogisticRegression
 
+    from featx.block_softmax import BlockSoftmax
     from featx.torch_softmax import TorchSoftmax
 
-    if not isinstance(clf, (LogisticRegression, TorchSoftmax)):
+    if not isinstance(clf, (LogisticRegression, TorchSoftmax, BlockSoftmax)):
         return
     if start is None:
         clf.set_params(warm_start=False)
@@ -610,29 +641,40 @@ def _warm_start(clf, start) -> None:
     clf.coef_, clf.intercept_ = start[0].copy(), start[1].copy()
 
 
-def _chain(X, y, split, chain: list[int], protocol: Protocol, seed: int, dim: int):
-    """One fold, one chain of grid values: (index, score, (coef, intercept)) per value, each fit
-    warm-started from the previous one's solution (the first from zero)."""
+def _prepare(X, y, split, protocol: Protocol, seed: int, dim: int, steps_only: bool = False):
+    """One fold's training and validation codes through the pipeline's steps before the classifier
+    (scaling, PCA: what Pipeline.fit does), fitted once and shared by every chain of that fold.
+    `steps_only`: (the fitted steps, the transformed training codes)."""
     tr, va = split
-    pipe = make_pipeline(protocol, protocol.Cs[chain[0]], seed, len(tr), dim)
-    steps, clf = pipe.steps[:-1], pipe.steps[-1][1]
-    Xt = X[tr]
-    for _, step in steps:  # what Pipeline.fit does, once for the whole chain
+    steps = make_pipeline(protocol, protocol.Cs[0], seed, len(tr), dim).steps[:-1]  # C does not touch them
+    Xt = X if len(tr) == len(X) else X[tr]
+    for _, step in steps:
         Xt = step.fit_transform(Xt, y[tr])
-    Xv = _apply(steps, X[va])
+    if steps_only:
+        return steps, Xt
+    return Xt, y[tr], _apply(steps, X[va]), y[va]
+
+
+def _chain(fold, chain: list[int], protocol: Protocol, seed: int, dim: int):
+    """One prepared fold (`_prepare`), one chain of grid values: (index, score, (coef, intercept))
+    per value, each fit warm-started from the previous one's solution (the first from zero)."""
+    Xt, yt, Xv, yv = fold
+    clf = make_pipeline(protocol, protocol.Cs[chain[0]], seed, len(yt), dim).steps[-1][1]
     out, start = [], None
     for i in chain:
         clf.set_params(C=protocol.Cs[i])
         _warm_start(clf, start)
-        clf.fit(Xt, y[tr])
+        clf.fit(Xt, yt)
         start = (clf.coef_.copy(), clf.intercept_.copy()) if hasattr(clf, "coef_") else None
-        out.append((i, _val_scores(clf, Xv, y[va], protocol), start))
+        out.append((i, _val_scores(clf, Xv, yv, protocol), start))
     return out
 
 
-def _grid_scores(X, y, splits, protocol: Protocol, seed: int, dim: int, jobs: int = 1, warm: bool = True):
+def _grid_scores(X, y, splits, protocol: Protocol, seed: int, dim: int, jobs: int = 1, warm: bool = True,
+                 side=None):  # fmt: skip
     """Mean (accuracy, tie-break) per C over `splits` (one hold-out, or CV folds), and per C the
-    first split's solution (coef, intercept), the refit's starting point.
+    first split's solution (coef, intercept), the refit's starting point. `side`: a function run
+    in the same pool after the grid's tasks (into the gap they leave); its result comes third.
 
     Every (split, chain) runs as one task, side by side in `jobs` threads (each fit still uses one
     BLAS thread, and no task reads another's result), so the numbers are the same whatever `jobs`.
@@ -650,10 +692,20 @@ def _grid_scores(X, y, splits, protocol: Protocol, seed: int, dim: int, jobs: in
     `warm=False` restores the cold fits exactly."""
     from joblib import Parallel, delayed
 
-    tasks = [(s, c) for s in range(len(splits)) for c in _chains(protocol, warm)]
-    runs = Parallel(n_jobs=min(jobs, len(tasks)) if jobs > 0 else jobs, backend="threading")(
-        delayed(_chain)(X, y, splits[s], c, protocol, seed, dim) for s, c in tasks
+    # Weakly regularised fits take the most iterations (on Fashion-MNIST's codes a cold C = 100 takes
+    # 489 lbfgs steps, C = 1e-4 takes 66), so the chains with the largest C go first: the longest
+    # tasks start at once and the short ones fill in behind them (longest-processing-time-first
+    # scheduling). Order changes when a task runs, never what it computes.
+    tasks = sorted(((s, c) for s in range(len(splits)) for c in _chains(protocol, warm)),
+                   key=lambda t: (-max(protocol.Cs[i] for i in t[1]), t[0]))  # fmt: skip
+    folds = Parallel(n_jobs=min(jobs, len(splits)) if jobs > 0 else jobs, backend="threading")(
+        delayed(_prepare)(X, y, split, protocol, seed, dim) for split in splits
     )
+    calls = [delayed(_chain)(folds[s], c, protocol, seed, dim) for s, c in tasks]
+    if side is not None:
+        calls.append(delayed(side)())
+    runs = Parallel(n_jobs=min(jobs, len(calls)) if jobs > 0 else jobs, backend="threading")(calls)
+    side_result = runs.pop() if side is not None else None
     per_c: dict[int, list] = {}
     starts: dict[int, tuple] = {}
     for (s, _), run in zip(tasks, runs):
@@ -663,6 +715,8 @@ def _grid_scores(X, y, splits, protocol: Protocol, seed: int, dim: int, jobs: in
                 starts[i] = start
     n = len(protocol.Cs)
     scores = [tuple(float(v) for v in np.mean(per_c[i], axis=0)) for i in range(n)]
+    if side is not None:
+        return scores, [starts[i] for i in range(n)], side_result
     return scores, [starts[i] for i in range(n)]
 
 

@@ -849,6 +849,32 @@ def _attr(v):
     return v
 
 
+READ_BLOCK_ROWS = 8192  # rows read contiguously at a time when a selection is dense
+
+
+def _read_rows(ds, idx: np.ndarray) -> np.ndarray:
+    """`ds[idx]` for sorted row indices, block by block: a block where the selection has at least
+    one row per HDF5 chunk on average is read whole and indexed in memory (every chunk is
+    decompressed either way, and h5py's point selection is slow per row: 48,000 of 70,000 rows
+    read 1.7x faster so), a sparser one by point selection. Memory: the result plus one block."""
+    if len(idx) == 0:
+        return np.empty((0, ds.shape[1]), ds.dtype)
+    chunk = ds.chunks[0] if ds.chunks else READ_BLOCK_ROWS
+    out = np.empty((len(idx), ds.shape[1]), ds.dtype)
+    cuts = np.searchsorted(idx, np.arange(0, ds.shape[0] + READ_BLOCK_ROWS, READ_BLOCK_ROWS))
+    for b, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+        if lo == hi:
+            continue
+        start = b * READ_BLOCK_ROWS
+        stop = min(start + READ_BLOCK_ROWS, ds.shape[0])
+        sel = idx[lo:hi]
+        if (hi - lo) * chunk >= stop - start:
+            out[lo:hi] = ds[start:stop][sel - start]
+        else:
+            out[lo:hi] = ds[sel]
+    return out
+
+
 class CodesFile:
     """Read access to a complete featx HDF5 file; use as a context manager.
 
@@ -932,7 +958,7 @@ class CodesFile:
             else:
                 rows = np.asarray(rows)
                 idx = np.flatnonzero(rows) if rows.dtype == bool else rows
-                out = ds[np.sort(idx)] if len(idx) else np.empty((0, ds.shape[1]), ds.dtype)
+                out = _read_rows(ds, np.sort(idx))
         except OSError as e:  # a chunk failed its checksum or cannot be decompressed
             forget_verified(self.path)  # so the next extract checks the whole file, and sets it aside
             raise FeatxError(f"{self.path}: reading /codes/{layer} failed ({_first(e)}); the file is damaged: "

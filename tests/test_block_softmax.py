@@ -82,7 +82,7 @@ def test_a_refit_larger_than_a_block_spreads_over_jobs_with_the_same_numbers(tmp
     cold = fit_cell(path, ["L"], proto, warm=False)
     assert len(used) == 2  # the old path keeps scikit-learn's own fit
     assert cold["C"] == one["C"] and abs(cold["accuracy"] - one["accuracy"]) <= 0.01
-    save_classifier(tmp_path / "m", pipe, {"layer": "L"})
-    back, _ = load_classifier(tmp_path / "m")
+    save_classifier(tmp_path / "m", pipe, str(path), ["L"])
+    back, _ = load_classifier(str(tmp_path / "m"))
     X = np.random.default_rng(0).random((5, 64)).astype(np.float32)
     assert np.array_equal(back.predict(X), pipe.predict(X))

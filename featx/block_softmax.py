@@ -69,6 +69,7 @@ class BlockSoftmax(LinearClassifierMixin, BaseEstimator):
         if not binary:
             w0 = w0.ravel(order="F")
         l2 = 1.0 / (self.C * n)
+        intercepts = 1 if binary else k  # w is [coef | intercept], flattened column by column (F order)
         cuts = list(range(0, n, self.block_rows)) + [n]
         blocks = [(X[a:b], target[a:b], (b - a) / n) for a, b in zip(cuts[:-1], cuts[1:])]
 
@@ -86,12 +87,9 @@ class BlockSoftmax(LinearClassifierMixin, BaseEstimator):
                 value += v
                 grad += g
             weights, _ = loss.weight_intercept(w)
-            grad_w = np.zeros_like(grad).reshape(w0.shape if binary else (k, d + 1), order="F")
-            if binary:
-                grad_w[:d] = l2 * weights
-            else:
-                grad_w[:, :d] = l2 * weights
-            return value + loss.l2_penalty(weights, l2), grad + grad_w.ravel(order="F")
+            penalty = l2 * w
+            penalty[-intercepts:] = 0.0  # the intercepts, last in either layout, are not penalised
+            return value + loss.l2_penalty(weights, l2), grad + penalty
 
         try:
             with threadpool_limits(limits=1, user_api="blas"):
@@ -117,9 +115,14 @@ class BlockSoftmax(LinearClassifierMixin, BaseEstimator):
 
     def to_sklearn(self):
         """The fitted solution as a plain LogisticRegression (what featx saves and predicts with)."""
-        from sklearn.linear_model import LogisticRegression
+        return as_logistic_regression(self)
 
-        out = LogisticRegression(C=self.C, tol=self.tol, max_iter=self.max_iter, solver="lbfgs")
-        out.classes_, out.coef_, out.intercept_ = self.classes_, self.coef_, self.intercept_
-        out.n_iter_, out.n_features_in_ = self.n_iter_, self.n_features_in_
-        return out
+
+def as_logistic_regression(est):
+    """A fitted LogisticRegression holding a softmax solver's solution (BlockSoftmax, TorchSoftmax)."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=est.C, tol=est.tol, max_iter=est.max_iter)
+    for a in ("classes_", "coef_", "intercept_", "n_features_in_", "n_iter_"):
+        setattr(clf, a, getattr(est, a))
+    return clf

@@ -503,27 +503,24 @@ def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: i
     from sklearn.linear_model import LogisticRegression
 
     from featx import block_softmax
-    from featx.block_softmax import BlockSoftmax
 
-    BLOCK_ROWS = block_softmax.BLOCK_ROWS  # read at call time (tests make it small)
-    X_tr, X_va, X_te = _load_parts(f, layers, (rows.train, rows.val, rows.test))
-    y_tr = f.labels[rows.train]
-    start = None  # where the refit's solver starts: from zero, or the chosen C's grid solution
+    n = len(rows.train)
+    refit_rows = np.concatenate([rows.train, rows.val])  # train then val, the order the refit sums in
+    X_all, X_te = _load_parts(f, layers, (refit_rows, rows.test))  # one read of the file
+    y_all = f.labels[refit_rows]
+    X_tr, y_tr = X_all[:n], y_all[:n]
     if protocol.per_class:
         pipe = make_pipeline(protocol, 1.0, seed, len(y_tr), dim).fit(X_tr, y_tr)
         clf = pipe.named_steps["clf"]
         C, val_score = clf.costs_, (float(np.mean(clf.cv_ap_)),) * 2  # mean AP is continuous already
     else:
+        refit_steps = None
         if rows.folds:
-            scores, _ = _grid_scores(X_tr, y_tr, _cv_splits(X_tr, y_tr, seed, rows.folds, rows.groups),
-                                     protocol, seed, dim, jobs, warm)  # fmt: skip
+            scores, _, _ = _grid_scores(X_tr, y_tr, _cv_splits(X_tr, y_tr, seed, rows.folds, rows.groups),
+                                        protocol, seed, dim, jobs, warm)  # fmt: skip
             # CV fits are small; the refit starts from zero
         else:
-            y_va = f.labels[rows.val]
-            X_all = np.vstack([X_tr, X_va])
-            n = len(y_tr)
-            holdout = [(np.arange(n), np.arange(n, n + len(y_va)))]
-            y_all = np.concatenate([y_tr, y_va])
+            holdout = [(np.arange(n), np.arange(n, len(y_all)))]
             # the refit's scaling/PCA does not depend on C: fitted in the grid's pool, after its chains
             scores, starts, refit_steps = _grid_scores(
                 X_all, y_all, holdout, protocol, seed, dim, jobs, warm,
@@ -532,25 +529,23 @@ def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: i
             )  # fmt: skip
         best = _best(protocol.Cs, scores)
         C, val_score = float(protocol.Cs[best]), scores[best]
-        if len(rows.val):
-            X_tr, y_tr = X_all, y_all
-            start = starts[best]
-        pipe = make_pipeline(protocol, C, seed, len(y_tr), dim)
-        if len(rows.val):
-            steps, Xt = refit_steps
-            pipe.steps[:-1] = steps
-        if warm and len(y_tr) > BLOCK_ROWS and isinstance(pipe.steps[-1][1], LogisticRegression):
+        pipe = make_pipeline(protocol, C, seed, len(y_all), dim)
+        if warm and len(y_all) > block_softmax.BLOCK_ROWS and isinstance(pipe.steps[-1][1], LogisticRegression):
             # the refit runs alone: spread it over `jobs` cores, in numbers that do not depend on jobs
-            pipe.steps[-1] = ("clf", BlockSoftmax(C=C, max_iter=protocol.max_iter, threads=effective_n_jobs(jobs),
-                                                  block_rows=BLOCK_ROWS))  # fmt: skip
-        _warm_start(pipe.named_steps["clf"], start if warm else None)
-        if len(rows.val):  # the steps are fitted: what Pipeline.fit would do next
-            pipe.steps[-1][1].fit(Xt, y_tr)
-        else:
-            pipe.fit(X_tr, y_tr)
-        _warm_start(pipe.named_steps["clf"], None)  # the saved model reads as a plain one
-        if hasattr(pipe.steps[-1][1], "to_sklearn"):  # torch's or BlockSoftmax's as a plain LogisticRegression
-            pipe.steps[-1] = ("clf", pipe.steps[-1][1].to_sklearn())
+            pipe.steps[-1] = ("clf", block_softmax.BlockSoftmax(C=C, max_iter=protocol.max_iter,
+                                                                threads=effective_n_jobs(jobs),
+                                                                block_rows=block_softmax.BLOCK_ROWS))  # fmt: skip
+        clf = pipe.steps[-1][1]
+        if refit_steps is None:  # CV: the refit fits its own steps on the training rows
+            _warm_start(clf, None)
+            pipe.fit(X_all, y_all)
+        else:  # hold-out: steps fitted beside the grid; the classifier starts from the chosen C's solution
+            pipe.steps[:-1], Xt = refit_steps
+            _warm_start(clf, starts[best] if warm else None)
+            clf.fit(Xt, y_all)
+        _warm_start(clf, None)  # the saved model reads as a plain one
+        if hasattr(clf, "to_sklearn"):  # torch's or BlockSoftmax's as a plain LogisticRegression
+            pipe.steps[-1] = ("clf", clf.to_sklearn())
     y_pred = pipe.predict(X_te)
     return pipe, C, val_score, y_pred
 
@@ -674,7 +669,8 @@ def _grid_scores(X, y, splits, protocol: Protocol, seed: int, dim: int, jobs: in
                  side=None):  # fmt: skip
     """Mean (accuracy, tie-break) per C over `splits` (one hold-out, or CV folds), and per C the
     first split's solution (coef, intercept), the refit's starting point. `side`: a function run
-    in the same pool after the grid's tasks (into the gap they leave); its result comes third.
+    in the same pool after the grid's tasks (into the gap they leave); its result comes third (None
+    without one).
 
     Every (split, chain) runs as one task, side by side in `jobs` threads (each fit still uses one
     BLAS thread, and no task reads another's result), so the numbers are the same whatever `jobs`.
@@ -715,9 +711,7 @@ def _grid_scores(X, y, splits, protocol: Protocol, seed: int, dim: int, jobs: in
                 starts[i] = start
     n = len(protocol.Cs)
     scores = [tuple(float(v) for v in np.mean(per_c[i], axis=0)) for i in range(n)]
-    if side is not None:
-        return scores, [starts[i] for i in range(n)], side_result
-    return scores, [starts[i] for i in range(n)]
+    return scores, [starts[i] for i in range(n)], side_result
 
 
 # -- out-of-core SGD -----------------------------------------------------------------------------

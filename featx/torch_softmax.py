@@ -137,12 +137,9 @@ class TorchSoftmax(LinearClassifierMixin, BaseEstimator):
 
     def to_sklearn(self):
         """A fitted LogisticRegression holding this solution (what featx saves and predicts with)."""
-        from sklearn.linear_model import LogisticRegression
+        from featx.block_softmax import as_logistic_regression
 
-        clf = LogisticRegression(C=self.C, tol=self.tol, max_iter=self.max_iter)
-        for a in ("classes_", "coef_", "intercept_", "n_features_in_", "n_iter_"):
-            setattr(clf, a, getattr(self, a))
-        return clf
+        return as_logistic_regression(self)
 
 
 def objective(X, y, W, l2: float):

@@ -9,8 +9,8 @@ from sklearn.linear_model import LogisticRegression
 
 from featx import block_softmax
 from featx.block_softmax import BlockSoftmax
-from featx.classify import fit_cell, protocol_for
 from featx.classifier_io import load_classifier, save_classifier
+from featx.classify import fit_cell, protocol_for
 from tests.test_fit_speed import codes, same_numbers
 
 

@@ -3,7 +3,9 @@
 For every dataset, train size and seed, both rules fit every layer exactly as `featx fit` does
 (`featx.classify.fit_cell`): the *old* rule validates on a 20% hold-out whatever its size
 (`min_val_per_class=0`); the *new* rule switches to stratified k-fold CV when the hold-out would keep
-fewer than 10 images per class, and breaks accuracy ties with a continuous score. Then, for the
+fewer than 10 images per class (`--min-val-per-class`), where softmax then chooses C by the cross-validated log-likelihood
+and the layer by featx.selection.choose_layer (the deepest within one paired standard error of the
+best), and breaks accuracy ties with a continuous score elsewhere. Then, for the
 same training images, every (layer, C) is refitted on all of them and scored on the test split (the
 "oracle" table, never seen by either rule). Regrets, in accuracy points (mean over seeds):
 
@@ -13,6 +15,7 @@ same training images, every (layer, C) is refitted on all of them and scored on 
 
     python benchmarks/selection_regret.py                        # shared datasets + digits, 10 seeds
     python benchmarks/selection_regret.py --data sklearn:digits --seeds 3   # a quick look
+    python benchmarks/selection_regret.py --seeds 10 --first-seed 10        # seeds 10-19
 
 Where both rules select on the same rows (a hold-out of >= 10 per class: 50/class and up) their
 numbers are the same by construction; the table shows them anyway.
@@ -33,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from featx.classify import fit_cell, make_pipeline, parse_train_size, protocol_for, select_rows  # noqa: E402
 from featx.extraction import extract  # noqa: E402
 from featx.report import format_table  # noqa: E402
+from featx.selection import candidate, choose_layer  # noqa: E402
 from featx.settings import DataOptions, parse_per_class_limit  # noqa: E402
 from featx.store import CodesFile  # noqa: E402
 
@@ -73,9 +77,11 @@ def noise_floor(correct: dict, seed: int) -> float:
     return float(np.mean(out))
 
 
-def regrets(path: str, layers: list[str], size: str, seed: int, Cs, classifier: str, memo: dict) -> dict:
+def regrets(path: str, layers: list[str], size: str, seed: int, Cs, classifier: str, memo: dict,
+            min_val: int | None = None) -> dict:  # fmt: skip
     out = {}
-    for rule, extra in (("old", {"min_val_per_class": 0}), ("new", {})):
+    new = {} if min_val is None else {"min_val_per_class": min_val}
+    for rule, extra in (("old", {"min_val_per_class": 0}), ("new", new)):
         proto = protocol_for(classifier, Cs=Cs, **extra)
         cells = {n: fit_cell(path, [n], proto, size, seed, warm=False) for n in layers}  # cold: as the oracle
         with CodesFile(path) as f:
@@ -90,7 +96,7 @@ def regrets(path: str, layers: list[str], size: str, seed: int, Cs, classifier: 
                 table[(n, c["C"])],
                 c["accuracy"],
             )
-        pick = max(layers, key=lambda n: (cells[n]["val_score"], cells[n]["val_tiebreak"]))
+        pick = choose_layer([candidate(n, [cells[n]]) for n in layers])  # as `featx fit` and the bench choose
         at_chosen = {n: cells[n]["accuracy"] for n in layers}
         out[rule] = {
             "layer": max(at_chosen.values()) - at_chosen[pick],
@@ -110,9 +116,12 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=112)
     ap.add_argument("--layers", default="depth:0.25,0.55,0.85,1.0")
     ap.add_argument("--sizes", default="5/class,10/class,50/class,all")
-    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--seeds", type=int, default=10, help="how many seeds")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds FIRST .. FIRST + SEEDS - 1")
     ap.add_argument("--C", default="0.001,0.01,0.1,1,10")
     ap.add_argument("--classifier", default="softmax")
+    ap.add_argument("--min-val-per-class", type=int, default=None,
+                    help="the new rule's threshold (default: featx's, classify.MIN_VAL_PER_CLASS)")
     ap.add_argument("--per-class-limit", default="train=200,test=100")
     ap.add_argument("--cache-dir", default=None)
     a = ap.parse_args(argv)
@@ -128,9 +137,9 @@ def main(argv=None) -> int:
         memo: dict = {}
         for size in sizes:
             runs = []
-            for seed in range(a.seeds):
+            for seed in range(a.first_seed, a.first_seed + a.seeds):
                 try:
-                    runs.append(regrets(r.path, r.layers, size, seed, Cs, a.classifier, memo))
+                    runs.append(regrets(r.path, r.layers, size, seed, Cs, a.classifier, memo, a.min_val_per_class))
                 except Exception as e:  # noqa: BLE001 - a size the data cannot support is a row, not a crash
                     print(f"{name} {size} seed {seed}: {str(e).splitlines()[0]}", file=sys.stderr)
                     break

@@ -23,9 +23,10 @@ evidence. The ImageNet head's mean top-1 probability on the target images is rep
 not used: it does not separate the two kinds (scikit-learn digits 0.87, flowers 0.19), it measures
 confidence, not similarity.
 
-Selection and uncertainty. The chosen ("best") layer is the one with the best mean validation
-score, ties broken by the continuous validation score (`val_tiebreak`), never by position; it is
-the one meaning of "best" in the tables, the summary and the plots (the best layer *on test* is
+Selection and uncertainty. The chosen ("best") layer is featx.selection.choose_layer's: the best
+mean validation score, ties broken by the continuous validation score (`val_tiebreak`), never by
+position; under cross-validation (softmax), the deepest layer within one paired standard error of
+the best cross-validated log-likelihood. It is the one meaning of "best" in the tables, the summary and the plots (the best layer *on test* is
 shown too, labelled as such). Every test accuracy carries its Wilson 95% interval over the test
 images. When the chosen layer and another candidate (the top layer, the runner-up by validation)
 differ, the exact McNemar test on the same test images (the first seed's cells) says whether the
@@ -39,10 +40,11 @@ as evidence of whether more data still pays.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from featx import selection
 from featx.stats import Paired, mcnemar_exact, unpack_correct, wilson_interval
 
 GAIN_THRESHOLD = 0.1
@@ -93,6 +95,7 @@ class DatasetAnalysis:
         default_factory=dict
     )  # first seed's per-image correctness
     val_source: dict[str, str] = field(default_factory=dict)  # size -> how validation was done
+    candidates: dict[tuple[str, str], selection.Candidate] = field(default_factory=dict)  # for choose_layer
     n_test: int = 0
     n_train: int = 0
     n_classes: int = 0
@@ -190,6 +193,7 @@ def analyze(
                 correct={k: unpack_correct(r["test_correct"], r["n_test"]) for k, r in first.items()
                          if r.get("test_correct")},
                 val_source={s: next(r.get("val_source", "") for r in cnn if r["train_size_spec"] == s) for s in sizes},
+                candidates={k: replace(selection.candidate(k[0], v), depth=src.depth[k[0]]) for k, v in groups.items()},
                 n_test=int(cnn[0].get("n_test") or 0), model=model, control_of=getattr(src, "control_of", ""),
                 rows_digest=getattr(src, "rows_digest", ""),
                 scores={r["layer"]: {k[len("score_"):]: v for k, v in r.items() if k.startswith("score_") and v is not None}
@@ -204,15 +208,26 @@ def analyze(
 
 
 def best_layer(a: DatasetAnalysis, size: str, among: list[str] | None = None) -> str:
-    """The layer with the best mean validation score at `size`; ties go to the better continuous
-    validation score (`val_tiebreak`), and only an exact tie of both to the deeper layer."""
+    """The layer featx.selection.choose_layer picks at `size` (validation only), among `among`."""
+    names = list(a.layers if among is None else among)
+    names = [n for n in names if (n, size) in a.val] or names
 
-    def key(n):
-        if (n, size) not in a.val:
-            return (-1.0, -np.inf, 0.0)
-        return (a.val[(n, size)].mean, a.tie[(n, size)].mean if (n, size) in a.tie else 0.0, a.depth[n])
+    def cand(n):
+        if (n, size) in a.candidates:
+            return a.candidates[(n, size)]
+        if (n, size) not in a.val:  # not fitted at this size: never chosen over one that was
+            return selection.Candidate(n, a.depth.get(n, 0.0), -1.0, -np.inf)
+        tie = a.tie[(n, size)].mean if (n, size) in a.tie else 0.0
+        return selection.Candidate(n, a.depth.get(n, 0.0), a.val[(n, size)].mean, tie)
 
-    return max(a.layers if among is None else among, key=key)
+    return selection.choose_layer([cand(n) for n in names])
+
+
+def _how(a: DatasetAnalysis, size: str) -> str:
+    """How the layer at `size` was chosen, in words: the validation used and the rule."""
+    rules = {c.rule for (n, s), c in a.candidates.items() if s == size}
+    rule = rules.pop() if len(rules) == 1 else selection.SCORE
+    return f"{a.val_source.get(size) or 'validation'}: {selection.RULE_TEXT[rule]}"
 
 
 def _noise(a: DatasetAnalysis, x: str, y: str, size: str) -> str:
@@ -296,8 +311,7 @@ def _decide(a: DatasetAnalysis) -> None:
     chance = 1.0 / max(a.n_classes, 2)
     a.best_on_test = max((n for n in a.layers if (n, size) in a.acc), key=lambda n: a.acc[(n, size)].mean)
     ev = [
-        f"at train size {size} ({a.size_counts[size]} images), the chosen layer (best by validation, "
-        f"{a.val_source.get(size) or 'validation'}) is {a.best} (depth {a.depth[a.best]:.2f}): test accuracy "
+        f"at train size {size} ({a.size_counts[size]} images), the chosen layer ({_how(a, size)}) is {a.best} (depth {a.depth[a.best]:.2f}): test accuracy "
         f"{a.acc_text(a.best, size)}; the top layer {a.top} (depth {a.depth[a.top]:.2f}): {a.acc_text(a.top, size)}",
         *_compare(a, size),
     ]
@@ -350,7 +364,7 @@ def _decide(a: DatasetAnalysis) -> None:
     lo, hi = a.ci(a.best, size)
     a.answer = (f"Use {a.best} (depth {a.depth[a.best]:.2f}): test accuracy {a.acc[(a.best, size)].mean:.3f} "
                 f"(95% CI {lo:.2f}-{hi:.2f}, {a.n_test} test images) at train size {size} ({a.size_counts[size]} "
-                f"images), chosen by validation score ({a.val_source.get(size) or 'validation'}).")  # fmt: skip
+                f"images), chosen on validation ({_how(a, size)}).")  # fmt: skip
     a.rule_check = _rule_check(a, size)
     if len(a.sizes) > 1:
         prev = a.sizes[-2]

@@ -609,7 +609,8 @@ def _ends_with_newline(path: str) -> bool:
 
 
 # selection and uncertainty of each cell (issue 17); absent from cells fitted by older releases
-CELL_EXTRAS = ("val_tiebreak", "val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct")
+CELL_EXTRAS = ("val_tiebreak", "val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct", "val_rule",
+               "val_folds")
 
 
 @dataclass

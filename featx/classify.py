@@ -14,8 +14,9 @@ The protocol of every fit (one *cell*: a layer or concatenation of layers, a tra
 3. C is the grid value with the best validation accuracy; ties are broken by a continuous
    validation score, the mean log-likelihood of the true class for softmax and the mean margin
    (true class's decision value minus the best other's) for svm and sgd, and only an exact tie of
-   both goes to the smaller C. Layers are ranked the same way (`val_score`, then `val_tiebreak`).
-   The pipeline is refitted on train + val with the chosen C;
+   both goes to the smaller C. Under cross-validation softmax ranks by the log-likelihood first,
+   and the layer is the deepest within one paired standard error of the best (featx.selection,
+   a cell's `val_rule`). The pipeline is refitted on train + val with the chosen C;
 4. metrics come from the test split only: the `test` split, or the `val` split when the file has
    no test split (hymenoptera's train/val), in which case validation comes from the training images.
    The test split never influences any choice.
@@ -57,6 +58,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from threadpoolctl import threadpool_limits
 
+from featx import selection
 from featx.data import group_holdout, stratified_holdout
 from featx.errors import FeatxError, UsageError
 from featx.settings import CLASSIFIERS, SCALES  # noqa: F401 (re-exported)
@@ -64,6 +66,8 @@ from featx.stats import pack_correct, wilson_interval
 from featx.store import CodesFile
 
 MIN_VAL_PER_CLASS = 10  # a hold-out keeping fewer images of a class than this: choose by CV instead
+# (20 was measured too: at 50/class CV lowered the mean regret but raised it on flowers over 20
+# seeds; README, "what the small-data rule buys")
 MAX_AUTO_FOLDS = 5
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 3, 8))
 # C outside this range breaks the solvers (sgd: alpha = 1 / (C n) underflows to 0 or overflows the
@@ -121,12 +125,16 @@ class Protocol:
     def to_dict(self) -> dict:
         """The protocol's identity (reports, bench cell keys). `solver` enters it only when it is
         torch (its numbers differ slightly from scikit-learn's), so sklearn protocols keep the keys
-        they had before the field existed; `device` never does (same solver, same answer)."""
+        they had before the field existed; `device` never does (same solver, same answer).
+        `selection` names featx.selection's cross-validated rule where it can apply (softmax that may
+        validate by CV), so bench cells fitted under the older rule are refitted, not reused."""
         d = asdict(self)
         d["Cs"] = [float(c) for c in self.Cs]
         d.pop("device")
         if d["solver"] == "sklearn":
             d.pop("solver")
+        if self.classifier == "softmax" and not self.per_class and (self.cv or self.min_val_per_class):
+            d["selection"] = "cv-loglik-1se"  # featx.selection's rule under CV: cells from before it differ
         return d
 
 
@@ -454,10 +462,11 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
             warnings.simplefilter("always")
             try:
                 if protocol.classifier == "sgd":
-                    pipe, C, (val_score, tiebreak), y_pred = _fit_sgd(f, layers, rows, protocol, seed)
+                    pipe, C, (val_score, tiebreak), y_pred, rule, val_folds = _fit_sgd(f, layers, rows, protocol,
+                                                                                        seed)  # fmt: skip
                 else:
-                    pipe, C, (val_score, tiebreak), y_pred = _fit_in_memory(f, layers, rows, protocol, seed, dim,
-                                                                             jobs, warm)  # fmt: skip
+                    pipe, C, (val_score, tiebreak), y_pred, rule, val_folds = _fit_in_memory(
+                        f, layers, rows, protocol, seed, dim, jobs, warm)  # fmt: skip
             except (ValueError, FloatingPointError) as e:  # the solver gave up (overflow, degenerate data)
                 raise FeatxError(f"layer {'+'.join(layers)}: the {protocol.preset or protocol.classifier} solver "
                                  f"failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); try other "
@@ -470,12 +479,18 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
             "train_size": rows.train_size, "train_size_spec": str(train_size), "n_fit": len(rows.train) + len(rows.val),
             "n_val": len(rows.val), "n_test": len(rows.test), "val_source": rows.val_source,
             "test_split": rows.test_split, "val_score": val_score, "val_tiebreak": tiebreak,
-            "val_tiebreak_metric": _tiebreak_metric(protocol), **metrics(y_test, y_pred, f.classes),
+            "val_tiebreak_metric": _tiebreak_metric(protocol), "val_rule": rule, "val_folds": val_folds,
+            "depth": _depth(f, layers), **metrics(y_test, y_pred, f.classes),
             "test_ci_low": low, "test_ci_high": high, "test_correct": pack_correct(y_test == y_pred),
             "fit_seconds": round(time.perf_counter() - t0, 3),
             "convergence_warnings": sum(1 for w in caught if "Converge" in type(w.message).__name__),
         }  # fmt: skip
     return (result, pipe) if return_model else result
+
+
+def _depth(f: CodesFile, layers: Sequence[str]) -> float:
+    """A cell's relative depth for the layer choice: its layer's, or -1 for a concatenation."""
+    return float(f.layer_meta(layers[0]).depth) if len(layers) == 1 else -1.0
 
 
 @contextlib.contextmanager
@@ -509,6 +524,8 @@ def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: i
     X_all, X_te = _load_parts(f, layers, (refit_rows, rows.test))  # one read of the file
     y_all = f.labels[refit_rows]
     X_tr, y_tr = X_all[:n], y_all[:n]
+    rule = selection.val_rule(protocol.classifier, protocol.per_class, bool(rows.folds))
+    val_folds: list[float] = []
     if protocol.per_class:
         pipe = make_pipeline(protocol, 1.0, seed, len(y_tr), dim).fit(X_tr, y_tr)
         clf = pipe.named_steps["clf"]
@@ -516,19 +533,21 @@ def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: i
     else:
         refit_steps = None
         if rows.folds:
-            scores, _, _ = _grid_scores(X_tr, y_tr, _cv_splits(X_tr, y_tr, seed, rows.folds, rows.groups),
-                                        protocol, seed, dim, jobs, warm)  # fmt: skip
+            scores, _, _, folds = _grid_scores(X_tr, y_tr, _cv_splits(X_tr, y_tr, seed, rows.folds, rows.groups),
+                                               protocol, seed, dim, jobs, warm)  # fmt: skip
             # CV fits are small; the refit starts from zero
         else:
             holdout = [(np.arange(n), np.arange(n, len(y_all)))]
             # the refit's scaling/PCA does not depend on C: fitted in the grid's pool, after its chains
-            scores, starts, refit_steps = _grid_scores(
+            scores, starts, refit_steps, _ = _grid_scores(
                 X_all, y_all, holdout, protocol, seed, dim, jobs, warm,
                 side=lambda: _prepare(X_all, y_all, (np.arange(len(y_all)), np.arange(0)), protocol, seed, dim,
                                       steps_only=True),
             )  # fmt: skip
-        best = _best(protocol.Cs, scores)
+        best = selection.best_C(protocol.Cs, scores, rule)
         C, val_score = float(protocol.Cs[best]), scores[best]
+        if rows.folds:
+            val_folds = [float(v[1]) for v in folds[best]]
         pipe = make_pipeline(protocol, C, seed, len(y_all), dim)
         if warm and len(y_all) > block_softmax.BLOCK_ROWS and isinstance(pipe.steps[-1][1], LogisticRegression):
             # the refit runs alone: spread it over `jobs` cores, in numbers that do not depend on jobs
@@ -547,14 +566,7 @@ def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: i
         if hasattr(clf, "to_sklearn"):  # torch's or BlockSoftmax's as a plain LogisticRegression
             pipe.steps[-1] = ("clf", clf.to_sklearn())
     y_pred = pipe.predict(X_te)
-    return pipe, C, val_score, y_pred
-
-
-def _best(Cs: Sequence[float], scores: Sequence[tuple[float, float]]) -> int:
-    """The best (accuracy, tie-break) score; an exact tie of both goes to the smallest C (the
-    strongest regularization)."""
-    top = max(scores)
-    return min((i for i, s in enumerate(scores) if s == top), key=lambda i: Cs[i])
+    return pipe, C, val_score, y_pred, rule, val_folds
 
 
 def _tiebreak_metric(protocol: Protocol) -> str:
@@ -667,10 +679,10 @@ def _chain(fold, chain: list[int], protocol: Protocol, seed: int, dim: int):
 
 def _grid_scores(X, y, splits, protocol: Protocol, seed: int, dim: int, jobs: int = 1, warm: bool = True,
                  side=None):  # fmt: skip
-    """Mean (accuracy, tie-break) per C over `splits` (one hold-out, or CV folds), and per C the
-    first split's solution (coef, intercept), the refit's starting point. `side`: a function run
-    in the same pool after the grid's tasks (into the gap they leave); its result comes third (None
-    without one).
+    """Mean (accuracy, tie-break) per C over `splits` (one hold-out, or CV folds), per C the first
+    split's solution (coef, intercept), the refit's starting point; third, the result of `side`, a
+    function run in the same pool after the grid's tasks (into the gap they leave; None without
+    one); fourth, per C the (accuracy, tie-break) of each split, in split order.
 
     Every (split, chain) runs as one task, side by side in `jobs` threads (each fit still uses one
     BLAS thread, and no task reads another's result), so the numbers are the same whatever `jobs`.
@@ -702,16 +714,17 @@ def _grid_scores(X, y, splits, protocol: Protocol, seed: int, dim: int, jobs: in
         calls.append(delayed(side)())
     runs = Parallel(n_jobs=min(jobs, len(calls)) if jobs > 0 else jobs, backend="threading")(calls)
     side_result = runs.pop() if side is not None else None
-    per_c: dict[int, list] = {}
+    per_c: dict[int, dict[int, tuple]] = {}  # C index -> split index -> score
     starts: dict[int, tuple] = {}
     for (s, _), run in zip(tasks, runs):
         for i, score, start in run:
-            per_c.setdefault(i, []).append(score)
+            per_c.setdefault(i, {})[s] = score
             if s == 0:
                 starts[i] = start
     n = len(protocol.Cs)
-    scores = [tuple(float(v) for v in np.mean(per_c[i], axis=0)) for i in range(n)]
-    return scores, [starts[i] for i in range(n)], side_result
+    by_split = [[per_c[i][s] for s in range(len(splits))] for i in range(n)]
+    scores = [tuple(float(v) for v in np.mean(by_split[i], axis=0)) for i in range(n)]
+    return scores, [starts[i] for i in range(n)], side_result, by_split
 
 
 # -- out-of-core SGD -----------------------------------------------------------------------------
@@ -800,13 +813,13 @@ def _fit_sgd(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: int):
     for C in protocol.Cs:
         clf = _sgd_train(f, layers, rows.train, steps, protocol, C, seed, classes)
         scores.append(_sgd_val_scores(f, layers, rows.val, steps, clf, protocol))
-    best = _best(protocol.Cs, scores)
+    best = selection.best_C(protocol.Cs, scores)
     C = float(protocol.Cs[best])
     fit_rows = np.sort(np.concatenate([rows.train, rows.val]))
     steps = _sgd_prep(f, layers, fit_rows, protocol, seed, dim)
     clf = _sgd_train(f, layers, fit_rows, steps, protocol, C, seed, classes)
     y_pred = _sgd_predict(f, layers, rows.test, steps, clf, protocol.chunk_rows)
-    return Pipeline([*steps, ("clf", clf)]), C, scores[best], y_pred
+    return Pipeline([*steps, ("clf", clf)]), C, scores[best], y_pred, selection.SCORE, []
 
 
 # -- many cells ----------------------------------------------------------------------------------
@@ -849,6 +862,10 @@ class FitReport:
             })  # fmt: skip
         return rows
 
+    def candidates(self) -> list[selection.Candidate]:
+        """Every layer as featx.selection.choose_layer sees it (folds seed-major, in seed order)."""
+        return [selection.candidate(layer, rs) for layer, rs in self.by_layer().items()]
+
     def to_dict(self) -> dict:
         return {"codes_file": self.path, "protocol": self.protocol.to_dict(), "train_size": str(self.train_size),
                 "best_layer": self.best, "summary": self.summary(), "results": self.results}  # fmt: skip
@@ -858,7 +875,7 @@ def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol
         train_size: TrainSize | str = "all", seeds: Sequence[int] = (0,), jobs: int = 1, concat: bool = False,
         return_models: bool = False, warm: bool = True) -> FitReport:  # fmt: skip
     """Fit every layer (each on its own, plus their concatenation with `concat`) for every seed,
-    in parallel with joblib; the best layer is the one with the best mean validation score.
+    in parallel with joblib; the best layer is featx.selection.choose_layer's (validation only).
     `warm=False`: every grid value fitted from scratch (`fit_cell`)."""
     from joblib import Parallel, delayed, effective_n_jobs
 
@@ -900,5 +917,5 @@ def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol
             models["+".join(g)] = pipe
         results.append(o)
     report = FitReport(path, protocol, train_size, results, best="", models=models)
-    report.best = max(report.summary(), key=lambda r: (r["val_score"], r["val_tiebreak"]))["layer"]
+    report.best = selection.choose_layer(report.candidates())
     return report

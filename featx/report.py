@@ -166,7 +166,7 @@ def _cell(v) -> str:
 RESULT_COLUMNS = [
     "kind", "model", "control_of", "dataset", "similarity_label", "layer", "relative_depth", "code_dim", "train_size", "train_size_spec", "classifier",
     "preset", "C", "seed", "accuracy", "balanced_accuracy", "test_ci_low", "test_ci_high", "n_test", "val_score",
-    "val_tiebreak", "val_source", "n_val", "fit_seconds", "baseline",
+    "val_tiebreak", "val_source", "val_rule", "val_folds", "n_val", "fit_seconds", "baseline",
     "score_logme", "score_hscore", "score_transrate", "score_gbc", "train_from", "epoch",
 ]  # fmt: skip
 
@@ -177,6 +177,7 @@ def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
     import io
     import os
 
+    from featx.selection import pack_folds, unpack_folds
     from featx.store import write_json_atomic, write_text_atomic
 
     buf = io.StringIO()
@@ -185,7 +186,8 @@ def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
     for r in rows:
         w.writerow(
             {**r, "C": "/".join(f"{c:g}" for c in r["C"]) if isinstance(r["C"], list)
-             else "" if r["C"] is None else f"{r['C']:g}"}  # fmt: skip
+             else "" if r["C"] is None else f"{r['C']:g}",
+             "val_folds": pack_folds(unpack_folds(r.get("val_folds")))}  # fmt: skip
         )
     csv_path, json_path = os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.json")
     write_text_atomic(csv_path, buf.getvalue())
@@ -343,8 +345,10 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
     lines += [markdown_table(summary, [*(["model"] if several else []), "dataset", "classifier", "label", "measured (late-layer gain)", "size", "case",
                                        "chosen layer (depth)", "its test acc", "top layer", "raw pixels"]), ""]  # fmt: skip
     lines += [
-        "The chosen layer is the best by validation score (never by test) at the largest train size; "
-        "test accuracies are seed means with their Wilson 95% interval over the test images.",
+        "The chosen layer is picked on validation (never on test) at the largest train size: the best validation "
+        "score on a hold-out or val split; under cross-validation (softmax on small training sets), the deepest "
+        "layer within one standard error of the best cross-validated log-likelihood (featx.selection). "
+        "Test accuracies are seed means with their Wilson 95% interval over the test images.",
         "",
         "Cases: " + "; ".join(f"{k}. {v}" for k, v in CASES.items()) + ".",
         "",
@@ -374,8 +378,8 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
             rows.append([n, f"{a.depth[n]:.2f}", *cells])
         if a.pixels:
             rows.append(["raw pixels", "-", *[str(a.pixels[s]) if s in a.pixels else "-" for s in a.sizes]])
-        lines += ["Test accuracy (mean ± std over seeds; bold: the chosen layer, best by validation score at that "
-                  f"train size). The ± is the spread over seeds, each drawing its own training subset; at `all` the "
+        lines += ["Test accuracy (mean ± std over seeds; bold: the chosen layer at that train size, picked on "
+                  f"validation as above). The ± is the spread over seeds, each drawing its own training subset; at `all` the "
                   f"seeds share the training images and only the validation split changes, so a small ± there is not "
                   f"precision: the test set's own uncertainty is the 95% interval ({a.n_test} test images).", "",
                   markdown_table(rows, header), ""]  # fmt: skip
@@ -553,9 +557,16 @@ def score_text(results: list[dict], ranking: dict | None, metrics: list[str]) ->
     return "\n".join(out)
 
 
+def _short(result: dict) -> str:
+    """The continuous validation score's column name."""
+    metric = result.get("val_tiebreak_metric", "")
+    return {"mean log-likelihood": "log-lik", "mean margin": "margin", "mean average precision": "mAP"}.get(metric, "tie")
+
+
 def fit_text(report, codes_file: str, seeds) -> str:
     """`featx fit`'s tables: one line per layer (with the test accuracy's 95% interval), then the
     per-class numbers and the confusion matrix of the layer chosen by validation."""
+    from featx.selection import LOGLIK
     from featx.stats import wilson_interval
 
     protocol = report.protocol
@@ -573,18 +584,23 @@ def fit_text(report, codes_file: str, seeds) -> str:
             if protocol.per_class
             else "/".join(f"{c:.3g}" for c in s["C"])
         )
-        rows.append([s["layer"], s["dim"], C if isinstance(C, str) else f"{C:.4g}", f"{s['val_score']:.4f}", acc,
-                     f"{lo:.3f}-{hi:.3f}", bal, s["train_size"], f"{s['fit_seconds']:.1f}"])  # fmt: skip
+        rows.append([s["layer"], s["dim"], C if isinstance(C, str) else f"{C:.4g}", f"{s['val_score']:.4f}",
+                     f"{s['val_tiebreak']:.4f}", acc, f"{lo:.3f}-{hi:.3f}", bal, s["train_size"],
+                     f"{s['fit_seconds']:.1f}"])  # fmt: skip
     first = report.results[0]
     name = protocol.preset or protocol.classifier
     out = [f"{name} on {codes_file}: train {first['train_size']} images ({report.train_size}), validation: "
            f"{first['val_source']}, test: the {first['test_split']} split ({first['n_test']} images){seeds_note}",
-           format_table(rows, ["layer", "dim", "C", "val score", "test acc", "95% CI", "balanced acc", "train", "fit s"],
-                        align="lrrrrrrrr")]  # fmt: skip
+           format_table(rows, ["layer", "dim", "C", "val score", f"val {_short(first)}", "test acc", "95% CI",
+                               "balanced acc", "train", "fit s"], align="lrrrrrrrrr")]  # fmt: skip
     best = next(r for r in report.results if r["layer"] == report.best)
-    out.append(f"\nbest layer by validation score: {report.best} (test accuracy {best['accuracy']:.4f}, 95% CI "
-               f"{best['test_ci_low']:.3f}-{best['test_ci_high']:.3f}, seed {best['seed']}; ties on validation "
-               f"accuracy go to the better {best.get('val_tiebreak_metric', 'continuous score')})")  # fmt: skip
+    if best.get("val_rule") == LOGLIK:
+        how = (f"C and the layer by {first['val_source']} log-likelihood; the layer is the deepest within one "
+               f"standard error of the best (paired over folds)")  # fmt: skip
+    else:
+        how = f"ties on validation score go to the better {best.get('val_tiebreak_metric', 'continuous score')}"
+    out.append(f"\nchosen layer: {report.best} (test accuracy {best['accuracy']:.4f}, 95% CI "
+               f"{best['test_ci_low']:.3f}-{best['test_ci_high']:.3f}, seed {best['seed']}; {how})")  # fmt: skip
     classes = list(best["per_class"])
     out.append(format_table([[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", v["support"]] for c, v in best["per_class"].items()],
                             ["class", "precision", "recall", "support"], align="lrrr"))  # fmt: skip

@@ -157,8 +157,10 @@ def cells_written(out) -> int:
         return 0
 
 
-def write_codes(path, layers: dict, labels, splits, classes, model="resnet18", weights="none", groups=None):
-    """A featx codes file from arrays, written by featx's own journal + finalize."""
+def write_codes(path, layers: dict, labels, splits, classes, model="resnet18", weights="none", groups=None,
+                depths: dict | None = None):  # fmt: skip
+    """A featx codes file from arrays, written by featx's own journal + finalize (`depths`: each
+    layer's relative depth in the network; default 0)."""
     import json as _json
 
     from featx.store import Journal, finalize
@@ -174,7 +176,8 @@ def write_codes(path, layers: dict, labels, splits, classes, model="resnet18", w
              "mean": [0.5] * 3, "std": [0.5] * 3, "crop_mode": "center"}), "layers": np.array(list(layers), dtype=object),
              "dataset": "synthetic", "samples": n}  # fmt: skip
     finalize(str(path), j, classes=classes, labels=labels, splits=np.asarray(splits), ids=[f"s{i}" for i in range(n)],
-             layer_attrs={k: {"activation": "none", "pool": "avg"} for k in layers}, attrs=attrs,
+             layer_attrs={k: {"activation": "none", "pool": "avg", **({"depth": float(depths[k])} if depths else {})}
+                          for k in layers}, attrs=attrs,
              groups=None if groups is None else np.asarray(groups, dtype=str))  # fmt: skip
     return str(path)
 

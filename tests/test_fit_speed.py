@@ -62,7 +62,8 @@ def test_warm_starts_choose_the_same_C_as_fits_from_scratch(tmp_path, shape):
 
 def test_the_cold_path_is_the_plain_pipeline_per_C(tmp_path):
     """warm=False (and any --jobs) is exactly what featx did before: every C a fresh Pipeline."""
-    from featx.classify import _best, _val_scores, make_pipeline, parse_train_size, select_rows
+    from featx.classify import _val_scores, make_pipeline, parse_train_size, select_rows
+    from featx.selection import best_C
     from featx.store import CodesFile
 
     path = codes(tmp_path)
@@ -74,7 +75,7 @@ def test_the_cold_path_is_the_plain_pipeline_per_C(tmp_path):
     tr, va = rows.train, rows.val
     scores = [_val_scores(make_pipeline(proto, C, 0, len(tr), 64).fit(X[tr], y[tr]), X[va], y[va], proto)
               for C in proto.Cs]  # fmt: skip
-    best = _best(proto.Cs, scores)
+    best = best_C(proto.Cs, scores)
     assert (r["C"], (r["val_score"], r["val_tiebreak"])) == (proto.Cs[best], scores[best])
     both = np.concatenate([tr, va])
     ref = make_pipeline(proto, proto.Cs[best], 0, len(both), 64).fit(X[both], y[both])

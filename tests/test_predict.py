@@ -116,7 +116,7 @@ def test_cli_fit_and_predict(trained, tmp_path):
     r = run_cli("fit", trained["codes"], "--layer", "layer2,layer3", "--classifier", "svm", "--out", str(out),
                 "--results", str(tmp_path / "r.json"), "--seeds", "0,1")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "best layer by validation score" in r.stdout and "confusion matrix" in r.stdout and "±" in r.stdout
+    assert "chosen layer: " in r.stdout and "confusion matrix" in r.stdout and "±" in r.stdout
     results = json.loads((tmp_path / "r.json").read_text())
     assert len(results["results"]) == 4 and results["best_layer"] in ("layer2", "layer3")
     bad = tmp_path / "bad.jpg"

@@ -54,7 +54,7 @@ def test_validation_and_test_disagree_reads_correctly():
     assert "beyond noise" in md  # 12 images the top layer alone gets right, none the other way
     assert "best on test (not used for the choice): top" in md
     assert md.index("**Use mid (depth 0.60)") < md.index("Test accuracy (mean")  # the answer comes first
-    assert "95% CI" in md and "chosen by validation score (5-fold cv)" in md
+    assert "95% CI" in md and "chosen on validation (5-fold cv: the best validation score)" in md
     assert "labelled different" in md
     assert "rule of thumb for small + different data: a linear classifier on codes from earlier" in md.lower()
     assert "not confirmed" in md  # the earlier layer was chosen but loses on test
@@ -121,3 +121,34 @@ def test_fine_tune_cells_decide_the_large_data_words():
     md = markdown_report([a], title="t", command=None, plots=[], notes=[], finetune=[c])
     assert 'measured by this bench\'s fine-tune cells: see "Fine-tuning beside probing"' in md
     assert "fine-tuning from depth:0 pays (+8.5 points against top), which confirms it" in md
+
+
+def test_a_cross_validated_choice_keeps_the_deeper_layer_within_noise_and_says_why(tmp_path):
+    """At 10/class under CV, `mid` has the better log-likelihood by a hair (within one paired standard
+    error): the report chooses `top`, bolds it, and names the rule; results.csv carries the folds."""
+    import csv
+
+    from featx.report import write_results
+    from featx.selection import LOGLIK
+
+    depth = {"mid": 0.6, "top": 1.0}
+    ref = np.array([-0.50, -0.52, -0.48, -0.51, -0.49])
+    d = {0: [0.02, -0.02, 0.05, -0.01, 0.01], 1: [0.0, -0.03, 0.04, -0.02, 0.01]}  # mean 0.005, SE 0.0083
+    folds = {("mid", s): ref for s in (0, 1)} | {("top", s): ref - d[s] for s in (0, 1)}
+    rows = []
+    for layer, correct in (("mid", _correct(150)), ("top", _correct(160, offset=5))):
+        for seed in (0, 1):
+            rows.append({"dataset": "x", "layer": layer, "classifier": "softmax", "preset": "", "baseline": "",
+                         "train_size_spec": "10/class", "train_size": 20, "accuracy": float(correct.mean()),
+                         "val_score": 0.9, "val_tiebreak": float(folds[layer, seed].mean()), "seed": seed,
+                         "n_test": N_TEST, "val_source": "5-fold cv", "val_rule": LOGLIK,
+                         "val_folds": list(folds[layer, seed]),
+                         "test_correct": pack_correct(correct), "C": 0.1, "relative_depth": depth[layer]})  # fmt: skip
+    (a,), md = _report(rows, [_Src("x", depth)])
+    assert a.best == "top"
+    assert "5-fold cv: the deepest layer within one standard error of the best cross-validated log-likelihood" in md
+    assert "**Use top (depth 1.00)" in md
+    csv_path, _ = write_results(rows, str(tmp_path))
+    with open(csv_path) as f:
+        got = list(csv.DictReader(f))
+    assert got[0]["val_rule"] == LOGLIK and [float(v) for v in got[0]["val_folds"].split()] == list(ref)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from featx import selection
 from featx.analysis import NOISE_P, DatasetAnalysis
 from featx.stats import mcnemar_exact
 
@@ -43,9 +44,18 @@ class ModelChoice:
     evidence: list[str] = field(default_factory=list)
 
 
+def _loglik(a: DatasetAnalysis, size: str) -> bool:
+    """Was a's layer at `size` chosen by featx.selection's cross-validated log-likelihood rule?"""
+    c = a.candidates.get((a.best, size))
+    return c is not None and c.rule == selection.LOGLIK
+
+
 def _val_key(a: DatasetAnalysis, size: str):
+    """Models are ranked by the score their layers were chosen by (val_score, or under CV the
+    log-likelihood first), each at its chosen layer."""
     k = (a.best, size)
-    return (a.val[k].mean if k in a.val else -1.0, a.tie[k].mean if k in a.tie else 0.0, not a.control_of)
+    val, tie = a.val[k].mean if k in a.val else -1.0, a.tie[k].mean if k in a.tie else 0.0
+    return ((tie, val) if _loglik(a, size) else (val, tie)) + (not a.control_of,)
 
 
 def _paired(a: DatasetAnalysis, b: DatasetAnalysis, size: str):
@@ -76,8 +86,10 @@ def model_choices(analyses: list[DatasetAnalysis]) -> list[ModelChoice]:
 def _explain(c: ModelChoice) -> None:
     a, b, size = c.chosen, c.runner_up, c.size
     lo, hi = a.ci(a.best, size)
-    c.answer = (f"Use {a.model}, layer {a.best} (depth {a.depth[a.best]:.2f}): the best validation score "
-                f"({a.val[(a.best, size)].mean:.3f}) of {len(c.entries)} models at train size {size}; test accuracy "
+    score = (f"the best cross-validated log-likelihood ({a.tie[(a.best, size)].mean:.3f})" if _loglik(a, size)
+             else f"the best validation score ({a.val[(a.best, size)].mean:.3f})")  # fmt: skip
+    c.answer = (f"Use {a.model}, layer {a.best} (depth {a.depth[a.best]:.2f}): {score} "
+                f"of {len(c.entries)} models at train size {size}; test accuracy "
                 f"{a.acc[(a.best, size)].mean:.3f} (95% CI {lo:.2f}-{hi:.2f}, {a.n_test} test images).")  # fmt: skip
     d = (a.acc[(a.best, size)].mean - b.acc[(b.best, size)].mean) * 100
     rel = ("level with" if abs(d) < 0.05 else f"{d:.1f} points above" if d > 0

@@ -271,3 +271,27 @@ def test_kendall_tau_and_each_scores_pick():
     md = markdown_report([a], title="t", command=None, plots=[], notes=[])
     assert "| d | A@x | softmax | up | 5 | +1.00 (p = " in md and "| d (= measured) | d |" in md
     assert "they do not replace it" in md
+
+
+def test_under_cross_validation_models_are_ranked_by_the_log_likelihood_their_layers_were_chosen_by():
+    """Model A has the better CV accuracy, model B the better CV log-likelihood: B is chosen, and the
+    answer names the score it was chosen by."""
+    from featx.selection import LOGLIK
+
+    def rows(model, acc, ll):
+        out = []
+        for layer in DEPTH:
+            for seed in (0, 1):
+                folds = [ll - (0.1 if layer != "top" else 0.0) + 0.01 * i for i in range(5)]
+                out.append({"model": model, "control_of": "", "dataset": "d", "layer": layer, "classifier": "softmax",
+                            "preset": "", "baseline": "", "train_size_spec": "10/class", "train_size": 20,
+                            "accuracy": 0.8, "val_score": acc, "val_tiebreak": float(np.mean(folds)), "seed": seed,
+                            "n_test": N_TEST, "val_source": "5-fold cv", "val_rule": LOGLIK, "val_folds": folds,
+                            "test_correct": pack_correct(_correct(160))})  # fmt: skip
+        return out
+
+    analyses = analyze(rows("A@imagenet", 0.9, -0.6) + rows("B@imagenet", 0.8, -0.4),
+                       [_Src("d", "A@imagenet", DEPTH), _Src("d", "B@imagenet", DEPTH)])  # fmt: skip
+    (c,) = model_choices(analyses)
+    assert (c.chosen.model, c.chosen.best) == ("B@imagenet", "top")
+    assert "the best cross-validated log-likelihood (-0.380)" in c.answer

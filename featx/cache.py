@@ -39,6 +39,7 @@ from featx.store import (
     forget_verified,
     journal_path,
     journal_problem,
+    journal_progress,
     read_progress,
     set_aside,
     verify,
@@ -355,8 +356,34 @@ def _partial_status(path: str) -> EntryStatus:
     return EntryStatus(path, "partial", size, detail)
 
 
+def shards_path(entry: str) -> str:
+    """Where a distributed (torchrun) extraction keeps its per-rank journals until finalize
+    (featx.distributed writes them; the cache lists and removes them)."""
+    return entry + ".shards"
+
+
+def _shards_status(path: str) -> EntryStatus:
+    """An entry that only a distributed run's shards hold so far: images done over all shards."""
+    root = shards_path(path)
+    done, samples, layers, n = 0, None, [], 0
+    for name in sorted(os.listdir(root)):
+        prog = journal_progress(os.path.join(root, name)) if re.fullmatch(r"from-\d{12}", name) else None
+        rng = prog["meta"].get("shard") if prog else None
+        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) for x in rng)):
+            continue
+        n += 1
+        done += max(0, min(prog["samples_done"], rng[1]) - rng[0])
+        samples, layers = prog["samples"], prog["layers"]
+    size = _size(root)
+    if not n:
+        return EntryStatus(path, "corrupt", size, {"reason": "distributed shards: none readable"})
+    return EntryStatus(path, "partial", size, {"samples_done": done, "samples": samples, "rows": None,
+                                               "layers": layers, "shards": n})  # fmt: skip
+
+
 def list_entries(cache_dir: str) -> list[EntryStatus]:
-    """Every entry in `cache_dir`: complete files, partial journals, damaged files, set-aside copies."""
+    """Every entry in `cache_dir`: complete files, partial journals (an entry's `.partial`, or a
+    distributed run's `.shards`), damaged files, set-aside copies."""
     cache_dir = os.path.abspath(cache_dir)
     if not os.path.isdir(cache_dir):
         return []
@@ -364,8 +391,14 @@ def list_entries(cache_dir: str) -> list[EntryStatus]:
     here = glob.escape(cache_dir)
     names = set(glob.glob(os.path.join(here, "*.h5")))
     names |= {p[: -len(".partial")] for p in glob.glob(os.path.join(here, "*.h5.partial"))}
+    names |= {p[: -len(".shards")] for p in glob.glob(os.path.join(here, "*.h5.shards")) if os.path.isdir(p)}
     for path in sorted(names):
-        out.append(_complete_status(path) if os.path.exists(path) else _partial_status(path))
+        if os.path.exists(path):
+            out.append(_complete_status(path))
+        elif os.path.isdir(journal_path(path)) or not os.path.isdir(shards_path(path)):
+            out.append(_partial_status(path))
+        else:
+            out.append(_shards_status(path))
     for path in sorted(
         glob.glob(os.path.join(here, "*.h5.corrupt")) + glob.glob(os.path.join(here, "*.h5.partial.corrupt"))
     ):
@@ -424,6 +457,7 @@ def remove_entries(
         for p in (e.path, e.path + ".lock"):
             _remove_tree_or_file(p)
         _remove_tree_or_file(journal_path(e.path))
+        _remove_tree_or_file(shards_path(e.path))
         forget_verified(e.path)
         remove_stale_temporaries(e.path)
         removed.append(e.path)

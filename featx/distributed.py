@@ -62,6 +62,7 @@ from datetime import timedelta
 
 import numpy as np
 
+from featx.cache import shards_path  # noqa: F401 (the cache lists and removes shards too)
 from featx.errors import FeatxError, UsageError
 from featx.store import Journal, LayerSpec
 
@@ -236,8 +237,6 @@ def joined():
 # -- shards --------------------------------------------------------------------------------------
 
 
-def shards_path(entry: str) -> str:
-    return entry + ".shards"
 
 
 _SHARD_NAME = re.compile(r"from-\d{12}")

@@ -119,7 +119,8 @@ def cache_text(entries) -> str:
             what = f"{d.get('model')} {d.get('weights')} | {len(d.get('layers', []))} layers | {d.get('dataset')}"
             rows.append([os.path.basename(e.path), "complete", d.get("rows"), mib, what])
         elif e.state == "partial":
-            rows.append([os.path.basename(e.path), f"partial {d['samples_done']}/{d['samples']}", d.get("rows"), mib,
+            shards = f" ({d['shards']} shards)" if d.get("shards") else ""
+            rows.append([os.path.basename(e.path), f"partial {d['samples_done']}/{d['samples']}{shards}", d.get("rows"), mib,
                          ", ".join(d.get("layers", []))])  # fmt: skip
         else:
             rows.append([os.path.basename(e.path), e.state, None, mib, d.get("reason")])

@@ -366,9 +366,15 @@ def _load_progress(path: str, meta: dict) -> dict:
 
 def read_progress(entry: str) -> dict | None:
     """A partial entry's progress record (validated), or None; `journal_problem` says why not."""
+    return journal_progress(journal_path(entry))
+
+
+def journal_progress(path: str) -> dict | None:
+    """The progress record of the journal folder `path` (an entry's `.partial`, or one distributed
+    shard), validated, or None when it is damaged or absent."""
     try:
-        meta = _load_meta(journal_path(entry))
-        prog = _load_progress(journal_path(entry), meta)
+        meta = _load_meta(path)
+        prog = _load_progress(path, meta)
     except JournalDamaged:
         return None
     return {**prog, "samples": meta["samples"], "layers": [n for n, _ in meta["layers"]], "meta": meta}

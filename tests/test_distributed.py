@@ -156,6 +156,23 @@ def test_shards_are_checked_like_journals_and_read_back_in_row_order(tmp_path):
     assert whole.read_layer(0, 3, 9)[:, 0].tolist() == [2, 4, 4, 6, 6, 8]  # rows 3..8 across the two shards
 
 
+def test_cache_ls_and_rm_see_an_interrupted_distributed_entry(tmp_path):
+    """Shards alone (a torchrun extraction killed before finalize) list as a partial entry with the
+    images done over all shards, and `cache rm` removes them."""
+    from featx.cache import list_entries, remove_entries
+
+    entry = str(tmp_path / "d--resnet18--0123456789abcdef.h5")
+    meta = {"key": "k", "layers": [["l", 3]], "dtype": "float32", "samples": 12, "batch_size": 2, "featx": "x"}
+    _write_shard(entry, meta, 0, 6, 4)
+    _write_shard(entry, meta, 6, 12, 10)
+    (e,) = list_entries(str(tmp_path))
+    assert (e.path, e.state, e.detail["samples_done"], e.detail["samples"], e.detail["shards"]) == (entry, "partial", 8, 12, 2)
+    assert e.size > 0
+    removed, busy = remove_entries(str(tmp_path), ["0123456789ab"])
+    assert removed == [entry] and not busy and not os.path.exists(entry + ".shards")
+    assert list_entries(str(tmp_path)) == []
+
+
 # -- real processes ------------------------------------------------------------------------------
 
 

@@ -38,3 +38,24 @@ def test_distributed_scaling_prints_a_table_of_world_sizes(tmp_path):
     assert "8 images" in r.stdout
     assert re.search(r"^ +1 +\d+ +\d+\.\d +\d+\.\d +1\.00$", r.stdout, re.M), r.stdout
     assert re.search(r"^ +2 +\d+ +\d+\.\d +\d+\.\d +\d\.\d\d$", r.stdout, re.M), r.stdout
+
+
+def test_selection_regret_compares_the_rules_on_the_cells_fit_fits(tmp_path):
+    """regrets() on a tiny codes file: the old rule holds out, the new one cross-validates, the oracle
+    refits match fit_cell's own accuracies (asserted inside), and regrets are non-negative."""
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from selection_regret import regrets
+
+    from conftest import blobs, write_codes
+
+    X, y = blobs(20, 3, 8, sep=2.0, seed=1)
+    noisy = X + np.random.default_rng(0).normal(size=X.shape)
+    split = np.where(np.arange(len(y)) % 4 == 0, "test", "train").astype(object)
+    path = write_codes(tmp_path / "r.h5", {"a": noisy, "b": X}, y, split, ["x", "y", "z"], depths={"a": 0.5, "b": 1.0})
+    out = regrets(path, ["a", "b"], "5/class", 0, (0.01, 0.1, 1.0), "softmax", {})
+    assert out["old"]["source"].startswith("hold-out") and out["new"]["source"] == "5-fold cv"
+    for rule in ("old", "new"):
+        assert all(out[rule][k] >= 0 for k in ("layer", "C", "total", "floor"))
+        assert out[rule]["total"] >= out[rule]["layer"] - 1e-12

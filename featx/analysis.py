@@ -209,18 +209,9 @@ def analyze(
 
 def best_layer(a: DatasetAnalysis, size: str, among: list[str] | None = None) -> str:
     """The layer featx.selection.choose_layer picks at `size` (validation only), among `among`."""
-    names = list(a.layers if among is None else among)
-    names = [n for n in names if (n, size) in a.val] or names
-
-    def cand(n):
-        if (n, size) in a.candidates:
-            return a.candidates[(n, size)]
-        if (n, size) not in a.val:  # not fitted at this size: never chosen over one that was
-            return selection.Candidate(n, a.depth.get(n, 0.0), -1.0, -np.inf)
-        tie = a.tie[(n, size)].mean if (n, size) in a.tie else 0.0
-        return selection.Candidate(n, a.depth.get(n, 0.0), a.val[(n, size)].mean, tie)
-
-    return selection.choose_layer([cand(n) for n in names])
+    among = list(a.layers if among is None else among)
+    fitted = [a.candidates[(n, size)] for n in among if (n, size) in a.candidates]
+    return selection.choose_layer(fitted) if fitted else among[0]
 
 
 def _how(a: DatasetAnalysis, size: str) -> str:

@@ -362,14 +362,28 @@ def shards_path(entry: str) -> str:
     return entry + ".shards"
 
 
+SHARD_NAME = re.compile(r"from-\d{12}")  # one shard's journal folder in shards_path(entry)
+
+
+def shard_range(meta: dict | None) -> tuple[int, int] | None:
+    """The [start, stop) sample range a shard journal's meta claims, or None when it is not a valid one."""
+    rng = meta.get("shard") if meta else None
+    ok = (
+        isinstance(rng, list)
+        and len(rng) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in rng)
+    )
+    return (rng[0], rng[1]) if ok and 0 <= rng[0] < rng[1] else None
+
+
 def _shards_status(path: str) -> EntryStatus:
     """An entry that only a distributed run's shards hold so far: images done over all shards."""
     root = shards_path(path)
     done, samples, layers, n = 0, None, [], 0
     for name in sorted(os.listdir(root)):
-        prog = journal_progress(os.path.join(root, name)) if re.fullmatch(r"from-\d{12}", name) else None
-        rng = prog["meta"].get("shard") if prog else None
-        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) for x in rng)):
+        prog = journal_progress(os.path.join(root, name)) if SHARD_NAME.fullmatch(name) else None
+        rng = shard_range(prog["meta"]) if prog else None
+        if rng is None:
             continue
         n += 1
         done += max(0, min(prog["samples_done"], rng[1]) - rng[0])

@@ -53,7 +53,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -62,7 +61,7 @@ from datetime import timedelta
 
 import numpy as np
 
-from featx.cache import shards_path  # noqa: F401 (the cache lists and removes shards too)
+from featx.cache import SHARD_NAME, shard_range, shards_path
 from featx.errors import FeatxError, UsageError
 from featx.store import Journal, LayerSpec
 
@@ -237,11 +236,6 @@ def joined():
 # -- shards --------------------------------------------------------------------------------------
 
 
-
-
-_SHARD_NAME = re.compile(r"from-\d{12}")
-
-
 def shard_dir(entry: str, start: int) -> str:
     return os.path.join(shards_path(entry), f"from-{start:012d}")
 
@@ -270,16 +264,6 @@ def _read_meta(path: str) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _shard_range(meta: dict | None) -> tuple[int, int] | None:
-    rng = meta.get("shard") if meta else None
-    ok = (
-        isinstance(rng, list)
-        and len(rng) == 2
-        and all(isinstance(x, int) and not isinstance(x, bool) for x in rng)
-    )
-    return (rng[0], rng[1]) if ok and 0 <= rng[0] < rng[1] else None
-
-
 def prior_meta(entry: str, key: str) -> dict | None:
     """The journal meta of an interrupted distributed run of this entry (its batch size must be kept), or None."""
     root = shards_path(entry)
@@ -299,10 +283,10 @@ def committed_shards(entry: str, meta: dict) -> list[Shard]:
     names = sorted(os.listdir(root)) if os.path.isdir(root) else []
     for name in names:
         path = os.path.join(root, name)
-        if not _SHARD_NAME.fullmatch(name):
+        if not SHARD_NAME.fullmatch(name):
             continue  # probes, and damaged shards set aside as from-N.corrupt (kept for inspection)
         found = _read_meta(path)
-        rng = _shard_range(found)
+        rng = shard_range(found)
         if rng is None or not os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
             continue

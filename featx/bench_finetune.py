@@ -64,7 +64,9 @@ class FinetuneCell:
 
     def key(self, config, base: FinetuneSettings) -> str:
         m = config.model
-        return digest({"kind": "finetune", "model": m.name, "weights": m.weights, "image_size": m.image_size,
+        # "sized": cells fine-tuned before the backbone carried the plan's preprocessing ran at the
+        # weights' default size whatever their key said; the marker retires them
+        return digest({"kind": "finetune", "sized": True, "model": m.name, "weights": m.weights, "image_size": m.image_size,
                        "crop_pct": m.crop_pct, "data": os.path.abspath(self.spec) if os.path.exists(self.spec)
                        else self.spec, "data_options": config.data_options.to_dict(),
                        "run": {"device": config.run.device, "precision": config.run.precision},
@@ -121,6 +123,7 @@ def finetune_rows(config, cells: list[tuple]) -> list[dict]:
             "classifier": "finetune", "preset": "", "C": None, "seed": cell.seed, "accuracy": r["accuracy"],
             "balanced_accuracy": r["balanced_accuracy"], "val_score": r["val_score"], "n_test": r["n_test"],
             "fit_seconds": r["seconds"], "baseline": "", "epoch": r["epoch"],
+            "image_size": r["preprocessing"]["crop_size"], "resize_size": r["preprocessing"]["resize_size"],
             **{k: r.get(k) for k in ("val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct")},
         })  # fmt: skip
     return rows

@@ -286,10 +286,16 @@ def decide_decoder(requested: str, device) -> str:
 
 
 def load_backbone(plan):
-    """(Backbone, plan with taps of the loaded module): the weights, on the CPU, in eval mode."""
+    """(Backbone, plan with taps of the loaded module): the weights, on the CPU, in eval mode.
+
+    The backbone carries the plan's resolved preprocessing (`--image-size`, `--crop-pct`), never the
+    weights' default: fine-tuning, its saved model and extraction all run at the size the plan says.
+    """
+    from dataclasses import replace
+
     from featx.models import load_model
 
-    backbone = load_model(str(plan.model), weights_ref=plan.weights)
+    backbone = replace(load_model(str(plan.model), weights_ref=plan.weights), preprocess=plan.preprocess)
     return backbone, plan.with_module(backbone.module)
 
 

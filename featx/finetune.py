@@ -735,7 +735,8 @@ def _results(job: _Job, plan, backbone, point, head, state, logits, y_test, seco
         **metrics(y_test, y_pred, ds.classes), "test_ci_low": low, "test_ci_high": high,
         "test_correct": pack_correct(y_pred == y_test), "seconds": round(seconds, 3), "fit_seconds": round(seconds, 3),
         "device": job.device.type, "precision": "bf16" if job.amp is not None else "fp32",
-        "preprocessing": backbone.preprocess.to_dict(), "classes": list(ds.classes),
+        "preprocessing": backbone.preprocess.to_dict(), "image_size": backbone.preprocess.crop_size,
+        "resize_size": backbone.preprocess.resize_size, "classes": list(ds.classes),
     }  # fmt: skip
 
 

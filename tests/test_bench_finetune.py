@@ -32,6 +32,8 @@ def test_cells_resume_and_rows(tmp_path, monkeypatch):
                                  for c, r in bad)  # fmt: skip
     rows = finetune_rows(config, first)
     assert [r["kind"] for r in rows] == ["finetune", "finetune"]
+    # the size the cell's key names is the size it was trained and tested at
+    assert {r["image_size"] for r in rows} == {config.model.image_size} == {32}
     assert {r["train_from"] for r in rows} == {"depth:0.5", "depth:1.0"}
 
     import featx.finetune

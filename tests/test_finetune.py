@@ -76,6 +76,30 @@ def test_results_schema(tuned):
     assert tuned.path.endswith("m.safetensors") and not os.path.exists(tuned.path[: -len(".safetensors")] + ".ckpt")
 
 
+def test_trains_and_saves_at_the_image_size_asked_for(data, tmp_path):
+    """--image-size 32 (test_resnet's default is larger): every image tensor the network sees is 32 px,
+    and the saved model and its results say 32."""
+    from featx.finetune import finetuned_description
+    from featx.models import load_model
+
+    assert load_model("timm:test_resnet", "none").preprocess.crop_size != 32
+    sizes: set[tuple[int, int]] = set()
+
+    def record(module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 and args[0].shape[1] == 3:
+            sizes.add(tuple(args[0].shape[-2:]))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        s = FinetuneSettings(train_from="depth:0.5", epochs=1, batch_size=4)
+        res = finetune(MODEL, str(data), s, run=RUN, out=str(tmp_path / "m"), progress=False)
+    finally:
+        handle.remove()
+    assert sizes == {(32, 32)}
+    assert res.results["image_size"] == 32 and res.results["preprocessing"]["crop_size"] == 32
+    assert finetuned_description(res.path)["preprocessing"]["crop_size"] == 32
+
+
 def test_same_training_images_as_fit(data, tmp_path):
     """A fine-tune cell and a probe cell with the same seed and train size see the same rows."""
     from featx.classify import Protocol, parse_train_size, select_rows

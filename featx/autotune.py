@@ -24,6 +24,8 @@ import os
 import platform
 import time
 
+from featx.errors import first_line
+
 log = logging.getLogger("featx")
 
 MARGIN = 1.2
@@ -161,7 +163,7 @@ def _measure_precision(model, device, size: int, key: str) -> str:
         bf16 = _time_forward(module, x, torch.bfloat16)
     except RuntimeError as e:  # an op without a bf16 kernel on this device
         log.info(
-            "bf16 autocast failed for %s on %s (%s); using fp32", model, device, str(e).splitlines()[0][:100]
+            "bf16 autocast failed for %s on %s (%s); using fp32", model, device, first_line(e, 100)
         )
         fp32, bf16 = 1.0, float("inf")
     choice = "bf16" if fp32 / bf16 >= MARGIN else "fp32"

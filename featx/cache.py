@@ -34,7 +34,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from featx.errors import FeatxError, UsageError
+from featx.errors import FeatxError, UsageError, first_line
 from featx.store import (
     forget_verified,
     journal_path,
@@ -337,7 +337,7 @@ def _complete_status(path: str) -> EntryStatus:
             with h5py.File(path, "r") as f:
                 a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         except (OSError, ValueError, TypeError) as e:  # replaced or damaged since verify
-            reason = f"it is not readable ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+            reason = f"it is not readable ({first_line(e, 160)})"
     if reason:
         return EntryStatus(path, "corrupt", _size(path), {"reason": reason})
     detail = {k: a.get(k) for k in ("model", "weights", "dataset", "rows", "created")}

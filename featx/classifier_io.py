@@ -31,7 +31,7 @@ import os
 import numpy as np
 
 from featx import __version__
-from featx.errors import FeatxError, UsageError
+from featx.errors import FeatxError, UsageError, first_line
 
 log = logging.getLogger("featx")
 
@@ -139,7 +139,7 @@ def _backbone_of(meta: dict) -> dict | None:
         return backbone_identity(load_model(meta["model"], weights_ref=ref).module)
     except (FeatxError, OSError) as e:  # OSError: e.g. hub weights that are not cached, offline
         log.warning("cannot load %s to record its identity (%s); predict will check the weights by name only",
-                    meta["model"], str(e).splitlines()[0])  # fmt: skip
+                    meta["model"], first_line(e))  # fmt: skip
         return None
 
 
@@ -225,7 +225,7 @@ _OPTIONAL = {
 def validate_description(meta, where: str, need: tuple[str, ...] = ()) -> dict:
     """Check a description (plain data from a file) field by field before any of it is used."""
     from featx.preprocess import Preprocess
-    from featx.taps import parse_pool
+    from featx.settings import parse_pool
 
     def bad(field: str, want: str):
         raise FeatxError(
@@ -580,7 +580,7 @@ def read_description(path: str) -> dict:
         with safe_open(path, framework="numpy") as f:
             header = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error type for damaged or truncated files
-        raise FeatxError(f"{path}: not a readable classifier file ({str(e).splitlines()[0]}); "
+        raise FeatxError(f"{path}: not a readable classifier file ({first_line(e)}); "
                          f"refit it with featx fit --out") from None  # fmt: skip
     if HEADER_KEY not in header:
         raise FeatxError(f"{path}: a safetensors file without a featx classifier description (weights?); "
@@ -606,7 +606,7 @@ def _load_arrays(path: str, force: bool):
         with safe_open(path, framework="numpy") as f:
             arrays = {k: np.array(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as e:  # noqa: BLE001 (damaged data after a good header)
-        raise FeatxError(f"{path}: its arrays are unreadable ({str(e).splitlines()[0]}); refit it") from None
+        raise FeatxError(f"{path}: its arrays are unreadable ({first_line(e)}); refit it") from None
     if arrays_sha256(arrays) != meta["arrays_sha256"] and not force:
         raise FeatxError(f"{path}: its arrays do not match the sha256 in its description (changed or corrupt); "
                          f"refit it (--force uses it anyway)")  # fmt: skip
@@ -640,7 +640,7 @@ def _load_pickle(path: str, force: bool, trust_pickle: bool):
     try:
         pipeline = joblib.load(path)
     except Exception as e:  # noqa: BLE001 (truncated or foreign bytes: any error the unpickler raises)
-        raise FeatxError(f"{path}: not a readable joblib file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        raise FeatxError(f"{path}: not a readable joblib file ({type(e).__name__}: {first_line(e)}); "
                          f"refit it") from None  # fmt: skip
     if not hasattr(pipeline, "predict"):
         raise FeatxError(f"{path}: holds a {type(pipeline).__name__}, not a fitted classifier; refit it")

@@ -60,7 +60,7 @@ from threadpoolctl import threadpool_limits
 
 from featx import selection
 from featx.data import group_holdout, stratified_holdout
-from featx.errors import FeatxError, UsageError
+from featx.errors import FeatxError, UsageError, first_line
 from featx.settings import CLASSIFIERS, SCALES  # noqa: F401 (re-exported)
 from featx.stats import pack_correct, wilson_interval
 from featx.store import CodesFile
@@ -469,7 +469,7 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
                         f, layers, rows, protocol, seed, dim, jobs, warm)  # fmt: skip
             except (ValueError, FloatingPointError) as e:  # the solver gave up (overflow, degenerate data)
                 raise FeatxError(f"layer {'+'.join(layers)}: the {protocol.preset or protocol.classifier} solver "
-                                 f"failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); try other "
+                                 f"failed ({first_line(e)}); try other "
                                  f"--C values or --scale standardize") from None  # fmt: skip
         y_test = f.labels[rows.test]
         low, high = wilson_interval(int(np.sum(y_test == y_pred)), len(y_test))

@@ -40,15 +40,14 @@ import numpy as np
 
 from featx.decode import (  # noqa: F401 (re-exported: decoding lives in decode.py)
     ImageError,
-    _first,
-    _printable,
     check_limits,
     check_size,
     decode_image,
     pil_with_limits,
+    printable,
     to_rgb,
 )
-from featx.errors import UsageError
+from featx.errors import UsageError, first_line
 from featx.settings import _SPLIT_ALIASES, DataOptions, parse_per_class_limit  # noqa: F401 (re-exported)
 
 log = logging.getLogger("featx")
@@ -161,7 +160,7 @@ def groups_from_paths(ids: list[str], pattern: str) -> np.ndarray:
             out.append(m.group(1) if rx.groups else m.group(0))
     if missing:
         raise UsageError(f"--group-by {pattern!r} matches nothing in {len(missing)} of {len(ids)} image paths "
-                         f"(first: {_printable(missing[0])}); every image needs a group: adjust the pattern")  # fmt: skip
+                         f"(first: {printable(missing[0])}); every image needs a group: adjust the pattern")  # fmt: skip
     return np.array(out, dtype=str)
 
 
@@ -405,7 +404,7 @@ class _Walk:
             out.append(
                 f"{root}: {len(self.links)} folder link(s) lead back into the dataset and were skipped, "
                 f"as they would list its images again under another label (first: {_rel(first, root)} -> "
-                f"{_printable(os.readlink(first))})"
+                f"{printable(os.readlink(first))})"
             )
         return out
 
@@ -415,7 +414,7 @@ def _is_image_name(name: str) -> bool:
 
 
 def _rel(path: str, root: str) -> str:
-    return _printable(os.path.relpath(path, root))
+    return printable(os.path.relpath(path, root))
 
 
 def walk_images(top: str, notes: list[str] | None = None) -> list[str]:
@@ -518,7 +517,7 @@ def _folder(root: Path) -> _Raw:
     h = hashlib.sha256()
     ids = []
     for _split, _cls, p in files:
-        rel = _printable(os.path.relpath(p, root))
+        rel = printable(os.path.relpath(p, root))
         ids.append(rel)
         h.update(rel.encode() + b"\0" + _stat_key(p) + b"\n")
     splits = np.array([s for s, _, _ in files], dtype="<U5") if split_dirs else None
@@ -860,7 +859,7 @@ def _torchvision(name: str, root: str | None) -> _Raw:
             continue
         except (OSError, RuntimeError) as e:
             raise UsageError(
-                f"--data torchvision:{name}: cannot load split {split!r} under {root} ({_first(e)}); "
+                f"--data torchvision:{name}: cannot load split {split!r} under {root} ({first_line(e)}); "
                 f"torchvision downloads it there when online"
             ) from None
         targets = getattr(ds, "targets", None)

@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from featx.errors import FeatxError, UsageError
+from featx.errors import FeatxError, UsageError, first_line
 
 
 class ImageError(FeatxError):
@@ -32,7 +32,7 @@ class ImageError(FeatxError):
         self.ident, self.reason = ident, reason
 
 
-def _printable(path: str) -> str:
+def printable(path: str) -> str:
     """A str that always encodes to UTF-8 (non-UTF-8 file names keep their bytes as \\x escapes)."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
@@ -102,7 +102,7 @@ def decode_image(path: str, ident: str | None = None):
     from PIL import ImageOps
 
     Image = pil_with_limits()
-    ident = ident or _printable(path)
+    ident = ident or printable(path)
     if not os.path.isfile(path):  # a FIFO or device would block or mislead the decoder
         raise ImageError(ident, "missing" if not os.path.exists(path) else "not a regular file")
     try:
@@ -118,16 +118,11 @@ def decode_image(path: str, ident: str | None = None):
         raise
     except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses at open
         n = re.search(r"\((\d+) pixels\)", str(e))
-        size = f"{n.group(1)} pixels, over {MAX_IMAGE_PIXELS}" if n else _first(e)
+        size = f"{n.group(1)} pixels, over {MAX_IMAGE_PIXELS}" if n else first_line(e)
         raise ImageError(ident, f"too large ({size}); raise FEATX_MAX_IMAGE_PIXELS to allow it") from None
     except Exception as e:  # decoders raise many types on hostile files; each is this file's fault
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else _first(e)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         raise ImageError(ident, f"cannot decode ({type(e).__name__}: {reason})") from None
-
-
-def _first(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
 
 
 def to_rgb(im):
@@ -243,7 +238,7 @@ def _decode_batch(payloads, preprocess, device):
                     )
                 except RuntimeError as e:
                     decoded.append(None)
-                    bad.append((k, f"cannot decode (torchvision: {str(e).splitlines()[0][:160]})"))
+                    bad.append((k, f"cannot decode (torchvision: {first_line(e, 160)})"))
         mode = InterpolationMode(preprocess.interpolation)
         for k, img in zip(jpeg_pos, decoded):
             if img is None:

@@ -36,3 +36,9 @@ def closest(name: str, choices: Iterable[str], n: int = 5) -> str:
     if not best:
         best = [c for c in choices if name.lower() in c.lower()][:n]
     return ", ".join(best) if best else ", ".join(choices[:n]) + (", ..." if len(choices) > n else "")
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of `e`'s message, at most `limit` characters; its type's name when it has none."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__

@@ -54,7 +54,7 @@ from featx.engine import (
     timed_batches,
 )
 from featx.engine import phase as _phase
-from featx.errors import FeatxError, Interrupted
+from featx.errors import FeatxError, Interrupted, first_line
 from featx.plan import Plan, request_key, resolve
 from featx.settings import CodeSettings, ModelSettings, RunSettings, gather
 from featx.store import (
@@ -395,7 +395,7 @@ def _extract_distributed(mset, cset, rset, precision, ds, opts, entry, strict, w
                            entry, strict, wait, progress, t0, timings)  # fmt: skip
         except BaseException as e:
             with contextlib.suppress(Exception):  # the others repeat it instead of waiting for a timeout
-                world.publish(f"error/{world.rank}", str(e).splitlines()[0] if str(e) else type(e).__name__)
+                world.publish(f"error/{world.rank}", first_line(e))
             raise
 
 

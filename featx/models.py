@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
-from featx.errors import FeatxError, UsageError, closest
+from featx.errors import FeatxError, UsageError, closest, first_line
 from featx.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, timm_preprocess
 
 log = logging.getLogger("featx")
@@ -414,7 +414,7 @@ def _load_torchvision(model: ModelName, ref: WeightsRef):
         module = torchvision.models.get_model(model.arch, weights=enum)
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         raise FeatxError(
-            f"could not get {model.arch} weights {enum.name} from {enum.url} ({_first_line(e)}); "
+            f"could not get {model.arch} weights {enum.name} from {enum.url} ({first_line(e)}); "
             f"offline, put the file in {_hub_checkpoints()} or pass --weights PATH (or none)"
         ) from None
     return module, enum
@@ -429,7 +429,7 @@ def _load_timm(ref: WeightsRef):
             return timm.create_model(full, pretrained=True)
     except Exception as e:  # hub clients raise many types; any failure here is a failed download
         raise FeatxError(
-            f"could not get timm weights {full} ({type(e).__name__}: {_first_line(e)}); "
+            f"could not get timm weights {full} ({type(e).__name__}: {first_line(e)}); "
             f"offline, pass --weights PATH (a checkpoint file) or none"
         ) from None
 
@@ -459,11 +459,6 @@ def _hub_file_sha256(url: str) -> str | None:
     return file_sha256(path) if os.path.isfile(path) else None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
-
-
 def _num_outputs(module) -> int | None:
     import torch
 
@@ -487,7 +482,7 @@ def read_checkpoint(path: str) -> dict:
         try:
             obj = load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise FeatxError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+            raise FeatxError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -500,9 +495,9 @@ def read_checkpoint(path: str) -> dict:
                     f"does not allow ({bad}); featx never unpickles checkpoints. Re-save it as a plain "
                     f"state dict (torch.save(model.state_dict(), f)) where you trust its source"
                 ) from None
-            raise FeatxError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)[:120]})") from None
+            raise FeatxError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)[:120]})") from None
         except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-            raise FeatxError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)[:120]})") from None
+            raise FeatxError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)[:120]})") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(key), dict):

@@ -99,7 +99,8 @@ class Plan:
         already resolved weights (default: resolve the recorded ones)."""
         from featx.models import parse_model_name, resolve_weights
         from featx.preprocess import Preprocess
-        from featx.taps import list_taps, parse_pool
+        from featx.settings import parse_pool
+        from featx.taps import list_taps
 
         mname = parse_model_name(meta["model"])
         ref = weights_ref or resolve_weights(mname, meta["weights"])
@@ -120,7 +121,8 @@ def resolve(
     resolve `codes` (None: no layers chosen, as `featx layers` wants). `default_may_be_none`:
     DEFAULT falls back to random init for architectures without pretrained weights."""
     from featx.models import build_module, parse_model_name, resolve_weights, weights_preprocess
-    from featx.taps import activation_for, list_taps, parse_pool, resolve_layers
+    from featx.settings import parse_pool
+    from featx.taps import activation_for, list_taps, resolve_layers
 
     m = as_model(model)
     mname = parse_model_name(m.name)

@@ -132,7 +132,7 @@ class Predictor:
         from featx.classifier_io import locate
         from featx.engine import CodeComputer, resolve_device
         from featx.finetune import finetuned_description, load_finetuned
-        from featx.taps import Pool
+        from featx.settings import Pool
 
         kind, found = locate(path)
         if kind != "arrays" or finetuned_description(found) is None:

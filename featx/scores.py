@@ -42,7 +42,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from featx.errors import FeatxError, UsageError
+from featx.errors import FeatxError, UsageError, first_line
 
 METRICS = ("logme", "hscore", "transrate", "gbc")
 TRANSRATE_EPS = 1e-4
@@ -112,7 +112,7 @@ def score(
                 raise FloatingPointError(f"the result is {value}")
         except failures as e:
             # degenerate codes (dead channels, a random-init layer on a few rows): this metric only
-            problem = FeatxError(f"{m} is not defined on these codes ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            problem = FeatxError(f"{m} is not defined on these codes ({first_line(e)})")
             if errors is None:
                 raise problem from None
             errors[m], value = str(problem), None

@@ -45,7 +45,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from featx.errors import FeatxError, UsageError
+from featx.errors import FeatxError, UsageError, first_line
 
 log = logging.getLogger("featx")
 
@@ -304,7 +304,7 @@ def _load_meta(path: str) -> dict:
     try:
         meta = _read_json(os.path.join(path, "meta.json"))
     except (OSError, ValueError, RecursionError) as e:
-        raise JournalDamaged(f"meta.json is unreadable ({_first(e)})") from None
+        raise JournalDamaged(f"meta.json is unreadable ({first_line(e, 160)})") from None
     ok = (
         isinstance(meta, dict)
         and isinstance(meta.get("key"), str)
@@ -331,7 +331,7 @@ def _load_progress(path: str, meta: dict) -> dict:
     try:
         prog = _read_json(os.path.join(path, "progress.json"))
     except (OSError, ValueError, RecursionError) as e:
-        raise JournalDamaged(f"progress.json is unreadable ({_first(e)})") from None
+        raise JournalDamaged(f"progress.json is unreadable ({first_line(e, 160)})") from None
     if not isinstance(prog, dict) or not isinstance(prog.get("checksum"), str):
         raise JournalDamaged("progress.json is not a featx progress record")
     record = {k: v for k, v in prog.items() if k != "checksum"}
@@ -504,7 +504,7 @@ def finalize(entry: str, journal: Journal, *, classes: Sequence[str], labels: np
         )
         f.attrs["featx_state"] = COMPLETE  # last: a file without it is never trusted
     except (OSError, RuntimeError, ValueError) as e:  # h5py reports a failed write as any of these
-        failure = f"writing {tmp} failed ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+        failure = f"writing {tmp} failed ({first_line(e, 160)})"
         traceback.clear_frames(e.__traceback__)  # h5py objects in these frames must not outlive the file
     except BaseException:
         _close_quietly(f)
@@ -568,7 +568,7 @@ def check_complete(path: str) -> str | None:
         with h5py.File(path, "r") as f:
             return _structure(f)
     except (OSError, KeyError, ValueError, TypeError) as e:
-        return f"it is not a readable featx HDF5 file ({_first(e)})"
+        return f"it is not a readable featx HDF5 file ({first_line(e, 160)})"
 
 
 def _structure(f) -> str | None:
@@ -634,11 +634,6 @@ def _codes_problem(f) -> str | None:
     return None
 
 
-def _first(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:160] if text else type(e).__name__
-
-
 def _marker(path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(path)), ".verified", os.path.basename(path) + ".json")
 
@@ -691,7 +686,7 @@ def verify(path: str) -> str | None:
             if reason:
                 return reason
     except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError) as e:
-        return f"it is not a readable featx HDF5 file ({_first(e)})"
+        return f"it is not a readable featx HDF5 file ({first_line(e, 160)})"
     mark_verified(path)
     return None
 
@@ -967,7 +962,7 @@ class CodesFile:
                 out = _read_rows(ds, np.sort(idx))
         except OSError as e:  # a chunk failed its checksum or cannot be decompressed
             forget_verified(self.path)  # so the next extract checks the whole file, and sets it aside
-            raise FeatxError(f"{self.path}: reading /codes/{layer} failed ({_first(e)}); the file is damaged: "
+            raise FeatxError(f"{self.path}: reading /codes/{layer} failed ({first_line(e, 160)}); the file is damaged: "
                              f"delete it (featx cache rm) and rerun featx extract") from None  # fmt: skip
         return out.astype(np.float32, copy=False)
 

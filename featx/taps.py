@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from featx.errors import UsageError, closest
+from featx.settings import Pool
 
 RELU_FAMILY = ("relu", "relu6")
 _ACT_FUNCS = {
@@ -92,94 +93,6 @@ class TapInfo:
         if self.next_act:
             return f"->{self.next_act}"
         return "-"
-
-
-# -- pooling -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pool:
-    """`avg` / `max` (global), `avgNxN` (adaptive average to an N x N grid, flattened channel-major),
-    `none` (the whole map, flattened); for token maps [T, D] also `cls` (the class token) and
-    `cls+mean` (the class token, then the mean of the patch tokens: 2 x D). On token maps `avg`
-    (alias `mean`) and `max` pool the patch tokens only, never the prefix tokens."""
-
-    kind: str  # 'avg' | 'max' | 'grid' | 'none' | 'cls' | 'cls+mean'
-    grid: int = 0
-
-    def __str__(self) -> str:
-        return f"avg{self.grid}x{self.grid}" if self.kind == "grid" else self.kind
-
-    def dim(self, shape: tuple[int, ...]) -> int:
-        if len(shape) == 1:
-            return shape[0]
-        if self.kind == "none":
-            return math.prod(shape)
-        if len(shape) == 3 and self.kind == "grid":
-            return shape[0] * self.grid * self.grid
-        if len(shape) == 2 and self.kind == "cls+mean":
-            return 2 * shape[1]
-        return shape[-1] if len(shape) == 2 else shape[0]
-
-    def problem(self, tap: TapInfo) -> str | None:
-        """Why this pooling cannot make a code of `tap`'s output (one line), or None when it can."""
-        shape = list(tap.shape)
-        if len(tap.shape) not in (1, 2, 3):
-            return f"layer {tap.name} outputs shape {tap.shape}; featx taps [C,H,W], [L,C] or [D] outputs"
-        if self.kind == "grid" and len(tap.shape) != 3:
-            return f"--pool {self} needs a spatial [C,H,W] output; layer {tap.name} outputs {shape}"
-        if self.kind in ("cls", "cls+mean"):
-            if not tap.tokens:
-                other = "avg, max, avgNxN or none" if len(tap.shape) == 3 else "avg or none"
-                return (f"--pool {self} needs a token map [T, D] with a class token (ViT-style models); "
-                        f"layer {tap.name} outputs {shape}, no tokens: use {other}")  # fmt: skip
-            if not tap.class_token:
-                k = tap.prefix_tokens
-                why = f"its {k} prefix tokens hold none" if k else "all are patch tokens"
-                return (f"--pool {self}: the {tap.shape[0]} tokens of layer {tap.name} have no class token ({why}); "
-                        f"use mean or none, or a block after the class token joins")  # fmt: skip
-        return None
-
-    def check(self, tap: TapInfo) -> None:
-        msg = self.problem(tap)
-        if msg:
-            raise UsageError(msg)
-
-    def apply(self, x, prefix_tokens: int = 0):
-        """[N, C, H, W] / [N, T, D] / [N, D] -> [N, code_dim]; always a new tensor. `prefix_tokens`:
-        the leading non-patch tokens of a token map, skipped by avg and max."""
-        import torch
-        import torch.nn.functional as F
-
-        if x.dim() == 2 or self.kind == "none":
-            return x.flatten(1).clone()
-        if x.dim() == 3:  # a token map
-            patches = x[:, prefix_tokens:]
-            if self.kind == "cls":
-                return x[:, 0].clone()
-            if self.kind == "cls+mean":
-                return torch.cat([x[:, 0], patches.mean(1)], dim=1)
-            return patches.amax(1) if self.kind == "max" else patches.mean(1)
-        if self.kind == "avg":
-            return x.mean((2, 3))
-        if self.kind == "max":
-            return x.amax((2, 3))
-        return F.adaptive_avg_pool2d(x, self.grid).flatten(1)
-
-
-POOL_CHOICES = "avg (alias mean), max, avgNxN with N in 1..64 (e.g. avg2x2), none, cls or cls+mean"
-
-
-def parse_pool(spec: str) -> Pool:
-    s = (spec or "").strip().lower()
-    if s in ("avg", "max", "none", "cls", "cls+mean"):
-        return Pool(s)
-    if s == "mean":  # the same codes as avg (and so the same cache entry)
-        return Pool("avg")
-    m = re.fullmatch(r"avg(\d+)x(\d+)", s)
-    if m and m.group(1) == m.group(2) and 1 <= int(m.group(1)) <= 64:
-        return Pool("grid", int(m.group(1)))
-    raise UsageError(f"--pool {spec!r}: use {POOL_CHOICES}")
 
 
 # -- activation policy ---------------------------------------------------------------------------

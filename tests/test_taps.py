@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from featx.errors import UsageError
 from featx.models import build_module, load_model, parse_model_name
-from featx.taps import Pool, Tapper, activation_for, list_taps, parse_pool, resolve_layers
+from featx.settings import Pool, parse_pool
+from featx.taps import Tapper, activation_for, list_taps, resolve_layers
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from conftest import FAST_ARGS, assert_one_line_error, cli, make_images
 from featx.errors import UsageError
 from featx.extraction import extract
 from featx.plan import resolve
-from featx.settings import CodeSettings
+from featx.settings import CodeSettings, Pool, parse_pool
 from featx.store import open_codes
-from featx.taps import Pool, activation_for, parse_pool
+from featx.taps import activation_for
 
 VIT = "timm:vit_tiny_patch16_224"  # random init; timm builds it for 224 px only
 # 224 x 224 PNGs at crop 224 / resize 224: the model sees the file's pixels exactly, so the reference

@@ -21,8 +21,7 @@ def run(args) -> int:
     from featx.models import torchvision_models
     from featx.plan import resolve
     from featx.report import layers_json, layers_text
-    from featx.settings import ModelSettings
-    from featx.taps import parse_pool
+    from featx.settings import ModelSettings, parse_pool
 
     if args.list_models:
         print("\n".join([*torchvision_models(), "efficientnet_lite0", "timm:NAME (any of timm.list_models())"]))

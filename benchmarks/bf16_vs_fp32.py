@@ -31,9 +31,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from featx import extract, fit
-    from featx.classify import protocol_for
-    from featx.data import DataOptions
-    from featx.store import CodesFile
+    from featx.classifiers.protocol import protocol_for
+    from featx.settings import DataOptions
+    from featx.store.codes import CodesFile
 
     seeds = [int(s) for s in args.seeds.split(",")]
     opts = DataOptions(per_class_limit=args.per_class_limit)

@@ -130,7 +130,8 @@ def parse_args(argv=None):
 def list_images(root: str) -> list[tuple[str, str]]:
     """(class, path) of the images under `root`, with featx's own listing (same files, same order)."""
     sys.path.insert(0, REPO)
-    from featx.data import DataOptions, open_source
+    from featx.settings import DataOptions
+    from featx.sources.spec import open_source
 
     ds = open_source(root, DataOptions())
     paths = ds.loader.paths if hasattr(ds.loader, "paths") else None
@@ -482,7 +483,7 @@ def _fx():
     """featx's compute engine (featx/engine.py)."""
     import importlib
 
-    return importlib.import_module("featx.engine")
+    return importlib.import_module("featx.engine.compute")
 
 
 def _device(spec):
@@ -500,7 +501,7 @@ def featx_setup(spec, layers: str):
     """featx's own plan, device decisions and model, exactly as `featx.extract` makes them."""
     from types import SimpleNamespace
 
-    from featx.plan import resolve
+    from featx.models.plan import resolve
     from featx.settings import CodeSettings, ModelSettings
 
     fx = _fx()
@@ -603,7 +604,7 @@ class _PacedDecoder:
     def _run(self, data, preprocess, rate):
         import torch
 
-        from featx.data import open_source
+        from featx.sources.spec import open_source
 
         torch.set_num_threads(1)  # as in a DataLoader worker
         seq = _fx().ImageSequence(open_source(data).load, len(open_source(data)), preprocess)
@@ -628,7 +629,7 @@ def _plain_model_and_batches(spec, dev, n: int):
     """The bare torchvision/timm module in eval mode on `dev`, and `n` normalized random batches."""
     import torch
 
-    from featx.models import load_model
+    from featx.models.build import load_model
 
     backbone = load_model(spec["model"], spec["weights"], image_size=spec["image_size"])
     pre = backbone.preprocess
@@ -659,10 +660,10 @@ def m_naive(spec) -> dict:
 
 
 def _instrument(io: dict):
-    """What featx's timing hook (`featx.engine.Timings`, passed to `extract`) does not see: the
+    """What featx's timing hook (`featx.engine.compute.Timings`, passed to `extract`) does not see: the
     bytes of each progress commit and the fsync calls per thread (a few perf_counter calls each)."""
-    import featx.store as fs
-    from featx.engine import Timings
+    import featx.store.journal as fs
+    from featx.engine.compute import Timings
 
     timings = Timings()
     orig_commit = getattr(fs.Journal, "_commit_progress", None)
@@ -768,7 +769,7 @@ def m_hand(spec) -> dict:
     from torchvision.datasets import ImageFolder
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    from featx.models import load_model
+    from featx.models.build import load_model
 
     # the same input sizes as featx uses (featx's Preprocess, read from the weights)
     pre = load_model(spec["model"], "none", image_size=spec["image_size"]).preprocess
@@ -802,8 +803,8 @@ def m_decode(spec) -> dict:
     import torch
     from PIL import Image
 
-    from featx.data import open_source
-    from featx.models import load_model
+    from featx.models.build import load_model
+    from featx.sources.spec import open_source
 
     ImageSequence = _fx().ImageSequence
     torch.set_num_threads(1)  # as in a DataLoader worker
@@ -865,7 +866,7 @@ def m_thingsvision(spec) -> dict:
         return {
             "unavailable": f"{TV_PYTHON} cannot import thingsvision: {check.stderr.strip().splitlines()[-1:]}"
         }
-    from featx.models import load_model
+    from featx.models.build import load_model
 
     pre = load_model(spec["model"], "none", image_size=spec["image_size"]).preprocess
     out_dir = tempfile.mkdtemp(prefix="tv-", dir=spec["tmp"])

@@ -39,10 +39,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from featx import classify  # noqa: E402
-from featx.block_softmax import BlockSoftmax  # noqa: E402
-from featx.classify import Protocol, fit  # noqa: E402
-from featx.torch_softmax import fit_device  # noqa: E402
+import featx.classifiers.grid as grid  # noqa: E402
+from featx.classifiers.block_softmax import BlockSoftmax
+from featx.classifiers.fit import fit
+from featx.classifiers.protocol import Protocol
+from featx.classifiers.torch_softmax import fit_device
 
 
 def synthetic(n: int, d: int, c: int, seed: int = 0, noise: float = 2.2) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +59,8 @@ def synthetic(n: int, d: int, c: int, seed: int = 0, noise: float = 2.2) -> tupl
 
 def write_codes(path: str, X: np.ndarray, y: np.ndarray, test_every: int = 7) -> str:
     """A codes file from arrays, written by featx's own journal + finalize (one layer, `L`)."""
-    from featx.store import Journal, finalize
+    from featx.store.finalize import finalize
+    from featx.store.journal import Journal
 
     n, d = X.shape
     splits = np.array(["train"] * n, dtype=object)
@@ -88,7 +90,7 @@ def _timed_chain(*args, **kwargs):
         TASK_CPU[slot] = time.thread_time() - t
 
 
-_real_chain, classify._chain = classify._chain, _timed_chain
+_real_chain, grid.run_chain = grid.run_chain, _timed_chain
 SIDE_CPU: list[float] = []  # CPU seconds of the refit's preprocessing, run in the grid's pool after its tasks
 REFIT_CPU: list[float] = []  # CPU seconds (all its threads) of a BlockSoftmax refit, which spreads over --jobs
 
@@ -110,7 +112,7 @@ def _timed_refit(self, *args, **kwargs):
         REFIT_CPU.append(time.process_time() - c)
 
 
-_real_prepare, classify._prepare = classify._prepare, _timed_prepare
+_real_prepare, grid.prepare_split = grid.prepare_split, _timed_prepare
 _real_refit, BlockSoftmax.fit = BlockSoftmax.fit, _timed_refit
 
 
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.codes:
-            from featx.store import CodesFile
+            from featx.store.codes import CodesFile
 
             with CodesFile(args.codes) as f:
                 layer = args.layer or f.layers[0]

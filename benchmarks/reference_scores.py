@@ -1,4 +1,4 @@
-"""Straightforward versions of featx.scores' metrics, written from the published algorithms as their
+"""Straightforward versions of featx.classifiers.scores' metrics, written from the published algorithms as their
 reference implementations compute them: a full eigendecomposition (or pseudo-inverse) of the D x D
 matrix and a loop over classes. Slow; used as the yardstick in benchmarks/score_speed.py and as the
 ground truth in tests/test_scores.py.

@@ -1,4 +1,4 @@
-"""How long featx.scores takes per layer, against the straightforward reference versions in the same run.
+"""How long featx.classifiers.scores takes per layer, against the straightforward reference versions in the same run.
 
     python benchmarks/score_speed.py                          # 10,000 x 2,048, 10 classes
     python benchmarks/score_speed.py --shapes 10000x2048x10,5000x512x100 --threads 2
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from reference_scores import REFERENCES  # noqa: E402
 
-from featx import scores  # noqa: E402
+from featx.classifiers import scores
 
 
 def synthetic(n: int, d: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         "--precision",
         default="float64",
         choices=["float64", "float32"],
-        help="of the covariance product (featx.scores.score's precision)",
+        help="of the covariance product (featx.classifiers.scores.score's precision)",
     )
     p.add_argument("--no-reference", action="store_true", help="skip the slow reference versions")
     args = p.parse_args(argv)

@@ -1,10 +1,10 @@
 """Regret of featx's choices (layer and C) on small training sets: the old rule against the new.
 
 For every dataset, train size and seed, both rules fit every layer exactly as `featx fit` does
-(`featx.classify.fit_cell`): the *old* rule validates on a 20% hold-out whatever its size
+(`featx.classifiers.fit.fit_cell`): the *old* rule validates on a 20% hold-out whatever its size
 (`min_val_per_class=0`); the *new* rule switches to stratified k-fold CV when the hold-out would keep
 fewer than 10 images per class (`--min-val-per-class`), where softmax then chooses C by the cross-validated log-likelihood
-and the layer by featx.selection.choose_layer (the deepest within one paired standard error of the
+and the layer by featx.classifiers.selection.choose_layer (the deepest within one paired standard error of the
 best), and breaks accuracy ties with a continuous score elsewhere. Then, for the
 same training images, every (layer, C) is refitted on all of them and scored on the test split (the
 "oracle" table, never seen by either rule). Regrets, in accuracy points (mean over seeds):
@@ -33,12 +33,15 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from featx.classify import fit_cell, make_pipeline, parse_train_size, protocol_for, select_rows  # noqa: E402
-from featx.extraction import extract  # noqa: E402
-from featx.report import format_table  # noqa: E402
-from featx.selection import candidate, choose_layer  # noqa: E402
+from featx.classifiers.estimators import make_pipeline
+from featx.classifiers.fit import fit_cell
+from featx.classifiers.protocol import parse_train_size, protocol_for
+from featx.classifiers.rows import select_rows
+from featx.classifiers.selection import candidate, choose_layer
+from featx.cli.tables import format_table
+from featx.engine.extract import extract
 from featx.settings import DataOptions, parse_per_class_limit  # noqa: E402
-from featx.store import CodesFile  # noqa: E402
+from featx.store.codes import CodesFile
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets")
 DEFAULT_DATA = ["sklearn:digits", f"{SHARED}/hymenoptera", f"{SHARED}/flowers5_128", f"{SHARED}/brain_tumor_mri",

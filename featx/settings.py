@@ -2,7 +2,7 @@
 
 Each is a small frozen dataclass validated once, at construction, with a one-line
 `UsageError` that names the field (by its CLI flag, from `FLAGS`, so the CLI and the Python API
-say the same thing). Everything downstream (`featx.plan.resolve`, `featx.engine`, `extract`,
+say the same thing). Everything downstream (`featx.models.plan.resolve`, `featx.engine.compute`, `extract`,
 `bench`, `CNNCodes`, `Predictor`) takes these objects instead of loose keyword arguments, so a
 new option is one field here plus one CLI line.
 """
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from featx.errors import UsageError
 
 if TYPE_CHECKING:
-    from featx.taps import TapInfo
+    from featx.models.taps import TapInfo
 
 DTYPES = ("float32", "float16")
 # choices the CLI offers, kept here (not in the modules that use them) so that parsing a command line
@@ -40,7 +40,7 @@ FLAGS = {
     "channels_last": "--channels-last", "decoder": "--decoder", "compile": "--compile", "distributed": "--distributed",
     "test_fraction": "--test-fraction", "per_class_limit": "--per-class-limit", "seed": "--seed",
     "data_root": "--data-root", "group_by": "--group-by",
-    # featx.finetune.FinetuneSettings
+    # featx.finetune.settings.FinetuneSettings
     "train_from": "--train-from", "epochs": "--epochs", "lr": "--lr", "backbone_lr_mult": "--backbone-lr-mult",
     "weight_decay": "--weight-decay", "optimizer": "--optimizer", "momentum": "--momentum", "warmup": "--warmup",
     "label_smoothing": "--label-smoothing", "train_size": "--train-size", "max_images": "--max-images",

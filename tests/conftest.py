@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-# measured choices (featx.autotune) go to a per-session folder, not the user's ~/.cache
+# measured choices (featx.engine.autotune) go to a per-session folder, not the user's ~/.cache
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="featx-tests-xdg-")
-# `--precision auto` resolves to what featx.autotune measures faster on this CPU (bf16 where the CPU
+# `--precision auto` resolves to what featx.engine.autotune measures faster on this CPU (bf16 where the CPU
 # has bf16 units): pin the decision so no test depends on the machine. `FEATX_AUTOTUNE=bf16 python
 # -m pytest` runs the whole suite under the other decision; tests/test_autotune_decisions.py runs the
 # cache, store and reliability paths under both in every run.
@@ -163,7 +163,8 @@ def write_codes(path, layers: dict, labels, splits, classes, model="resnet18", w
     layer's relative depth in the network; default 0)."""
     import json as _json
 
-    from featx.store import Journal, finalize
+    from featx.store.finalize import finalize
+    from featx.store.journal import Journal
 
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)

@@ -1,4 +1,4 @@
-"""featx.analysis: the per-dataset verdict of a bench (best layer, late-layer gain, size regime,
+"""featx.bench.analysis: the per-dataset verdict of a bench (best layer, late-layer gain, size regime,
 transfer case) from result rows, and the ImageNet head's confidence from a codes file."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import write_codes
-from featx.analysis import GAIN_THRESHOLD, analyze, best_layer, head_confidence
-from featx.bench import BenchData, Source
+from featx.bench.analysis import GAIN_THRESHOLD, analyze, best_layer, head_confidence
+from featx.bench.config import BenchData
+from featx.bench.grid import Source
 
 DEPTH = {"early": 0.25, "mid": 0.5, "late": 0.9, "top": 1.0}
 

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from conftest import cli, make_images, run_cli, sigkill_when
-from featx.classify import fit, protocol_for
-from featx.extraction import extract
-from featx.store import open_codes, verify
+from featx.classifiers.fit import fit
+from featx.classifiers.protocol import protocol_for
+from featx.engine.extract import extract
+from featx.store.codes import open_codes
+from featx.store.verify import verify
 
 # FAST without the pinned precision: these tests are about what `auto` resolves to
 AUTO = dict(weights="none", image_size=32, workers=0, batch_size=4)

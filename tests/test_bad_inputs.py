@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from conftest import FAST_ARGS, assert_one_line_error, cli, make_images
-from featx.store import open_codes
+from featx.store.codes import open_codes
 
 LAYERS = "layer1,layer3"
 

@@ -12,11 +12,13 @@ import time
 import pytest
 
 from conftest import cells_written, cli, make_images, run_cli, sigkill_when
-from featx.analysis import analyze
-from featx.bench import BenchConfig, BenchData, load_done, parse_bench_data, run
-from featx.classify import protocol_for
+from featx.bench.analysis import analyze
+from featx.bench.config import BenchConfig, BenchData, parse_bench_data
+from featx.bench.report import write_bench_report
+from featx.bench.run import run
+from featx.classifiers.protocol import protocol_for
 from featx.errors import UsageError
-from featx.report import write_bench_report
+from featx.files import load_done
 
 
 @pytest.fixture(scope="module")

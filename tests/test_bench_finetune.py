@@ -1,14 +1,14 @@
-"""Fine-tune cells of a bench (featx.bench_finetune): grid, resume, rows with kind."""
+"""Fine-tune cells of a bench (featx.bench.finetune_cells): grid, resume, rows with kind."""
 
 from __future__ import annotations
 
 import pytest
 
 from conftest import make_images
-from featx.bench import BenchConfig, BenchData
-from featx.bench_finetune import finetune_rows, parse_points, run_finetune_cells
+from featx.bench.config import BenchConfig, BenchData
+from featx.bench.finetune_cells import finetune_rows, parse_points, run_finetune_cells
 from featx.errors import UsageError
-from featx.finetune import FinetuneSettings
+from featx.finetune.settings import FinetuneSettings
 from featx.settings import ModelSettings, RunSettings
 
 
@@ -36,12 +36,12 @@ def test_cells_resume_and_rows(tmp_path, monkeypatch):
     assert {r["image_size"] for r in rows} == {config.model.image_size} == {32}
     assert {r["train_from"] for r in rows} == {"depth:0.5", "depth:1.0"}
 
-    import featx.finetune
+    import featx.finetune.job
 
     def boom(*a, **k):
         raise AssertionError("a finished cell was run again")
 
-    monkeypatch.setattr(featx.finetune, "finetune", boom)
+    monkeypatch.setattr(featx.finetune.job, "finetune", boom)
     again = run_finetune_cells(config, ["depth:0.5", "depth:1.0"], base)
     assert [r for _, r in again] == [r for _, r in first]
     assert not (tmp_path / "bench" / "finetune-ckpt").exists() or not any((tmp_path / "bench" / "finetune-ckpt").iterdir())
@@ -82,7 +82,7 @@ def test_bench_finetune_from_the_cli_report_and_resume(tmp_path):
 
 def test_a_torn_last_line_does_not_swallow_the_next_fine_tune_record(tmp_path):
     """A bench killed mid-append leaves a torn line; the next fine-tune record still lands whole."""
-    from featx.bench import load_done
+    from featx.files import load_done
 
     data = make_images(tmp_path / "d", per_class=6)
     config = BenchConfig(ModelSettings("timm:test_resnet", "none", image_size=32), [BenchData(str(data), "similar")],

@@ -10,7 +10,7 @@ import logging
 from test_data import _write_idx_dir
 
 from conftest import cli, make_images
-from featx.bench import BenchConfig, BenchData
+from featx.bench.config import BenchConfig, BenchData
 from featx.settings import ModelSettings, RunSettings
 
 
@@ -38,9 +38,9 @@ def test_bench_config_holds_settings_objects():
 
 
 def test_oversized_workers_are_capped_with_one_warning(tmp_path, caplog):
-    from featx.engine import usable_cores
-    from featx.extraction import extract
-    from featx.store import open_codes
+    from featx.engine.compute import usable_cores
+    from featx.engine.extract import extract
+    from featx.store.codes import open_codes
 
     data = make_images(tmp_path / "d", per_class=2)
     kw = dict(weights="none", image_size=32, batch_size=4, precision="fp32", cache_dir=str(tmp_path / "c"))

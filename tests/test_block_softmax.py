@@ -7,10 +7,11 @@ import pytest
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from featx import block_softmax
-from featx.block_softmax import BlockSoftmax
-from featx.classifier_io import load_classifier, save_classifier
-from featx.classify import fit_cell, protocol_for
+from featx.classifiers import block_softmax
+from featx.classifiers.block_softmax import BlockSoftmax
+from featx.classifiers.fit import fit_cell
+from featx.classifiers.io import load_classifier, save_classifier
+from featx.classifiers.protocol import protocol_for
 from tests.test_fit_speed import codes, same_numbers
 
 

@@ -1,4 +1,4 @@
-"""featx.cache: the entry protocol (find, lock, verify, set aside, remember), listing and removing
+"""featx.store.cache: the entry protocol (find, lock, verify, set aside, remember), listing and removing
 entries, and what `extract`, `info`, `cache ls` and `cache rm` do with damaged entries and journals.
 
 Real extraction (random-init resnet18 at 32 px) on tiny generated folders; damage is done to the
@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FAST_ARGS, cli, make_images, write_codes
-from featx.cache import CacheEntry, EntryLock, list_entries, remove_entries
-from featx.store import mark_verified, open_codes
+from featx.store.cache import CacheEntry, EntryLock, list_entries, remove_entries
+from featx.store.codes import open_codes
+from featx.store.verify import mark_verified
 
 LAYERS = "layer3,avgpool"
 

@@ -1,4 +1,4 @@
-"""featx.classifier_io: pickle-free classifier files, their checks, and how fit writes them."""
+"""featx.classifiers.io: pickle-free classifier files, their checks, and how fit writes them."""
 
 from __future__ import annotations
 
@@ -15,16 +15,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from conftest import FAST_ARGS, blobs, cli, make_images, write_codes
-from featx.classifier_io import (
-    HEADER_KEY,
-    describe,
-    from_arrays,
-    load_classifier,
-    read_description,
-    save_classifier,
-    to_arrays,
-)
-from featx.classify import fit_cell, protocol_for
+from featx.classifiers.description import HEADER_KEY, describe
+from featx.classifiers.fit import fit_cell
+from featx.classifiers.io import from_arrays, load_classifier, read_description, save_classifier, to_arrays
+from featx.classifiers.protocol import protocol_for
 from featx.errors import FeatxError, UsageError
 
 

@@ -7,16 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import blobs, write_codes
-from featx.classify import (
-    PRESETS,
-    VISSL_COSTS,
-    L2Normalize,
-    PerClassSVM,
-    fit,
-    fit_cell,
-    parse_train_size,
-    protocol_for,
-)
+from featx.classifiers.estimators import L2Normalize, PerClassSVM
+from featx.classifiers.fit import fit, fit_cell
+from featx.classifiers.protocol import PRESETS, VISSL_COSTS, parse_train_size, protocol_for
 from featx.errors import FeatxError, UsageError
 
 CLASSES = ["a", "b", "c"]
@@ -193,7 +186,8 @@ def test_pca_and_scaling(codes):
 _MEMORY_PROBE = """
 import resource, sys
 import numpy as np
-from featx.classify import fit_cell, protocol_for
+from featx.classifiers.fit import fit_cell
+from featx.classifiers.protocol import protocol_for
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 r = fit_cell(sys.argv[1], ["big"], protocol_for("sgd", Cs=(1.0,), epochs=1, chunk_rows=512), "all", 0)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -252,8 +246,8 @@ def test_ties_on_accuracy_go_to_the_continuous_score_not_the_grid_order(tmp_path
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from featx.classify import select_rows
-    from featx.store import CodesFile
+    from featx.classifiers.rows import select_rows
+    from featx.store.codes import CodesFile
 
     X, y = blobs(40, 3, 8, sep=12.0)
     path = write_codes(tmp_path / "t.h5", {"L": X}, y, _splits(y), CLASSES)
@@ -306,7 +300,7 @@ def test_every_accuracy_carries_its_wilson_interval(codes):
 
 def test_the_cli_choices_are_the_library_ones():
     """settings.py holds the CLI's choices so that parsing imports nothing heavy; they must match."""
-    from featx.classify import PRESETS
+    from featx.classifiers.protocol import PRESETS
     from featx.settings import PRESET_NAMES
 
     assert tuple(PRESETS) == PRESET_NAMES

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import make_images, run_cli, sigkill_when
-from featx.store import open_codes
+from featx.store.codes import open_codes
 
 TINY = ["--weights", "none", "--image-size", "32", "--workers", "0", "--batch-size", "4"]
 

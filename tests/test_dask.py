@@ -12,9 +12,12 @@ import time
 import pytest
 
 from conftest import assert_one_line_error, cells_written, cli, make_images, run_cli, sigkill_when
-from featx.bench import BenchConfig, Cell, _run_cell, load_done
-from featx.classify import Protocol, parse_train_size
+from featx.bench.config import BenchConfig
+from featx.bench.grid import Cell
+from featx.bench.run import run_cell
+from featx.classifiers.protocol import Protocol, parse_train_size
 from featx.errors import FeatxError
+from featx.files import load_done
 
 distributed = pytest.importorskip("distributed")
 
@@ -50,7 +53,7 @@ def _cells_on(cluster) -> bool:
     """Whether the cluster's scheduler has seen joblib batches of bench cells."""
     with distributed.Client(cluster, set_as_default=False) as c:
         prefixes = c.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
-    return any("_run_cell" in p for p in prefixes)
+    return any("run_cell" in p for p in prefixes)
 
 
 def test_dask_resumes_and_matches_joblib(data, cluster, tmp_path, caplog):
@@ -127,10 +130,10 @@ def test_unreachable_scheduler_is_one_line(data, tmp_path, monkeypatch):
 
 
 def test_a_scheduler_without_workers_is_one_line(data, tmp_path, monkeypatch):
-    import featx.bench
+    import featx.bench.run
 
     root, a, b = data
-    monkeypatch.setattr(featx.bench, "WORKERS_TIMEOUT_S", 2)  # 60 s for a user
+    monkeypatch.setattr(featx.bench.run, "WORKERS_TIMEOUT_S", 2)  # 60 s for a user
     with distributed.LocalCluster(
         n_workers=0, protocol="tcp", host="127.0.0.1", dashboard_address=":0"
     ) as empty:
@@ -151,7 +154,7 @@ def test_a_worker_without_the_codes_file_stops_the_bench(tmp_path):
     cell = Cell(0, str(tmp_path / "elsewhere.h5"), "k", "layer1", parse_train_size("all"), Protocol(), 0)
     # raised, not recorded as a finished cell that every resume would skip
     with pytest.raises(FeatxError, match="filesystem every Dask worker sees"):
-        _run_cell(cell)
+        run_cell(cell)
 
 
 def test_bench_config_keeps_the_scheduler():

@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 
 from conftest import make_images
-from featx.data import DataOptions, ImageError, decode_image, open_source, parse_per_class_limit
 from featx.errors import UsageError
+from featx.settings import DataOptions, parse_per_class_limit
+from featx.sources.decode import ImageError, decode_image
+from featx.sources.spec import open_source
 
 
 def test_folder_without_splits_gets_a_seeded_stratified_split(image_folder):
@@ -187,9 +189,9 @@ def test_undecodable_files_raise_image_error(tmp_path, monkeypatch):
         with pytest.raises(ImageError) as err:
             decode_image(str(tmp_path / name), name)
         assert str(err.value).startswith(f"{name}: cannot decode")
-    import featx.decode
+    import featx.sources.decode
 
-    monkeypatch.setattr(featx.decode, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(featx.sources.decode, "MAX_IMAGE_PIXELS", 1000)
     # decode_image sets Pillow's limit to featx's: restore it after the test
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")

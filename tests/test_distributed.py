@@ -24,8 +24,17 @@ import numpy as np
 import pytest
 
 from conftest import FAST_ARGS, REPO, cli, make_images
-from featx.distributed import Shard, ShardSet, assign, committed_shards, row_slice, shard_dir, shard_meta
-from featx.store import Journal, open_codes
+from featx.engine.distributed import (
+    Shard,
+    ShardSet,
+    assign,
+    committed_shards,
+    row_slice,
+    shard_dir,
+    shard_meta,
+)
+from featx.store.codes import open_codes
+from featx.store.journal import Journal
 
 TIMEOUT = "12"  # FEATX_DIST_TIMEOUT for the job's waits
 
@@ -159,7 +168,7 @@ def test_shards_are_checked_like_journals_and_read_back_in_row_order(tmp_path):
 def test_cache_ls_and_rm_see_an_interrupted_distributed_entry(tmp_path):
     """Shards alone (a torchrun extraction killed before finalize) list as a partial entry with the
     images done over all shards, and `cache rm` removes them."""
-    from featx.cache import list_entries, remove_entries
+    from featx.store.cache import list_entries, remove_entries
 
     entry = str(tmp_path / "d--resnet18--0123456789abcdef.h5")
     meta = {"key": "k", "layers": [["l", 3]], "dtype": "float32", "samples": 12, "batch_size": 2, "featx": "x"}
@@ -282,7 +291,7 @@ def test_a_rank_killed_mid_run_is_named_and_reruns_with_one_or_two_ranks_finish_
 def test_a_job_waits_for_the_entry_lock_longer_than_the_timeout_then_finds_the_entry(uneven_folder, tmp_path):
     """Two jobs asking for one entry serialize on its lock: while another process holds it, rank 0
     waits (beating, so rank 1 does not time out) and the job then builds the entry."""
-    from featx.cache import EntryLock
+    from featx.store.cache import EntryLock
 
     cache = tmp_path / "c"
     rc, out, err = cli("extract", *FAST_ARGS, "--data", uneven_folder, "--cache-dir", cache, "-q")

@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FAST, make_images
-from featx.cache import EntryLock
-from featx.data import DataOptions, open_source
+from featx.engine.extract import extract
 from featx.errors import FeatxError, Interrupted, UsageError
-from featx.extraction import extract
-from featx.models import load_model
-from featx.preprocess import Preprocess
-from featx.store import open_codes
+from featx.models.build import load_model
+from featx.models.preprocess import Preprocess
+from featx.settings import DataOptions
+from featx.sources.spec import open_source
+from featx.store.cache import EntryLock
+from featx.store.codes import open_codes
 
 
 def _reference(path, model_name, weights, feature_extractor):
@@ -220,12 +221,12 @@ def test_undecodable_images_are_skipped_and_listed(tmp_path, cache_dir):
 
 
 def test_lock_no_wait_and_wait(image_folder, cache_dir):
-    from featx.plan import resolve
+    from featx.models.plan import resolve
     from featx.settings import ModelSettings
 
     ds = open_source(str(image_folder))
     plan = resolve(ModelSettings("resnet18", "none", 32), "layer2")
-    from featx.cache import entry_path
+    from featx.store.cache import entry_path
 
     entry = entry_path(str(cache_dir), ds.name, "resnet18", plan.cache_key("fp32", "pil", ds.fingerprint))
     lock = EntryLock(entry).__enter__()

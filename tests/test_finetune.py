@@ -15,7 +15,9 @@ import torch
 
 from conftest import assert_one_line_error, cli, make_images, sigkill_when
 from featx.errors import UsageError
-from featx.finetune import FinetuneSettings, finetune, select_samples
+from featx.finetune.data import select_samples
+from featx.finetune.job import finetune
+from featx.finetune.settings import FinetuneSettings
 from featx.settings import ModelSettings, RunSettings
 
 MODEL = ModelSettings("timm:test_resnet", "none", image_size=32)
@@ -42,7 +44,7 @@ def tuned(data, tmp_path_factory):
 
 
 def _initial():
-    from featx.models import load_model
+    from featx.models.build import load_model
 
     return load_model("timm:test_resnet", "none").module.state_dict()
 
@@ -79,8 +81,8 @@ def test_results_schema(tuned):
 def test_trains_and_saves_at_the_image_size_asked_for(data, tmp_path):
     """--image-size 32 (test_resnet's default is larger): every image tensor the network sees is 32 px,
     and the saved model and its results say 32."""
-    from featx.finetune import finetuned_description
-    from featx.models import load_model
+    from featx.models.build import load_model
+    from featx.models.saved import finetuned_description
 
     assert load_model("timm:test_resnet", "none").preprocess.crop_size != 32
     sizes: set[tuple[int, int]] = set()
@@ -102,10 +104,11 @@ def test_trains_and_saves_at_the_image_size_asked_for(data, tmp_path):
 
 def test_same_training_images_as_fit(data, tmp_path):
     """A fine-tune cell and a probe cell with the same seed and train size see the same rows."""
-    from featx.classify import Protocol, parse_train_size, select_rows
-    from featx.data import open_source
-    from featx.extraction import extract
-    from featx.store import CodesFile
+    from featx.classifiers.protocol import Protocol, parse_train_size
+    from featx.classifiers.rows import select_rows
+    from featx.engine.extract import extract
+    from featx.sources.spec import open_source
+    from featx.store.codes import CodesFile
 
     ds = open_source(str(data))
     codes = extract(MODEL, str(data), "depth:1.0", run=RUN, cache_dir=str(tmp_path), progress=False).path
@@ -121,8 +124,9 @@ def test_head_only_close_to_fit_softmax(data, tmp_path):
     """depth:1.0 trains only the head: a probe by SGD. On the same images (eval transform, no
     augmentation) it lands within 0.25 accuracy of fit's softmax on the depth:1.0 codes (loose:
     SGD for a few epochs on raw codes vs lbfgs on standardized ones with C chosen on validation)."""
-    from featx.classify import fit_cell, protocol_for
-    from featx.extraction import extract
+    from featx.classifiers.fit import fit_cell
+    from featx.classifiers.protocol import protocol_for
+    from featx.engine.extract import extract
 
     s = FinetuneSettings(train_from="depth:1.0", epochs=8, lr=0.5, batch_size=8, augment=False, warmup=0)
     r = finetune(MODEL, str(data), s, run=RUN, progress=False).results
@@ -138,7 +142,7 @@ def test_test_split_read_only_at_the_end(data, caplog):
     and each test image is read once. (On the CPU the run time is estimated up front.)"""
     import logging
 
-    from featx.data import open_source
+    from featx.sources.spec import open_source
 
     caplog.set_level(logging.INFO, logger="featx")
 
@@ -155,7 +159,7 @@ def test_test_split_read_only_at_the_end(data, caplog):
 
 
 def test_max_images_caps_the_training_images(data):
-    from featx.data import open_source
+    from featx.sources.spec import open_source
 
     ds = open_source(str(data))
     full = select_samples(ds, FinetuneSettings(seed=2))
@@ -167,7 +171,7 @@ def test_max_images_caps_the_training_images(data):
 
 def test_predict_uses_the_saved_model(tuned, data):
     """predict's top-1 on the test images gives exactly the accuracy the fine-tune reported."""
-    from featx.predict import Predictor, collect_images
+    from featx.classifiers.predict import Predictor, collect_images
 
     paths = collect_images([str(data / "test")])
     p = Predictor(tuned.path[: -len(".safetensors")], device="cpu")
@@ -186,8 +190,8 @@ def test_predict_uses_the_saved_model(tuned, data):
 def test_extract_taps_the_saved_backbone(tuned, data, tmp_path):
     """extract --weights OUT.safetensors loads the fine-tuned network: codes of the frozen part equal
     the original weights' codes, codes after the freeze point differ."""
-    from featx.extraction import extract
-    from featx.store import CodesFile
+    from featx.engine.extract import extract
+    from featx.store.codes import CodesFile
 
     got = {}
     for w in ("none", tuned.path):
@@ -207,7 +211,7 @@ def _load(path):
 
 def test_interrupted_run_resumes_bit_identical(data, tmp_path, monkeypatch):
     """The fast in-process version: an exception after the first epoch's checkpoint, then a rerun."""
-    import featx.finetune as ft
+    import featx.finetune.job as ft
 
     s = FinetuneSettings(epochs=3, batch_size=4, lr=0.05)
     ref = finetune(MODEL, str(data), s, run=RUN, out=str(tmp_path / "ref"), progress=False)
@@ -250,7 +254,7 @@ def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
     assert "resuming from" in err and "incomplete checkpoint" in err
     a, b = _load(str(ref) + ".safetensors"), _load(str(killed) + ".safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    from featx.finetune import finetuned_description
+    from featx.models.saved import finetuned_description
 
     ra, rb = (finetuned_description(f"{p}.safetensors")["results"] for p in (ref, killed))
     for r in (ra, rb):

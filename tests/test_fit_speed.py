@@ -9,9 +9,11 @@ import threading
 import numpy as np
 import pytest
 
-import featx.classify as classify
+import featx.classifiers.grid as grid
 from conftest import write_codes
-from featx.classify import Protocol, _chains, fit, fit_cell, protocol_for
+from featx.classifiers.fit import fit, fit_cell
+from featx.classifiers.grid import chains
+from featx.classifiers.protocol import Protocol, protocol_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +55,7 @@ def test_warm_starts_choose_the_same_C_as_fits_from_scratch(tmp_path, shape):
     assert abs(warm["accuracy"] - cold["accuracy"]) <= 0.005, (warm["accuracy"], cold["accuracy"])
     assert warm["val_score"] == pytest.approx(cold["val_score"], abs=0.005)
     # the final models themselves agree: nearly every test prediction is the same
-    from featx.store import CodesFile
+    from featx.store.codes import CodesFile
 
     with CodesFile(path) as f:
         X = f.codes("L", np.flatnonzero(f.split == "test"))
@@ -62,9 +64,12 @@ def test_warm_starts_choose_the_same_C_as_fits_from_scratch(tmp_path, shape):
 
 def test_the_cold_path_is_the_plain_pipeline_per_C(tmp_path):
     """warm=False (and any --jobs) is exactly what featx did before: every C a fresh Pipeline."""
-    from featx.classify import _val_scores, make_pipeline, parse_train_size, select_rows
-    from featx.selection import best_C
-    from featx.store import CodesFile
+    from featx.classifiers.estimators import make_pipeline
+    from featx.classifiers.grid import val_scores
+    from featx.classifiers.protocol import parse_train_size
+    from featx.classifiers.rows import select_rows
+    from featx.classifiers.selection import best_C
+    from featx.store.codes import CodesFile
 
     path = codes(tmp_path)
     proto = protocol_for("softmax")
@@ -73,7 +78,7 @@ def test_the_cold_path_is_the_plain_pipeline_per_C(tmp_path):
         rows = select_rows(f, proto, parse_train_size("all"), 0)
         X, y = f.codes("L"), f.labels
     tr, va = rows.train, rows.val
-    scores = [_val_scores(make_pipeline(proto, C, 0, len(tr), 64).fit(X[tr], y[tr]), X[va], y[va], proto)
+    scores = [val_scores(make_pipeline(proto, C, 0, len(tr), 64).fit(X[tr], y[tr]), X[va], y[va], proto)
               for C in proto.Cs]  # fmt: skip
     best = best_C(proto.Cs, scores)
     assert (r["C"], (r["val_score"], r["val_tiebreak"])) == (proto.Cs[best], scores[best])
@@ -113,7 +118,7 @@ def test_results_are_bit_identical_whatever_jobs(tmp_path, proto, shape):
 def test_a_single_layer_fit_runs_grid_chains_side_by_side(tmp_path, monkeypatch):
     """fit(jobs=2) on one layer: the warm-start chains of the 8-value grid run two at a time (each
     waits at a barrier for another; run one after another, the barrier would time out)."""
-    barrier, real = threading.Barrier(2, timeout=20), classify._chain
+    barrier, real = threading.Barrier(2, timeout=20), grid.run_chain
     seen = []
 
     def chain(*args, **kwargs):
@@ -121,20 +126,20 @@ def test_a_single_layer_fit_runs_grid_chains_side_by_side(tmp_path, monkeypatch)
         barrier.wait()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(classify, "_chain", chain)
+    monkeypatch.setattr(grid, "run_chain", chain)
     fit(codes(tmp_path), ["L"], protocol_for("softmax"), jobs=2)
     assert len(set(seen)) == 2
 
 
 def test_chains_walk_the_sorted_grid_and_do_not_depend_on_jobs():
     proto = Protocol("softmax", Cs=(10.0, 0.1, 1.0, 0.01, 100.0, 1e-3, 1e3, 1e-4))
-    chains = _chains(proto, warm=True)
+    walk = chains(proto, warm=True)
     pairs = [[1e-4, 1e-3], [0.01, 0.1], [1.0, 10.0], [100.0, 1e3]]
-    assert [[proto.Cs[i] for i in c] for c in chains] == pairs
-    kornblith = _chains(Protocol("softmax", Cs=tuple(np.logspace(-6, 5, 45))), warm=True)
+    assert [[proto.Cs[i] for i in c] for c in walk] == pairs
+    kornblith = chains(Protocol("softmax", Cs=tuple(np.logspace(-6, 5, 45))), warm=True)
     assert len(kornblith) == 23 and sorted(i for c in kornblith for i in c) == list(range(45))
-    assert _chains(Protocol("svm", Cs=(1.0, 0.1)), warm=True) == [[1], [0]]
-    assert _chains(proto, warm=False) == [[i] for i in np.argsort(proto.Cs)]
+    assert chains(Protocol("svm", Cs=(1.0, 0.1)), warm=True) == [[1], [0]]
+    assert chains(proto, warm=False) == [[i] for i in np.argsort(proto.Cs)]
 
 
 def test_fit_speed_benchmark_runs(tmp_path):

@@ -7,10 +7,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FAST, cli, make_images, write_codes
-from featx.classify import fit_cell, parse_train_size, protocol_for, select_rows
-from featx.data import DataOptions, _seeded_split, group_holdout, open_source
-from featx.extraction import extract
-from featx.store import CodesFile, open_codes
+from featx.classifiers.fit import fit_cell
+from featx.classifiers.protocol import parse_train_size, protocol_for
+from featx.classifiers.rows import select_rows
+from featx.engine.extract import extract
+from featx.settings import DataOptions
+from featx.sources.cutting import group_holdout, seeded_split
+from featx.sources.spec import open_source
+from featx.store.codes import CodesFile, open_codes
 
 
 def _subjects(root, n_subjects=6, per_subject=3, classes=("cat", "dog")):
@@ -31,7 +35,7 @@ def test_no_group_is_ever_on_both_sides(pairs, seed, fraction):
     groups = np.array([f"g{g}" for g, _ in pairs])
     labels = np.array([c for _, c in pairs])
     for held in (group_holdout(labels, groups, fraction, np.random.default_rng(seed)),
-                 _seeded_split(labels, fraction, np.random.default_rng(seed), groups) == "test"):  # fmt: skip
+                 seeded_split(labels, fraction, np.random.default_rng(seed), groups) == "test"):  # fmt: skip
         assert not set(groups[held]) & set(groups[~held])
 
 

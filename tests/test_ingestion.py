@@ -18,11 +18,13 @@ import pytest
 from PIL import Image
 
 from conftest import FAST_ARGS, cli, make_images
-from featx.data import DataOptions, ImageError, decode_image, open_source
+from featx.classifiers.predict import collect_images
 from featx.errors import UsageError
-from featx.predict import collect_images
-from featx.preprocess import Preprocess
-from featx.store import open_codes
+from featx.models.preprocess import Preprocess
+from featx.settings import DataOptions
+from featx.sources.decode import ImageError, decode_image
+from featx.sources.spec import open_source
+from featx.store.codes import open_codes
 
 
 def one_line_error(rc, err: str, code, needles=()) -> str:
@@ -170,7 +172,7 @@ def test_predict_csv_uses_the_same_reader(tmp_path, imgs):
     assert collect_images([str(_manifest(tmp_path, "path", imgs, bom=True))]) == want
     got = collect_images([str(_manifest(tmp_path, "label,filename", [f"x,{p}" for p in imgs] + ["", ","]))])
     assert got == want
-    from featx.data import read_csv
+    from featx.sources.manifests import read_csv
 
     t = read_csv(_manifest(tmp_path, "path", imgs, bom=True), "x", need=("path",))
     assert t.header == "named" and [r["path"] for _, r in t.rows] == imgs
@@ -300,8 +302,8 @@ def test_resize_is_bounded_before_it_allocates():
 
 
 def test_device_decode_path_checks_the_jpeg_header(tmp_path):
-    from featx.data import FileLoader
-    from featx.decode import RawImages
+    from featx.sources.dataset import FileLoader
+    from featx.sources.decode import RawImages
 
     Image.new("RGB", (65000, 8)).save(tmp_path / "strip.jpg")
     Image.new("RGB", (64, 48)).save(tmp_path / "ok.jpg")
@@ -350,7 +352,7 @@ def test_max_image_pixels_governs_pillow_too(tmp_path):
     """Over twice Pillow's default limit (179 Mpx), FEATX_MAX_IMAGE_PIXELS was overruled by
     Pillow's own refusal; now the setting decides (this file then fails as damaged, not as big)."""
     p = _png_header_only(tmp_path / "big.png", 20_000, 10_000)  # 200 Mpx
-    code = "import sys; from featx.data import decode_image\ntry: decode_image(sys.argv[1], 'big.png')\nexcept Exception as e: print(e)"
+    code = "import sys; from featx.sources.decode import decode_image\ntry: decode_image(sys.argv[1], 'big.png')\nexcept Exception as e: print(e)"
     run = lambda env: subprocess.run([sys.executable, "-c", code, p], capture_output=True, text=True,  # noqa: E731
                                      env={**os.environ, **env}, timeout=60).stdout.strip()  # fmt: skip
     assert (

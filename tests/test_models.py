@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from featx.errors import FeatxError, UsageError
-from featx.models import load_model, parse_model_name, resolve_weights
+from featx.models.build import load_model
+from featx.models.spec import parse_model_name
+from featx.models.weights import resolve_weights
 
 
 def test_parse_names():
@@ -131,7 +133,7 @@ def test_offline_download_fails_with_a_hint(tmp_path):
     """A real download attempt through an unreachable proxy: one clear line, no traceback."""
     env = {**os.environ, "TORCH_HOME": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
            "HF_HUB_OFFLINE": "1"}  # fmt: skip
-    code = "from featx.models import load_model\nimport sys\nload_model(sys.argv[1], 'DEFAULT')"
+    code = "from featx.models.build import load_model\nimport sys\nload_model(sys.argv[1], 'DEFAULT')"
     for name in ("resnet18", "timm:resnet18"):
         r = subprocess.run(
             [sys.executable, "-c", f"{code}", name], capture_output=True, text=True, env=env, timeout=120

@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, cells_written, cli, make_images, run_cli, sigkill_when
-from featx.analysis import analyze
-from featx.bench import BenchConfig, BenchData, load_done, run, split_model_spec
-from featx.cache import digest
-from featx.classify import protocol_for
-from featx.crossmodel import model_choices, pretraining_gains, score_agreement
+from featx.bench.analysis import analyze
+from featx.bench.config import BenchConfig, BenchData, split_model_spec
+from featx.bench.crossmodel import model_choices, pretraining_gains, score_agreement
+from featx.bench.report import markdown_report, write_bench_report
+from featx.bench.run import run
+from featx.classifiers.protocol import protocol_for
 from featx.errors import UsageError
-from featx.report import markdown_report, write_bench_report
+from featx.files import load_done
 from featx.settings import ModelSettings
 from featx.stats import pack_correct
+from featx.store.cache import digest
 
 # -- NAME@WEIGHTS ----------------------------------------------------------------------------------
 
@@ -276,7 +278,7 @@ def test_kendall_tau_and_each_scores_pick():
 def test_under_cross_validation_models_are_ranked_by_the_log_likelihood_their_layers_were_chosen_by():
     """Model A has the better CV accuracy, model B the better CV log-likelihood: B is chosen, and the
     answer names the score it was chosen by."""
-    from featx.selection import LOGLIK
+    from featx.classifiers.selection import LOGLIK
 
     def rows(model, acc, ll):
         out = []

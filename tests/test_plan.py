@@ -1,4 +1,4 @@
-"""featx.plan and featx.settings: one resolver, validated settings, and cache keys pinned to the
+"""featx.models.plan and featx.settings: one resolver, validated settings, and cache keys pinned to the
 values featx computed before the refactor (so existing cache entries stay hits)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from featx.errors import UsageError
-from featx.plan import request_key, resolve
+from featx.models.plan import request_key, resolve
 from featx.settings import CodeSettings, ModelSettings, RunSettings
 
 FINGERPRINT = "fixed-dataset-fingerprint"
@@ -57,8 +57,9 @@ def test_plan_resolves_depths_and_activations():
 
 
 def test_plan_round_trips_through_metadata():
-    from featx.models import build_module, parse_model_name
-    from featx.plan import Plan
+    from featx.models.build import build_module
+    from featx.models.plan import Plan
+    from featx.models.spec import parse_model_name
 
     plan = resolve(ModelSettings("resnet18", "none", 40, 0.8), CodeSettings("layer1,layer3", "avg2x2"))
     again = Plan.from_meta(plan.to_meta(), build_module(parse_model_name("resnet18")))
@@ -87,7 +88,7 @@ def test_bad_settings_fail_at_construction_naming_the_field(make, field):
 
 
 def test_extract_rejects_unknown_precision_and_relu(image_folder, cache_dir):
-    from featx.extraction import extract
+    from featx.engine.extract import extract
 
     for kw in (dict(precision="float64"), dict(relu="maybe")):
         with pytest.raises(UsageError):
@@ -101,11 +102,13 @@ def test_a_weights_file_is_hashed_once_while_unchanged(tmp_path, monkeypatch):
 
     import torch
 
-    import featx.models as fm
-    from featx.plan import weights_request
+    import featx.models.weights as fm
+    from featx.models.build import build_module
+    from featx.models.plan import weights_request
+    from featx.models.spec import parse_model_name
 
     ckpt = tmp_path / "w.pth"
-    module = fm.build_module(fm.parse_model_name("resnet18"))
+    module = build_module(parse_model_name("resnet18"))
     torch.save(module.state_dict(), ckpt)
     calls, orig = [], fm.file_sha256
     monkeypatch.setattr(fm, "file_sha256", lambda p: calls.append(p) or orig(p))

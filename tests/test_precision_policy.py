@@ -11,12 +11,14 @@ import torch
 from PIL import Image
 
 from conftest import make_images
-from featx.classify import fit, protocol_for
+from featx.classifiers.fit import fit
+from featx.classifiers.io import save_classifier
+from featx.classifiers.predict import Predictor, classifier_meta
+from featx.classifiers.protocol import protocol_for
+from featx.classifiers.transformer import CNNCodes
+from featx.engine.extract import extract
 from featx.errors import UsageError
-from featx.extraction import extract
-from featx.predict import Predictor, classifier_meta, save_classifier
-from featx.store import open_codes
-from featx.transformer import CNNCodes
+from featx.store.codes import open_codes
 
 SETTINGS = dict(weights="none", image_size=32, workers=0, batch_size=4, device="cpu")
 

@@ -9,13 +9,14 @@ import torch
 from PIL import Image
 
 from conftest import FAST, make_images, run_cli
-from featx.classifier_io import export_joblib, read_description
-from featx.classify import fit, protocol_for
+from featx.classifiers.fit import fit
+from featx.classifiers.io import export_joblib, load_classifier, read_description, save_classifier
+from featx.classifiers.predict import Predictor, classifier_meta, collect_images
+from featx.classifiers.protocol import protocol_for
+from featx.classifiers.transformer import CNNCodes
+from featx.engine.extract import extract
 from featx.errors import FeatxError
-from featx.extraction import extract
-from featx.predict import Predictor, classifier_meta, collect_images, load_classifier, save_classifier
-from featx.store import open_codes
-from featx.transformer import CNNCodes
+from featx.store.codes import open_codes
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_joblib_export_is_read_only_when_trusted(trained, tmp_path, caplog):
 
 
 def test_classifier_for_other_weights_is_refused(tmp_path):
-    from featx.models import load_model
+    from featx.models.build import load_model
 
     data = make_images(tmp_path / "d", per_class=6, splits=("train", "test"))
     ck = tmp_path / "w.pth"

@@ -4,8 +4,10 @@ import torch
 from PIL import Image
 
 from featx.errors import UsageError
-from featx.models import load_model, parse_model_name, resolve_weights, weights_preprocess
-from featx.preprocess import Preprocess
+from featx.models.build import load_model, weights_preprocess
+from featx.models.preprocess import Preprocess
+from featx.models.spec import parse_model_name
+from featx.models.weights import resolve_weights
 
 
 @pytest.fixture

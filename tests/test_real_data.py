@@ -4,9 +4,10 @@ import os
 
 import pytest
 
-from featx.classify import fit, protocol_for
-from featx.data import DataOptions
-from featx.extraction import extract
+from featx.classifiers.fit import fit
+from featx.classifiers.protocol import protocol_for
+from featx.engine.extract import extract
+from featx.settings import DataOptions
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 

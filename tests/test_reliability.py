@@ -37,7 +37,8 @@ import numpy as np
 import pytest
 
 from conftest import FAST_ARGS, assert_one_line_error, cli, make_images
-from featx.store import check_complete, open_codes
+from featx.store.codes import open_codes
+from featx.store.verify import check_complete
 
 # -- helpers -------------------------------------------------------------------------------------
 

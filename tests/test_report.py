@@ -3,9 +3,9 @@ disagree, ties, noise, labels (issue 17)."""
 
 import numpy as np
 
-from featx.analysis import analyze
-from featx.bench import BenchData
-from featx.report import markdown_report
+from featx.bench.analysis import analyze
+from featx.bench.config import BenchData
+from featx.bench.report import markdown_report
 from featx.stats import pack_correct
 
 N_TEST = 200
@@ -104,7 +104,7 @@ def test_a_cap_that_decides_the_size_regime_is_named():
 def test_fine_tune_cells_decide_the_large_data_words():
     """Case 2/4 text points at the measured fine-tune cells when the bench has them (and says they
     are missing when it has not); the fine-tune section's verdict follows its own intervals."""
-    from featx.bench_finetune import compare
+    from featx.bench.finetune_cells import compare
 
     depth = {"mid": 0.5, "top": 1.0}
     cells = {"mid": (0.80, _correct(160)), "top": (0.90, _correct(180))}
@@ -128,8 +128,8 @@ def test_a_cross_validated_choice_keeps_the_deeper_layer_within_noise_and_says_w
     error): the report chooses `top`, bolds it, and names the rule; results.csv carries the folds."""
     import csv
 
-    from featx.report import write_results
-    from featx.selection import LOGLIK
+    from featx.bench.report import write_results
+    from featx.classifiers.selection import LOGLIK
 
     depth = {"mid": 0.6, "top": 1.0}
     ref = np.array([-0.50, -0.52, -0.48, -0.51, -0.49])

@@ -1,4 +1,4 @@
-"""featx.scores and `featx score`: hand-computed cases, agreement with the reference algorithms,
+"""featx.classifiers.scores and `featx score`: hand-computed cases, agreement with the reference algorithms,
 ranking sanity, training rows only, and one-line CLI errors."""
 
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import blobs, write_codes
-from featx import scores
+from featx.classifiers import scores
 from featx.errors import FeatxError, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,7 +236,7 @@ def _cli(*args):
 def test_cli_table_json_and_model_ranking(tmp_path):
     path, _, _ = _file(tmp_path)
     # a second "model": the same images and labels, codes without class signal
-    from featx.store import CodesFile
+    from featx.store.codes import CodesFile
 
     with CodesFile(path) as f:
         labels, splits = f.labels.copy(), f.split.copy()

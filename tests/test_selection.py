@@ -1,11 +1,12 @@
-"""featx.selection: C by cross-validated log-likelihood, the layer by the one-standard-error rule."""
+"""featx.classifiers.selection: C by cross-validated log-likelihood, the layer by the one-standard-error rule."""
 
 import numpy as np
 import pytest
 
 from conftest import blobs, write_codes
-from featx.classify import fit, fit_cell, parse_train_size, protocol_for
-from featx.selection import (
+from featx.classifiers.fit import fit, fit_cell
+from featx.classifiers.protocol import parse_train_size, protocol_for
+from featx.classifiers.selection import (
     LOGLIK,
     SCORE,
     Candidate,
@@ -83,8 +84,8 @@ def test_cv_softmax_chooses_C_by_the_cross_validated_log_likelihood(tmp_path):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from featx.classify import select_rows
-    from featx.store import CodesFile
+    from featx.classifiers.rows import select_rows
+    from featx.store.codes import CodesFile
 
     X, y = blobs(16, 3, 16, sep=1.5, seed=4)  # 12 training images per class: CV, overlapping classes
     path = write_codes(tmp_path / "s.h5", {"L": X}, y, _splits(y), CLASSES)

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from conftest import FAST, make_images
-from featx.autotune import choose_precision
-from featx.extraction import extract
-from featx.models import parse_model_name
-from featx.store import open_codes
+from featx.engine.autotune import choose_precision
+from featx.engine.extract import extract
+from featx.models.spec import parse_model_name
+from featx.store.codes import open_codes
 
 
 @pytest.fixture(scope="module")

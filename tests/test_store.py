@@ -18,15 +18,9 @@ import pytest
 
 from conftest import write_codes
 from featx.errors import FeatxError
-from featx.store import (
-    Journal,
-    check_complete,
-    journal_problem,
-    mark_verified,
-    open_codes,
-    read_progress,
-    verify,
-)
+from featx.store.codes import open_codes
+from featx.store.journal import Journal, journal_problem, read_progress
+from featx.store.verify import check_complete, mark_verified, verify
 
 CLASSES = ["zebra", "koala", "otter"]
 
@@ -244,7 +238,7 @@ def test_read_rows_equals_point_selection_dense_and_sparse(tmp_path):
     exactly h5py's ds[idx], across block edges and for an empty selection."""
     import h5py
 
-    from featx.store import READ_BLOCK_ROWS, _read_rows
+    from featx.store.codes import READ_BLOCK_ROWS, read_rows
 
     n = 2 * READ_BLOCK_ROWS + 37
     data = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
@@ -253,5 +247,5 @@ def test_read_rows_equals_point_selection_dense_and_sparse(tmp_path):
         rng = np.random.default_rng(0)
         for k in (0, 5, 300, n // 2, n):  # sparse (point selection) to dense (block reads)
             idx = np.sort(rng.choice(n, k, replace=False))
-            got = _read_rows(ds, idx)
+            got = read_rows(ds, idx)
             assert got.shape == (k, 3) and np.array_equal(got, data[idx])

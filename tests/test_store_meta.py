@@ -1,4 +1,4 @@
-"""Typed metadata of a codes file (featx.store.FileMeta / LayerMeta): written in one place, read
+"""Typed metadata of a codes file (featx.store.meta.FileMeta / LayerMeta): written in one place, read
 in one place, and the plain-h5py layout of the README unchanged."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import FAST, write_codes
+from featx.engine.extract import extract
 from featx.errors import FeatxError
-from featx.extraction import extract
-from featx.store import FORMAT_VERSION, FileMeta, LayerMeta, open_codes
+from featx.store.codes import open_codes
+from featx.store.meta import FORMAT_VERSION, FileMeta, LayerMeta
 
 # the README's "HDF5 layout": every root attribute extraction writes, plus what finalize adds
 ROOT_ATTRS = {

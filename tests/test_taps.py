@@ -4,9 +4,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from featx.errors import UsageError
-from featx.models import build_module, load_model, parse_model_name
+from featx.models.build import build_module, load_model
+from featx.models.spec import parse_model_name
+from featx.models.taps import Tapper, activation_for, list_taps, resolve_layers
 from featx.settings import Pool, parse_pool
-from featx.taps import Tapper, activation_for, list_taps, resolve_layers
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from conftest import FAST_ARGS, assert_one_line_error, cli, make_images
+from featx.engine.extract import extract
 from featx.errors import UsageError
-from featx.extraction import extract
-from featx.plan import resolve
+from featx.models.plan import resolve
+from featx.models.taps import activation_for
 from featx.settings import CodeSettings, Pool, parse_pool
-from featx.store import open_codes
-from featx.taps import activation_for
+from featx.store.codes import open_codes
 
 VIT = "timm:vit_tiny_patch16_224"  # random init; timm builds it for 224 px only
 # 224 x 224 PNGs at crop 224 / resize 224: the model sees the file's pixels exactly, so the reference
@@ -86,7 +86,7 @@ def test_cache_keys_of_token_maps():
 def vit_data(tmp_path_factory):
     """4 PNG images of 224 x 224 and their reference tokens at BLOCKS from timm's forward_intermediates:
     {file name: (prefix [B, 1, D], patches [B, 196, D])}."""
-    from featx.models import load_model
+    from featx.models.build import load_model
 
     root = make_images(tmp_path_factory.mktemp("vit") / "data", classes=("a", "b"), per_class=2,
                        size=(224, 224), ext=".png")  # fmt: skip

@@ -9,9 +9,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from conftest import assert_one_line_error, cli, write_codes
-from featx.classify import Protocol, fit_cell, protocol_for
+from featx.classifiers.fit import fit_cell
+from featx.classifiers.protocol import Protocol, protocol_for
+from featx.classifiers.torch_softmax import TorchSoftmax, resolve_solver
 from featx.errors import UsageError
-from featx.torch_softmax import TorchSoftmax, resolve_solver
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -111,7 +112,7 @@ def test_the_selection_picks_the_same_C_with_either_solver(tmp_path, shape, Cs):
     assert tc["val_source"] == sk["val_source"]
     assert tc["C"] == sk["C"]
     assert abs(tc["accuracy"] - sk["accuracy"]) <= 0.005
-    from featx.store import CodesFile
+    from featx.store.codes import CodesFile
 
     with CodesFile(path) as f:
         X = f.codes("L", np.flatnonzero(f.split == "test"))
@@ -134,15 +135,15 @@ def test_torch_fits_on_the_cpu_use_one_thread_like_blas(tmp_path, monkeypatch):
 
     import torch
 
-    import featx.classify as classify
+    import featx.classifiers.grid as grid
 
-    seen, real = [], classify._chain
+    seen, real = [], grid.run_chain
 
     def chain(*args, **kwargs):
         seen.append((threading.current_thread().name, torch.get_num_threads()))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(classify, "_chain", chain)
+    monkeypatch.setattr(grid, "run_chain", chain)
     torch.set_num_threads(2)
     fit_cell(codes(tmp_path, n=420), ["L"], protocol_for("softmax", solver="torch", device="cpu", Cs=(0.1, 1.0)),
              jobs=2)  # fmt: skip
@@ -151,8 +152,8 @@ def test_torch_fits_on_the_cpu_use_one_thread_like_blas(tmp_path, monkeypatch):
 
 
 def test_a_saved_torch_classifier_reloads_and_predicts_the_same(tmp_path):
-    from featx.classifier_io import load_classifier, save_classifier
-    from featx.store import CodesFile
+    from featx.classifiers.io import load_classifier, save_classifier
+    from featx.store.codes import CodesFile
 
     path = codes(tmp_path)
     _, pipe = fit_cell(path, ["L"], protocol_for("softmax", solver="torch", device="cpu"), return_model=True)

@@ -58,7 +58,7 @@ def add_demo_parser(sub) -> None:
 
 
 def _protocols(args) -> list:
-    from featx.classify import protocol_for
+    from featx.classifiers.protocol import protocol_for
 
     if args.preset:
         return [protocol_for(preset=args.preset, **protocol_overrides(args))]
@@ -70,8 +70,8 @@ def _protocols(args) -> list:
 
 
 def _run(config, args) -> int:
-    from featx.bench import run
-    from featx.report import write_bench_report
+    from featx.bench.report import write_bench_report
+    from featx.bench.run import run
 
     result = run(config, progress=not args.quiet)
     paths = write_bench_report(result, "featx " + shlex.join(args.argv))
@@ -82,8 +82,8 @@ def _run(config, args) -> int:
 
 
 def run(args) -> int:
-    from featx.bench import BenchConfig, parse_bench_data
-    from featx.classify import parse_train_size
+    from featx.bench.config import BenchConfig, parse_bench_data
+    from featx.classifiers.protocol import parse_train_size
     from featx.settings import CodeSettings, DataOptions, RunSettings
 
     o.check_jobs(args.jobs)
@@ -105,7 +105,7 @@ def run(args) -> int:
 
 def _finetune_settings(args):
     """The fine-tune recipe from --finetune-*: the library's defaults for what is not given."""
-    from featx.finetune import FinetuneSettings
+    from featx.finetune.settings import FinetuneSettings
 
     given = {"epochs": args.finetune_epochs, "lr": args.finetune_lr, "batch_size": args.finetune_batch_size,
              "max_images": args.finetune_max_images}  # fmt: skip
@@ -114,6 +114,6 @@ def _finetune_settings(args):
 
 def run_demo(args) -> int:
     """A small bench that works offline on a fresh install."""
-    from featx.bench import demo_config
+    from featx.bench.config import demo_config
 
     return _run(demo_config(args.data, args.out, args.cache_dir, args.jobs), args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from featx.cli import options as o
-from featx.distributed import in_launcher
+from featx.engine.distributed import in_launcher
 
 log = logging.getLogger("featx")
 
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from featx.extraction import extract
+    from featx.engine.extract import extract
     from featx.settings import CodeSettings, DataOptions, ModelSettings, RunSettings
 
     result = extract(

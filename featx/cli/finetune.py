@@ -10,8 +10,8 @@ from featx.errors import FeatxError, UsageError
 
 
 def _add_recipe_args(p) -> None:
-    from featx.finetune import OPTIMIZERS
-    from featx.finetune import FinetuneSettings as D
+    from featx.finetune.settings import OPTIMIZERS
+    from featx.finetune.settings import FinetuneSettings as D
 
     p.add_argument("--train-from", default=D.train_from,
                    help="freeze point: depth:F (0 = everything trains, 1.0 = head only) or a layer name (depth:0.5)")  # fmt: skip
@@ -53,10 +53,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from featx.classifier_io import classifier_path
-    from featx.finetune import FinetuneSettings, finetune
+    from featx.classifiers.description import classifier_path
+    from featx.files import write_json_atomic
+    from featx.finetune.job import finetune
+    from featx.finetune.settings import FinetuneSettings
     from featx.settings import DataOptions, ModelSettings, RunSettings
-    from featx.store import write_json_atomic
 
     settings = o.settings_from(FinetuneSettings, args)
     if args.results and os.path.realpath(args.results) == os.path.realpath(classifier_path(args.out)):

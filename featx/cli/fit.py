@@ -13,7 +13,7 @@ log = logging.getLogger("featx")
 
 
 def add_protocol_args(p, classifier_choices: bool = True) -> None:
-    """The protocol options fit and bench share (featx.classify.Protocol's fields)."""
+    """The protocol options fit and bench share (featx.classifiers.protocol.Protocol's fields)."""
     from featx.settings import PRESET_NAMES, SCALES
 
     p.add_argument("--preset", choices=PRESET_NAMES, help="a published protocol (overrides classifier and grid)")
@@ -68,7 +68,7 @@ def add_parser(sub) -> None:
 def _check_outputs(args) -> None:
     """Every file a fit writes must be its own: one output overwriting another (or the codes file)
     would destroy what the run just saved."""
-    from featx.classifier_io import classifier_path, export_paths
+    from featx.classifiers.description import classifier_path, export_paths
 
     seen = {os.path.realpath(args.file): f"the codes file {args.file}"}
     outs = [("--out", classifier_path(args.out))] if args.out else []
@@ -82,8 +82,8 @@ def _check_outputs(args) -> None:
 
 
 def _save(args, report, data: dict) -> None:
-    from featx.classifier_io import export_joblib, save_classifier
-    from featx.store import write_json_atomic
+    from featx.classifiers.io import export_joblib, save_classifier
+    from featx.files import write_json_atomic
 
     if args.out:
         log.info("saved %s (%s) with its description and results", save_classifier(args.out, report), report.best)
@@ -98,8 +98,9 @@ def _save(args, report, data: dict) -> None:
 
 
 def run(args) -> int:
-    from featx.classify import fit, parse_train_size, protocol_for
-    from featx.report import fit_text
+    from featx.classifiers.fit import fit
+    from featx.classifiers.protocol import parse_train_size, protocol_for
+    from featx.cli.tables import fit_text
 
     protocol = protocol_for(args.classifier, args.preset, **protocol_overrides(args))
     seeds = o.ints(args.seeds, "--seeds") if args.seeds else (args.seed,)

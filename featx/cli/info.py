@@ -28,7 +28,7 @@ def add_cache_parser(sub) -> None:
 
 
 def _partial(path: str, as_json: bool) -> int:
-    from featx.store import journal_path, journal_problem, read_progress
+    from featx.store.journal import journal_path, journal_problem, read_progress
 
     entry = path.rstrip("/").removesuffix(".partial")
     prog = read_progress(entry)
@@ -48,8 +48,8 @@ def _partial(path: str, as_json: bool) -> int:
 
 
 def run(args) -> int:
-    from featx.report import info_text
-    from featx.store import CodesFile
+    from featx.cli.tables import info_text
+    from featx.store.codes import CodesFile
 
     if not os.path.isfile(args.file):  # a partial entry, named by its file or by its journal folder
         return _partial(args.file, args.json)
@@ -65,8 +65,8 @@ def run(args) -> int:
 
 
 def run_cache(args) -> int:
-    from featx.cache import default_cache_dir, list_entries, remove_entries
-    from featx.report import cache_text
+    from featx.cli.tables import cache_text
+    from featx.store.cache import default_cache_dir, list_entries, remove_entries
 
     if args.cache_command not in ("ls", "rm"):
         raise UsageError("featx cache: use `featx cache ls` or `featx cache rm ENTRY...`")

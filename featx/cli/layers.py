@@ -18,9 +18,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from featx.models import torchvision_models
-    from featx.plan import resolve
-    from featx.report import layers_json, layers_text
+    from featx.cli.tables import layers_json, layers_text
+    from featx.models.plan import resolve
+    from featx.models.spec import torchvision_models
     from featx.settings import ModelSettings, parse_pool
 
     if args.list_models:

@@ -27,8 +27,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from featx.predict import Predictor, collect_images
-    from featx.report import predictions_text
+    from featx.classifiers.predict import Predictor, collect_images
+    from featx.cli.tables import predictions_text
 
     paths = collect_images(args.inputs)
     predictor = Predictor(args.classifier, weights=args.weights, device=args.device, force=args.force,

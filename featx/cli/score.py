@@ -15,8 +15,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from featx.report import score_text
-    from featx.scores import parse_metrics, rank_models, score_file
+    from featx.classifiers.scores import parse_metrics, rank_models, score_file
+    from featx.cli.tables import score_text
 
     metrics = parse_metrics(args.metric)
     results = [score_file(path, args.layer, metrics) for path in args.files]

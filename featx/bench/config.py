@@ -1,0 +1,189 @@
+"""A bench's configuration: models, data, grid; the demo configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from featx.classifiers.protocol import Protocol
+from featx.errors import UsageError
+from featx.settings import DEFAULT_BENCH_LAYERS, CodeSettings, DataOptions, ModelSettings, RunSettings, gather
+
+log = logging.getLogger("featx")
+
+
+SIMILARITY_LABELS = ("similar", "different")
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """One `--data` of a bench: the spec and the user's similar/different label, if any."""
+
+    spec: str
+    label: str | None = None
+
+
+def parse_bench_data(text: str) -> BenchData:
+    """'PATH', 'PATH:similar' or 'PATH:different' (also after sklearn:/torchvision: specs)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and tail.lower() in SIMILARITY_LABELS and head:
+        return BenchData(head, tail.lower())
+    if sep and tail.lower() in ("same", "dissimilar", "similiar"):
+        raise UsageError(f"--data {text}: label a dataset :similar or :different")
+    return BenchData(text, None)
+
+
+DEFAULT_LAYERS = DEFAULT_BENCH_LAYERS
+
+
+CONTROLS = ("random",)
+
+
+MODEL_SPEC_HELP = "use NAME or NAME@WEIGHTS (efficientnet_lite0@imagenet, timm:resnet18@none)"
+
+
+def split_model_spec(text: str) -> tuple[str, str | None]:
+    """'NAME' -> (NAME, None); 'NAME@WEIGHTS' -> (NAME, WEIGHTS). `@` because `timm:NAME` uses the colon."""
+    name, sep, weights = str(text).strip().partition("@")
+    if not name.strip():
+        raise UsageError(f"--model {text!r}: no model name before @; {MODEL_SPEC_HELP}")
+    if sep and not weights.strip():
+        raise UsageError(f"--model {text!r}: no weights after @; {MODEL_SPEC_HELP}")
+    return name.strip(), (weights.strip() or None)
+
+
+def model_label(m: ModelSettings) -> str:
+    return f"{m.name}@{m.weights}"
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """One model of a bench: its settings, its label in results, and, for a random-init control,
+    the label of the pretrained model it controls."""
+
+    settings: ModelSettings
+    label: str
+    control_of: str = ""
+
+
+def _gather_models(model, codes, run, settings: dict):
+    """The bench's models (deduplicated, in order), codes and run settings; a string model may be
+    NAME@WEIGHTS, whose weights win over a flat `weights=`."""
+    items = [model] if isinstance(model, (str, ModelSettings)) else list(model or ())
+    if not items:
+        raise UsageError("featx bench: give at least one --model")
+    models = []
+    for item in items:
+        kw = dict(settings)
+        if isinstance(item, str):
+            item, weights = split_model_spec(item)
+            if weights is not None:
+                kw["weights"] = weights
+        m, c, r = gather(item, codes, run, kw, "BenchConfig")
+        models.append(m)
+    return tuple(dict.fromkeys(models)), c, r
+
+
+@dataclass(init=False)
+class BenchConfig:
+    """A bench: the model(s) and codes settings, how to run the forward, the data, and the grid.
+
+    `model` is one `ModelSettings` or a sequence of them (a name, or NAME@WEIGHTS, is accepted as a
+    shorthand); `codes` and `run` are `featx.settings` objects (a layers string is a shorthand);
+    their fields may also be given flat (`weights=`, `layers=`, `image_size=`, `device=`, ...), as
+    `extract` takes them, and then apply to every model. `control="random"` adds each pretrained
+    model's random-init twin. `models` holds them all; `model` is the first."""
+
+    models: tuple[ModelSettings, ...]
+    control: str | None
+    datasets: list[BenchData]
+    codes: CodeSettings
+    run: RunSettings
+    train_sizes: Sequence[str]
+    protocols: Sequence[Protocol]
+    seeds: Sequence[int]
+    data_options: DataOptions
+    baseline_pixels: bool
+    pixel_size: int
+    out: str
+    cache_dir: str | None
+    jobs: int
+    scheduler: str | None  # a Dask scheduler's address; None: $DASK_SCHEDULER_ADDRESS, else local joblib
+    finetune: list[str]  # freeze points of the fine-tune cells (featx.bench.finetune_cells); [] for none
+
+    def __init__(self, model: ModelSettings | str | Sequence[ModelSettings | str], datasets: list[BenchData], codes: CodeSettings | str | None = None,
+                 run: RunSettings | None = None, *, train_sizes: Sequence[str] = ("all",),
+                 protocols: Sequence[Protocol] = (Protocol(),), seeds: Sequence[int] = (0,),
+                 data_options: DataOptions | None = None, baseline_pixels: bool = False, pixel_size: int = 32,
+                 out: str = "results/bench", cache_dir: str | None = None, jobs: int = 1, scheduler: str | None = None,
+                 control: str | None = None, finetune: Sequence[str] | str = (), finetune_settings=None,
+                 **settings):  # fmt: skip
+        from featx.bench.finetune_cells import parse_points
+        from featx.finetune.settings import FinetuneSettings
+
+        self.models, self.codes, self.run = _gather_models(model, codes or DEFAULT_LAYERS, run, settings)
+        # fine-tune cells (freeze points, for the first model) and their recipe
+        self.finetune = parse_points(",".join(finetune) if not isinstance(finetune, str) else finetune) if finetune else []
+        self.finetune_settings = finetune_settings or FinetuneSettings()
+        if control is not None and control not in CONTROLS:
+            raise UsageError(f"--control {control!r}: use random (or leave it out)")
+        self.control = control
+        self.datasets, self.train_sizes, self.protocols = datasets, train_sizes, protocols
+        self.seeds = tuple(
+            dict.fromkeys(int(s) for s in seeds)
+        )  # a repeated seed would fit the same cells twice
+        self.data_options = data_options or DataOptions()
+        self.baseline_pixels, self.pixel_size, self.out, self.cache_dir, self.jobs = (
+            baseline_pixels,
+            pixel_size,
+            out,
+            cache_dir,
+            jobs,
+        )
+        self.scheduler = scheduler
+
+    @property
+    def model(self) -> ModelSettings:
+        return self.models[0]
+
+    def bench_models(self) -> list[BenchModel]:
+        """Every model of the bench with its label; with control='random', each pretrained model
+        is followed by its random-init twin (`--weights none`, featx's seed 0)."""
+        out = [BenchModel(m, model_label(m)) for m in self.models]
+        if self.control == "random":
+            have = set(self.models)
+            for bm in list(out):
+                twin = replace(bm.settings, weights="none")
+                if bm.settings.weights.lower() != "none" and twin not in have:
+                    have.add(twin)
+                    out.insert(out.index(bm) + 1,
+                               BenchModel(twin, f"{model_label(twin)} (random control)", bm.label))  # fmt: skip
+        return out
+
+
+DEMO_FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def demo_config(extra_data: Sequence[str] = (), out: str = "results/demo", cache_dir: str | None = None,
+                jobs: int = 2) -> BenchConfig:  # fmt: skip
+    """`featx demo`: a small bench that works offline on a fresh install (scikit-learn's digits,
+    plus Fashion-MNIST where the Debian package is installed, plus `extra_data`)."""
+    from featx.classifiers.protocol import protocol_for
+
+    datasets = [BenchData("sklearn:digits", "different")]
+    if os.path.isdir(DEMO_FASHION):
+        datasets.append(BenchData(DEMO_FASHION, "different"))
+    else:
+        log.warning(
+            "Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist); the demo runs without it"
+        )
+    datasets += [parse_bench_data(d) for d in extra_data]
+    return BenchConfig(
+        ModelSettings("efficientnet_lite0", "imagenet", image_size=112), datasets, DEFAULT_LAYERS,
+        train_sizes=["10/class", "50/class", "all"], protocols=[protocol_for("softmax", Cs=(0.001, 0.01, 0.1, 1.0, 10.0))],
+        seeds=(0, 1), data_options=DataOptions(per_class_limit={"train": 200, "test": 100, "val": 100}),
+        baseline_pixels=True, pixel_size=28, out=out, cache_dir=cache_dir, jobs=jobs,
+    )  # fmt: skip

@@ -1,0 +1,401 @@
+"""Presentation: text and markdown tables for the CLI, and a bench's outputs (results.csv and
+results.json, report.md, the depth and learning-curve plots)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def fixed(v, digits: int = 2) -> str:
+    """A number from a file's attributes, which may hold anything: shown as it is if not a number."""
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def markdown_table(rows: Sequence[Sequence], headers: Sequence[str]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(format_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def format_cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+# results.json also holds each cell's `test_correct` (per-image correctness bits, for paired tests)
+RESULT_COLUMNS = [
+    "kind", "model", "control_of", "dataset", "similarity_label", "layer", "relative_depth", "code_dim", "train_size", "train_size_spec", "classifier",
+    "preset", "C", "seed", "accuracy", "balanced_accuracy", "test_ci_low", "test_ci_high", "n_test", "val_score",
+    "val_tiebreak", "val_source", "val_rule", "val_folds", "n_val", "fit_seconds", "baseline",
+    "score_logme", "score_hscore", "score_transrate", "score_gbc", "train_from", "epoch",
+]  # fmt: skip
+
+
+def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
+    """results.csv and results.json (one row per cell), written atomically."""
+    import csv
+    import io
+
+    from featx.classifiers.selection import pack_folds, unpack_folds
+    from featx.files import write_json_atomic, write_text_atomic
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(
+            {**r, "C": "/".join(f"{c:g}" for c in r["C"]) if isinstance(r["C"], list)
+             else "" if r["C"] is None else f"{r['C']:g}",
+             "val_folds": pack_folds(unpack_folds(r.get("val_folds")))}  # fmt: skip
+        )
+    csv_path, json_path = os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.json")
+    write_text_atomic(csv_path, buf.getvalue())
+    write_json_atomic(json_path, rows)
+    return csv_path, json_path
+
+
+def _save_figure(fig, path: str) -> None:
+    """Write a PNG atomically: an interrupted bench never leaves a truncated plot."""
+    from featx.files import write_atomic
+
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def _size_order(spec: str):
+    """Train-size specs in reading order: per-class sizes, then totals, each by size; `all` last."""
+    from featx.classifiers.protocol import parse_train_size
+
+    ts = parse_train_size(spec)
+    return ({"per_class": 0, "total": 1, "all": 2}[ts.kind], ts.n)
+
+
+def _style(similarity: str):
+    return ("-", "o") if similarity == "similar" else ("--", "s")
+
+
+def _wrap(title: str, width: int = 110) -> str:
+    """A long title (several models) on several lines rather than cut off at the figure's edge."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
+
+
+def plot_depth(analyses, path: str, title: str, finetune_rows: Sequence[dict] = ()) -> str:
+    """Accuracy vs relative depth: a panel per train size, a line per dataset and model (similar
+    solid, different dashed, random-init controls dotted) on the shared relative-depth axis; the
+    lower row shows accuracy relative to each line's chosen layer (the best by validation at that
+    size, as in the tables)."""
+    import matplotlib
+
+    from featx.bench.analysis import best_layer
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({s for a in analyses for s in a.sizes}, key=_size_order)
+    several = len({a.model for a in analyses}) > 1
+    fig, axes = plt.subplots(2, len(sizes), figsize=(4.2 * len(sizes), 7 + 0.25 * several * len(analyses)),
+                             squeeze=False, sharex=True)  # fmt: skip
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, size in enumerate(sizes):
+        for k, a in enumerate(analyses):
+            pts = [(a.depth[n], a.acc[(n, size)]) for n in a.layers if (n, size) in a.acc]
+            if not pts:
+                continue
+            ls, marker = _style(a.similarity)
+            ls = ":" if a.control_of else ls  # a random-init control: dotted
+            x = [p[0] for p in pts]
+            y = np.array([p[1].mean for p in pts])
+            e = np.array([p[1].std for p in pts])
+            label = f"{a.model + ' · ' if several else ''}{a.name} ({a.similarity_text})"
+            color = colors[k % len(colors)]
+            chosen = a.acc[(best_layer(a, size), size)].mean
+            axes[0][j].errorbar(x, y, yerr=e, ls=ls, marker=marker, color=color, label=label, capsize=2)
+            axes[1][j].plot(x, y / chosen, ls=ls, marker=marker, color=color, label=label)
+            ft = _finetune_points(finetune_rows, a, size)
+            if ft:  # fine-tune cells at their freeze points, on the same depth axis
+                fx, fy = zip(*ft)
+                axes[0][j].plot(fx, fy, ls="none", marker="X", ms=9, color=color, label=f"{label}: fine-tuned from depth")
+                axes[1][j].plot(fx, np.array(fy) / chosen, ls="none", marker="X", ms=9, color=color)
+        axes[0][j].set_title(f"train size {size}")
+        axes[1][j].set_xlabel("relative depth (1.0 = penultimate)")
+    axes[0][0].set_ylabel("test accuracy")
+    axes[1][0].set_ylabel("accuracy / chosen layer's")
+    # one legend for the figure: a dataset missing from some panel (a size it cannot reach) still shows
+    handles = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(
+        list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 2 if several else 4),
+        fontsize=9,
+    )
+    fig.suptitle(_wrap(title))
+    fig.tight_layout(rect=(0, 0.06 + (0.02 * len(handles) / 2 if several else 0), 1, 1))
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _finetune_points(rows: Sequence[dict], a, size: str) -> list[tuple[float, float]]:
+    """(freeze depth, mean test accuracy over seeds) of the fine-tune rows of `a`'s dataset at `size`."""
+    by: dict[float, list[float]] = {}
+    for r in rows:
+        if r["dataset"] == a.name and r["train_size_spec"] == size and not a.control_of and r["model"] == a.model:
+            by.setdefault(float(r["relative_depth"]), []).append(r["accuracy"])
+    return sorted((d, float(np.mean(v))) for d, v in by.items())
+
+
+def plot_learning_curves(analyses, path: str, title: str) -> str:
+    """Accuracy vs training images per dataset: the best layer, the top layer, raw pixels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(analyses), figsize=(4.2 * len(analyses), 3.6), squeeze=False)
+    for ax, a in zip(axes[0], analyses):
+        xs = [a.size_counts[s] for s in a.sizes]
+        curves = (
+            [(a.best, "-o", "chosen = top")]
+            if a.best == a.top
+            else [(a.best, "-o", "chosen"), (a.top, "--s", "top")]
+        )
+        for layer, style, tag in curves:
+            ys = [a.acc[(layer, s)].mean if (layer, s) in a.acc else np.nan for s in a.sizes]
+            es = [a.acc[(layer, s)].std if (layer, s) in a.acc else 0.0 for s in a.sizes]
+            ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=2, label=f"{tag}: {layer} ({a.depth[layer]:.2f})")
+        if a.pixels:
+            ax.plot([a.size_counts[s] for s in a.sizes if s in a.pixels], [a.pixels[s].mean for s in a.sizes if s in a.pixels],
+                    ":^", color="gray", label="raw pixels")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+        ax.set_xlabel("training images")
+        ax.set_title(f"{a.model + chr(10) if a.model and len({b.model for b in analyses}) > 1 else ''}"
+                     f"{a.name} ({a.similarity_text})", fontsize=9)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0][0].set_ylabel("test accuracy")
+    fig.suptitle(_wrap(title))
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def markdown_report(analyses, *, title: str, command: str | None, plots: list[str], notes: list[str],
+                    finetune=(), recipe: str = "") -> str:  # fmt: skip
+    """The bench's report.md: a summary table, the plots, then per dataset its table and evidence."""
+
+    from featx.bench.analysis import CASES
+
+    lines = [f"# {title}", ""]
+    if command:
+        lines += ["Produced by:", "", "```", command, "```", ""]
+    summary = []
+    several = len({a.model for a in analyses}) > 1
+    for a in analyses:
+        size = a.sizes[-1]
+        gain = f"{a.late_gain:.2f}" if a.late_gain is not None else "-"
+        summary.append([*([a.model] if several else []), a.name, a.classifier, a.label or "-", f"{a.measured} ({gain})", a.size_text, f"{a.case}",
+                        f"{a.best} ({a.depth[a.best]:.2f})", a.acc_text(a.best, size), f"{a.top}: {a.acc_text(a.top, size)}",
+                        str(a.pixels[size]) if size in a.pixels else "-"])  # fmt: skip
+    lines += [markdown_table(summary, [*(["model"] if several else []), "dataset", "classifier", "label", "measured (late-layer gain)", "size", "case",
+                                       "chosen layer (depth)", "its test acc", "top layer", "raw pixels"]), ""]  # fmt: skip
+    lines += [
+        "The chosen layer is picked on validation (never on test) at the largest train size: the best validation "
+        "score on a hold-out or val split; under cross-validation (softmax on small training sets), the deepest "
+        "layer within one standard error of the best cross-validated log-likelihood (featx.classifiers.selection). "
+        "Test accuracies are seed means with their Wilson 95% interval over the test images.",
+        "",
+        "Cases: " + "; ".join(f"{k}. {v}" for k, v in CASES.items()) + ".",
+        "",
+    ]
+    lines += _finetune_section(analyses, finetune, recipe)
+    lines += _models_section(analyses) + _gain_section(analyses) + _scores_section(analyses)
+    for p in plots:
+        lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})", ""]
+    several = len({a.model for a in analyses}) > 1
+    for a in analyses:
+        who = f"{a.model}, " if several else ""
+        lines += [f"## {a.name} ({who}{a.classifier}): case {a.case} ({a.size}, {a.similarity_text})", ""]
+        lines += [f"**{a.answer}**", "", a.rule_check[0].upper() + a.rule_check[1:] + ".", ""]
+        if a.disagrees:
+            lines += [
+                f"**Label and measurement disagree**: labelled {a.label}, but the depth curve says {a.measured}.",
+                "",
+            ]
+        header = ["layer", "depth", *[f"{s} ({a.size_counts[s]})" for s in a.sizes]]
+        rows = []
+        for n in a.layers:
+            cells = []
+            for s in a.sizes:
+                st = a.acc.get((n, s))
+                text = str(st) if st else "-"
+                cells.append(f"**{text}**" if st and n == _best_at(a, s) else text)
+            rows.append([n, f"{a.depth[n]:.2f}", *cells])
+        if a.pixels:
+            rows.append(["raw pixels", "-", *[str(a.pixels[s]) if s in a.pixels else "-" for s in a.sizes]])
+        lines += ["Test accuracy (mean ± std over seeds; bold: the chosen layer at that train size, picked on "
+                  f"validation as above). The ± is the spread over seeds, each drawing its own training subset; at `all` the "
+                  f"seeds share the training images and only the validation split changes, so a small ± there is not "
+                  f"precision: the test set's own uncertainty is the 95% interval ({a.n_test} test images).", "",
+                  markdown_table(rows, header), ""]  # fmt: skip
+        lines += [f"- {e}" for e in a.evidence] + [""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def _finetune_section(analyses, comparisons, recipe: str) -> list[str]:
+    """Fine-tuning beside probing: per dataset and train size the two picks, the gain, the verdict,
+    and at the largest size whether the measurement confirms the rule of thumb's case."""
+    if not comparisons:
+        return []
+    lines = ["## Fine-tuning beside probing", "",
+             "Per dataset and train size: the chosen probe layer and the best fine-tune freeze point, each chosen by "
+             "validation score (mean over seeds), never by test; test accuracies are seed means with their Wilson 95% "
+             "interval; the gain is fine-tune minus probe in points (± the fine-tune's spread over seeds). \"pays\" or "
+             "\"does not pay\" when the two intervals do not overlap, else \"within noise\"."
+             + (f" Recipe: {recipe}." if recipe else ""), ""]  # fmt: skip
+    rows = [[c.dataset, c.size, f"{c.probe_layer}: {c.probe_acc:.3f} ({c.probe_ci[0]:.2f}-{c.probe_ci[1]:.2f})",
+             f"{c.point} ({c.point_module.removeprefix('input (').removesuffix(')')}): {c.ft_acc:.3f} ± {c.ft_std:.3f} ({c.ft_ci[0]:.2f}-{c.ft_ci[1]:.2f})",
+             f"{c.gain:+.1f}", c.verdict, f"{c.epoch:g}"] for c in comparisons]  # fmt: skip
+    lines += [markdown_table(rows, ["dataset", "train size", "probe (chosen layer)", "fine-tune (chosen freeze point)",
+                                    "gain (points)", "verdict", "chosen epoch"]), ""]  # fmt: skip
+    lines += ["Every freeze point (test accuracy, mean ± std over seeds; validation score in brackets):", ""]
+    every = [[c.dataset, c.size, *(_point_text(p) for p in c.points)] for c in comparisons]
+    width = max(len(c.points) for c in comparisons)
+    lines += [markdown_table([r + [""] * (2 + width - len(r)) for r in every],
+                             ["dataset", "train size", *[f"freeze point {i + 1}" for i in range(width)]]), ""]  # fmt: skip
+    for a in analyses:
+        mine = [c for c in comparisons if c.dataset == a.name]
+        if not mine or a.control_of:
+            continue
+        last = mine[-1]
+        rule = "fine-tune" if a.case in (2, 4) else "a linear classifier on codes"
+        agrees = {"pays": a.case in (2, 4), "does not pay": a.case in (1, 3)}.get(last.verdict)
+        word = "cannot tell them apart" if agrees is None else "confirms it" if agrees else "contradicts it"
+        lines.append(f"- {a.name}: rule of thumb for case {a.case} ({a.size}, {a.similarity_text}): {rule}; measured at "
+                     f"train size {last.size}: fine-tuning from {last.point} "
+                     f"{'is within noise of the probe' if last.verdict == 'within noise' else last.verdict} ({last.gain:+.1f} points "
+                     f"against {last.probe_layer}), which {word}.")  # fmt: skip
+    return lines + [""]
+
+
+def _point_text(p: dict) -> str:
+    return f"{p['point']}: {p['acc']:.3f} ± {p['std']:.3f} [{p['val']:.3f}]"
+
+
+def _models_section(analyses) -> list[str]:
+    """Which model, which layer: per dataset, each model's chosen layer, and the pick by validation."""
+    from featx.bench.crossmodel import model_choices
+
+    choices = model_choices(analyses)
+    if not choices:
+        return []
+    lines = ["## Which model, which layer", "",
+             "Per dataset, each model's chosen layer (best by validation score at the largest train size) with its "
+             "validation score and test accuracy (seed mean, Wilson 95% interval); the model is chosen the same way, "
+             "by validation, never by test.", ""]  # fmt: skip
+    for c in choices:
+        rows = [[f"**{a.model}**" if a is c.chosen else a.model, f"{a.best} ({a.depth[a.best]:.2f})",
+                 f"{a.val[(a.best, c.size)].mean:.3f}", a.acc_text(a.best, c.size)] for a in c.entries]  # fmt: skip
+        lines += [f"### {c.dataset} ({c.classifier}), train size {c.size}", "", f"**{c.answer}**", "",
+                  markdown_table(rows, ["model", "chosen layer (depth)", "val score", "test acc (95% CI)"]), ""]
+        lines += [f"- {e}" for e in c.evidence] + [""]
+    return lines
+
+
+def _gain_section(analyses) -> list[str]:
+    """What pretraining adds: pretrained minus random-init accuracy per depth."""
+    from featx.bench.crossmodel import pretraining_gains
+
+    gains = pretraining_gains(analyses)
+    if not gains:
+        return []
+    lines = ["## What pretraining adds", "",
+             "Test accuracy of each pretrained model minus its random-init control (the same architecture, featx's "
+             "seeded random initialisation) at each depth, at the largest train size.", ""]  # fmt: skip
+    for g in gains:
+        rows = [[n, f"{d:.2f}", f"{p:.3f}", f"{r:.3f}", f"{gain * 100:+.1f}"] for n, d, p, r, gain in g.by_layer]
+        lines += [f"### {g.dataset} ({g.classifier}): {g.model}", "",
+                  markdown_table(rows, ["layer", "depth", "pretrained", "random init", "gain (points)"]), "",
+                  g.sentence, ""]  # fmt: skip
+    return lines
+
+
+def _scores_section(analyses) -> list[str]:
+    """How well each transferability score ranked the layers against the measured probe."""
+    from featx.bench.crossmodel import score_agreement
+
+    rows = []
+    for a in analyses:
+        for s in score_agreement(a):
+            tau = "-" if s.tau is None else f"{s.tau:+.2f} (p = {s.p:.2g})"
+            rows.append([a.name, a.model or "-", a.classifier, s.metric, s.n_layers, tau,
+                         s.pick + (" (= measured)" if s.pick == s.measured else ""), s.measured])  # fmt: skip
+    if not rows:
+        return []
+    return ["## Transferability scores against the probes", "",
+            "Kendall's tau-b across layers between each score (computed on the training rows of the largest train "
+            "size, seed 0's draw) and the measured test accuracy of each layer's probe at that size, with the layer "
+            "each score ranks first beside the layer validation chose. The scores show how far they agree with the "
+            "measurement; they do not replace it: the chosen layers above are the measured ones.", "",
+            markdown_table(rows, ["dataset", "model", "classifier", "score", "layers", "Kendall tau", "score's pick",
+                                  "measured pick (validation)"]), ""]  # fmt: skip
+
+
+def _best_at(a, size: str) -> str:
+    from featx.bench.analysis import best_layer
+
+    return best_layer(a, size)
+
+
+def write_bench_report(result, command: str | None = None) -> dict[str, str]:
+    """Write every output of a finished bench into its results directory; returns their paths."""
+
+    from featx.bench.analysis import analyze, head_confidence
+    from featx.files import write_text_atomic
+
+    cfg = result.config
+    rows = result.rows()
+    csv_path, json_path = write_results(rows, cfg.out)
+    conf = {(s.model, s.name): head_confidence(s.codes, s.head) for s in result.sources if s.head}
+    analyses = analyze(rows, result.sources, conf)
+    ft_rows = [r for r in rows if r.get("kind") == "finetune"]
+    from featx.bench.finetune_cells import compare
+
+    comparisons = compare(analyses, rows) if ft_rows else []
+    models = cfg.bench_models()
+    title = (f"featx bench: {cfg.model.name} ({cfg.model.weights} weights)" if len(models) == 1
+             else f"featx bench: {', '.join(m.label for m in models)}")  # fmt: skip
+    plots = []
+    by_clf: dict[str, list] = {}
+    for a in analyses:
+        by_clf.setdefault(a.classifier, []).append(a)
+    for clf, group in by_clf.items():
+        suffix = "" if len(by_clf) == 1 else f"_{clf.replace('/', '-')}"
+        plots.append(plot_depth(group, os.path.join(cfg.out, f"depth{suffix}.png"), f"{title}, {clf}", ft_rows))
+        plots.append(
+            plot_learning_curves(
+                group, os.path.join(cfg.out, f"learning_curves{suffix}.png"), f"{title}, {clf}"
+            )
+        )
+    recipe = cfg.finetune_settings.recipe_text() if ft_rows else ""
+    md = markdown_report(analyses, title=title, command=command, plots=plots, notes=result.notes,
+                         finetune=comparisons, recipe=recipe)  # fmt: skip
+    md_path = os.path.join(cfg.out, "report.md")
+    write_text_atomic(md_path, md)
+    return {"results.csv": csv_path, "results.json": json_path, "report.md": md_path,
+            **{os.path.basename(p): p for p in plots}}  # fmt: skip

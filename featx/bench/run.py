@@ -1,0 +1,226 @@
+"""`bench`: layer transferability over datasets x layers x train sizes x classifiers x seeds.
+
+Each dataset is extracted once (through the cache, so reruns reuse it), together with the
+ImageNet classifier head when the weights have one (its confidence on the target images is one
+of the similarity signals). Then every cell is fitted with `classify.fit_cell`, in parallel with
+joblib. Finished cells are appended to `cells.jsonl` in the results directory as they complete
+(one JSON line each, fsync'ed), keyed by a hash of everything that determines the result (the
+codes file's cache key, layer, train size, protocol, seed), so an interrupted bench resumes without
+refitting finished cells, and cells already computed by an earlier bench with other settings are
+reused. The results files are rebuilt from the cells of the current grid, in a fixed order, so a
+resumed bench writes the same results as an uninterrupted one (apart from the measured fit
+seconds, which are whatever the run that fitted each cell measured).
+
+With `scheduler` (`--scheduler tcp://HOST:8786`, or `$DASK_SCHEDULER_ADDRESS`) the cells go to an
+existing Dask cluster through joblib's Dask backend instead (`pip install "featx[dask]"`); this
+process still owns the bench and appends `cells.jsonl`, so resume and results are the same. The
+workers open the codes files by path: the cache directory must be on a filesystem they all see,
+and they need the same featx installed.
+
+Several models (`--model NAME[@WEIGHTS]`, repeatable) make one bench: every (model, dataset) is
+extracted once through the cache, and the cells, results and report gain a `model` column (the cell
+key already hashes the codes file's cache key, which holds the model, so a single-model bench's
+cells.jsonl keeps resuming). `control="random"` adds, for every pretrained model, the same
+architecture with featx's seeded random initialisation (`--weights none`) as a model of its own.
+Every (model, dataset, layer) is also scored by featx.classifiers.scores on the training rows of the largest
+train size (seed 0's draw, as the probes' seed-0 cell draws it, before any validation hold-out),
+resumably in `scores.jsonl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+from featx.bench.config import BenchConfig
+from featx.bench.grid import Cell, Source, grid, prepare
+from featx.bench.scoring import score_sources
+from featx.classifiers.fit import fit_cell
+from featx.errors import FeatxError, UsageError
+from featx.files import CELLS_FILE, append_record, load_done, make_out_dir, open_log
+
+log = logging.getLogger("featx")
+
+
+def run_cell(cell: Cell) -> dict:
+    """One fit; a cell the data cannot support (too few images to hold out validation images,
+    say) is recorded with its reason instead of stopping the bench. A codes file this process
+    cannot see (a Dask worker on another machine) stops the bench instead: recorded, it would
+    pass for a finished cell on every resume."""
+    if not os.path.isfile(cell.codes):
+        raise FeatxError(
+            f"cannot read the codes file {cell.codes} on {socket.gethostname()}: with --scheduler, the cache"
+            " directory (--cache-dir) must be on a filesystem every Dask worker sees"
+        )
+    try:
+        result = fit_cell(cell.codes, [cell.layer], cell.protocol, cell.train_size, cell.seed)
+    except FeatxError as e:
+        return {"key": cell.key, "result": {"error": str(e)}}
+    return {"key": cell.key, "result": result}
+
+
+def run(config: BenchConfig, progress: bool = False) -> BenchResult:
+    """Extract, fit every missing cell, and return everything the report needs."""
+    if not config.datasets:
+        raise UsageError("featx bench: give at least one --data")
+    make_out_dir(config.out)
+    # connected before the extraction, so that a wrong --scheduler fails at once, not hours later
+    with _dask_client(config) as client:
+        sources = prepare(config, progress)
+        cells, notes = grid(config, sources)
+        notes = list(dict.fromkeys(notes))  # a dataset's size notes, once for all its models
+        for note in notes:
+            log.warning(note)
+        done = load_done(config.out)
+        todo = [c for c in cells if c.key not in done]
+        log.info("%d cells: %d done before, %d to fit", len(cells), len(cells) - len(todo), len(todo))
+        if todo:
+            _fit_cells(config, todo, len(cells), done, client, progress)
+        layer_scores = score_sources(config, sources)
+    ft_cells = []
+    if config.finetune:  # after the probes: each fine-tune uses every core
+        from featx.bench.finetune_cells import run_finetune_cells
+
+        ft_cells = run_finetune_cells(config, config.finetune, config.finetune_settings, progress)
+        notes += [f"{bd.spec} fine-tune from {c.point}, train size {c.train_size}, seed {c.seed}: not run ({r['error']})"
+                  for c, r in ft_cells if "error" in r for bd in [config.datasets[c.source]]]  # fmt: skip
+    for (i, layer), rec in layer_scores.items():
+        for m, err in ({"all scores": rec["error"]} if "error" in rec else rec.get("errors", {})).items():
+            notes.append(f"{sources[i].model} {sources[i].name} {layer}: no {m} ({err})")
+    failed = [(c, done[c.key]["error"]) for c in cells if "error" in done[c.key]]
+    for c, err in failed[:20]:
+        who = f"{sources[c.source].model} " if len(config.models) > 1 or config.control else ""
+        notes.append(
+            f"{who}{sources[c.source].name} {c.layer} train size {c.train_size} seed {c.seed}: not fitted ({err})"
+        )
+    if len(failed) > 20:
+        notes.append(f"... {len(failed) - 20} more cells not fitted")
+    return BenchResult(
+        config, sources, [(c, done[c.key]) for c in cells if "error" not in done[c.key]], notes, layer_scores,
+        ft_cells,
+    )
+
+
+def _fit_cells(config: BenchConfig, todo: list[Cell], total: int, done: dict, client, progress: bool) -> None:
+    """Fit `todo` side by side (joblib's own backend, or its Dask backend on `client`), appending
+    each record to cells.jsonl here, in this process, as it arrives."""
+    from joblib import Parallel, delayed, parallel_config
+    from tqdm.auto import tqdm
+
+    with open_log(config.out, CELLS_FILE) as fh:
+        # on a cluster, its workers decide how many cells run at once
+        backend = parallel_config(backend="dask", client=client) if client else contextlib.nullcontext()
+        # the bar is closed on an error too, so that the error starts a line of its own
+        bar = tqdm(total=total, initial=total - len(todo), unit="cell", disable=not progress, desc="bench")
+        with bar, backend:
+            # absolute paths: a worker's working directory is not this one
+            jobs = Parallel(n_jobs=-1 if client else config.jobs, return_as="generator_unordered")(
+                delayed(run_cell)(replace(c, codes=os.path.abspath(c.codes))) for c in todo
+            )
+            for rec in jobs:
+                append_record(fh, rec)
+                done[rec["key"]] = rec["result"]
+                bar.update(1)
+
+
+def scheduler_address(config: BenchConfig) -> tuple[str | None, str]:
+    """The Dask scheduler the cells go to (None: local joblib) and where that came from, for
+    messages. 'local' ignores $DASK_SCHEDULER_ADDRESS."""
+    if config.scheduler:
+        address, origin = config.scheduler.strip(), f"--scheduler {config.scheduler.strip()}"
+    else:
+        address = os.environ.get("DASK_SCHEDULER_ADDRESS", "").strip()
+        origin = f"--scheduler (DASK_SCHEDULER_ADDRESS={address})"
+    return (None if address.lower() in ("", "local") else address), origin
+
+
+WORKERS_TIMEOUT_S = 60
+
+
+@contextlib.contextmanager
+def _dask_client(config: BenchConfig) -> Iterator[object]:
+    """A dask.distributed Client of the configured scheduler, with at least one worker, closed on
+    exit (the cluster itself is the user's and stays up); None without a scheduler."""
+    address, origin = scheduler_address(config)
+    if address is None:
+        yield None
+        return
+    try:
+        from distributed import Client
+        from distributed.comm.addressing import get_address_host_port
+    except ImportError:
+        raise UsageError(f'{origin}: Dask is not installed; pip install "featx[dask]"') from None
+    try:
+        get_address_host_port(address)
+    except ValueError as e:
+        raise UsageError(f"{origin}: {e}; give the scheduler as tcp://HOST:8786") from None
+    try:
+        client = Client(address, set_as_default=False)
+    except (OSError, TimeoutError, asyncio.TimeoutError) as e:  # distinct classes before Python 3.11
+        raise FeatxError(
+            f"{origin}: cannot reach the Dask scheduler ({e}); start it (dask scheduler) or fix the address"
+        ) from None
+    try:
+        try:
+            client.wait_for_workers(1, timeout=WORKERS_TIMEOUT_S)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise FeatxError(f"{origin}: the Dask scheduler has no workers after {WORKERS_TIMEOUT_S} s; "
+                             f"start some (dask worker {address})") from None  # fmt: skip
+        threads = sum(client.nthreads().values())
+        log.info("the cells go to the Dask cluster at %s (%d worker threads)", address, threads)
+        if threads == 1:  # joblib runs a one-job Parallel in the calling process
+            log.warning("%s: the cluster has 1 worker thread, so joblib fits the cells here, in this process; "
+                        "start more workers to fit them there", origin)  # fmt: skip
+        yield client
+    finally:
+        client.close()
+
+
+# selection and uncertainty of each cell (issue 17); absent from cells fitted by older releases
+CELL_EXTRAS = ("val_tiebreak", "val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct", "val_rule",
+               "val_folds")
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    sources: list[Source]
+    cells: list[tuple[Cell, dict]]
+    notes: list[str]
+    scores: dict[tuple[int, str], dict] = field(default_factory=dict)  # (source, layer) -> scores record
+    finetune: list[tuple] = field(default_factory=list)  # (FinetuneCell, result) of the fine-tune cells
+
+    def _scores(self, cell: Cell, pixels: bool) -> dict:
+        """`score_<metric>` columns: filled on the rows of the train size the scores were taken at."""
+        from featx.classifiers.scores import METRICS
+
+        rec = {} if pixels else self.scores.get((cell.source, cell.layer), {})
+        on = "scores" in rec and rec["train_size"] == str(cell.train_size)
+        return {f"score_{m}": rec["scores"][m] if on else None for m in METRICS}
+
+    def rows(self) -> list[dict]:
+        """One flat row per cell, for results.csv/json."""
+        out = []
+        for cell, r in self.cells:
+            src = self.sources[cell.source]
+            pixels = cell.layer == "pixels" and cell.codes == src.pixels
+            out.append({
+                "kind": "probe", "model": "pixels" if pixels else src.model, "control_of": "" if pixels else src.control_of,
+                "dataset": src.name, "similarity_label": src.data.label or "", "layer": cell.layer,
+                "relative_depth": None if pixels else src.depth[cell.layer], "code_dim": r["dim"],
+                "train_size": r["train_size"], "train_size_spec": str(cell.train_size), "classifier": r["classifier"],
+                "preset": r["preset"] or "", "C": r["C"], "seed": cell.seed, "accuracy": r["accuracy"],
+                "balanced_accuracy": r["balanced_accuracy"], "val_score": r["val_score"], "n_test": r["n_test"],
+                "fit_seconds": r["fit_seconds"], "baseline": "pixels" if pixels else "",
+                **{k: r.get(k) for k in CELL_EXTRAS}, **self._scores(cell, pixels),
+            })  # fmt: skip
+        if self.finetune:
+            from featx.bench.finetune_cells import finetune_rows
+
+            out += finetune_rows(self.config, self.finetune)
+        return out

@@ -1,0 +1,144 @@
+"""The probe protocol (classifier, C grid, preprocessing, validation) and train sizes; presets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from featx.errors import UsageError
+from featx.settings import CLASSIFIERS, SCALES  # noqa: F401 (re-exported)
+
+MIN_VAL_PER_CLASS = 10  # a hold-out keeping fewer images of a class than this: choose by CV instead
+
+
+# (20 was measured too: at 50/class CV lowered the mean regret but raised it on flowers over 20
+# seeds; README, "what the small-data rule buys")
+MAX_AUTO_FOLDS = 5
+
+
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 3, 8))
+
+
+# C outside this range breaks the solvers (sgd: alpha = 1 / (C n) underflows to 0 or overflows the
+# weights; liblinear at C = 1e308 runs for minutes) and is far beyond any published grid
+C_RANGE = (1e-10, 1e10)
+
+
+VISSL_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How one cell is fitted and validated (see the module docstring)."""
+
+    classifier: str = "softmax"
+    Cs: tuple[float, ...] = DEFAULT_CS
+    scale: str = "standardize"
+    pca: int | None = None
+    cv: int | None = None  # K-fold CV instead of a hold-out
+    val_fraction: float = 0.2
+    min_val_per_class: int = MIN_VAL_PER_CLASS  # smaller hold-outs become k-fold CV (0: never)
+    preset: str | None = None
+    per_class: bool = False  # VISSL's one binary SVM per class
+    max_iter: int = 2000
+    epochs: int = 5  # sgd
+    chunk_rows: int = 4096  # sgd
+    solver: str = "sklearn"  # softmax: 'sklearn' (lbfgs) or 'torch' (featx.classifiers.torch_softmax); 'auto' resolves
+    device: str = field(default="auto", compare=False)  # where the torch solver runs; not part of identity
+
+    def validate(self) -> Protocol:
+        if self.classifier not in CLASSIFIERS:
+            raise UsageError(f"--classifier {self.classifier!r}: use one of {', '.join(CLASSIFIERS)}")
+        if self.scale not in SCALES:
+            raise UsageError(f"--scale {self.scale!r}: use one of {', '.join(SCALES)}")
+        if not self.Cs or any(not (c > 0 and math.isfinite(c)) for c in self.Cs):
+            raise UsageError("--C: give positive, finite values (e.g. 0.01,0.1,1)")
+        out = [c for c in self.Cs if not C_RANGE[0] <= c <= C_RANGE[1]]
+        if out:
+            raise UsageError(
+                f"--C {out[0]:g}: use values from {C_RANGE[0]:g} to {C_RANGE[1]:g} (e.g. 0.01,0.1,1)"
+            )
+        if self.pca is not None and self.pca < 1:
+            raise UsageError(f"--pca {self.pca}: must be a positive number of components")
+        if self.cv is not None and self.cv < 2:
+            raise UsageError(f"--cv {self.cv}: needs at least 2 folds")
+        if self.min_val_per_class < 0:
+            raise UsageError(f"min_val_per_class {self.min_val_per_class}: must be 0 or more")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction {self.val_fraction}: must be between 0 and 1")
+        if self.epochs < 1 or self.chunk_rows < 16:
+            raise UsageError("--epochs must be >= 1 and --chunk-rows >= 16")
+        from featx.classifiers.torch_softmax import resolve_solver
+
+        solver = resolve_solver(self.solver, self.classifier, self.device, self.per_class)
+        return self if solver == self.solver else replace(self, solver=solver)
+
+    def to_dict(self) -> dict:
+        """The protocol's identity (reports, bench cell keys). `solver` enters it only when it is
+        torch (its numbers differ slightly from scikit-learn's), so sklearn protocols keep the keys
+        they had before the field existed; `device` never does (same solver, same answer).
+        `selection` names featx.classifiers.selection's cross-validated rule where it can apply (softmax that may
+        validate by CV), so bench cells fitted under the older rule are refitted, not reused."""
+        d = asdict(self)
+        d["Cs"] = [float(c) for c in self.Cs]
+        d.pop("device")
+        if d["solver"] == "sklearn":
+            d.pop("solver")
+        if self.classifier == "softmax" and not self.per_class and (self.cv or self.min_val_per_class):
+            d["selection"] = "cv-loglik-1se"  # featx.classifiers.selection's rule under CV: cells from before it differ
+        return d
+
+
+PRESETS = {
+    "kornblith": Protocol(
+        "softmax",
+        tuple(float(1.0 / wd) for wd in np.logspace(-6, 5, 45)),
+        "none",
+        val_fraction=0.2,
+        preset="kornblith",
+        max_iter=1000,
+    ),  # fmt: skip
+    "vissl-svm": Protocol("svm", VISSL_COSTS, "l2", cv=3, preset="vissl-svm", per_class=True, max_iter=2000),
+}
+
+
+def protocol_for(classifier: str = "softmax", preset: str | None = None, **overrides) -> Protocol:
+    """A preset's protocol (overrides on top), or a plain one for `classifier`."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UsageError(f"--preset {preset!r}: use one of {', '.join(PRESETS)}")
+        return replace(PRESETS[preset], **overrides).validate()
+    return Protocol(classifier=classifier, **overrides).validate()
+
+
+@dataclass(frozen=True)
+class TrainSize:
+    """`all`, N images in total (stratified), or K images per class."""
+
+    kind: str  # 'all' | 'total' | 'per_class'
+    n: int = 0
+
+    def __str__(self) -> str:
+        return {"all": "all", "total": str(self.n), "per_class": f"{self.n}/class"}[self.kind]
+
+
+def parse_train_size(text: str | int | None) -> TrainSize:
+    if text is None or str(text).strip().lower() == "all":
+        return TrainSize("all")
+    s = str(text).strip().lower()
+    try:
+        if s.endswith("/class"):
+            k = int(s[: -len("/class")])
+            kind = "per_class"
+        else:
+            k, kind = int(s), "total"
+        if k < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(
+            f"--train-size {text!r}: use all, a total N (e.g. 200), or K per class (e.g. 10/class)"
+        ) from None
+    return TrainSize(kind, k)

@@ -1,0 +1,1 @@
+"""Running a network over images: the forward pass, autotune, the extract job, torchrun."""

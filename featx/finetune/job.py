@@ -1,0 +1,227 @@
+"""Fine-tuning from a freeze point: the large-data half of the four transfer cases, measured.
+
+`finetune(model, data, settings)` trains a network from `settings.train_from` on (a point on the
+same depth axis as taps: a module name, or `depth:F` resolved by `featx.models.taps.resolve_layers`;
+`depth:0` trains everything, `depth:1.0` only the new head), with a new linear head sized to the
+classes, and evaluates it as `featx fit` evaluates a probe:
+
+- training images: the same train-size subset and seed as `fit` (`classify.select_rows` on the
+  dataset's samples), validation: the file's val split, else the same seeded hold-out of train;
+  `max_images` caps the training images further (a seeded stratified subset);
+- the epoch is chosen on validation (accuracy, then loss, then the earlier epoch); the test split
+  is read once, at the end, on the chosen checkpoint;
+- frozen part: no gradients, and its modules (batch norm included) stay in eval mode, so its
+  ImageNet statistics do not move;
+- recipe: SGD with momentum (or AdamW), linear warm-up then cosine decay per step, the pretrained
+  layers at `lr * backbone_lr_mult`, weight decay on weights (not on biases and norms),
+  RandomResizedCrop + horizontal flip built from the weights' own `Preprocess` for training, the
+  weights' eval transform for validation and test; bf16 autocast and channels_last on CUDA only;
+- crash safety: a checkpoint per epoch (`OUT.ckpt/epoch-NNN.safetensors`: weights, optimizer
+  tensors and RNG state as tensors, the rest as JSON in the header), written atomically; a rerun
+  resumes from the last complete one. Augmentation and data order are functions of (seed, epoch,
+  image), so a resumed run ends bit-identical to an uninterrupted one on CPU at fp32;
+- the saved model `OUT.safetensors` is the whole network's state dict in the layout
+  `featx.models.build` loads (`extract --weights OUT.safetensors` taps it again) with a JSON
+  description in its header (`featx predict OUT` classifies with it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from featx import __version__
+from featx.errors import UsageError
+from featx.finetune.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    read_checkpoint_file,
+    save_checkpoint,
+)
+from featx.finetune.data import batch_positions, select_samples
+from featx.finetune.freeze import apply_freeze, find_head, replace_head, resolve_freeze_point
+from featx.finetune.saved import save_model
+from featx.finetune.settings import FinetuneResult, FinetuneSettings
+from featx.finetune.train import TrainJob, make_optimizer, predict_logits, train_epoch, val_scores
+
+log = logging.getLogger("featx")
+
+
+def _precision(run, device):
+    """bf16 autocast on CUDA (`auto` or `bf16`), fp32 elsewhere; fp16 would need loss scaling."""
+    import torch
+
+    if run.precision == "fp16" or (run.precision == "bf16" and device.type != "cuda"):
+        raise UsageError(f"--precision {run.precision}: fine-tuning uses bf16 autocast on CUDA only; use auto, fp32 "
+                         f"or (on CUDA) bf16")  # fmt: skip
+    if device.type == "cuda" and run.precision in ("auto", "bf16"):
+        return torch.bfloat16
+    return None
+
+
+def _prepare(model, data, settings, data_options):
+    """(dataset, rows, backbone, plan taps, freeze point, head name): everything before training."""
+    from featx.engine.compute import load_backbone
+    from featx.models.plan import resolve
+    from featx.sources.spec import open_source
+
+    ds = open_source(data, data_options) if isinstance(data, str) else data
+    rows = select_samples(ds, settings)
+    plan = resolve(model)
+    backbone, plan = load_backbone(plan)
+    module = backbone.module
+    head = find_head(module)
+    point = resolve_freeze_point(plan.taps, module, settings.train_from, str(plan.model))
+    replace_head(module, head, len(ds.classes), settings.seed)
+    return ds, rows, backbone, plan, point, head
+
+
+def _fingerprint(backbone, ds, rows, settings, device, amp) -> str:
+    parts = {"featx": __version__, "model": str(backbone.name), "weights": backbone.weights.ident,
+             "preprocess": backbone.preprocess.to_dict(), "data": ds.fingerprint, "settings": settings.to_dict(),
+             "rows": [r.tolist() for r in (rows.train, rows.val, rows.test)], "device": device.type, "amp": str(amp)}  # fmt: skip
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _estimate(job: TrainJob, start_epoch: int):
+    """On the CPU, log the run time estimated from the first timed batch (once)."""
+    if job.device.type != "cpu":
+        return None
+    done = [False]
+
+    def on_batch(b: int, n: int, seconds: float) -> None:
+        if done[0]:
+            return
+        done[0] = True
+        epochs = job.settings.epochs - start_epoch
+        # an evaluation batch counted as a training batch: measured about equal for head-only training,
+        # a third of one for full fine-tuning on this CPU, so the estimate errs long, not short
+        evals = (len(job.rows.val) * epochs + len(job.rows.test)) / max(1, job.settings.batch_size)
+        total = seconds * (n * epochs + evals)
+        log.info("fine-tuning on the CPU: about %.0f min for %d epochs of %d images (first batch %.2f s); "
+                 "--max-images caps the training images", total / 60, epochs, len(job.rows.train), seconds)  # fmt: skip
+
+    return on_batch
+
+
+def _run_epochs(job: TrainJob, folder: str | None, fingerprint: str, progress: bool) -> dict:
+    """Train every epoch not yet checkpointed; returns the state (history, best epoch, its weights)."""
+    from tqdm.auto import tqdm
+
+    s, state, start = job.settings, {"fingerprint": fingerprint, "history": [], "best_epoch": None, "best": None}, 0
+    found = latest_checkpoint(folder, fingerprint) if folder else None
+    if found:
+        state = load_checkpoint(found[0], job.module, job.optimizer)
+        start = state["epoch"] + 1
+        log.info("resuming from %s (epoch %d of %d done)", found[0], start, s.epochs)
+    n_batches = len(batch_positions(len(job.rows.train), s.batch_size))
+    bar = tqdm(total=s.epochs * n_batches, initial=start * n_batches, unit="batch", desc="finetune", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    on_batch = _estimate(job, start) if start < s.epochs else None
+    try:
+        for epoch in range(start, s.epochs):
+            t0 = time.perf_counter()
+            loss = train_epoch(job, epoch, bar, on_batch)
+            acc, vloss = val_scores(*predict_logits(job, job.rows.val))
+            state["history"].append({"epoch": epoch + 1, "train_loss": loss, "val_accuracy": acc, "val_loss": vloss,
+                                     "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
+            if state["best"] is None or (acc, -vloss) > tuple(state["best"]):
+                state["best"], state["best_epoch"] = [acc, -vloss], epoch
+            log.info("epoch %d/%d: train loss %.4f, val accuracy %.4f, val loss %.4f", epoch + 1, s.epochs, loss, acc, vloss)
+            if folder:
+                save_checkpoint(folder, epoch, job.module, job.optimizer,
+                                {k: v for k, v in state.items() if k != "best_weights"})
+                prune_checkpoints(folder, {epoch, state["best_epoch"]})
+            if state["best_epoch"] == epoch:
+                state["best_weights"] = {k: v.detach().cpu().clone() for k, v in job.module.state_dict().items()}
+    finally:
+        bar.close()
+    return state
+
+
+def _best_weights(state: dict, folder: str | None):
+    if "best_weights" in state:
+        return state["best_weights"]
+    tensors, _ = read_checkpoint_file(os.path.join(folder, f"epoch-{state['best_epoch']:04d}.safetensors"), "featx_checkpoint")
+    return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def finetune(model, data, settings: FinetuneSettings | None = None, *, run=None, data_options=None,
+             out: str | None = None, checkpoint_dir: str | None = None, progress: bool = True) -> FinetuneResult:  # fmt: skip
+    """Fine-tune `model` (ModelSettings or a name) on `data` (a --data spec or a `featx.sources.dataset.Dataset`)
+    from `settings.train_from` on; evaluate the epoch chosen on validation once on the test split.
+
+    `out`: save the model as OUT.safetensors (and checkpoint to OUT.ckpt/ while training, resuming
+    from there after a crash); `checkpoint_dir` overrides that folder (checkpoints without `out` too).
+    """
+    import torch
+
+    from featx.engine.compute import resolve_device, resolve_workers
+    from featx.settings import RunSettings, as_model
+
+    settings, run, t0 = settings or FinetuneSettings(), run or RunSettings(workers=0), time.perf_counter()
+    target = _target(out)
+    ds, rows, backbone, plan, point, head = _prepare(as_model(model), data, settings, data_options)
+    device = resolve_device(run.device)
+    amp = _precision(run, device)
+    module = backbone.module
+    trained, head_params = apply_freeze(module, point, head)
+    module.to(device)
+    if device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    job = TrainJob(module, make_optimizer(settings, trained, head_params), point, ds, rows, backbone.preprocess, settings,
+               device, amp, 0 if run.workers == "auto" and device.type == "cpu" else resolve_workers(run.workers))  # fmt: skip
+    folder = checkpoint_dir or (target[: -len(".safetensors")] + ".ckpt" if target else None)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fp = _fingerprint(backbone, ds, rows, settings, device, amp)
+    state = _run_epochs(job, folder, fp, progress)
+    module.load_state_dict(_best_weights(state, folder))
+    logits, y_test = predict_logits(job, rows.test)  # the test split's first and only read
+    results = _results(job, plan, backbone, point, head, state, logits, y_test, time.perf_counter() - t0)
+    module.to("cpu").eval()
+    if target:
+        save_model(target, module, backbone, head, ds.classes, settings, results)
+        if folder and not checkpoint_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+    return FinetuneResult(results, target, module)
+
+
+def _target(out: str | None) -> str | None:
+    from featx.classifiers.description import classifier_path
+
+    return classifier_path(out) if out else None
+
+
+def _results(job: TrainJob, plan, backbone, point, head, state, logits, y_test, seconds: float) -> dict:
+    from featx.classifiers.fit import metrics
+    from featx.stats import pack_correct, wilson_interval
+
+    rows, s, ds = job.rows, job.settings, job.ds
+    y_pred = logits.argmax(1) if len(logits) else np.empty(0, np.int64)
+    low, high = wilson_interval(int(np.sum(y_pred == y_test)), len(y_test))
+    trainable = sum(p.numel() for p in job.module.parameters() if p.requires_grad)
+    best = state["best_epoch"]
+    return {
+        "kind": "finetune", "model": str(backbone.name), "weights": backbone.weights.spec,
+        "train_from": point.spec, "train_from_module": point.describe(), "train_from_depth": point.depth,
+        "frozen_modules": len(point.frozen), "trainable_params": int(trainable),
+        "total_params": int(sum(p.numel() for p in job.module.parameters())), "head": head,
+        "recipe": s.to_dict(), "epoch": best + 1, "epochs_run": len(state["history"]), "history": state["history"],
+        "seed": s.seed, "train_size": len(rows.train) + len(rows.val), "train_size_spec": s.train_size,
+        "n_fit": len(rows.train), "n_val": len(rows.val), "n_test": int(len(y_test)), "val_source": rows.val_source,
+        "test_split": rows.test_split, "val_score": state["best"][0], "val_loss": -state["best"][1],
+        **metrics(y_test, y_pred, ds.classes), "test_ci_low": low, "test_ci_high": high,
+        "test_correct": pack_correct(y_pred == y_test), "seconds": round(seconds, 3), "fit_seconds": round(seconds, 3),
+        "device": job.device.type, "precision": "bf16" if job.amp is not None else "fp32",
+        "preprocessing": backbone.preprocess.to_dict(), "image_size": backbone.preprocess.crop_size,
+        "resize_size": backbone.preprocess.resize_size, "classes": list(ds.classes),
+    }  # fmt: skip

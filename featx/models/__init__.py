@@ -1,0 +1,1 @@
+"""Networks: the model spec, weights, building, preprocessing, taps and the resolved plan."""

@@ -1,0 +1,1 @@
+"""Where images come from: folders, manifests, idx files, built-in sets; cutting them into splits; decoding."""

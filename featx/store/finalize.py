@@ -1,0 +1,159 @@
+"""Finalizing a journal into the HDF5 entry: space check, the copy in blocks, the row checksum, the atomic rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Sequence
+
+import numpy as np
+
+from featx.errors import FeatxError, first_line
+from featx.files import fsync_dir, remove_quietly
+from featx.store.journal import BLOCK_BYTES, Journal, journal_path
+from featx.store.meta import COMPLETE
+from featx.store.verify import mark_verified
+
+
+def _space_needed(journal: Journal, ids: Sequence[str]) -> int:
+    """An upper bound on the finished file's size: raw codes (compression only shrinks them),
+    the row metadata, and HDF5's overhead."""
+    codes = sum(spec.dim for spec in journal.layers) * journal.itemsize * journal.rows_done
+    rows = journal.rows_done * (8 + 16 + 16) + sum(len(i) for i in ids)
+    return int(codes * 1.01 + rows * 2 + (4 << 20))
+
+
+def _check_space(entry: str, need: int) -> None:
+    """Fail before writing when the disk or the process's file-size limit cannot take the file:
+    HDF5 fails badly when a write fails half-way."""
+    import resource
+
+    folder = os.path.dirname(os.path.abspath(entry))
+    free = shutil.disk_usage(folder).free
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit = min(free, soft if soft != resource.RLIM_INFINITY else free)
+    if need > limit:
+        what = (
+            f"{free / 2**20:.0f} MiB free in {folder}"
+            if limit == free
+            else f"a file-size limit of {soft / 2**20:.1f} MiB"
+        )
+        raise FeatxError(
+            f"finishing {entry} needs up to {need / 2**20:.0f} MiB, but there is {what}; the codes are kept in "
+            f"{journal_path(entry)}: free space and rerun the same command to finish"
+        )
+
+
+def finalize(entry: str, journal: Journal, *, classes: Sequence[str], labels: np.ndarray, splits: np.ndarray,
+             ids: Sequence[str], layer_attrs: dict[str, dict], attrs: dict,
+             groups: np.ndarray | None = None) -> None:  # fmt: skip
+    """Build the HDF5 file from a finished journal, atomically, then remove the journal."""
+    import gc
+    import traceback
+
+    import h5py
+
+    index = journal.read_index()
+    n = len(index)
+    _check_space(entry, _space_needed(journal, ids))
+    tmp = f"{entry}.tmp-{os.getpid()}"
+    str_dt = h5py.string_dtype()
+    row_labels = labels[index].astype(np.int64)
+    row_splits = [str(x) for x in splits[index].tolist()]
+    row_ids = [ids[i] for i in index]
+    failure = None
+    f = h5py.File(tmp, "w")
+    try:
+        grp = f.create_group("codes")
+        for j, spec in enumerate(journal.layers):
+            rows_per_chunk = max(1, min(n, (1 << 20) // max(1, spec.dim * journal.itemsize)))
+            cols_per_chunk = min(spec.dim, max(1, (1 << 20) // journal.itemsize))
+            ds = grp.create_dataset(
+                spec.name, shape=(n, spec.dim), dtype=journal.meta["dtype"],
+                chunks=(rows_per_chunk, cols_per_chunk) if n else None, compression="gzip" if n else None,
+                compression_opts=1 if n else None, shuffle=bool(n), fletcher32=bool(n),
+            )  # fmt: skip
+            h = hashlib.sha256()
+            step = max(1, BLOCK_BYTES // max(1, spec.dim * journal.itemsize))
+            for start in range(0, n, step):
+                block = journal.read_layer(j, start, min(n, start + step))
+                ds[start : start + len(block)] = block
+                h.update(block.tobytes())
+            for k, v in layer_attrs.get(spec.name, {}).items():
+                ds.attrs[k] = v
+            ds.attrs["sha256"] = h.hexdigest()
+        f.create_dataset(
+            "labels", data=row_labels, chunks=(max(1, min(n, 1 << 16)),) if n else None, fletcher32=bool(n)
+        )
+        f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=str_dt)
+        f.create_dataset("split", data=np.array(row_splits, dtype=object), dtype=str_dt)
+        f.create_dataset("paths", data=np.array(row_ids, dtype=object), dtype=str_dt)
+        if groups is not None:  # --group-by / a manifest's group column: keeps subjects on one side
+            f.create_dataset(
+                "groups", data=np.array([str(groups[i]) for i in index], dtype=object), dtype=str_dt
+            )
+        sk = f.create_group("skipped")
+        sk.create_dataset(
+            "paths", data=np.array([ids[i] for i, _ in journal.skipped], dtype=object), dtype=str_dt
+        )
+        sk.create_dataset(
+            "reasons", data=np.array([r for _, r in journal.skipped], dtype=object), dtype=str_dt
+        )
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.attrs["rows"] = n
+        f.attrs["rows_sha256"] = rows_sha256(
+            row_labels,
+            row_splits,
+            row_ids,
+            list(classes),
+            None if groups is None else [str(groups[i]) for i in index],
+        )
+        f.attrs["featx_state"] = COMPLETE  # last: a file without it is never trusted
+    except (OSError, RuntimeError, ValueError) as e:  # h5py reports a failed write as any of these
+        failure = f"writing {tmp} failed ({first_line(e, 160)})"
+        traceback.clear_frames(e.__traceback__)  # h5py objects in these frames must not outlive the file
+    except BaseException:
+        _close_quietly(f)
+        remove_quietly(tmp)
+        raise
+    if not _close_quietly(f) and failure is None:
+        failure = f"writing {tmp} failed when closing it"
+    if failure is not None:
+        gc.collect()
+        remove_quietly(tmp)
+        raise FeatxError(
+            f"{failure}; the codes are kept in {journal.path}: free space and rerun the same command to finish"
+        )
+    try:
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, entry)
+        fsync_dir(os.path.dirname(os.path.abspath(entry)))
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    mark_verified(entry)
+    journal.close()
+    shutil.rmtree(journal.path, ignore_errors=True)
+
+
+def _close_quietly(f) -> bool:
+    try:
+        f.close()
+        return True
+    except Exception:  # h5py raises several types when the last flush fails
+        return False
+
+
+def rows_sha256(labels: np.ndarray, splits: Sequence[str], ids: Sequence[str], classes: Sequence[str],
+                groups: Sequence[str] | None = None) -> str:  # fmt: skip
+    """A checksum of the per-row metadata: labels, splits, ids, the class names (and the groups,
+    in files that have them: files without keep the checksum they always had)."""
+
+    h = hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    for part in (splits, ids, classes) if groups is None else (splits, ids, classes, groups):
+        h.update("\n".join(part).encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()

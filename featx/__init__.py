@@ -1,7 +1,7 @@
 """featx: tap layers of pretrained CNNs into an HDF5 cache and measure their codes with linear classifiers.
 
-docs/architecture.md draws the one-way flow (settings -> plan -> engine -> store -> classifiers ->
-bench/report) with the module that owns each step.
+The subpackages follow the data: sources -> models -> engine -> store -> classifiers / finetune ->
+bench -> cli (docs/architecture.md draws it, tests/test_layout.py enforces it).
 
 The package imports lazily so that `import featx` and cache hits stay fast (importing torch alone
 takes over a second); the names below load their modules on first use.
@@ -10,6 +10,9 @@ takes over a second); the names below load their modules on first use.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
 
@@ -53,3 +56,29 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'featx' has no attribute {name!r}")
+
+
+# Module paths of the flat layout before the subpackages that files on disk still name: a joblib
+# export (`fit --export-joblib`) pickles its pipeline's classes by module path (featx.classify.L2Normalize).
+MOVED = {
+    "featx.classify": "featx.classifiers.estimators",
+    "featx.block_softmax": "featx.classifiers.block_softmax",
+    "featx.torch_softmax": "featx.classifiers.torch_softmax",
+    "featx.transformer": "featx.classifiers.transformer",
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports an old module path as the module that holds its classes now."""
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.util.spec_from_loader(name, self) if name in MOVED else None
+
+    def create_module(self, spec):
+        return importlib.import_module(MOVED[spec.name])
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+sys.meta_path.append(_MovedModules())

@@ -50,21 +50,21 @@ FLAGS = {
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-def _bad(field: str, value, want: str):
+def bad_value(field: str, value, want: str):
     sep = "=" if FLAGS[field] == field else " "  # Python-only fields read as keyword arguments
     raise UsageError(f"{FLAGS[field]}{sep}{value!r}: {want}")
 
 
 def _choice(field: str, value, choices: Sequence[str]) -> None:
     if not isinstance(value, str) or value not in choices:
-        _bad(field, value, f"use one of {', '.join(choices)}")
+        bad_value(field, value, f"use one of {', '.join(choices)}")
 
 
 def _auto_or_count(field: str, value, minimum: int) -> None:
     if value == "auto":
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _bad(field, value, f"use auto or an integer >= {minimum}")
+        bad_value(field, value, f"use auto or an integer >= {minimum}")
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,12 @@ class ModelSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
-            _bad("name", self.name, "give a torchvision name (resnet50), timm:NAME or efficientnet_lite0")
+            bad_value("name", self.name, "give a torchvision name (resnet50), timm:NAME or efficientnet_lite0")
         if not isinstance(self.weights, str) or not self.weights.strip():
-            _bad("weights", self.weights, "use DEFAULT, none, a weights name or a checkpoint path")
+            bad_value("weights", self.weights, "use DEFAULT, none, a weights name or a checkpoint path")
         size = self.image_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            _bad("image_size", size, "use a positive number of pixels")
+            bad_value("image_size", size, "use a positive number of pixels")
         pct = self.crop_pct
         if pct is not None and (
             isinstance(pct, bool)
@@ -91,7 +91,7 @@ class ModelSettings:
             or not math.isfinite(pct)
             or not 0 < pct <= 1
         ):
-            _bad("crop_pct", pct, "use a fraction in (0, 1]")
+            bad_value("crop_pct", pct, "use a fraction in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -107,12 +107,12 @@ class CodeSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.layers, str):
             if not isinstance(self.layers, Sequence) or not all(isinstance(x, str) for x in self.layers):
-                _bad("layers", self.layers, "give layer names and/or depth fractions, comma-separated")
+                bad_value("layers", self.layers, "give layer names and/or depth fractions, comma-separated")
             object.__setattr__(self, "layers", ",".join(self.layers))
         _choice("dtype", self.dtype, DTYPES)
         _choice("relu", self.relu, RELU_MODES)
         if not isinstance(self.pool, str):
-            _bad("pool", self.pool, "use avg (alias mean), max, avgNxN, none, cls or cls+mean")
+            bad_value("pool", self.pool, "use avg (alias mean), max, avgNxN, none, cls or cls+mean")
         parse_pool(self.pool)
 
 
@@ -132,23 +132,56 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
-            _bad("device", self.device, "use auto, cpu, cuda, cuda:N or mps")
+            bad_value("device", self.device, "use auto, cpu, cuda, cuda:N or mps")
         _auto_or_count("batch_size", self.batch_size, 1)
         _auto_or_count("workers", self.workers, 0)
         _choice("precision", self.precision, PRECISIONS)
         _choice("channels_last", self.channels_last, CHANNELS_LAST)
         _choice("decoder", self.decoder, DECODERS)
         if not isinstance(self.compile, bool):
-            _bad("compile", self.compile, "use True or False")
+            bad_value("compile", self.compile, "use True or False")
         if not isinstance(self.distributed, bool):
-            _bad("distributed", self.distributed, "use True or False")
+            bad_value("distributed", self.distributed, "use True or False")
 
 
-_SPLIT_ALIASES = {
+SPLIT_ALIASES = {
     "train": "train", "training": "train",
     "val": "val", "valid": "val", "validation": "val",
     "test": "test", "testing": "test",
 }  # fmt: skip
+
+
+def layer_tokens(spec: str | Sequence[str]) -> list[str]:
+    """`--layers`/`--finetune` text (or a list) -> tokens: 'layer1,depth:0.5,0.75' -> ['layer1',
+    'depth:0.5', 'depth:0.75']. A `depth:` prefix carries over to the numbers after it; the first
+    token that is not a number ends it (a name). Empty tokens are dropped; the order is kept."""
+    raw = spec.split(",") if isinstance(spec, str) else spec
+    out, in_depth = [], False
+    for tok in (t.strip() for t in raw):
+        if not tok:
+            continue
+        if tok.startswith("depth:"):
+            in_depth, tok = True, tok[len("depth:") :].strip()
+        if in_depth:
+            try:
+                float(tok)
+            except ValueError:
+                in_depth = False
+            else:
+                out.append(f"depth:{tok}")
+                continue
+        out.append(tok)
+    return out
+
+
+def depth_fraction(token: str) -> float | None:
+    """The F of a `depth:F` token, or None for a layer name."""
+    if not token.startswith("depth:"):
+        return None
+    try:
+        return float(token[len("depth:") :])
+    except ValueError:
+        return None
 
 
 def parse_per_class_limit(text: str | int | dict | None) -> int | dict[str, int] | None:
@@ -157,12 +190,12 @@ def parse_per_class_limit(text: str | int | dict | None) -> int | dict[str, int]
         return None
     want = "use a positive integer K, or per split: train=200,test=100"
     if isinstance(text, dict):
-        out = {_SPLIT_ALIASES.get(str(k).lower()): v for k, v in text.items()}
+        out = {SPLIT_ALIASES.get(str(k).lower()): v for k, v in text.items()}
         if None in out or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in out.values()):
-            _bad("per_class_limit", text, want)
+            bad_value("per_class_limit", text, want)
         return out
     if isinstance(text, int) and not isinstance(text, bool):
-        return text if text >= 1 else _bad("per_class_limit", text, want)
+        return text if text >= 1 else bad_value("per_class_limit", text, want)
     try:
         if "=" not in str(text):
             k = int(str(text).strip())
@@ -172,13 +205,13 @@ def parse_per_class_limit(text: str | int | dict | None) -> int | dict[str, int]
         out = {}
         for part in str(text).split(","):
             split, _, k = part.partition("=")
-            split = _SPLIT_ALIASES.get(split.strip().lower())
+            split = SPLIT_ALIASES.get(split.strip().lower())
             if split is None or int(k) < 1:
                 raise ValueError
             out[split] = int(k)
         return out
     except ValueError:
-        _bad("per_class_limit", str(text).strip(), want)
+        bad_value("per_class_limit", str(text).strip(), want)
 
 
 @dataclass(frozen=True)
@@ -196,19 +229,19 @@ class DataOptions:
     def __post_init__(self) -> None:
         tf = self.test_fraction
         if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0.0 < tf < 1.0:
-            _bad("test_fraction", tf, "must be between 0 and 1 (exclusive)")
+            bad_value("test_fraction", tf, "must be between 0 and 1 (exclusive)")
         object.__setattr__(self, "per_class_limit", parse_per_class_limit(self.per_class_limit))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            _bad("seed", self.seed, "use an integer")
+            bad_value("seed", self.seed, "use an integer")
         if self.data_root is not None and not isinstance(self.data_root, str):
-            _bad("data_root", self.data_root, "use a directory path")
+            bad_value("data_root", self.data_root, "use a directory path")
         if self.group_by == "":
             object.__setattr__(self, "group_by", None)
         if self.group_by is not None:
             try:
                 re.compile(self.group_by)
             except (re.error, TypeError) as e:
-                _bad("group_by", self.group_by, f"not a regular expression ({e})")
+                bad_value("group_by", self.group_by, f"not a regular expression ({e})")
 
     def to_dict(self) -> dict:
         d = {"test_fraction": self.test_fraction, "per_class_limit": self.per_class_limit, "seed": self.seed,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_images
-from featx.bench.config import BenchConfig, BenchData
-from featx.bench.finetune_cells import finetune_rows, parse_points, run_finetune_cells
+from featx.bench.config import BenchConfig, BenchData, parse_points
+from featx.bench.finetune_cells import finetune_rows, run_finetune_cells
 from featx.errors import UsageError
 from featx.finetune.settings import FinetuneSettings
 from featx.settings import ModelSettings, RunSettings

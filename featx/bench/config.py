@@ -10,7 +10,15 @@ from dataclasses import dataclass, replace
 
 from featx.classifiers.protocol import Protocol
 from featx.errors import UsageError
-from featx.settings import DEFAULT_BENCH_LAYERS, CodeSettings, DataOptions, ModelSettings, RunSettings, gather
+from featx.settings import (
+    DEFAULT_BENCH_LAYERS,
+    CodeSettings,
+    DataOptions,
+    ModelSettings,
+    RunSettings,
+    gather,
+    layer_tokens,
+)
 
 log = logging.getLogger("featx")
 
@@ -87,6 +95,15 @@ def _gather_models(model, codes, run, settings: dict):
     return tuple(dict.fromkeys(models)), c, r
 
 
+def parse_points(text: str) -> list[str]:
+    """--finetune 'depth:0,0.5,1.0' or 'layer3,depth:0.5' -> distinct freeze points, in order
+    (a `depth:` prefix carries over as in --layers)."""
+    out = layer_tokens(text or "")
+    if not out:
+        raise UsageError("--finetune is empty; give freeze points, e.g. depth:0,0.5,1.0")
+    return list(dict.fromkeys(out))
+
+
 @dataclass(init=False)
 class BenchConfig:
     """A bench: the model(s) and codes settings, how to run the forward, the data, and the grid.
@@ -121,7 +138,6 @@ class BenchConfig:
                  out: str = "results/bench", cache_dir: str | None = None, jobs: int = 1, scheduler: str | None = None,
                  control: str | None = None, finetune: Sequence[str] | str = (), finetune_settings=None,
                  **settings):  # fmt: skip
-        from featx.bench.finetune_cells import parse_points
         from featx.finetune.settings import FinetuneSettings
 
         self.models, self.codes, self.run = _gather_models(model, codes or DEFAULT_LAYERS, run, settings)

@@ -24,31 +24,11 @@ import shutil
 from dataclasses import dataclass, replace
 
 from featx.classifiers.protocol import TrainSize, parse_train_size
-from featx.errors import FeatxError, UsageError
+from featx.errors import FeatxError
 from featx.finetune.settings import FinetuneSettings
 from featx.store.cache import digest
 
 log = logging.getLogger("featx")
-
-
-def parse_points(text: str) -> list[str]:
-    """'depth:0,0.5,1.0' or 'layer3,depth:0.5' -> ['depth:0', 'depth:0.5', 'depth:1.0'] (a `depth:`
-    prefix carries over to the numbers after it, as in --layers)."""
-    out, in_depth = [], False
-    for tok in (t.strip() for t in (text or "").split(",")):
-        if not tok:
-            continue
-        if tok.startswith("depth:"):
-            in_depth, tok = True, tok[len("depth:") :].strip()
-        elif in_depth:
-            try:
-                float(tok)
-            except ValueError:
-                in_depth = False
-        out.append(f"depth:{tok}" if in_depth else tok)
-    if not out:
-        raise UsageError("--finetune is empty; give freeze points, e.g. depth:0,0.5,1.0")
-    return list(dict.fromkeys(out))
 
 
 @dataclass(frozen=True)

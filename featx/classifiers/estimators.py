@@ -10,7 +10,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 
 from featx.classifiers.protocol import VISSL_COSTS, Protocol
 from featx.errors import FeatxError
-from featx.settings import CLASSIFIERS, SCALES  # noqa: F401 (re-exported)
 
 
 class L2Normalize(TransformerMixin, BaseEstimator):

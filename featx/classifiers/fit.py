@@ -63,7 +63,6 @@ from featx.classifiers.protocol import Protocol, TrainSize, parse_train_size
 from featx.classifiers.rows import Rows, load_parts, select_rows
 from featx.classifiers.sgd import fit_sgd
 from featx.errors import FeatxError, UsageError, first_line
-from featx.settings import CLASSIFIERS, SCALES  # noqa: F401 (re-exported)
 from featx.stats import pack_correct, wilson_interval
 from featx.store.codes import CodesFile
 

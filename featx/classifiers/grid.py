@@ -10,7 +10,6 @@ import numpy as np
 from featx.classifiers.estimators import apply_steps, make_pipeline
 from featx.classifiers.protocol import Protocol
 from featx.errors import FeatxError
-from featx.settings import CLASSIFIERS, SCALES  # noqa: F401 (re-exported)
 
 
 def tiebreak_metric(protocol: Protocol) -> str:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from featx.errors import UsageError
-from featx.settings import CLASSIFIERS, SCALES  # noqa: F401 (re-exported)
+from featx.settings import CLASSIFIERS, SCALES
 
 MIN_VAL_PER_CLASS = 10  # a hold-out keeping fewer images of a class than this: choose by CV instead
 

@@ -10,7 +10,6 @@ import numpy as np
 
 from featx.classifiers.protocol import MAX_AUTO_FOLDS, Protocol, TrainSize
 from featx.errors import FeatxError, UsageError
-from featx.settings import CLASSIFIERS, SCALES  # noqa: F401 (re-exported)
 from featx.sources.cutting import group_holdout, stratified_holdout
 from featx.store.codes import CodesFile
 

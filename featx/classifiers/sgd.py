@@ -11,7 +11,6 @@ from featx.classifiers.grid import val_scores
 from featx.classifiers.protocol import Protocol
 from featx.classifiers.rows import Rows, load_codes
 from featx.errors import UsageError
-from featx.settings import CLASSIFIERS, SCALES  # noqa: F401 (re-exported)
 from featx.store.codes import CodesFile
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from featx.errors import UsageError
@@ -54,16 +53,17 @@ def resolve_freeze_point(taps, module, spec: str, model: str = "the model") -> F
     """`depth:0` (full fine-tune), `depth:F` (the tap `resolve_layers` picks for F: its output and
     everything before it are frozen) or a module name (it and everything after it train)."""
     from featx.models.taps import resolve_layers
+    from featx.settings import depth_fraction
 
     spec = spec.strip()
     by_name = {t.name: t for t in taps}
-    m = re.fullmatch(r"depth:\s*([0-9.eE+-]+)", spec)
+    frac = depth_fraction(spec.replace(" ", ""))
     try:
-        if m and float(m.group(1)) == 0.0:
+        if frac == 0.0:
             return FreezePoint(spec, None, None, 0.0, frozenset())
-        if m or spec in by_name:
+        if frac is not None or spec in by_name:
             names, _ = resolve_layers(taps, spec, model)
-            return _freeze_set(spec, by_name[names[0]], bool(m), taps, module)
+            return _freeze_set(spec, by_name[names[0]], frac is not None, taps, module)
     except (UsageError, ValueError):
         pass
     names = [t.name for t in taps if t.candidate]

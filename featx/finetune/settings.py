@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from featx.settings import _bad  # one table (settings.FLAGS) maps fields to their flags
+from featx.settings import bad_value  # one table (settings.FLAGS) maps fields to their flags
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -17,9 +17,9 @@ MIN_VAL_PER_CLASS = 1  # every class must have validation images, or the epoch c
 def _number(name: str, value, low: float, high: float = math.inf, integer: bool = False, low_open: bool = False):
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or not math.isfinite(value) or value > high:
-        _bad(name, value, f"use {'an integer' if integer else 'a number'} from {low:g}" + (f" to {high:g}" if high < math.inf else ""))
+        bad_value(name, value, f"use {'an integer' if integer else 'a number'} from {low:g}" + (f" to {high:g}" if high < math.inf else ""))
     if value < low or (low_open and value == low):
-        _bad(name, value, f"use a value {'above' if low_open else 'from'} {low:g}")
+        bad_value(name, value, f"use a value {'above' if low_open else 'from'} {low:g}")
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,13 @@ class FinetuneSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.train_from, str) or not self.train_from.strip():
-            _bad("train_from", self.train_from, "use depth:F (F in [0, 1]) or a module name (featx layers MODEL)")
+            bad_value("train_from", self.train_from, "use depth:F (F in [0, 1]) or a module name (featx layers MODEL)")
         _number("epochs", self.epochs, 1, 10_000, integer=True)
         _number("lr", self.lr, 0.0, 10.0, low_open=True)
         _number("backbone_lr_mult", self.backbone_lr_mult, 0.0, 100.0)
         _number("weight_decay", self.weight_decay, 0.0, 1.0)
         if self.optimizer not in OPTIMIZERS:
-            _bad("optimizer", self.optimizer, f"use one of {', '.join(OPTIMIZERS)}")
+            bad_value("optimizer", self.optimizer, f"use one of {', '.join(OPTIMIZERS)}")
         _number("momentum", self.momentum, 0.0, 0.999)
         _number("warmup", self.warmup, 0, self.epochs if isinstance(self.epochs, int) else 0, integer=True)
         _number("batch_size", self.batch_size, 2, 65536, integer=True)
@@ -63,9 +63,9 @@ class FinetuneSettings:
         if self.max_images is not None:
             _number("max_images", self.max_images, 2, integer=True)
         if not isinstance(self.val_fraction, float) or not 0.0 < self.val_fraction < 1.0:
-            _bad("val_fraction", self.val_fraction, "use a fraction between 0 and 1")
+            bad_value("val_fraction", self.val_fraction, "use a fraction between 0 and 1")
         if not isinstance(self.augment, bool):
-            _bad("augment", self.augment, "use True or False")
+            bad_value("augment", self.augment, "use True or False")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from featx.errors import UsageError, closest
-from featx.settings import Pool
+from featx.settings import Pool, depth_fraction, layer_tokens
 
 RELU_FAMILY = ("relu", "relu6")
 _ACT_FUNCS = {
@@ -306,8 +306,7 @@ def resolve_layers(
     `spec` is a comma-separated string or a list: module names (`layer3`), and fractions after a
     `depth:` prefix (`depth:0.25,0.5,1.0`); both may mix (`layer1,depth:0.5,0.75`).
     """
-    tokens = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec)]
-    tokens = [t for t in tokens if t]
+    tokens = layer_tokens(spec)
     if not tokens:
         raise UsageError(
             "--layers is empty; give module names (`featx layers MODEL` lists them) or depth:0.25,0.5,..."
@@ -316,25 +315,18 @@ def resolve_layers(
     cands = [t for t in taps if t.candidate]
     chosen: list[str] = []
     resolved: dict[str, str] = {}
-    in_depth = False
     for tok in tokens:
-        if tok.startswith("depth:"):
-            in_depth, tok = True, tok[len("depth:") :].strip()
-        if in_depth:
-            try:
-                frac = float(tok)
-            except ValueError:
-                in_depth = False
-            else:
-                if not 0.0 < frac <= 1.0:
-                    raise UsageError(f"--layers depth:{tok}: depth fractions must be in (0, 1]")
-                if not cands:
-                    raise UsageError(f"--layers depth:{tok}: {model} has no main-path layers to place depths on; "
-                                     f"name layers instead (`featx layers {model} --all`)")  # fmt: skip
-                best = min(cands, key=lambda t: (abs(t.depth - frac), -t.order))
-                resolved[f"depth:{tok}"] = best.name
-                chosen.append(best.name)
-                continue
+        frac = depth_fraction(tok)
+        if frac is not None:
+            if not 0.0 < frac <= 1.0:
+                raise UsageError(f"--layers {tok}: depth fractions must be in (0, 1]")
+            if not cands:
+                raise UsageError(f"--layers {tok}: {model} has no main-path layers to place depths on; "
+                                 f"name layers instead (`featx layers {model} --all`)")  # fmt: skip
+            best = min(cands, key=lambda t: (abs(t.depth - frac), -t.order))
+            resolved[tok] = best.name
+            chosen.append(best.name)
+            continue
         if tok not in by_name:
             raise UsageError(
                 f"unknown layer {tok!r} for {model}; closest: {closest(tok, list(by_name))} "

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import UsageError, first_line
-from featx.settings import _SPLIT_ALIASES, DataOptions, parse_per_class_limit  # noqa: F401 (re-exported)
 from featx.sources.dataset import ArrayLoader, RawSource
 from featx.sources.decode import (
     to_rgb,

@@ -9,7 +9,7 @@ import re
 import numpy as np
 
 from featx.errors import UsageError
-from featx.settings import _SPLIT_ALIASES, DataOptions, parse_per_class_limit  # noqa: F401 (re-exported)
+from featx.settings import DataOptions
 from featx.sources.dataset import SPLITS, Dataset, RawSource, Subset
 from featx.sources.decode import (
     printable,

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featx.settings import _SPLIT_ALIASES, DataOptions, parse_per_class_limit  # noqa: F401 (re-exported)
 from featx.sources.decode import (
     decode_image,
 )

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import UsageError
-from featx.settings import _SPLIT_ALIASES, DataOptions, parse_per_class_limit  # noqa: F401 (re-exported)
+from featx.settings import SPLIT_ALIASES
 from featx.sources.dataset import IMAGE_EXTENSIONS, FileLoader, RawSource
 from featx.sources.decode import (
     printable,
@@ -186,7 +186,7 @@ def folder_source(root: Path) -> RawSource:
     at least one of them holds subfolders (class folders); otherwise they are classes like any."""
     walk = _Walk(str(root))
     top = walk.subdirs(str(root))
-    named = [d for d in top if d.lower() in _SPLIT_ALIASES]
+    named = [d for d in top if d.lower() in SPLIT_ALIASES]
     split_dirs = [d for d in named if walk.subdirs(os.path.join(str(root), d))]
     notes = []
     if split_dirs:
@@ -196,7 +196,7 @@ def folder_source(root: Path) -> RawSource:
                 f"{root}: folders {', '.join(ignored)} are not split folders holding class folders "
                 f"(train/CLASS, test/CLASS) and were ignored"
             )
-        layout = [(_SPLIT_ALIASES[d.lower()], os.path.join(str(root), d)) for d in split_dirs]
+        layout = [(SPLIT_ALIASES[d.lower()], os.path.join(str(root), d)) for d in split_dirs]
         if len({s for s, _ in layout}) != len(layout):
             raise UsageError(f"--data {root}: two folders name the same split ({', '.join(split_dirs)})")
         walk.note_loose(str(root))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import UsageError
-from featx.settings import _SPLIT_ALIASES, DataOptions, parse_per_class_limit  # noqa: F401 (re-exported)
+from featx.settings import SPLIT_ALIASES
 from featx.sources.dataset import FileLoader, RawSource
 from featx.sources.folders import is_image_name, stat_key
 
@@ -146,7 +146,7 @@ def manifest_source(path: Path) -> RawSource:
             raise UsageError(f"{where}: row {line} has an empty path or label")
         split = None
         if has_split:
-            split = _SPLIT_ALIASES.get(rec["split"].lower())
+            split = SPLIT_ALIASES.get(rec["split"].lower())
             if split is None:
                 raise UsageError(f"{where}: row {line}: split {rec['split']!r} is not train, val or test")
         key = os.path.normcase(os.path.normpath(p if os.path.isabs(p) else base / p))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from featx.errors import UsageError
-from featx.settings import _SPLIT_ALIASES, DataOptions, parse_per_class_limit  # noqa: F401 (re-exported)
+from featx.settings import DataOptions
 from featx.sources.builtin import digits_source, idx_files, idx_source, torchvision_source
 from featx.sources.cutting import cut, groups_from_paths
 from featx.sources.dataset import Dataset

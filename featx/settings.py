@@ -50,6 +50,10 @@ FLAGS = {
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
+# the one description of what --model accepts (CLI help, errors, bench)
+MODEL_NAMES = "a torchvision name (resnet50), timm:NAME[.TAG], efficientnet_lite0/1/2 or pixels"
+
+
 def bad_value(field: str, value, want: str):
     sep = "=" if FLAGS[field] == field else " "  # Python-only fields read as keyword arguments
     raise UsageError(f"{FLAGS[field]}{sep}{value!r}: {want}")
@@ -78,7 +82,7 @@ class ModelSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
-            bad_value("name", self.name, "give a torchvision name (resnet50), timm:NAME or efficientnet_lite0")
+            bad_value("name", self.name, f"give {MODEL_NAMES}")
         if not isinstance(self.weights, str) or not self.weights.strip():
             bad_value("weights", self.weights, "use DEFAULT, none, a weights name or a checkpoint path")
         size = self.image_size

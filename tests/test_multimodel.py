@@ -13,13 +13,14 @@ import pytest
 
 from conftest import assert_one_line_error, cells_written, cli, make_images, run_cli, sigkill_when
 from featx.bench.analysis import analyze
-from featx.bench.config import BenchConfig, BenchData, split_model_spec
+from featx.bench.config import BenchConfig, BenchData
 from featx.bench.crossmodel import model_choices, pretraining_gains, score_agreement
 from featx.bench.report import markdown_report, write_bench_report
 from featx.bench.run import run
 from featx.classifiers.protocol import protocol_for
 from featx.errors import UsageError
 from featx.files import load_done
+from featx.models.spec import split_weights as split_model_spec
 from featx.settings import ModelSettings
 from featx.stats import pack_correct
 from featx.store.cache import digest

@@ -94,13 +94,10 @@ def describe(codes_path: str, layers: list[str]) -> dict:
 def _backbone_of(meta: dict) -> dict | None:
     """The identity of the backbone the codes came from, rebuilt as `predict` will build it; None
     (with a warning) when it cannot be loaded here, e.g. a weights file that is gone."""
-    from featx.models.build import load_model
-    from featx.models.spec import parse_model_name
-    from featx.models.weights import resolve_weights
+    from featx.models.build import load_recorded
 
     try:
-        ref = resolve_weights(parse_model_name(meta["model"]), meta["weights"])
-        return backbone_identity(load_model(meta["model"], weights_ref=ref).module)
+        return backbone_identity(load_recorded(meta).module)
     except (FeatxError, OSError) as e:  # OSError: e.g. hub weights that are not cached, offline
         log.warning("cannot load %s to record its identity (%s); predict will check the weights by name only",
                     meta["model"], first_line(e))  # fmt: skip

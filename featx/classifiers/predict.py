@@ -80,23 +80,20 @@ class Predictor:
     def __init__(self, path: str, *, weights: str | None = None, device: str = "auto", force: bool = False,
                  trust_pickle: bool = False):  # fmt: skip
         from featx.engine.compute import computer_for, resolve_device
-        from featx.models.build import load_model
+        from featx.models.build import load_recorded
         from featx.models.plan import Plan
-        from featx.models.spec import parse_model_name as parse
-        from featx.models.weights import resolve_weights
 
         if self._init_finetuned(path, device):
             return
         self.pipeline, self.meta = load_classifier(path, force=force, trust_pickle=trust_pickle)
         meta = self.meta
-        model = parse(meta["model"])
         spec = weights or meta["weights"]
         if meta.get("weights_source") == "file" and weights is None and not os.path.isfile(spec):
             raise FeatxError(
                 f"{path} needs the weights file {spec}, which is gone; pass --weights PATH to its new place"
             )
-        ref = resolve_weights(model, spec)
-        backbone = load_model(meta["model"], weights_ref=ref)
+        backbone = load_recorded(meta, spec)
+        ref = backbone.weights
         found_sha = backbone.weights.sha256 or ""
         want_sha = meta.get("weights_sha256") or ""
         mismatch = (want_sha and found_sha and want_sha != found_sha) or (

@@ -84,10 +84,7 @@ class ExtractResult:
     uncapped_train: int | None = None  # training images before --per-class-limit removed some
     rank: int = 0  # of a distributed job: only rank 0 reports the path
 
-    @property
-    def images_per_second(self) -> float:
-        done = self.samples - self.resumed_from
-        return done / self.seconds if self.seconds > 0 and not self.hit else 0.0
+
 
 
 def _lib_versions() -> dict[str, str]:

@@ -27,7 +27,6 @@ Preprocessing follows the weights (torchvision's weight transforms, timm's data 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -370,15 +369,3 @@ def assign_state(module, state: dict, path: str, model_name: str) -> str:
         f"{path}: does not fit {model_name}: tensor names differ and shapes do not match one to one in order "
         f"(checkpoint {len(their_items)} tensors, model {len(own_items)}); first mismatches: {detail}"
     )
-
-
-def state_sha256(module) -> str:
-    """A content hash of a module's state dict (names, dtypes, shapes, values)."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

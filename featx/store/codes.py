@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -83,16 +82,6 @@ class CodesFile:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def json_attr(self, name: str):
-        v = self.attrs.get(name)
-        if not isinstance(v, str):
-            return v
-        try:
-            return json.loads(v)
-        except ValueError:
-            raise FeatxError(
-                f"{self.path}: attribute {name!r} is not valid JSON; rebuild the file with featx extract"
-            ) from None
 
     def layer_attrs(self, layer: str) -> dict:
         """The raw attributes of /codes/<layer> (`layer_meta` gives them typed)."""

@@ -313,3 +313,15 @@ def test_parsing_a_command_line_imports_no_heavy_library():
             "print(sorted(m for m in ('torch', 'sklearn', 'h5py', 'timm', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize(("field", "value", "flag"), [("classifier", "knn?", "--classifier"), ("scale", "z", "--scale"),
+                                                      ("pca", 0, "--pca"), ("cv", 1, "--cv"), ("epochs", 0, "--epochs"),
+                                                      ("chunk_rows", 8, "--chunk-rows"), ("solver", "gpu", "--solver"),
+                                                      ("val_fraction", 1.5, "--val-fraction")])  # fmt: skip
+def test_protocol_is_validated_at_construction(field, value, flag):
+    """Every way in (fit, fit_cell, bench, a preset) builds a Protocol, so every way is checked."""
+    from featx.classifiers.protocol import Protocol
+
+    with pytest.raises(UsageError, match=f"^{flag}"):
+        Protocol(**{field: value})

@@ -91,6 +91,7 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
     it. `warm=False` fits every grid value and the refit from scratch, as featx did before warm
     starts (see `grid_scores` for how far the two may differ)."""
     train_size = train_size if isinstance(train_size, TrainSize) else parse_train_size(train_size)
+    protocol = protocol.validate()  # `auto` solver resolved for this device
     t0 = time.perf_counter()
     with CodesFile(path) as f:
         layers = list(layers)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from featx.errors import UsageError
-from featx.settings import CLASSIFIERS, SCALES
+from featx.settings import CLASSIFIERS, SCALES, SOLVERS, bad_value, choice
 
 MIN_VAL_PER_CLASS = 10  # a hold-out keeping fewer images of a class than this: choose by CV instead
 
@@ -49,11 +49,14 @@ class Protocol:
     solver: str = "sklearn"  # softmax: 'sklearn' (lbfgs) or 'torch' (featx.classifiers.torch_softmax); 'auto' resolves
     device: str = field(default="auto", compare=False)  # where the torch solver runs; not part of identity
 
-    def validate(self) -> Protocol:
-        if self.classifier not in CLASSIFIERS:
-            raise UsageError(f"--classifier {self.classifier!r}: use one of {', '.join(CLASSIFIERS)}")
-        if self.scale not in SCALES:
-            raise UsageError(f"--scale {self.scale!r}: use one of {', '.join(SCALES)}")
+    def __post_init__(self) -> None:
+        """Validated at construction, like every settings object (errors name the CLI option)."""
+        choice("classifier", self.classifier, CLASSIFIERS)
+        choice("scale", self.scale, SCALES)
+        try:
+            object.__setattr__(self, "Cs", tuple(float(c) for c in self.Cs))
+        except (TypeError, ValueError):
+            bad_value("Cs", self.Cs, "give positive, finite numbers (e.g. 0.01,0.1,1)")
         if not self.Cs or any(not (c > 0 and math.isfinite(c)) for c in self.Cs):
             raise UsageError("--C: give positive, finite values (e.g. 0.01,0.1,1)")
         out = [c for c in self.Cs if not C_RANGE[0] <= c <= C_RANGE[1]]
@@ -61,16 +64,24 @@ class Protocol:
             raise UsageError(
                 f"--C {out[0]:g}: use values from {C_RANGE[0]:g} to {C_RANGE[1]:g} (e.g. 0.01,0.1,1)"
             )
-        if self.pca is not None and self.pca < 1:
-            raise UsageError(f"--pca {self.pca}: must be a positive number of components")
-        if self.cv is not None and self.cv < 2:
-            raise UsageError(f"--cv {self.cv}: needs at least 2 folds")
-        if self.min_val_per_class < 0:
-            raise UsageError(f"min_val_per_class {self.min_val_per_class}: must be 0 or more")
+        if self.pca is not None and not (isinstance(self.pca, int) and self.pca >= 1):
+            bad_value("pca", self.pca, "must be a positive number of components")
+        if self.cv is not None and not (isinstance(self.cv, int) and self.cv >= 2):
+            bad_value("cv", self.cv, "needs at least 2 folds")
+        if not (isinstance(self.min_val_per_class, int) and self.min_val_per_class >= 0):
+            bad_value("min_val_per_class", self.min_val_per_class, "must be 0 or more")
         if not 0.0 < self.val_fraction < 1.0:
-            raise UsageError(f"--val-fraction {self.val_fraction}: must be between 0 and 1")
-        if self.epochs < 1 or self.chunk_rows < 16:
-            raise UsageError("--epochs must be >= 1 and --chunk-rows >= 16")
+            bad_value("val_fraction", self.val_fraction, "must be between 0 and 1")
+        if not (isinstance(self.epochs, int) and self.epochs >= 1):
+            bad_value("epochs", self.epochs, "must be >= 1")
+        if not (isinstance(self.chunk_rows, int) and self.chunk_rows >= 16):
+            bad_value("chunk_rows", self.chunk_rows, "must be >= 16")
+        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
+            bad_value("max_iter", self.max_iter, "must be >= 1")
+        choice("solver", self.solver, SOLVERS)
+
+    def validate(self) -> Protocol:
+        """The protocol with `solver='auto'` resolved for its device (the checks ran at construction)."""
         from featx.classifiers.torch_softmax import resolve_solver
 
         solver = resolve_solver(self.solver, self.classifier, self.device, self.per_class)

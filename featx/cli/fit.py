@@ -28,9 +28,13 @@ SOLVER_HELP = ("softmax's solver: sklearn (lbfgs, float64), torch (L-BFGS in flo
 
 
 def protocol_overrides(args) -> dict:
-    given = {"Cs": o.floats(args.Cs, "--C") if args.Cs else None, "scale": args.scale, "cv": args.cv}
-    for name in ("pca", "val_fraction", "epochs", "chunk_rows", "max_iter", "solver", "device"):
-        given[name] = getattr(args, name, None)
+    """The Protocol fields the command line gave (options named like the fields; --C as a list)."""
+    from dataclasses import fields
+
+    from featx.classifiers.protocol import Protocol
+
+    given = {f.name: getattr(args, f.name, None) for f in fields(Protocol) if f.name not in ("classifier", "preset")}
+    given["Cs"] = o.floats(args.Cs, "--C") if args.Cs else None
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -15,7 +15,7 @@ MIN_VAL_PER_CLASS = 10  # a hold-out keeping fewer images of a class than this: 
 
 
 # (20 was measured too: at 50/class CV lowered the mean regret but raised it on flowers over 20
-# seeds; README, "what the small-data rule buys")
+# seeds; docs/results/probes.md, "what the small-data rule buys")
 MAX_AUTO_FOLDS = 5
 
 

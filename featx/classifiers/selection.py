@@ -21,7 +21,7 @@ classifier for being right with confidence, not just right). Picking the best of
 layer scores favours whichever got lucky; the one-standard-error rule (Hastie, Tibshirani and
 Friedman, "Elements of Statistical Learning", 7.10) keeps a layer the folds cannot tell apart from
 the best and prefers the default of the field, the top codes, unless the folds say otherwise.
-Measured (README, "what the small-data rule buys"): `benchmarks/selection_regret.py`; a threshold
+Measured (docs/results/probes.md, "what the small-data rule buys"): `benchmarks/selection_regret.py`; a threshold
 of two standard errors preferred the top layer too often, half a standard error too rarely.
 """
 

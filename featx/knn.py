@@ -36,12 +36,14 @@ candidates merged (same order as above), so memory is bounded by the block, not 
 
 Saving. A k-NN classifier IS its training codes: predicting needs every training row, so
 `to_arrays()` returns them (L2-normalised, with their labels) beside `classes_`. That costs
-n_train x n_features x 4 bytes (100,000 rows x 1,280 dims: 512 MB; a linear classifier of the same
-codes is a few hundred kB), or half of it with `to_arrays(codes_dtype="float16")`. float16 copies
-change predictions: measured (benchmarks/knn_speed.py, synthetic clustered codes, 100,000 x 1,280,
-k = 20, T = 0.07) 99.99% of 10,000 predictions agree with the float32 classifier's (1 differs); so
-float32 is the default and float16 is an option for whoever prefers half the file to bit-identical
-predictions. `from_arrays(arrays, params)` rebuilds the fitted classifier from plain data.
+n_train x n_features x 4 bytes (100,000 rows x 1,280 dims: 488 MiB; a linear classifier of the same
+codes and 100 classes: 0.5 MiB), or half of it with `to_arrays(codes_dtype="float16")`. Measured
+(benchmarks/knn_speed.py, synthetic clustered codes, 100,000 x 1,280, 10,000 queries, k = 20,
+T = 0.07): float16 copies changed none of the 10,000 predictions, but moved probabilities by up to
+0.043 (a similarity's float16 rounding, ~1e-3, is magnified by 1/T in the weight). So float32 is
+the default, which predicts exactly what the fitted classifier predicted (the reports' numbers),
+and float16 is an option where the file's size matters more. `from_arrays(arrays, params)`
+rebuilds the fitted classifier from plain data (float16 codes are re-normalised in float32).
 
 `grid_scores` is how featx chooses k and T on validation rows, as it chooses C: one neighbour search
 at max(k), then every (k, T) from those top similarities, each scored as featx scores a softmax

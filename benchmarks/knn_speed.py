@@ -82,7 +82,7 @@ def timed(fn):
 
 def products_only(X: np.ndarray, Q: np.ndarray) -> None:
     """The floor: the blocked float32 similarity products alone, as WeightedKNN blocks them by default."""
-    from featx.knn import QUERY_BLOCK, TRAIN_BLOCK
+    from featx.classifiers.knn import QUERY_BLOCK, TRAIN_BLOCK
 
     A = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-30)
     B = Q / np.maximum(np.linalg.norm(Q, axis=1, keepdims=True), 1e-30)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     from sklearn.neighbors import KNeighborsClassifier
     from threadpoolctl import threadpool_limits
 
-    from featx.knn import WeightedKNN, grid_scores
+    from featx.classifiers.knn import WeightedKNN, grid_scores
 
     torch.set_num_threads(args.threads)
     X, y = synthetic(args.train, args.dims, args.classes, seed=0)

@@ -1,4 +1,4 @@
-"""Near-duplicate detection on codes (featx.neardup), measured on data with known groups.
+"""Near-duplicate detection on codes (featx.classifiers.neardup), measured on data with known groups.
 
 1. Generated near-copies: sources drawn from real sets (flowers5_128: photos; brain_tumor_mri:
    scans that all look alike), each saved as the original plus `--copies - 1` augmented copies
@@ -39,7 +39,7 @@ from sklearn.preprocessing import StandardScaler
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import featx  # noqa: E402
-from featx import neardup  # noqa: E402
+from featx.classifiers import neardup  # noqa: E402
 from featx.settings import CodeSettings, DataOptions, ModelSettings, RunSettings  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets")
@@ -258,7 +258,7 @@ def main() -> None:
             cells = [f"{t}:{np.mean([f for f, _ in v]):.3f}({np.mean([p for _, p in v]):.2f})" for t, v in by_t.items()]
             print(f"{layer:12s} " + "  ".join(cells))
 
-        print("\n## Leakage rule (featx.neardup.leakage), 20% held out\n")
+        print("\n## Leakage rule (featx.classifiers.neardup.leakage), 20% held out\n")
         print(f"{'set':16s} {'layer':12s} {'split':8s} {'flagged':>8s} {'closer%':>8s} {'held-out q50':>12s} {'ref q50':>8s}")
         real = {}
         for name in args.real.split(","):

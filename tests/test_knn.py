@@ -1,4 +1,4 @@
-"""featx.knn: WeightedKNN against a brute-force reference, its determinism, errors, saving and grid.
+"""featx.classifiers.knn: WeightedKNN against a brute-force reference, its determinism, errors, saving and grid.
 
 scikit-learn's common checks run in full (`parametrize_with_checks`) on the default estimator and
 on one with tiny blocks; the only expected failure is check_methods_subset_invariance for the
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from featx import knn
+from featx.classifiers import knn
+from featx.classifiers.knn import GridScore, WeightedKNN, grid_scores
 from featx.errors import FeatxError, UsageError
-from featx.knn import GridScore, WeightedKNN, grid_scores
 
 
 def clustered(n, d=16, classes=5, seed=0):

@@ -1,9 +1,9 @@
-"""featx.neardup: the nearest row, the leakage check of a split, groups of near-duplicates."""
+"""featx.classifiers.neardup: the nearest row, the leakage check of a split, groups of near-duplicates."""
 
 import numpy as np
 import pytest
 
-from featx import neardup
+from featx.classifiers import neardup
 from featx.errors import FeatxError, UsageError
 
 

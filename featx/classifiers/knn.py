@@ -1,6 +1,6 @@
 """Weighted k-nearest-neighbour classification on CNN codes, as DINOv2's k-NN evaluation votes.
 
-    from featx.knn import WeightedKNN, grid_scores
+    from featx.classifiers.knn import WeightedKNN, grid_scores
     clf = WeightedKNN(n_neighbors=20, temperature=0.07).fit(X_train, y_train)
     clf.predict(X_test); clf.predict_proba(X_test); clf.score(X_test, y_test)
     grid = grid_scores(X_train, y_train, X_val, y_val)   # every (k, T) from ONE similarity pass

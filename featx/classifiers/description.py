@@ -152,6 +152,10 @@ def is_size(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
+def _is_count(v) -> bool:  # the pixels baseline's module holds no tensors
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _three(v, positive: bool = False) -> bool:
     return isinstance(v, list) and len(v) == 3 and all(is_num(x) and (x > 0 or not positive) for x in v)
 
@@ -177,7 +181,7 @@ _OPTIONAL = {
     "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
     "dims": (lambda v: isinstance(v, dict) and all(is_size(x) for x in v.values()), "layer widths"),
     "backbone": (
-        lambda v: isinstance(v, dict) and is_size(v.get("tensors")) and _is_str(v.get("shapes_sha256"))
+        lambda v: isinstance(v, dict) and _is_count(v.get("tensors")) and _is_str(v.get("shapes_sha256"))
         and _is_str(v.get("state_sha256")), "tensors, shapes_sha256 and state_sha256"),
     "pipeline": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(s, dict) for s in v), "a list of steps"),
     "arrays_sha256": (_is_str, "a sha256"),

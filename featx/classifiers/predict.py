@@ -92,7 +92,7 @@ class Predictor:
             raise FeatxError(
                 f"{path} needs the weights file {spec}, which is gone; pass --weights PATH to its new place"
             )
-        backbone = load_recorded(meta, spec)
+        backbone = load_recorded(meta, weights)
         ref = backbone.weights
         found_sha = backbone.weights.sha256 or ""
         want_sha = meta.get("weights_sha256") or ""

@@ -188,6 +188,8 @@ def load_recorded(meta: dict, weights: str | None = None) -> Backbone:
     replaces the recorded weights (a checkpoint file that moved). `Backbone.weights` is the
     resolved reference, with the sha256 of the file loaded, for the caller's identity check."""
     model = parse_model_name(meta["model"])
+    if weights is None and meta.get("weights_source") == "builtin":
+        weights = "DEFAULT"  # the pixels baseline records `none`, which would name random weights
     return build_backbone(model, resolve_weights(model, weights or meta["weights"]))
 
 

@@ -141,7 +141,7 @@ def test_cli_fit_and_predict(trained, tmp_path):
     assert "could not be decoded" in r.stderr
     r = run_cli("fit", trained["codes"], "--layer", "layer9")
     assert (
-        r.returncode == 1
+        r.returncode == 2
         and "layer 'layer9' is not in" in r.stderr
         and len(r.stderr.strip().splitlines()) == 1
     )

@@ -10,6 +10,7 @@ import os
 
 from featx import __version__
 from featx.errors import FeatxError, UsageError, first_line
+from featx.files import CLASSIFIER_KEY
 
 log = logging.getLogger("featx")
 
@@ -17,7 +18,7 @@ log = logging.getLogger("featx")
 FORMAT = 2  # 1: the joblib + JSON pair of featx 0.1.0
 
 
-HEADER_KEY = "featx_classifier"
+HEADER_KEY = CLASSIFIER_KEY
 
 
 SUFFIX = ".safetensors"

@@ -95,8 +95,7 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
     t0 = time.perf_counter()
     with CodesFile(path) as f:
         layers = list(layers)
-        for layer in layers:
-            f.dim(layer)  # a clear error for a layer the file does not hold
+        f.check_layers(layers)  # every layer the file does not hold, in one line
         rows = select_rows(f, protocol, train_size, seed)
         dim = sum(f.dim(layer) for layer in layers)
         # One BLAS thread, always: a multi-threaded BLAS sums in an order that depends on the
@@ -278,8 +277,7 @@ def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol
             else ([x.strip() for x in layers.split(",")] if isinstance(layers, str) else list(layers))
         )
         names = [n for n in names if n]
-        for n in names:
-            f.dim(n)
+        f.check_layers(names)
     if not names:
         raise UsageError("--layer is empty; name layers of the file (featx info FILE lists them)")
     groups = [[n] for n in dict.fromkeys(names)]

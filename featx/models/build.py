@@ -34,8 +34,8 @@ import zipfile
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from featx.errors import FeatxError, first_line
-from featx.files import file_sha256
+from featx.errors import FeatxError, UsageError, first_line
+from featx.files import file_kind, file_sha256, what_it_is
 from featx.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, timm_preprocess
 from featx.models.spec import LITE, PIXELS, ModelSpec, parse_model_name
 from featx.models.weights import (
@@ -289,13 +289,15 @@ def read_checkpoint(path: str) -> dict:
     """A flat {name: tensor} state dict from a local file, never unpickling arbitrary objects."""
     import torch
 
+    if file_kind(path) == "classifier":
+        raise UsageError(f"--weights {path}: {what_it_is(path)}, not network weights")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         try:
             obj = load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise FeatxError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+            raise UsageError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -303,21 +305,21 @@ def read_checkpoint(path: str) -> dict:
             text = str(e)
             bad = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), None)
             if bad:
-                raise FeatxError(
+                raise UsageError(
                     f"{path}: refused: the checkpoint holds Python objects that torch.load(weights_only=True) "
                     f"does not allow ({bad}); featx never unpickles checkpoints. Re-save it as a plain "
                     f"state dict (torch.save(model.state_dict(), f)) where you trust its source"
                 ) from None
-            raise FeatxError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)[:120]})") from None
+            raise UsageError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)[:120]})") from None
         except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-            raise FeatxError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)[:120]})") from None
+            raise UsageError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)[:120]})") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise FeatxError(
+        raise UsageError(
             f"{path}: expected a state dict (name -> tensor), or a dict holding one under 'state_dict' or 'model'"
         )
     return obj
@@ -367,7 +369,7 @@ def assign_state(module, state: dict, path: str, model_name: str) -> str:
         if len(mismatches) == 3:
             break
     detail = "; ".join(mismatches) if mismatches else "the counts differ"
-    raise FeatxError(
+    raise UsageError(
         f"{path}: does not fit {model_name}: tensor names differ and shapes do not match one to one in order "
         f"(checkpoint {len(their_items)} tensors, model {len(own_items)}); first mismatches: {detail}"
     )

@@ -7,8 +7,9 @@ import json
 import os
 
 from featx.errors import FeatxError
+from featx.files import FINETUNED_KEY
 
-HEADER_KEY = "featx_finetuned"
+HEADER_KEY = FINETUNED_KEY
 
 
 FORMAT = 1

@@ -107,7 +107,7 @@ def extract(
     cache_dir: str | None = None,
     strict: bool = False,
     wait: bool = True,
-    progress: bool = False,
+    progress: bool = True,
     timings: Timings | None = None,
     **options,
 ) -> ExtractResult:
@@ -119,6 +119,7 @@ def extract(
     size, workers, precision, channels-last, decoder, compile). Any field of the three settings
     may also be passed as a keyword (`weights="none", pool="avg2x2", precision="fp32"`).
     `timings`: an `engine.Timings` that receives the seconds of each phase (benchmarks).
+    `progress`: a progress bar on stderr (tqdm) while images are computed; `progress=False` silences it.
     """
     t0 = time.perf_counter()
     mset, cset, rset = gather(model, codes, run, options, caller="extract")

@@ -51,7 +51,9 @@ class CodesFile:
         self.path = str(path)
         if not os.path.isfile(self.path):
             raise UsageError(f"{self.path}: no such codes file")
-        if file_kind(self.path) != "hdf5":  # the user named a file of another kind; a damaged entry is exit 1
+        kind = file_kind(self.path)
+        # a file of another kind is the user's input (exit 2); a damaged .h5 is a failure (exit 1, below)
+        if kind != "hdf5" and (kind != "other" or not self.path.endswith((".h5", ".hdf5"))):
             raise UsageError(f"{self.path}: {what_it_is(self.path)}, not a codes file; give a file featx extract wrote")
         reason = verify(self.path)
         if reason:

@@ -4,6 +4,9 @@
     python benchmarks/gpu_check.py --out results/gpu            # on a machine with one CUDA GPU (< 8 min)
     python benchmarks/gpu_check.py --out /tmp/gc --dry-run      # the same steps on the CPU, toy sizes
     python benchmarks/gpu_check.py --out results/gpu --steps decode,fallback   # rerun some steps
+    python benchmarks/gpu_check.py --out results/gpu --size speed_n=2048     # smaller speed runs
+
+Exit status: 0 when every step is ok, 1 otherwise, 2 for a bad option.
 
 It writes OUT/gpu_check.json (every step, its status, measurements, checks and targets),
 OUT/gpu_check.md (the same as tables) and OUT/logs/STEP.log (each step's output and traceback).
@@ -880,12 +883,12 @@ def step_auto_batch(rec: Record, cfg: dict) -> None:
 # -- steps: solver ---------------------------------------------------------------------------------------------
 
 
-def blobs(n: int, d: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def blobs(n: int, d: int, c: int, seed: int = 0, noise: float = 2.2) -> tuple[np.ndarray, np.ndarray]:
     """Codes-like synthetic data: classes around means in a 64-d latent space, mapped to d, rectified."""
     rng = np.random.default_rng(seed)
     y = np.arange(n) % c
     rng.shuffle(y)
-    z = rng.normal(0, 1.0, (c, 64))[y] + rng.normal(0, 2.2, (n, 64))
+    z = rng.normal(0, 1.0, (c, 64))[y] + rng.normal(0, noise, (n, 64))
     W = rng.normal(0, 1.0, (64, d)) / 8.0
     X = np.maximum(z @ W + rng.normal(0, 0.5, (n, d)), 0.0)
     return X.astype(np.float32), y
@@ -1207,7 +1210,7 @@ def _hand_loop(cfg: dict, ms, data: str, device: str, batch: int, workers: int) 
     module = featx.load_model(ms[0], "none").module.eval().to(device)
     tf = T.Compose(
         [
-            T.Resize(pre.resize_size),
+            T.Resize(pre.resize_size, interpolation=T.InterpolationMode(pre.interpolation)),
             T.CenterCrop(pre.crop_size),
             T.ToTensor(),
             T.Normalize(list(pre.mean), list(pre.std)),
@@ -1632,6 +1635,13 @@ def parse_args(argv=None):
     ap.add_argument(
         "--budget", type=float, default=None, help="seconds for the whole run (GPU 450, dry run 300)"
     )
+    ap.add_argument(
+        "--size",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override one of sizes()' values, e.g. --size speed_n=2048 --size 'scaling=[64,256]'",
+    )
     ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every step's timeout")
     return ap.parse_args(argv)
 
@@ -1655,6 +1665,17 @@ def main(argv=None) -> int:
         "datasets": find_datasets(args.datasets),
         "sizes": sizes(args.dry_run),
     }
+    for item in args.size:
+        key, _, value = item.partition("=")
+        if key not in cfg["sizes"]:
+            print(
+                f"gpu_check: --size {key}: not a size; choose from {', '.join(cfg['sizes'])}", file=sys.stderr
+            )
+            return 2
+        try:
+            cfg["sizes"][key] = json.loads(value)
+        except ValueError:
+            cfg["sizes"][key] = value  # a plain string (a data folder name)
     for d in ("steps", "scratch"):
         os.makedirs(os.path.join(cfg["work"], d), exist_ok=True)
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)

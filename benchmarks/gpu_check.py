@@ -727,12 +727,11 @@ def step_decode(rec: Record, cfg: dict) -> None:
             PIXEL_MEAN_TOL,
         )
     # featx's decode + resize + crop on the device against the same on the CPU (featx.decode internals)
+    import featx
     from featx.decode import decode_batch
-    from featx.plan import resolve
-    from featx.settings import CodeSettings, ModelSettings
 
     ms = cfg["sizes"]["codes_models"][0]
-    pre = resolve(ModelSettings(ms[0], "none", ms[1]), CodeSettings("depth:1.0")).preprocess
+    pre = featx.resolve(featx.ModelSettings(ms[0], "none", ms[1]), featx.CodeSettings("depth:1.0")).preprocess
     payloads = [("jpeg", x) for x in datas]
     a, kept_a, bad_a = decode_batch(payloads, pre, torch.device("cpu"))
     b, kept_b, bad_b = decode_batch(payloads, pre, torch.device(dev))
@@ -1692,7 +1691,9 @@ def main(argv=None) -> int:
     import torch  # noqa: F401 (no CUDA call here: the steps initialise CUDA after the fork)
     import torchvision  # noqa: F401
 
-    import featx.extraction  # noqa: F401
+    import featx
+
+    featx.extract  # noqa: B018 (loads the extraction modules once, before the steps fork)
 
     budget = args.budget or (300.0 if args.dry_run else 450.0)
     t_start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")

@@ -28,6 +28,7 @@ def test_dry_run_every_step_ok(tmp_path):
         env=env,
         timeout=500,
     )
+    print(p.stdout)
     results = json.loads((out / "gpu_check.json").read_text())
     steps = {s["name"]: s for s in results["steps"]}
     assert list(steps) == [name for name, _, _ in gpu_check.STEPS]

@@ -728,7 +728,7 @@ def step_decode(rec: Record, cfg: dict) -> None:
         )
     # featx's decode + resize + crop on the device against the same on the CPU (featx.decode internals)
     import featx
-    from featx.decode import decode_batch
+    from featx.sources.decode import decode_batch
 
     ms = cfg["sizes"]["codes_models"][0]
     pre = featx.resolve(featx.ModelSettings(ms[0], "none", ms[1]), featx.CodeSettings("depth:1.0")).preprocess
@@ -895,7 +895,8 @@ def blobs(n: int, d: int, c: int, seed: int = 0, noise: float = 2.2) -> tuple[np
 
 def write_codes(path: str, X: np.ndarray, y: np.ndarray, test_every: int = 7) -> str:
     """A one-layer (`L`) codes file from arrays, through featx's own journal and finalize."""
-    from featx.store import Journal, finalize
+    from featx.store.finalize import finalize
+    from featx.store.journal import Journal
 
     n, d = X.shape
     splits = np.array(["train"] * n, dtype=object)
@@ -952,7 +953,7 @@ def softmax_objective(X, y, coef, intercept, C: float) -> float:
 
 def step_solver_match(rec: Record, cfg: dict) -> None:
     import featx
-    from featx.torch_softmax import TorchSoftmax
+    from featx.classifiers.torch_softmax import TorchSoftmax
 
     dev = cfg["device"]
     n, d, c = cfg["sizes"]["solver_match"]
@@ -1041,7 +1042,7 @@ def step_solver_speed(rec: Record, cfg: dict) -> None:
 
 def _finetune(cfg: dict, ms, data: str, device: str, precision: str, settings, workers=0, out=None):
     import featx
-    from featx.finetune import finetune
+    from featx.finetune.job import finetune
 
     model, size = ms
     return finetune(
@@ -1065,7 +1066,7 @@ def _weights_rel(a, b) -> float:
 
 
 def step_finetune_match(rec: Record, cfg: dict) -> None:
-    from featx.finetune import FinetuneSettings
+    from featx.finetune.settings import FinetuneSettings
 
     dev, s = cfg["device"], cfg["sizes"]
     data = work(cfg, "data", "finetune")
@@ -1096,7 +1097,7 @@ def step_finetune_match(rec: Record, cfg: dict) -> None:
 
 
 def step_finetune_speed(rec: Record, cfg: dict) -> None:
-    from featx.finetune import FinetuneSettings
+    from featx.finetune.settings import FinetuneSettings
 
     dev, s = cfg["device"], cfg["sizes"]
     settings = FinetuneSettings(
@@ -1156,7 +1157,7 @@ class BareForward:
         import torch
 
         import featx
-        from featx.engine import computer_for, load_backbone
+        from featx.engine.compute import computer_for, load_backbone
 
         self.device = device
         plan = featx.resolve(featx.ModelSettings(ms[0], "none", ms[1]), featx.CodeSettings("depth:1.0"))
@@ -1226,7 +1227,7 @@ def _hand_loop(cfg: dict, ms, data: str, device: str, batch: int, workers: int) 
 
 def _speed(rec: Record, cfg: dict, key: str) -> None:
     import featx
-    from featx.engine import resolve_workers
+    from featx.engine.compute import resolve_workers
 
     dev, s = cfg["device"], cfg["sizes"]
     ms = s["speed_models"][key]

@@ -113,7 +113,7 @@ def test_fallback_files_as_on_cpu(folder, tmp_path, decoder):
 
 
 def test_torch_solver_cuda_matches_cpu(tmp_path):
-    from featx.torch_softmax import TorchSoftmax
+    from featx.classifiers.torch_softmax import TorchSoftmax
 
     X, y = gc.blobs(3000, 64, 4, seed=3)
     X = (X - X.mean(0)) / (X.std(0) + 1e-6)
@@ -135,7 +135,8 @@ def test_torch_solver_cuda_matches_cpu(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_finetune_step_cuda_matches_cpu(tmp_path, precision):
-    from featx.finetune import FinetuneSettings, finetune
+    from featx.finetune.job import finetune
+    from featx.finetune.settings import FinetuneSettings
 
     data = make_images(tmp_path / "ft", per_class=10, size=(72, 72))
     settings = FinetuneSettings(

@@ -325,3 +325,16 @@ def test_protocol_is_validated_at_construction(field, value, flag):
 
     with pytest.raises(UsageError, match=f"^{flag}"):
         Protocol(**{field: value})
+
+
+def test_a_chosen_c_at_the_grid_edge_is_flagged(codes, caplog):
+    """On separable blobs a grid of tiny C values can only choose its largest: featx says the grid
+    may have cut the choice short."""
+    import logging
+
+    from featx.classifiers.fit import fit
+
+    with caplog.at_level(logging.WARNING, logger="featx"):
+        report = fit(codes, "good", protocol_for("softmax", Cs=(1e-7, 1e-6, 1e-5), min_val_per_class=0))
+    assert {r["C"] for r in report.results} == {1e-5}
+    assert any("C = 1e-05 is the grid's largest value" in m and "widen --C" in m for m in caplog.messages)

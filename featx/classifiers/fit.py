@@ -48,6 +48,7 @@ Presets reproduce published protocols:
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 from collections.abc import Sequence
@@ -65,6 +66,8 @@ from featx.classifiers.sgd import fit_sgd
 from featx.errors import FeatxError, UsageError, first_line
 from featx.stats import pack_correct, wilson_interval
 from featx.store.codes import CodesFile
+
+log = logging.getLogger("featx")
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
@@ -306,4 +309,21 @@ def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol
         results.append(o)
     report = FitReport(path, protocol, train_size, results, best="", models=models)
     report.best = selection.choose_layer(report.candidates())
+    _warn_grid_edge(results, protocol)
     return report
+
+
+def _warn_grid_edge(results: list[dict], protocol: Protocol) -> None:
+    """A chosen C at the end of its grid may be cut short by the grid: say so, once per layer."""
+    if len(protocol.Cs) < 3:
+        return
+    low, high = min(protocol.Cs), max(protocol.Cs)
+    edges = {}
+    for r in results:
+        c = r.get("C")
+        if c is not None and c in (low, high):
+            edges.setdefault(r["layer"], c)
+    for layer, c in edges.items():
+        side, wider = ("smallest", f"{low / 100:g}") if c == low else ("largest", f"{high * 100:g}")
+        log.warning("%s: the chosen C = %g is the grid's %s value; the best C may lie beyond it "
+                    "(widen --C, e.g. with %s)", layer, c, side, wider)  # fmt: skip

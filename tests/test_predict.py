@@ -139,6 +139,7 @@ def test_cli_fit_and_predict(trained, tmp_path):
     assert len(preds) == 10 and preds[-1]["error"] and preds[-1]["class"] is None
     assert all(p["class"] in ("cat", "dog", "owl") for p in preds[:-1])
     assert "could not be decoded" in r.stderr
+    assert "10 images: " in r.stderr and "; 1 could not be decoded" in r.stderr  # the closing summary
     r = run_cli("fit", trained["codes"], "--layer", "layer9")
     assert (
         r.returncode == 2

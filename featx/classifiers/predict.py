@@ -153,18 +153,27 @@ class Predictor:
         return np.hstack(parts) if len(parts) > 1 else parts[0]
 
     def predict(
-        self, paths: list[str], top_k: int = 3, batch_size: int = 32, workers: int = 0
+        self, paths: list[str], top_k: int = 3, batch_size: int = 32, workers: int = 0, progress: bool = True
     ) -> list[Prediction]:
+        """One Prediction per path, in order (an undecodable image carries its reason); a progress
+        bar on stderr unless `progress=False`."""
+        import sys
+
+        from tqdm.auto import tqdm
+
         from featx.engine.compute import ImageSequence, make_loader
         from featx.sources.dataset import FileLoader
 
         out: list[Prediction] = []
-        for index, images, bad, _done in make_loader(
+        bar = tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, disable=not progress,
+                   mininterval=0.5 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)  # fmt: skip
+        for index, images, bad, done in make_loader(
             ImageSequence(FileLoader(paths, paths), len(paths), self.preprocess),
             batch_size,
             workers,
             pin_memory=False,
         ):
+            bar.update(done - bar.n)
             results = {}
             if images is not None:
                 X = self.codes(images)
@@ -176,6 +185,7 @@ class Predictor:
             for i, reason in bad:
                 results[int(i)] = Prediction(paths[i], None, None, [], reason)
             out.extend(results[k] for k in sorted(results))
+        bar.close()
         return out
 
     @property

@@ -67,7 +67,8 @@ def best_knn(grid: Sequence, default_t: float = 0.07) -> int:
 
     def key(i: int):
         g = grid[i]
-        return (-g.val_score, -g.val_tiebreak, g.k, abs(np.log(g.temperature / default_t)), g.temperature)
+        ratio = round(abs(float(np.log(g.temperature / default_t))), 9)  # 0.035 and 0.14: equally near 0.07
+        return (-g.val_score, -g.val_tiebreak, g.k, ratio, g.temperature)
 
     return min(range(len(grid)), key=key)
 

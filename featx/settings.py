@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "float16")
 # choices the CLI offers, kept here (not in the modules that use them) so that parsing a command line
 # imports nothing heavy: a cache hit must answer without loading scikit-learn or torch
-CLASSIFIERS = ("svm", "softmax", "sgd")
+CLASSIFIERS = ("svm", "softmax", "sgd", "knn")  # knn: featx.classifiers.knn, DINOv2's weighted vote
 SCALES = ("standardize", "l2", "none")
 SOLVERS = ("auto", "sklearn", "torch")  # softmax: lbfgs in scikit-learn, or featx.classifiers.torch_softmax
 PRESET_NAMES = ("kornblith", "vissl-svm")  # classify.PRESETS' keys (tests/test_classify.py pins it)
@@ -49,6 +49,7 @@ FLAGS = {
     # featx.classifiers.protocol.Protocol
     "classifier": "--classifier", "Cs": "--C", "scale": "--scale", "pca": "--pca", "cv": "--cv",
     "min_val_per_class": "min_val_per_class", "chunk_rows": "--chunk-rows", "max_iter": "--max-iter", "solver": "--solver",
+    "ks": "--knn-k", "temperatures": "--knn-t",
 }  # fmt: skip
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

@@ -107,7 +107,7 @@ def test_bad_files_and_layers(tmp_path, codes):
     with pytest.raises(FeatxError, match="layer 'nope' is not in .*it holds good, noisy"):
         fit(codes, "nope")
     with pytest.raises(UsageError, match="--classifier"):
-        protocol_for("knn")
+        protocol_for("ridge")  # knn is a classifier now
     with pytest.raises(UsageError, match="--preset"):
         protocol_for(preset="simclr")
 

@@ -187,6 +187,9 @@ _OPTIONAL = {
     "pipeline": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(s, dict) for s in v), "a list of steps"),
     "arrays_sha256": (_is_str, "a sha256"),
     "joblib_sha256": (_is_str, "a sha256"),
+    # a k-NN probe's chosen k and T (fit --out); its step holds them too, checked against its arrays
+    "k": (is_size, "a positive whole number (the k-NN probe's k)"),
+    "temperature": (lambda v: is_num(v) and v > 0, "a positive number (the k-NN probe's T)"),
 }  # fmt: skip
 
 

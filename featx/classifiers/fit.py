@@ -33,6 +33,8 @@ a plain LogisticRegression with torch's solution, so saving and predicting do no
 is part of a protocol's identity (reports, bench cell keys) only when it is torch; "auto" resolves
 in `validate` (torch when softmax fits on CUDA, else sklearn), so a stored protocol never says auto.
 Codes are standardized (default), L2-normalized or left as they are, optionally reduced by PCA.
+`knn` (featx.classifiers.knn_probe) chooses k and T instead of C, under the same protocol; every
+result has `k` and `temperature` (None for linear probes) and its `C` reads `k=20 T=0.07`.
 
 Presets reproduce published protocols:
 - `kornblith` (Kornblith et al. 2019, "Do Better ImageNet Models Transfer Better?"): multinomial
@@ -60,6 +62,7 @@ from threadpoolctl import threadpool_limits
 from featx.classifiers import selection
 from featx.classifiers.estimators import make_pipeline
 from featx.classifiers.grid import cv_splits, grid_scores, prepare_split, tiebreak_metric, warm_start
+from featx.classifiers.knn_probe import fit_knn, knn_choice
 from featx.classifiers.protocol import Protocol, TrainSize, parse_train_size
 from featx.classifiers.rows import Rows, load_parts, select_rows
 from featx.classifiers.sgd import fit_sgd
@@ -109,7 +112,9 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
                 _one_torch_thread(protocol):  # fmt: skip
             warnings.simplefilter("always")
             try:
-                if protocol.classifier == "sgd":
+                if protocol.classifier == "knn":
+                    pipe, C, (val_score, tiebreak), y_pred, rule, val_folds = fit_knn(f, layers, rows, protocol, seed)
+                elif protocol.classifier == "sgd":
                     pipe, C, (val_score, tiebreak), y_pred, rule, val_folds = fit_sgd(f, layers, rows, protocol,
                                                                                         seed)  # fmt: skip
                 else:
@@ -130,6 +135,7 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
             "val_tiebreak_metric": tiebreak_metric(protocol), "val_rule": rule, "val_folds": val_folds,
             "depth": _depth(f, layers), **metrics(y_test, y_pred, f.classes),
             "test_ci_low": low, "test_ci_high": high, "test_correct": pack_correct(y_test == y_pred),
+            **knn_choice(pipe),
             "fit_seconds": round(time.perf_counter() - t0, 3),
             "convergence_warnings": sum(1 for w in caught if "Converge" in type(w.message).__name__),
         }  # fmt: skip

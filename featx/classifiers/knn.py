@@ -63,10 +63,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from featx.classifiers.protocol import KNN_KS, KNN_TEMPERATURES
 from featx.errors import FeatxError, UsageError
 
-KS = (10, 20, 100, 200)  # DINOv2's k grid (`--nb_knn` default)
-TEMPERATURES = (0.02, 0.07, 0.2)  # DINOv2's 0.07 and a factor ~3 either side: sharper or flatter votes
+KS = KNN_KS  # DINOv2's k grid (`--nb_knn` default); the protocol's default grid
+TEMPERATURES = KNN_TEMPERATURES  # DINOv2's 0.07 and a factor ~3 either side: sharper or flatter votes
 QUERY_BLOCK = 256  # query rows per matrix product
 TRAIN_BLOCK = 65536  # training rows per matrix product: 256 x 65,536 float32 similarities = 64 MiB
 LOG_FLOOR = 1e-15  # a true class with no vote scores log(1e-15), as classify's val_tiebreak does

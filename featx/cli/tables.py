@@ -201,7 +201,7 @@ def fit_text(report, codes_file: str, seeds) -> str:
     name = protocol.preset or protocol.classifier
     out = [f"{name} on {codes_file}: train {first['train_size']} images ({report.train_size}), validation: "
            f"{first['val_source']}, test: the {first['test_split']} split ({first['n_test']} images){seeds_note}",
-           format_table(rows, ["layer", "dim", "C", "val score", f"val {_short(first)}", "test acc", "95% CI",
+           format_table(rows, ["layer", "dim", "k, T" if protocol.classifier == "knn" else "C", "val score", f"val {_short(first)}", "test acc", "95% CI",
                                "balanced acc", "train", "fit s"], align="lrrrrrrrrr")]  # fmt: skip
     best = next(r for r in report.results if r["layer"] == report.best)
     if best.get("val_rule") == LOGLIK:

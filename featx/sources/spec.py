@@ -14,7 +14,7 @@ from featx.sources.decode import (
     check_limits,
 )
 from featx.sources.folders import folder_source
-from featx.sources.manifests import manifest_source
+from featx.sources.manifests import LIST_SUFFIXES, list_source, manifest_source
 
 
 def open_source(spec: str, options: DataOptions | None = None) -> Dataset:
@@ -39,11 +39,15 @@ def open_source(spec: str, options: DataOptions | None = None) -> Dataset:
         if not path.exists():
             raise UsageError(f"--data {spec}: no such file or folder")
         if path.is_file():
-            if path.suffix.lower() != ".csv":
+            if path.suffix.lower() in LIST_SUFFIXES:
+                raw = list_source(path.resolve())
+            elif path.suffix.lower() != ".csv":
                 raise UsageError(
-                    f"--data {spec}: a file must be a CSV manifest (path,label[,split]) ending in .csv"
+                    f"--data {spec}: a file must be a CSV manifest (path,label[,split]) ending in .csv, "
+                    f"or a list of image paths ending in .txt"
                 )
-            raw = manifest_source(path.resolve())
+            else:
+                raw = manifest_source(path.resolve())
         elif idx_files(path):
             raw = idx_source(path.resolve())
         else:

@@ -1,4 +1,5 @@
-"""The `--data` spec: which reader opens it (folder, CSV manifest, idx, digits, torchvision:NAME), then the cut.
+"""The `--data` spec: which reader opens it (folder, CSV manifest, image list, idx, digits,
+torchvision:NAME, wds:PATTERN), then the cut.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from featx.sources.decode import (
 )
 from featx.sources.folders import folder_source
 from featx.sources.manifests import LIST_SUFFIXES, list_source, manifest_source
+from featx.sources.webdataset import WDS_PREFIX, webdataset_source
 
 
 def open_source(spec: str, options: DataOptions | None = None) -> Dataset:
@@ -32,6 +34,8 @@ def open_source(spec: str, options: DataOptions | None = None) -> Dataset:
         raw = digits_source()
     elif spec.startswith("sklearn:"):
         raise UsageError(f"--data {spec}: the bundled scikit-learn source is sklearn:digits")
+    elif spec.startswith(WDS_PREFIX):
+        raw = webdataset_source(spec[len(WDS_PREFIX) :])
     elif spec.startswith("torchvision:"):
         raw = torchvision_source(spec[len("torchvision:") :], opts.data_root)
     else:

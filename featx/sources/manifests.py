@@ -106,16 +106,16 @@ def read_csv(path: str | Path, where: str, need: tuple[str, ...] = ("path", "lab
                 f"call it one of {', '.join(CSV_COLUMNS[missing[0]][:4])}"
             )
     else:
+        width = len(rows[1][1]) if header and len(rows) > 1 else len(rows[0][1])
+        columns = {"path": 0}
+        if "label" in optional and width == 1:  # one column: paths alone (unlabelled data)
+            need = tuple(r for r in need if r != "label")
+            expect = "path"
         if header == "unnamed":
             notes.append(
                 f"{where}: the first row ({','.join(rows[0][1])[:80]}) names no image file, so it was read "
                 f"as a header (columns {expect} by position)"
             )
-        width = len(rows[1][1]) if header and len(rows) > 1 else len(rows[0][1])
-        columns = {"path": 0}
-        if "label" in optional and width == 1:
-            need = tuple(r for r in need if r != "label")
-            expect = "path"
         if "label" in need:
             columns.update({"label": 1, **({"split": 2} if width >= 3 else {})})
     data = rows[1:] if header else rows

@@ -52,6 +52,9 @@ USER = [  # (what, argv template): each is the user's input
                                           "--train-from", "nowhere", "--image-size", "32", "--out", "{root}/ft"]),
     ("cache with an unknown subcommand", ["cache", "clean"]),
     ("demo with a bad option", ["demo", "--jobs", "x"]),
+    ("export of an unknown layer", ["export", "{codes}", "--layer", "nope", "--out", "{root}/x.npy"]),
+    ("export to an unknown format", ["export", "{codes}", "--layer", "pixels", "--out", "{root}/x.csv"]),
+    ("export of a text file", ["export", "{notes}", "--layer", "pixels", "--out", "{root}/x.npy"]),
 ]  # fmt: skip
 
 
@@ -70,4 +73,6 @@ def test_every_unknown_layer_is_named_at_once(world):
 
 def test_a_damaged_file_featx_wrote_is_a_runtime_failure(world):
     code, _, err = cli("info", world["damaged"])
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli("export", world["damaged"], "--layer", "pixels", "--out", str(world["root"] / "d.npy"))
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -100,6 +100,7 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
     protocol = protocol.validate()  # `auto` solver resolved for this device
     t0 = time.perf_counter()
     with CodesFile(path) as f:
+        f.require_labels("fit")
         layers = list(layers)
         f.check_layers(layers)  # every layer the file does not hold, in one line
         rows = select_rows(f, protocol, train_size, seed)
@@ -280,6 +281,7 @@ def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol
     protocol = (protocol or Protocol()).validate()
     train_size = train_size if isinstance(train_size, TrainSize) else parse_train_size(train_size)
     with CodesFile(path) as f:
+        f.require_labels("fit")
         names = (
             f.layers
             if layers in (None, "all")

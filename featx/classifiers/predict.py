@@ -30,11 +30,12 @@ __all__ = [
 
 def collect_images(inputs: list[str]) -> list[str]:
     """Files as given; folders searched recursively for images; a .csv gives its path column
-    (featx.sources.manifests.read_csv: the same reader as extract's manifests)."""
+    (featx.sources.manifests.read_csv: the same reader as extract's manifests); a .txt or .lst
+    list its image paths, one a line."""
     from featx.sources.dataset import IMAGE_EXTENSIONS
     from featx.sources.decode import check_limits
     from featx.sources.folders import walk_images
-    from featx.sources.manifests import read_image_list
+    from featx.sources.manifests import LIST_SUFFIXES, read_image_list, read_path_list
 
     check_limits()
 
@@ -49,6 +50,9 @@ def collect_images(inputs: list[str]) -> list[str]:
             out.extend(found)
         elif item.lower().endswith(".csv") and os.path.isfile(item):
             out.extend(read_image_list(item))
+        elif item.lower().endswith(LIST_SUFFIXES) and os.path.isfile(item):  # image paths, one a line
+            base = os.path.dirname(os.path.abspath(item))
+            out.extend(p if os.path.isabs(p) else os.path.join(base, p) for p in read_path_list(item, item))
         elif os.path.exists(item):
             out.append(item)
         else:

@@ -375,6 +375,7 @@ def score_file(
 
     metrics = parse_metrics(list(metrics))
     with CodesFile(path) as f:
+        f.require_labels("score")
         names = _layer_names(f, layers)
         rows = training_rows(f)
         y = f.labels[rows]

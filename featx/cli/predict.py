@@ -14,7 +14,7 @@ log = logging.getLogger("featx")
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="classify new images with a saved classifier")
     p.add_argument("classifier", help="NAME (or NAME.safetensors) from featx fit --out")
-    p.add_argument("inputs", nargs="+", help="image files, folders, or a CSV whose first column holds paths")
+    p.add_argument("inputs", nargs="+", help="image files, folders, a CSV whose first column holds paths, or a .txt list of paths")
     p.add_argument("--top-k", type=o.positive_int, default=3, help="classes to show per image (3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--weights", help="where the classifier's weights file is now, if it moved")

@@ -99,7 +99,9 @@ def info_text(path: str, f, layers: list[dict], splits: dict) -> str:
         f"{path}",
         f"  model         {m.model}  weights {m.weights} ({m.weights_source}" + (f", sha256 {sha[:16]}..." if sha else "") + ")",
         f"  preprocessing {m.preprocessing_text}",
-        f"  dataset       {m.dataset}  ({len(f.classes)} classes; splits {splits}, {m.split_source})",
+        f"  dataset       {m.dataset}  ("
+        + (f"{len(f.classes)} classes" if f.labelled else "unlabelled: no classes; fit, score and bench refuse it")
+        + f"; splits {splits}, {m.split_source})",
         f"  rows          {len(f)} of {m.samples} images ({len(f.skipped)} skipped), state {f.attrs.get('featx_state')}",
         f"  extraction    {m.precision} on {m.device}, batch {m.batch_size}, dtype {m.dtype}, created {m.created}, "
         f"featx {m.featx_version}, format {m.format_version}",

@@ -395,7 +395,7 @@ def _file_attrs(work: _Work, bs: int) -> dict:
         library_versions=_lib_versions(), layers=plan.layers, layer_resolution=plan.resolved, pool=str(plan.pool),
         relu_mode=plan.relu_mode, dtype=plan.dtype, precision=job.precision, device=str(job.device), batch_size=bs,
         workers=work.workers, channels_last=_Work.channels_last(call), compile=call.run.compile,
-        decoder=job.decoder, samples=len(ds),
+        decoder=job.decoder, samples=len(ds), labelled=None if ds.labelled else False,
         config={"layers": list(plan.layers), "activations": plan.activations, "pool": str(plan.pool)},
     ).to_attrs()  # fmt: skip
 

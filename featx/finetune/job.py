@@ -74,6 +74,9 @@ def _prepare(model, data, settings, data_options):
     from featx.sources.spec import open_source
 
     ds = open_source(data, data_options) if isinstance(data, str) else data
+    if not ds.labelled:
+        raise UsageError(f"--data {ds.spec}: unlabelled images (no classes); finetune needs labels: give class "
+                         f"folders or a CSV with a label column")  # fmt: skip
     rows = select_samples(ds, settings)
     plan = resolve(model)
     backbone, plan = load_backbone(plan)

@@ -103,7 +103,7 @@ def cut(raw: RawSource, opts: DataOptions) -> Dataset:
     groups = None if raw.groups is None else raw.groups[sel]
     if groups is not None:
         h.update(("groups\0" + "\0".join(groups.tolist())).encode())
-    if raw.splits is not None:
+    if raw.splits is not None and raw.labelled:
         notes += _untrained_classes(raw, labels, splits)
     if groups is not None:
         notes += _group_notes(groups, labels, splits, raw.splits is not None)
@@ -112,7 +112,7 @@ def cut(raw: RawSource, opts: DataOptions) -> Dataset:
         name=raw.name, spec=raw.spec, classes=raw.classes, ids=ids, labels=labels.astype(np.int64),
         splits=splits.astype("<U5"), loader=loader, fingerprint=h.hexdigest(), split_source=split_source,
         notes=notes, uncapped_train=train_before if train_before is not None and train_before > train_after else None,
-        groups=groups,
+        groups=groups, labelled=raw.labelled,
     )  # fmt: skip
 
 

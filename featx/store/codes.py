@@ -71,6 +71,8 @@ class CodesFile:
         self.paths: list[str] = f["paths"].asstr()[:].tolist()
         # --group-by: whole groups (subjects, patients) stay on one side of every hold-out and CV fold
         self.groups: np.ndarray | None = np.array(f["groups"].asstr()[:].tolist()) if "groups" in f else None
+        # unlabelled data (a flat folder, an image list, shards without labels): one class "", labels 0
+        self.labelled: bool = self.meta.labelled is not False
         self.skipped: list[tuple[str, str]] = list(
             zip(f["skipped/paths"].asstr()[:].tolist(), f["skipped/reasons"].asstr()[:].tolist())
         )
@@ -86,6 +88,17 @@ class CodesFile:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def h5(self):
+        """The open h5py.File (read-only), for readers that copy datasets as stored."""
+        return self._f
+
+    def require_labels(self, what: str) -> None:
+        """A one-line UsageError when the file's data had no labels: `what` (fit, score...) needs them."""
+        if not self.labelled:
+            raise UsageError(f"{self.path}: the codes are of unlabelled images (no classes); {what} needs labels: "
+                             f"extract a labelled source (class folders, a CSV with a label column)")  # fmt: skip
 
 
     def layer_attrs(self, layer: str) -> dict:

@@ -275,6 +275,9 @@ def read_checkpoint(path: str) -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
+        from featx.models.sealed import check_finetuned_file
+
+        check_finetuned_file(path)  # a featx fine-tuned model: verified before use
         try:
             obj = load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error types for bad headers

@@ -3,6 +3,7 @@ their own: test_finetune_files.py, test_dask.py, test_fit_memory.py)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -53,3 +54,80 @@ def test_weights_naming_a_text_file_is_one_line(suffix, tmp_path, image_folder):
     rc, _out, err = cli("extract", *args, "--data", image_folder, "--layers", "layer1", "--cache-dir", tmp_path / "c")
     assert_one_line_error(rc, err, code=1, needles=(str(weights), "not a readable PyTorch checkpoint", "a text file"))
     assert "KeyError" not in err and "IndexError" not in err
+
+
+# -- bench: cells.jsonl checksums, the --out lock, a bench with nothing fitted -------------------
+
+
+@pytest.fixture(scope="module")
+def bench_data(tmp_path_factory):
+    from conftest import make_images
+
+    root = tmp_path_factory.mktemp("bench")
+    return root, make_images(root / "alpha", per_class=8, splits=("train", "test"), size=(36, 36), seed=1)
+
+
+def _bench(root, data, out, *extra):
+    return cli("bench", "--model", "resnet18", "--weights", "none", "--data", f"{data}:similar", "--layers",
+               "layer1,avgpool", "--train-sizes", "all", "--seeds", "0", "--image-size", "32", "--workers", "0",
+               "--batch-size", "8", "--precision", "fp32", "--C", "1", "--cache-dir", root / "cache", "--out", out,
+               *extra)  # fmt: skip
+
+
+def test_a_forged_line_in_cells_jsonl_does_not_win(bench_data, tmp_path):
+    import json
+
+    from featx.files import load_done
+
+    root, data = bench_data
+    out = tmp_path / "out"
+    assert _bench(root, data, out, "-q")[0] == 0
+    before = (out / "results.csv").read_text()
+    lines = (out / "cells.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert all(len(r["sum"]) == 32 for r in recs)
+    forged = [{**r, "result": {**r["result"], "accuracy": 1.0}} for r in recs]
+    # edited in place (old checksum), and appended again with no checksum: neither is believed
+    (out / "cells.jsonl").write_text("".join(json.dumps(r) + "\n" for r in forged)
+                                     + "".join(json.dumps({k: v for k, v in r.items() if k != "sum"}) + "\n"
+                                               for r in forged))  # fmt: skip
+    rc, _o, err = _bench(root, data, out)
+    assert rc == 0 and "fail their checksum" in err, err
+    assert (out / "results.csv").read_text().split("fit_seconds")[0] == before.split("fit_seconds")[0]
+    import csv
+
+    rows = lambda t: [{k: v for k, v in r.items() if k != "fit_seconds"} for r in csv.DictReader(t.splitlines())]  # noqa: E731
+    assert rows((out / "results.csv").read_text()) == rows(before)
+    # a file from a featx release without checksums loads whole
+    (out / "cells.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "sum"}) + "\n"
+                                             for r in recs))  # fmt: skip
+    assert load_done(str(out)) == {r["key"]: r["result"] for r in recs}
+
+
+def test_a_key_recorded_twice_keeps_its_first_record_with_a_warning(tmp_path, caplog):
+    from featx.files import append_record, load_done, open_log
+
+    with open_log(str(tmp_path)) as fh:
+        append_record(fh, {"key": "k", "result": {"accuracy": 0.5}})
+        append_record(fh, {"key": "k", "result": {"accuracy": 1.0}})
+    assert load_done(str(tmp_path)) == {"k": {"accuracy": 0.5}}
+    assert "recorded twice with different results" in caplog.text
+
+
+def test_two_benches_on_one_out_the_second_is_refused(bench_data, tmp_path):
+    from featx.files import FolderLock
+
+    root, data = bench_data
+    out = tmp_path / "out"
+    out.mkdir()
+    with FolderLock(str(out), "held"):
+        rc, _o, err = _bench(root, data, out, "-q")
+    assert_one_line_error(rc, err, code=1, needles=(f"--out {out}", "another featx bench", f"pid {os.getpid()}"))
+    assert not (out / "cells.jsonl").exists()
+
+
+def test_a_bench_whose_every_cell_is_refused_exits_2_with_the_reason(bench_data, tmp_path):
+    root, data = bench_data
+    rc, out, err = _bench(root, data, tmp_path / "out", "--train-sizes", "1/class", "-q")
+    assert_one_line_error(rc, err, code=2, needles=("no cell could be fitted", "not fitted", "no images to validate on"))
+    assert "0 cells" not in out + err

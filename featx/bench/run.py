@@ -43,7 +43,7 @@ from featx.bench.grid import Cell, Source, grid, prepare
 from featx.bench.scoring import score_sources
 from featx.classifiers.fit import fit_cell
 from featx.errors import FeatxError, UsageError, first_line
-from featx.files import CELLS_FILE, append_record, load_done, make_out_dir, open_log
+from featx.files import CELLS_FILE, FolderLock, append_record, load_done, make_out_dir, open_log
 
 log = logging.getLogger("featx")
 
@@ -70,6 +70,17 @@ def run(config: BenchConfig, progress: bool = False) -> BenchResult:
     if not config.datasets:
         raise UsageError("featx bench: give at least one --data")
     make_out_dir(config.out)
+    with FolderLock(config.out, f"--out {config.out}: another featx bench is writing there"):
+        result = _run(config, progress)
+    if not result.cells and not any("error" not in r for _, r in result.finetune):
+        # nothing measured: every cell was refused (or none could be made); the reason, not "0 cells"
+        notes = result.notes
+        reason = next((n for n in notes if "not fitted" in n or "not run" in n), notes[0] if notes else "no cell")
+        raise UsageError(f"featx bench: no cell could be fitted; {reason}")
+    return result
+
+
+def _run(config: BenchConfig, progress: bool) -> BenchResult:
     # connected before the extraction, so that a wrong --scheduler fails at once, not hours later
     with _dask_client(config) as client:
         sources = prepare(config, progress)

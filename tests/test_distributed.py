@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import FAST_ARGS, REPO, cli, make_images
+from conftest import FAST_ARGS, REPO, assert_one_line_error, cli, make_images
 from featx.engine.distributed import (
     Shard,
     ShardSet,
@@ -319,3 +319,18 @@ def test_a_job_waits_for_the_entry_lock_longer_than_the_timeout_then_finds_the_e
     reader.join(timeout=10)
     assert proc.returncode == 0, "".join(lines)[-3000:]
     assert out.strip().splitlines()[-1] == path and os.path.isfile(path)
+
+
+@pytest.mark.parametrize("env,needle", [({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 WORLD_SIZE=2"),
+                                        ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1"),
+                                        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
+                                        ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x'")])  # fmt: skip
+def test_a_rank_out_of_range_is_one_line_at_once(env, needle, uneven_folder, tmp_path, monkeypatch):
+    import time
+
+    for k, v in {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "FEATX_DIST_TIMEOUT": "60"}.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.monotonic()
+    rc, _out, err = cli("extract", *FAST_ARGS, "--data", uneven_folder, "--cache-dir", tmp_path)
+    assert time.monotonic() - t0 < 30
+    assert_one_line_error(rc, err, code=2, needles=(needle, "check the launcher's settings"))

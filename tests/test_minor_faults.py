@@ -27,14 +27,20 @@ def classifier(tmp_path_factory):
     return save_classifier(str(root / "m"), pipe, describe(codes, ["a"]))
 
 
-def test_four_class_names_for_three_class_ids_is_refused(classifier, tmp_path):
+def test_four_class_names_for_three_class_ids_is_a_warning_and_fewer_names_are_refused(classifier, tmp_path, caplog):
+    """More names than ids is what a class with test images only gives (it can never be predicted): a
+    warning; fewer names than ids would give an id no name: refused."""
     from test_classifier_io import rewrite_description
 
     path = tmp_path / "m.safetensors"
     shutil.copy(classifier, path)
     load_classifier(str(path))  # as saved: fine
+    assert "can never be predicted" not in caplog.text
     rewrite_description(path, classes=["x", "y", "z", "w"])
-    with pytest.raises(FeatxError, match="names 4 classes but array .*classes_ holds 3 class ids"):
+    load_classifier(str(path))
+    assert "names 4 classes but array 1.classes_ holds 3 class ids: 1 can never be predicted" in caplog.text
+    rewrite_description(path, classes=["x", "y"])
+    with pytest.raises(FeatxError, match="class ids below 2"):
         load_classifier(str(path))
 
 
@@ -131,3 +137,13 @@ def test_a_bench_whose_every_cell_is_refused_exits_2_with_the_reason(bench_data,
     rc, out, err = _bench(root, data, tmp_path / "out", "--train-sizes", "1/class", "-q")
     assert_one_line_error(rc, err, code=2, needles=("no cell could be fitted", "not fitted", "no images to validate on"))
     assert "0 cells" not in out + err
+
+
+def test_a_class_with_one_training_image_is_named(tmp_path):
+    X, y = blobs(n_per_class=6, n_classes=3, dim=4)
+    split = np.full(len(y), "test", dtype=object)
+    split[y != 2] = "train"
+    split[np.flatnonzero(y == 2)[0]] = "train"  # class 2, "zebra", has one training image
+    codes = write_codes(tmp_path / "c.h5", {"a": X}, y, split.astype(str), ["ant", "bee", "zebra"])
+    with pytest.raises(FeatxError, match="class 'zebra' has fewer than 2 training images"):
+        fit_cell(codes, ["a"], protocol_for(preset="vissl-svm"))

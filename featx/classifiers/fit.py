@@ -100,6 +100,11 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
         dim = sum(f.dim(layer) for layer in layers)
         if protocol.classifier != "sgd":
             check_memory(len(rows.train) + len(rows.val) + len(rows.test), dim, layers)
+        if protocol.per_class:  # its per-class cross-validation needs 2 images of each class: say which, by name
+            counts = np.bincount(f.labels[rows.train], minlength=len(f.classes))
+            if (few := [c for c in range(len(counts)) if counts[c] == 1]):
+                raise FeatxError(f"class {f.classes[few[0]]!r} has fewer than 2 training images; the "
+                                 f"{protocol.preset or 'per-class svm'} protocol needs 2 or more per class")  # fmt: skip
         # One BLAS thread, always: a multi-threaded BLAS sums in an order that depends on the
         # thread count, and lbfgs amplifies the last bits, so the numbers would change with --jobs
         # (joblib gives each worker one thread) or with the machine's cores. Parallelism comes from

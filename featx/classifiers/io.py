@@ -200,8 +200,9 @@ def _rebuild_classifier(i: int, kind: str, est, fitted: dict, n_in: int, n_label
         or classes.max() >= n_labels
     ):
         bad(f"array {i}.classes_ must hold 2 or more distinct class ids below {n_labels}")  # fmt: skip
-    if len(classes) != n_labels:  # featx fits every class of the file (a class without training rows is refused)
-        bad(f"its description names {n_labels} classes but array {i}.classes_ holds {len(classes)} class ids")
+    if len(classes) < n_labels:  # legitimate for classes with test images only, so a warning, not a refusal
+        log.warning("the classifier's description names %d classes but array %d.classes_ holds %d class ids: %d "
+                    "can never be predicted", n_labels, i, len(classes), n_labels - len(classes))  # fmt: skip
     rows = len(classes) if (kind == "PerClassSVM" or len(classes) > 2) else 1
     coef, intercept = get("coef_", 2, rows, n_in), get("intercept_", 1, rows)
     est.classes_ = classes

@@ -147,3 +147,35 @@ def test_a_class_with_one_training_image_is_named(tmp_path):
     codes = write_codes(tmp_path / "c.h5", {"a": X}, y, split.astype(str), ["ant", "bee", "zebra"])
     with pytest.raises(FeatxError, match="class 'zebra' has fewer than 2 training images"):
         fit_cell(codes, ["a"], protocol_for(preset="vissl-svm"))
+
+
+@pytest.mark.parametrize("pattern,needle", [("^", "all 24 images in one group"),
+                                            ("^.", "3 class(es) have no test images (cat, dog, owl)")])  # fmt: skip
+def test_groups_that_leave_no_test_images_are_a_warning(pattern, needle, tmp_path):
+    from conftest import make_images
+    from featx.settings import DataOptions
+    from featx.sources.spec import open_source
+
+    data = make_images(tmp_path / "d", per_class=8)
+    ds = open_source(str(data), DataOptions(group_by=pattern))
+    assert any(needle in n for n in ds.notes), ds.notes
+    assert not any("no test images" in n or "one group" in n for n in open_source(str(data), DataOptions()).notes)
+
+
+def test_image_size_limits_enter_the_cache_key_only_when_not_the_defaults(image_folder, tmp_path, monkeypatch):
+    import featx.sources.decode as decode
+
+    argv = ["extract", *FAST_ARGS, "--data", image_folder, "--layers", "layer1", "--cache-dir", tmp_path, "-q"]
+    rc, out, err = cli(*argv)
+    assert rc == 0, err
+    default = out.strip().splitlines()[-1]
+    assert decode.limits_key() == ""
+    for name, value in (("MAX_IMAGE_PIXELS", 1_000_000), ("MAX_ASPECT_RATIO", 50)):
+        with monkeypatch.context() as m:
+            m.setattr(decode, name, value)
+            assert str(value) in decode.limits_key()
+            rc, out, err = cli(*argv)
+            assert rc == 0, err
+            assert out.strip().splitlines()[-1] != default
+    rc, out, err = cli(*argv)
+    assert out.strip().splitlines()[-1] == default  # back at the defaults: the first entry, a hit

@@ -133,7 +133,7 @@ def extract(
     precision = rset.precision
     if precision == "auto":
         precision = forced_precision() or "auto"  # a forced decision is a different request
-    request = request_key(mset, cset, precision, rset.decoder, ds.fingerprint, _lib_versions())
+    request = request_key(mset, cset, precision, rset.decoder, _data_key(ds), _lib_versions())
     entry = CacheEntry(cache_dir, request)
     if distributed.requested(rset.distributed):
         result = _extract_distributed(
@@ -177,7 +177,15 @@ def _job(plan: Plan, rset: RunSettings, precision: str, ds: Dataset) -> _Job:
             "codes take %.1f MiB per image (%.1f GiB for %d images) with --pool %s; consider --pool avg or avg2x2",
             row_bytes / 2**20, row_bytes * len(ds) / 2**30, len(ds), plan.pool,
         )  # fmt: skip
-    return _Job(plan, dev, prec, dec, plan.cache_key(prec, dec, ds.fingerprint))
+    return _Job(plan, dev, prec, dec, plan.cache_key(prec, dec, _data_key(ds)))
+
+
+def _data_key(ds: Dataset) -> str:
+    """The data's part of the cache keys: its fingerprint, plus the image size limits when they are not
+    the defaults (FEATX_MAX_IMAGE_PIXELS / FEATX_MAX_ASPECT_RATIO decide which images are skipped)."""
+    from featx.sources.decode import limits_key
+
+    return ds.fingerprint + limits_key()
 
 
 def _hit_result(path: str, t0: float) -> ExtractResult:

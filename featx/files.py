@@ -184,7 +184,9 @@ class FolderLock:
         except OSError:
             holder = os.pread(fd, 100, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
-            raise FeatxError(f"{self.busy} ({holder}); wait for it or stop it, or give another --out") from None
+            raise FeatxError(
+                f"{self.busy} ({holder}); wait for it or stop it, or give another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}".encode())
         self._fd = fd

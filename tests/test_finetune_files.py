@@ -42,7 +42,9 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref(data, tmp_path_factory):
     """An uninterrupted run, saved."""
-    return finetune(MODEL, str(data), SETTINGS, run=RUN, out=str(tmp_path_factory.mktemp("ref") / "m"), progress=False)
+    return finetune(
+        MODEL, str(data), SETTINGS, run=RUN, out=str(tmp_path_factory.mktemp("ref") / "m"), progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +155,9 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_ends_as_an_uninterrupted_
     assert [h["val_loss"] for h in ref.results["history"]] == [h["val_loss"] for h in res.results["history"]]
 
 
-def test_every_checkpoint_damaged_restarts_and_a_stray_file_is_set_aside(data, ref, interrupted, tmp_path, caplog):
+def test_every_checkpoint_damaged_restarts_and_a_stray_file_is_set_aside(
+    data, ref, interrupted, tmp_path, caplog
+):
     folder = tmp_path / "m.ckpt"
     shutil.copytree(interrupted, folder)
     for name in ("epoch-0000.safetensors", "epoch-0001.safetensors"):
@@ -165,6 +169,23 @@ def test_every_checkpoint_damaged_restarts_and_a_stray_file_is_set_aside(data, r
     assert "resuming from" not in caplog.text
     assert sorted(n for n in os.listdir(folder) if n.endswith(".corrupt")) == [
         "epoch-0000.safetensors.corrupt", "epoch-0001.safetensors.corrupt", "epoch-abcd.safetensors.corrupt"]  # fmt: skip
+    assert _equal_models(ref.path, res.path)
+
+
+def test_another_runs_checkpoint_is_set_aside_and_the_own_older_one_resumes(
+    data, ref, interrupted, tmp_path, caplog
+):
+    other = tmp_path / "other.ckpt"
+    finetune(MODEL, str(data), FinetuneSettings(train_from="depth:0.5", epochs=3, batch_size=4, lr=0.01), run=RUN,
+             checkpoint_dir=str(other), progress=False)  # fmt: skip
+    folder = tmp_path / "m.ckpt"
+    shutil.copytree(interrupted, folder)
+    shutil.copy(sorted(other.glob("epoch-*.safetensors"))[-1], folder / "epoch-0001.safetensors")
+    caplog.set_level("INFO", logger="featx")
+    res = finetune(MODEL, str(data), SETTINGS, run=RUN, out=str(tmp_path / "m"), checkpoint_dir=str(folder),
+                   progress=False)  # fmt: skip
+    assert "it belongs to another run" in caplog.text and "resuming from" in caplog.text
+    assert (folder / "epoch-0001.safetensors.corrupt").exists()
     assert _equal_models(ref.path, res.path)
 
 
@@ -252,7 +273,9 @@ def test_a_second_run_on_the_same_out_is_refused(data, tmp_path):
     target = str(tmp_path / "m.safetensors")
     with OutLock(target):
         rc, _out, err = cli("finetune", *ARGS, "--data", data, "--out", tmp_path / "m")
-        assert_one_line_error(rc, err, code=1, needles=("--out", "another featx finetune", f"pid {os.getpid()}"))
+        assert_one_line_error(
+            rc, err, code=1, needles=("--out", "another featx finetune", f"pid {os.getpid()}")
+        )
     assert not os.path.exists(target + ".lock")
 
 
@@ -291,5 +314,7 @@ def test_a_file_size_limit_at_the_first_checkpoint_is_one_line(data, tmp_path):
             "resource.setrlimit(resource.RLIMIT_FSIZE, (200000, 200000)); "
             f"sys.exit(main({argv!r}))")  # fmt: skip
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert_one_line_error(p.returncode, p.stderr, code=1, needles=("cannot write the checkpoint", "File too large"))
+    assert_one_line_error(
+        p.returncode, p.stderr, code=1, needles=("cannot write the checkpoint", "File too large")
+    )
     assert os.listdir(tmp_path / "m.ckpt") == []

@@ -49,7 +49,9 @@ def test_a_fit_beyond_rlimit_as_is_one_line_before_reading(wide):
 def test_the_guard_compares_the_estimate_with_what_is_left(monkeypatch):
     monkeypatch.setattr(fitmod, "memory_limit", lambda: (10 << 20, "available memory"))
     fitmod.check_memory(100, 100, ["fc"])  # 0.2 MB: fine
-    with pytest.raises(FeatxError, match=r"10,000 rows x 1,000 dims needs about 0\.2 GiB but available memory"):
+    with pytest.raises(
+        FeatxError, match=r"10,000 rows x 1,000 dims needs about 0\.2 GiB but available memory"
+    ):
         fitmod.check_memory(10_000, 1_000, ["fc"])
     monkeypatch.setattr(fitmod, "memory_limit", lambda: (None, ""))
     fitmod.check_memory(10**9, 10**6, ["fc"])  # unknown: no guess

@@ -110,14 +110,15 @@ def load_checkpoint(found: Found, module, optimizer) -> dict:
     return state
 
 
-def set_aside(path: str, reason: str) -> None:
-    """Rename a damaged checkpoint to PATH.corrupt (kept for inspection) with one warning."""
+def set_aside(path: str, reason: str, damaged: bool = True) -> None:
+    """Rename a damaged (or another run's) checkpoint to PATH.corrupt, kept for inspection, with one warning."""
     try:
         os.replace(path, path + ".corrupt")
     except OSError:
         with contextlib.suppress(OSError):
             os.remove(path)
-    log.warning("set aside the damaged checkpoint %s as %s.corrupt (%s)", path, os.path.basename(path), reason)
+    log.warning("set aside the %scheckpoint %s as %s.corrupt (%s)", "damaged " if damaged else "", path,
+                os.path.basename(path), reason)  # fmt: skip
 
 
 class _Foreign(Exception):
@@ -137,11 +138,13 @@ def latest_checkpoint(folder: str, fingerprint: str, module, optimizer, epochs: 
             numbered.append((int(m[1]), path))
     files = dict(numbered)
     for epoch, path in sorted(numbered, reverse=True):
+        if not os.path.exists(path):  # set aside above, as another one's best epoch
+            continue
         try:
             tensors, state = _checked(path, epoch, fingerprint, module, optimizer, epochs)
         except _Foreign:
-            log.warning("ignoring the checkpoints in %s: they belong to another run (other settings or data)", folder)
-            return None
+            set_aside(path, "it belongs to another run: other settings or data", damaged=False)
+            continue
         if tensors is None:
             continue
         best = state["best_epoch"]
@@ -149,10 +152,14 @@ def latest_checkpoint(folder: str, fingerprint: str, module, optimizer, epochs: 
         if best == epoch:
             return Found(path, tensors, state, model)
         best_path = files.get(best)
-        got = _checked(best_path, best, fingerprint, module, optimizer, epochs) if best_path else (None, None)
+        try:
+            got = _checked(best_path, best, fingerprint, module, optimizer, epochs) if best_path else (None, None)
+        except _Foreign:  # its best epoch's file is another run's: this one cannot finish as it would have
+            set_aside(best_path, "it belongs to another run: other settings or data", damaged=False)
+            got = (None, None)
         if got[0] is None:
-            if best_path is None:
-                log.warning("ignoring the checkpoint %s: the checkpoint of its best epoch (%d) is gone", path, best + 1)
+            files.pop(best, None)
+            log.warning("not resuming from %s: the checkpoint of its best epoch (%d) is gone", path, best + 1)
             continue
         return Found(path, tensors, state, {k[6:]: v for k, v in got[0].items() if k.startswith("model.")})
     return None

@@ -295,7 +295,16 @@ def read_checkpoint(path: str) -> dict:
                     f"state dict (torch.save(model.state_dict(), f)) where you trust its source"
                 ) from None
             raise FeatxError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)[:120]})") from None
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError) as e:
+        except (
+            RuntimeError,
+            EOFError,
+            OSError,
+            ValueError,
+            zipfile.BadZipFile,
+            KeyError,
+            IndexError,
+            TypeError,
+        ) as e:
             # torch's weights-only unpickler meets a text file's bytes as stray opcodes (KeyError: 101)
             what = "a text file" if _is_text(path) else f"{type(e).__name__}: {first_line(e)[:100]}"
             raise FeatxError(f"{path}: not a readable PyTorch checkpoint ({what}); give a .pth/.pt/.safetensors "

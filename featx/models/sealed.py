@@ -92,7 +92,9 @@ def read_sealed(path: str, key: str, require_digest: bool = True) -> tuple[dict,
         raise DamagedFile(f"{path}: its {key} description is not a JSON object")
     if DIGEST_KEY in header:
         if header[DIGEST_KEY] != digest(tensors, header):
-            raise DamagedFile(f"{path}: its tensors or description do not match its sha256 (a damaged or edited file)")
+            raise DamagedFile(
+                f"{path}: its tensors or description do not match its sha256 (a damaged or edited file)"
+            )
     elif require_digest:
         raise DamagedFile(f"{path}: has no content digest ({DIGEST_KEY}); it was not written by this featx")
     for name, t in tensors.items():
@@ -157,7 +159,11 @@ def finetuned_problem(meta: dict) -> str | None:
     if meta.get("kind", "finetuned") != "finetuned":
         return f"kind {str(meta.get('kind'))[:60]!r} is not 'finetuned'"
     classes = meta["classes"]
-    if not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES or not all(_text(c) for c in classes):
+    if (
+        not isinstance(classes, list)
+        or not 2 <= len(classes) <= MAX_CLASSES
+        or not all(_text(c) for c in classes)
+    ):
         return "classes is not a list of at least 2 class names"
     if len(set(classes)) != len(classes):
         return "classes holds a name twice"
@@ -189,7 +195,9 @@ def check_finetuned_file(path: str) -> dict | None:
     header = read_header(path)
     if header is None or FINETUNED_KEY not in header:
         if header is None and _claims_finetuned(path):
-            raise DamagedFile(f"{path}: a fine-tuned model file that is not whole (torn or damaged); fine-tune it again")
+            raise DamagedFile(
+                f"{path}: a fine-tuned model file that is not whole (torn or damaged); fine-tune it again"
+            )
         return None
     try:
         fmt = json.loads(header[FINETUNED_KEY]).get("format", 1)

@@ -178,7 +178,10 @@ class FolderLock:
 
         from featx.errors import FeatxError
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise FeatxError(f"{self.path}: cannot create the lock ({e.strerror or e}); is the folder writable?") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

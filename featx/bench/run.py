@@ -186,6 +186,11 @@ def _probe_scheduler(address: str, origin: str) -> float:
             comm.abort()
 
     try:
+        asyncio.get_running_loop()
+        return timeout  # inside an event loop (a notebook): the handshake check above has to do
+    except RuntimeError:
+        pass
+    try:
         reply = asyncio.run(identity())
     except (OSError, TimeoutError, asyncio.TimeoutError) as e:
         if _refused(e):

@@ -70,6 +70,43 @@ def remove_quietly(path: str) -> None:
         os.remove(path)
 
 
+# safetensors header keys of featx's own files (the classifier and fine-tuned model descriptions)
+CLASSIFIER_KEY = "featx_classifier"
+FINETUNED_KEY = "featx_finetuned"
+
+
+def file_kind(path: str) -> str:
+    """What a file is, from its first bytes: 'hdf5', 'classifier' / 'finetuned' (featx safetensors
+    files), 'safetensors', 'pytorch' (a zip or pickle checkpoint), 'joblib-json' (a classifier's
+    side file) or 'other'. For one-line advice when a file of the wrong kind is given."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head == b"\x89HDF\r\n\x1a\n":
+                return "hdf5"
+            if head.startswith((b"PK\x03\x04", b"\x80")):
+                return "pytorch"
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if 2 <= n <= 100_000_000:
+                header = json.loads(f.read(n))
+                meta = header.get("__metadata__") or {}
+                return "classifier" if CLASSIFIER_KEY in meta else "finetuned" if FINETUNED_KEY in meta else "safetensors"
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return "other"
+    return "other"
+
+
+def what_it_is(path: str) -> str:
+    """A phrase for a file given where another kind was expected, with the command that takes it."""
+    return {
+        "hdf5": "an HDF5 file",
+        "classifier": "a featx classifier (from featx fit --out; `featx predict` uses it)",
+        "finetuned": "a fine-tuned model (from featx finetune; `featx predict` uses it, `featx extract --weights` taps it)",
+        "safetensors": "a safetensors file",
+        "pytorch": "a PyTorch checkpoint",
+    }.get(file_kind(path), "not a file featx wrote")
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

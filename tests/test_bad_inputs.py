@@ -243,7 +243,7 @@ def test_dataset_with_one_class(tmp_path):
     with open_codes(path) as f:
         assert f.classes == ["solo"] and len(f) == 6 and (f.labels == 0).all()
     rc, out, err = cli("fit", path, "--C", "1")
-    assert_one_line_error(rc, err, 1, ["single class"])
+    assert_one_line_error(rc, err, 2, ["single class"])
 
 
 def test_no_decodable_image_is_one_line_error(tmp_path):

@@ -63,7 +63,7 @@ def test_weights_naming_a_text_file_is_one_line(suffix, tmp_path, image_folder):
         "extract", *args, "--data", image_folder, "--layers", "layer1", "--cache-dir", tmp_path / "c"
     )
     assert_one_line_error(
-        rc, err, code=1, needles=(str(weights), "not a readable PyTorch checkpoint", "a text file")
+        rc, err, code=2, needles=(str(weights), "not a readable PyTorch checkpoint", "a text file")
     )
     assert "KeyError" not in err and "IndexError" not in err
 

@@ -298,7 +298,7 @@ def _dask_client(config: BenchConfig) -> Iterator[object]:
 
 # selection and uncertainty of each cell (issue 17); absent from cells fitted by older releases
 CELL_EXTRAS = ("val_tiebreak", "val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct", "val_rule",
-               "val_folds")
+               "val_folds", "k", "temperature")
 
 
 @dataclass

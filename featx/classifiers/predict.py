@@ -80,23 +80,20 @@ class Predictor:
     def __init__(self, path: str, *, weights: str | None = None, device: str = "auto", force: bool = False,
                  trust_pickle: bool = False):  # fmt: skip
         from featx.engine.compute import computer_for, resolve_device
-        from featx.models.build import load_model
+        from featx.models.build import load_recorded
         from featx.models.plan import Plan
-        from featx.models.spec import parse_model_name as parse
-        from featx.models.weights import resolve_weights
 
         if self._init_finetuned(path, device):
             return
         self.pipeline, self.meta = load_classifier(path, force=force, trust_pickle=trust_pickle)
         meta = self.meta
-        model = parse(meta["model"])
         spec = weights or meta["weights"]
         if meta.get("weights_source") == "file" and weights is None and not os.path.isfile(spec):
             raise FeatxError(
                 f"{path} needs the weights file {spec}, which is gone; pass --weights PATH to its new place"
             )
-        ref = resolve_weights(model, spec)
-        backbone = load_model(meta["model"], weights_ref=ref)
+        backbone = load_recorded(meta, weights)
+        ref = backbone.weights
         found_sha = backbone.weights.sha256 or ""
         want_sha = meta.get("weights_sha256") or ""
         mismatch = (want_sha and found_sha and want_sha != found_sha) or (
@@ -156,18 +153,27 @@ class Predictor:
         return np.hstack(parts) if len(parts) > 1 else parts[0]
 
     def predict(
-        self, paths: list[str], top_k: int = 3, batch_size: int = 32, workers: int = 0
+        self, paths: list[str], top_k: int = 3, batch_size: int = 32, workers: int = 0, progress: bool = True
     ) -> list[Prediction]:
+        """One Prediction per path, in order (an undecodable image carries its reason); a progress
+        bar on stderr unless `progress=False`."""
+        import sys
+
+        from tqdm.auto import tqdm
+
         from featx.engine.compute import ImageSequence, make_loader
         from featx.sources.dataset import FileLoader
 
         out: list[Prediction] = []
-        for index, images, bad, _done in make_loader(
+        bar = tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, disable=not progress,
+                   mininterval=0.5 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)  # fmt: skip
+        for index, images, bad, done in make_loader(
             ImageSequence(FileLoader(paths, paths), len(paths), self.preprocess),
             batch_size,
             workers,
             pin_memory=False,
         ):
+            bar.update(done - bar.n)
             results = {}
             if images is not None:
                 X = self.codes(images)
@@ -179,6 +185,7 @@ class Predictor:
             for i, reason in bad:
                 results[int(i)] = Prediction(paths[i], None, None, [], reason)
             out.extend(results[k] for k in sorted(results))
+        bar.close()
         return out
 
     @property

@@ -24,7 +24,7 @@ def _number(name: str, value, low: float, high: float = math.inf, integer: bool 
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """The recipe of one fine-tune (defaults: see the README's `featx finetune` section)."""
+    """The recipe of one fine-tune (defaults: docs/commands/finetune.md)."""
 
     train_from: str = "depth:0.5"
     epochs: int = 10

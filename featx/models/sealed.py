@@ -19,9 +19,9 @@ import json
 import math
 
 from featx.errors import FeatxError
+from featx.files import FINETUNED_KEY
 
 DIGEST_KEY = "featx_sha256"
-FINETUNED_KEY = "featx_finetuned"
 CHECKPOINT_KEY = "featx_checkpoint"
 FINETUNED_FORMAT = 2  # 1: featx releases that wrote no digest (read, with a warning, unverified)
 MAX_CLASSES = 1_000_000

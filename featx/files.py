@@ -118,20 +118,50 @@ def file_sha256(path: str | os.PathLike) -> str:
 CELLS_FILE = "cells.jsonl"
 
 
+def record_checksum(key, result) -> str:
+    """The checksum a cells.jsonl/scores.jsonl line carries: sha256 of its key and result as canonical JSON."""
+    return hashlib.sha256(json.dumps([key, result], sort_keys=True).encode()).hexdigest()[:32]
+
+
 def load_done(out_dir: str, name: str = CELLS_FILE) -> dict[str, dict]:
-    """Finished cells (or scores) by key; a torn last line (a killed run) is ignored."""
-    done = {}
+    """Finished cells (or scores) by key. A torn last line (a killed run) is ignored. Every line featx
+    writes carries a checksum of its key and result (`sum`); a line whose checksum does not match, or
+    one without a checksum in a file that has checksummed lines (featx releases before checksums wrote
+    none, and such a file loads whole), is ignored with a warning, and its cell is fitted again. A key
+    recorded twice with different results keeps its first record, with a warning."""
+    import logging
+
+    rows, lines = [], []
     path = os.path.join(out_dir, name)
     try:
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                    done[rec["key"]] = rec["result"]
-                except (ValueError, KeyError, TypeError):
-                    continue
+            lines = f.readlines()
     except OSError:
         pass
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            rows.append((rec["key"], rec["result"], rec.get("sum")))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    checked = any(s is not None for _, _, s in rows)
+    done: dict[str, dict] = {}
+    bad = twice = 0
+    for key, result, got in rows:
+        if not isinstance(key, str) or (checked and got != record_checksum(key, result)):
+            bad += 1
+            continue
+        if key in done:
+            twice += done[key] != result
+            continue
+        done[key] = result
+    log = logging.getLogger("featx")
+    if bad:
+        log.warning("%s: %d lines fail their checksum (edited or damaged) and are ignored; their cells are computed "
+                    "again", path, bad)  # fmt: skip
+    if twice:
+        log.warning("%s: %d cells are recorded twice with different results; the first record of each is kept",
+                    path, twice)  # fmt: skip
     return done
 
 
@@ -146,6 +176,8 @@ def open_log(out_dir: str, name: str = CELLS_FILE):
 
 
 def append_record(fh, rec: dict) -> None:
+    """Append {key, result} with its checksum (`sum`), flushed and fsync'ed."""
+    rec = {**rec, "sum": record_checksum(rec["key"], rec["result"])}
     fh.write(json.dumps(rec) + "\n")
     fh.flush()
     os.fsync(fh.fileno())
@@ -168,3 +200,39 @@ def _ends_with_newline(path: str) -> bool:
             return True
         f.seek(-1, os.SEEK_END)
         return f.read(1) == b"\n"
+
+
+class FolderLock:
+    """An exclusive flock on FOLDER/.lock (released by the kernel even on kill -9): a second process
+    on the same folder gets one line, `busy`, with the holder's pid, instead of writing beside the first."""
+
+    def __init__(self, folder: str, busy: str):
+        self.path, self.busy = os.path.join(folder, ".lock"), busy
+        self._fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        import fcntl
+
+        from featx.errors import FeatxError
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise FeatxError(f"{self.path}: cannot create the lock ({e.strerror or e}); is the folder writable?") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 100, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise FeatxError(
+                f"{self.busy} ({holder}); wait for it or stop it, or give another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

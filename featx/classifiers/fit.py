@@ -105,6 +105,13 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
         f.check_layers(layers)  # every layer the file does not hold, in one line
         rows = select_rows(f, protocol, train_size, seed)
         dim = sum(f.dim(layer) for layer in layers)
+        if protocol.classifier != "sgd":
+            check_memory(len(rows.train) + len(rows.val) + len(rows.test), dim, layers)
+        if protocol.per_class:  # its per-class cross-validation needs 2 images of each class: say which, by name
+            counts = np.bincount(f.labels[rows.train], minlength=len(f.classes))
+            if (few := [c for c in range(len(counts)) if counts[c] == 1]):
+                raise FeatxError(f"class {f.classes[few[0]]!r} has fewer than 2 training images; the "
+                                 f"{protocol.preset or 'per-class svm'} protocol needs 2 or more per class")  # fmt: skip
         # One BLAS thread, always: a multi-threaded BLAS sums in an order that depends on the
         # thread count, and lbfgs amplifies the last bits, so the numbers would change with --jobs
         # (joblib gives each worker one thread) or with the machine's cores. Parallelism comes from
@@ -141,6 +148,50 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
             "convergence_warnings": sum(1 for w in caught if "Converge" in type(w.message).__name__),
         }  # fmt: skip
     return (result, pipe) if return_model else result
+
+
+# Peak bytes per code value of an in-memory fit: the union of the rows read (float32), the train and
+# test parts cut from it, the scaled copy, and the solver's working copies. Measured peaks of softmax
+# and svm fits stay below it.
+BYTES_PER_VALUE = 20
+
+
+def memory_limit() -> tuple[int | None, str]:
+    """(bytes this process can still take, what bounds it): the lower of the machine's available memory
+    (MemAvailable) and what RLIMIT_AS leaves above the address space already mapped; None if unknown."""
+    import resource
+
+    found: list[tuple[int, str]] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in fh if ln.split()[1:2] and ln.split()[1].isdigit()}
+        if "MemAvailable" in info:
+            found.append((info["MemAvailable"], "available memory"))
+    except (OSError, ValueError, IndexError):
+        pass
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        used = 0
+        try:
+            with open("/proc/self/status", encoding="ascii") as fh:
+                used = next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmSize:"))
+        except (OSError, ValueError, StopIteration):
+            pass
+        found.append((max(0, soft - used), "the address-space limit (ulimit -v)"))
+    return min(found) if found else (None, "")
+
+
+def check_memory(rows: int, dim: int, layers: Sequence[str]) -> None:
+    """Refuse, before reading the codes, an in-memory fit that cannot fit in memory (one line, with the ways out)."""
+    need = rows * dim * BYTES_PER_VALUE
+    room, bound = memory_limit()
+    if room is not None and need > room:
+        gib = 1 << 30
+        raise FeatxError(
+            f"layer {'+'.join(layers)}: an in-memory fit of {rows:,} rows x {dim:,} dims needs about {need / gib:.1f} "
+            f"GiB but {bound} leaves {room / gib:.1f} GiB; use --classifier sgd (streams the codes, --chunk-rows "
+            f"bounds its memory), --pca K, or fewer rows (--train-size)"
+        )
 
 
 def _depth(f: CodesFile, layers: Sequence[str]) -> float:

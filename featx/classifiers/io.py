@@ -210,6 +210,9 @@ def _rebuild_classifier(i: int, kind: str, est, fitted: dict, n_in: int, n_label
         or classes.max() >= n_labels
     ):
         bad(f"array {i}.classes_ must hold 2 or more distinct class ids below {n_labels}")  # fmt: skip
+    if len(classes) < n_labels:  # legitimate for classes with test images only, so a warning, not a refusal
+        log.warning("the classifier's description names %d classes but array %d.classes_ holds %d class ids: %d "
+                    "can never be predicted", n_labels, i, len(classes), n_labels - len(classes))  # fmt: skip
     rows = len(classes) if (kind == "PerClassSVM" or len(classes) > 2) else 1
     coef, intercept = get("coef_", 2, rows, n_in), get("intercept_", 1, rows)
     est.classes_ = classes
@@ -445,6 +448,11 @@ def _load_arrays(path: str, force: bool):
 def _load_pickle(path: str, force: bool, trust_pickle: bool):
     from featx.files import file_sha256
 
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        raise FeatxError(f"{path}: is a safetensors file named .joblib, not a joblib pickle; rename it to "
+                         f"{os.path.splitext(path)[0]}.safetensors")  # fmt: skip
     if not trust_pickle:
         raise FeatxError(
             f"{path} is a joblib pickle (featx 0.1.0's format, or an --export-joblib), and unpickling runs code, "

@@ -132,7 +132,7 @@ def extract(
     if precision == "auto":
         precision = forced_precision() or "auto"  # a forced decision is a different request
     call = _Call(mset, cset, rset, precision, ds, opts, strict, wait, progress, t0, timings)
-    request = request_key(mset, cset, precision, rset.decoder, ds.fingerprint, _lib_versions())
+    request = request_key(mset, cset, precision, rset.decoder, _data_key(ds), _lib_versions())
     entry = CacheEntry(cache_dir, request)
     if distributed.requested(rset.distributed):
         return replace(_extract_distributed(call, entry), uncapped_train=ds.uncapped_train)
@@ -191,7 +191,7 @@ def _job(call: _Call, plan: Plan, rset: RunSettings, precision: str) -> _Job:
             "codes take %.1f MiB per image (%.1f GiB for %d images) with --pool %s; consider --pool avg or avg2x2",
             row_bytes / 2**20, row_bytes * n / 2**30, n, plan.pool,
         )  # fmt: skip
-    return _Job(plan, dev, prec, dec, plan.cache_key(prec, dec, call.ds.fingerprint))
+    return _Job(plan, dev, prec, dec, plan.cache_key(prec, dec, _data_key(call.ds)))
 
 
 @dataclass
@@ -227,6 +227,14 @@ class _Work:
     @property
     def workers(self) -> int:
         return resolve_workers(self.call.run.workers)
+
+
+def _data_key(ds: Dataset) -> str:
+    """The data's part of the cache keys: its fingerprint, plus the image size limits when they are not
+    the defaults (FEATX_MAX_IMAGE_PIXELS / FEATX_MAX_ASPECT_RATIO decide which images are skipped)."""
+    from featx.sources.decode import limits_key
+
+    return ds.fingerprint + limits_key()
 
 
 def _hit_result(path: str, t0: float) -> ExtractResult:

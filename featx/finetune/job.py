@@ -27,6 +27,7 @@ classes, and evaluates it as `featx fit` evaluates a probe:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ import numpy as np
 from featx import __version__
 from featx.errors import UsageError
 from featx.finetune.checkpoints import (
+    OutLock,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -120,11 +122,11 @@ def _run_epochs(job: TrainJob, folder: str | None, fingerprint: str, progress: b
     from tqdm.auto import tqdm
 
     s, state, start = job.settings, {"fingerprint": fingerprint, "history": [], "best_epoch": None, "best": None}, 0
-    found = latest_checkpoint(folder, fingerprint) if folder else None
+    found = latest_checkpoint(folder, fingerprint, job.module, job.optimizer, s.epochs) if folder else None
     if found:
-        state = load_checkpoint(found[0], job.module, job.optimizer)
+        state = load_checkpoint(found, job.module, job.optimizer)
         start = state["epoch"] + 1
-        log.info("resuming from %s (epoch %d of %d done)", found[0], start, s.epochs)
+        log.info("resuming from %s (epoch %d of %d done)", found.path, start, s.epochs)
     n_batches = len(batch_positions(len(job.rows.train), s.batch_size))
     bar = tqdm(total=s.epochs * n_batches, initial=start * n_batches, unit="batch", desc="finetune", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)  # fmt: skip
@@ -163,8 +165,16 @@ def finetune(model, data, settings: FinetuneSettings | None = None, *, run=None,
     from `settings.train_from` on; evaluate the epoch chosen on validation once on the test split.
 
     `out`: save the model as OUT.safetensors (and checkpoint to OUT.ckpt/ while training, resuming
-    from there after a crash); `checkpoint_dir` overrides that folder (checkpoints without `out` too).
+    from there after a crash; a second run on the same `out` meanwhile is refused); `checkpoint_dir`
+    overrides that folder (checkpoints without `out` too).
     """
+    with OutLock(_target(out)) if out else contextlib.nullcontext():
+        return _finetune(model, data, settings, run=run, data_options=data_options, out=out,
+                         checkpoint_dir=checkpoint_dir, progress=progress)  # fmt: skip
+
+
+def _finetune(model, data, settings: FinetuneSettings | None = None, *, run=None, data_options=None,
+              out: str | None = None, checkpoint_dir: str | None = None, progress: bool = True) -> FinetuneResult:  # fmt: skip
     import torch
 
     from featx.engine.compute import resolve_device, resolve_workers

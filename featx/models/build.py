@@ -294,6 +294,9 @@ def read_checkpoint(path: str) -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
+        from featx.models.sealed import check_finetuned_file
+
+        check_finetuned_file(path)  # a featx fine-tuned model: verified before use
         try:
             obj = load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error types for bad headers
@@ -311,8 +314,11 @@ def read_checkpoint(path: str) -> dict:
                     f"state dict (torch.save(model.state_dict(), f)) where you trust its source"
                 ) from None
             raise UsageError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)[:120]})") from None
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-            raise UsageError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)[:120]})") from None
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError) as e:
+            # torch's weights-only unpickler meets a text file's bytes as stray opcodes (KeyError: 101)
+            what = "a text file" if _is_text(path) else f"{type(e).__name__}: {first_line(e)[:100]}"
+            raise UsageError(f"{path}: not a readable PyTorch checkpoint ({what}); give a .pth/.pt/.safetensors "
+                             f"state dict") from None  # fmt: skip
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(key), dict):
@@ -323,6 +329,16 @@ def read_checkpoint(path: str) -> dict:
             f"{path}: expected a state dict (name -> tensor), or a dict holding one under 'state_dict' or 'model'"
         )
     return obj
+
+
+def _is_text(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        head.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return b"\0" not in head
 
 
 def _head_classes(model: ModelSpec, state: dict) -> int | None:

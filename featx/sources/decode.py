@@ -56,6 +56,15 @@ def _env_limit(name: str, default: int) -> int:
 # own to it, so that FEATX_MAX_IMAGE_PIXELS governs both), and the widest aspect ratio it may have.
 MAX_IMAGE_PIXELS = _env_limit("FEATX_MAX_IMAGE_PIXELS", 89_478_485)
 MAX_ASPECT_RATIO = _env_limit("FEATX_MAX_ASPECT_RATIO", 100)
+DEFAULT_LIMITS = (89_478_485, 100)
+
+
+def limits_key() -> str:
+    """What the size limits add to a cache key: nothing at the defaults (existing entries stay hits);
+    other limits skip other images, so their codes are another entry."""
+    if (MAX_IMAGE_PIXELS, MAX_ASPECT_RATIO) == DEFAULT_LIMITS:
+        return ""
+    return f"|limits:pixels={MAX_IMAGE_PIXELS},aspect={MAX_ASPECT_RATIO}"
 
 
 def check_limits() -> None:

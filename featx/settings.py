@@ -248,7 +248,7 @@ class DataOptions:
         if isinstance(self.group_by, str) and (self.group_by == "auto" or self.group_by.startswith("auto:")):
             t = self.group_by[5:]  # auto[:T]: near-duplicate groups from the codes (featx.sources.autogroups)
             try:
-                ok = not t or 0.0 < float(t) <= 1.0
+                ok = self.group_by == "auto" or 0.0 < float(t) <= 1.0
             except ValueError:
                 ok = False
             if not ok:

@@ -127,8 +127,7 @@ def threshold_of(group_by: str | None) -> float | None:
     None for a regex or no grouping."""
     if not group_by or (group_by != AUTO and not group_by.startswith(AUTO + ":")):
         return None
-    text = group_by.partition(":")[2]
-    return check_threshold(text) if text else DUP_SIMILARITY
+    return DUP_SIMILARITY if group_by == AUTO else check_threshold(group_by.partition(":")[2])
 
 
 def fingerprint_part(threshold: float) -> bytes:

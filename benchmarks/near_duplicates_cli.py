@@ -10,7 +10,7 @@
    split) and hymenoptera (its own train/val split) for several fit seeds (other hold-outs).
 3. The check's added seconds on the full flowers5_128 entry (4,317 rows).
 
-    python benchmarks/near_duplicates_cli.py            # about 6 minutes on a 2-core AMD EPYC CPU
+    python benchmarks/near_duplicates_cli.py   # ~20 minutes on a shared 2-core AMD EPYC CPU (21 extractions)
 """
 
 from __future__ import annotations

@@ -233,7 +233,7 @@ class DataOptions:
     per_class_limit: int | dict[str, int] | None = None
     seed: int = 0
     data_root: str | None = None
-    group_by: str | None = None  # regex: its first match on an image's relative path is its group
+    group_by: str | None = None  # regex: its first match on an image's relative path is its group; auto[:T]: near-copies
 
     def __post_init__(self) -> None:
         tf = self.test_fraction
@@ -246,7 +246,15 @@ class DataOptions:
             bad_value("data_root", self.data_root, "use a directory path")
         if self.group_by == "":
             object.__setattr__(self, "group_by", None)
-        if self.group_by is not None:
+        if isinstance(self.group_by, str) and (self.group_by == "auto" or self.group_by.startswith("auto:")):
+            t = self.group_by[5:]  # auto[:T]: near-duplicate groups from the codes (featx.sources.autogroups)
+            try:
+                ok = self.group_by == "auto" or 0.0 < float(t) <= 1.0
+            except ValueError:
+                ok = False
+            if not ok:
+                bad_value("group_by", self.group_by, "auto:T needs a cosine similarity T in (0, 1], e.g. auto:0.9")
+        elif self.group_by is not None:
             try:
                 re.compile(self.group_by)
             except (re.error, TypeError) as e:

@@ -34,6 +34,7 @@ class Source:
     model: str = ""  # the model's label (NAME@WEIGHTS, '(random control)' for a control)
     control_of: str = ""  # for a random-init control: the pretrained model's label
     rows_digest: str = ""  # which images in which split, in order: equal digests pair test images
+    leakage: dict | None = None  # the near-duplicate check of its rows (featx.classifiers.neardup.check_rows)
 
 
 def _head_layer(model: ModelSettings) -> str | None:
@@ -78,17 +79,31 @@ def _prepare_model(config: BenchConfig, bm: BenchModel, progress: bool, pixels: 
             n_classes = len(f.classes)
             rows_digest = digest({"paths": f.paths, "split": f.split.tolist()})
         layers.sort(key=lambda n: depth[n])
+        leak = _leak_check(config, res.path, f"{bm.label} {name}")
         pix = extract(pixels_model, bd.spec, CodeSettings("pixels", pool="none"), **common).path if pixels else None
         sources.append(
             Source(bd, name, res.path, layers, depth, dims, head if head else None, pix, n_train, n_classes,
                    res.uncapped_train, _limit_text(config.data_options.per_class_limit) if res.uncapped_train else "",
-                   bm.label, bm.control_of, rows_digest)
+                   bm.label, bm.control_of, rows_digest, leak)
         )  # fmt: skip
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         for i, s in enumerate(sources):
             s.name = f"{s.name}#{i + 1}" if names.count(s.name) > 1 else s.name
     return sources
+
+
+def _leak_check(config: BenchConfig, path: str, where: str) -> dict | None:
+    """Before any cell is fitted: are the rows the first protocol and seed validate and test on
+    (at the largest train size, `all`) near-copies of training rows? One warning when they are."""
+    import logging
+
+    from featx.classifiers.neardup import leak_check, leak_warning
+
+    leak = leak_check(path, config.protocols[0].validate(), parse_train_size("all"), int(config.seeds[0]))
+    if leak and leak["leaky"]:
+        logging.getLogger("featx").warning(leak_warning(leak, where))
+    return leak
 
 
 @dataclass(frozen=True)

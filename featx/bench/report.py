@@ -362,6 +362,15 @@ def _best_at(a, size: str) -> str:
     return best_layer(a, size)
 
 
+def leakage_lines(result) -> list[str]:
+    """One line per leaky (model, dataset) of the bench: near-copies of training rows among its
+    validation/test rows (featx.classifiers.neardup.leak_warning), so its accuracies are inflated."""
+    from featx.classifiers.neardup import leak_warning
+
+    return [leak_warning(s.leakage, f"**Near-duplicates**, {s.model} {s.name}") for s in result.sources
+            if s.leakage and s.leakage.get("leaky")]  # fmt: skip
+
+
 def write_bench_report(result, command: str | None = None) -> dict[str, str]:
     """Write every output of a finished bench into its results directory; returns their paths."""
 
@@ -393,7 +402,7 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
             )
         )
     recipe = cfg.finetune_settings.recipe_text() if ft_rows else ""
-    md = markdown_report(analyses, title=title, command=command, plots=plots, notes=result.notes,
+    md = markdown_report(analyses, title=title, command=command, plots=plots, notes=leakage_lines(result) + result.notes,
                          finetune=comparisons, recipe=recipe)  # fmt: skip
     md_path = os.path.join(cfg.out, "report.md")
     write_text_atomic(md_path, md)

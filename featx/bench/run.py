@@ -333,6 +333,7 @@ class BenchResult:
                 "balanced_accuracy": r["balanced_accuracy"], "val_score": r["val_score"], "n_test": r["n_test"],
                 "fit_seconds": r["fit_seconds"], "baseline": "pixels" if pixels else "",
                 **{k: r.get(k) for k in CELL_EXTRAS}, **self._scores(cell, pixels),
+                **{k: (src.leakage or {}).get(k) for k in ("leakage_fraction", "leaky")},  # neardup.leak_check
             })  # fmt: skip
         if self.finetune:
             from featx.bench.finetune_cells import finetune_rows

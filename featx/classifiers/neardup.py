@@ -17,8 +17,12 @@ score measures recognising the copy. featx already has the codes, so it looks fo
   least `LEAK_FRACTION` of the held-out rows, and at least `LEAK_MIN_ROWS`, are markedly closer.
   Without labels the reference is unavailable and the cut is the fixed `DUP_SIMILARITY`.
 - `auto_groups`: rows joined when their similarity is at least a threshold, transitively
-  (connected components of the pair graph): the groups `--group-by auto` (the planned option) would
-  use, numbered by first appearance so the same codes always give the same ids.
+  (connected components of the pair graph): the groups of `--group-by auto`, numbered by first
+  appearance so the same codes always give the same ids. It lives in `featx.sources.autogroups`
+  (with how the groups reach featx's split at extraction) and is re-exported here.
+- `leak_check`: the check `featx fit` and `featx bench` run on an entry before fitting: the rows a
+  fit validates and tests against its training rows, on the entry's deepest layer; a leaky entry
+  gets one warning line naming an example pair of paths and the fix (`--group-by auto` or a regex).
 
 Measured (`benchmarks/near_duplicates.py`, docs/near-duplicates.md; 2-core AMD EPYC CPU): generated
 near-copies (crops, shifts, colour jitter, JPEG re-encoding; 60 sources x 6 images) among 300 other
@@ -51,34 +55,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featx.errors import FeatxError, UsageError
+from featx.errors import UsageError
+from featx.sources.autogroups import (  # the grouping math lives below the engine, which groups at extraction
+    BLOCK_ELEMENTS,
+    DUP_SIMILARITY,
+    OPTION,
+    auto_groups,
+    check_threshold,
+    normalise,
+    similar_pairs,
+)
 
-BLOCK_ELEMENTS = 1 << 25  # similarities held at once per block (128 MiB of float32); bounds memory
-DUP_SIMILARITY = 0.90  # `--group-by auto`'s default threshold, for the deepest layer: best mean pairwise F1 on generated copies
+__all__ = ["BLOCK_ELEMENTS", "DUP_SIMILARITY", "LeakageReport", "auto_groups", "check_threshold", "leakage",
+           "nearest", "normalise", "pair_scores", "similar_pairs"]  # fmt: skip
 REF_QUANTILE = 0.99  # the reference cut: closer than 99% of training rows' other-class neighbours
 CLOSER_FACTOR = 0.5  # markedly closer: at most half the reference cut's distance (1 - similarity)
 LEAK_FRACTION = 0.05  # leaky: at least 5% of held-out rows markedly closer (independent sets: < 1%)
 LEAK_MIN_ROWS = 5  # ... and at least 5 rows, so a couple of stray copies in a small set don't warn
 MAX_QUERIES = 2000  # leakage samples this many held-out rows (and reference rows): a 5% fraction +/- 0.5%
-OPTION = "--group-by auto"  # how errors name the feature
-
-
-def normalise(codes: np.ndarray) -> np.ndarray:
-    """Rows as float32 unit vectors (an all-zero row stays zero: similarity 0 to everything).
-    NaN or infinite codes are a FeatxError naming how many rows have them."""
-    x = np.asarray(codes, dtype=np.float32)
-    if x.ndim != 2:
-        raise UsageError(f"codes: expected a 2-D array [rows, dims], got shape {x.shape}; pass one layer's codes")
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise FeatxError(f"codes: {int(bad.sum())} of {len(x)} rows have NaN or infinite values "
-                         f"(first: row {int(np.argmax(bad))}); re-extract them or drop those rows")  # fmt: skip
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
 
 
 def nearest(
-    queries: np.ndarray, refs: np.ndarray | None = None, *, skip: tuple | None = None, block: int | None = None
+    queries: np.ndarray,
+    refs: np.ndarray | None = None,
+    *,
+    skip: tuple | None = None,
+    block: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each query row, the index of the most similar `refs` row and that cosine similarity.
 
@@ -97,7 +99,9 @@ def nearest(
     q = normalise(queries)
     r = q if self_search else normalise(refs)
     if q.shape[1] != r.shape[1]:
-        raise UsageError(f"codes: queries have {q.shape[1]} dims, references {r.shape[1]}; use one layer for both")
+        raise UsageError(
+            f"codes: queries have {q.shape[1]} dims, references {r.shape[1]}; use one layer for both"
+        )
     nq, nr = len(q), len(r)
     qk = rk = None
     if skip is not None:
@@ -179,7 +183,12 @@ def is_leaky(closer: int, checked: int) -> bool:
 
 
 def leakage(
-    codes: np.ndarray, train: np.ndarray, held_out: np.ndarray, labels: np.ndarray | None = None, *, seed: int = 0
+    codes: np.ndarray,
+    train: np.ndarray,
+    held_out: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    seed: int = 0,
 ) -> LeakageReport:
     """Check a split: are `held_out` rows (val or test) markedly closer to `train` rows than
     independent images are? `train` and `held_out` are boolean masks or index arrays into `codes`.
@@ -223,71 +232,6 @@ def leakage(
     )  # fmt: skip
 
 
-def similar_pairs(codes: np.ndarray, threshold: float, *, block: int | None = None) -> np.ndarray:
-    """Every pair (i < j) of rows with cosine similarity >= `threshold`, as an int64 [P, 2] array in
-    row order; the upper triangle only, in blocks like `nearest`."""
-    x = normalise(codes)
-    n = len(x)
-    step = max(1, block or BLOCK_ELEMENTS // max(n, 1))
-    found = []
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        s = x[start:stop] @ x[start:].T  # [b, n - start]: this block against itself and later rows
-        i, j = np.nonzero(s >= threshold)
-        keep = j > i  # the strict upper triangle (j is relative to start, as i is)
-        found.append(np.stack([i[keep] + start, j[keep] + start], axis=1))
-    return np.concatenate(found).astype(np.int64) if found else np.empty((0, 2), dtype=np.int64)
-
-
-def check_threshold(threshold: float) -> float:
-    """A similarity threshold in (0, 1], or a UsageError naming the option."""
-    try:
-        t = float(threshold)
-    except (TypeError, ValueError):
-        raise UsageError(f"{OPTION}: threshold {threshold!r} is not a number; use a cosine similarity "
-                         f"in (0, 1], e.g. {DUP_SIMILARITY}") from None  # fmt: skip
-    if not 0.0 < t <= 1.0:
-        raise UsageError(f"{OPTION}: threshold {threshold!r} is outside (0, 1]; use a cosine similarity "
-                         f"such as {DUP_SIMILARITY}")  # fmt: skip
-    return t
-
-
-def auto_groups(codes: np.ndarray, threshold: float = DUP_SIMILARITY, *, block: int | None = None) -> np.ndarray:
-    """A group id per row: rows whose codes have cosine similarity >= `threshold` share a group,
-    joined transitively. Ids count from 0 in order of each group's first row, so they depend only on
-    the codes and the threshold. Errors (one line, naming `--group-by auto`): a threshold outside
-    (0, 1], fewer than 2 rows, NaN codes, and codes that make one group of every row (identical
-    codes, or a threshold so low that everything chains together: nothing could be split).
-
-    Examples:
-        >>> x = np.array([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]])
-        >>> auto_groups(x, 0.99).tolist()
-        [0, 0, 1, 1]
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    t = check_threshold(threshold)
-    x = np.asarray(codes)
-    if x.ndim != 2 or len(x) < 2:
-        raise UsageError(f"{OPTION}: needs at least 2 rows of 2-D codes, got shape {x.shape}; "
-                         "check the data and the layer")  # fmt: skip
-    pairs = similar_pairs(x, t, block=block)
-    n = len(x)
-    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    _, comp = connected_components(graph, directed=False)
-    # renumber by first appearance: connected_components' numbering is an implementation detail
-    _, first, inverse = np.unique(comp, return_index=True, return_inverse=True)
-    order = np.argsort(np.argsort(first))
-    groups = order[inverse].astype(np.int64)
-    if groups.max() == 0:
-        same = bool(np.all(x == x[0]))
-        why = "all rows have identical codes" if same else f"at threshold {t} every row chains into one group"
-        fix = "check the layer and the images" if same else "raise the threshold"
-        raise UsageError(f"{OPTION}: {why}, so there is nothing to split; {fix}")
-    return groups
-
-
 def pair_scores(groups: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """Pairwise precision and recall of `groups` against `truth`: of the pairs put together, the share
     truly together; of the pairs truly together, the share put together (1.0 where there are none)."""
@@ -300,3 +244,61 @@ def pair_scores(groups: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     both = pairs(np.unique(g * (t.max() + 1) + t, return_counts=True)[1])
     put, true = pairs(np.bincount(g)), pairs(np.bincount(t))
     return (both / put if put else 1.0), (both / true if true else 1.0)
+
+
+def entry_layer(f) -> str:
+    """The layer the checks use: the entry's deepest (not an ImageNet head added by bench)."""
+    from featx.sources.autogroups import deepest
+
+    return deepest({n: float(f.layer_meta(n).depth) for n in f.layers})
+
+
+def check_rows(f, train: np.ndarray, held_out: np.ndarray, seed: int = 0) -> dict:
+    """`leakage` on a codes file's (a `CodesFile`) deepest layer for these row indices, as a plain
+    record: `leaky`, `leakage_fraction`, the counts, the cut, the layer, an example pair of paths
+    with its similarity, and the seconds it took."""
+    import time
+
+    t0 = time.perf_counter()
+    layer = entry_layer(f)
+    rows = np.unique(np.concatenate([train, held_out]))  # one read of the rows involved
+    X = f.codes(layer, rows)
+    r = leakage(X, np.searchsorted(rows, train), np.searchsorted(rows, held_out), f.labels[rows], seed=seed)
+    pair, sim = None, None
+    if r.example is not None:
+        a, b = r.example
+        u = normalise(X[[a, b]])
+        pair, sim = [f.paths[rows[a]], f.paths[rows[b]]], float(u[0] @ u[1])
+    return {"leaky": r.leaky, "leakage_fraction": r.fraction, "leakage_rows": r.closer, "leakage_checked": r.checked,
+            "leakage_cut": r.cut, "leakage_reference": r.reference, "leakage_layer": layer, "leakage_example": pair,
+            "leakage_example_similarity": sim, "leakage_seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+
+
+def leak_check(path: str, protocol, train_size, seed: int = 0) -> dict | None:
+    """`check_rows` for the rows a fit of `path` with this protocol, train size and seed validates
+    and tests (val and test rows against its training rows); None when no rows can be selected
+    (the fit reports why)."""
+    from featx.classifiers.rows import select_rows
+    from featx.errors import FeatxError
+    from featx.store.codes import CodesFile
+
+    with CodesFile(path) as f:
+        try:
+            rows = select_rows(f, protocol, train_size, seed)
+        except FeatxError:
+            return None
+        return check_rows(f, rows.train, np.concatenate([rows.val, rows.test]), seed)
+
+
+def leak_warning(record: dict, where: str) -> str:
+    """The one warning line for a leaky record of `check_rows`."""
+    pct = 100 * record["leakage_fraction"]
+    pair = record["leakage_example"]
+    example = (
+        f"; e.g. {pair[1]} (train) and {pair[0]} (held out) at {record['leakage_example_similarity']:.3f}"
+        if pair
+        else ""
+    )
+    return (f"{where}: {record['leakage_rows']} of {record['leakage_checked']} validation/test rows ({pct:.1f}%) are "
+            f"near-copies of training rows (cosine >= {record['leakage_cut']:.3f} on {record['leakage_layer']}{example}); "
+            f"held-out scores are inflated: extract with --group-by auto, or --group-by REGEX naming what copies share")  # fmt: skip

@@ -123,6 +123,7 @@ def _save(args, report, data: dict) -> None:
 
 def run(args) -> int:
     from featx.classifiers.fit import fit
+    from featx.classifiers.neardup import leak_check, leak_warning
     from featx.classifiers.protocol import parse_train_size, protocol_for
     from featx.cli.tables import fit_text
 
@@ -131,9 +132,13 @@ def run(args) -> int:
     seeds = o.ints(args.seeds, "--seeds") if args.seeds else (args.seed,)
     o.check_jobs(args.jobs)
     _check_outputs(args)
+    leak = leak_check(args.file, protocol.validate(), parse_train_size(args.train_size), seeds[0])
+    if leak and leak["leaky"]:
+        log.warning(leak_warning(leak, args.file))
     report = fit(args.file, args.layer, protocol, parse_train_size(args.train_size), seeds, args.jobs, args.concat,
                  return_models=bool(args.out or args.export_joblib))  # fmt: skip
     data = report.to_dict()
+    data["leakage"] = leak  # the near-duplicate check of the first seed's rows (featx.classifiers.neardup)
     _save(args, report, data)
     print(json.dumps(data, indent=1) if args.json else fit_text(report, args.file, seeds))
     return 0

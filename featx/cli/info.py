@@ -56,12 +56,33 @@ def run(args) -> int:
     with CodesFile(args.file) as f:
         layers = [{"name": n, "dim": f.dim(n), **f.layer_attrs(n)} for n in f.layers]
         splits = {s: int((f.split == s).sum()) for s in ("train", "val", "test") if (f.split == s).any()}
+        groups = _groups(f)
         if args.json:
             print(json.dumps({"state": "complete", "attrs": f.attrs, "layers": layers, "splits": splits,
-                              "labelled": f.labelled, "classes": f.classes, "skipped": f.skipped}, indent=1, default=str))  # fmt: skip
+                              "labelled": f.labelled, "classes": f.classes, "skipped": f.skipped, "groups": groups},
+                             indent=1, default=str))  # fmt: skip
         else:
-            print(info_text(args.file, f, layers, splits))
+            text = info_text(args.file, f, layers, splits)
+            if groups:  # after the header lines, before the layer table
+                head, sep, rest = text.partition("\n\n")
+                text = f"{head}\n  groups        {groups['text']}{sep}{rest}"
+            print(text)
     return 0
+
+
+def _groups(f) -> dict | None:
+    """The entry's groups (`--group-by REGEX|auto`, a CSV group column): how many, their sizes."""
+    if f.groups is None:
+        return None
+    import numpy as np
+
+    from featx.sources.autogroups import describe
+
+    sizes = np.unique(f.groups, return_counts=True)[1]
+    by_size = dict(zip(*(v.tolist() for v in np.unique(sizes, return_counts=True))))
+    mode = (f.meta.data_options or {}).get("group_by") if isinstance(f.meta.data_options, dict) else None
+    return {"count": int(len(sizes)), "sizes": {int(k): int(v) for k, v in by_size.items()}, "group_by": mode,
+            "text": f"{describe(f.groups)}{f' (--group-by {mode})' if mode else ''}"}  # fmt: skip
 
 
 def run_cache(args) -> int:

@@ -104,9 +104,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class-limit", help="at most K images per class and split: K, or train=K1,test=K2")
     p.add_argument("--seed", type=int, default=0, help="seed for the split and subsets (default 0)")
     p.add_argument("--data-root", help="where torchvision:NAME datasets live (downloaded there)")
-    p.add_argument("--group-by", metavar="REGEX",
+    p.add_argument("--group-by", metavar="REGEX|auto[:T]",
                    help="group images by the first match of REGEX on their relative path (its first capture group "
-                        "if it has one): a group never sits on both sides of a split, hold-out or CV fold")  # fmt: skip
+                        "if it has one), or with auto[:T] into near-duplicate clusters of the deepest layer's codes "
+                        "(cosine >= T, default 0.9): a group never sits on both sides of a split, hold-out or CV fold")  # fmt: skip
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

@@ -47,6 +47,8 @@ from featx.engine.compute import phase as _phase
 from featx.errors import FeatxError, Interrupted, first_line
 from featx.models.plan import Plan, request_key, resolve
 from featx.settings import CodeSettings, DataOptions, ModelSettings, RunSettings, gather
+from featx.sources.autogroups import threshold_of
+from featx.sources.cutting import regroup_journal
 from featx.sources.dataset import Dataset
 from featx.sources.spec import open_source
 from featx.store.cache import (
@@ -363,10 +365,17 @@ def _check_rows(journal, ds: Dataset) -> None:
 
 def _finish(work: _Work, journal, bs: int, start: int, loop_seconds: float) -> ExtractResult:
     """Finalize `journal` (a Journal or a distributed.ShardSet) into the entry; the result."""
-    ds, path, plan = work.call.ds, work.path, work.job.plan
+    ds, path, plan, opts = work.call.ds, work.path, work.job.plan, work.call.opts
+    splits, groups = ds.splits, ds.groups
+    if (auto := threshold_of(opts.group_by)) is not None:  # groups from the codes, split redone around them
+        with _phase(work.call.timings, "auto groups (--group-by auto)"):
+            splits, groups, notes = regroup_journal(journal, {t.name: t.depth for t in plan.chosen}, ds, auto,
+                                                    opts.test_fraction, opts.seed)  # fmt: skip
+        for note in notes:
+            log.warning(note)
     with _phase(work.call.timings, "finalize (HDF5 gzip + fsync + rename)"):
         finalize(
-            path, journal, classes=ds.classes, labels=ds.labels, splits=ds.splits, ids=ds.ids, groups=ds.groups,
+            path, journal, classes=ds.classes, labels=ds.labels, splits=splits, ids=ds.ids, groups=groups,
             layer_attrs=_layer_attrs(plan), attrs=_file_attrs(work, bs),
         )  # fmt: skip
     skipped = [(ds.ids[i], r) for i, r in journal.skipped]

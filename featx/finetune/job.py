@@ -73,8 +73,12 @@ def _prepare(model, data, settings, data_options):
     """(dataset, rows, backbone, plan taps, freeze point, head name): everything before training."""
     from featx.engine.compute import load_backbone
     from featx.models.plan import resolve
+    from featx.sources.autogroups import OPTION, threshold_of
     from featx.sources.spec import open_source
 
+    if threshold_of(getattr(data_options, "group_by", None)) is not None:  # auto groups come from codes
+        raise UsageError(f"{OPTION}: fine-tuning computes no codes to find near-copies in; use --group-by REGEX "
+                         "or a CSV group column")  # fmt: skip
     ds = open_source(data, data_options) if isinstance(data, str) else data
     if not ds.labelled:
         raise UsageError(f"--data {ds.spec}: unlabelled images (no classes); finetune needs labels: give class "

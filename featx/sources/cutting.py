@@ -1,4 +1,8 @@
 """Cutting a source into train/val/test: given splits, seeded stratified splits, groups (`--group-by`), limits.
+
+`--group-by auto[:T]` names no groups here: the split made here is redone from the codes' groups
+just before the entry is finalized (`featx.sources.autogroups`); here it is checked and enters the
+fingerprint.
 """
 
 from __future__ import annotations
@@ -10,6 +14,15 @@ import numpy as np
 
 from featx.errors import UsageError
 from featx.settings import DataOptions
+from featx.sources.autogroups import (
+    OPTION,
+    auto_groups,
+    check_source,
+    deepest,
+    describe,
+    fingerprint_part,
+    threshold_of,
+)
 from featx.sources.dataset import SPLITS, Dataset, RawSource, Subset
 from featx.sources.decode import (
     printable,
@@ -36,8 +49,8 @@ def groups_from_paths(ids: list[str], pattern: str) -> np.ndarray:
     return np.array(out, dtype=str)
 
 
-def _group_notes(groups: np.ndarray, labels: np.ndarray, splits: np.ndarray, given: bool,
-                 classes: list[str] | None = None) -> list[str]:  # fmt: skip
+def group_notes(groups: np.ndarray, labels: np.ndarray, splits: np.ndarray, given: bool,
+                classes: list[str] | None = None) -> list[str]:  # fmt: skip
     names, inverse = np.unique(groups, return_inverse=True)
     notes = []
     if not given and len(names) == 1:
@@ -73,6 +86,9 @@ def cut(raw: RawSource, opts: DataOptions) -> Dataset:
     n = len(raw.ids)
     rng = np.random.default_rng(opts.seed)
     limit = opts.per_class_limit
+    auto = threshold_of(opts.group_by)  # --group-by auto: groups (and featx's split) come from the codes
+    if auto is not None:
+        check_source(raw.labels, raw.splits is not None, limit)
     splits_all = raw.splits
     if splits_all is None and isinstance(limit, dict):
         splits_all = seeded_split(raw.labels, opts.test_fraction, rng, raw.groups)
@@ -116,10 +132,12 @@ def cut(raw: RawSource, opts: DataOptions) -> Dataset:
     groups = None if raw.groups is None else raw.groups[sel]
     if groups is not None:
         h.update(("groups\0" + "\0".join(groups.tolist())).encode())
+    if auto is not None:
+        h.update(fingerprint_part(auto))
     if raw.splits is not None and raw.labelled:
         notes += _untrained_classes(raw, labels, splits)
     if groups is not None:
-        notes += _group_notes(groups, labels, splits, raw.splits is not None, list(raw.classes))
+        notes += group_notes(groups, labels, splits, raw.splits is not None, list(raw.classes))
     train_after = int(np.sum(splits == "train"))
     return Dataset(
         name=raw.name, spec=raw.spec, classes=raw.classes, ids=ids, labels=labels.astype(np.int64),
@@ -184,3 +202,46 @@ def stratified_holdout(labels: np.ndarray, fraction: float, rng: np.random.Gener
         k = min(max(k, 1), len(idx) - 1) if len(idx) >= 2 else 0
         out[rng.permutation(idx)[:k]] = True
     return out
+
+
+def regroup(codes: np.ndarray, labels: np.ndarray, splits: np.ndarray, given: bool, threshold: float,
+            test_fraction: float, seed: int, layer: str = "") -> tuple[np.ndarray, np.ndarray, list[str]]:  # fmt: skip
+    """Auto groups of the rows and their split: (splits, groups as strings, notes). `given`: the
+    data has its own splits, which are kept; else featx's seeded split is redone around the groups.
+    `layer` only names the codes' layer in the notes."""
+    ids = auto_groups(codes, threshold)
+    groups = ids.astype(str)
+    labels = np.asarray(labels, dtype=np.int64)
+    if not given:
+        splits = seeded_split(labels, test_fraction, np.random.default_rng(seed), groups)
+        n_test = int(np.sum(splits == "test"))
+        if n_test == 0 or n_test == len(splits):
+            raise UsageError(f"{OPTION}: at threshold {threshold} the {len(np.unique(ids))} groups leave "
+                             f"{'no test' if n_test == 0 else 'no training'} image in featx's split; raise the "
+                             "threshold or give more images")  # fmt: skip
+    notes = [
+        f"{OPTION}:{threshold}{' on ' + layer if layer else ''}: {describe(groups)}"
+        + (
+            ""
+            if given
+            else f"; featx's train/test split made from them ({int(np.sum(splits == 'test'))} test)"
+        )
+    ]
+    return splits, groups, notes + group_notes(groups, labels, np.asarray(splits), given)
+
+
+def regroup_journal(journal, depths: dict[str, float], ds, threshold: float, test_fraction: float,
+                    seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:  # fmt: skip
+    """`regroup` on a finished journal's rows (its deepest layer), returned per sample of `ds` as
+    `finalize` wants them (skipped samples keep their split and get no group)."""
+    index = journal.read_index()
+    names = [spec.name for spec in journal.layers]
+    layer = deepest({n: depths[n] for n in names})
+    codes = journal.read_layer(names.index(layer), 0, len(index))
+    row_splits, row_groups, notes = regroup(codes, ds.labels[index], ds.splits[index], ds.split_source != "seeded",
+                                            threshold, test_fraction, seed, layer)  # fmt: skip
+    splits = np.array(ds.splits, dtype="<U5")
+    splits[index] = row_splits
+    groups = np.full(len(ds.labels), "", dtype=object)
+    groups[index] = row_groups
+    return splits, groups, notes

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from featx.errors import UsageError
 from featx.settings import DataOptions
+from featx.sources.autogroups import threshold_of
 from featx.sources.builtin import digits_source, idx_files, idx_source, torchvision_source
 from featx.sources.cutting import cut, groups_from_paths
 from featx.sources.dataset import Dataset
@@ -56,6 +57,8 @@ def open_source(spec: str, options: DataOptions | None = None) -> Dataset:
             raw = idx_source(path.resolve())
         else:
             raw = folder_source(path.resolve())
-    if opts.group_by:
+    if threshold_of(opts.group_by) is not None:
+        raw.groups = None  # auto: groups come from the codes after extraction (featx.sources.autogroups)
+    elif opts.group_by:
         raw.groups = groups_from_paths(raw.ids, opts.group_by)
     return cut(raw, opts)

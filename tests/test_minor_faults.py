@@ -145,7 +145,8 @@ def test_a_bench_whose_every_cell_is_refused_exits_2_with_the_reason(bench_data,
     root, data = bench_data
     rc, out, err = _bench(root, data, tmp_path / "out", "--train-sizes", "1/class", "-q")
     assert_one_line_error(
-        rc, err, code=2, needles=("no cell could be fitted", "not fitted", "no images to validate on")
+        rc, err, code=2, needles=("no cell could be fitted", "not fitted", "no images to validate on"),
+        only_error_lines=True,  # tiny generated images are near-copies to a random network: a leakage warning too
     )
     assert "0 cells" not in out + err
 

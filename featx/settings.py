@@ -44,7 +44,7 @@ FLAGS = {
     "train_from": "--train-from", "epochs": "--epochs", "lr": "--lr", "backbone_lr_mult": "--backbone-lr-mult",
     "weight_decay": "--weight-decay", "optimizer": "--optimizer", "momentum": "--momentum", "warmup": "--warmup",
     "label_smoothing": "--label-smoothing", "train_size": "--train-size", "max_images": "--max-images",
-    "val_fraction": "--val-fraction", "augment": "augment",
+    "val_fraction": "--val-fraction", "augment": "--augment", "max_epochs": "--max-epochs", "threads": "--threads",
 }  # fmt: skip
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

@@ -131,7 +131,7 @@ def _estimate(job: TrainJob, start_epoch: int):
 
 
 def _run_epochs(job: TrainJob, folder: str | None, fingerprint: str, progress: bool, state: dict | None = None,
-                until: int | None = None, threads: int = 1) -> dict:  # fmt: skip
+                until: int | None = None, threads: tuple[int, dict] = (1, {})) -> dict:  # fmt: skip
     """Train the epochs not yet done, up to `until` (default: the budget), stopping early under
     `epochs="auto"` once validation stops improving; continues `state` (in memory) or the newest
     checkpoint in `folder`. Returns the state (history, best epoch, its weights)."""
@@ -146,7 +146,8 @@ def _run_epochs(job: TrainJob, folder: str | None, fingerprint: str, progress: b
             state = load_checkpoint(found[0], job.module, job.optimizer)
             log.info("resuming from %s (epoch %d of %s%d done)", found[0], len(state["history"]),
                      "up to " if s.auto else "", s.schedule_epochs)  # fmt: skip
-    state.setdefault("threads", threads)  # checkpointed: a resumed run keeps the count it started with
+    state.setdefault("threads", threads[0])  # checkpointed: a resumed run keeps the count it started with
+    state.setdefault("threads_measured", {str(k): round(v, 2) for k, v in threads[1].items()})
     start = len(state["history"])
     if start >= until or (s.auto and converged(state["history"])):
         return state
@@ -225,7 +226,7 @@ def finetune(model, data, settings: FinetuneSettings | None = None, *, run=None,
 
     def advance(i: int, until: int | None) -> dict:
         r = open_point(i)
-        r["state"] = _run_epochs(r["job"], r["folder"], r["fingerprint"], progress, r["state"], until, threads)
+        r["state"] = _run_epochs(r["job"], r["folder"], r["fingerprint"], progress, r["state"], until, (threads, rates))
         return r["state"]
 
     threads, rates = _threads(settings, open_point(0), folder, device)
@@ -242,7 +243,7 @@ def finetune(model, data, settings: FinetuneSettings | None = None, *, run=None,
     grid = [_grid_entry(points[i], runs[i]["state"], i == winner) for i in sorted(runs)] if len(points) > 1 else []
     results = _results(job, w["plan"], w["backbone"], w["point"], w["head"], w["state"], logits, y_test,
                        time.perf_counter() - t0)  # fmt: skip
-    results.update(grid=grid, rungs=rungs, threads=threads, threads_measured={str(k): round(v, 2) for k, v in rates.items()},
+    results.update(grid=grid, rungs=rungs, threads=w["state"]["threads"], threads_measured=w["state"]["threads_measured"],
                    screening_epochs=sum(g["epochs_run"] for g in grid if not g["chosen"]))  # fmt: skip
     module.to("cpu").eval()
     if target:
@@ -273,7 +274,7 @@ def _threads(settings: FinetuneSettings, first: dict, folder: str | None, device
         for path in sorted(glob.glob(os.path.join(folder, "**", "epoch-*.safetensors"), recursive=True)):
             got = read_checkpoint_file(path, "featx_checkpoint")
             if got and isinstance(got[1].get("threads"), int):
-                return got[1]["threads"], {}
+                return got[1]["threads"], {int(k): v for k, v in (got[1].get("threads_measured") or {}).items()}
     if settings.threads != "auto":
         return settings.threads, {}
     job = first["job"]

@@ -112,8 +112,8 @@ class FinetuneSettings:
             _number("epochs", self.epochs, 1, 10_000, integer=True)
         _number("max_epochs", self.max_epochs, 1, 10_000, integer=True)
         if self.epochs == "auto" and self.max_epochs < PATIENCE:
-            bad_value("max_epochs", self.max_epochs, f"with --epochs auto the cap must be at least the patience, {PATIENCE} "
-                      f"epochs, or the run stops before it can see validation stop improving")  # fmt: skip
+            bad_value("max_epochs", self.max_epochs, f"when the epochs are auto, the cap must be at least the patience "
+                      f"({PATIENCE} epochs), or the run stops before it can see validation stop improving")  # fmt: skip
         lrs, augments = _lr_grid(self.lr), _augment_grid(self.augment)
         object.__setattr__(self, "lr", lrs[0] if len(lrs) == 1 else lrs)
         object.__setattr__(self, "augment", augments[0] if len(augments) == 1 else augments)

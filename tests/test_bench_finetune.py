@@ -51,7 +51,6 @@ def test_bench_finetune_from_the_cli_report_and_resume(tmp_path):
     """`featx bench --finetune`: fine-tune rows beside probe rows in results.csv, the report's
     fine-tune section with verdicts that follow its own intervals, and a rerun that runs nothing."""
     import csv
-    import re
 
     from conftest import cli
 

@@ -82,7 +82,7 @@ def _prepare(model, data, settings, data_options):
     return ds, rows, resolve(model)
 
 
-def _network(plan, ds, settings, device):
+def build_network(plan, ds, settings, device):
     """(backbone, plan, freeze point, head name, trainable params, head params): a fresh network
     with a new head, frozen at `settings.train_from`, on `device`."""
     import torch
@@ -214,7 +214,7 @@ def finetune(model, data, settings: FinetuneSettings | None = None, *, run=None,
     def open_point(i: int) -> dict:
         if i not in runs:
             s = points[i]
-            backbone, resolved, point, head, trained, head_params = _network(plan, ds, s, device)
+            backbone, resolved, point, head, trained, head_params = build_network(plan, ds, s, device)
             job = TrainJob(backbone.module, make_optimizer(s, trained, head_params), point, ds, rows,
                            backbone.preprocess, s, device, amp, workers)  # fmt: skip
             sub = folder if len(points) == 1 or not folder else os.path.join(folder, _point_dir(i, s))

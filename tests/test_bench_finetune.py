@@ -96,3 +96,19 @@ def test_a_torn_last_line_does_not_swallow_the_next_fine_tune_record(tmp_path):
     ((cell, result),) = run_finetune_cells(config, ["depth:1.0"], base)
     assert "error" not in result
     assert load_done(str(tmp_path / "bench"))[cell.key(config, base)] == result
+
+
+def test_an_unchanged_recipe_keeps_its_cell_key():
+    """Keys pinned from the release before epochs=auto and augmentation names: a fixed number of
+    epochs with one augmentation and learning rate is the same recipe, so the same cell."""
+    from featx.bench.finetune_cells import finetune_cells
+
+    config = BenchConfig(ModelSettings("timm:test_resnet", "none", image_size=32), [BenchData("sklearn:digits", "different")],
+                         "depth:1.0", RunSettings(device="cpu", workers=0, precision="fp32"), train_sizes=["all"],
+                         seeds=(0,), out="/tmp/x")  # fmt: skip
+    (cell,) = finetune_cells(config, ["depth:0.5"], ["all"], (0,))
+    assert cell.key(config, FinetuneSettings(epochs=5)) == "e59b8ab77fb3e1d35aa48354f81848c690a90975e6d1d4e9f4f9acc2b11f12ee"
+    assert (cell.key(config, FinetuneSettings(epochs=5, augment="none", lr=0.03, threads=1))
+            == "49ad1152eacfbc1768ca79c24327541a985a5ee7c7294e4dfa5cfb30285ad542")  # fmt: skip
+    assert cell.key(config, FinetuneSettings(epochs="auto")) != cell.key(config, FinetuneSettings(epochs=30))
+    assert cell.key(config, FinetuneSettings(augment="light")) != cell.key(config, FinetuneSettings())

@@ -157,7 +157,7 @@ def test_not_converged_is_a_budget_measurement_not_a_verdict():
     (c,) = compare([a], rows)
     assert c.verdict == "does not pay" and not c.converged
     md = markdown_report([a], title="t", command=None, plots=[], notes=[], finetune=[c])
-    assert "not converged (validation still improving at the last of 3 epochs): a budget measurement, not a verdict" in md
+    assert "not converged (validation had not stopped improving when its 3 epochs ran out): a budget measurement, not a verdict" in md
     assert "confirms it" not in md and "contradicts it" not in md
     assert "does not pay; not converged" in md
 

@@ -224,8 +224,8 @@ def rule_line(a, c: FinetuneVsProbe) -> str:
             f"{c.size}: fine-tuning from {c.point} {relation} ({c.gain:+.1f} points against {c.probe_layer}, exact "
             f"McNemar p = {c.p_text})")  # fmt: skip
     if not c.converged:
-        return (f"{head}; not converged (validation still improving at the last of {c.epochs_run:g} epochs): a budget "
-                f"measurement, not a verdict on the rule.")  # fmt: skip
+        return (f"{head}; not converged (validation had not stopped improving when its {c.epochs_run:g} epochs ran out): "
+                f"a budget measurement, not a verdict on the rule.")  # fmt: skip
     if a.baseline_wins:
         return f"{head}; but {a.baseline_wins}, so neither answer of the rule is the one to use here."
     agrees = {"pays": a.case in (2, 4), "does not pay": a.case in (1, 3)}.get(c.verdict)

@@ -180,13 +180,13 @@ class FinetuneSettings:
         """The recipe in one line, for reports."""
         opt = f"sgd (momentum {self.momentum:g})" if self.optimizer == "sgd" else self.optimizer
         cap = f", at most {self.max_images} training images" if self.max_images else ""
-        epochs = (f"epochs until validation stops improving (patience {PATIENCE}, at most {self.max_epochs}; "
-                  f"the schedule spans {self.max_epochs})" if self.auto else f"{self.epochs} epochs")  # fmt: skip
+        epochs = (f"epochs until validation stops improving (patience {PATIENCE}, at most {self.max_epochs})"
+                  if self.auto else f"{self.epochs} epochs")  # fmt: skip
         lr = "/".join(f"{v:g}" for v in self.lrs)
         aug = "/".join(AUGMENT_TEXT[a] for a in self.augments)
         grid = (f"; augmentation and learning rate chosen on validation by successive halving over {len(self.points())} "
                 f"recipes" if len(self.points()) > 1 else "")  # fmt: skip
-        return (f"{opt}, {epochs} ({self.warmup} warm-up, cosine), lr {lr} for the head and x{self.backbone_lr_mult:g} "
+        return (f"{opt}, {epochs}, {self.warmup} warm-up then cosine over {self.schedule_epochs}, lr {lr} for the head and x{self.backbone_lr_mult:g} "
                 f"for pretrained layers, weight decay {self.weight_decay:g}, batch {self.batch_size}, {aug}{cap}; the "
                 f"epoch chosen on validation{grid}")  # fmt: skip
 

@@ -37,6 +37,7 @@ _EXPORTS = {
     "ExtractResult": "featx.engine.extract",
     "CodesFile": "featx.store.codes",
     "open_codes": "featx.store.codes",
+    "export_layer": "featx.store.export",
     "fit": "featx.classifiers.fit",
     "fit_cell": "featx.classifiers.fit",
     "protocol_for": "featx.classifiers.protocol",

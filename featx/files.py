@@ -70,6 +70,43 @@ def remove_quietly(path: str) -> None:
         os.remove(path)
 
 
+# safetensors header keys of featx's own files (the classifier and fine-tuned model descriptions)
+CLASSIFIER_KEY = "featx_classifier"
+FINETUNED_KEY = "featx_finetuned"
+
+
+def file_kind(path: str) -> str:
+    """What a file is, from its first bytes: 'hdf5', 'classifier' / 'finetuned' (featx safetensors
+    files), 'safetensors', 'pytorch' (a zip or pickle checkpoint), 'joblib-json' (a classifier's
+    side file) or 'other'. For one-line advice when a file of the wrong kind is given."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head == b"\x89HDF\r\n\x1a\n":
+                return "hdf5"
+            if head.startswith((b"PK\x03\x04", b"\x80")):
+                return "pytorch"
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if 2 <= n <= 100_000_000:
+                header = json.loads(f.read(n))
+                meta = header.get("__metadata__") or {}
+                return "classifier" if CLASSIFIER_KEY in meta else "finetuned" if FINETUNED_KEY in meta else "safetensors"
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return "other"
+    return "other"
+
+
+def what_it_is(path: str) -> str:
+    """A phrase for a file given where another kind was expected, with the command that takes it."""
+    return {
+        "hdf5": "an HDF5 file",
+        "classifier": "a featx classifier (from featx fit --out; `featx predict` uses it)",
+        "finetuned": "a fine-tuned model (from featx finetune; `featx predict` uses it, `featx extract --weights` taps it)",
+        "safetensors": "a safetensors file",
+        "pytorch": "a PyTorch checkpoint",
+    }.get(file_kind(path), "not a file featx wrote")
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -81,20 +118,50 @@ def file_sha256(path: str | os.PathLike) -> str:
 CELLS_FILE = "cells.jsonl"
 
 
+def record_checksum(key, result) -> str:
+    """The checksum a cells.jsonl/scores.jsonl line carries: sha256 of its key and result as canonical JSON."""
+    return hashlib.sha256(json.dumps([key, result], sort_keys=True).encode()).hexdigest()[:32]
+
+
 def load_done(out_dir: str, name: str = CELLS_FILE) -> dict[str, dict]:
-    """Finished cells (or scores) by key; a torn last line (a killed run) is ignored."""
-    done = {}
+    """Finished cells (or scores) by key. A torn last line (a killed run) is ignored. Every line featx
+    writes carries a checksum of its key and result (`sum`); a line whose checksum does not match, or
+    one without a checksum in a file that has checksummed lines (featx releases before checksums wrote
+    none, and such a file loads whole), is ignored with a warning, and its cell is fitted again. A key
+    recorded twice with different results keeps its first record, with a warning."""
+    import logging
+
+    rows, lines = [], []
     path = os.path.join(out_dir, name)
     try:
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                    done[rec["key"]] = rec["result"]
-                except (ValueError, KeyError, TypeError):
-                    continue
+            lines = f.readlines()
     except OSError:
         pass
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            rows.append((rec["key"], rec["result"], rec.get("sum")))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    checked = any(s is not None for _, _, s in rows)
+    done: dict[str, dict] = {}
+    bad = twice = 0
+    for key, result, got in rows:
+        if not isinstance(key, str) or (checked and got != record_checksum(key, result)):
+            bad += 1
+            continue
+        if key in done:
+            twice += done[key] != result
+            continue
+        done[key] = result
+    log = logging.getLogger("featx")
+    if bad:
+        log.warning("%s: %d lines fail their checksum (edited or damaged) and are ignored; their cells are computed "
+                    "again", path, bad)  # fmt: skip
+    if twice:
+        log.warning("%s: %d cells are recorded twice with different results; the first record of each is kept",
+                    path, twice)  # fmt: skip
     return done
 
 
@@ -109,6 +176,8 @@ def open_log(out_dir: str, name: str = CELLS_FILE):
 
 
 def append_record(fh, rec: dict) -> None:
+    """Append {key, result} with its checksum (`sum`), flushed and fsync'ed."""
+    rec = {**rec, "sum": record_checksum(rec["key"], rec["result"])}
     fh.write(json.dumps(rec) + "\n")
     fh.flush()
     os.fsync(fh.fileno())
@@ -131,3 +200,39 @@ def _ends_with_newline(path: str) -> bool:
             return True
         f.seek(-1, os.SEEK_END)
         return f.read(1) == b"\n"
+
+
+class FolderLock:
+    """An exclusive flock on FOLDER/.lock (released by the kernel even on kill -9): a second process
+    on the same folder gets one line, `busy`, with the holder's pid, instead of writing beside the first."""
+
+    def __init__(self, folder: str, busy: str):
+        self.path, self.busy = os.path.join(folder, ".lock"), busy
+        self._fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        import fcntl
+
+        from featx.errors import FeatxError
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise FeatxError(f"{self.path}: cannot create the lock ({e.strerror or e}); is the folder writable?") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 100, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise FeatxError(
+                f"{self.busy} ({holder}); wait for it or stop it, or give another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "float16")
 # choices the CLI offers, kept here (not in the modules that use them) so that parsing a command line
 # imports nothing heavy: a cache hit must answer without loading scikit-learn or torch
-CLASSIFIERS = ("svm", "softmax", "sgd")
+CLASSIFIERS = ("svm", "softmax", "sgd", "knn")  # knn: featx.classifiers.knn, DINOv2's weighted vote
 SCALES = ("standardize", "l2", "none")
+SOLVERS = ("auto", "sklearn", "torch")  # softmax: lbfgs in scikit-learn, or featx.classifiers.torch_softmax
 PRESET_NAMES = ("kornblith", "vissl-svm")  # classify.PRESETS' keys (tests/test_classify.py pins it)
 DEFAULT_BENCH_LAYERS = "depth:0.1,0.25,0.4,0.55,0.7,0.85,1.0"
 DECODERS = ("auto", "pil", "torchvision")
@@ -45,9 +46,17 @@ FLAGS = {
     "weight_decay": "--weight-decay", "optimizer": "--optimizer", "momentum": "--momentum", "warmup": "--warmup",
     "label_smoothing": "--label-smoothing", "train_size": "--train-size", "max_images": "--max-images",
     "val_fraction": "--val-fraction", "augment": "--augment", "max_epochs": "--max-epochs", "threads": "--threads",
+    # featx.classifiers.protocol.Protocol
+    "classifier": "--classifier", "Cs": "--C", "scale": "--scale", "pca": "--pca", "cv": "--cv",
+    "min_val_per_class": "min_val_per_class", "chunk_rows": "--chunk-rows", "max_iter": "--max-iter", "solver": "--solver",
+    "ks": "--knn-k", "temperatures": "--knn-t",
 }  # fmt: skip
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+# the one description of what --model accepts (CLI help, errors, bench)
+MODEL_NAMES = "a torchvision name (resnet50), timm:NAME[.TAG], efficientnet_lite0/1/2 or pixels"
 
 
 def bad_value(field: str, value, want: str):
@@ -55,7 +64,7 @@ def bad_value(field: str, value, want: str):
     raise UsageError(f"{FLAGS[field]}{sep}{value!r}: {want}")
 
 
-def _choice(field: str, value, choices: Sequence[str]) -> None:
+def choice(field: str, value, choices: Sequence[str]) -> None:
     if not isinstance(value, str) or value not in choices:
         bad_value(field, value, f"use one of {', '.join(choices)}")
 
@@ -78,7 +87,7 @@ class ModelSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
-            bad_value("name", self.name, "give a torchvision name (resnet50), timm:NAME or efficientnet_lite0")
+            bad_value("name", self.name, f"give {MODEL_NAMES}")
         if not isinstance(self.weights, str) or not self.weights.strip():
             bad_value("weights", self.weights, "use DEFAULT, none, a weights name or a checkpoint path")
         size = self.image_size
@@ -109,8 +118,8 @@ class CodeSettings:
             if not isinstance(self.layers, Sequence) or not all(isinstance(x, str) for x in self.layers):
                 bad_value("layers", self.layers, "give layer names and/or depth fractions, comma-separated")
             object.__setattr__(self, "layers", ",".join(self.layers))
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("relu", self.relu, RELU_MODES)
+        choice("dtype", self.dtype, DTYPES)
+        choice("relu", self.relu, RELU_MODES)
         if not isinstance(self.pool, str):
             bad_value("pool", self.pool, "use avg (alias mean), max, avgNxN, none, cls or cls+mean")
         parse_pool(self.pool)
@@ -135,9 +144,9 @@ class RunSettings:
             bad_value("device", self.device, "use auto, cpu, cuda, cuda:N or mps")
         _auto_or_count("batch_size", self.batch_size, 1)
         _auto_or_count("workers", self.workers, 0)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("channels_last", self.channels_last, CHANNELS_LAST)
-        _choice("decoder", self.decoder, DECODERS)
+        choice("precision", self.precision, PRECISIONS)
+        choice("channels_last", self.channels_last, CHANNELS_LAST)
+        choice("decoder", self.decoder, DECODERS)
         if not isinstance(self.compile, bool):
             bad_value("compile", self.compile, "use True or False")
         if not isinstance(self.distributed, bool):

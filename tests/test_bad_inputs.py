@@ -243,7 +243,7 @@ def test_dataset_with_one_class(tmp_path):
     with open_codes(path) as f:
         assert f.classes == ["solo"] and len(f) == 6 and (f.labels == 0).all()
     rc, out, err = cli("fit", path, "--C", "1")
-    assert_one_line_error(rc, err, 1, ["single class"])
+    assert_one_line_error(rc, err, 2, ["single class"])
 
 
 def test_no_decodable_image_is_one_line_error(tmp_path):
@@ -258,12 +258,14 @@ def test_no_decodable_image_is_one_line_error(tmp_path):
     assert not list((tmp_path / "cache").glob("*.h5"))
 
 
-@pytest.mark.parametrize("layout", ["no-class-folders", "only-empty-classes", "only-text-files"])
+# (a folder of loose images alone is unlabelled data: tests/test_unlabelled.py)
+@pytest.mark.parametrize("layout", ["loose-beside-empty-splits", "only-empty-classes", "only-text-files"])
 def test_folder_without_images_is_usage_error(tmp_path, layout):
     data = tmp_path / "d"
     data.mkdir()
-    if layout == "no-class-folders":
+    if layout == "loose-beside-empty-splits":
         Image.new("RGB", (8, 8)).save(data / "loose.jpg")  # an image not inside a class folder
+        (data / "train" / "a").mkdir(parents=True)
     elif layout == "only-empty-classes":
         (data / "a").mkdir()
         (data / "b").mkdir()

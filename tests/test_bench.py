@@ -214,7 +214,7 @@ def test_bench_cli_errors(tmp_path):
         "--data",
         "sklearn:digits",
         "--classifier",
-        "knn",
+        "ridge",  # not a classifier (knn is one now)
         "--out",
         str(tmp_path),
     )

@@ -264,7 +264,7 @@ def test_vissl_error_names_the_class_plainly(tmp_path):
     split[[0, 6, 12, 13, 14, 15, 16]] = "test"  # class 2 keeps one training image
     codes = write_codes(tmp_path / "c.h5", {"a": X}, y, split, ["x", "y", "z"])
     rc, out, err = cli("fit", codes, "--preset", "vissl-svm")
-    line = one_line_error(rc, err, (1,), ["class 2 has fewer than 2 training images"])
+    line = one_line_error(rc, err, (1,), ["class 'z' has fewer than 2 training images"])
     assert "np." not in line
 
 

@@ -107,7 +107,7 @@ def test_bad_files_and_layers(tmp_path, codes):
     with pytest.raises(FeatxError, match="layer 'nope' is not in .*it holds good, noisy"):
         fit(codes, "nope")
     with pytest.raises(UsageError, match="--classifier"):
-        protocol_for("knn")
+        protocol_for("ridge")  # knn is a classifier now
     with pytest.raises(UsageError, match="--preset"):
         protocol_for(preset="simclr")
 
@@ -313,3 +313,28 @@ def test_parsing_a_command_line_imports_no_heavy_library():
             "print(sorted(m for m in ('torch', 'sklearn', 'h5py', 'timm', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize(("field", "value", "flag"), [("classifier", "knn?", "--classifier"), ("scale", "z", "--scale"),
+                                                      ("pca", 0, "--pca"), ("cv", 1, "--cv"), ("epochs", 0, "--epochs"),
+                                                      ("chunk_rows", 8, "--chunk-rows"), ("solver", "gpu", "--solver"),
+                                                      ("val_fraction", 1.5, "--val-fraction")])  # fmt: skip
+def test_protocol_is_validated_at_construction(field, value, flag):
+    """Every way in (fit, fit_cell, bench, a preset) builds a Protocol, so every way is checked."""
+    from featx.classifiers.protocol import Protocol
+
+    with pytest.raises(UsageError, match=f"^{flag}"):
+        Protocol(**{field: value})
+
+
+def test_a_chosen_c_at_the_grid_edge_is_flagged(codes, caplog):
+    """On separable blobs a grid of tiny C values can only choose its largest: featx says the grid
+    may have cut the choice short."""
+    import logging
+
+    from featx.classifiers.fit import fit
+
+    with caplog.at_level(logging.WARNING, logger="featx"):
+        report = fit(codes, "good", protocol_for("softmax", Cs=(1e-7, 1e-6, 1e-5), min_val_per_class=0))
+    assert {r["C"] for r in report.results} == {1e-5}
+    assert any("C = 1e-05 is the grid's largest value" in m and "widen --C" in m for m in caplog.messages)

@@ -215,3 +215,103 @@ def test_killed_dask_bench_resumes(data, cluster, tmp_path):
     ref = run_cli(*args[:-2], "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     assert _without_timing(out / "results.csv") == _without_timing(tmp_path / "ref" / "results.csv")
+
+
+class _Server:
+    """A TCP server on the loopback that is not Dask: 'http' answers requests as an HTTP server does,
+    'silent' accepts and never speaks, 'banner' greets with text (as SSH does)."""
+
+    def __init__(self, kind: str):
+        import threading
+
+        self.kind, self.sock = kind, socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.address = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.conns = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            if self.kind == "banner":
+                c.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+            elif self.kind == "http":
+                c.settimeout(5)
+                try:
+                    if c.recv(1024):
+                        c.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" * 3)
+                except OSError:
+                    pass
+
+    def close(self):
+        for c in [self.sock, *self.conns]:
+            c.close()
+
+
+@pytest.mark.parametrize("kind", ["http", "silent", "banner"])
+def test_a_port_that_is_not_dask_is_one_line_within_the_connect_timeout(kind, data, tmp_path):
+    import dask
+
+    root, a, b = data
+    server = _Server(kind)
+    try:
+        t0 = time.monotonic()
+        with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+            rc, _, err = cli(*_args(root, a, b), "--out", tmp_path / "out", "--cache-dir", tmp_path / "cache",
+                             "--scheduler", server.address)  # fmt: skip
+        elapsed = time.monotonic() - t0
+    finally:
+        server.close()
+    assert_one_line_error(rc, err, 1, (f"--scheduler {server.address}", "not a Dask scheduler", "port 8786"))
+    assert "EiB" not in err and elapsed < 10, elapsed
+    assert not os.path.exists(tmp_path / "cache")  # said before any extraction
+
+
+def _start_cluster():
+    """A scheduler and 2 one-thread workers in processes of their own (so that the test can kill the scheduler)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
+                              str(port), "--no-dashboard"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
+    workers = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "2",
+                                "--nthreads", "1", "--no-dashboard"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
+    return address, sched, workers
+
+
+@pytest.mark.slow
+def test_a_scheduler_that_dies_mid_grid_is_one_line_and_the_rerun_completes(data, tmp_path):
+    import signal
+
+    root, a, b = data
+    address, sched, workers = _start_cluster()
+    out = tmp_path / "out"
+    args = [*_args(root, a, b, seeds="0,1,2"), "--layers", "layer1,layer2,layer3,layer4,avgpool"]
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "featx.cli", *args, "--out", str(out), "--scheduler", address, "-q"],
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "5s"})  # fmt: skip
+        deadline = time.monotonic() + 240
+        while cells_written(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sched.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        assert time.monotonic() - t0 < 60
+    finally:
+        for p in (sched, workers):
+            p.kill()
+            p.wait()
+    assert_one_line_error(proc.returncode, err, 1, (f"--scheduler {address}", "lost the Dask scheduler mid-grid",
+                                                    "finished cells are kept", "rerun"))  # fmt: skip
+    done = len(load_done(str(out)))
+    assert 3 <= done < 60, done
+    r = run_cli(*args, "--out", str(out), "--scheduler", "local")
+    assert r.returncode == 0, r.stderr
+    assert f"60 cells: {done} done before, {60 - done} to fit" in r.stderr

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import FAST_ARGS, REPO, cli, make_images
+from conftest import FAST_ARGS, REPO, assert_one_line_error, cli, make_images
 from featx.engine.distributed import (
     Shard,
     ShardSet,
@@ -80,12 +80,21 @@ def snapshot(path) -> dict:
                 "codes": {n: f.codes(n) for n in f.layers}, "rows": int(f.attrs["rows"])}  # fmt: skip
 
 
-def assert_same(a: dict, b: dict) -> None:
+# The documented tolerance of distributed codes against one process's (fp32 on the CPU): a row that falls
+# into a batch of another shape (a rank's last batch, a batch of one) may differ in its last bits, as the
+# CPU kernels choose their summation order by batch shape (measured: up to 1.7e-6); other rows are identical.
+DIST_TOL = 1e-5
+
+
+def assert_same(a: dict, b: dict, exact: bool = True) -> None:
     for k in ("paths", "classes", "skipped", "layers", "rows"):
         assert a[k] == b[k], k
     assert np.array_equal(a["labels"], b["labels"]) and np.array_equal(a["split"], b["split"])
     for name in a["codes"]:
-        assert np.array_equal(a["codes"][name], b["codes"][name]), name  # fp32 on the CPU: bit-identical
+        if exact:  # same batch shapes for every row: bit-identical
+            assert np.array_equal(a["codes"][name], b["codes"][name]), name
+        else:
+            np.testing.assert_allclose(a["codes"][name], b["codes"][name], rtol=DIST_TOL, atol=DIST_TOL, err_msg=name)
 
 
 def reference(data, tmp_path, args) -> dict:
@@ -204,6 +213,20 @@ def test_two_ranks_write_the_file_one_process_writes(uneven_folder, tmp_path):
     assert rc == 0 and out.strip().splitlines()[-1] == path, err
 
 
+def test_rows_in_a_batch_of_another_shape_are_within_the_documented_tolerance(uneven_folder, tmp_path):
+    """--batch-size 6 over 15 rows: one process batches 6+6+3, rank 0 (rows 0-6) 6+1: row 6 is a batch
+    of one there. Those rows may differ in the last bits (docs/distributed.md), never by more than DIST_TOL."""
+    args = [a if a != "4" else "6" for a in FAST_ARGS]
+    assert "--batch-size" in args and args[args.index("--batch-size") + 1] == "6"
+    ref = reference(uneven_folder, tmp_path, args)
+    r = torchrun(2, *args, "--data", uneven_folder, "--cache-dir", tmp_path / "c", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = snapshot(r.stdout.strip().splitlines()[-1])
+    assert_same(got, ref, exact=False)
+    for name in got["codes"]:  # rows 0-5 share their batch shape (6) in both runs: identical
+        assert np.array_equal(got["codes"][name][:6], ref["codes"][name][:6]), name
+
+
 def test_a_rank_failing_at_start_up_fails_the_job_within_the_timeout(uneven_folder, tmp_path):
     args = [*FAST_ARGS, "--cache-dir", tmp_path / "c", "-q"]
     t = time.monotonic()
@@ -319,3 +342,18 @@ def test_a_job_waits_for_the_entry_lock_longer_than_the_timeout_then_finds_the_e
     reader.join(timeout=10)
     assert proc.returncode == 0, "".join(lines)[-3000:]
     assert out.strip().splitlines()[-1] == path and os.path.isfile(path)
+
+
+@pytest.mark.parametrize("env,needle", [({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 WORLD_SIZE=2"),
+                                        ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1"),
+                                        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
+                                        ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x'")])  # fmt: skip
+def test_a_rank_out_of_range_is_one_line_at_once(env, needle, uneven_folder, tmp_path, monkeypatch):
+    import time
+
+    for k, v in {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "FEATX_DIST_TIMEOUT": "60"}.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.monotonic()
+    rc, _out, err = cli("extract", *FAST_ARGS, "--data", uneven_folder, "--cache-dir", tmp_path)
+    assert time.monotonic() - t0 < 30
+    assert_one_line_error(rc, err, code=2, needles=(needle, "check the launcher's settings"))

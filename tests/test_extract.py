@@ -28,7 +28,7 @@ def _reference(path, model_name, weights, feature_extractor):
     """Codes recomputed independently: the file's preprocessing on its images, an FX feature
     extractor on a freshly loaded model, then the file's activation and pooling per layer."""
     with open_codes(path) as f:
-        pre = Preprocess.from_dict(f.json_attr("preprocessing"))
+        pre = Preprocess.from_dict(json.loads(f.attrs["preprocessing"]))
         ds = open_source(f.attrs["dataset"])
         order = {ident: i for i, ident in enumerate(ds.ids)}
         rows = [order[p] for p in f.paths]

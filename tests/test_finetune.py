@@ -251,7 +251,7 @@ def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
     shutil.copy(last, ckpt / "epoch-0004.safetensors.tmp")
     rc, out, err = cli(*argv, "--out", killed, "--results", tmp_path / "r.json")
     assert rc == 0, err
-    assert "resuming from" in err and "incomplete checkpoint" in err
+    assert "resuming from" in err and "set aside the damaged checkpoint" in err
     a, b = _load(str(ref) + ".safetensors"), _load(str(killed) + ".safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     from featx.models.saved import finetuned_description

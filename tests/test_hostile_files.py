@@ -89,7 +89,7 @@ def test_checkpoint_with_pickle_payload_is_refused(world, tmp_path, marker, kind
     rc, out, err = cli(
         "-q", "extract", *FAST_ARGS, "--weights", evil, "--data", world["data"], "--cache-dir", cache
     )
-    line = assert_one_line_error(rc, err, (1,), [str(evil)])
+    line = assert_one_line_error(rc, err, (2,), [str(evil)])
     assert "refused" in line or "weights_only" in line, line
     assert out == "" and not list(cache.glob("*.h5"))
     # the same file given to predict as the classifier's weights

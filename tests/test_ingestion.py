@@ -219,8 +219,9 @@ def test_loose_images_beside_class_folders_are_noted_once(tmp_path):
     loose = tmp_path / "loose"
     loose.mkdir()
     Image.new("RGB", (8, 8)).save(loose / "x.png")
-    with pytest.raises(UsageError, match="no images found .*; 1 image.s. lie outside class folders"):
-        open_source(str(loose))
+    (loose / "empty_class").mkdir()
+    ds = open_source(str(loose))  # images, none in a class folder: unlabelled data
+    assert not ds.labelled and ds.ids == ["x.png"]
 
 
 def test_class_folder_named_train_in_a_flat_layout_is_a_class(tmp_path):

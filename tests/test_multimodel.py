@@ -13,13 +13,14 @@ import pytest
 
 from conftest import assert_one_line_error, cells_written, cli, make_images, run_cli, sigkill_when
 from featx.bench.analysis import analyze
-from featx.bench.config import BenchConfig, BenchData, split_model_spec
+from featx.bench.config import BenchConfig, BenchData
 from featx.bench.crossmodel import model_choices, pretraining_gains, score_agreement
 from featx.bench.report import markdown_report, write_bench_report
 from featx.bench.run import run
 from featx.classifiers.protocol import protocol_for
 from featx.errors import UsageError
 from featx.files import load_done
+from featx.models.spec import split_weights as split_model_spec
 from featx.settings import ModelSettings
 from featx.stats import pack_correct
 from featx.store.cache import digest
@@ -136,7 +137,9 @@ def test_two_models_and_a_control_in_one_bench(data, tmp_path, caplog):
     md = open(paths["report.md"]).read()
     assert "## Which model, which layer" in md and "### alpha (softmax)" in md and "### beta (softmax)" in md
     section = md[md.index("### alpha (softmax)") : md.index("### beta (softmax)")]
-    assert all(f"| {lab} |" in section or f"| **{lab}** |" in section for lab in labels)
+    # the pretrained models are the candidates; the random control is a reference, never in the choice
+    assert all(f"| {lab} |" in section or f"| **{lab}** |" in section for lab in (labels[0], labels[2]))
+    assert labels[1] not in section
     assert "## What pretraining adds" in md and "pretraining adds" in md and "## Transferability scores" in md
     assert f"## alpha ({labels[1]}, softmax)" in md
     with open(paths["depth.png"], "rb") as f:

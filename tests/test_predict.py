@@ -139,9 +139,10 @@ def test_cli_fit_and_predict(trained, tmp_path):
     assert len(preds) == 10 and preds[-1]["error"] and preds[-1]["class"] is None
     assert all(p["class"] in ("cat", "dog", "owl") for p in preds[:-1])
     assert "could not be decoded" in r.stderr
+    assert "10 images: " in r.stderr and "; 1 could not be decoded" in r.stderr  # the closing summary
     r = run_cli("fit", trained["codes"], "--layer", "layer9")
     assert (
-        r.returncode == 1
+        r.returncode == 2
         and "layer 'layer9' is not in" in r.stderr
         and len(r.stderr.strip().splitlines()) == 1
     )
@@ -178,3 +179,18 @@ def test_cnncodes_is_a_scikit_learn_transformer(trained):
     scores = cross_val_score(pipe, paths, y, cv=3)
     assert scores.mean() > 0.5
     assert clone(pipe).get_params()["cnncodes__layers"] == "layer3"
+
+
+def test_the_pixels_baseline_saves_and_predicts(tmp_path):
+    """A classifier on the raw-pixels baseline (a module without tensors, weights `none` recorded)."""
+    from conftest import cli
+
+    data = make_images(tmp_path / "d", per_class=6)
+    code, out, err = cli("extract", "--model", "pixels", "--data", str(data), "--cache-dir", str(tmp_path / "c"), "-q")
+    assert code == 0, err
+    codes = out.strip().splitlines()[-1]
+    code, _, err = cli("fit", codes, "--out", str(tmp_path / "m" / "px"), "-q")
+    assert code == 0, err
+    code, out, err = cli("predict", str(tmp_path / "m" / "px"), str(data / "cat"), "--json")
+    assert code == 0, err
+    assert {p["class"] for p in json.loads(out)} <= {"cat", "dog", "owl"}

@@ -38,7 +38,7 @@ import pytest
 
 from conftest import FAST_ARGS, assert_one_line_error, cli, make_images
 from featx.store.codes import open_codes
-from featx.store.verify import check_complete
+from featx.store.verify import verify
 
 # -- helpers -------------------------------------------------------------------------------------
 
@@ -273,7 +273,7 @@ class KillCampaign:
         # 1. every *.h5 in the cache is complete and exactly the reference
         for p in h5_files(self.cache):
             assert os.path.basename(p) == self.ref.name, (p, what)
-            assert check_complete(p) is None, (p, check_complete(p), what)
+            assert verify(p) is None, (p, verify(p), what)
             assert_same(snapshot(p), self.ref.snap, what)
         # 2. a killed run printed no path, or the path of a complete file
         for line in stdout.strip().splitlines():
@@ -624,7 +624,7 @@ def _check_after_failed_write(disk_case, cache, prior, prior_sha, r) -> None:
     then the message: one line, exit 1, no traceback."""
     entry = str(cache / disk_case["name"])
     assert r.returncode != 0, "the run succeeded despite the limit"
-    assert not os.path.exists(entry) or check_complete(entry) is None, "a half-written entry looks complete"
+    assert not os.path.exists(entry) or verify(entry) is None, "a half-written entry looks complete"
     assert sha256(prior) == prior_sha, "the earlier entry changed"
     # the next run with space resumes (or restarts) and gives exactly the reference codes
     rc, out, err = cli("-q", *disk_case["args"], "--cache-dir", cache)
@@ -694,7 +694,7 @@ def test_small_filesystem_fills_up_then_grows(disk_case, tmp_path, phase):
                            text=True, cwd=tmp_path, timeout=600)  # fmt: skip
         entry = str(cache / disk_case["name"])
         assert r.returncode != 0, "the run succeeded on a full filesystem"
-        assert not os.path.exists(entry) or check_complete(entry) is None
+        assert not os.path.exists(entry) or verify(entry) is None
         assert sha256(prior) == prior_sha
         _remount(fs, "size=64m")
         rc, out, err = cli("-q", *disk_case["args"], "--cache-dir", cache)

@@ -20,7 +20,7 @@ from conftest import write_codes
 from featx.errors import FeatxError
 from featx.store.codes import open_codes
 from featx.store.journal import Journal, journal_problem, read_progress
-from featx.store.verify import check_complete, mark_verified, verify
+from featx.store.verify import mark_verified, verify
 
 CLASSES = ["zebra", "koala", "otter"]
 
@@ -65,15 +65,14 @@ def _flip_codes_byte(path: str, layer: str = "a"):
 def test_fresh_file_verifies_and_is_remembered(codes_file):
     assert verify(codes_file) is None
     assert os.path.isfile(os.path.join(os.path.dirname(codes_file), ".verified", "x.h5.json"))
-    assert check_complete(codes_file) is None
+    assert verify(codes_file) is None
 
 
 def test_deleted_codes_dataset_is_damage_not_a_contradiction(codes_file):
     assert verify(codes_file) is None  # remembered: the deletion must still be seen
     with h5py.File(codes_file, "r+") as f:
         del f["codes/a"]
-    for reason in (verify(codes_file), check_complete(codes_file)):
-        assert reason == "/codes/a is missing (the file lists layers a, b)"
+    assert verify(codes_file) == "/codes/a is missing (the file lists layers a, b)"
     with pytest.raises(FeatxError, match="/codes/a is missing") as e:
         open_codes(codes_file)
     assert "it holds" not in str(e.value)

@@ -1,5 +1,5 @@
 """Typed metadata of a codes file (featx.store.meta.FileMeta / LayerMeta): written in one place, read
-in one place, and the plain-h5py layout of the README unchanged."""
+in one place, and the plain-h5py layout of docs/files.md unchanged."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from featx.errors import FeatxError
 from featx.store.codes import open_codes
 from featx.store.meta import FORMAT_VERSION, FileMeta, LayerMeta
 
-# the README's "HDF5 layout": every root attribute extraction writes, plus what finalize adds
+# docs/files.md, "HDF5 layout": every root attribute extraction writes, plus what finalize adds
 ROOT_ATTRS = {
     "featx_version", "format_version", "cache_key", "model", "weights", "weights_source", "weights_ident",
     "weights_sha256", "preprocessing", "preprocessing_text", "image_size", "dataset", "dataset_name",

@@ -114,3 +114,11 @@ def test_tapper_stops_after_the_last_tap():
         out = tap(torch.randn(2, 3, 32, 32))
     h.remove()
     assert out["layer2"].shape == (2, 128) and not fired
+
+
+def test_every_unknown_layer_is_named_at_once():
+    from featx.models.build import load_model
+
+    taps = list_taps(load_model("resnet18", "none").module, 32, device="cpu")
+    with pytest.raises(UsageError, match=r"unknown layers for resnet18: 'layr3' \(closest: layer3.*'fcc' \(closest: fc"):
+        resolve_layers(taps, "layr3,layer2,fcc", "resnet18")

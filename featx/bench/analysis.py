@@ -17,7 +17,7 @@ of the best). Late layers hold base-task-specific features, so they
 add much on data like ImageNet and little on data unlike it (Yosinski et al. 2014). The data
 behaves as *similar* when G >= `GAIN_THRESHOLD` (0.1). On featx's shared datasets with
 EfficientNet-Lite0, G was 0.26 (hymenoptera) and 0.15 (flowers) against 0.06 (brain MRI) and
-0.03 (Fashion-MNIST); README, "Measured: transferability". The best layer is the one with the
+0.03 (Fashion-MNIST); docs/results/transferability.md. The best layer is the one with the
 best mean validation score, never chosen on test data; its lead over the top layer is reported as
 evidence. The ImageNet head's mean top-1 probability on the target images is reported too, but
 not used: it does not separate the two kinds (scikit-learn digits 0.87, flowers 0.19), it measures

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from featx.classifiers.protocol import Protocol
 from featx.errors import UsageError
 from featx.finetune.settings import FinetuneSettings
+from featx.models.spec import split_weights
 from featx.settings import (
     DEFAULT_BENCH_LAYERS,
     CodeSettings,
@@ -51,19 +52,6 @@ DEFAULT_LAYERS = DEFAULT_BENCH_LAYERS
 CONTROLS = ("random",)
 
 
-MODEL_SPEC_HELP = "use NAME or NAME@WEIGHTS (efficientnet_lite0@imagenet, timm:resnet18@none)"
-
-
-def split_model_spec(text: str) -> tuple[str, str | None]:
-    """'NAME' -> (NAME, None); 'NAME@WEIGHTS' -> (NAME, WEIGHTS). `@` because `timm:NAME` uses the colon."""
-    name, sep, weights = str(text).strip().partition("@")
-    if not name.strip():
-        raise UsageError(f"--model {text!r}: no model name before @; {MODEL_SPEC_HELP}")
-    if sep and not weights.strip():
-        raise UsageError(f"--model {text!r}: no weights after @; {MODEL_SPEC_HELP}")
-    return name.strip(), (weights.strip() or None)
-
-
 def model_label(m: ModelSettings) -> str:
     return f"{m.name}@{m.weights}"
 
@@ -88,7 +76,7 @@ def _gather_models(model, codes, run, settings: dict):
     for item in items:
         kw = dict(settings)
         if isinstance(item, str):
-            item, weights = split_model_spec(item)
+            item, weights = split_weights(item)
             if weights is not None:
                 kw["weights"] = weights
         m, c, r = gather(item, codes, run, kw, "BenchConfig")

@@ -3,9 +3,9 @@ pretraining adds over the random-init control at each depth, and how well each t
 ranked the layers against the measured probes.
 
 Which model, which layer. Each model's analysis (featx.bench.analysis) has already chosen its layer by
-validation at the largest train size; the model whose chosen layer has the best mean validation
-score wins (ties: the continuous validation score, then a pretrained model over a control, then the
-order of --model). Its lead over the runner-up model is tested with the exact McNemar test on the
+validation at the largest train size; among the pretrained models (a random-init control is a
+reference, never a candidate) the model whose chosen layer has the best mean validation score wins
+(ties: the continuous validation score, then the order of --model). Its lead over the runner-up model is tested with the exact McNemar test on the
 same test images (first seed), where both files hold the same images in the same splits; the best
 on test is shown, labelled as such, never used.
 
@@ -70,7 +70,8 @@ def model_choices(analyses: list[DatasetAnalysis]) -> list[ModelChoice]:
     """Per (dataset, classifier) with two or more models: which model, which layer, by validation."""
     groups: dict[tuple[str, str], list[DatasetAnalysis]] = {}
     for a in analyses:
-        groups.setdefault((a.name, a.classifier), []).append(a)
+        if not a.control_of:  # a random-init control is a reference (what pretraining adds), never an answer
+            groups.setdefault((a.name, a.classifier), []).append(a)
     out = []
     for (name, clf), group in groups.items():
         if len(group) < 2:

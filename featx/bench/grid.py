@@ -69,6 +69,7 @@ def _prepare_model(config: BenchConfig, bm: BenchModel, progress: bool, pixels: 
     for bd in config.datasets:
         res = extract(bm.settings, bd.spec, codes, **common)
         with CodesFile(res.path) as f:
+            f.require_labels("bench")
             layers = [n for n in f.layers if n != head]
             depth = {n: f.layer_meta(n).depth for n in layers}
             dims = {n: f.dim(n) for n in layers}

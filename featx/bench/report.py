@@ -35,7 +35,7 @@ def format_cell(v) -> str:
 # results.json also holds each cell's `test_correct` (per-image correctness bits, for paired tests)
 RESULT_COLUMNS = [
     "kind", "model", "control_of", "dataset", "similarity_label", "layer", "relative_depth", "code_dim", "train_size", "train_size_spec", "classifier",
-    "preset", "C", "seed", "accuracy", "balanced_accuracy", "test_ci_low", "test_ci_high", "n_test", "val_score",
+    "preset", "C", "k", "temperature", "seed", "accuracy", "balanced_accuracy", "test_ci_low", "test_ci_high", "n_test", "val_score",
     "val_tiebreak", "val_source", "val_rule", "val_folds", "n_val", "fit_seconds", "baseline",
     "score_logme", "score_hscore", "score_transrate", "score_gbc", "train_from", "epoch",
 ]  # fmt: skip
@@ -55,7 +55,7 @@ def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
     for r in rows:
         w.writerow(
             {**r, "C": "/".join(f"{c:g}" for c in r["C"]) if isinstance(r["C"], list)
-             else "" if r["C"] is None else f"{r['C']:g}",
+             else "" if r["C"] is None else r["C"] if isinstance(r["C"], str) else f"{r['C']:g}",
              "val_folds": pack_folds(unpack_folds(r.get("val_folds")))}  # fmt: skip
         )
     csv_path, json_path = os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.json")

@@ -30,6 +30,7 @@ resumably in `scores.jsonl`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -41,8 +42,8 @@ from featx.bench.config import BenchConfig
 from featx.bench.grid import Cell, Source, grid, prepare
 from featx.bench.scoring import score_sources
 from featx.classifiers.fit import fit_cell
-from featx.errors import FeatxError, UsageError
-from featx.files import CELLS_FILE, append_record, load_done, make_out_dir, open_log
+from featx.errors import FeatxError, UsageError, first_line
+from featx.files import CELLS_FILE, FolderLock, append_record, load_done, make_out_dir, open_log
 
 log = logging.getLogger("featx")
 
@@ -69,6 +70,17 @@ def run(config: BenchConfig, progress: bool = False) -> BenchResult:
     if not config.datasets:
         raise UsageError("featx bench: give at least one --data")
     make_out_dir(config.out)
+    with FolderLock(config.out, f"--out {config.out}: another featx bench is writing there"):
+        result = _run(config, progress)
+    if not result.cells and not any("error" not in r for _, r in result.finetune):
+        # nothing measured: every cell was refused (or none could be made); the reason, not "0 cells"
+        notes = result.notes
+        reason = next((n for n in notes if "not fitted" in n or "not run" in n), notes[0] if notes else "no cell")
+        raise UsageError(f"featx bench: no cell could be fitted; {reason}")
+    return result
+
+
+def _run(config: BenchConfig, progress: bool) -> BenchResult:
     # connected before the extraction, so that a wrong --scheduler fails at once, not hours later
     with _dask_client(config) as client:
         sources = prepare(config, progress)
@@ -122,10 +134,20 @@ def _fit_cells(config: BenchConfig, todo: list[Cell], total: int, done: dict, cl
             jobs = Parallel(n_jobs=-1 if client else config.jobs, return_as="generator_unordered")(
                 delayed(run_cell)(replace(c, codes=os.path.abspath(c.codes))) for c in todo
             )
-            for rec in jobs:
-                append_record(fh, rec)
-                done[rec["key"]] = rec["result"]
-                bar.update(1)
+            fitted = 0
+            try:
+                for rec in jobs:
+                    append_record(fh, rec)
+                    done[rec["key"]] = rec["result"]
+                    bar.update(1)
+                    fitted += 1
+            except (OSError, TimeoutError, asyncio.TimeoutError, concurrent.futures.CancelledError) as e:
+                if client is None or client.status == "running":
+                    raise
+                kept, origin = total - len(todo) + fitted, scheduler_address(config)[1]
+                raise FeatxError(f"{origin}: lost the Dask scheduler mid-grid ({type(e).__name__}); the {kept} "
+                                 f"finished cells are kept in {CELLS_FILE}: rerun to fit the rest (with --scheduler "
+                                 f"local to fit them here)") from None  # fmt: skip
 
 
 def scheduler_address(config: BenchConfig) -> tuple[str | None, str]:
@@ -140,6 +162,90 @@ def scheduler_address(config: BenchConfig) -> tuple[str | None, str]:
 
 
 WORKERS_TIMEOUT_S = 60
+
+
+def _probe_scheduler(address: str, origin: str) -> float:
+    """Ask `address` who it is, within Dask's connect timeout, before a Client is made: a port that
+    is not a Dask scheduler (an HTTP server, a silent socket) would otherwise hang the Client's
+    handshake or make it allocate what the peer's first bytes claim as a frame length. Returns the
+    timeout (seconds)."""
+    import dask
+    from dask.utils import parse_timedelta
+    from distributed.comm import connect
+
+    timeout = float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s"))
+    if address.startswith("tcp://") or "://" not in address:
+        _probe_tcp(address, origin, timeout)
+
+    async def identity():
+        comm = await connect(address, timeout=timeout)
+        try:
+            await asyncio.wait_for(comm.write({"op": "identity", "reply": True}), timeout)
+            return await asyncio.wait_for(comm.read(), timeout)
+        finally:
+            comm.abort()
+
+    try:
+        asyncio.get_running_loop()
+        return timeout  # inside an event loop (a notebook): the handshake check above has to do
+    except RuntimeError:
+        pass
+    try:
+        reply = asyncio.run(identity())
+    except (OSError, TimeoutError, asyncio.TimeoutError) as e:
+        if _refused(e):
+            raise FeatxError(f"{origin}: cannot reach the Dask scheduler ({first_line(e)}); start it (dask scheduler) "
+                             f"or fix the address") from None  # fmt: skip
+        reason = f"no Dask answer within {timeout:g} s" if isinstance(e, (TimeoutError, asyncio.TimeoutError)) else first_line(e)
+        raise FeatxError(f"{origin}: not a Dask scheduler ({reason}); give the scheduler's own address "
+                         f"(dask scheduler prints it; port 8786 by default)") from None  # fmt: skip
+    except Exception as e:  # noqa: BLE001 (a foreign peer's bytes make Dask's decoder raise anything: MemoryError too)
+        raise FeatxError(f"{origin}: not a Dask scheduler (its reply is not Dask's: {type(e).__name__}); give the "
+                         f"scheduler's own address (dask scheduler prints it; port 8786 by default)") from None  # fmt: skip
+    if not isinstance(reply, dict) or reply.get("type") != "Scheduler":
+        kind = reply.get("type") if isinstance(reply, dict) else type(reply).__name__
+        raise FeatxError(f"{origin}: a Dask {kind}, not a scheduler, answers there; give the scheduler's address")
+    return timeout
+
+
+MAX_HANDSHAKE = 1 << 20  # bytes: a Dask handshake is a few hundred
+
+
+def _probe_tcp(address: str, origin: str, timeout: float) -> None:
+    """A Dask peer speaks first: on accept it sends its handshake, one frame behind an 8-byte length.
+    A silent port (an HTTP server waits for a request) or a first frame of absurd length is not Dask."""
+    import struct
+
+    from distributed.comm.addressing import get_address_host_port
+
+    host, port = get_address_host_port(address)
+    fix = "give the scheduler's own address (dask scheduler prints it; port 8786 by default)"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        raise FeatxError(f"{origin}: cannot reach the Dask scheduler ({e.strerror or first_line(e)}); start it "
+                         f"(dask scheduler) or fix the address") from None  # fmt: skip
+    with sock:
+        head = b""
+        try:
+            while len(head) < 8:
+                chunk = sock.recv(8 - len(head))
+                if not chunk:
+                    raise FeatxError(f"{origin}: not a Dask scheduler (it closed the connection without a word); {fix}")
+                head += chunk
+        except OSError as e:  # socket.timeout included
+            what = f"no Dask handshake within {timeout:g} s" if isinstance(e, TimeoutError) else first_line(e)
+            raise FeatxError(f"{origin}: not a Dask scheduler ({what}); {fix}") from None
+    (size,) = struct.unpack("<Q", head)
+    if not 0 < size <= MAX_HANDSHAKE:
+        raise FeatxError(f"{origin}: not a Dask scheduler (its first bytes are not a Dask message: {head[:8]!r}); {fix}")
+
+
+def _refused(e: BaseException) -> bool:
+    """A connection that was never made (nothing listens, no route), as opposed to a peer that spoke wrongly."""
+    text = str(e).lower()
+    return any(w in text for w in ("refused", "no route", "name or service", "timed out trying to connect",
+                                    "unreachable", "nodename nor servname"))  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -159,12 +265,18 @@ def _dask_client(config: BenchConfig) -> Iterator[object]:
         get_address_host_port(address)
     except ValueError as e:
         raise UsageError(f"{origin}: {e}; give the scheduler as tcp://HOST:8786") from None
+    timeout = _probe_scheduler(address, origin)
     try:
-        client = Client(address, set_as_default=False)
+        client = Client(address, set_as_default=False, timeout=timeout)
     except (OSError, TimeoutError, asyncio.TimeoutError) as e:  # distinct classes before Python 3.11
         raise FeatxError(
             f"{origin}: cannot reach the Dask scheduler ({e}); start it (dask scheduler) or fix the address"
         ) from None
+    # Dask's own tracebacks of a lost connection would bury featx's one line
+    quiet = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.split(".")[0] == "distributed"]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
     try:
         try:
             client.wait_for_workers(1, timeout=WORKERS_TIMEOUT_S)
@@ -178,12 +290,15 @@ def _dask_client(config: BenchConfig) -> Iterator[object]:
                         "start more workers to fit them there", origin)  # fmt: skip
         yield client
     finally:
-        client.close()
+        with contextlib.suppress(Exception):
+            client.close(timeout=5)
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
 
 
 # selection and uncertainty of each cell (issue 17); absent from cells fitted by older releases
 CELL_EXTRAS = ("val_tiebreak", "val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct", "val_rule",
-               "val_folds")
+               "val_folds", "k", "temperature")
 
 
 @dataclass

@@ -10,6 +10,7 @@ import os
 
 from featx import __version__
 from featx.errors import FeatxError, UsageError, first_line
+from featx.files import CLASSIFIER_KEY
 
 log = logging.getLogger("featx")
 
@@ -17,7 +18,7 @@ log = logging.getLogger("featx")
 FORMAT = 2  # 1: the joblib + JSON pair of featx 0.1.0
 
 
-HEADER_KEY = "featx_classifier"
+HEADER_KEY = CLASSIFIER_KEY
 
 
 SUFFIX = ".safetensors"
@@ -94,13 +95,10 @@ def describe(codes_path: str, layers: list[str]) -> dict:
 def _backbone_of(meta: dict) -> dict | None:
     """The identity of the backbone the codes came from, rebuilt as `predict` will build it; None
     (with a warning) when it cannot be loaded here, e.g. a weights file that is gone."""
-    from featx.models.build import load_model
-    from featx.models.spec import parse_model_name
-    from featx.models.weights import resolve_weights
+    from featx.models.build import load_recorded
 
     try:
-        ref = resolve_weights(parse_model_name(meta["model"]), meta["weights"])
-        return backbone_identity(load_model(meta["model"], weights_ref=ref).module)
+        return backbone_identity(load_recorded(meta).module)
     except (FeatxError, OSError) as e:  # OSError: e.g. hub weights that are not cached, offline
         log.warning("cannot load %s to record its identity (%s); predict will check the weights by name only",
                     meta["model"], first_line(e))  # fmt: skip
@@ -155,6 +153,10 @@ def is_size(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
+def _is_count(v) -> bool:  # the pixels baseline's module holds no tensors
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _three(v, positive: bool = False) -> bool:
     return isinstance(v, list) and len(v) == 3 and all(is_num(x) and (x > 0 or not positive) for x in v)
 
@@ -180,11 +182,14 @@ _OPTIONAL = {
     "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
     "dims": (lambda v: isinstance(v, dict) and all(is_size(x) for x in v.values()), "layer widths"),
     "backbone": (
-        lambda v: isinstance(v, dict) and is_size(v.get("tensors")) and _is_str(v.get("shapes_sha256"))
+        lambda v: isinstance(v, dict) and _is_count(v.get("tensors")) and _is_str(v.get("shapes_sha256"))
         and _is_str(v.get("state_sha256")), "tensors, shapes_sha256 and state_sha256"),
     "pipeline": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(s, dict) for s in v), "a list of steps"),
     "arrays_sha256": (_is_str, "a sha256"),
     "joblib_sha256": (_is_str, "a sha256"),
+    # a k-NN probe's chosen k and T (fit --out); its step holds them too, checked against its arrays
+    "k": (is_size, "a positive whole number (the k-NN probe's k)"),
+    "temperature": (lambda v: is_num(v) and v > 0, "a positive number (the k-NN probe's T)"),
 }  # fmt: skip
 
 

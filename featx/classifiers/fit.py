@@ -33,6 +33,8 @@ a plain LogisticRegression with torch's solution, so saving and predicting do no
 is part of a protocol's identity (reports, bench cell keys) only when it is torch; "auto" resolves
 in `validate` (torch when softmax fits on CUDA, else sklearn), so a stored protocol never says auto.
 Codes are standardized (default), L2-normalized or left as they are, optionally reduced by PCA.
+`knn` (featx.classifiers.knn_probe) chooses k and T instead of C, under the same protocol; every
+result has `k` and `temperature` (None for linear probes) and its `C` reads `k=20 T=0.07`.
 
 Presets reproduce published protocols:
 - `kornblith` (Kornblith et al. 2019, "Do Better ImageNet Models Transfer Better?"): multinomial
@@ -48,6 +50,7 @@ Presets reproduce published protocols:
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 from collections.abc import Sequence
@@ -59,12 +62,15 @@ from threadpoolctl import threadpool_limits
 from featx.classifiers import selection
 from featx.classifiers.estimators import make_pipeline
 from featx.classifiers.grid import cv_splits, grid_scores, prepare_split, tiebreak_metric, warm_start
+from featx.classifiers.knn_probe import fit_knn, knn_choice
 from featx.classifiers.protocol import Protocol, TrainSize, parse_train_size
 from featx.classifiers.rows import Rows, load_parts, select_rows
 from featx.classifiers.sgd import fit_sgd
 from featx.errors import FeatxError, UsageError, first_line
 from featx.stats import pack_correct, wilson_interval
 from featx.store.codes import CodesFile
+
+log = logging.getLogger("featx")
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
@@ -91,13 +97,21 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
     it. `warm=False` fits every grid value and the refit from scratch, as featx did before warm
     starts (see `grid_scores` for how far the two may differ)."""
     train_size = train_size if isinstance(train_size, TrainSize) else parse_train_size(train_size)
+    protocol = protocol.validate()  # `auto` solver resolved for this device
     t0 = time.perf_counter()
     with CodesFile(path) as f:
+        f.require_labels("fit")
         layers = list(layers)
-        for layer in layers:
-            f.dim(layer)  # a clear error for a layer the file does not hold
+        f.check_layers(layers)  # every layer the file does not hold, in one line
         rows = select_rows(f, protocol, train_size, seed)
         dim = sum(f.dim(layer) for layer in layers)
+        if protocol.classifier != "sgd":
+            check_memory(len(rows.train) + len(rows.val) + len(rows.test), dim, layers)
+        if protocol.per_class:  # its per-class cross-validation needs 2 images of each class: say which, by name
+            counts = np.bincount(f.labels[rows.train], minlength=len(f.classes))
+            if (few := [c for c in range(len(counts)) if counts[c] == 1]):
+                raise FeatxError(f"class {f.classes[few[0]]!r} has fewer than 2 training images; the "
+                                 f"{protocol.preset or 'per-class svm'} protocol needs 2 or more per class")  # fmt: skip
         # One BLAS thread, always: a multi-threaded BLAS sums in an order that depends on the
         # thread count, and lbfgs amplifies the last bits, so the numbers would change with --jobs
         # (joblib gives each worker one thread) or with the machine's cores. Parallelism comes from
@@ -106,7 +120,9 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
                 _one_torch_thread(protocol):  # fmt: skip
             warnings.simplefilter("always")
             try:
-                if protocol.classifier == "sgd":
+                if protocol.classifier == "knn":
+                    pipe, C, (val_score, tiebreak), y_pred, rule, val_folds = fit_knn(f, layers, rows, protocol, seed)
+                elif protocol.classifier == "sgd":
                     pipe, C, (val_score, tiebreak), y_pred, rule, val_folds = fit_sgd(f, layers, rows, protocol,
                                                                                         seed)  # fmt: skip
                 else:
@@ -127,10 +143,55 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
             "val_tiebreak_metric": tiebreak_metric(protocol), "val_rule": rule, "val_folds": val_folds,
             "depth": _depth(f, layers), **metrics(y_test, y_pred, f.classes),
             "test_ci_low": low, "test_ci_high": high, "test_correct": pack_correct(y_test == y_pred),
+            **knn_choice(pipe),
             "fit_seconds": round(time.perf_counter() - t0, 3),
             "convergence_warnings": sum(1 for w in caught if "Converge" in type(w.message).__name__),
         }  # fmt: skip
     return (result, pipe) if return_model else result
+
+
+# Peak bytes per code value of an in-memory fit: the union of the rows read (float32), the train and
+# test parts cut from it, the scaled copy, and the solver's working copies. Measured peaks of softmax
+# and svm fits stay below it.
+BYTES_PER_VALUE = 20
+
+
+def memory_limit() -> tuple[int | None, str]:
+    """(bytes this process can still take, what bounds it): the lower of the machine's available memory
+    (MemAvailable) and what RLIMIT_AS leaves above the address space already mapped; None if unknown."""
+    import resource
+
+    found: list[tuple[int, str]] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in fh if ln.split()[1:2] and ln.split()[1].isdigit()}
+        if "MemAvailable" in info:
+            found.append((info["MemAvailable"], "available memory"))
+    except (OSError, ValueError, IndexError):
+        pass
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        used = 0
+        try:
+            with open("/proc/self/status", encoding="ascii") as fh:
+                used = next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmSize:"))
+        except (OSError, ValueError, StopIteration):
+            pass
+        found.append((max(0, soft - used), "the address-space limit (ulimit -v)"))
+    return min(found) if found else (None, "")
+
+
+def check_memory(rows: int, dim: int, layers: Sequence[str]) -> None:
+    """Refuse, before reading the codes, an in-memory fit that cannot fit in memory (one line, with the ways out)."""
+    need = rows * dim * BYTES_PER_VALUE
+    room, bound = memory_limit()
+    if room is not None and need > room:
+        gib = 1 << 30
+        raise FeatxError(
+            f"layer {'+'.join(layers)}: an in-memory fit of {rows:,} rows x {dim:,} dims needs about {need / gib:.1f} "
+            f"GiB but {bound} leaves {room / gib:.1f} GiB; use --classifier sgd (streams the codes, --chunk-rows "
+            f"bounds its memory), --pca K, or fewer rows (--train-size)"
+        )
 
 
 def _depth(f: CodesFile, layers: Sequence[str]) -> float:
@@ -271,14 +332,14 @@ def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol
     protocol = (protocol or Protocol()).validate()
     train_size = train_size if isinstance(train_size, TrainSize) else parse_train_size(train_size)
     with CodesFile(path) as f:
+        f.require_labels("fit")
         names = (
             f.layers
             if layers in (None, "all")
             else ([x.strip() for x in layers.split(",")] if isinstance(layers, str) else list(layers))
         )
         names = [n for n in names if n]
-        for n in names:
-            f.dim(n)
+        f.check_layers(names)
     if not names:
         raise UsageError("--layer is empty; name layers of the file (featx info FILE lists them)")
     groups = [[n] for n in dict.fromkeys(names)]
@@ -307,4 +368,21 @@ def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol
         results.append(o)
     report = FitReport(path, protocol, train_size, results, best="", models=models)
     report.best = selection.choose_layer(report.candidates())
+    _warn_grid_edge(results, protocol)
     return report
+
+
+def _warn_grid_edge(results: list[dict], protocol: Protocol) -> None:
+    """A chosen C at the end of its grid may be cut short by the grid: say so, once per layer."""
+    if len(protocol.Cs) < 3:
+        return
+    low, high = min(protocol.Cs), max(protocol.Cs)
+    edges = {}
+    for r in results:
+        c = r.get("C")
+        if c is not None and c in (low, high):
+            edges.setdefault(r["layer"], c)
+    for layer, c in edges.items():
+        side, wider = ("smallest", f"{low / 100:g}") if c == low else ("largest", f"{high * 100:g}")
+        log.warning("%s: the chosen C = %g is the grid's %s value; the best C may lie beyond it "
+                    "(widen --C, e.g. with %s)", layer, c, side, wider)  # fmt: skip

@@ -15,7 +15,7 @@ from featx.errors import FeatxError
 def tiebreak_metric(protocol: Protocol) -> str:
     if protocol.per_class:
         return "mean average precision"
-    return "mean log-likelihood" if protocol.classifier == "softmax" else "mean margin"
+    return "mean log-likelihood" if protocol.classifier in ("softmax", "knn") else "mean margin"
 
 
 def val_scores(clf, X, y, protocol: Protocol) -> tuple[float, float]:

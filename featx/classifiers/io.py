@@ -62,6 +62,7 @@ _CLASSIFIERS = {
     "LogisticRegression": "sklearn.linear_model",
     "SGDClassifier": "sklearn.linear_model",
     "PerClassSVM": "featx.classifiers.estimators",
+    "WeightedKNN": "featx.classifiers.knn",  # its training codes are its arrays (knn.WeightedKNN.to_arrays)
 }
 
 
@@ -81,8 +82,9 @@ def _params(est) -> dict:
     }
 
 
-def to_arrays(pipeline) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """A fitted featx-kind pipeline as (step descriptions, named arrays): the inverse of from_arrays."""
+def to_arrays(pipeline, knn_codes: str = "float32") -> tuple[list[dict], dict[str, np.ndarray]]:
+    """A fitted featx-kind pipeline as (step descriptions, named arrays): the inverse of from_arrays.
+    `knn_codes`: how a WeightedKNN stores its training codes (float32 exact, float16 half the size)."""
     from sklearn.pipeline import Pipeline
 
     steps = list(pipeline.named_steps.values()) if isinstance(pipeline, Pipeline) else [pipeline]
@@ -94,14 +96,19 @@ def to_arrays(pipeline) -> tuple[list[dict], dict[str, np.ndarray]]:
             "sklearn", "featx"):  # fmt: skip
             raise UsageError(
                 f"cannot save a {kind} step as arrays: featx saves pipelines of StandardScaler or L2Normalize, "
-                f"optional PCA, and LinearSVC, LogisticRegression, SGDClassifier or PerClassSVM (export_joblib "
+                f"optional PCA, and LinearSVC, LogisticRegression, SGDClassifier, PerClassSVM or WeightedKNN "
+                f"(export_joblib "
                 f"writes any Pipeline as a pickle)"
             )
         n_in = (
             getattr(est, "n_features_in_", None) or est.estimators_[0].n_features_in_
         )  # PerClassSVM: its SVMs'
         spec = {"type": kind, "params": _params(est), "n_features_in": int(n_in), "fitted": {}}
-        if kind == "PerClassSVM":
+        if kind == "WeightedKNN":
+            knn_arrays, knn_params = est.to_arrays(knn_codes)
+            arrays.update({f"{i}.{a}": v for a, v in knn_arrays.items()})
+            spec["fitted"] = {a: knn_params[a] for a in ("n_neighbors_", "codes_dtype")}
+        elif kind == "PerClassSVM":
             arrays[f"{i}.coef_"] = np.vstack([e.coef_ for e in est.estimators_])
             arrays[f"{i}.intercept_"] = np.concatenate([np.ravel(e.intercept_) for e in est.estimators_])
             arrays[f"{i}.classes_"] = np.asarray(est.classes_)
@@ -175,7 +182,10 @@ def from_arrays(specs: list[dict], arrays: dict[str, np.ndarray], where: str, n_
             return _array(arrays, used, f"{i}.{name}", ndim, rows, cols, ints, bad)
 
         est.n_features_in_ = n_in
-        if last:
+        if last and kind == "WeightedKNN":
+            est = _rebuild_knn(i, est, params, fitted, n_in, n_labels, get, bad, where)
+            width = None
+        elif last:
             _rebuild_classifier(i, kind, est, fitted, n_in, n_labels, get, bad)
             width = None
         else:
@@ -200,6 +210,9 @@ def _rebuild_classifier(i: int, kind: str, est, fitted: dict, n_in: int, n_label
         or classes.max() >= n_labels
     ):
         bad(f"array {i}.classes_ must hold 2 or more distinct class ids below {n_labels}")  # fmt: skip
+    if len(classes) < n_labels:  # legitimate for classes with test images only, so a warning, not a refusal
+        log.warning("the classifier's description names %d classes but array %d.classes_ holds %d class ids: %d "
+                    "can never be predicted", n_labels, i, len(classes), n_labels - len(classes))  # fmt: skip
     rows = len(classes) if (kind == "PerClassSVM" or len(classes) > 2) else 1
     coef, intercept = get("coef_", 2, rows, n_in), get("intercept_", 1, rows)
     est.classes_ = classes
@@ -215,6 +228,23 @@ def _rebuild_classifier(i: int, kind: str, est, fitted: dict, n_in: int, n_label
         svm.coef_, svm.intercept_, svm.classes_ = coef[r : r + 1], intercept[r : r + 1], np.array([-1, 1])
         svm.n_features_in_ = n_in
         est.estimators_.append(svm)
+
+
+def _rebuild_knn(i: int, est, params: dict, fitted: dict, n_in: int, n_labels: int, get, bad, where: str):
+    """The WeightedKNN of a step: its training codes, labels and class ids, checked by
+    `WeightedKNN.from_arrays` (shapes, finite values, k within the rows) and here (class ids)."""
+    dtype = fitted.get("codes_dtype")
+    codes = get("codes", 2, None, n_in)
+    if codes.dtype != np.dtype(dtype if dtype in ("float32", "float16") else "float32"):
+        bad(f"array {i}.codes is {codes.dtype}, the description says {dtype}")
+    classes = get("classes_", 1, ints=True)
+    distinct = len(classes) >= 2 and len(np.unique(classes)) == len(classes)
+    if not (distinct and classes.min() >= 0 and classes.max() < n_labels):
+        bad(f"array {i}.classes_ must hold 2 or more distinct class ids below {n_labels}")
+    arrays = {"codes": codes, "labels": get("labels", 1, len(codes), ints=True), "classes_": classes}
+    knn = type(est).from_arrays(arrays, {**est.get_params(), **fitted, "type": type(est).__name__,
+                                         "n_features_in": n_in}, where=where)  # fmt: skip
+    return knn
 
 
 def _rebuild_transformer(i: int, kind: str, est, fitted: dict, n_in: int, arrays, get, bad) -> int:
@@ -251,17 +281,19 @@ def _array(arrays, used: set, key: str, ndim: int, rows, cols, ints: bool, bad) 
 
 
 def save_classifier(path: str, pipeline, codes: str | dict | None = None, layers: list[str] | None = None, *,
-                    extra: dict | None = None) -> str:  # fmt: skip
+                    extra: dict | None = None, knn_codes: str = "float32") -> str:  # fmt: skip
     """Save a fitted classifier where `featx predict` (and `load_classifier`) find it; returns the
     file's path (NAME.safetensors; see `classifier_path`).
 
     `pipeline`: a `FitReport` from `featx.fit(..., return_models=True)` (its best layer is saved,
     with the fit's results), or a fitted Pipeline trained on `layers` of the codes file `codes`
     (or on a description from `describe`). `extra`: more plain fields for the description.
+    `knn_codes`: a k-NN classifier's stored training codes, float32 (predicts exactly as fitted) or
+    float16 (half the size; see featx.classifiers.knn). Linear classifiers ignore it.
     """
     target = classifier_path(path)
     meta, pipe = _description(pipeline, codes, layers)
-    specs, arrays = to_arrays(pipe)
+    specs, arrays = to_arrays(pipe, knn_codes)
     for name, spec in zip(_step_names(pipe), specs):
         spec["name"] = name
     meta = {
@@ -309,6 +341,8 @@ def _description(pipeline, codes, layers) -> tuple[dict, object]:
         meta = describe(report.path, best.split("+"))
         meta.update({"layer": best, "protocol": report.protocol.to_dict(), "train_size": str(report.train_size),
                      "seed": first["seed"], "C": first["C"], "results": report.to_dict()})  # fmt: skip
+        if first.get("k") is not None:  # a k-NN probe: its chosen k and T
+            meta.update({"k": first["k"], "temperature": first["temperature"]})
         return meta, report.models[best]
     if isinstance(codes, dict):
         return dict(codes), pipeline
@@ -414,6 +448,11 @@ def _load_arrays(path: str, force: bool):
 def _load_pickle(path: str, force: bool, trust_pickle: bool):
     from featx.files import file_sha256
 
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        raise FeatxError(f"{path}: is a safetensors file named .joblib, not a joblib pickle; rename it to "
+                         f"{os.path.splitext(path)[0]}.safetensors")  # fmt: skip
     if not trust_pickle:
         raise FeatxError(
             f"{path} is a joblib pickle (featx 0.1.0's format, or an --export-joblib), and unpickling runs code, "

@@ -30,11 +30,12 @@ __all__ = [
 
 def collect_images(inputs: list[str]) -> list[str]:
     """Files as given; folders searched recursively for images; a .csv gives its path column
-    (featx.sources.manifests.read_csv: the same reader as extract's manifests)."""
+    (featx.sources.manifests.read_csv: the same reader as extract's manifests); a .txt or .lst
+    list its image paths, one a line."""
     from featx.sources.dataset import IMAGE_EXTENSIONS
     from featx.sources.decode import check_limits
     from featx.sources.folders import walk_images
-    from featx.sources.manifests import read_image_list
+    from featx.sources.manifests import LIST_SUFFIXES, read_image_list, read_path_list
 
     check_limits()
 
@@ -49,6 +50,9 @@ def collect_images(inputs: list[str]) -> list[str]:
             out.extend(found)
         elif item.lower().endswith(".csv") and os.path.isfile(item):
             out.extend(read_image_list(item))
+        elif item.lower().endswith(LIST_SUFFIXES) and os.path.isfile(item):  # image paths, one a line
+            base = os.path.dirname(os.path.abspath(item))
+            out.extend(p if os.path.isabs(p) else os.path.join(base, p) for p in read_path_list(item, item))
         elif os.path.exists(item):
             out.append(item)
         else:
@@ -80,23 +84,20 @@ class Predictor:
     def __init__(self, path: str, *, weights: str | None = None, device: str = "auto", force: bool = False,
                  trust_pickle: bool = False):  # fmt: skip
         from featx.engine.compute import computer_for, resolve_device
-        from featx.models.build import load_model
+        from featx.models.build import load_recorded
         from featx.models.plan import Plan
-        from featx.models.spec import parse_model_name as parse
-        from featx.models.weights import resolve_weights
 
         if self._init_finetuned(path, device):
             return
         self.pipeline, self.meta = load_classifier(path, force=force, trust_pickle=trust_pickle)
         meta = self.meta
-        model = parse(meta["model"])
         spec = weights or meta["weights"]
         if meta.get("weights_source") == "file" and weights is None and not os.path.isfile(spec):
             raise FeatxError(
                 f"{path} needs the weights file {spec}, which is gone; pass --weights PATH to its new place"
             )
-        ref = resolve_weights(model, spec)
-        backbone = load_model(meta["model"], weights_ref=ref)
+        backbone = load_recorded(meta, weights)
+        ref = backbone.weights
         found_sha = backbone.weights.sha256 or ""
         want_sha = meta.get("weights_sha256") or ""
         mismatch = (want_sha and found_sha and want_sha != found_sha) or (
@@ -156,18 +157,27 @@ class Predictor:
         return np.hstack(parts) if len(parts) > 1 else parts[0]
 
     def predict(
-        self, paths: list[str], top_k: int = 3, batch_size: int = 32, workers: int = 0
+        self, paths: list[str], top_k: int = 3, batch_size: int = 32, workers: int = 0, progress: bool = True
     ) -> list[Prediction]:
+        """One Prediction per path, in order (an undecodable image carries its reason); a progress
+        bar on stderr unless `progress=False`."""
+        import sys
+
+        from tqdm.auto import tqdm
+
         from featx.engine.compute import ImageSequence, make_loader
         from featx.sources.dataset import FileLoader
 
         out: list[Prediction] = []
-        for index, images, bad, _done in make_loader(
+        bar = tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, disable=not progress,
+                   mininterval=0.5 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)  # fmt: skip
+        for index, images, bad, done in make_loader(
             ImageSequence(FileLoader(paths, paths), len(paths), self.preprocess),
             batch_size,
             workers,
             pin_memory=False,
         ):
+            bar.update(done - bar.n)
             results = {}
             if images is not None:
                 X = self.codes(images)
@@ -179,6 +189,7 @@ class Predictor:
             for i, reason in bad:
                 results[int(i)] = Prediction(paths[i], None, None, [], reason)
             out.extend(results[k] for k in sorted(results))
+        bar.close()
         return out
 
     @property

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featx.classifiers.protocol import MAX_AUTO_FOLDS, Protocol, TrainSize
-from featx.errors import FeatxError, UsageError
+from featx.errors import UsageError
 from featx.sources.cutting import group_holdout, stratified_holdout
 from featx.store.codes import CodesFile
 
@@ -34,11 +34,11 @@ def select_rows(f: CodesFile, protocol: Protocol, train_size: TrainSize, seed: i
     """Which rows train, validate and test a cell; the errors a user can cause, stated plainly."""
     present = [s for s in ("train", "val", "test") if (f.split == s).any()]
     if "train" not in present:
-        raise FeatxError(f"{f.path} has no train split (splits: {', '.join(present) or 'none'}); extract "
+        raise UsageError(f"{f.path} has no train split (splits: {', '.join(present) or 'none'}); extract "
                          f"data with a train split, or data without splits so featx makes one")  # fmt: skip
     test_split = "test" if "test" in present else "val" if "val" in present else None
     if test_split is None:
-        raise FeatxError(f"{f.path} has only a train split; there is nothing to test on")
+        raise UsageError(f"{f.path} has only a train split; there is nothing to test on (give test images, or --test-fraction at extract)")
     if seed < 0:
         raise UsageError(f"--seed {seed}: seeds must be non-negative integers")
     rng = np.random.default_rng(seed)
@@ -47,7 +47,7 @@ def select_rows(f: CodesFile, protocol: Protocol, train_size: TrainSize, seed: i
     classes = np.unique(f.labels[train])
     if len(classes) < 2:
         name = f.classes[int(classes[0])] if len(classes) else "none"
-        raise FeatxError(
+        raise UsageError(
             f"the training images of {f.path} hold a single class ({name}); a classifier needs two or more"
         )
     test = np.flatnonzero(f.split == test_split)
@@ -73,7 +73,7 @@ def select_rows(f: CodesFile, protocol: Protocol, train_size: TrainSize, seed: i
         train, val = train[~held], train[held]
         source = f"{grouped}hold-out {protocol.val_fraction:.0%} of train"
         if len(val) == 0:
-            raise FeatxError(
+            raise UsageError(
                 f"--train-size {train_size} leaves no images to validate on; use a larger train size or --cv"
             )
     folds = protocol.cv if protocol.cv and not protocol.per_class else None
@@ -105,15 +105,15 @@ def subsample(rows: np.ndarray, labels: np.ndarray, size: TrainSize, rng, classe
         for c in present:
             idx = rows[y == c]
             if len(idx) < size.n:
-                raise FeatxError(
+                raise UsageError(
                     f"--train-size {size}: class {classes[int(c)]!r} has only {len(idx)} training images"
                 )
             out.append(rng.choice(idx, size.n, replace=False))
         return np.sort(np.concatenate(out))
     if size.n > len(rows):
-        raise FeatxError(f"--train-size {size.n} is larger than the {len(rows)} training images")
+        raise UsageError(f"--train-size {size.n} is larger than the {len(rows)} training images")
     if size.n < len(present):
-        raise FeatxError(f"--train-size {size.n} is smaller than the number of classes ({len(present)})")
+        raise UsageError(f"--train-size {size.n} is smaller than the number of classes ({len(present)})")
     from sklearn.model_selection import train_test_split
 
     if size.n == len(rows):

@@ -153,14 +153,6 @@ class _Spectrum:
             Z[s:] -= V @ (T.T @ (V.T @ Z[s:]))
         return Z
 
-    def from_basis(self, Z: np.ndarray) -> np.ndarray:
-        """Q Z for Z [D, k] (the inverse of `to_basis`)."""
-        if self._V is not None:
-            return self._V @ Z
-        Z = np.array(Z, dtype=np.float64, copy=True)
-        for s, V, T in reversed(self._panels):
-            Z[s:] -= V @ (T @ (V.T @ Z[s:]))
-        return Z
 
     def top_components(self, k: int) -> np.ndarray:
         """The covariance's k leading eigenvectors [D, k] (principal axes), largest first."""
@@ -383,6 +375,7 @@ def score_file(
 
     metrics = parse_metrics(list(metrics))
     with CodesFile(path) as f:
+        f.require_labels("score")
         names = _layer_names(f, layers)
         rows = training_rows(f)
         y = f.labels[rows]

@@ -21,7 +21,13 @@ classifier for being right with confidence, not just right). Picking the best of
 layer scores favours whichever got lucky; the one-standard-error rule (Hastie, Tibshirani and
 Friedman, "Elements of Statistical Learning", 7.10) keeps a layer the folds cannot tell apart from
 the best and prefers the default of the field, the top codes, unless the folds say otherwise.
-Measured (README, "what the small-data rule buys"): `benchmarks/selection_regret.py`; a threshold
+The k-NN probe's k and T (`best_knn`) follow the first rule (accuracy, then the mean
+log-likelihood of the true class) under any validation, cross-validation included: its vote shares
+give a class no probability when no neighbour votes for it, so its log-likelihood is dominated by
+the 1e-15 floor and says little on its own. An exact tie of both goes to the smaller k (fewer
+neighbours: a more local vote), then to the T nearest DINOv2's 0.07 (by ratio), then the smaller T.
+
+Measured (docs/results/probes.md, "what the small-data rule buys"): `benchmarks/selection_regret.py`; a threshold
 of two standard errors preferred the top layer too often, half a standard error too rarely.
 """
 
@@ -53,6 +59,18 @@ def best_C(Cs: Sequence[float], scores: Sequence[tuple[float, float]], rule: str
     key = (lambda s: (s[1], s[0])) if rule == LOGLIK else (lambda s: tuple(s))
     top = max(key(s) for s in scores)
     return min((i for i, s in enumerate(scores) if key(s) == top), key=lambda i: Cs[i])
+
+
+def best_knn(grid: Sequence, default_t: float = 0.07) -> int:
+    """Index of the chosen (k, T) among `grid` (objects with k, temperature, val_score, val_tiebreak:
+    featx.classifiers.knn.GridScore), by the rule in the module docstring."""
+
+    def key(i: int):
+        g = grid[i]
+        ratio = round(abs(float(np.log(g.temperature / default_t))), 9)  # 0.035 and 0.14: equally near 0.07
+        return (-g.val_score, -g.val_tiebreak, g.k, ratio, g.temperature)
+
+    return min(range(len(grid)), key=key)
 
 
 @dataclass(frozen=True)

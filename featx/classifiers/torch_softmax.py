@@ -32,8 +32,8 @@ from sklearn.base import BaseEstimator
 from sklearn.linear_model._base import LinearClassifierMixin
 
 from featx.errors import UsageError
+from featx.settings import SOLVERS
 
-SOLVERS = ("auto", "sklearn", "torch")
 MAX_EVAL = 15000  # objective evaluations, scipy L-BFGS-B's default maxfun (line searches included)
 
 

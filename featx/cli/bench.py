@@ -6,7 +6,7 @@ import logging
 import shlex
 
 from featx.cli import options as o
-from featx.cli.fit import add_protocol_args, protocol_overrides
+from featx.cli.fit import add_protocol_args, check_knn_options, protocol_overrides
 from featx.errors import UsageError
 
 log = logging.getLogger("featx")
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
                    help="a dataset, repeatable; append :similar or :different to label it (PATH:similar)")  # fmt: skip
     p.add_argument("--layers", default=DEFAULT_LAYERS, help="layers to compare (default: 7 depths)")
     p.add_argument("--train-sizes", default="all", help="comma list of N (total), K/class or all (default all)")
-    p.add_argument("--classifier", default="softmax", help="svm, softmax, sgd, or a comma list (default softmax)")
+    p.add_argument("--classifier", default="softmax", help="svm, softmax, sgd, knn, or a comma list (default softmax)")
     add_protocol_args(p)
     p.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="parallel fits (joblib; -1 = all cores)")
@@ -73,9 +73,15 @@ def _protocols(args) -> list:
         return [protocol_for(preset=args.preset, **protocol_overrides(args))]
     names = [c.strip() for c in args.classifier.split(",") if c.strip()]
     if not names:
-        raise UsageError("--classifier is empty; use svm, softmax or sgd")
-    plain = {k: v for k, v in protocol_overrides(args).items() if k not in ("solver", "device")}  # softmax's options
-    return [protocol_for(c, **(protocol_overrides(args) if c == "softmax" else plain)) for c in dict.fromkeys(names)]
+        raise UsageError("--classifier is empty; use svm, softmax, sgd or knn")
+    check_knn_options(args, names)
+    given = protocol_overrides(args)
+    linear = {k: v for k, v in given.items() if k not in ("ks", "temperatures")}
+    plain = {k: v for k, v in linear.items() if k not in ("solver", "device")}  # softmax's options
+    alone = ("scale", "pca") if set(names) == {"knn"} else ()  # knn alone: refuses them, as fit does
+    knn = {k: v for k, v in given.items() if k in ("ks", "temperatures", "cv", "val_fraction", *alone)}
+    chosen = {"softmax": linear, "knn": knn}
+    return [protocol_for(c, **chosen.get(c, plain)) for c in dict.fromkeys(names)]
 
 
 def _run(config, args) -> int:

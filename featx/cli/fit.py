@@ -21,6 +21,10 @@ def add_protocol_args(p, classifier_choices: bool = True) -> None:
     p.add_argument("--scale", choices=SCALES, help="feature scaling (default standardize)")
     p.add_argument("--cv", type=o.positive_int, help="choose C by K-fold cross-validation instead of a hold-out")
     p.add_argument("--solver", default="auto", help=SOLVER_HELP)
+    p.add_argument("--knn-k", dest="ks", help="knn: comma-separated k grid (default 10,20,100,200; capped at the "
+                                              "training rows)")  # fmt: skip
+    p.add_argument("--knn-t", dest="temperatures", help="knn: comma-separated vote temperatures T (default "
+                                                        "0.02,0.07,0.2)")  # fmt: skip
 
 
 SOLVER_HELP = ("softmax's solver: sklearn (lbfgs, float64), torch (L-BFGS in float32, same objective; fast on a GPU; "
@@ -28,10 +32,26 @@ SOLVER_HELP = ("softmax's solver: sklearn (lbfgs, float64), torch (L-BFGS in flo
 
 
 def protocol_overrides(args) -> dict:
-    given = {"Cs": o.floats(args.Cs, "--C") if args.Cs else None, "scale": args.scale, "cv": args.cv}
-    for name in ("pca", "val_fraction", "epochs", "chunk_rows", "max_iter", "solver", "device"):
-        given[name] = getattr(args, name, None)
+    """The Protocol fields the command line gave (options named like the fields; --C as a list)."""
+    from dataclasses import fields
+
+    from featx.classifiers.protocol import Protocol
+
+    given = {f.name: getattr(args, f.name, None) for f in fields(Protocol) if f.name not in ("classifier", "preset")}
+    given["Cs"] = o.floats(args.Cs, "--C") if args.Cs else None
+    given["ks"] = o.ints(args.ks, "--knn-k") if args.ks else None
+    given["temperatures"] = o.floats(args.temperatures, "--knn-t") if args.temperatures else None
     return {k: v for k, v in given.items() if v is not None}
+
+
+def check_knn_options(args, classifiers: list[str]) -> None:
+    """--knn-k/--knn-t only with knn; --C, --scale and --pca never for knn alone (it has no C and takes
+    the codes as extracted): one line naming the option rather than a silently ignored value."""
+    knn = "knn" in classifiers
+    if not knn and (args.ks or args.temperatures):
+        raise UsageError(f"{'--knn-k' if args.ks else '--knn-t'} sets the k-NN probe's grid; add --classifier knn")
+    if knn and set(classifiers) == {"knn"} and args.Cs:
+        raise UsageError("--C: the k-NN probe has no C; its grid is --knn-k (k) and --knn-t (T)")
 
 
 def add_parser(sub) -> None:
@@ -41,7 +61,8 @@ def add_parser(sub) -> None:
     p.add_argument("file", help="a codes file from featx extract")
     p.add_argument("--layer", "--layers", dest="layer", default="all", help="layers to fit, comma-separated, or all (default)")
     p.add_argument("--classifier", default="softmax", choices=CLASSIFIERS,
-                   help="svm: LinearSVC; softmax: multinomial logistic regression; sgd: out-of-core SGD (default softmax)")  # fmt: skip
+                   help="svm: LinearSVC; softmax: multinomial logistic regression; sgd: out-of-core SGD; knn: "
+                        "weighted k-NN on cosine similarity (DINOv2's); default softmax")  # fmt: skip
     add_protocol_args(p)
     p.add_argument("--pca", type=o.positive_int, help="reduce codes to K dimensions with PCA first")
     p.add_argument("--val-fraction", type=o.fraction, help="hold-out share of train when the file has no val split (0.2)")
@@ -61,6 +82,8 @@ def add_parser(sub) -> None:
     p.add_argument("--export-joblib", metavar="PATH.joblib",
                    help="also write the fitted scikit-learn Pipeline as a joblib pickle (+ PATH.json); featx predict "
                         "reads it only with --trust-pickle")  # fmt: skip
+    p.add_argument("--knn-codes", choices=("float32", "float16"), default="float32",
+                   help="knn --out: store the training codes as float32 (exact, default) or float16 (half the size)")  # fmt: skip
     p.add_argument("--results", help="write the full results as JSON to this file")
     p.add_argument("--json", action="store_true", help="print the full results as JSON instead of tables")
 
@@ -86,7 +109,8 @@ def _save(args, report, data: dict) -> None:
     from featx.files import write_json_atomic
 
     if args.out:
-        log.info("saved %s (%s) with its description and results", save_classifier(args.out, report), report.best)
+        path = save_classifier(args.out, report, knn_codes=args.knn_codes)
+        log.info("saved %s (%s) with its description and results", path, report.best)
     if args.export_joblib:
         log.info("exported the pipeline to %s and %s (a pickle: predict needs --trust-pickle)",
                  *export_joblib(args.export_joblib, report))  # fmt: skip
@@ -102,6 +126,7 @@ def run(args) -> int:
     from featx.classifiers.protocol import parse_train_size, protocol_for
     from featx.cli.tables import fit_text
 
+    check_knn_options(args, [] if args.preset else [args.classifier])
     protocol = protocol_for(args.classifier, args.preset, **protocol_overrides(args))
     seeds = o.ints(args.seeds, "--seeds") if args.seeds else (args.seed,)
     o.check_jobs(args.jobs)

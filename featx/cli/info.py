@@ -58,7 +58,7 @@ def run(args) -> int:
         splits = {s: int((f.split == s).sum()) for s in ("train", "val", "test") if (f.split == s).any()}
         if args.json:
             print(json.dumps({"state": "complete", "attrs": f.attrs, "layers": layers, "splits": splits,
-                              "classes": f.classes, "skipped": f.skipped}, indent=1, default=str))  # fmt: skip
+                              "labelled": f.labelled, "classes": f.classes, "skipped": f.skipped}, indent=1, default=str))  # fmt: skip
         else:
             print(info_text(args.file, f, layers, splits))
     return 0

@@ -14,17 +14,17 @@ def add_parser(sub) -> None:
     p.add_argument("--pool", default="avg",
                    help="pooling used for the code-dim column (default avg; cls, mean, cls+mean for token maps)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--list-models", action="store_true", help="list the torchvision model names featx accepts")
+    p.add_argument("--list-models", action="store_true", help="list the model names featx accepts")
 
 
 def run(args) -> int:
     from featx.cli.tables import layers_json, layers_text
     from featx.models.plan import resolve
-    from featx.models.spec import torchvision_models
+    from featx.models.spec import featx_models, torchvision_models
     from featx.settings import ModelSettings, parse_pool
 
     if args.list_models:
-        print("\n".join([*torchvision_models(), "efficientnet_lite0", "timm:NAME (any of timm.list_models())"]))
+        print("\n".join([*torchvision_models(), *featx_models(), "timm:NAME[.TAG] (any of timm.list_models())"]))
         return 0
     if not args.model:
         raise UsageError("featx layers: give a model name (or --list-models)")

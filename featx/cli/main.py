@@ -7,7 +7,7 @@ import os
 import sys
 
 from featx import __version__
-from featx.cli import bench, extract, finetune, fit, info, layers, predict, score
+from featx.cli import bench, export, extract, finetune, fit, info, layers, predict, score
 from featx.cli.options import Parser, subcommands
 from featx.errors import FeatxError
 
@@ -24,6 +24,7 @@ COMMANDS = {
     "info": (info.add_parser, info.run),
     "cache": (info.add_cache_parser, info.run_cache),
     "score": (score.add_parser, score.run),
+    "export": (export.add_parser, export.run),
     "finetune": (finetune.add_parser, finetune.run),
 }
 

@@ -7,7 +7,7 @@ import argparse
 from dataclasses import fields
 
 from featx.errors import UsageError
-from featx.settings import CHANNELS_LAST, DECODERS, DTYPES, PRECISIONS
+from featx.settings import CHANNELS_LAST, DECODERS, DTYPES, MODEL_NAMES, PRECISIONS
 
 
 class Parser(argparse.ArgumentParser):
@@ -85,7 +85,7 @@ def subcommands(parser: argparse.ArgumentParser, **kw):
     return sub
 
 
-MODEL_HELP = "torchvision name (resnet50), timm:NAME, or efficientnet_lite0"
+MODEL_HELP = MODEL_NAMES
 CACHE_HELP = "cache directory (default: $FEATX_CACHE_DIR or ./cache)"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 
 from featx.cli import options as o
 
@@ -13,7 +14,7 @@ log = logging.getLogger("featx")
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="classify new images with a saved classifier")
     p.add_argument("classifier", help="NAME (or NAME.safetensors) from featx fit --out")
-    p.add_argument("inputs", nargs="+", help="image files, folders, or a CSV whose first column holds paths")
+    p.add_argument("inputs", nargs="+", help="image files, folders, a CSV whose first column holds paths, or a .txt list of paths")
     p.add_argument("--top-k", type=o.positive_int, default=3, help="classes to show per image (3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--weights", help="where the classifier's weights file is now, if it moved")
@@ -35,11 +36,16 @@ def run(args) -> int:
                           trust_pickle=args.trust_pickle)  # fmt: skip
     try:
         preds = predictor.predict(paths, top_k=args.top_k, batch_size=args.batch_size,
-                                  workers=0 if args.workers == "auto" else args.workers)  # fmt: skip
+                                  workers=0 if args.workers == "auto" else args.workers,
+                                  progress=not args.quiet)  # fmt: skip
     finally:
         predictor.close()
     print(json.dumps([p.to_dict() for p in preds], indent=1) if args.json else predictions_text(preds, args.top_k))
     failed = sum(p.error is not None for p in preds)
+    counts = Counter(p.label for p in preds if p.error is None)
+    log.info("%d image%s: %s%s", len(preds), "" if len(preds) == 1 else "s",
+             ", ".join(f"{n} x {c}" for c, n in sorted(counts.items())) or "none classified",
+             f"; {failed} could not be decoded" if failed else "")  # fmt: skip
     if failed:
         log.warning("%d of %d images could not be decoded", failed, len(preds))
     return 1 if failed == len(preds) else 0

@@ -51,16 +51,25 @@ def _output_text(t) -> str:
     return f"{tokens} tok x {d}"
 
 
+def _holds_stages(t, shown) -> bool:
+    """Whether `t` contains shown modules that themselves contain shown modules."""
+    kids = [c for c in shown if c.name.startswith(t.name + ".") and c.level == t.level + 1]
+    return any(any(g.name.startswith(c.name + ".") for g in shown) for c in kids)
+
+
 def layers_text(plan, pool, show_all: bool) -> str:
     """`featx layers`: the taps as a table, and how to read it."""
     from featx.models.taps import RELU_FAMILY, activation_for
 
     pre = plan.preprocess
     shown = [t for t in plan.taps if show_all or t.trunk]
+    if not show_all:  # a container of stages (timm's `blocks`) repeats its last block's output: --all lists it
+        shown = [t for t in shown if not _holds_stages(t, shown)]
     rows = []
     for t in shown:
         dim = "-" if pool.problem(t) else t.code_dim(pool)
-        rows.append(["  " * t.level + t.name, t.kind, _output_text(t), t.stride, f"{t.depth:.2f}", t.activation_label,
+        depth = "head" if t.depth > 1.0 else f"{t.depth:.2f}"
+        rows.append(["  " * t.level + t.name, t.kind, _output_text(t), t.stride, depth, t.activation_label,
                      "yes" if activation_for(t) != "none" else "no", dim])  # fmt: skip
     tokens = any(t.tokens for t in shown)
     output = ("output (C,H,W | tokens x D)" if any(len(t.shape) == 3 for t in shown) else "output (tokens x D)") \
@@ -70,7 +79,7 @@ def layers_text(plan, pool, show_all: bool) -> str:
     text = (f"\n\n{plan.model} at {pre.crop_size}px: {pre}. 'activation': post-X = the output already went "
             f"through X; ->X = the network applies X next. Codes are ReLU'd where 'relu'd' says yes (--no-relu "
             f"keeps raw outputs, --relu forces ReLU everywhere). depth: share of conv/linear ops done (1.0 = "
-            f"penultimate).")  # fmt: skip
+            f"penultimate); head: the classifier's output (ImageNet scores), tapped by name, never by depth:.")  # fmt: skip
     acts = {a for t in plan.taps for a in (t.post_act, t.next_act) if a}
     if acts and not acts & set(RELU_FAMILY):
         text += f" This network uses {', '.join(sorted(acts))}, no ReLU: no code is ReLU'd by default."
@@ -90,7 +99,9 @@ def info_text(path: str, f, layers: list[dict], splits: dict) -> str:
         f"{path}",
         f"  model         {m.model}  weights {m.weights} ({m.weights_source}" + (f", sha256 {sha[:16]}..." if sha else "") + ")",
         f"  preprocessing {m.preprocessing_text}",
-        f"  dataset       {m.dataset}  ({len(f.classes)} classes; splits {splits}, {m.split_source})",
+        f"  dataset       {m.dataset}  ("
+        + (f"{len(f.classes)} classes" if f.labelled else "unlabelled: no classes; fit, score and bench refuse it")
+        + f"; splits {splits}, {m.split_source})",
         f"  rows          {len(f)} of {m.samples} images ({len(f.skipped)} skipped), state {f.attrs.get('featx_state')}",
         f"  extraction    {m.precision} on {m.device}, batch {m.batch_size}, dtype {m.dtype}, created {m.created}, "
         f"featx {m.featx_version}, format {m.format_version}",
@@ -192,7 +203,7 @@ def fit_text(report, codes_file: str, seeds) -> str:
     name = protocol.preset or protocol.classifier
     out = [f"{name} on {codes_file}: train {first['train_size']} images ({report.train_size}), validation: "
            f"{first['val_source']}, test: the {first['test_split']} split ({first['n_test']} images){seeds_note}",
-           format_table(rows, ["layer", "dim", "C", "val score", f"val {_short(first)}", "test acc", "95% CI",
+           format_table(rows, ["layer", "dim", "k, T" if protocol.classifier == "knn" else "C", "val score", f"val {_short(first)}", "test acc", "95% CI",
                                "balanced acc", "train", "fit s"], align="lrrrrrrrrr")]  # fmt: skip
     best = next(r for r in report.results if r["layer"] == report.best)
     if best.get("val_rule") == LOGLIK:

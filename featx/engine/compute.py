@@ -291,11 +291,9 @@ def load_backbone(plan):
     The backbone carries the plan's resolved preprocessing (`--image-size`, `--crop-pct`), never the
     weights' default: fine-tuning, its saved model and extraction all run at the size the plan says.
     """
-    from dataclasses import replace
+    from featx.models.build import build_backbone
 
-    from featx.models.build import load_model
-
-    backbone = replace(load_model(str(plan.model), weights_ref=plan.weights), preprocess=plan.preprocess)
+    backbone = build_backbone(plan.model, plan.weights, plan.preprocess)
     return backbone, plan.with_module(backbone.module)
 
 

@@ -100,7 +100,29 @@ def requested(flag: bool) -> bool:
     if flag and not in_launcher():
         raise UsageError("--distributed: RANK and WORLD_SIZE are not set; start featx with "
                          "`torchrun --nproc-per-node N -m featx extract ...` (or srun setting them)")  # fmt: skip
+    if flag:
+        check_launcher_env()
     return flag
+
+
+def check_launcher_env() -> None:
+    """RANK, WORLD_SIZE and LOCAL_RANK as a launcher must set them, at once: a rank out of range would
+    otherwise wait for a rendezvous that can never complete."""
+    env = {k: os.environ.get(k, "").strip() for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    vals = {}
+    for k, v in env.items():
+        if k == "LOCAL_RANK" and not v:
+            continue
+        try:
+            vals[k] = int(v)
+        except ValueError:
+            raise UsageError(f"{k}={v!r} is not a whole number; check the launcher's settings") from None
+    rank, size = vals["RANK"], vals["WORLD_SIZE"]
+    if size < 1 or not 0 <= rank < size:
+        raise UsageError(f"RANK={rank} WORLD_SIZE={size}: RANK must be one of 0..WORLD_SIZE-1 and WORLD_SIZE at least "
+                         f"1; check the launcher's settings")  # fmt: skip
+    if vals.get("LOCAL_RANK", 0) < 0:
+        raise UsageError(f"LOCAL_RANK={vals['LOCAL_RANK']} is negative; check the launcher's settings")
 
 
 def row_slice(n: int, world_size: int, rank: int) -> tuple[int, int]:

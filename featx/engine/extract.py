@@ -84,10 +84,7 @@ class ExtractResult:
     uncapped_train: int | None = None  # training images before --per-class-limit removed some
     rank: int = 0  # of a distributed job: only rank 0 reports the path
 
-    @property
-    def images_per_second(self) -> float:
-        done = self.samples - self.resumed_from
-        return done / self.seconds if self.seconds > 0 and not self.hit else 0.0
+
 
 
 def _lib_versions() -> dict[str, str]:
@@ -110,7 +107,7 @@ def extract(
     cache_dir: str | None = None,
     strict: bool = False,
     wait: bool = True,
-    progress: bool = False,
+    progress: bool = True,
     timings: Timings | None = None,
     **options,
 ) -> ExtractResult:
@@ -122,6 +119,7 @@ def extract(
     size, workers, precision, channels-last, decoder, compile). Any field of the three settings
     may also be passed as a keyword (`weights="none", pool="avg2x2", precision="fp32"`).
     `timings`: an `engine.Timings` that receives the seconds of each phase (benchmarks).
+    `progress`: a progress bar on stderr (tqdm) while images are computed; `progress=False` silences it.
     """
     t0 = time.perf_counter()
     mset, cset, rset = gather(model, codes, run, options, caller="extract")
@@ -133,27 +131,42 @@ def extract(
     precision = rset.precision
     if precision == "auto":
         precision = forced_precision() or "auto"  # a forced decision is a different request
-    request = request_key(mset, cset, precision, rset.decoder, ds.fingerprint, _lib_versions())
+    call = _Call(mset, cset, rset, precision, ds, opts, strict, wait, progress, t0, timings)
+    request = request_key(mset, cset, precision, rset.decoder, _data_key(ds), _lib_versions())
     entry = CacheEntry(cache_dir, request)
     if distributed.requested(rset.distributed):
-        result = _extract_distributed(
-            mset, cset, rset, precision, ds, opts, entry, strict, wait, progress, t0, timings
-        )
-        return replace(result, uncapped_train=ds.uncapped_train)
+        return replace(_extract_distributed(call, entry), uncapped_train=ds.uncapped_train)
     if entry.remembered():
         return replace(_hit_result(entry.path, t0), uncapped_train=ds.uncapped_train)
 
     with _phase(timings, "plan (meta skeleton, probe on meta, key)"):
-        job = _job(resolve(mset, cset), rset, precision, ds)
-    plan = job.plan
-    if entry.find(ds.name, str(plan.model), job.key):
+        job = _job(call, resolve(mset, cset), rset, precision)
+    if entry.find(ds.name, str(job.plan.model), job.key):
         return replace(_hit_result(entry.path, t0), uncapped_train=ds.uncapped_train)
     with entry.locked(wait=wait):
         if entry.ready():  # another process finished it while we waited (a damaged file is set aside)
             return replace(_hit_result(entry.path, t0), uncapped_train=ds.uncapped_train)
-        result = _run(job, rset, ds, opts, entry.path, strict, progress, t0, timings)
+        with _Work.start(call, job, entry.path) as work:
+            result = _loop(work)
     entry.remember()
     return replace(result, uncapped_train=ds.uncapped_train)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One `extract` call's inputs, settled once; every step below reads them from here."""
+
+    model: ModelSettings
+    codes: CodeSettings
+    run: RunSettings
+    precision: str  # the requested precision ('auto' unless given or forced)
+    ds: Dataset
+    opts: DataOptions
+    strict: bool
+    wait: bool
+    progress: bool
+    t0: float
+    timings: Timings | None
 
 
 @dataclass(frozen=True)
@@ -167,17 +180,61 @@ class _Job:
     key: str
 
 
-def _job(plan: Plan, rset: RunSettings, precision: str, ds: Dataset) -> _Job:
+def _job(call: _Call, plan: Plan, rset: RunSettings, precision: str) -> _Job:
     dev = resolve_device(rset.device)
     prec = decide_precision(precision, plan.model, dev, plan.preprocess.crop_size)
     dec = decide_decoder(rset.decoder, dev)
     row_bytes = sum(plan.dims) * np.dtype(plan.dtype).itemsize
+    n = len(call.ds)
     if row_bytes > _HUGE_ROW_BYTES:
         log.warning(
             "codes take %.1f MiB per image (%.1f GiB for %d images) with --pool %s; consider --pool avg or avg2x2",
-            row_bytes / 2**20, row_bytes * len(ds) / 2**30, len(ds), plan.pool,
+            row_bytes / 2**20, row_bytes * n / 2**30, n, plan.pool,
         )  # fmt: skip
-    return _Job(plan, dev, prec, dec, plan.cache_key(prec, dec, ds.fingerprint))
+    return _Job(plan, dev, prec, dec, plan.cache_key(prec, dec, _data_key(call.ds)))
+
+
+@dataclass
+class _Work:
+    """A job being computed: the call, the placed plan (taps of the loaded module), the backbone and
+    its code computer, and the entry's path."""
+
+    call: _Call
+    job: _Job
+    backbone: object  # models.build.Backbone
+    computer: object  # engine.compute.CodeComputer
+    path: str
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(cls, call: _Call, job: _Job, path: str):
+        """Load the weights and place the network; the computer is closed when the block ends."""
+        with _phase(call.timings, "load_model (build + init weights)"):
+            backbone, plan = load_backbone(job.plan)  # a checkpoint may rebuild the head: taps of what was loaded
+        job = replace(job, plan=plan)
+        with _phase(call.timings, "model to device / hooks"):
+            computer = computer_for(plan, backbone.module, job.device, job.precision, cls.channels_last(call),
+                                    call.run.compile, call.timings)  # fmt: skip
+        try:
+            yield cls(call, job, backbone, computer, path)
+        finally:
+            computer.close()
+
+    @staticmethod
+    def channels_last(call: _Call) -> bool:
+        return call.run.channels_last in ("on", "auto")
+
+    @property
+    def workers(self) -> int:
+        return resolve_workers(self.call.run.workers)
+
+
+def _data_key(ds: Dataset) -> str:
+    """The data's part of the cache keys: its fingerprint, plus the image size limits when they are not
+    the defaults (FEATX_MAX_IMAGE_PIXELS / FEATX_MAX_ASPECT_RATIO decide which images are skipped)."""
+    from featx.sources.decode import limits_key
+
+    return ds.fingerprint + limits_key()
 
 
 def _hit_result(path: str, t0: float) -> ExtractResult:
@@ -196,80 +253,52 @@ def _hit_result(path: str, t0: float) -> ExtractResult:
 # -- the job -------------------------------------------------------------------------------------
 
 
-def _run(job: _Job, rset: RunSettings, ds: Dataset, opts: DataOptions, path: str, strict: bool, progress: bool,
-         t0: float, timings: Timings | None) -> ExtractResult:  # fmt: skip
-    with _phase(timings, "load_model (build + init weights)"):
-        backbone, plan = load_backbone(job.plan)  # a checkpoint may rebuild the head: taps of what was loaded
-    job = replace(job, plan=plan)
-    use_cl = rset.channels_last in ("on", "auto")
-    with _phase(timings, "model to device / hooks"):
-        computer = computer_for(
-            plan, backbone.module, job.device, job.precision, use_cl, rset.compile, timings
-        )
-    try:
-        return _loop(job, rset, ds, opts, path, backbone, computer, use_cl, strict, progress, t0, timings)
-    finally:
-        computer.close()
-
-
-def _loop(job: _Job, rset: RunSettings, ds, opts, path, backbone, computer, use_cl, strict, progress, t0,
-          timings) -> ExtractResult:  # fmt: skip
+def _loop(work: _Work) -> ExtractResult:
+    ds, path = work.call.ds, work.path
     prior = read_progress(path)
-    bs = _batch_size(job, rset, computer, prior["meta"] if prior is not None else None)
+    bs = _batch_size(work, prior["meta"] if prior is not None else None)
     if os.path.isdir(distributed.shards_path(path)):
         log.warning("%s holds rows of an interrupted distributed run; only a run under torchrun resumes from them (this one removes them when done)",
                     distributed.shards_path(path))  # fmt: skip
-    journal = _open_journal(journal_path(path), _journal_meta(job, computer, ds, bs))
+    journal = _open_journal(journal_path(path), _journal_meta(work, bs))
     start = journal.samples_done
     if journal.resumed:
         log.info("resuming %s at image %d of %d", os.path.basename(path), start, len(ds))
-    n_workers = resolve_workers(rset.workers)
-    bar = _progress_bar(progress, len(ds), start, os.path.basename(path))
+    bar = _progress_bar(work.call.progress, len(ds), start, os.path.basename(path))
     t_loop = time.perf_counter()
     try:
-        _fill(
-            job,
-            ds,
-            computer,
-            journal,
-            start,
-            len(ds),
-            bs,
-            n_workers,
-            strict,
-            lambda n: bar.update(n),
-            timings,
-        )
+        _fill(work, journal, start, len(ds), bs, lambda n: bar.update(n))
     finally:
         bar.close()
     loop_seconds = time.perf_counter() - t_loop
     _check_rows(journal, ds)
-    result = _finish(job, backbone, ds, opts, path, journal, bs, n_workers, use_cl, rset, start, t0, loop_seconds,
-                     timings)  # fmt: skip
+    result = _finish(work, journal, bs, start, loop_seconds)
     shutil.rmtree(distributed.shards_path(path), ignore_errors=True)  # the entry is complete: shards are moot
     return result
 
 
-def _batch_size(job: _Job, rset: RunSettings, computer, prior_meta: dict | None) -> int:
+def _batch_size(work: _Work, prior_meta: dict | None) -> int:
     """The batch size of an interrupted run of this entry (resumed rows must come from identical
     batches), else the one asked for, or the autotuned one."""
     from featx.engine.autotune import choose_batch_size
 
+    job, asked = work.job, work.call.run.batch_size
     if prior_meta is not None and prior_meta.get("key") == job.key:
         bs = int(prior_meta["batch_size"])
-        if rset.batch_size not in ("auto", bs):
+        if asked not in ("auto", bs):
             log.warning("resuming with batch size %d of the interrupted run (not %s), so codes match an uninterrupted run",
-                        bs, rset.batch_size)  # fmt: skip
+                        bs, asked)  # fmt: skip
         return bs
-    if rset.batch_size == "auto":
-        return choose_batch_size(computer, job.plan.preprocess, job.device, str(job.plan.model))
-    return int(rset.batch_size)
+    if asked == "auto":
+        return choose_batch_size(work.computer, job.plan.preprocess, job.device, str(job.plan.model))
+    return int(asked)
 
 
-def _journal_meta(job: _Job, computer, ds: Dataset, bs: int) -> dict:
+def _journal_meta(work: _Work, bs: int) -> dict:
+    job = work.job
     return {
-        "key": job.key, "layers": [[t.name, d] for t, d in zip(job.plan.chosen, computer.dims)],
-        "dtype": job.plan.dtype, "samples": len(ds), "batch_size": bs, "featx": __version__,
+        "key": job.key, "layers": [[t.name, d] for t, d in zip(job.plan.chosen, work.computer.dims)],
+        "dtype": job.plan.dtype, "samples": len(work.call.ds), "batch_size": bs, "featx": __version__,
     }  # fmt: skip
 
 
@@ -281,10 +310,10 @@ def _open_journal(jpath: str, meta: dict) -> Journal:
                          f"and rerun") from None  # fmt: skip
 
 
-def _fill(job: _Job, ds, computer, journal: Journal, start: int, stop: int, bs: int, n_workers: int, strict: bool,
-          advanced, timings) -> None:  # fmt: skip
-    """The batched loop: images [start, stop) of `ds` through `computer` into `journal` (closed on
-    any exit; Ctrl-C keeps what was committed). `advanced(n)` after each batch of n images."""
+def _fill(work: _Work, journal: Journal, start: int, stop: int, bs: int, advanced) -> None:
+    """The batched loop: images [start, stop) of the data through the computer into `journal`
+    (closed on any exit; Ctrl-C keeps what was committed). `advanced(n)` after each batch of n images."""
+    job, ds, timings = work.job, work.call.ds, work.call.timings
     dev, pre = job.device, job.plan.preprocess
     if job.decoder == "torchvision":
         from featx.sources.decode import RawImages, collate_raw, decode_batch
@@ -292,7 +321,7 @@ def _fill(job: _Job, ds, computer, journal: Journal, start: int, stop: int, bs: 
         dataset, collate_fn = RawImages(ds.loader, stop, pre, start), collate_raw
     else:
         dataset, collate_fn = ImageSequence(ds.load, stop, pre, start), collate
-    loader = make_loader(dataset, bs, n_workers, pin_memory=dev.type == "cuda", collate_fn=collate_fn)
+    loader = make_loader(dataset, bs, work.workers, pin_memory=dev.type == "cuda", collate_fn=collate_fn)
     out_dtype = np.float16 if job.plan.dtype == "float16" else np.float32
     writer, at = JournalWriter(journal, timings=timings), start
     try:
@@ -301,10 +330,10 @@ def _fill(job: _Job, ds, computer, journal: Journal, start: int, stop: int, bs: 
                 images, kept, failed = decode_batch(images, pre, dev)
                 bad = bad + [(int(index[k]), reason) for k, reason in failed]
                 index = index[kept]
-            if bad and strict:
+            if bad and work.call.strict:
                 i, reason = min(bad)
                 raise FeatxError(f"{ds.ids[i]}: {reason} (--strict stops at the first undecodable image)")
-            codes = [c.astype(out_dtype, copy=False) for c in computer(images)]
+            codes = [c.astype(out_dtype, copy=False) for c in work.computer(images)]
             writer.put(codes, index, samples_done, sorted(bad))
             advanced(samples_done - at)
             at = samples_done
@@ -332,21 +361,19 @@ def _check_rows(journal, ds: Dataset) -> None:
         raise FeatxError(f"none of the {len(ds)} images could be decoded{detail}")
 
 
-def _finish(job: _Job, backbone, ds, opts, path, journal, bs, n_workers, use_cl, rset: RunSettings, start, t0,
-            loop_seconds, timings) -> ExtractResult:  # fmt: skip
+def _finish(work: _Work, journal, bs: int, start: int, loop_seconds: float) -> ExtractResult:
     """Finalize `journal` (a Journal or a distributed.ShardSet) into the entry; the result."""
-    plan, chosen = job.plan, job.plan.chosen
-    with _phase(timings, "finalize (HDF5 gzip + fsync + rename)"):
+    ds, path, plan = work.call.ds, work.path, work.job.plan
+    with _phase(work.call.timings, "finalize (HDF5 gzip + fsync + rename)"):
         finalize(
             path, journal, classes=ds.classes, labels=ds.labels, splits=ds.splits, ids=ds.ids, groups=ds.groups,
-            layer_attrs=_layer_attrs(chosen, plan),
-            attrs=_file_attrs(job, backbone, ds, opts, bs, n_workers, use_cl, rset.compile),
+            layer_attrs=_layer_attrs(plan), attrs=_file_attrs(work, bs),
         )  # fmt: skip
     skipped = [(ds.ids[i], r) for i, r in journal.skipped]
     for ident, reason in skipped:
         log.warning("skipped %s: %s", ident, reason)
-    seconds = time.perf_counter() - t0
-    log.info("wrote %s: %d rows x %d layers in %.1fs (%.1f images/s)", path, journal.rows_done, len(chosen),
+    seconds = time.perf_counter() - work.call.t0
+    log.info("wrote %s: %d rows x %d layers in %.1fs (%.1f images/s)", path, journal.rows_done, len(plan.chosen),
              seconds, (len(ds) - start) / max(loop_seconds, 1e-9))  # fmt: skip
     return ExtractResult(
         path, False, journal.rows_done, len(ds), list(plan.layers), skipped, plan.resolved, seconds, start
@@ -360,23 +387,23 @@ def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
                 mininterval=0.5 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)  # fmt: skip
 
 
-def _layer_attrs(chosen, plan: Plan) -> dict[str, dict]:
-    return {t.name: LayerMeta.from_tap(t, plan.activations[t.name], plan.pool).to_attrs() for t in chosen}
+def _layer_attrs(plan: Plan) -> dict[str, dict]:
+    return {t.name: LayerMeta.from_tap(t, plan.activations[t.name], plan.pool).to_attrs() for t in plan.chosen}
 
 
-def _file_attrs(job: _Job, backbone, ds: Dataset, opts: DataOptions, bs: int, workers: int, channels_last: bool,
-                compile: bool) -> dict:  # fmt: skip
-    plan = job.plan
+def _file_attrs(work: _Work, bs: int) -> dict:
+    job, call, ds, plan = work.job, work.call, work.call.ds, work.job.plan
     return FileMeta(
         featx_version=__version__, format_version=FORMAT_VERSION, cache_key=job.key, model=str(plan.model),
         weights=plan.weights.spec, weights_source=plan.weights.source, weights_ident=plan.weights.ident,
-        weights_sha256=backbone.weights.sha256 or "", preprocessing=plan.preprocess.to_dict(),
+        weights_sha256=work.backbone.weights.sha256 or "", preprocessing=plan.preprocess.to_dict(),
         preprocessing_text=str(plan.preprocess), image_size=plan.preprocess.crop_size, dataset=ds.spec,
         dataset_name=ds.name, dataset_fingerprint=ds.fingerprint, split_source=ds.split_source,
-        data_options=opts.to_dict(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        data_options=call.opts.to_dict(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         library_versions=_lib_versions(), layers=plan.layers, layer_resolution=plan.resolved, pool=str(plan.pool),
         relu_mode=plan.relu_mode, dtype=plan.dtype, precision=job.precision, device=str(job.device), batch_size=bs,
-        workers=workers, channels_last=channels_last, compile=compile, decoder=job.decoder, samples=len(ds),
+        workers=work.workers, channels_last=_Work.channels_last(call), compile=call.run.compile,
+        decoder=job.decoder, samples=len(ds), labelled=None if ds.labelled else False,
         config={"layers": list(plan.layers), "activations": plan.activations, "pool": str(plan.pool)},
     ).to_attrs()  # fmt: skip
 
@@ -384,24 +411,26 @@ def _file_attrs(job: _Job, backbone, ds: Dataset, opts: DataOptions, bs: int, wo
 # -- the job spread over the ranks of torchrun (featx.engine.distributed has the design) ----------------
 
 
-def _extract_distributed(mset, cset, rset, precision, ds, opts, entry, strict, wait, progress, t0, timings):
+def _extract_distributed(call: _Call, entry: CacheEntry) -> ExtractResult:
     with distributed.joined() as world:
+        call = replace(call, run=replace(call.run, device=world.device(call.run.device)))
         try:
-            return _ranked(world, mset, cset, replace(rset, device=world.device(rset.device)), precision, ds, opts,
-                           entry, strict, wait, progress, t0, timings)  # fmt: skip
+            return _ranked(world, call, entry)
         except BaseException as e:
             with contextlib.suppress(Exception):  # the others repeat it instead of waiting for a timeout
                 world.publish(f"error/{world.rank}", first_line(e))
             raise
 
 
-def _ranked(world, mset, cset, rset, precision, ds, opts, entry, strict, wait, progress, t0, timings):
+def _ranked(world, call: _Call, entry: CacheEntry) -> ExtractResult:
+    ds = call.ds
     if world.main:  # rank 0 settles what `auto` leaves open (it may measure), the others take its choices
-        job = _job(resolve(mset, cset), rset, precision, ds)
+        job = _job(call, resolve(call.model, call.codes), call.run, call.precision)
         world.publish("choices", {"precision": job.precision, "decoder": job.decoder})
     else:
         chosen = world.wait_for("choices", [0], "rank 0 plans the job")
-        job = _job(resolve(mset, cset), replace(rset, decoder=chosen["decoder"]), chosen["precision"], ds)
+        job = _job(call, resolve(call.model, call.codes), replace(call.run, decoder=chosen["decoder"]),
+                   chosen["precision"])  # fmt: skip
     keys = world.gather("key", job.key, "comparing the ranks' cache keys")
     odd = [r for r, k in enumerate(keys) if k != keys[0]]
     if odd:
@@ -412,19 +441,19 @@ def _ranked(world, mset, cset, rset, precision, ds, opts, entry, strict, wait, p
         decision = world.wait_for("decision", [0], "rank 0 locks the entry")
         if decision.get("hit"):
             return ExtractResult(entry.path, True, 0, len(ds), list(job.plan.layers), rank=world.rank)
-        return _build(world, job, rset, ds, opts, entry.path, strict, progress, t0, timings)
+        return _build(world, call, job, entry.path)
     if entry.find(ds.name, str(job.plan.model), job.key):
         world.publish("decision", {"hit": True})
-        return _hit_result(entry.path, t0)
+        return _hit_result(entry.path, call.t0)
     with contextlib.ExitStack() as held:
-        held.push(_lock_beating(world, entry.path, wait))  # entered: released when the block ends
+        held.push(_lock_beating(world, entry.path, call.wait))  # entered: released when the block ends
         remove_stale_temporaries(entry.path)
         if entry.ready():
             shutil.rmtree(distributed.shards_path(entry.path), ignore_errors=True)
             world.publish("decision", {"hit": True})
-            return _hit_result(entry.path, t0)
+            return _hit_result(entry.path, call.t0)
         world.publish("decision", {"hit": False})
-        result = _build(world, job, rset, ds, opts, entry.path, strict, progress, t0, timings)
+        result = _build(world, call, job, entry.path)
     entry.remember()
     return result
 
@@ -445,74 +474,68 @@ def _lock_beating(world, path: str, wait: bool):
         time.sleep(0.2)
 
 
-def _build(world, job: _Job, rset, ds, opts, path, strict, progress, t0, timings) -> ExtractResult:
-    backbone, plan = load_backbone(job.plan)
-    job = replace(job, plan=plan)
-    use_cl = rset.channels_last in ("on", "auto")
-    computer = computer_for(plan, backbone.module, job.device, job.precision, use_cl, rset.compile, timings)
-    try:
-        work = _plan_rows(world, job, rset, ds, computer, path)
-        meta = _journal_meta(job, computer, ds, work["bs"])
-        distributed.probe(world, path, work["nonce"])
-        n_workers = resolve_workers(rset.workers)
-        bar = _progress_bar(progress and world.main, len(ds), work["initial"], os.path.basename(path))
+def _build(world, call: _Call, job: _Job, path: str) -> ExtractResult:
+    ds = call.ds
+    with _Work.start(call, job, path) as work:
+        rows = _plan_rows(world, work)
+        meta = _journal_meta(work, rows["bs"])
+        distributed.probe(world, path, rows["nonce"])
+        bar = _progress_bar(call.progress and world.main, len(ds), rows["initial"], os.path.basename(path))
         t_loop = time.perf_counter()
         try:
-            _fill_slice(world, job, ds, computer, path, meta, work, n_workers, strict, bar, timings)
+            _fill_slice(world, work, meta, rows, bar)
             world.publish(f"done/{world.rank}", True)
             if not world.main:
                 world.wait_for("entry", [0], "rank 0 assembles the entry")
-                return ExtractResult(path, False, 0, len(ds), list(plan.layers), rank=world.rank)
+                return ExtractResult(path, False, 0, len(ds), list(work.job.plan.layers), rank=world.rank)
             for r in range(world.size):
                 world.wait_for(
                     f"done/{r}",
                     [r],
                     f"rank {r} computes its rows",
-                    tick=lambda: _show(world, bar, work["initial"]),
+                    tick=lambda: _show(world, bar, rows["initial"]),
                 )
-            _show(world, bar, work["initial"])
+            _show(world, bar, rows["initial"])
         finally:
             bar.close()
         shards = distributed.ShardSet(path, meta, distributed.committed_shards(path, meta), len(ds))
         _check_rows(shards, ds)
-        result = _finish(job, backbone, ds, opts, path, shards, work["bs"], n_workers, use_cl, rset, work["initial"],
-                         t0, time.perf_counter() - t_loop, timings)  # fmt: skip
+        result = _finish(work, shards, rows["bs"], rows["initial"], time.perf_counter() - t_loop)
         world.publish("entry", path)
         return result
-    finally:
-        computer.close()
 
 
-def _plan_rows(world, job: _Job, rset, ds, computer, path) -> dict:
+def _plan_rows(world, work: _Work) -> dict:
     """Rank 0 reads every shard and gives each rank the missing rows of its slice; all get the plan."""
     if not world.main:
         return world.wait_for("work", [0], "rank 0 plans the rows")
+    path, job = work.path, work.job
     prior = distributed.prior_meta(path, job.key)
-    bs = _batch_size(job, rset, computer, prior)
-    shards = distributed.committed_shards(path, _journal_meta(job, computer, ds, bs))
-    work = {"bs": bs, "nonce": distributed.new_nonce(), "initial": sum(s.done - s.start for s in shards),
-            "ranges": distributed.assign(path, shards, len(ds), world.size)}  # fmt: skip
-    if work["initial"]:
+    bs = _batch_size(work, prior)
+    shards = distributed.committed_shards(path, _journal_meta(work, bs))
+    rows = {"bs": bs, "nonce": distributed.new_nonce(), "initial": sum(s.done - s.start for s in shards),
+            "ranges": distributed.assign(path, shards, len(work.call.ds), world.size)}  # fmt: skip
+    if rows["initial"]:
         log.info("resuming %s: %d of %d images are committed in its shards", os.path.basename(path),
-                 work["initial"], len(ds))  # fmt: skip
-    world.publish("work", work)
-    return work
+                 rows["initial"], len(work.call.ds))  # fmt: skip
+    world.publish("work", rows)
+    return rows
 
 
-def _fill_slice(world, job, ds, computer, path, meta, work, n_workers, strict, bar, timings) -> None:
+def _fill_slice(world, work: _Work, meta: dict, rows: dict, bar) -> None:
     """This rank's missing rows, each range into its journal shard; progress counted on the store."""
 
     def advanced(n: int) -> None:
         world.add("images", n)
         world.beat()
         if world.main:
-            _show(world, bar, work["initial"])
+            _show(world, bar, rows["initial"])
 
-    for start, stop in work["ranges"][world.rank]:
-        journal = _open_journal(distributed.shard_dir(path, start), distributed.shard_meta(meta, start, stop))
+    for start, stop in rows["ranges"][world.rank]:
+        journal = _open_journal(distributed.shard_dir(work.path, start), distributed.shard_meta(meta, start, stop))
         at = max(start, journal.samples_done)
         if at < stop:
-            _fill(job, ds, computer, journal, at, stop, work["bs"], n_workers, strict, advanced, timings)
+            _fill(work, journal, at, stop, rows["bs"], advanced)
         journal.close()
 
 

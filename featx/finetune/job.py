@@ -27,6 +27,7 @@ classes, and evaluates it as `featx fit` evaluates a probe:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -36,13 +37,13 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 
 from featx import __version__
 from featx.errors import UsageError
 from featx.finetune.checkpoints import (
+    OutLock,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -78,6 +79,9 @@ def _prepare(model, data, settings, data_options):
     from featx.sources.spec import open_source
 
     ds = open_source(data, data_options) if isinstance(data, str) else data
+    if not ds.labelled:
+        raise UsageError(f"--data {ds.spec}: unlabelled images (no classes); finetune needs labels: give class "
+                         f"folders or a CSV with a label column")  # fmt: skip
     rows = select_samples(ds, settings)
     return ds, rows, resolve(model)
 
@@ -141,10 +145,10 @@ def _run_epochs(job: TrainJob, folder: str | None, fingerprint: str, progress: b
     until = s.schedule_epochs if until is None else min(until, s.schedule_epochs)
     if state is None:
         state = {"fingerprint": fingerprint, "history": [], "best_epoch": None, "best": None}
-        found = latest_checkpoint(folder, fingerprint) if folder else None
+        found = latest_checkpoint(folder, fingerprint, job.module, job.optimizer, s.schedule_epochs) if folder else None
         if found:
-            state = load_checkpoint(found[0], job.module, job.optimizer)
-            log.info("resuming from %s (epoch %d of %s%d done)", found[0], len(state["history"]),
+            state = load_checkpoint(found, job.module, job.optimizer)
+            log.info("resuming from %s (epoch %d of %s%d done)", found.path, len(state["history"]),
                      "up to " if s.auto else "", s.schedule_epochs)  # fmt: skip
     state.setdefault("threads", threads[0])  # checkpointed: a resumed run keeps the count it started with
     state.setdefault("threads_measured", {str(k): round(v, 2) for k, v in threads[1].items()})
@@ -195,9 +199,16 @@ def finetune(model, data, settings: FinetuneSettings | None = None, *, run=None,
     (featx.finetune.search); only the chosen point's chosen epoch sees the test split.
 
     `out`: save the model as OUT.safetensors (and checkpoint to OUT.ckpt/ while training, resuming
-    from there after a crash; a grid point per subfolder); `checkpoint_dir` overrides that folder
-    (checkpoints without `out` too).
+    from there after a crash; a grid point per subfolder; a second run on the same `out` meanwhile is
+    refused); `checkpoint_dir` overrides that folder (checkpoints without `out` too).
     """
+    with OutLock(_target(out)) if out else contextlib.nullcontext():
+        return _finetune(model, data, settings, run=run, data_options=data_options, out=out,
+                         checkpoint_dir=checkpoint_dir, progress=progress)  # fmt: skip
+
+
+def _finetune(model, data, settings: FinetuneSettings | None = None, *, run=None, data_options=None,
+              out: str | None = None, checkpoint_dir: str | None = None, progress: bool = True) -> FinetuneResult:  # fmt: skip
     from featx.engine.compute import resolve_device, resolve_workers
     from featx.settings import RunSettings, as_model
 
@@ -230,7 +241,7 @@ def finetune(model, data, settings: FinetuneSettings | None = None, *, run=None,
         return r["state"]
 
     threads, rates = _threads(settings, open_point(0), folder, device)
-    with torch_threads(threads) if device.type == "cpu" else nullcontext():
+    with torch_threads(threads) if device.type == "cpu" else contextlib.nullcontext():
         if len(points) == 1:
             winner, rungs = 0, []
             advance(0, None)
@@ -272,7 +283,7 @@ def _threads(settings: FinetuneSettings, first: dict, folder: str | None, device
         return 1, {}
     if folder:
         for path in sorted(glob.glob(os.path.join(folder, "**", "epoch-*.safetensors"), recursive=True)):
-            got = read_checkpoint_file(path, "featx_checkpoint")
+            got = read_checkpoint_file(path)
             if got and isinstance(got[1].get("threads"), int):
                 return got[1]["threads"], {int(k): v for k, v in (got[1].get("threads_measured") or {}).items()}
     if settings.threads != "auto":

@@ -85,7 +85,7 @@ def _augment_grid(value) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class FinetuneSettings:
     """The recipe of one fine-tune, or a small grid of them (`augment` and `lr` may hold several
-    values; validation chooses). Defaults: see the `featx finetune` page."""
+    values; validation chooses). Defaults: docs/commands/finetune.md."""
 
     train_from: str = "depth:0.5"
     epochs: int | str = "auto"  # N, or "auto": until validation stops improving, at most max_epochs

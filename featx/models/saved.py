@@ -1,40 +1,25 @@
-"""Reading a fine-tuned model file (OUT.safetensors): its description and the module with its head.
+"""Reading a fine-tuned model file (OUT.safetensors): its verified description and the module with its head.
+
+The file is sealed (`featx.models.sealed`): its digest, finite tensors and the description's schema are
+checked before anything is built from it, so a damaged file is refused in one line.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 from featx.errors import FeatxError
+from featx.models.sealed import FINETUNED_FORMAT, FINETUNED_KEY, check_finetuned_file
 
-HEADER_KEY = "featx_finetuned"
-
-
-FORMAT = 1
+HEADER_KEY = FINETUNED_KEY
+FORMAT = FINETUNED_FORMAT
 
 
 def finetuned_description(path: str) -> dict | None:
-    """The description of a fine-tuned model file, or None when `path` is not one."""
-    from safetensors import safe_open
-
+    """The verified description of a fine-tuned model file, or None when `path` is not one."""
     if not path.endswith(".safetensors") or not os.path.isfile(path):
         return None
-    try:
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-    except Exception:  # noqa: BLE001 (not a safetensors file: the classifier loader says so)
-        return None
-    if HEADER_KEY not in header:
-        return None
-    try:
-        meta = json.loads(header[HEADER_KEY])
-    except ValueError as e:
-        raise FeatxError(f"{path}: its fine-tuned model description is not JSON ({e})") from None
-    missing = [k for k in ("model", "classes", "preprocessing", "head", "featx_version") if k not in meta]
-    if missing:
-        raise FeatxError(f"{path}: its description lacks {', '.join(missing)}; fine-tune it again")
-    return meta
+    return check_finetuned_file(path)
 
 
 def load_finetuned(path: str):
@@ -44,6 +29,8 @@ def load_finetuned(path: str):
     from featx.models.taps import list_taps
 
     meta = finetuned_description(path)
+    if meta is None:
+        raise FeatxError(f"{path}: not a fine-tuned model file (featx finetune --out writes one)")
     backbone = load_model(meta["model"], path)
     pre = Preprocess.from_dict(meta["preprocessing"])
     taps = {t.name: t for t in list_taps(backbone.module, pre.crop_size, device="cpu")}

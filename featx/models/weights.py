@@ -10,7 +10,7 @@ from pathlib import Path
 from featx.errors import FeatxError, UsageError
 from featx.files import file_sha256
 from featx.models.preprocess import Preprocess
-from featx.models.spec import LITE, LITE0, PIXELS, ModelName
+from featx.models.spec import LITE, LITE0, PIXELS, ModelSpec
 
 # TF-Lite's own normalization for EfficientNet-Lite ((x - 127) / 128 on 0..255). featx keeps the
 # whole shorter side (crop_pct 1.0) rather than TF's 0.875 eval crop, which cuts subjects out of
@@ -52,11 +52,13 @@ def weights_sha256(path: str | os.PathLike) -> str:
     return _WEIGHTS_SHA256[key]
 
 
-def looks_like_path(spec: str) -> bool:
+def is_weights_path(spec: str) -> bool:
+    """Whether a --weights value names a file (it looks like a path, or one exists) rather than weights by name."""
     return (
         os.sep in spec
         or spec.startswith(".")
         or Path(spec).suffix in {".pth", ".pt", ".bin", ".ckpt", ".safetensors"}
+        or os.path.exists(spec)
     )
 
 
@@ -84,7 +86,7 @@ def lite_weights_path(name: str) -> str:
     return getattr(module, f"EfficientnetLite{k}ModelFile").get_model_file_path()
 
 
-def resolve_weights(model: ModelName, weights: str) -> WeightsRef:
+def resolve_weights(model: ModelSpec, weights: str) -> WeightsRef:
     """Identify the weights without downloading or building anything (local files are hashed)."""
     spec = (weights or "").strip()
     if not spec:
@@ -96,7 +98,7 @@ def resolve_weights(model: ModelName, weights: str) -> WeightsRef:
         lib = "torchvision" if model.family == "torchvision" else "timm"
         ident = f"random:seed{RANDOM_SEED}:torch-{version('torch')}:{lib}-{version(lib)}"
         return WeightsRef("none", "random", ident)
-    if looks_like_path(spec) or os.path.exists(spec):
+    if is_weights_path(spec):
         path = os.path.abspath(spec)
         if not os.path.isfile(path):
             raise UsageError(f"--weights {spec}: no such checkpoint file")
@@ -133,10 +135,10 @@ def torchvision_weights_enum(arch: str, spec: str):
     return enum_cls[spec]
 
 
-def _timm_weights(model: ModelName, spec: str) -> WeightsRef:
+def _timm_weights(model: ModelSpec, spec: str) -> WeightsRef:
     import timm
 
-    base, _, tag = model.arch.partition(".")
+    base, tag = model.base, model.tag
     if spec != "DEFAULT":
         if tag and tag != spec:
             raise UsageError(f"--weights {spec} conflicts with the tag in --model timm:{model.arch}")

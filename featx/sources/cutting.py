@@ -36,9 +36,22 @@ def groups_from_paths(ids: list[str], pattern: str) -> np.ndarray:
     return np.array(out, dtype=str)
 
 
-def _group_notes(groups: np.ndarray, labels: np.ndarray, splits: np.ndarray, given: bool) -> list[str]:
+def _group_notes(groups: np.ndarray, labels: np.ndarray, splits: np.ndarray, given: bool,
+                 classes: list[str] | None = None) -> list[str]:  # fmt: skip
     names, inverse = np.unique(groups, return_inverse=True)
     notes = []
+    if not given and len(names) == 1:
+        notes.append(f"the groups (--group-by or the manifest's group column) put all {len(groups)} images in one "
+                     f"group ({names[0]!r}): a split that keeps groups whole holds none out, so there are no test "
+                     f"images; adjust the pattern so that it names subjects")  # fmt: skip
+    elif not given:
+        test = splits == "test"
+        empty = [int(c) for c in np.unique(labels) if not (test & (labels == c)).any()]
+        if empty:
+            said = ", ".join(classes[c] if classes else str(c) for c in empty[:5]) + (", ..." if len(empty) > 5 else "")
+            notes.append(f"{len(empty)} class(es) have no test images ({said}): each of their groups would have "
+                         f"held out more than its share, so all stayed in train; their test accuracy cannot be "
+                         f"measured (a pattern that names smaller groups helps)")  # fmt: skip
     mixed = sum(1 for g in range(len(names)) if len(set(labels[inverse == g].tolist())) > 1)
     if mixed:
         notes.append(f"{mixed} of {len(names)} groups hold images of more than one class (allowed: each group "
@@ -103,16 +116,16 @@ def cut(raw: RawSource, opts: DataOptions) -> Dataset:
     groups = None if raw.groups is None else raw.groups[sel]
     if groups is not None:
         h.update(("groups\0" + "\0".join(groups.tolist())).encode())
-    if raw.splits is not None:
+    if raw.splits is not None and raw.labelled:
         notes += _untrained_classes(raw, labels, splits)
     if groups is not None:
-        notes += _group_notes(groups, labels, splits, raw.splits is not None)
+        notes += _group_notes(groups, labels, splits, raw.splits is not None, list(raw.classes))
     train_after = int(np.sum(splits == "train"))
     return Dataset(
         name=raw.name, spec=raw.spec, classes=raw.classes, ids=ids, labels=labels.astype(np.int64),
         splits=splits.astype("<U5"), loader=loader, fingerprint=h.hexdigest(), split_source=split_source,
         notes=notes, uncapped_train=train_before if train_before is not None and train_before > train_after else None,
-        groups=groups,
+        groups=groups, labelled=raw.labelled,
     )  # fmt: skip
 
 

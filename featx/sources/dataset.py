@@ -33,6 +33,7 @@ class Dataset:
     notes: list[str] = field(default_factory=list)
     uncapped_train: int | None = None  # training images before --per-class-limit removed some
     groups: np.ndarray | None = None  # str [N]: subjects/patients/...; never on both sides of a split
+    labelled: bool = True  # False: no labels in the source; classes [""], every label 0 (see `unlabelled`)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -63,6 +64,18 @@ class RawSource:
     split_source: str
     notes: list[str] = field(default_factory=list)
     groups: np.ndarray | None = None  # str [N]: a seeded split keeps each group on one side
+    labelled: bool = True
+
+
+# Unlabelled data (a flat folder of images, an image list, a CSV or shards without labels) is one
+# class named "" with every label 0, and the file attribute `labelled` False: every reader of
+# labels, classes and counts keeps working, and label-based commands refuse it in one line.
+UNLABELLED_CLASSES = [""]
+
+
+def unlabelled(n: int) -> tuple[list[str], np.ndarray]:
+    """(classes, labels) of `n` unlabelled samples."""
+    return list(UNLABELLED_CLASSES), np.zeros(n, dtype=np.int64)
 
 
 class Subset:

@@ -56,6 +56,15 @@ def _env_limit(name: str, default: int) -> int:
 # own to it, so that FEATX_MAX_IMAGE_PIXELS governs both), and the widest aspect ratio it may have.
 MAX_IMAGE_PIXELS = _env_limit("FEATX_MAX_IMAGE_PIXELS", 89_478_485)
 MAX_ASPECT_RATIO = _env_limit("FEATX_MAX_ASPECT_RATIO", 100)
+DEFAULT_LIMITS = (89_478_485, 100)
+
+
+def limits_key() -> str:
+    """What the size limits add to a cache key: nothing at the defaults (existing entries stay hits);
+    other limits skip other images, so their codes are another entry."""
+    if (MAX_IMAGE_PIXELS, MAX_ASPECT_RATIO) == DEFAULT_LIMITS:
+        return ""
+    return f"|limits:pixels={MAX_IMAGE_PIXELS},aspect={MAX_ASPECT_RATIO}"
 
 
 def check_limits() -> None:
@@ -99,16 +108,28 @@ def pil_with_limits():
 
 def decode_image(path: str, ident: str | None = None):
     """Open an image file as an RGB PIL image, or raise ImageError(ident, reason)."""
-    from PIL import ImageOps
-
-    Image = pil_with_limits()
     ident = ident or printable(path)
     if not os.path.isfile(path):  # a FIFO or device would block or mislead the decoder
         raise ImageError(ident, "missing" if not os.path.exists(path) else "not a regular file")
+    return _decode(path, ident)
+
+
+def decode_bytes(data: bytes, ident: str):
+    """An image file's bytes (e.g. a member of a tar shard) as an RGB PIL image, under the same
+    limits and with the same reasons as `decode_image`."""
+    import io
+
+    return _decode(io.BytesIO(data), ident)
+
+
+def _decode(source, ident: str):
+    from PIL import ImageOps
+
+    Image = pil_with_limits()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # featx applies its own limit
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 check_size(ident, *im.size)
                 im.load()  # the first frame of an animation
                 if im.getexif().get(0x0112, 1) != 1:  # only then: exif_transpose copies the image

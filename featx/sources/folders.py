@@ -33,7 +33,7 @@ import numpy as np
 
 from featx.errors import UsageError
 from featx.settings import SPLIT_ALIASES
-from featx.sources.dataset import IMAGE_EXTENSIONS, FileLoader, RawSource
+from featx.sources.dataset import IMAGE_EXTENSIONS, FileLoader, RawSource, unlabelled
 from featx.sources.decode import (
     printable,
 )
@@ -213,6 +213,9 @@ def folder_source(root: Path) -> RawSource:
         for cls in walk.subdirs(base):
             class_dirs.add(cls)
             files.extend((split, cls, p) for p in walk.images(os.path.join(base, cls)))
+    if not files and not split_dirs and walk.loose:  # images, none in a class folder: unlabelled data
+        loose, walk.loose = walk.loose, []
+        return _flat_source(root, loose, walk.notes(str(root)))
     notes += walk.notes(str(root))
     files = _unique_files(files, str(root), notes)
     if not files:
@@ -238,4 +241,23 @@ def folder_source(root: Path) -> RawSource:
         labels=np.array([index[c] for _, c, _ in files], dtype=np.int64), splits=splits,
         loader=FileLoader([p for _, _, p in files], ids), fingerprint=h.hexdigest(),
         split_source="folders" if split_dirs else "seeded", notes=notes,
+    )  # fmt: skip
+
+
+def _flat_source(root: Path, paths: list[str], notes: list[str]) -> RawSource:
+    """A folder whose images all lie directly in it (no class folders): unlabelled data, one row
+    per image in sorted order, with featx's seeded split."""
+    files = _unique_files([(None, None, p) for p in paths], str(root), notes)
+    paths = [p for _, _, p in files]
+    ids = [printable(os.path.relpath(p, root)) for p in paths]
+    h = hashlib.sha256(b"unlabelled folder\n")
+    for rel, p in zip(ids, paths):
+        h.update(rel.encode() + b"\0" + stat_key(p) + b"\n")
+    classes, labels = unlabelled(len(ids))
+    notes.append(f"{root}: {len(ids)} image(s) and no class folders: read as unlabelled data "
+                 f"(extract, export and predict work; fit, score and bench need labels)")  # fmt: skip
+    return RawSource(
+        name=root.name, spec=str(root), classes=classes, ids=ids, labels=labels, splits=None,
+        loader=FileLoader(paths, ids), fingerprint=h.hexdigest(), split_source="seeded", notes=notes,
+        labelled=False,
     )  # fmt: skip

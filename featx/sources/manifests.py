@@ -15,7 +15,7 @@ import numpy as np
 
 from featx.errors import UsageError
 from featx.settings import SPLIT_ALIASES
-from featx.sources.dataset import FileLoader, RawSource
+from featx.sources.dataset import FileLoader, RawSource, unlabelled
 from featx.sources.folders import is_image_name, stat_key
 
 log = logging.getLogger("featx")
@@ -42,7 +42,8 @@ class CsvTable:
     notes: list[str] = field(default_factory=list)
 
 
-def read_csv(path: str | Path, where: str, need: tuple[str, ...] = ("path", "label")) -> CsvTable:
+def read_csv(path: str | Path, where: str, need: tuple[str, ...] = ("path", "label"),
+             optional: tuple[str, ...] = ()) -> CsvTable:  # fmt: skip
     """Read a CSV of image paths for extract's manifest and predict's input, or raise a one-line
     UsageError that starts with `where` (the option and file).
 
@@ -52,7 +53,9 @@ def read_csv(path: str | Path, where: str, need: tuple[str, ...] = ("path", "lab
     names (CSV_COLUMNS: path, filename, file, image...; label, class, target...; split; group)
     place the columns (an unnamed path or label column is the first or second one); without
     known names, or without a header, the columns are path, label[, split] by position. `need`
-    lists the roles every row must have."""
+    lists the roles every row must have, except those in `optional` (extract's label: a header
+    that names no label column and has no second column, or rows of one column, give a table
+    without one)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -96,32 +99,35 @@ def read_csv(path: str | Path, where: str, need: tuple[str, ...] = ("path", "lab
         for role, k in (("path", 0), ("label", 1)):
             if role in need and role not in columns and k < len(first) and k not in columns.values():
                 columns[role] = k
-        missing = [r for r in need if r not in columns]
+        missing = [r for r in need if r not in columns and r not in optional]
         if missing:
             raise UsageError(
                 f"{where}: the header {','.join(rows[0][1])} names no {missing[0]} column; "
                 f"call it one of {', '.join(CSV_COLUMNS[missing[0]][:4])}"
             )
     else:
+        width = len(rows[1][1]) if header and len(rows) > 1 else len(rows[0][1])
+        columns = {"path": 0}
+        if "label" in optional and width == 1:  # one column: paths alone (unlabelled data)
+            need = tuple(r for r in need if r != "label")
+            expect = "path"
         if header == "unnamed":
             notes.append(
                 f"{where}: the first row ({','.join(rows[0][1])[:80]}) names no image file, so it was read "
                 f"as a header (columns {expect} by position)"
             )
-        width = len(rows[1][1]) if header and len(rows) > 1 else len(rows[0][1])
-        columns = {"path": 0}
         if "label" in need:
             columns.update({"label": 1, **({"split": 2} if width >= 3 else {})})
     data = rows[1:] if header else rows
     if not data:
         raise UsageError(f"{where}: the CSV lists no images, only a header (expected rows {expect})")
-    if header != "named" and "label" in need:  # by position: path,label or path,label,split throughout
+    if header != "named" and ("label" in need or "label" in optional):  # by position, the same width throughout
         width = len(data[0][1])
+        widths = (2, 3) if "label" in need else (1,)
         for line, r in data:
-            if len(r) != width or len(r) not in (2, 3):
-                raise UsageError(
-                    f"{where}: row {line} has {len(r)} columns; every row must be path,label or path,label,split"
-                )
+            if len(r) != width or len(r) not in widths:
+                shape = "path,label or path,label,split" if "label" in need else "path (one column)"
+                raise UsageError(f"{where}: row {line} has {len(r)} columns; every row must be {shape}")
     top = max(columns.values())
     out = []
     for line, r in data:
@@ -132,17 +138,19 @@ def read_csv(path: str | Path, where: str, need: tuple[str, ...] = ("path", "lab
 
 
 def manifest_source(path: Path) -> RawSource:
+    """A CSV manifest; one without a label column (a header naming none, or one column) is unlabelled."""
     where = f"--data {path}"
-    table = read_csv(path, where, need=("path", "label"))
+    table = read_csv(path, where, need=("path", "label"), optional=("label",))
     has_split, has_group = "split" in table.columns, "group" in table.columns
+    labelled = "label" in table.columns
     group_split: dict[str, tuple[int, str | None]] = {}  # group -> (first row, its split)
     groups: list[str] = []
     base = path.parent
     seen: dict[str, tuple[int, str, str | None]] = {}  # normalized path -> (line, label, split)
     paths, labels_s, splits, dropped = [], [], [], []
     for line, rec in table.rows:
-        p, lab = rec["path"], rec["label"]
-        if not p or not lab:
+        p, lab = rec["path"], rec.get("label", "")
+        if not p or (labelled and not lab):
             raise UsageError(f"{where}: row {line} has an empty path or label")
         split = None
         if has_split:
@@ -178,6 +186,9 @@ def manifest_source(path: Path) -> RawSource:
     if dropped:
         p, a, b = dropped[0]
         notes.append(f"{where}: {len(dropped)} duplicate row(s) were dropped (first: {p}, rows {a} and {b})")
+    if not labelled:
+        notes.append(f"{where}: no label column: read as unlabelled data "
+                     f"(extract, export and predict work; fit, score and bench need labels)")  # fmt: skip
     classes = sorted(set(labels_s))
     index = {c: i for i, c in enumerate(classes)}
     full = [p if os.path.isabs(p) else str(base / p) for p in paths]
@@ -189,7 +200,54 @@ def manifest_source(path: Path) -> RawSource:
         labels=np.array([index[c] for c in labels_s], dtype=np.int64),
         splits=np.array(splits, dtype="<U5") if has_split else None, loader=FileLoader(full, paths),
         fingerprint=h.hexdigest(), split_source="manifest" if has_split else "seeded", notes=notes,
-        groups=np.array(groups, dtype=str) if has_group else None,
+        groups=np.array(groups, dtype=str) if has_group else None, labelled=labelled,
+    )  # fmt: skip
+
+
+LIST_SUFFIXES = (".txt", ".lst")
+
+
+def read_path_list(path: str | Path, where: str) -> list[str]:
+    """The image paths of a text list (one a line, relative to the list's folder; blank lines and
+    lines starting with # are left out), as written; every one must end in an image extension."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise UsageError(f"{where}: cannot read the list ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where}: the list is not UTF-8 text (byte at offset {e.start}); save it as UTF-8") from None
+    out = []
+    for k, line in enumerate(text.splitlines(), 1):
+        p = line.strip()
+        if not p or p.startswith("#"):
+            continue
+        if not is_image_name(os.path.basename(p)):
+            raise UsageError(f"{where}: line {k} ({p[:80]}) is not an image path; a {Path(path).suffix} list names "
+                             f"one image file a line (labelled data: a CSV manifest path,label)")  # fmt: skip
+        out.append(p)
+    if not out:
+        raise UsageError(f"{where}: the list names no images (one image path a line)")
+    return out
+
+
+def list_source(path: Path) -> RawSource:
+    """A text file of image paths: unlabelled data, in the list's order (a path listed twice is taken once)."""
+    where = f"--data {path}"
+    base = path.parent
+    seen: dict[str, None] = {}
+    for p in read_path_list(path, where):
+        seen.setdefault(p, None)
+    ids = list(seen)
+    full = [p if os.path.isabs(p) else str(base / p) for p in ids]
+    h = hashlib.sha256(b"image list\n" + path.read_bytes())
+    for p in full:
+        h.update(stat_key(p))
+    classes, labels = unlabelled(len(ids))
+    return RawSource(
+        name=path.stem, spec=str(path), classes=classes, ids=ids, labels=labels, splits=None,
+        loader=FileLoader(full, ids), fingerprint=h.hexdigest(), split_source="seeded", labelled=False,
+        notes=[f"{where}: an image list: read as unlabelled data (extract, export and predict work; fit, score "
+               f"and bench need labels)"],
     )  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""The `--data` spec: which reader opens it (folder, CSV manifest, idx, digits, torchvision:NAME), then the cut.
+"""The `--data` spec: which reader opens it (folder, CSV manifest, image list, idx, digits,
+torchvision:NAME, wds:PATTERN), then the cut.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from featx.sources.decode import (
     check_limits,
 )
 from featx.sources.folders import folder_source
-from featx.sources.manifests import manifest_source
+from featx.sources.manifests import LIST_SUFFIXES, list_source, manifest_source
+from featx.sources.webdataset import WDS_PREFIX, webdataset_source
 
 
 def open_source(spec: str, options: DataOptions | None = None) -> Dataset:
@@ -32,6 +34,8 @@ def open_source(spec: str, options: DataOptions | None = None) -> Dataset:
         raw = digits_source()
     elif spec.startswith("sklearn:"):
         raise UsageError(f"--data {spec}: the bundled scikit-learn source is sklearn:digits")
+    elif spec.startswith(WDS_PREFIX):
+        raw = webdataset_source(spec[len(WDS_PREFIX) :])
     elif spec.startswith("torchvision:"):
         raw = torchvision_source(spec[len("torchvision:") :], opts.data_root)
     else:
@@ -39,11 +43,15 @@ def open_source(spec: str, options: DataOptions | None = None) -> Dataset:
         if not path.exists():
             raise UsageError(f"--data {spec}: no such file or folder")
         if path.is_file():
-            if path.suffix.lower() != ".csv":
+            if path.suffix.lower() in LIST_SUFFIXES:
+                raw = list_source(path.resolve())
+            elif path.suffix.lower() != ".csv":
                 raise UsageError(
-                    f"--data {spec}: a file must be a CSV manifest (path,label[,split]) ending in .csv"
+                    f"--data {spec}: a file must be a CSV manifest (path,label[,split]) ending in .csv, "
+                    f"or a list of image paths ending in .txt"
                 )
-            raw = manifest_source(path.resolve())
+            else:
+                raw = manifest_source(path.resolve())
         elif idx_files(path):
             raw = idx_source(path.resolve())
         else:

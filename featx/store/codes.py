@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from featx.errors import FeatxError, UsageError, first_line
+from featx.files import file_kind, what_it_is
 from featx.store.meta import FileMeta, LayerMeta, attr_value
 from featx.store.verify import forget_verified, verify
 
@@ -51,6 +51,10 @@ class CodesFile:
         self.path = str(path)
         if not os.path.isfile(self.path):
             raise UsageError(f"{self.path}: no such codes file")
+        kind = file_kind(self.path)
+        # a file of another kind is the user's input (exit 2); a damaged .h5 is a failure (exit 1, below)
+        if kind != "hdf5" and (kind != "other" or not self.path.endswith((".h5", ".hdf5"))):
+            raise UsageError(f"{self.path}: {what_it_is(self.path)}, not a codes file; give a file featx extract wrote")
         reason = verify(self.path)
         if reason:
             raise FeatxError(
@@ -67,6 +71,8 @@ class CodesFile:
         self.paths: list[str] = f["paths"].asstr()[:].tolist()
         # --group-by: whole groups (subjects, patients) stay on one side of every hold-out and CV fold
         self.groups: np.ndarray | None = np.array(f["groups"].asstr()[:].tolist()) if "groups" in f else None
+        # unlabelled data (a flat folder, an image list, shards without labels): one class "", labels 0
+        self.labelled: bool = self.meta.labelled is not False
         self.skipped: list[tuple[str, str]] = list(
             zip(f["skipped/paths"].asstr()[:].tolist(), f["skipped/reasons"].asstr()[:].tolist())
         )
@@ -83,16 +89,17 @@ class CodesFile:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def json_attr(self, name: str):
-        v = self.attrs.get(name)
-        if not isinstance(v, str):
-            return v
-        try:
-            return json.loads(v)
-        except ValueError:
-            raise FeatxError(
-                f"{self.path}: attribute {name!r} is not valid JSON; rebuild the file with featx extract"
-            ) from None
+    @property
+    def h5(self):
+        """The open h5py.File (read-only), for readers that copy datasets as stored."""
+        return self._f
+
+    def require_labels(self, what: str) -> None:
+        """A one-line UsageError when the file's data had no labels: `what` (fit, score...) needs them."""
+        if not self.labelled:
+            raise UsageError(f"{self.path}: the codes are of unlabelled images (no classes); {what} needs labels: "
+                             f"extract a labelled source (class folders, a CSV with a label column)")  # fmt: skip
+
 
     def layer_attrs(self, layer: str) -> dict:
         """The raw attributes of /codes/<layer> (`layer_meta` gives them typed)."""
@@ -108,8 +115,14 @@ class CodesFile:
         return int(self._f["codes"][layer].shape[1])
 
     def _check_layer(self, layer: str) -> None:
-        if layer not in self._f["codes"]:
-            raise FeatxError(f"layer {layer!r} is not in {self.path}; it holds {', '.join(self.layers)}")
+        self.check_layers([layer])
+
+    def check_layers(self, layers) -> None:
+        """Every name the file does not hold, in one line (a user's --layer)."""
+        missing = [n for n in layers if n not in self._f["codes"]]
+        if missing:
+            what = f"layer {missing[0]!r} is" if len(missing) == 1 else f"layers {', '.join(map(repr, missing))} are"
+            raise UsageError(f"{what} not in {self.path}; it holds {', '.join(self.layers)}")
 
     def codes(self, layer: str, rows=None) -> np.ndarray:
         """Codes of `layer` as float32 [n, D] for `rows` (None: all; a boolean mask or sorted indices)."""

@@ -120,6 +120,7 @@ class FileMeta:
     decoder: str | None = None
     samples: int | None = None
     config: dict | None = None
+    labelled: bool | None = None  # False: unlabelled data (one class "", labels 0); None/True: labelled
     unparsed: tuple[str, ...] = ()  # JSON attributes that did not parse (read as None)
 
     def parsed(self, name: str, path: str):

@@ -15,18 +15,6 @@ from featx.store.journal import BLOCK_BYTES, is_count
 from featx.store.meta import COMPLETE, attr_value
 
 
-def check_complete(path: str) -> str | None:
-    """None when `path` is structurally a complete featx file (attributes, datasets, shapes); else
-    why not. Cheap; `verify` also checks the content."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            return _structure(f)
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        return f"it is not a readable featx HDF5 file ({first_line(e, 160)})"
-
-
 def _structure(f) -> str | None:
     """Every dataset a reader needs is there with the shape the root attributes promise."""
     if attr_value(f.attrs.get("featx_state")) != COMPLETE:

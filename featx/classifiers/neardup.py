@@ -1,0 +1,302 @@
+"""Near-duplicate rows in codes: the nearest row, a leakage check for a split, groups made from them.
+
+Real datasets hold near-copies (frames of one track, slices of one scan, re-encoded uploads). A
+random split then puts one copy in training and another in validation or test, and the held-out
+score measures recognising the copy. featx already has the codes, so it looks for this there:
+
+- `nearest`: for each query row, the most similar reference row by cosine similarity (rows
+  L2-normalised, float32 matrix products over blocks of queries; no loop over rows). Exact.
+- `leakage`: is a split's held-out side markedly closer to training than independent images are?
+  The reference for "independent" is each training row's nearest training row *of another class*:
+  near-copies share their source's class, so duplicates cannot inflate this reference, while a
+  held-back part of the training rows (the other candidate) is itself full of copies when the data
+  is. A held-out row is *markedly closer* when its nearest training row is at most half as far
+  (1 - similarity) as the closest 1% of other-class neighbours are (`REF_QUANTILE`,
+  `CLOSER_FACTOR`); same-class neighbours of independent images are closer than other-class ones,
+  but rarely by a factor of two in distance on the sets measured. The split is `leaky` when at
+  least `LEAK_FRACTION` of the held-out rows, and at least `LEAK_MIN_ROWS`, are markedly closer.
+  Without labels the reference is unavailable and the cut is the fixed `DUP_SIMILARITY`.
+- `auto_groups`: rows joined when their similarity is at least a threshold, transitively
+  (connected components of the pair graph): the groups `--group-by auto` (the planned option) would
+  use, numbered by first appearance so the same codes always give the same ids.
+
+Measured (`benchmarks/near_duplicates.py`, docs/near-duplicates.md; 2-core AMD EPYC CPU): generated
+near-copies (crops, shifts, colour jitter, JPEG re-encoding; 60 sources x 6 images) among 300 other
+images of flowers5_128 and of brain_tumor_mri, EfficientNet-Lite0 (ImageNet) codes at 112 px:
+
+- Codes or a pixel hash: the ROC AUC of known copy pairs against all other pairs is 1.000 / 0.999
+  (flowers / MRI) for the deepest codes' cosine, 0.977 / 0.841 for a 64-bit dHash of a grayscale
+  thumbnail (Hamming similarity); best pairwise F1 0.95 / 0.84 against 0.68 / 0.17. The hash
+  loses most on scans, where every image has the same layout, so it was not adopted (it lives in
+  the benchmark only).
+- Which layer: the deepest (`global_pool`). The mid layer's ReLU codes are all positive, so every
+  cosine sits near 1 (median nearest neighbour 0.94 on flowers) and no threshold separates MRI
+  copies (best mean F1 0.64 at 0.98, against 0.80 for `global_pool` at 0.90).
+- `DUP_SIMILARITY` 0.90: the best mean pairwise F1 of `auto_groups` over the two sets among
+  0.80-0.99 (precision 0.88, recall 0.77); 0.85 finds more copies on photos but over-joins scans.
+- The leakage rule flagged every random split of the generated sets (10 of 10 per layer) and none
+  of 15 random splits of flowers5_128, hymenoptera and Fashion-MNIST (per layer).
+
+Cost: `nearest` is N_queries x N_refs x D multiply-adds (about 75 GFLOP/s for the float32
+products on 2 EPYC cores, plus one pass over every similarity for the argmax). Measured on random
+codes, 2 cores shared with other work: 2x10^4 rows of 1,280 dims against themselves 29 s, so 10^5
+rows ~6-12 minutes (quadratic: not seconds; an approximate index is future work); 10^5 rows of a
+80-dim layer 61 s; `leakage` on 10^5 rows of 1,280 dims, 20% held out, 26 s, because it samples
+at most `MAX_QUERIES` held-out rows (and as many reference rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from featx.errors import FeatxError, UsageError
+
+BLOCK_ELEMENTS = 1 << 25  # similarities held at once per block (128 MiB of float32); bounds memory
+DUP_SIMILARITY = 0.90  # `--group-by auto`'s default threshold, for the deepest layer: best mean pairwise F1 on generated copies
+REF_QUANTILE = 0.99  # the reference cut: closer than 99% of training rows' other-class neighbours
+CLOSER_FACTOR = 0.5  # markedly closer: at most half the reference cut's distance (1 - similarity)
+LEAK_FRACTION = 0.05  # leaky: at least 5% of held-out rows markedly closer (independent sets: < 1%)
+LEAK_MIN_ROWS = 5  # ... and at least 5 rows, so a couple of stray copies in a small set don't warn
+MAX_QUERIES = 2000  # leakage samples this many held-out rows (and reference rows): a 5% fraction +/- 0.5%
+OPTION = "--group-by auto"  # how errors name the feature
+
+
+def normalise(codes: np.ndarray) -> np.ndarray:
+    """Rows as float32 unit vectors (an all-zero row stays zero: similarity 0 to everything).
+    NaN or infinite codes are a FeatxError naming how many rows have them."""
+    x = np.asarray(codes, dtype=np.float32)
+    if x.ndim != 2:
+        raise UsageError(f"codes: expected a 2-D array [rows, dims], got shape {x.shape}; pass one layer's codes")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise FeatxError(f"codes: {int(bad.sum())} of {len(x)} rows have NaN or infinite values "
+                         f"(first: row {int(np.argmax(bad))}); re-extract them or drop those rows")  # fmt: skip
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def nearest(
+    queries: np.ndarray, refs: np.ndarray | None = None, *, skip: tuple | None = None, block: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, the index of the most similar `refs` row and that cosine similarity.
+
+    `refs=None` searches the queries themselves with each row's own match skipped. `skip=(q_keys,
+    r_keys)` skips every ref whose key equals the query's (labels: the nearest row of another class;
+    groups: the nearest row of another group). A query with no candidate gets index -1 and
+    similarity NaN. Ties go to the lowest index. `block` queries per matrix product (default: as
+    many as keep `BLOCK_ELEMENTS` similarities). Exact: equal to the brute-force product.
+
+    Examples:
+        >>> x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+        >>> nearest(x)[0].tolist()
+        [1, 0, 1]
+    """
+    self_search = refs is None
+    q = normalise(queries)
+    r = q if self_search else normalise(refs)
+    if q.shape[1] != r.shape[1]:
+        raise UsageError(f"codes: queries have {q.shape[1]} dims, references {r.shape[1]}; use one layer for both")
+    nq, nr = len(q), len(r)
+    qk = rk = None
+    if skip is not None:
+        qk, rk = (np.asarray(k) for k in skip)
+        if len(qk) != nq or len(rk) != nr:
+            raise ValueError("skip keys must have one entry per query and per reference row")
+    step = max(1, block or BLOCK_ELEMENTS // max(nr, 1))
+    index = np.full(nq, -1, dtype=np.int64)
+    sim = np.full(nq, np.nan, dtype=np.float32)
+    if nr == 0:
+        return index, sim
+    for start in range(0, nq, step):
+        stop = min(start + step, nq)
+        s = q[start:stop] @ r.T  # [b, nr] float32
+        if self_search:
+            rows = np.arange(stop - start)
+            s[rows, rows + start] = -np.inf
+        if qk is not None:
+            s[qk[start:stop, None] == rk[None, :]] = -np.inf
+        best = np.argmax(s, axis=1)
+        top = s[np.arange(stop - start), best]
+        ok = np.isfinite(top)
+        index[start:stop] = np.where(ok, best, -1)
+        sim[start:stop] = np.where(ok, top, np.nan)
+    return index, sim
+
+
+@dataclass(frozen=True)
+class LeakageReport:
+    """What `leakage` found: held-out rows markedly closer to training than independent images are.
+
+    `closer` rows of `checked` held-out rows (a sample of at most `MAX_QUERIES`) are within the cut
+    (`cut`: a similarity; `reference`: "other-class" or "fixed"); `quantiles` are the held-out rows'
+    nearest-training similarities at 5/50/95% and `reference_quantiles` the reference's;
+    `example` is (held-out row, training row) of the closest pair, as indices into the codes."""
+
+    checked: int
+    closer: int
+    fraction: float
+    cut: float
+    reference: str
+    quantiles: tuple[float, float, float]
+    reference_quantiles: tuple[float, float, float]
+    example: tuple[int, int] | None
+    leaky: bool
+
+    def summary(self) -> str:
+        """One line for a warning or a report."""
+        verdict = "near-copies of training rows" if self.leaky else "no sign of near-copies"
+        q = "/".join(f"{v:.3f}" for v in self.quantiles)
+        rq = "/".join(f"{v:.3f}" for v in self.reference_quantiles)
+        pair = f"; closest pair: rows {self.example[0]} and {self.example[1]}" if self.example else ""
+        return (f"{verdict}: {self.closer} of {self.checked} held-out rows ({100 * self.fraction:.1f}%) are "
+                f"within similarity {self.cut:.3f} of a training row ({self.reference} reference); nearest "
+                f"similarity 5/50/95%: held-out {q}, reference {rq}{pair}")  # fmt: skip
+
+
+def _quantiles(v: np.ndarray) -> tuple[float, float, float]:
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return (float("nan"),) * 3
+    return tuple(float(x) for x in np.quantile(v, (0.05, 0.5, 0.95)))
+
+
+def _sample(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    return rows if len(rows) <= n else np.sort(rng.choice(rows, n, replace=False))
+
+
+def reference_cut(ref_sims: np.ndarray) -> float:
+    """The similarity a held-out row must reach to count as markedly closer (module docstring):
+    half the distance of the `REF_QUANTILE` quantile of the reference similarities."""
+    q = float(np.quantile(ref_sims, REF_QUANTILE))
+    return 1.0 - CLOSER_FACTOR * (1.0 - q)
+
+
+def is_leaky(closer: int, checked: int) -> bool:
+    """The rule: at least `LEAK_FRACTION` of the checked rows and `LEAK_MIN_ROWS` rows are closer."""
+    return checked > 0 and closer >= LEAK_MIN_ROWS and closer >= LEAK_FRACTION * checked
+
+
+def leakage(
+    codes: np.ndarray, train: np.ndarray, held_out: np.ndarray, labels: np.ndarray | None = None, *, seed: int = 0
+) -> LeakageReport:
+    """Check a split: are `held_out` rows (val or test) markedly closer to `train` rows than
+    independent images are? `train` and `held_out` are boolean masks or index arrays into `codes`.
+
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> x = rng.standard_normal((400, 16)); y = np.arange(400) % 4
+        >>> leakage(x, np.arange(300), np.arange(300, 400), y).leaky
+        False
+    """
+    n = len(codes)
+    tr, ho = (np.flatnonzero(m) if np.asarray(m).dtype == bool else np.asarray(m, dtype=np.int64)
+              for m in (train, held_out))  # fmt: skip
+    if not len(tr) or not len(ho):
+        raise UsageError(f"{OPTION}: the leakage check needs training and held-out rows "
+                         f"(got {len(tr)} and {len(ho)}); check the split")  # fmt: skip
+    rng = np.random.default_rng(seed)
+    ho_s = _sample(ho, MAX_QUERIES, rng)
+    x = codes if isinstance(codes, np.ndarray) else np.asarray(codes)
+    idx, sim = nearest(x[ho_s], x[tr])
+    if labels is not None:
+        y = np.asarray(labels)
+        if len(y) != n:
+            raise ValueError(f"labels have {len(y)} rows, codes {n}")
+        tr_s = _sample(tr, MAX_QUERIES, rng)
+        _, ref = nearest(x[tr_s], x[tr], skip=(y[tr_s], y[tr]))
+        ref = ref[np.isfinite(ref)]
+    else:
+        ref = np.empty(0, dtype=np.float32)
+    if len(ref):
+        cut, kind = reference_cut(ref), "other-class"
+    else:
+        cut, kind = DUP_SIMILARITY, "fixed"
+    closer = int(np.sum(sim >= cut))
+    best = int(np.argmax(sim)) if np.isfinite(sim).any() else -1
+    return LeakageReport(
+        checked=len(ho_s), closer=closer, fraction=closer / len(ho_s), cut=float(cut), reference=kind,
+        quantiles=_quantiles(sim), reference_quantiles=_quantiles(ref),
+        example=(int(ho_s[best]), int(tr[idx[best]])) if best >= 0 else None,
+        leaky=is_leaky(closer, len(ho_s)),
+    )  # fmt: skip
+
+
+def similar_pairs(codes: np.ndarray, threshold: float, *, block: int | None = None) -> np.ndarray:
+    """Every pair (i < j) of rows with cosine similarity >= `threshold`, as an int64 [P, 2] array in
+    row order; the upper triangle only, in blocks like `nearest`."""
+    x = normalise(codes)
+    n = len(x)
+    step = max(1, block or BLOCK_ELEMENTS // max(n, 1))
+    found = []
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        s = x[start:stop] @ x[start:].T  # [b, n - start]: this block against itself and later rows
+        i, j = np.nonzero(s >= threshold)
+        keep = j > i  # the strict upper triangle (j is relative to start, as i is)
+        found.append(np.stack([i[keep] + start, j[keep] + start], axis=1))
+    return np.concatenate(found).astype(np.int64) if found else np.empty((0, 2), dtype=np.int64)
+
+
+def check_threshold(threshold: float) -> float:
+    """A similarity threshold in (0, 1], or a UsageError naming the option."""
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise UsageError(f"{OPTION}: threshold {threshold!r} is not a number; use a cosine similarity "
+                         f"in (0, 1], e.g. {DUP_SIMILARITY}") from None  # fmt: skip
+    if not 0.0 < t <= 1.0:
+        raise UsageError(f"{OPTION}: threshold {threshold!r} is outside (0, 1]; use a cosine similarity "
+                         f"such as {DUP_SIMILARITY}")  # fmt: skip
+    return t
+
+
+def auto_groups(codes: np.ndarray, threshold: float = DUP_SIMILARITY, *, block: int | None = None) -> np.ndarray:
+    """A group id per row: rows whose codes have cosine similarity >= `threshold` share a group,
+    joined transitively. Ids count from 0 in order of each group's first row, so they depend only on
+    the codes and the threshold. Errors (one line, naming `--group-by auto`): a threshold outside
+    (0, 1], fewer than 2 rows, NaN codes, and codes that make one group of every row (identical
+    codes, or a threshold so low that everything chains together: nothing could be split).
+
+    Examples:
+        >>> x = np.array([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]])
+        >>> auto_groups(x, 0.99).tolist()
+        [0, 0, 1, 1]
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    t = check_threshold(threshold)
+    x = np.asarray(codes)
+    if x.ndim != 2 or len(x) < 2:
+        raise UsageError(f"{OPTION}: needs at least 2 rows of 2-D codes, got shape {x.shape}; "
+                         "check the data and the layer")  # fmt: skip
+    pairs = similar_pairs(x, t, block=block)
+    n = len(x)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    # renumber by first appearance: connected_components' numbering is an implementation detail
+    _, first, inverse = np.unique(comp, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))
+    groups = order[inverse].astype(np.int64)
+    if groups.max() == 0:
+        same = bool(np.all(x == x[0]))
+        why = "all rows have identical codes" if same else f"at threshold {t} every row chains into one group"
+        fix = "check the layer and the images" if same else "raise the threshold"
+        raise UsageError(f"{OPTION}: {why}, so there is nothing to split; {fix}")
+    return groups
+
+
+def pair_scores(groups: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Pairwise precision and recall of `groups` against `truth`: of the pairs put together, the share
+    truly together; of the pairs truly together, the share put together (1.0 where there are none)."""
+    g = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    t = np.unique(np.asarray(truth), return_inverse=True)[1].ravel()
+
+    def pairs(counts: np.ndarray) -> float:
+        return float(np.sum(counts * (counts - 1) / 2))
+
+    both = pairs(np.unique(g * (t.max() + 1) + t, return_counts=True)[1])
+    put, true = pairs(np.bincount(g)), pairs(np.bincount(t))
+    return (both / put if put else 1.0), (both / true if true else 1.0)

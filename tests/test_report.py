@@ -225,3 +225,21 @@ def test_a_cross_validated_choice_keeps_the_deeper_layer_within_noise_and_says_w
     with open(csv_path) as f:
         got = list(csv.DictReader(f))
     assert got[0]["val_rule"] == LOGLIK and [float(v) for v in got[0]["val_folds"].split()] == list(ref)
+
+
+def test_a_random_init_control_that_beats_the_pretrained_layer_leads_the_answer():
+    """The random-init twin's chosen layer beats the pretrained model's chosen layer beyond noise:
+    the pretrained analysis' answer starts by saying so and what to use."""
+    from featx.bench.analysis import apply_baselines
+
+    depth = {"mid": 0.5, "top": 1.0}
+    pre, rnd = _Src("big", depth, "different"), _Src("big", depth, "different")
+    pre.model, rnd.model, rnd.control_of = "m@imagenet", "m@none", "m@imagenet"
+    rows = [{**r, "model": "m@imagenet"} for r in _rows("big", {"mid": (0.8, _correct(140)), "top": (0.9, _correct(150))})]
+    rows += [{**r, "model": "m@none", "control_of": "m@imagenet"}
+             for r in _rows("big", {"mid": (0.8, _correct(170)), "top": (0.95, _correct(190))})]  # fmt: skip
+    analyses = analyze(rows, [pre, rnd])
+    a = next(x for x in analyses if not x.control_of)
+    apply_baselines(analyses, [])
+    assert a.answer.startswith("Use m@none's top codes (random init): the random-init control's top beat the chosen layer top")
+    assert "the pretrained network does not pay on this data" in a.answer

@@ -45,7 +45,7 @@ FLAGS = {
     "train_from": "--train-from", "epochs": "--epochs", "lr": "--lr", "backbone_lr_mult": "--backbone-lr-mult",
     "weight_decay": "--weight-decay", "optimizer": "--optimizer", "momentum": "--momentum", "warmup": "--warmup",
     "label_smoothing": "--label-smoothing", "train_size": "--train-size", "max_images": "--max-images",
-    "val_fraction": "--val-fraction", "augment": "augment",
+    "val_fraction": "--val-fraction", "augment": "--augment", "max_epochs": "--max-epochs", "threads": "--threads",
     # featx.classifiers.protocol.Protocol
     "classifier": "--classifier", "Cs": "--C", "scale": "--scale", "pca": "--pca", "cv": "--cv",
     "min_val_per_class": "min_val_per_class", "chunk_rows": "--chunk-rows", "max_iter": "--max-iter", "solver": "--solver",

@@ -258,7 +258,7 @@ def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
 
     ra, rb = (finetuned_description(f"{p}.safetensors")["results"] for p in (ref, killed))
     for r in (ra, rb):
-        r.pop("seconds"), r.pop("fit_seconds")
+        r.pop("seconds"), r.pop("fit_seconds"), r.pop("threads_measured")  # timings (the thread count itself stays)
         for h in r["history"]:
             h.pop("seconds")
     assert ra == rb
@@ -292,3 +292,132 @@ def test_settings_validated():
         FinetuneSettings(train_size="lots")
     with pytest.raises(UsageError, match="--warmup"):
         FinetuneSettings(epochs=2, warmup=3)
+
+
+def test_settings_validated_grid_and_epochs():
+    s = FinetuneSettings(lr=(0.01, 0.03, 0.01), augment="none,light")
+    assert s.lrs == (0.01, 0.03) and s.augments == ("none", "light") and len(s.points()) == 4
+    assert FinetuneSettings(augment=False).augment == "none" and FinetuneSettings(augment=True).augment == "default"
+    assert FinetuneSettings(lr=[0.02]).lr == 0.02
+    for kw, flag in (({"epochs": "auto", "max_epochs": 2}, "--max-epochs 2"), ({"augment": ""}, "--augment"),
+                     ({"augment": "none,mirror"}, "unknown augmentation 'mirror'"), ({"lr": (0.01, 0.0)}, "--lr"),
+                     ({"lr": -1.0}, "--lr"), ({"threads": 0}, "--threads"), ({"epochs": "many"}, "--epochs")):  # fmt: skip
+        with pytest.raises(UsageError, match=flag):
+            FinetuneSettings(**kw)
+    # an unchanged recipe keeps the key earlier releases gave it
+    assert FinetuneSettings(epochs=5).key_dict()["augment"] is True and "max_epochs" not in FinetuneSettings(epochs=5).key_dict()
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--epochs", "auto", "--max-epochs", "2"], ("--max-epochs 2", "patience")),
+    (["--augment", ","], ("--augment", "give one or more of none, light, default")),
+    (["--augment", "none,mirror"], ("--augment", "unknown augmentation 'mirror'")),
+    (["--lr", "0.01,0"], ("--lr", "above 0")),
+    (["--lr", "0.01,fast"], ("--lr", "comma-separated numbers")),
+])  # fmt: skip
+def test_bad_recipe_options_are_one_line(argv, needles, data, tmp_path):
+    rc, _out, err = cli("finetune", *ARGS, "--data", str(data), "--out", tmp_path / "m", *argv)
+    assert_one_line_error(rc, err, code=2, needles=needles)
+    bench = [f"--finetune-{a[2:]}" if a.startswith("--") else a for a in argv]
+    rc, _out, err = cli("bench", "--model", "timm:test_resnet", "--weights", "none", "--data", str(data),
+                        "--finetune", "depth:1.0", "--out", tmp_path / "b", *bench)  # fmt: skip
+    assert_one_line_error(rc, err, code=2, needles=(needles[0].replace("--", "--finetune-", 1), *needles[1:]))
+
+
+def test_stopping_rule():
+    from featx.finetune.settings import MIN_DELTA, PATIENCE
+    from featx.finetune.train import converged, epochs_without_improvement
+
+    h = lambda *pairs: [{"val_accuracy": a, "val_loss": v} for a, v in pairs]  # noqa: E731
+    assert epochs_without_improvement(h((0.5, 1.0), (0.6, 1.0), (0.6, 0.9))) == 0  # accuracy, then loss
+    assert epochs_without_improvement(h((0.5, 1.0), (0.5, 1.0 - MIN_DELTA / 2), (0.4, 0.5))) == 2  # too small, lower acc
+    assert not converged(h(*[(0.5 + i / 100, 1.0) for i in range(10)]))  # still rising at the end
+    assert converged(h((0.9, 0.3), *[(0.8, 0.5)] * PATIENCE))
+
+
+def test_auto_epochs_stop_when_validation_stops_improving(data, monkeypatch):
+    """A flat validation score: epoch 1 is the best, PATIENCE more epochs show no gain, the run stops
+    (converged), well before the cap."""
+    import featx.finetune.job as ft
+    from featx.finetune.settings import PATIENCE
+
+    monkeypatch.setattr(ft, "val_scores", lambda logits, y: (0.5, 1.0))
+    s = FinetuneSettings(epochs="auto", max_epochs=20, batch_size=4, threads=1)
+    r = finetune(MODEL, str(data), s, run=RUN, progress=False).results
+    assert r["epochs_run"] == 1 + PATIENCE and r["epoch"] == 1 and r["converged"] and r["epochs_cap"] == 20
+    assert r["threads"] == 1
+
+
+def test_fixed_epochs_still_improving_is_not_converged(tuned):
+    r = tuned.results
+    assert r["converged"] is False  # 2 epochs < PATIENCE: it cannot have seen validation stop improving
+    assert "NOT CONVERGED" in tuned.summary()
+
+
+def test_successive_halving_keeps_the_best_third_and_finishes_one():
+    from featx.finetune.search import ETA, SCREEN_EPOCHS, successive_halving
+
+    calls = []
+    quality = [0.1, 0.9, 0.5, 0.3, 0.8, 0.2]
+
+    def advance(i, until):
+        calls.append((i, until))
+        return {"best": [quality[i], -1.0]}
+
+    winner, rungs = successive_halving(6, advance, cap=30)
+    assert winner == 1
+    assert rungs[0] == {"epochs": SCREEN_EPOCHS, "points": list(range(6)), "kept": [1, 4]}
+    assert rungs[1] == {"epochs": SCREEN_EPOCHS * ETA, "points": [1, 4], "kept": [1]}
+    assert calls[-1] == (1, None)
+
+
+def test_grid_chooses_on_validation_reads_test_once_and_resumes(data, tmp_path, monkeypatch):
+    """Two augmentations x two learning rates: successive halving on validation, the test split read
+    once (for the chosen point), every point checkpointed; a run killed inside the search resumes
+    to the uninterrupted result."""
+    import featx.finetune.job as ft
+    from featx.sources.spec import open_source
+
+    s = FinetuneSettings(epochs=4, batch_size=4, augment="none,light", lr=(0.01, 0.05), threads=1)
+    ds = open_source(str(data))
+    reads: list[int] = []
+    inner = ds.loader
+    ds.loader = lambda i: (reads.append(i), inner(i))[1]
+    ref = finetune(MODEL, ds, s, run=RUN, out=str(tmp_path / "ref"), progress=False)
+    r = ref.results
+    test = set(np.flatnonzero(ds.splits == "test").tolist())
+    assert sum(i in test for i in reads) == len(test)  # once
+    assert len(r["grid"]) == 4 and sum(g["chosen"] for g in r["grid"]) == 1
+    chosen = next(g for g in r["grid"] if g["chosen"])
+    assert (r["augment"], r["lr"]) == (chosen["augment"], chosen["lr"]) and r["epochs_run"] == 4
+    assert r["rungs"][0]["epochs"] == 2 and len(r["rungs"][0]["kept"]) == 2
+    assert r["screening_epochs"] == sum(g["epochs_run"] for g in r["grid"]) - 4
+
+    real, calls = ft.train_epoch, [0]
+
+    def dying(job, epoch, *a, **k):
+        calls[0] += 1
+        if calls[0] == 6:  # inside the first rung, the third point's second epoch
+            raise KeyboardInterrupt
+        return real(job, epoch, *a, **k)
+
+    monkeypatch.setattr(ft, "train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(MODEL, str(data), s, run=RUN, out=str(tmp_path / "cut"), progress=False)
+    assert len(os.listdir(tmp_path / "cut.ckpt")) == 3  # a folder per grid point started
+    monkeypatch.setattr(ft, "train_epoch", real)
+    again = finetune(MODEL, str(data), s, run=RUN, out=str(tmp_path / "cut"), progress=False)
+    a, b = _load(ref.path), _load(again.path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.results["grid"] == r["grid"]
+
+
+def test_light_augmentation_keeps_most_of_the_image_and_never_flips():
+    from featx.finetune.data import AUGMENT_PARAMS, crop_box
+
+    scale, ratio, flip = AUGMENT_PARAMS["light"]
+    assert not flip and AUGMENT_PARAMS["default"][2]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = crop_box(100, 100, rng, scale, ratio)
+        assert h * w >= 0.78 * 100 * 100 and 0 <= top <= 100 - h and 0 <= left <= 100 - w

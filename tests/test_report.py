@@ -111,16 +111,89 @@ def test_fine_tune_cells_decide_the_large_data_words():
     src = _Src("big", depth, "similar", n_train=4000, n_classes=2)
     (a,), md = _report(_rows("big", cells), [src])
     assert a.case == 2 and "this bench measured linear probes only (bench --finetune adds fine-tune cells)" in md
-    ft = [{"kind": "finetune", "model": "", "dataset": "big", "train_size_spec": "all", "train_from": p, "layer": p,
-           "relative_depth": d, "accuracy": acc, "val_score": val, "n_test": N_TEST, "epoch": 3, "seed": seed}
-          for p, d, acc, val in (("depth:0", 0.0, 0.985, 0.99), ("depth:1.0", 1.0, 0.90, 0.91)) for seed in (0, 1)]  # fmt: skip
+    ft = _ft_rows((("depth:0", 0.0, _correct(197), 0.99), ("depth:1.0", 1.0, _correct(180), 0.91)))
     rows = _rows("big", cells) + ft
     (a,) = analyze(rows, [src])
     (c,) = compare([a], rows)
     assert (c.point, c.probe_layer, round(c.gain, 1), c.verdict) == ("depth:0", "top", 8.5, "pays")
     md = markdown_report([a], title="t", command=None, plots=[], notes=[], finetune=[c])
     assert 'measured by this bench\'s fine-tune cells: see "Fine-tuning beside probing"' in md
-    assert "fine-tuning from depth:0 pays (+8.5 points against top), which confirms it" in md
+    assert f"fine-tuning from depth:0 pays (+8.5 points against top, exact McNemar p = {c.p_text}), which confirms it" in md
+
+
+def _ft_rows(points, converged=True):
+    """Fine-tune rows: (freeze point, depth, correct vector, val score) for seeds 0 and 1."""
+    return [{"kind": "finetune", "model": "", "dataset": "big", "train_size_spec": "all", "train_from": p, "layer": p,
+             "relative_depth": d, "accuracy": float(c.mean()), "val_score": val, "n_test": N_TEST, "epoch": 3,
+             "seed": seed, "test_correct": pack_correct(c), "converged": converged, "epochs_run": 3, "augment": "none",
+             "lr": 0.01} for p, d, c, val in points for seed in (0, 1)]  # fmt: skip
+
+
+def test_fine_tune_verdict_is_mcnemar_like_layers():
+    """-2 points on 200 images, every disagreement against the fine-tune: the Wilson intervals
+    overlap, but the paired test (the rule layers and models use) says it does not pay."""
+    from featx.bench.finetune_cells import compare
+
+    depth = {"mid": 0.5, "top": 1.0}
+    cells = {"mid": (0.80, _correct(160)), "top": (0.90, _correct(180))}
+    src = _Src("big", depth, "similar", n_train=4000, n_classes=2)
+    rows = _rows("big", cells) + _ft_rows((("depth:0", 0.0, _correct(172), 0.95),))
+    (a,) = analyze(rows, [src])
+    (c,) = compare([a], rows)
+    assert c.ft_ci[1] > c.probe_ci[0]  # the intervals overlap
+    assert c.paired.p < 0.05 and c.verdict == "does not pay"
+    md = markdown_report([a], title="t", command=None, plots=[], notes=[], finetune=[c])
+    assert "fine-tuning from depth:0 does not pay (-4.0 points against top" in md and "contradicts it" in md
+
+
+def test_not_converged_is_a_budget_measurement_not_a_verdict():
+    from featx.bench.finetune_cells import compare
+
+    depth = {"mid": 0.5, "top": 1.0}
+    cells = {"mid": (0.80, _correct(160)), "top": (0.90, _correct(180))}
+    src = _Src("big", depth, "similar", n_train=4000, n_classes=2)
+    rows = _rows("big", cells) + _ft_rows((("depth:0", 0.0, _correct(150), 0.95),), converged=False)
+    (a,) = analyze(rows, [src])
+    (c,) = compare([a], rows)
+    assert c.verdict == "does not pay" and not c.converged
+    md = markdown_report([a], title="t", command=None, plots=[], notes=[], finetune=[c])
+    assert "not converged (validation had not stopped improving when its 3 epochs ran out): a budget measurement, not a verdict" in md
+    assert "confirms it" not in md and "contradicts it" not in md
+    assert "does not pay; not converged" in md
+
+
+def test_a_baseline_that_beats_everything_leads_the_answer():
+    """Raw pixels beat the chosen layer and the fine-tune beyond noise: the first sentence says so
+    and what to use; the rule-of-thumb lines take it into account."""
+    from featx.bench.analysis import apply_baselines
+    from featx.bench.finetune_cells import compare
+
+    depth = {"mid": 0.5, "top": 1.0}
+    cells = {"mid": (0.80, _correct(140)), "top": (0.90, _correct(160))}
+    src = _Src("big", depth, "different", n_train=40000, n_classes=2)
+    pix = [{**r, "layer": "pixels", "baseline": "pixels", "model": "pixels"} for r in _rows("big", {"pixels": (0.9, _correct(190))})]
+    rows = _rows("big", cells) + pix + _ft_rows((("depth:0", 0.0, _correct(170), 0.95),))
+    (a,) = analyze(rows, [src])
+    (c,) = compare([a], rows)
+    apply_baselines([a], [c])
+    md = markdown_report([a], title="t", command=None, plots=[], notes=[], finetune=[c])
+    assert a.answer.startswith("Use the raw-pixel baseline: raw pixels (logistic regression) beat the chosen layer top")
+    assert "and fine-tuning from depth:0 (0.950 against 0.850" in a.answer
+    assert "so neither answer of the rule is the one to use here" in md
+    assert "so the rule's recommendation is not the one to use here" in a.rule_check
+
+
+def test_a_baseline_within_noise_changes_nothing():
+    from featx.bench.analysis import apply_baselines
+
+    depth = {"mid": 0.5, "top": 1.0}
+    cells = {"mid": (0.80, _correct(140)), "top": (0.90, _correct(180))}
+    src = _Src("big", depth, "different", n_train=400, n_classes=2)
+    pix = [{**r, "layer": "pixels", "baseline": "pixels", "model": "pixels"} for r in _rows("big", {"pixels": (0.9, _correct(182))})]
+    (a,) = analyze(_rows("big", cells) + pix, [src])
+    before = a.answer
+    apply_baselines([a], [])
+    assert a.answer == before and not a.baseline_wins
 
 
 def test_a_cross_validated_choice_keeps_the_deeper_layer_within_noise_and_says_why(tmp_path):
@@ -152,3 +225,21 @@ def test_a_cross_validated_choice_keeps_the_deeper_layer_within_noise_and_says_w
     with open(csv_path) as f:
         got = list(csv.DictReader(f))
     assert got[0]["val_rule"] == LOGLIK and [float(v) for v in got[0]["val_folds"].split()] == list(ref)
+
+
+def test_a_random_init_control_that_beats_the_pretrained_layer_leads_the_answer():
+    """The random-init twin's chosen layer beats the pretrained model's chosen layer beyond noise:
+    the pretrained analysis' answer starts by saying so and what to use."""
+    from featx.bench.analysis import apply_baselines
+
+    depth = {"mid": 0.5, "top": 1.0}
+    pre, rnd = _Src("big", depth, "different"), _Src("big", depth, "different")
+    pre.model, rnd.model, rnd.control_of = "m@imagenet", "m@none", "m@imagenet"
+    rows = [{**r, "model": "m@imagenet"} for r in _rows("big", {"mid": (0.8, _correct(140)), "top": (0.9, _correct(150))})]
+    rows += [{**r, "model": "m@none", "control_of": "m@imagenet"}
+             for r in _rows("big", {"mid": (0.8, _correct(170)), "top": (0.95, _correct(190))})]  # fmt: skip
+    analyses = analyze(rows, [pre, rnd])
+    a = next(x for x in analyses if not x.control_of)
+    apply_baselines(analyses, [])
+    assert a.answer.startswith("Use m@none's top codes (random init): the random-init control's top beat the chosen layer top")
+    assert "the pretrained network does not pay on this data" in a.answer

@@ -120,6 +120,8 @@ class DatasetAnalysis:
     rows_digest: str = ""  # equal digests: the same images in the same splits (test images pair up)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> metric -> score (largest size)
     finetuned: bool = False  # the bench has fine-tune cells for this dataset (bench --finetune)
+    pixels_correct: dict[str, np.ndarray] = field(default_factory=dict)  # size -> raw pixels' first-seed correctness
+    baseline_wins: str = ""  # set by apply_baselines: which baseline beat what, beyond noise
 
     def ci(self, layer: str, size: str) -> tuple[float, float]:
         """Wilson 95% interval of the (seed-mean) test accuracy over the n test images."""
@@ -193,6 +195,9 @@ def analyze(
                 correct={k: unpack_correct(r["test_correct"], r["n_test"]) for k, r in first.items()
                          if r.get("test_correct")},
                 val_source={s: next(r.get("val_source", "") for r in cnn if r["train_size_spec"] == s) for s in sizes},
+                pixels_correct={s: unpack_correct(r["test_correct"], r["n_test"]) for s in sizes for r in [min(
+                    (r for r in rs if r["baseline"] and r["train_size_spec"] == s), key=lambda r: r["seed"], default={})]
+                    if r.get("test_correct")},
                 candidates={k: replace(selection.candidate(k[0], v), depth=src.depth[k[0]]) for k, v in groups.items()},
                 n_test=int(cnn[0].get("n_test") or 0), model=model, control_of=getattr(src, "control_of", ""),
                 rows_digest=getattr(src, "rows_digest", ""),
@@ -374,6 +379,47 @@ def _decide(a: DatasetAnalysis) -> None:
             + (f"; the measurement says {a.measured}" if a.disagrees else "; the measurement agrees")
         )
     a.evidence = ev
+
+
+def apply_baselines(analyses: list[DatasetAnalysis], finetune=()) -> None:
+    """Where a baseline (raw pixels, the random-init control's chosen layer) beats what featx would
+    recommend (the chosen layer; the chosen fine-tune where there is one) beyond noise (exact
+    McNemar on the same test images, first seeds, p < NOISE_P), the answer's first sentence says
+    so and what to use, and the rule-of-thumb line takes it into account (`baseline_wins`)."""
+    for a in analyses:
+        if a.control_of:
+            continue
+        size = a.sizes[-1]
+        ours = [(f"the chosen layer {a.best}", a.acc[(a.best, size)].mean, a.correct.get((a.best, size)))]
+        c = next((c for c in finetune if (c.dataset, c.size, c.model, c.classifier) == (a.name, size, a.model, a.classifier)), None)
+        if c is not None:
+            ours.append((f"fine-tuning from {c.point}", c.ft_acc, c.ft_correct))
+        bases = []
+        if size in a.pixels and size in a.pixels_correct:
+            bases.append(("raw pixels (logistic regression)", "the raw-pixel baseline", a.pixels[size].mean, a.pixels_correct[size]))
+        for b in analyses:
+            if b.control_of and b.control_of == a.model and (b.name, b.classifier) == (a.name, a.classifier) and (b.best, size) in b.acc:
+                bases.append((f"the random-init control's {b.best}", f"{b.model}'s {b.best} codes (random init)",
+                              b.acc[(b.best, size)].mean, b.correct.get((b.best, size))))  # fmt: skip
+        for name, use, acc, bits in sorted(bases, key=lambda x: -x[2]):
+            beaten = []
+            for what, mine, theirs in ours:
+                if bits is None or theirs is None or len(bits) != len(theirs) or acc <= mine:
+                    continue
+                t = mcnemar_exact(bits, theirs)
+                if t.p < NOISE_P and t.a_only > t.b_only:
+                    beaten.append(f"{what} ({acc:.3f} against {mine:.3f}, exact McNemar p = {t.p:.2g})")
+            if not beaten:
+                continue
+            a.baseline_wins = f"{name} beat {' and '.join(beaten)} beyond noise"
+            if len(beaten) == len(ours):
+                lead = f"Use {use}: {a.baseline_wins}; the pretrained network does not pay on this data."
+            else:
+                lead = (f"{a.baseline_wins[0].upper()}{a.baseline_wins[1:]}; fine-tuning from {c.point} is not beaten "
+                        f"by it: use the fine-tuned network.")  # fmt: skip
+            a.answer = f"{lead} Among the network's layers: {a.answer[0].lower()}{a.answer[1:]}"
+            a.rule_check += f"; but {a.baseline_wins}, so the rule's recommendation is not the one to use here"
+            break
 
 
 def head_confidence(path: str, head: str) -> float:

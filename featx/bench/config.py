@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 from featx.classifiers.protocol import Protocol
 from featx.errors import UsageError
+from featx.finetune.settings import FinetuneSettings
 from featx.models.spec import split_weights
 from featx.settings import (
     DEFAULT_BENCH_LAYERS,
@@ -118,6 +119,7 @@ class BenchConfig:
     jobs: int
     scheduler: str | None  # a Dask scheduler's address; None: $DASK_SCHEDULER_ADDRESS, else local joblib
     finetune: list[str]  # freeze points of the fine-tune cells (featx.bench.finetune_cells); [] for none
+    finetune_settings: FinetuneSettings  # their recipe (train_from, train_size and seed set per cell)
 
     def __init__(self, model: ModelSettings | str | Sequence[ModelSettings | str], datasets: list[BenchData], codes: CodeSettings | str | None = None,
                  run: RunSettings | None = None, *, train_sizes: Sequence[str] = ("all",),
@@ -126,12 +128,12 @@ class BenchConfig:
                  out: str = "results/bench", cache_dir: str | None = None, jobs: int = 1, scheduler: str | None = None,
                  control: str | None = None, finetune: Sequence[str] | str = (), finetune_settings=None,
                  **settings):  # fmt: skip
-        from featx.finetune.settings import FinetuneSettings
-
         self.models, self.codes, self.run = _gather_models(model, codes or DEFAULT_LAYERS, run, settings)
         # fine-tune cells (freeze points, for the first model) and their recipe
         self.finetune = parse_points(",".join(finetune) if not isinstance(finetune, str) else finetune) if finetune else []
-        self.finetune_settings = finetune_settings or FinetuneSettings()
+        self.finetune_settings = FinetuneSettings() if finetune_settings is None else finetune_settings
+        if not isinstance(self.finetune_settings, FinetuneSettings):
+            raise TypeError(f"finetune_settings: give a FinetuneSettings, not {type(self.finetune_settings).__name__}")
         if control is not None and control not in CONTROLS:
             raise UsageError(f"--control {control!r}: use random (or leave it out)")
         self.control = control

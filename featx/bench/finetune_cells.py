@@ -21,11 +21,12 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from featx.classifiers.protocol import TrainSize, parse_train_size
 from featx.errors import FeatxError
 from featx.finetune.settings import FinetuneSettings
+from featx.stats import Paired
 from featx.store.cache import digest
 
 log = logging.getLogger("featx")
@@ -50,7 +51,7 @@ class FinetuneCell:
                        "crop_pct": m.crop_pct, "data": os.path.abspath(self.spec) if os.path.exists(self.spec)
                        else self.spec, "data_options": config.data_options.to_dict(),
                        "run": {"device": config.run.device, "precision": config.run.precision},
-                       "recipe": self.settings(base).to_dict()})  # fmt: skip
+                       "recipe": self.settings(base).key_dict()})  # fmt: skip
 
 
 def finetune_cells(config, points: list[str], sizes: list[str], seeds) -> list[FinetuneCell]:
@@ -90,6 +91,7 @@ def run_finetune_cells(config, points: list[str], base: FinetuneSettings, progre
 def finetune_rows(config, cells: list[tuple]) -> list[dict]:
     """One flat row per finished fine-tune cell, in the columns of the probe rows plus `kind`."""
     from featx.bench.config import model_label
+    from featx.finetune.train import converged
 
     rows = []
     for cell, r in cells:
@@ -104,6 +106,9 @@ def finetune_rows(config, cells: list[tuple]) -> list[dict]:
             "balanced_accuracy": r["balanced_accuracy"], "val_score": r["val_score"], "n_test": r["n_test"],
             "fit_seconds": r["seconds"], "baseline": "", "epoch": r["epoch"],
             "image_size": r["preprocessing"]["crop_size"], "resize_size": r["preprocessing"]["resize_size"],
+            "epochs_run": r["epochs_run"], "converged": r.get("converged", converged(r["history"])),
+            "augment": r.get("augment", "default" if r["recipe"].get("augment") is True else "none"),
+            "lr": r.get("lr", r["recipe"].get("lr")),
             **{k: r.get(k) for k in ("val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct")},
         })  # fmt: skip
     return rows
@@ -113,7 +118,9 @@ def finetune_rows(config, cells: list[tuple]) -> list[dict]:
 class FinetuneVsProbe:
     """At one (dataset, train size): the probe's chosen layer and the fine-tune's chosen freeze
     point (each the best by mean validation score over seeds), their test accuracies (seed means)
-    and Wilson 95% intervals, and the gain of fine-tuning in points with its spread over seeds."""
+    and Wilson 95% intervals, the gain of fine-tuning in points with its spread over seeds, and the
+    exact McNemar test of the two on the same test images (the first seed's cells), the rule that
+    judges layers and models too."""
 
     dataset: str
     size: str
@@ -128,7 +135,14 @@ class FinetuneVsProbe:
     seeds: int
     n_test: int
     epoch: float
-    points: tuple = ()  # every freeze point: {"point", "acc", "std", "val"} (seed means), in grid order
+    points: tuple = ()  # every freeze point: {"point", "acc", "std", "val", "converged"} (seed means), in grid order
+    paired: Paired | None = None  # McNemar: a = the fine-tune, b = the probe; None when the test images differ
+    converged: bool = True  # every seed's cell of the chosen point stopped improving before its last epoch
+    epochs_run: float = 0.0
+    recipe: str = ""  # the chosen augmentation and learning rate(s), e.g. "light, lr 0.03"
+    model: str = ""  # the probe analysis' model label and classifier (to find it again)
+    classifier: str = ""
+    ft_correct: object = field(default=None, repr=False, compare=False)  # first seed's per-image correctness
 
     @property
     def gain(self) -> float:
@@ -136,12 +150,19 @@ class FinetuneVsProbe:
 
     @property
     def verdict(self) -> str:
-        """'pays' / 'does not pay' when the two intervals are apart, else 'within noise'."""
-        if self.ft_ci[0] > self.probe_ci[1]:
-            return "pays"
-        if self.ft_ci[1] < self.probe_ci[0]:
-            return "does not pay"
-        return "within noise"
+        """'pays' / 'does not pay' when McNemar's p < NOISE_P, else 'within noise'; 'not paired'
+        when the two did not see the same test images."""
+        from featx.bench.analysis import NOISE_P
+
+        if self.paired is None:
+            return "not paired"
+        if self.paired.p >= NOISE_P or self.paired.a_only == self.paired.b_only:
+            return "within noise"
+        return "pays" if self.paired.a_only > self.paired.b_only else "does not pay"
+
+    @property
+    def p_text(self) -> str:
+        return "-" if self.paired is None else f"{self.paired.p:.2g}"
 
 
 def compare(analyses, rows: list[dict]) -> list[FinetuneVsProbe]:
@@ -149,7 +170,7 @@ def compare(analyses, rows: list[dict]) -> list[FinetuneVsProbe]:
     import numpy as np
 
     from featx.bench.analysis import best_layer
-    from featx.stats import wilson_interval
+    from featx.stats import mcnemar_exact, unpack_correct, wilson_interval
 
     ft = [r for r in rows if r.get("kind") == "finetune"]
     out = []
@@ -166,12 +187,47 @@ def compare(analyses, rows: list[dict]) -> list[FinetuneVsProbe]:
             point = max(by_point, key=lambda p: (np.mean([r["val_score"] for r in by_point[p]]), p))
             rs, layer = by_point[point], best_layer(a, size)
             acc, n = float(np.mean([r["accuracy"] for r in rs])), int(rs[0]["n_test"])
+            first = min(rs, key=lambda r: r["seed"])
+            probe_bits = a.correct.get((layer, size))
+            paired, bits = None, None
+            if first.get("test_correct"):
+                bits = unpack_correct(first["test_correct"], first["n_test"])
+                if probe_bits is not None and len(probe_bits) == len(bits):
+                    paired = mcnemar_exact(bits, probe_bits)
             out.append(FinetuneVsProbe(
                 a.name, size, layer, a.acc[(layer, size)].mean, a.ci(layer, size), point, rs[0]["layer"], acc,
                 float(np.std([r["accuracy"] for r in rs])), wilson_interval(int(round(acc * n)), n), len(rs), n,
                 float(np.mean([r["epoch"] for r in rs])),
                 tuple({"point": p, "acc": float(np.mean([r["accuracy"] for r in v])),
                        "std": float(np.std([r["accuracy"] for r in v])),
-                       "val": float(np.mean([r["val_score"] for r in v]))} for p, v in by_point.items()),
+                       "val": float(np.mean([r["val_score"] for r in v])),
+                       "converged": all(r.get("converged", True) for r in v)} for p, v in by_point.items()),
+                paired, all(r.get("converged", True) for r in rs), float(np.mean([r.get("epochs_run") or 0 for r in rs])),
+                _recipe_text(rs), a.model, a.classifier, bits,
             ))  # fmt: skip
     return out
+
+
+def _recipe_text(rs: list[dict]) -> str:
+    """The chosen augmentation and learning rate over the seeds' cells ('light, lr 0.03')."""
+    aug = "/".join(dict.fromkeys(str(r.get("augment") or "?") for r in rs))
+    lr = "/".join(dict.fromkeys(f"{r['lr']:g}" if isinstance(r.get("lr"), (int, float)) else "?" for r in rs))
+    return f"{aug}, lr {lr}"
+
+
+def rule_line(a, c: FinetuneVsProbe) -> str:
+    """Whether the fine-tune measurement at the largest train size confirms the rule of thumb's
+    case: never a verdict from a fine-tune that had not converged, or when a baseline beat both."""
+    rule = "fine-tune" if a.case in (2, 4) else "a linear classifier on codes"
+    relation = "is within noise of the probe" if c.verdict == "within noise" else c.verdict
+    head = (f"{a.name}: rule of thumb for case {a.case} ({a.size}, {a.similarity_text}): {rule}; measured at train size "
+            f"{c.size}: fine-tuning from {c.point} {relation} ({c.gain:+.1f} points against {c.probe_layer}, exact "
+            f"McNemar p = {c.p_text})")  # fmt: skip
+    if not c.converged:
+        return (f"{head}; not converged (validation had not stopped improving when its {c.epochs_run:g} epochs ran out): "
+                f"a budget measurement, not a verdict on the rule.")  # fmt: skip
+    if a.baseline_wins:
+        return f"{head}; but {a.baseline_wins}, so neither answer of the rule is the one to use here."
+    agrees = {"pays": a.case in (2, 4), "does not pay": a.case in (1, 3)}.get(c.verdict)
+    word = "cannot tell them apart" if agrees is None else "confirms it" if agrees else "contradicts it"
+    return f"{head}, which {word}."

@@ -90,7 +90,7 @@ def _wrap(title: str, width: int = 110) -> str:
     return "\n".join(textwrap.wrap(title, width)) or title
 
 
-def plot_depth(analyses, path: str, title: str, finetune_rows: Sequence[dict] = ()) -> str:
+def plot_depth(analyses, path: str, title: str, finetune_rows: Sequence[dict] = (), comparisons=()) -> str:
     """Accuracy vs relative depth: a panel per train size, a line per dataset and model (similar
     solid, different dashed, random-init controls dotted) on the shared relative-depth axis; the
     lower row shows accuracy relative to each line's chosen layer (the best by validation at that
@@ -127,6 +127,14 @@ def plot_depth(analyses, path: str, title: str, finetune_rows: Sequence[dict] = 
                 fx, fy = zip(*ft)
                 axes[0][j].plot(fx, fy, ls="none", marker="X", ms=9, color=color, label=f"{label}: fine-tuned from depth")
                 axes[1][j].plot(fx, np.array(fy) / chosen, ls="none", marker="X", ms=9, color=color)
+                c = next((c for c in comparisons if (c.dataset, c.size, c.model, c.classifier)
+                          == (a.name, size, a.model, a.classifier)), None)  # fmt: skip
+                if c is not None:  # the chosen fine-tune's verdict, the table's words
+                    depth = next((float(r["relative_depth"]) for r in finetune_rows if r["train_from"] == c.point
+                                  and r["dataset"] == a.name), fx[0])  # fmt: skip
+                    axes[0][j].annotate(f"{c.verdict} (p = {c.p_text}){'' if c.converged else ', not converged'}",
+                                        (depth, c.ft_acc), textcoords="offset points", xytext=(4, 6), fontsize=7,
+                                        color=color)  # fmt: skip
         axes[0][j].set_title(f"train size {size}")
         axes[1][j].set_xlabel("relative depth (1.0 = penultimate)")
     axes[0][0].set_ylabel("test accuracy")
@@ -258,43 +266,45 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
 
 
 def _finetune_section(analyses, comparisons, recipe: str) -> list[str]:
-    """Fine-tuning beside probing: per dataset and train size the two picks, the gain, the verdict,
-    and at the largest size whether the measurement confirms the rule of thumb's case."""
+    """Fine-tuning beside probing: per dataset and train size the two picks, the gain, the verdict
+    (exact McNemar, as for layers and models), convergence and the chosen recipe, and at the
+    largest size whether the measurement confirms the rule of thumb's case."""
+    from featx.bench.analysis import NOISE_P
+    from featx.bench.finetune_cells import rule_line
+
     if not comparisons:
         return []
     lines = ["## Fine-tuning beside probing", "",
              "Per dataset and train size: the chosen probe layer and the best fine-tune freeze point, each chosen by "
              "validation score (mean over seeds), never by test; test accuracies are seed means with their Wilson 95% "
-             "interval; the gain is fine-tune minus probe in points (± the fine-tune's spread over seeds). \"pays\" or "
-             "\"does not pay\" when the two intervals do not overlap, else \"within noise\"."
-             + (f" Recipe: {recipe}." if recipe else ""), ""]  # fmt: skip
+             "interval; the gain is fine-tune minus probe in points (± the fine-tune's spread over seeds). The verdict "
+             f"is the exact McNemar test of the two on the same test images (first seed), the rule that judges layers "
+             f"and models: \"pays\" or \"does not pay\" when p < {NOISE_P:g}, else \"within noise\". A fine-tune "
+             "whose validation was still improving at its last epoch is marked \"not converged\": a budget "
+             "measurement, not a verdict." + (f" Recipe: {recipe}." if recipe else ""), ""]  # fmt: skip
     rows = [[c.dataset, c.size, f"{c.probe_layer}: {c.probe_acc:.3f} ({c.probe_ci[0]:.2f}-{c.probe_ci[1]:.2f})",
              f"{c.point} ({c.point_module.removeprefix('input (').removesuffix(')')}): {c.ft_acc:.3f} ± {c.ft_std:.3f} ({c.ft_ci[0]:.2f}-{c.ft_ci[1]:.2f})",
-             f"{c.gain:+.1f}", c.verdict, f"{c.epoch:g}"] for c in comparisons]  # fmt: skip
+             f"{c.gain:+.1f}", c.p_text, c.verdict if c.converged else f"{c.verdict}; not converged",
+             f"{c.epoch:g} of {c.epochs_run:g}", c.recipe] for c in comparisons]  # fmt: skip
     lines += [markdown_table(rows, ["dataset", "train size", "probe (chosen layer)", "fine-tune (chosen freeze point)",
-                                    "gain (points)", "verdict", "chosen epoch"]), ""]  # fmt: skip
-    lines += ["Every freeze point (test accuracy, mean ± std over seeds; validation score in brackets):", ""]
+                                    "gain (points)", "McNemar p", "verdict", "chosen epoch of run",
+                                    "chosen recipe"]), ""]  # fmt: skip
+    lines += ["Every freeze point (test accuracy, mean ± std over seeds; validation score in brackets; * not converged):", ""]
     every = [[c.dataset, c.size, *(_point_text(p) for p in c.points)] for c in comparisons]
     width = max(len(c.points) for c in comparisons)
     lines += [markdown_table([r + [""] * (2 + width - len(r)) for r in every],
                              ["dataset", "train size", *[f"freeze point {i + 1}" for i in range(width)]]), ""]  # fmt: skip
     for a in analyses:
-        mine = [c for c in comparisons if c.dataset == a.name]
+        mine = [c for c in comparisons if (c.dataset, c.model, c.classifier) == (a.name, a.model, a.classifier)]
         if not mine or a.control_of:
             continue
-        last = mine[-1]
-        rule = "fine-tune" if a.case in (2, 4) else "a linear classifier on codes"
-        agrees = {"pays": a.case in (2, 4), "does not pay": a.case in (1, 3)}.get(last.verdict)
-        word = "cannot tell them apart" if agrees is None else "confirms it" if agrees else "contradicts it"
-        lines.append(f"- {a.name}: rule of thumb for case {a.case} ({a.size}, {a.similarity_text}): {rule}; measured at "
-                     f"train size {last.size}: fine-tuning from {last.point} "
-                     f"{'is within noise of the probe' if last.verdict == 'within noise' else last.verdict} ({last.gain:+.1f} points "
-                     f"against {last.probe_layer}), which {word}.")  # fmt: skip
+        lines.append(f"- {rule_line(a, mine[-1])}")
     return lines + [""]
 
 
 def _point_text(p: dict) -> str:
-    return f"{p['point']}: {p['acc']:.3f} ± {p['std']:.3f} [{p['val']:.3f}]"
+    star = "" if p.get("converged", True) else "*"
+    return f"{p['point']}: {p['acc']:.3f} ± {p['std']:.3f} [{p['val']:.3f}]{star}"
 
 
 def _models_section(analyses) -> list[str]:
@@ -374,7 +384,7 @@ def leakage_lines(result) -> list[str]:
 def write_bench_report(result, command: str | None = None) -> dict[str, str]:
     """Write every output of a finished bench into its results directory; returns their paths."""
 
-    from featx.bench.analysis import analyze, head_confidence
+    from featx.bench.analysis import analyze, apply_baselines, head_confidence
     from featx.files import write_text_atomic
 
     cfg = result.config
@@ -386,6 +396,7 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
     from featx.bench.finetune_cells import compare
 
     comparisons = compare(analyses, rows) if ft_rows else []
+    apply_baselines(analyses, comparisons)
     models = cfg.bench_models()
     title = (f"featx bench: {cfg.model.name} ({cfg.model.weights} weights)" if len(models) == 1
              else f"featx bench: {', '.join(m.label for m in models)}")  # fmt: skip
@@ -395,7 +406,8 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
         by_clf.setdefault(a.classifier, []).append(a)
     for clf, group in by_clf.items():
         suffix = "" if len(by_clf) == 1 else f"_{clf.replace('/', '-')}"
-        plots.append(plot_depth(group, os.path.join(cfg.out, f"depth{suffix}.png"), f"{title}, {clf}", ft_rows))
+        plots.append(plot_depth(group, os.path.join(cfg.out, f"depth{suffix}.png"), f"{title}, {clf}", ft_rows,
+                                comparisons))
         plots.append(
             plot_learning_curves(
                 group, os.path.join(cfg.out, f"learning_curves{suffix}.png"), f"{title}, {clf}"

@@ -39,11 +39,20 @@ def add_parser(sub) -> None:
     p.add_argument("--finetune", metavar="POINTS",
                    help="add fine-tune cells from these freeze points (depth:0,0.5,1.0 or layer names), for the first "
                         "--model, per dataset x train size x seed, beside the probe cells")  # fmt: skip
-    p.add_argument("--finetune-epochs", type=o.positive_int, help="fine-tune epochs (10)")
-    p.add_argument("--finetune-lr", type=float, help="fine-tune head learning rate (0.01; pretrained layers x0.1)")
+    p.add_argument("--finetune-epochs", type=o.auto_or_int,
+                   help="fine-tune epochs: N, or auto: until validation stops improving (auto)")  # fmt: skip
+    p.add_argument("--finetune-max-epochs", type=o.positive_int, help="the cap of --finetune-epochs auto (30)")
+    p.add_argument("--finetune-lr", type=lambda t: o.floats(t, "--finetune-lr"),
+                   help="fine-tune head learning rate; several (0.01,0.03): chosen on validation (0.01; pretrained "
+                        "layers x0.1)")  # fmt: skip
+    p.add_argument("--finetune-augment",
+                   help="none, light or default (RandomResizedCrop + flip); several (none,light,default): chosen on "
+                        "validation (default)")  # fmt: skip
     p.add_argument("--finetune-batch-size", type=o.positive_int, help="fine-tune images per step (32)")
     p.add_argument("--finetune-max-images", type=o.positive_int,
                    help="cap each fine-tune's training images (a seeded stratified subset): fine-tuning on a CPU is slow")  # fmt: skip
+    p.add_argument("--finetune-threads", type=o.auto_or_int,
+                   help="CPU threads for fine-tuning: N, or auto (1 or all cores, measured) (auto)")  # fmt: skip
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="fit the cells on this Dask cluster (tcp://HOST:8786; default $DASK_SCHEDULER_ADDRESS; "
                         "'local': here, with --jobs); needs featx[dask] and a cache dir the workers see")  # fmt: skip
@@ -109,13 +118,26 @@ def run(args) -> int:
     return _run(config, args)
 
 
-def _finetune_settings(args):
-    """The fine-tune recipe from --finetune-*: the library's defaults for what is not given."""
-    from featx.finetune.settings import FinetuneSettings
+# FinetuneSettings' fields that bench sets, and their bench flags (errors name these)
+FINETUNE_FLAGS = {"epochs": "--finetune-epochs", "max_epochs": "--finetune-max-epochs", "lr": "--finetune-lr",
+                  "augment": "--finetune-augment", "batch_size": "--finetune-batch-size",
+                  "max_images": "--finetune-max-images", "threads": "--finetune-threads"}  # fmt: skip
 
-    given = {"epochs": args.finetune_epochs, "lr": args.finetune_lr, "batch_size": args.finetune_batch_size,
-             "max_images": args.finetune_max_images}  # fmt: skip
-    return FinetuneSettings(**{k: v for k, v in given.items() if v is not None})
+
+def _finetune_settings(args):
+    """The fine-tune recipe from --finetune-*: the library's defaults for what is not given; an
+    error names the bench's flag (--finetune-lr, not finetune's --lr)."""
+    from featx.finetune.settings import FinetuneSettings
+    from featx.settings import FLAGS
+
+    given = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in FINETUNE_FLAGS.items()}
+    try:
+        return FinetuneSettings(**{k: v for k, v in given.items() if v is not None})
+    except UsageError as e:
+        for field, flag in FINETUNE_FLAGS.items():
+            if str(e).startswith(FLAGS[field] + " "):
+                raise UsageError(flag + str(e)[len(FLAGS[field]):]) from None
+        raise
 
 
 def run_demo(args) -> int:

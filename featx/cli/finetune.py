@@ -15,8 +15,11 @@ def _add_recipe_args(p) -> None:
 
     p.add_argument("--train-from", default=D.train_from,
                    help="freeze point: depth:F (0 = everything trains, 1.0 = head only) or a layer name (depth:0.5)")  # fmt: skip
-    p.add_argument("--epochs", type=o.positive_int, default=D.epochs, help=f"epochs ({D.epochs})")
-    p.add_argument("--lr", type=float, default=D.lr, help=f"peak learning rate of the new head ({D.lr})")
+    p.add_argument("--epochs", type=o.auto_or_int, default=D.epochs,
+                   help=f"N, or auto: until validation stops improving ({D.epochs})")  # fmt: skip
+    p.add_argument("--max-epochs", type=o.positive_int, default=D.max_epochs, help=f"the cap of --epochs auto ({D.max_epochs})")
+    p.add_argument("--lr", type=lambda t: o.floats(t, "--lr"), default=D.lr,
+                   help=f"peak learning rate of the new head; several (0.01,0.03): chosen on validation ({D.lr})")  # fmt: skip
     p.add_argument("--backbone-lr-mult", type=float, default=D.backbone_lr_mult,
                    help=f"pretrained layers train at lr x this ({D.backbone_lr_mult})")  # fmt: skip
     p.add_argument("--weight-decay", type=float, default=D.weight_decay, help=f"on weights, not biases/norms ({D.weight_decay})")
@@ -29,7 +32,12 @@ def _add_recipe_args(p) -> None:
     p.add_argument("--seed", type=int, default=D.seed, help="seed of the subset, hold-out, head and data order (0)")
     p.add_argument("--val-fraction", type=float, default=D.val_fraction, help="hold-out share of train without a val split (0.2)")
     p.add_argument("--max-images", type=o.positive_int, help="cap the training images (a seeded stratified subset)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="train on the eval transform")
+    p.add_argument("--augment", default=D.augment,
+                   help="none, light (small crops, no flip) or default (RandomResizedCrop + flip); several "
+                        f"(none,light,default): chosen on validation ({D.augment})")  # fmt: skip
+    p.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="= --augment none")
+    p.add_argument("--threads", type=o.auto_or_int, default=D.threads,
+                   help="CPU threads for training: N, or auto (1 or all cores, whichever is measured faster here)")  # fmt: skip
 
 
 def add_parser(sub) -> None:

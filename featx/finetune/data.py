@@ -14,7 +14,13 @@ from featx.finetune.settings import MIN_VAL_PER_CLASS, FinetuneSettings
 log = logging.getLogger("featx")
 
 
-_RRC_SCALE, _RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop defaults
+# augment -> (crop area scale, aspect ratio range, horizontal flip)
+AUGMENT_PARAMS = {
+    "default": ((0.08, 1.0), (3 / 4, 4 / 3), True),  # torchvision's RandomResizedCrop defaults + flip
+    # small crops: at least 80% of the area, near-square, so a crop shifts and rescales by about 10%
+    # and never cuts an object (a digit, a sign) away; no flip, which mirrors text and signs
+    "light": ((0.8, 1.0), (0.9, 1 / 0.9), False),
+}
 
 
 class _RowsView:
@@ -56,32 +62,33 @@ def select_samples(ds, settings: FinetuneSettings):
     return rows
 
 
-def crop_box(w: int, h: int, rng) -> tuple[int, int, int, int]:
+def crop_box(w: int, h: int, rng, scale=AUGMENT_PARAMS["default"][0], ratio=AUGMENT_PARAMS["default"][1]):
     """torchvision's RandomResizedCrop box (top, left, height, width), drawn from a numpy Generator."""
-    area, lo, hi = w * h, math.log(_RRC_RATIO[0]), math.log(_RRC_RATIO[1])
+    area, lo, hi = w * h, math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
-        target = area * rng.uniform(*_RRC_SCALE)
+        target = area * rng.uniform(*scale)
         ar = math.exp(rng.uniform(lo, hi))
         cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
         if 0 < cw <= w and 0 < ch <= h:
             return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
-    ratio = w / h
-    if ratio < _RRC_RATIO[0]:
-        cw, ch = w, int(round(w / _RRC_RATIO[0]))
-    elif ratio > _RRC_RATIO[1]:
-        cw, ch = int(round(h * _RRC_RATIO[1])), h
+    ratio, ratio_range = w / h, ratio
+    if ratio < ratio_range[0]:
+        cw, ch = w, int(round(w / ratio_range[0]))
+    elif ratio > ratio_range[1]:
+        cw, ch = int(round(h * ratio_range[1])), h
     else:
         cw, ch = w, h
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
 class TrainImages:
-    """Samples `rows` as (label, uint8 [3, S, S] or None): augmented for (seed, epoch) when
-    `epoch` is given (each image's crop and flip a function of seed, epoch and sample), else the
-    weights' eval transform."""
+    """Samples `rows` as (label, uint8 [3, S, S] or None): augmented (`augment` light or default)
+    for (seed, epoch) when `epoch` is given (each image's crop and flip a function of seed, epoch
+    and sample), else (or with `augment="none"`) the weights' eval transform."""
 
-    def __init__(self, ds, rows, pre, seed: int, epoch: int | None = None):
-        self.ds, self.rows, self.pre, self.seed, self.epoch = ds, rows, pre, seed, epoch
+    def __init__(self, ds, rows, pre, seed: int, epoch: int | None = None, augment: str = "default"):
+        self.ds, self.rows, self.pre, self.seed = ds, rows, pre, seed
+        self.epoch, self.augment = (None, "none") if augment == "none" else (epoch, augment)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -106,10 +113,11 @@ class TrainImages:
 
         check_size(self.ds.ids[i], *image.size)
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        top, left, h, w = crop_box(*image.size, rng)
+        scale, ratio, flip = AUGMENT_PARAMS[self.augment]
+        top, left, h, w = crop_box(*image.size, rng, scale, ratio)
         size = self.pre.crop_size
         out = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode(self.pre.interpolation), antialias=True)
-        if rng.random() < 0.5:
+        if flip and rng.random() < 0.5:
             out = TF.hflip(out)
         return TF.pil_to_tensor(out)
 

@@ -28,9 +28,11 @@ classes, and evaluates it as `featx fit` evaluates a probe:
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -51,8 +53,10 @@ from featx.finetune.checkpoints import (
 from featx.finetune.data import batch_positions, select_samples
 from featx.finetune.freeze import apply_freeze, find_head, replace_head, resolve_freeze_point
 from featx.finetune.saved import save_model
-from featx.finetune.settings import FinetuneResult, FinetuneSettings
-from featx.finetune.train import TrainJob, make_optimizer, predict_logits, train_epoch, val_scores
+from featx.finetune.search import successive_halving
+from featx.finetune.settings import PATIENCE, FinetuneResult, FinetuneSettings
+from featx.finetune.threads import choose_threads, torch_threads
+from featx.finetune.train import TrainJob, converged, make_optimizer, predict_logits, train_epoch, val_scores
 
 log = logging.getLogger("featx")
 
@@ -70,8 +74,7 @@ def _precision(run, device):
 
 
 def _prepare(model, data, settings, data_options):
-    """(dataset, rows, backbone, plan taps, freeze point, head name): everything before training."""
-    from featx.engine.compute import load_backbone
+    """(dataset, rows, resolved plan): everything before the network."""
     from featx.models.plan import resolve
     from featx.sources.autogroups import OPTION, threshold_of
     from featx.sources.spec import open_source
@@ -84,13 +87,26 @@ def _prepare(model, data, settings, data_options):
         raise UsageError(f"--data {ds.spec}: unlabelled images (no classes); finetune needs labels: give class "
                          f"folders or a CSV with a label column")  # fmt: skip
     rows = select_samples(ds, settings)
-    plan = resolve(model)
+    return ds, rows, resolve(model)
+
+
+def build_network(plan, ds, settings, device):
+    """(backbone, plan, freeze point, head name, trainable params, head params): a fresh network
+    with a new head, frozen at `settings.train_from`, on `device`."""
+    import torch
+
+    from featx.engine.compute import load_backbone
+
     backbone, plan = load_backbone(plan)
     module = backbone.module
     head = find_head(module)
     point = resolve_freeze_point(plan.taps, module, settings.train_from, str(plan.model))
     replace_head(module, head, len(ds.classes), settings.seed)
-    return ds, rows, backbone, plan, point, head
+    trained, head_params = apply_freeze(module, point, head)
+    module.to(device)
+    if device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    return backbone, plan, point, head, trained, head_params
 
 
 def _fingerprint(backbone, ds, rows, settings, device, amp) -> str:
@@ -110,33 +126,48 @@ def _estimate(job: TrainJob, start_epoch: int):
         if done[0]:
             return
         done[0] = True
-        epochs = job.settings.epochs - start_epoch
+        epochs = job.settings.schedule_epochs - start_epoch
         # an evaluation batch counted as a training batch: measured about equal for head-only training,
         # a third of one for full fine-tuning on this CPU, so the estimate errs long, not short
         evals = (len(job.rows.val) * epochs + len(job.rows.test)) / max(1, job.settings.batch_size)
         total = seconds * (n * epochs + evals)
-        log.info("fine-tuning on the CPU: about %.0f min for %d epochs of %d images (first batch %.2f s); "
-                 "--max-images caps the training images", total / 60, epochs, len(job.rows.train), seconds)  # fmt: skip
+        log.info("fine-tuning on the CPU: about %.0f min for %s%d epochs of %d images (first batch %.2f s); "
+                 "--max-images caps the training images", total / 60, "up to " if job.settings.auto else "", epochs,
+                 len(job.rows.train), seconds)  # fmt: skip
 
     return on_batch
 
 
-def _run_epochs(job: TrainJob, folder: str | None, fingerprint: str, progress: bool) -> dict:
-    """Train every epoch not yet checkpointed; returns the state (history, best epoch, its weights)."""
+def _run_epochs(job: TrainJob, folder: str | None, fingerprint: str, progress: bool, state: dict | None = None,
+                until: int | None = None, threads: tuple[int, dict] = (1, {})) -> dict:  # fmt: skip
+    """Train the epochs not yet done, up to `until` (default: the budget), stopping early under
+    `epochs="auto"` once validation stops improving; continues `state` (in memory) or the newest
+    checkpoint in `folder`. Returns the state (history, best epoch, its weights)."""
     from tqdm.auto import tqdm
 
-    s, state, start = job.settings, {"fingerprint": fingerprint, "history": [], "best_epoch": None, "best": None}, 0
-    found = latest_checkpoint(folder, fingerprint, job.module, job.optimizer, s.epochs) if folder else None
-    if found:
-        state = load_checkpoint(found, job.module, job.optimizer)
-        start = state["epoch"] + 1
-        log.info("resuming from %s (epoch %d of %d done)", found.path, start, s.epochs)
+    s = job.settings
+    until = s.schedule_epochs if until is None else min(until, s.schedule_epochs)
+    if state is None:
+        state = {"fingerprint": fingerprint, "history": [], "best_epoch": None, "best": None}
+        found = latest_checkpoint(folder, fingerprint, job.module, job.optimizer, s.schedule_epochs) if folder else None
+        if found:
+            state = load_checkpoint(found, job.module, job.optimizer)
+            log.info("resuming from %s (epoch %d of %s%d done)", found.path, len(state["history"]),
+                     "up to " if s.auto else "", s.schedule_epochs)  # fmt: skip
+    state.setdefault("threads", threads[0])  # checkpointed: a resumed run keeps the count it started with
+    state.setdefault("threads_measured", {str(k): round(v, 2) for k, v in threads[1].items()})
+    start = len(state["history"])
+    if start >= until or (s.auto and converged(state["history"])):
+        return state
     n_batches = len(batch_positions(len(job.rows.train), s.batch_size))
-    bar = tqdm(total=s.epochs * n_batches, initial=start * n_batches, unit="batch", desc="finetune", file=sys.stderr,
+    bar = tqdm(total=until * n_batches, initial=start * n_batches, unit="batch", desc="finetune", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)  # fmt: skip
-    on_batch = _estimate(job, start) if start < s.epochs else None
+    on_batch = _estimate(job, start) if start == 0 else None
     try:
-        for epoch in range(start, s.epochs):
+        for epoch in range(start, until):
+            if s.auto and converged(state["history"]):
+                log.info("validation stopped improving: %d epochs without a gain", PATIENCE)
+                break
             t0 = time.perf_counter()
             loss = train_epoch(job, epoch, bar, on_batch)
             acc, vloss = val_scores(*predict_logits(job, job.rows.val))
@@ -144,7 +175,8 @@ def _run_epochs(job: TrainJob, folder: str | None, fingerprint: str, progress: b
                                      "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
             if state["best"] is None or (acc, -vloss) > tuple(state["best"]):
                 state["best"], state["best_epoch"] = [acc, -vloss], epoch
-            log.info("epoch %d/%d: train loss %.4f, val accuracy %.4f, val loss %.4f", epoch + 1, s.epochs, loss, acc, vloss)
+            log.info("epoch %d/%s%d: train loss %.4f, val accuracy %.4f, val loss %.4f", epoch + 1,
+                     "up to " if s.auto else "", s.schedule_epochs, loss, acc, vloss)  # fmt: skip
             if folder:
                 save_checkpoint(folder, epoch, job.module, job.optimizer,
                                 {k: v for k, v in state.items() if k != "best_weights"})
@@ -167,10 +199,12 @@ def finetune(model, data, settings: FinetuneSettings | None = None, *, run=None,
              out: str | None = None, checkpoint_dir: str | None = None, progress: bool = True) -> FinetuneResult:  # fmt: skip
     """Fine-tune `model` (ModelSettings or a name) on `data` (a --data spec or a `featx.sources.dataset.Dataset`)
     from `settings.train_from` on; evaluate the epoch chosen on validation once on the test split.
+    A grid recipe (several `augment` / `lr` values) is searched on validation first
+    (featx.finetune.search); only the chosen point's chosen epoch sees the test split.
 
     `out`: save the model as OUT.safetensors (and checkpoint to OUT.ckpt/ while training, resuming
-    from there after a crash; a second run on the same `out` meanwhile is refused); `checkpoint_dir`
-    overrides that folder (checkpoints without `out` too).
+    from there after a crash; a grid point per subfolder; a second run on the same `out` meanwhile is
+    refused); `checkpoint_dir` overrides that folder (checkpoints without `out` too).
     """
     with OutLock(_target(out)) if out else contextlib.nullcontext():
         return _finetune(model, data, settings, run=run, data_options=data_options, out=out,
@@ -179,37 +213,88 @@ def finetune(model, data, settings: FinetuneSettings | None = None, *, run=None,
 
 def _finetune(model, data, settings: FinetuneSettings | None = None, *, run=None, data_options=None,
               out: str | None = None, checkpoint_dir: str | None = None, progress: bool = True) -> FinetuneResult:  # fmt: skip
-    import torch
-
     from featx.engine.compute import resolve_device, resolve_workers
     from featx.settings import RunSettings, as_model
 
     settings, run, t0 = settings or FinetuneSettings(), run or RunSettings(workers=0), time.perf_counter()
     target = _target(out)
-    ds, rows, backbone, plan, point, head = _prepare(as_model(model), data, settings, data_options)
+    ds, rows, plan = _prepare(as_model(model), data, settings, data_options)
     device = resolve_device(run.device)
     amp = _precision(run, device)
-    module = backbone.module
-    trained, head_params = apply_freeze(module, point, head)
-    module.to(device)
-    if device.type == "cuda":
-        module.to(memory_format=torch.channels_last)
-    job = TrainJob(module, make_optimizer(settings, trained, head_params), point, ds, rows, backbone.preprocess, settings,
-               device, amp, 0 if run.workers == "auto" and device.type == "cpu" else resolve_workers(run.workers))  # fmt: skip
+    workers = 0 if run.workers == "auto" and device.type == "cpu" else resolve_workers(run.workers)
     folder = checkpoint_dir or (target[: -len(".safetensors")] + ".ckpt" if target else None)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fp = _fingerprint(backbone, ds, rows, settings, device, amp)
-    state = _run_epochs(job, folder, fp, progress)
-    module.load_state_dict(_best_weights(state, folder))
-    logits, y_test = predict_logits(job, rows.test)  # the test split's first and only read
-    results = _results(job, plan, backbone, point, head, state, logits, y_test, time.perf_counter() - t0)
+    points = settings.points()
+    runs: dict[int, dict] = {}  # grid point -> {"job", "folder", "fingerprint", "state", "backbone", ...}
+
+    def open_point(i: int) -> dict:
+        if i not in runs:
+            s = points[i]
+            backbone, resolved, point, head, trained, head_params = build_network(plan, ds, s, device)
+            job = TrainJob(backbone.module, make_optimizer(s, trained, head_params), point, ds, rows,
+                           backbone.preprocess, s, device, amp, workers)  # fmt: skip
+            sub = folder if len(points) == 1 or not folder else os.path.join(folder, _point_dir(i, s))
+            if sub:
+                os.makedirs(sub, exist_ok=True)
+            runs[i] = {"job": job, "folder": sub, "fingerprint": _fingerprint(backbone, ds, rows, s, device, amp),
+                       "state": None, "backbone": backbone, "plan": resolved, "point": point, "head": head}  # fmt: skip
+        return runs[i]
+
+    def advance(i: int, until: int | None) -> dict:
+        r = open_point(i)
+        r["state"] = _run_epochs(r["job"], r["folder"], r["fingerprint"], progress, r["state"], until, (threads, rates))
+        return r["state"]
+
+    threads, rates = _threads(settings, open_point(0), folder, device)
+    with torch_threads(threads) if device.type == "cpu" else contextlib.nullcontext():
+        if len(points) == 1:
+            winner, rungs = 0, []
+            advance(0, None)
+        else:
+            winner, rungs = successive_halving(len(points), advance, settings.schedule_epochs)
+        w = runs[winner]
+        job, module = w["job"], w["job"].module
+        module.load_state_dict(_best_weights(w["state"], w["folder"]))
+        logits, y_test = predict_logits(job, rows.test)  # the test split's first and only read
+    grid = [_grid_entry(points[i], runs[i]["state"], i == winner) for i in sorted(runs)] if len(points) > 1 else []
+    results = _results(job, w["plan"], w["backbone"], w["point"], w["head"], w["state"], logits, y_test,
+                       time.perf_counter() - t0)  # fmt: skip
+    results.update(grid=grid, rungs=rungs, threads=w["state"]["threads"], threads_measured=w["state"]["threads_measured"],
+                   screening_epochs=sum(g["epochs_run"] for g in grid if not g["chosen"]))  # fmt: skip
     module.to("cpu").eval()
     if target:
-        save_model(target, module, backbone, head, ds.classes, settings, results)
+        save_model(target, module, w["backbone"], w["head"], ds.classes, points[winner], results)
         if folder and not checkpoint_dir:
             shutil.rmtree(folder, ignore_errors=True)
     return FinetuneResult(results, target, module)
+
+
+def _point_dir(i: int, s: FinetuneSettings) -> str:
+    return f"{i:02d}-{s.augment}-lr{s.lr:g}"
+
+
+def _grid_entry(s: FinetuneSettings, state: dict | None, chosen: bool) -> dict:
+    h = (state or {}).get("history") or []
+    best = (state or {}).get("best") or [0.0, -math.inf]
+    return {"augment": s.augment, "lr": s.lr, "epochs_run": len(h), "val_accuracy": best[0], "val_loss": -best[1],
+            "chosen": chosen}  # fmt: skip
+
+
+def _threads(settings: FinetuneSettings, first: dict, folder: str | None, device) -> tuple[int, dict]:
+    """The CPU thread count: the one a checkpointed run started with (a resumed run keeps it),
+    `settings.threads` when given, else the faster of 1 and all cores measured here
+    (featx.finetune.threads)."""
+    if device.type != "cpu":
+        return 1, {}
+    if folder:
+        for path in sorted(glob.glob(os.path.join(folder, "**", "epoch-*.safetensors"), recursive=True)):
+            got = read_checkpoint_file(path)
+            if got and isinstance(got[1].get("threads"), int):
+                return got[1]["threads"], {int(k): v for k, v in (got[1].get("threads_measured") or {}).items()}
+    if settings.threads != "auto":
+        return settings.threads, {}
+    job = first["job"]
+    key = (str(first["backbone"].name), first["point"].spec, job.pre.crop_size, settings.batch_size, len(job.ds.classes))
+    return choose_threads(job.module, first["point"], job.pre.crop_size, settings.batch_size, len(job.ds.classes), key)
 
 
 def _target(out: str | None) -> str | None:
@@ -233,6 +318,7 @@ def _results(job: TrainJob, plan, backbone, point, head, state, logits, y_test, 
         "frozen_modules": len(point.frozen), "trainable_params": int(trainable),
         "total_params": int(sum(p.numel() for p in job.module.parameters())), "head": head,
         "recipe": s.to_dict(), "epoch": best + 1, "epochs_run": len(state["history"]), "history": state["history"],
+        "converged": converged(state["history"]), "epochs_cap": s.schedule_epochs, "augment": s.augment, "lr": s.lr,
         "seed": s.seed, "train_size": len(rows.train) + len(rows.val), "train_size_spec": s.train_size,
         "n_fit": len(rows.train), "n_val": len(rows.val), "n_test": int(len(y_test)), "val_source": rows.val_source,
         "test_split": rows.test_split, "val_score": state["best"][0], "val_loss": -state["best"][1],

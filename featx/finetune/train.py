@@ -11,7 +11,7 @@ import numpy as np
 
 from featx.finetune.data import TrainImages, batch_loader, batch_positions
 from featx.finetune.freeze import FreezePoint, set_train_mode
-from featx.finetune.settings import FinetuneSettings
+from featx.finetune.settings import MIN_DELTA, PATIENCE, FinetuneSettings
 
 
 def make_optimizer(settings: FinetuneSettings, backbone: list, head: list):
@@ -68,10 +68,10 @@ def train_epoch(job: TrainJob, epoch: int, bar=None, on_batch=None) -> float:
     torch.manual_seed(s.seed * 100_003 + epoch)  # dropout in the trained part: a function of (seed, epoch)
     order = job.rows.train[np.random.default_rng([s.seed, epoch, 7]).permutation(len(job.rows.train))]
     batches = batch_positions(len(order), s.batch_size)
-    total, warm = s.epochs * len(batches), s.warmup * len(batches)
+    total, warm = s.schedule_epochs * len(batches), s.warmup * len(batches)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=s.label_smoothing)
     set_train_mode(job.module, job.point)
-    images = TrainImages(job.ds, order, job.pre, s.seed, epoch if s.augment else None)
+    images = TrainImages(job.ds, order, job.pre, s.seed, epoch, augment=s.augment)
     losses, count = 0.0, 0
     for b, (y, x) in enumerate(batch_loader(images, batches, job.workers)):
         t0 = time.perf_counter()
@@ -119,3 +119,25 @@ def val_scores(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     z = logits - logits.max(1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(1, keepdims=True))
     return float(np.mean(logits.argmax(1) == y)), float(-logp[np.arange(len(y)), y].mean())
+
+
+def improves(acc: float, loss: float, best_acc: float, best_loss: float) -> bool:
+    """Whether an epoch's validation (accuracy, loss) improves on the best so far: higher accuracy,
+    or the same accuracy with a loss lower by more than MIN_DELTA."""
+    return acc > best_acc or (acc == best_acc and loss < best_loss - MIN_DELTA)
+
+
+def epochs_without_improvement(history: list[dict]) -> int:
+    """How many epochs at the end of `history` did not improve on the best before them."""
+    best, since = None, 0
+    for h in history:
+        if best is None or improves(h["val_accuracy"], h["val_loss"], *best):
+            best, since = (h["val_accuracy"], h["val_loss"]), 0
+        else:
+            since += 1
+    return since
+
+
+def converged(history: list[dict]) -> bool:
+    """Validation stopped improving: the last PATIENCE epochs did not improve on the best."""
+    return epochs_without_improvement(history) >= PATIENCE

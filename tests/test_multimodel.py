@@ -300,3 +300,56 @@ def test_under_cross_validation_models_are_ranked_by_the_log_likelihood_their_la
     (c,) = model_choices(analyses)
     assert (c.chosen.model, c.chosen.best) == ("B@imagenet", "top")
     assert "the best cross-validated log-likelihood (-0.380)" in c.answer
+
+
+def _sized_rows(name, model, cells, sizes, control_of=""):
+    rows = []
+    for size in sizes:
+        for r in _rows(name, model, cells, control_of=control_of):
+            rows.append({**r, "train_size_spec": size, "seed": r["seed"]})
+    return rows
+
+
+@pytest.mark.parametrize("sizes", [("all",), ("2/class", "10/class", "all")])
+def test_plots_keep_legend_and_title_inside_the_figure(tmp_path, sizes):
+    """Four models (one a control) on two datasets, one or three train sizes: at the default size every
+    legend and the title lie inside the figure, and the bars are the Wilson intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from featx.bench.report import plot_depth, plot_learning_curves
+
+    models = ["efficientnet_lite0@imagenet", "efficientnet_lite2@imagenet", "timm:convnext_tiny@in1k",
+              "efficientnet_lite0@none (random control)"]  # fmt: skip
+    rows, srcs = [], []
+    for d in ("flowers5_128", "brain_tumor_mri"):
+        for m in models:
+            ctl = "efficientnet_lite0@imagenet" if "control" in m else ""
+            cells = {"early": (0.6, _correct(120)), "mid": (0.7, _correct(150)), "top": (0.9, _correct(170))}
+            rows += _sized_rows(d, m, cells, sizes, control_of=ctl)
+            srcs.append(_Src(d, m, DEPTH, ctl))
+    analyses = analyze(rows, srcs)
+    seen = []
+    real_close = plt.close
+
+    def keep(fig=None):  # look at each figure before it is closed
+        seen.append(fig)
+
+    plt.close = keep
+    try:
+        plot_depth(analyses, str(tmp_path / "depth.png"), "featx bench: " + ", ".join(models) + ", softmax")
+        plot_learning_curves(analyses[:3], str(tmp_path / "lc.png"), "featx bench: " + ", ".join(models))
+    finally:
+        plt.close = real_close
+    for fig in seen:
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        box = fig.bbox
+        texts = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend()), fig._suptitle]
+        for t in texts:
+            e = t.get_window_extent(r)
+            assert e.x0 >= box.x0 - 1 and e.x1 <= box.x1 + 1 and e.y0 >= box.y0 - 1 and e.y1 <= box.y1 + 1, t
+        real_close(fig)
+    assert (tmp_path / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -256,7 +256,8 @@ def _compare(a: DatasetAnalysis, size: str) -> list[str]:
         line = f"the chosen layer {best} {rel}{_noise(a, best, other, size)}"
         if _within_noise(a, best, other, size):
             shallow = min((best, other), key=lambda n: a.depth[n])
-            line += f"; either will do, {shallow} is cheaper to extract (the forward stops earlier)"
+            line += (f"; this test cannot tell them apart (not shown equal), so the cheaper one to extract, "
+                     f"{shallow}, is a sound choice (the forward stops earlier)")
         out.append(line)
     return out
 
@@ -290,8 +291,8 @@ def _rule_check(a: DatasetAnalysis, size: str) -> str:
         ok = a.best != a.top and not noise and a.acc[(a.best, size)].mean > a.acc[(a.top, size)].mean
     verdict = "confirmed" if ok else "not confirmed"
     if a.best != a.top and noise:
-        verdict = ("consistent with it: the chosen earlier layer and the top layer are within noise, so the top "
-                   "codes do as well" if a.case == 1 else
+        verdict = ("consistent with it: the chosen earlier layer and the top layer are within noise, so this test "
+                   "cannot tell them apart (unresolved, not shown equal)" if a.case == 1 else
                    "not confirmed: the chosen earlier layer and the top layer are within noise")  # fmt: skip
     return f"{rule}; measured here: {measured}: {verdict}"
 

@@ -98,7 +98,7 @@ def _explain(c: ModelChoice) -> None:
     line = f"the chosen {a.model} {a.best} is {rel} the runner-up by validation, {b.model} {b.best}, on test"
     t = _paired(a, b, size)
     if t is not None:
-        verdict = "beyond noise" if t.p < NOISE_P else "within noise: either will do"
+        verdict = "beyond noise" if t.p < NOISE_P else "within noise: this test cannot tell them apart"
         line += f" ({verdict}; exact McNemar p = {t.p:.2g} on {a.n_test} test images)"
     c.evidence.append(line)
     best_test = max(c.entries, key=lambda e: e.acc[(e.best_on_test, size)].mean)

@@ -199,7 +199,7 @@ def compare(analyses, rows: list[dict]) -> list[FinetuneVsProbe]:
                 float(np.std([r["accuracy"] for r in rs])), wilson_interval(int(round(acc * n)), n), len(rs), n,
                 float(np.mean([r["epoch"] for r in rs])),
                 tuple({"point": p, "acc": float(np.mean([r["accuracy"] for r in v])),
-                       "std": float(np.std([r["accuracy"] for r in v])),
+                       "std": float(np.std([r["accuracy"] for r in v])), "seeds": len(v),
                        "val": float(np.mean([r["val_score"] for r in v])),
                        "converged": all(r.get("converged", True) for r in v)} for p, v in by_point.items()),
                 paired, all(r.get("converged", True) for r in rs), float(np.mean([r.get("epochs_run") or 0 for r in rs])),

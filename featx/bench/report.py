@@ -83,6 +83,11 @@ def _style(similarity: str):
     return ("-", "o") if similarity == "similar" else ("--", "s")
 
 
+def _title_width(fig) -> int:
+    """Characters of an 11 pt title that fit the figure's width."""
+    return max(30, int(fig.get_figwidth() * 10.5))
+
+
 def _wrap(title: str, width: int = 110) -> str:
     """A long title (several models) on several lines rather than cut off at the figure's edge."""
     import textwrap
@@ -104,8 +109,10 @@ def plot_depth(analyses, path: str, title: str, finetune_rows: Sequence[dict] = 
 
     sizes = sorted({s for a in analyses for s in a.sizes}, key=_size_order)
     several = len({a.model for a in analyses}) > 1
-    fig, axes = plt.subplots(2, len(sizes), figsize=(4.2 * len(sizes), 7 + 0.25 * several * len(analyses)),
-                             squeeze=False, sharex=True)  # fmt: skip
+    # constrained layout places the legend below the panels and the wrapped title above them, inside the
+    # figure; panels of one row share their y-range so that sizes compare at a glance
+    fig, axes = plt.subplots(2, len(sizes), figsize=(max(6.0, 4.2 * len(sizes)), 7 + 0.25 * several * len(analyses)),
+                             squeeze=False, sharex=True, sharey="row", layout="constrained")  # fmt: skip
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, size in enumerate(sizes):
         for k, a in enumerate(analyses):
@@ -116,7 +123,9 @@ def plot_depth(analyses, path: str, title: str, finetune_rows: Sequence[dict] = 
             ls = ":" if a.control_of else ls  # a random-init control: dotted
             x = [p[0] for p in pts]
             y = np.array([p[1].mean for p in pts])
-            e = np.array([p[1].std for p in pts])
+            # the bars are the test set's Wilson 95% interval, the uncertainty the report's words rely on
+            ci = np.array([a.ci(n, size) for n in a.layers if (n, size) in a.acc])
+            e = np.clip(np.vstack([y - ci[:, 0], ci[:, 1] - y]), 0, None)
             label = f"{a.model + ' · ' if several else ''}{a.name} ({a.similarity_text})"
             color = colors[k % len(colors)]
             chosen = a.acc[(best_layer(a, size), size)].mean
@@ -137,19 +146,16 @@ def plot_depth(analyses, path: str, title: str, finetune_rows: Sequence[dict] = 
                                         color=color)  # fmt: skip
         axes[0][j].set_title(f"train size {size}")
         axes[1][j].set_xlabel("relative depth (1.0 = penultimate)")
-    axes[0][0].set_ylabel("test accuracy")
+    axes[0][0].set_ylabel("test accuracy (bars: 95% CI)")
     axes[1][0].set_ylabel("accuracy / chosen layer's")
     # one legend for the figure: a dataset missing from some panel (a size it cannot reach) still shows
     handles = {}
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(
-        list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 2 if several else 4),
-        fontsize=9,
-    )
-    fig.suptitle(_wrap(title))
-    fig.tight_layout(rect=(0, 0.06 + (0.02 * len(handles) / 2 if several else 0), 1, 1))
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize=8,
+               ncols=1 if several or len(sizes) == 1 else min(len(handles), 3))  # fmt: skip
+    fig.suptitle(_wrap(title, _title_width(fig)), fontsize=11)
     _save_figure(fig, path)
     plt.close(fig)
     return path
@@ -171,7 +177,8 @@ def plot_learning_curves(analyses, path: str, title: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(analyses), figsize=(4.2 * len(analyses), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(analyses), figsize=(max(6.0, 4.2 * len(analyses)), 3.8), squeeze=False,
+                             sharey=True, layout="constrained")  # fmt: skip
     for ax, a in zip(axes[0], analyses):
         xs = [a.size_counts[s] for s in a.sizes]
         curves = (
@@ -180,8 +187,9 @@ def plot_learning_curves(analyses, path: str, title: str) -> str:
             else [(a.best, "-o", "chosen"), (a.top, "--s", "top")]
         )
         for layer, style, tag in curves:
-            ys = [a.acc[(layer, s)].mean if (layer, s) in a.acc else np.nan for s in a.sizes]
-            es = [a.acc[(layer, s)].std if (layer, s) in a.acc else 0.0 for s in a.sizes]
+            ys = np.array([a.acc[(layer, s)].mean if (layer, s) in a.acc else np.nan for s in a.sizes])
+            ci = np.array([a.ci(layer, s) if (layer, s) in a.acc else (np.nan, np.nan) for s in a.sizes])
+            es = np.clip(np.vstack([ys - ci[:, 0], ci[:, 1] - ys]), 0, None)  # Wilson 95% interval of the test set
             ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=2, label=f"{tag}: {layer} ({a.depth[layer]:.2f})")
         if a.pixels:
             ax.plot([a.size_counts[s] for s in a.sizes if s in a.pixels], [a.pixels[s].mean for s in a.sizes if s in a.pixels],
@@ -193,9 +201,8 @@ def plot_learning_curves(analyses, path: str, title: str) -> str:
         ax.set_title(f"{a.model + chr(10) if a.model and len({b.model for b in analyses}) > 1 else ''}"
                      f"{a.name} ({a.similarity_text})", fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
-    axes[0][0].set_ylabel("test accuracy")
-    fig.suptitle(_wrap(title))
-    fig.tight_layout()
+    axes[0][0].set_ylabel("test accuracy (bars: 95% CI)")
+    fig.suptitle(_wrap(title, _title_width(fig)), fontsize=11)
     _save_figure(fig, path)
     plt.close(fig)
     return path
@@ -236,9 +243,14 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
     several = len({a.model for a in analyses}) > 1
     for a in analyses:
         who = f"{a.model}, " if several else ""
-        lines += [f"## {a.name} ({who}{a.classifier}): case {a.case} ({a.size}, {a.similarity_text})", ""]
-        lines += [f"**{a.answer}**", "", a.rule_check[0].upper() + a.rule_check[1:] + ".", ""]
-        if a.disagrees:
+        if a.control_of:  # a reference, never an answer: no "Use ...", no rule of thumb, no label check
+            lines += [f"## {a.name} ({who}{a.classifier}): random-init control of {a.control_of}", "",
+                      f"A reference, not a candidate: the same architecture with random weights, so the gap to "
+                      f"{a.control_of} at each depth is what pretraining adds (\"What pretraining adds\" above).", ""]  # fmt: skip
+        else:
+            lines += [f"## {a.name} ({who}{a.classifier}): case {a.case} ({a.size}, {a.similarity_text})", ""]
+            lines += [f"**{a.answer}**", "", a.rule_check[0].upper() + a.rule_check[1:] + ".", ""]
+        if a.disagrees and not a.control_of:
             lines += [
                 f"**Label and measurement disagree**: labelled {a.label}, but the depth curve says {a.measured}.",
                 "",
@@ -254,15 +266,30 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
             rows.append([n, f"{a.depth[n]:.2f}", *cells])
         if a.pixels:
             rows.append(["raw pixels", "-", *[str(a.pixels[s]) if s in a.pixels else "-" for s in a.sizes]])
-        lines += ["Test accuracy (mean ± std over seeds; bold: the chosen layer at that train size, picked on "
-                  f"validation as above). The ± is the spread over seeds, each drawing its own training subset; at `all` the "
-                  f"seeds share the training images and only the validation split changes, so a small ± there is not "
-                  f"precision: the test set's own uncertainty is the 95% interval ({a.n_test} test images).", "",
+        several_seeds = any(st.n > 1 for st in a.acc.values())
+        caption = ("Test accuracy (mean ± std over seeds; bold: the chosen layer at that train size, picked on "
+                   "validation as above). The ± is the spread over seeds, each drawing its own training subset; at "
+                   "`all` the seeds share the training images and only the validation split changes, so a small ± "
+                   "there is not precision" if several_seeds else
+                   "Test accuracy (one seed; bold: the chosen layer at that train size, picked on validation as above)")
+        lines += [f"{caption}: the test set's own uncertainty is the 95% interval ({a.n_test} test images).", "",
                   markdown_table(rows, header), ""]  # fmt: skip
         lines += [f"- {e}" for e in a.evidence] + [""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    return "\n".join(lines)
+    return "\n".join(_once(lines))
+
+
+def _once(lines: list[str]) -> list[str]:
+    """No sentence twice: a bullet already printed (word for word) is dropped."""
+    seen: set[str] = set()
+    out = []
+    for line in lines:
+        if line.startswith("- ") and line in seen:
+            continue
+        seen.add(line)
+        out.append(line)
+    return out
 
 
 def _finetune_section(analyses, comparisons, recipe: str) -> list[str]:
@@ -283,13 +310,14 @@ def _finetune_section(analyses, comparisons, recipe: str) -> list[str]:
              "whose validation was still improving at its last epoch is marked \"not converged\": a budget "
              "measurement, not a verdict." + (f" Recipe: {recipe}." if recipe else ""), ""]  # fmt: skip
     rows = [[c.dataset, c.size, f"{c.probe_layer}: {c.probe_acc:.3f} ({c.probe_ci[0]:.2f}-{c.probe_ci[1]:.2f})",
-             f"{c.point} ({c.point_module.removeprefix('input (').removesuffix(')')}): {c.ft_acc:.3f} ± {c.ft_std:.3f} ({c.ft_ci[0]:.2f}-{c.ft_ci[1]:.2f})",
+             f"{c.point} ({c.point_module.removeprefix('input (').removesuffix(')')}): {_spread(c.ft_acc, c.ft_std, c.seeds)} ({c.ft_ci[0]:.2f}-{c.ft_ci[1]:.2f})",
              f"{c.gain:+.1f}", c.p_text, c.verdict if c.converged else f"{c.verdict}; not converged",
              f"{c.epoch:g} of {c.epochs_run:g}", c.recipe] for c in comparisons]  # fmt: skip
     lines += [markdown_table(rows, ["dataset", "train size", "probe (chosen layer)", "fine-tune (chosen freeze point)",
                                     "gain (points)", "McNemar p", "verdict", "chosen epoch of run",
                                     "chosen recipe"]), ""]  # fmt: skip
-    lines += ["Every freeze point (test accuracy, mean ± std over seeds; validation score in brackets; * not converged):", ""]
+    lines += ["Every freeze point (test accuracy, mean ± std over seeds, or one seed's; validation score in brackets; "
+              "* not converged):", ""]  # fmt: skip
     every = [[c.dataset, c.size, *(_point_text(p) for p in c.points)] for c in comparisons]
     width = max(len(c.points) for c in comparisons)
     lines += [markdown_table([r + [""] * (2 + width - len(r)) for r in every],
@@ -304,7 +332,12 @@ def _finetune_section(analyses, comparisons, recipe: str) -> list[str]:
 
 def _point_text(p: dict) -> str:
     star = "" if p.get("converged", True) else "*"
-    return f"{p['point']}: {p['acc']:.3f} ± {p['std']:.3f} [{p['val']:.3f}]{star}"
+    return f"{p['point']}: {_spread(p['acc'], p['std'], p.get('seeds', 2))} [{p['val']:.3f}]{star}"
+
+
+def _spread(mean: float, std: float, seeds: int) -> str:
+    """'0.786 ± 0.012' over several seeds; one seed has no spread to show: '0.786 (one seed)'."""
+    return f"{mean:.3f} ± {std:.3f}" if seeds > 1 else f"{mean:.3f} (one seed)"
 
 
 def _models_section(analyses) -> list[str]:
@@ -345,6 +378,11 @@ def _gain_section(analyses) -> list[str]:
     return lines
 
 
+# Kendall's tau over n layers reaches a two-sided p below 0.05 only from n = 5 on (n = 4: at best
+# p = 2/4! = 0.083): over fewer layers a tau cannot tell agreement from chance, so none is printed
+MIN_RANK_LAYERS = 5
+
+
 def _scores_section(analyses) -> list[str]:
     """How well each transferability score ranked the layers against the measured probe."""
     from featx.bench.crossmodel import score_agreement
@@ -352,7 +390,8 @@ def _scores_section(analyses) -> list[str]:
     rows = []
     for a in analyses:
         for s in score_agreement(a):
-            tau = "-" if s.tau is None else f"{s.tau:+.2f} (p = {s.p:.2g})"
+            tau = ("too few layers to rank" if s.n_layers < MIN_RANK_LAYERS
+                   else "-" if s.tau is None else f"{s.tau:+.2f} (p = {s.p:.2g})")  # fmt: skip
             rows.append([a.name, a.model or "-", a.classifier, s.metric, s.n_layers, tau,
                          s.pick + (" (= measured)" if s.pick == s.measured else ""), s.measured])  # fmt: skip
     if not rows:
@@ -361,7 +400,8 @@ def _scores_section(analyses) -> list[str]:
             "Kendall's tau-b across layers between each score (computed on the training rows of the largest train "
             "size, seed 0's draw) and the measured test accuracy of each layer's probe at that size, with the layer "
             "each score ranks first beside the layer validation chose. The scores show how far they agree with the "
-            "measurement; they do not replace it: the chosen layers above are the measured ones.", "",
+            "measurement; they do not replace it: the chosen layers above are the measured ones. Over fewer than "
+            f"{MIN_RANK_LAYERS} layers no tau is printed: none could reach p < 0.05.", "",
             markdown_table(rows, ["dataset", "model", "classifier", "score", "layers", "Kendall tau", "score's pick",
                                   "measured pick (validation)"]), ""]  # fmt: skip
 

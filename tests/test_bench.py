@@ -288,3 +288,25 @@ def test_bench_killed_at_many_moments_finishes_with_the_same_results(two_dataset
     assert r.returncode == 0, r.stderr
     assert _without_timing(out / "results.csv") == _without_timing(tmp_path / "ref" / "results.csv")
     assert len(load_done(str(out))) == 90
+
+
+def test_bench_reuses_the_users_own_extract(tmp_path):
+    """`featx extract` then `featx bench` with the same model, data and layers: one entry, a cache
+    hit; the ImageNet head's confidence only when asked, from an entry of its own."""
+    from featx.engine.extract import extract
+    from featx.settings import ModelSettings, RunSettings
+
+    data = make_images(tmp_path / "d", per_class=6, splits=("train", "test"))
+    model = ModelSettings("efficientnet_lite0", "imagenet", image_size=32)
+    runs = RunSettings(device="cpu", workers=0, precision="fp32")
+    mine = extract(model, str(data), "depth:0.5,1.0", run=runs, cache_dir=str(tmp_path / "c"), progress=False)
+    config = BenchConfig(model, [BenchData(str(data), "similar")], "depth:0.5,1.0", runs, out=str(tmp_path / "b"),
+                         cache_dir=str(tmp_path / "c"), protocols=[protocol_for("softmax", Cs=(0.1, 1.0))])  # fmt: skip
+    (src,) = run(config).sources
+    assert src.codes == mine.path and src.head is None and src.head_codes is None
+    config.head_confidence, config.out = True, str(tmp_path / "b2")
+    result = run(config)
+    (src,) = result.sources
+    assert src.codes == mine.path and src.head == "classifier" and src.head_codes != mine.path
+    md = open(write_bench_report(result, "featx bench ...")["report.md"]).read()
+    assert "ImageNet head mean top-1 probability on these images" in md

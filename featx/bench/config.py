@@ -127,7 +127,7 @@ class BenchConfig:
                  data_options: DataOptions | None = None, baseline_pixels: bool = False, pixel_size: int = 32,
                  out: str = "results/bench", cache_dir: str | None = None, jobs: int = 1, scheduler: str | None = None,
                  control: str | None = None, finetune: Sequence[str] | str = (), finetune_settings=None,
-                 **settings):  # fmt: skip
+                 head_confidence: bool = False, **settings):  # fmt: skip
         self.models, self.codes, self.run = _gather_models(model, codes or DEFAULT_LAYERS, run, settings)
         # fine-tune cells (freeze points, for the first model) and their recipe
         self.finetune = parse_points(",".join(finetune) if not isinstance(finetune, str) else finetune) if finetune else []
@@ -150,6 +150,7 @@ class BenchConfig:
             jobs,
         )
         self.scheduler = scheduler
+        self.head_confidence = head_confidence  # the ImageNet head's confidence, from an entry of its own
 
     @property
     def model(self) -> ModelSettings:

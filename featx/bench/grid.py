@@ -25,7 +25,7 @@ class Source:
     layers: list[str]  # the layers of the grid, in depth order
     depth: dict[str, float]
     dims: dict[str, int]
-    head: str | None  # the ImageNet head's layer in `codes`, if extracted
+    head: str | None  # the ImageNet head's layer, when --head-confidence extracted it (into `head_codes`)
     pixels: str | None = None  # the raw-pixel baseline's codes file
     n_train: int = 0
     n_classes: int = 0
@@ -35,6 +35,7 @@ class Source:
     control_of: str = ""  # for a random-init control: the pretrained model's label
     rows_digest: str = ""  # which images in which split, in order: equal digests pair test images
     leakage: dict | None = None  # the near-duplicate check of its rows (featx.classifiers.neardup.check_rows)
+    head_codes: str | None = None  # a second, one-layer entry holding the head's outputs
 
 
 def _head_layer(model: ModelSettings) -> str | None:
@@ -60,8 +61,10 @@ def prepare(config: BenchConfig, progress: bool = False) -> list[Source]:
 def _prepare_model(config: BenchConfig, bm: BenchModel, progress: bool, pixels: bool) -> list[Source]:
     from featx.engine.extract import extract
 
-    head = _head_layer(bm.settings)
-    codes = replace(config.codes, layers=config.codes.layers + (f",{head}" if head else ""))
+    # the grid's layers alone, so `featx extract` with the same model, data and layers made this very
+    # entry (a cache hit); the ImageNet head, when asked for, goes into an entry of its own
+    head = _head_layer(bm.settings) if config.head_confidence else None
+    codes = config.codes
     pixels_model = ModelSettings("pixels", "DEFAULT", image_size=config.pixel_size)
     common = dict(
         run=config.run, data_options=config.data_options, cache_dir=config.cache_dir, progress=progress
@@ -81,10 +84,11 @@ def _prepare_model(config: BenchConfig, bm: BenchModel, progress: bool, pixels: 
         layers.sort(key=lambda n: depth[n])
         leak = _leak_check(config, res.path, f"{bm.label} {name}")
         pix = extract(pixels_model, bd.spec, CodeSettings("pixels", pool="none"), **common).path if pixels else None
+        head_codes = extract(bm.settings, bd.spec, replace(codes, layers=head), **common).path if head else None
         sources.append(
-            Source(bd, name, res.path, layers, depth, dims, head if head else None, pix, n_train, n_classes,
+            Source(bd, name, res.path, layers, depth, dims, head, pix, n_train, n_classes,
                    res.uncapped_train, _limit_text(config.data_options.per_class_limit) if res.uncapped_train else "",
-                   bm.label, bm.control_of, rows_digest, leak)
+                   bm.label, bm.control_of, rows_digest, leak, head_codes)
         )  # fmt: skip
     names = [s.name for s in sources]
     if len(set(names)) != len(names):

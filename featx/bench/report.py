@@ -430,7 +430,7 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
     cfg = result.config
     rows = result.rows()
     csv_path, json_path = write_results(rows, cfg.out)
-    conf = {(s.model, s.name): head_confidence(s.codes, s.head) for s in result.sources if s.head}
+    conf = {(s.model, s.name): head_confidence(s.head_codes, s.head) for s in result.sources if s.head_codes}
     analyses = analyze(rows, result.sources, conf)
     ft_rows = [r for r in rows if r.get("kind") == "finetune"]
     from featx.bench.finetune_cells import compare

@@ -1,8 +1,8 @@
 """`bench`: layer transferability over datasets x layers x train sizes x classifiers x seeds.
 
-Each dataset is extracted once (through the cache, so reruns reuse it), together with the
-ImageNet classifier head when the weights have one (its confidence on the target images is one
-of the similarity signals). Then every cell is fitted with `classify.fit_cell`, in parallel with
+Each dataset is extracted once (through the cache, so reruns reuse it, and a `featx extract` of the
+same model, data and layers is the same entry); with `--head-confidence` the ImageNet classifier
+head goes into a second, one-layer entry (its confidence on the target images is reported). Then every cell is fitted with `classify.fit_cell`, in parallel with
 joblib. Finished cells are appended to `cells.jsonl` in the results directory as they complete
 (one JSON line each, fsync'ed), keyed by a hash of everything that determines the result (the
 codes file's cache key, layer, train size, protocol, seed), so an interrupted bench resumes without

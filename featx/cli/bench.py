@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     o.add_data_args(p)
     p.add_argument("--baseline", choices=["pixels"], help="add the raw-pixel baseline (logistic regression on pixels)")
     p.add_argument("--pixel-size", type=o.positive_int, default=32, help="image size of the pixel baseline (32)")
+    p.add_argument("--head-confidence", action="store_true",
+                   help="also report the ImageNet head's mean top-1 probability on the data (a second, one-layer "
+                        "cache entry; the grid's entry stays the one `featx extract` makes)")  # fmt: skip
     p.add_argument("--out", default="results/bench", help="results directory (default results/bench); rerun to resume")
     p.add_argument("--cache-dir", help=o.CACHE_HELP)
     o.add_device_args(p)
@@ -111,7 +114,7 @@ def run(args) -> int:
         seeds=o.ints(args.seeds, "--seeds") or (0,), data_options=o.settings_from(DataOptions, args),
         baseline_pixels=args.baseline == "pixels", pixel_size=args.pixel_size, out=args.out, cache_dir=args.cache_dir,
         jobs=args.jobs, scheduler=args.scheduler, control=args.control, finetune=args.finetune or (),
-        finetune_settings=_finetune_settings(args),
+        finetune_settings=_finetune_settings(args), head_confidence=args.head_confidence,
         # NAME@WEIGHTS is parsed by BenchConfig; these apply to every model (--weights: to those without @)
         weights=args.weights, image_size=args.image_size, crop_pct=args.crop_pct,
     )  # fmt: skip

@@ -50,3 +50,14 @@ def test_oversized_workers_are_capped_with_one_warning(tmp_path, caplog):
     with open_codes(a.path) as f:
         assert int(f.attrs["workers"]) == usable_cores()
     assert sum("--workers 1000" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_demo_warns_about_no_option_the_user_did_not_give():
+    """The demo's own per-class limit names only splits its data has (a limit that does nothing warns)."""
+    from featx.bench.config import demo_config
+    from featx.sources.spec import open_source
+
+    config = demo_config(out="unused")
+    for bd in config.datasets[:1]:  # scikit-learn's digits: always there
+        ds = open_source(bd.spec, config.data_options)
+        assert not [n for n in ds.notes if "--per-class-limit" in n], ds.notes

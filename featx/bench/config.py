@@ -191,6 +191,6 @@ def demo_config(extra_data: Sequence[str] = (), out: str = "results/demo", cache
     return BenchConfig(
         ModelSettings("efficientnet_lite0", "imagenet", image_size=112), datasets, DEFAULT_LAYERS,
         train_sizes=["10/class", "50/class", "all"], protocols=[protocol_for("softmax", Cs=(0.001, 0.01, 0.1, 1.0, 10.0))],
-        seeds=(0, 1), data_options=DataOptions(per_class_limit={"train": 200, "test": 100, "val": 100}),
+        seeds=(0, 1), data_options=DataOptions(per_class_limit={"train": 200, "test": 100}),  # neither set has a val split
         baseline_pixels=True, pixel_size=28, out=out, cache_dir=cache_dir, jobs=jobs,
     )  # fmt: skip

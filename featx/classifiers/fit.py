@@ -321,6 +321,21 @@ class FitReport:
                 "best_layer": self.best, "summary": self.summary(), "results": self.results}  # fmt: skip
 
 
+def layer_names(path: str, layers: Sequence[str] | str | None) -> list[str]:
+    """`--layer` (None or 'all': every layer of the file) as names, each checked against the file
+    (which must hold labels)."""
+    with CodesFile(path) as f:
+        f.require_labels("fit")
+        names = (
+            f.layers
+            if layers in (None, "all")
+            else ([x.strip() for x in layers.split(",")] if isinstance(layers, str) else list(layers))
+        )
+        names = [n for n in names if n]
+        f.check_layers(names)
+    return names
+
+
 def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol | None = None,
         train_size: TrainSize | str = "all", seeds: Sequence[int] = (0,), jobs: int = 1, concat: bool = False,
         return_models: bool = False, warm: bool = True) -> FitReport:  # fmt: skip
@@ -331,15 +346,7 @@ def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol
 
     protocol = (protocol or Protocol()).validate()
     train_size = train_size if isinstance(train_size, TrainSize) else parse_train_size(train_size)
-    with CodesFile(path) as f:
-        f.require_labels("fit")
-        names = (
-            f.layers
-            if layers in (None, "all")
-            else ([x.strip() for x in layers.split(",")] if isinstance(layers, str) else list(layers))
-        )
-        names = [n for n in names if n]
-        f.check_layers(names)
+    names = layer_names(path, layers)
     if not names:
         raise UsageError("--layer is empty; name layers of the file (featx info FILE lists them)")
     groups = [[n] for n in dict.fromkeys(names)]

@@ -122,7 +122,7 @@ def _save(args, report, data: dict) -> None:
 
 
 def run(args) -> int:
-    from featx.classifiers.fit import fit
+    from featx.classifiers.fit import fit, layer_names
     from featx.classifiers.neardup import leak_check, leak_warning
     from featx.classifiers.protocol import parse_train_size, protocol_for
     from featx.cli.tables import fit_text
@@ -132,6 +132,7 @@ def run(args) -> int:
     seeds = o.ints(args.seeds, "--seeds") if args.seeds else (args.seed,)
     o.check_jobs(args.jobs)
     _check_outputs(args)
+    layer_names(args.file, args.layer)  # the user's mistakes first, then the near-duplicate check's warning
     leak = leak_check(args.file, protocol.validate(), parse_train_size(args.train_size), seeds[0])
     if leak and leak["leaky"]:
         log.warning(leak_warning(leak, args.file))

@@ -50,7 +50,7 @@ Decisions:
   against TF32_TOL when TF32 is on (FP32_TOL when off) and, separately, a TF32-off run against
   FP32_TOL, so the table shows both what users get and whether the fp32 path is exact.
 - Errors are relative: per layer, the batch's relative error ||A - B||_F / ||B||_F (as
-  tests/test_speed_options.py bounds CPU bf16), plus the largest per-image relative L2 error and the
+  tests/engine/test_speed_options.py bounds CPU bf16), plus the largest per-image relative L2 error and the
   largest absolute difference over the largest |reference| (recorded, not judged).
 - Pixels: nvjpeg and libjpeg-turbo differ in IDCT and chroma upsampling, so decoded pixels are
   judged on the mean absolute difference per image (<= PIXEL_MEAN_TOL); the max is recorded.

@@ -1,7 +1,7 @@
 """Straightforward versions of featx.classifiers.scores' metrics, written from the published algorithms as their
 reference implementations compute them: a full eigendecomposition (or pseudo-inverse) of the D x D
 matrix and a loop over classes. Slow; used as the yardstick in benchmarks/score_speed.py and as the
-ground truth in tests/test_scores.py.
+ground truth in tests/classifiers/test_scores.py.
 
 - `logme_reference`: LogME by the fixed-point updates of thuml/LogME's `_fit_fixed_point` (MIT), the
   spectrum from the eigendecomposition of F^T F (N > D) or the SVD of F, rank k = #(s > 1e-10).

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="featx-tests-xdg-")
 # `--precision auto` resolves to what featx.engine.autotune measures faster on this CPU (bf16 where the CPU
 # has bf16 units): pin the decision so no test depends on the machine. `FEATX_AUTOTUNE=bf16 python
-# -m pytest` runs the whole suite under the other decision; tests/test_autotune_decisions.py runs the
+# -m pytest` runs the whole suite under the other decision; tests/engine/test_autotune_decisions.py runs the
 # cache, store and reliability paths under both in every run.
 os.environ.setdefault("FEATX_AUTOTUNE", "fp32")
 # fast, deterministic settings shared by extraction tests

@@ -258,7 +258,7 @@ def test_no_decodable_image_is_one_line_error(tmp_path):
     assert not list((tmp_path / "cache").glob("*.h5"))
 
 
-# (a folder of loose images alone is unlabelled data: tests/test_unlabelled.py)
+# (a folder of loose images alone is unlabelled data: tests/sources/test_unlabelled.py)
 @pytest.mark.parametrize("layout", ["loose-beside-empty-splits", "only-empty-classes", "only-text-files"])
 def test_folder_without_images_is_usage_error(tmp_path, layout):
     data = tmp_path / "d"

@@ -18,10 +18,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from test_classifier_io import rewrite_description
 
 from conftest import assert_one_line_error as _assert_one_line_error
 from conftest import cli, make_images
+from tests.classifiers.test_classifier_io import rewrite_description
 
 FAST_ARGS = ["--model", "resnet18", "--image-size", "32", "--workers", "0", "--batch-size", "4"]
 

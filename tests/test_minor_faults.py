@@ -32,7 +32,7 @@ def test_four_class_names_for_three_class_ids_is_a_warning_and_fewer_names_are_r
 ):
     """More names than ids is what a class with test images only gives (it can never be predicted): a
     warning; fewer names than ids would give an id no name: refused."""
-    from test_classifier_io import rewrite_description
+    from tests.classifiers.test_classifier_io import rewrite_description
 
     path = tmp_path / "m.safetensors"
     shutil.copy(classifier, path)

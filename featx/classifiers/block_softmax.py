@@ -10,7 +10,7 @@ are added in block order. So a fit uses `threads` cores, yet its numbers depend 
 and `block_rows`, never on `threads` or the machine (a multi-threaded BLAS, by contrast, changes
 its summation order with its thread count: tested on this project's OpenBLAS, `X.T @ G` differs in
 the last bits between 1 and 2 threads). Against a plain LogisticRegression the solution differs by
-the rounding of that summation order, which lbfgs's tolerance absorbs (tests/test_block_softmax.py).
+the rounding of that summation order, which lbfgs's tolerance absorbs (tests/classifiers/test_block_softmax.py).
 
 classify uses it for the refit on train + val at the chosen C, the one fit that otherwise runs
 alone on one core while the others idle. `to_sklearn()` gives the plain LogisticRegression that

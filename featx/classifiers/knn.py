@@ -48,7 +48,7 @@ rebuilds the fitted classifier from plain data (float16 codes are re-normalised 
 `grid_scores` is how featx chooses k and T on validation rows, as it chooses C: one neighbour search
 at max(k), then every (k, T) from those top similarities, each scored as featx scores a softmax
 (accuracy, ties to the mean log-likelihood of the true class). It equals fitting and scoring each
-(k, T) separately (tests/test_knn.py), at the cost of one (benchmarks/knn_speed.py).
+(k, T) separately (tests/classifiers/test_knn.py), at the cost of one (benchmarks/knn_speed.py).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ scikit-learn's lbfgs: when the largest gradient component of that objective is a
 (1e-4), or after `max_iter` iterations (then a ConvergenceWarning, which featx counts). Solved in
 float32 with torch.optim.LBFGS (strong-Wolfe line search, 10 correction pairs as scipy's
 L-BFGS-B), so the solution differs from scikit-learn's by what the tolerance and float32 allow
-(tests/test_torch_softmax.py bounds it). `warm_start=True` starts from `coef_`/`intercept_`,
+(tests/classifiers/test_torch_softmax.py bounds it). `warm_start=True` starts from `coef_`/`intercept_`,
 which is how classify walks the C grid.
 
 Prediction is scikit-learn's arithmetic on the solution (numpy, `LinearClassifierMixin`), and

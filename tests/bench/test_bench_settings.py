@@ -7,11 +7,10 @@ import csv
 import gzip
 import logging
 
-from test_data import _write_idx_dir
-
 from conftest import cli, make_images
 from featx.bench.config import BenchConfig, BenchData
 from featx.settings import ModelSettings, RunSettings
+from tests.sources.test_data import _write_idx_dir
 
 
 def test_bench_data_root_reaches_torchvision_datasets_and_seeds_are_deduplicated(tmp_path):

@@ -5,7 +5,7 @@ never a traceback.
 Curated invalid values run as plain parametrized cases; hypothesis generates the rest (numbers out
 of range, junk and unicode text, several bad options at once, missing or conflicting options).
 The default run uses a small, derandomized example budget; the `_full` variants (marked slow) use
-large random budgets: `python -m pytest -m slow tests/test_cli_properties.py`.
+large random budgets: `python -m pytest -m slow tests/cli/test_cli_properties.py`.
 
 The commands run in-process through `featx.cli.main` (what the `featx` script calls), so an
 exception escaping it is exactly what a user would see as a traceback.

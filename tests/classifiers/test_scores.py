@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import blobs, write_codes
+from conftest import REPO, blobs, write_codes
 from featx.classifiers import scores
 from featx.errors import FeatxError, UsageError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)  # the repository root (benchmarks/ beside tests/)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from reference_scores import REFERENCES, gbc_reference, hscore_reference, logme_reference  # noqa: E402
 

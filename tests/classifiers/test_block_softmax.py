@@ -12,7 +12,7 @@ from featx.classifiers.block_softmax import BlockSoftmax
 from featx.classifiers.fit import fit_cell
 from featx.classifiers.io import load_classifier, save_classifier
 from featx.classifiers.protocol import protocol_for
-from tests.test_fit_speed import codes, same_numbers
+from tests.classifiers.test_fit_speed import codes, same_numbers
 
 
 def data(n=3000, d=40, k=5, seed=0):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import featx.classifiers.grid as grid
-from conftest import write_codes
+from conftest import REPO, write_codes
 from featx.classifiers.fit import fit, fit_cell
 from featx.classifiers.grid import chains
 from featx.classifiers.protocol import Protocol, protocol_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)  # the repository root (benchmarks/ beside tests/)
 
 
 def codes(tmp_path, n=1400, d=64, c=5, noise=2.0, seed=0, name="p.h5", val=False):

@@ -131,7 +131,7 @@ def test_save_load_predict_equal_in_memory(codes, tmp_path):
 
 
 def test_a_damaged_knn_file_is_refused_in_one_line(codes, tmp_path):
-    from test_classifier_io import rewrite_description
+    from tests.classifiers.test_classifier_io import rewrite_description
 
     report = fit(codes, "good", protocol_for("knn"), return_models=True)
     out = save_classifier(str(tmp_path / "m"), report)

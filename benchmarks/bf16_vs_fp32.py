@@ -39,10 +39,18 @@ def main(argv=None) -> int:
     opts = DataOptions(per_class_limit=args.per_class_limit)
     with tempfile.TemporaryDirectory() as cache:
         paths = {
-            prec: extract(args.model, args.data, args.layers, weights=args.weights, precision=prec,
-                          data_options=opts, cache_dir=cache, progress=False).path
+            prec: extract(
+                args.model,
+                args.data,
+                args.layers,
+                weights=args.weights,
+                precision=prec,
+                data_options=opts,
+                cache_dir=cache,
+                progress=False,
+            ).path
             for prec in ("fp32", "bf16")
-        }  # fmt: skip
+        }
         rows = []
         with CodesFile(paths["fp32"]) as a, CodesFile(paths["bf16"]) as b:
             layers = list(a.layers)
@@ -59,8 +67,18 @@ def main(argv=None) -> int:
             for s in report.summary():
                 acc[(prec, s["layer"])] = f"{s['accuracy']:.3f} ± {s['accuracy_std']:.3f}"
     head = ["layer", "dim", "rel L2 median", "rel L2 max", "min cosine", "acc fp32", "acc bf16"]
-    table = [[r[0], str(r[1]), f"{r[2]:.4f}", f"{r[3]:.4f}", f"{r[4]:.5f}", acc[("fp32", r[0])], acc[("bf16", r[0])]]
-             for r in rows]  # fmt: skip
+    table = [
+        [
+            r[0],
+            str(r[1]),
+            f"{r[2]:.4f}",
+            f"{r[3]:.4f}",
+            f"{r[4]:.5f}",
+            acc[("fp32", r[0])],
+            acc[("bf16", r[0])],
+        ]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
     print(f"{args.model} ({args.weights}) on {os.path.relpath(args.data)}; softmax over seeds {args.seeds}")
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))

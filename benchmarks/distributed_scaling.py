@@ -53,10 +53,35 @@ def _subset(src: str, limit: int | None, dst: str) -> str:
 
 def run_one(args, data: str, nproc: int, cache: str) -> dict:
     threads = args.threads or max(1, (os.cpu_count() or 1) // nproc)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "featx", "extract", "--model", args.model, "--weights", args.weights, "--data", data,
-           "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-           "--precision", args.precision, "--device", args.device, "--cache-dir", cache]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "featx",
+        "extract",
+        "--model",
+        args.model,
+        "--weights",
+        args.weights,
+        "--data",
+        data,
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--precision",
+        args.precision,
+        "--device",
+        args.device,
+        "--cache-dir",
+        cache,
+    ]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
@@ -105,8 +130,10 @@ def main(argv=None) -> None:
                 res = run_one(args, data, n, os.path.join(tmp, f"cache-{n}-{rep}"))
                 if n not in best or res["rate"] > best[n]["rate"]:
                     best[n] = res
-    print(f"{args.model} {args.image_size}px batch {args.batch_size} {args.precision} on {args.device}, "
-          f"{best[nprocs[0]]['rows']} images, {os.cpu_count()} cores")  # fmt: skip
+    print(
+        f"{args.model} {args.image_size}px batch {args.batch_size} {args.precision} on {args.device}, "
+        f"{best[nprocs[0]]['rows']} images, {os.cpu_count()} cores"
+    )
     print(f"{'ranks':>5} {'threads/rank':>12} {'images/s':>9} {'wall s':>7} {'ratio':>6}")
     for n in nprocs:
         b = best[n]

@@ -72,10 +72,16 @@ LAST_TAP = {"resnet18": "avgpool", "resnet34": "avgpool", "resnet50": "avgpool",
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
-    p.add_argument("--data", default="../shared/datasets/flowers5_128",
-                   help="image folder (CLASS/image or SPLIT/CLASS/image); relative paths are relative to the repo root")  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--data",
+        default="../shared/datasets/flowers5_128",
+        help="image folder (CLASS/image or SPLIT/CLASS/image); relative paths are relative to the repo root",
+    )
     p.add_argument("--model", default="resnet18")
     p.add_argument(
         "--weights", default="none", help="featx weights spec (none: random init, seeded by featx)"
@@ -256,16 +262,30 @@ def main(argv=None) -> int:
         build_tree(select(images, max(1, len(images) // 4)), quarter)
         nbytes = warm_page_cache(images)
         n_classes = len({c for c, _ in images})
-        print(f"featx speed benchmark: {len(images)} images ({nbytes / 2**20:.1f} MiB of files, {n_classes} classes) "
-              f"from {data}; {args.model} weights={args.weights} at {args.image_size}px, batch {args.batch_size}, "
-              f"device {args.device}, last layer {layer}, 5 taps {layers5}", flush=True)  # fmt: skip
+        print(
+            f"featx speed benchmark: {len(images)} images ({nbytes / 2**20:.1f} MiB of files, {n_classes} classes) "
+            f"from {data}; {args.model} weights={args.weights} at {args.image_size}px, batch {args.batch_size}, "
+            f"device {args.device}, last layer {layer}, 5 taps {layers5}",
+            flush=True,
+        )
         base = {
-            "data": tree, "quarter": quarter, "n": len(images), "model": args.model, "weights": args.weights,
-            "layer": layer, "layers5": layers5, "image_size": args.image_size, "batch_size": args.batch_size,
-            "device": args.device, "rounds": args.rounds, "threads": args.threads, "workers": args.workers,
-            "precision": args.precision, "channels_last": args.channels_last,
+            "data": tree,
+            "quarter": quarter,
+            "n": len(images),
+            "model": args.model,
+            "weights": args.weights,
+            "layer": layer,
+            "layers5": layers5,
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "device": args.device,
+            "rounds": args.rounds,
+            "threads": args.threads,
+            "workers": args.workers,
+            "precision": args.precision,
+            "channels_last": args.channels_last,
             "tmp": tmp,
-        }  # fmt: skip
+        }
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for rep in range(args.repeats):
             for m in methods:
@@ -283,8 +303,11 @@ def main(argv=None) -> int:
                 runs[m].append(r)
                 msg = r.get("error") or r.get("unavailable") or f"{r.get('images_per_s', 0):.1f} images/s"
                 load = f", other load {r['foreign_cores']:.2f}" if "foreign_cores" in r else ""
-                print(f"  [{rep + 1}/{args.repeats}] {m:<28} {msg}  ({r.get('wall_s', 0):.0f}s{load}, "
-                      f"{len(tries)} tr{'y' if len(tries) == 1 else 'ies'})", flush=True)  # fmt: skip
+                print(
+                    f"  [{rep + 1}/{args.repeats}] {m:<28} {msg}  ({r.get('wall_s', 0):.0f}s{load}, "
+                    f"{len(tries)} tr{'y' if len(tries) == 1 else 'ies'})",
+                    flush=True,
+                )
         results = {m: median_result(rs, args.max_other_load) for m, rs in runs.items()}
         report(results, args, len(images))
         if args.json:
@@ -307,8 +330,10 @@ def report(results: dict, args, n: int) -> None:
 
     limit, hand = ips("limit"), ips("hand-loop")
     print()
-    print(f"{'method':<24} {'images/s':>9} {'/limit':>7} {'/hand-loop':>10} {'peak RSS MiB':>12} {'+workers':>8} "
-          f"{'cpu ms/img':>10} {'other load':>10}  notes")  # fmt: skip
+    print(
+        f"{'method':<24} {'images/s':>9} {'/limit':>7} {'/hand-loop':>10} {'peak RSS MiB':>12} {'+workers':>8} "
+        f"{'cpu ms/img':>10} {'other load':>10}  notes"
+    )
     print("-" * 120)
     for m, r in results.items():
         if "error" in r or "unavailable" in r:
@@ -319,14 +344,18 @@ def report(results: dict, args, n: int) -> None:
             continue
         v = r.get("images_per_s")
         note = r.get("note", "")
-        print(f"{m:<24} {fmt(v):>9} {fmt(v / limit if v and limit else None, '.2f'):>7} "
-              f"{fmt(v / hand if v and hand else None, '.2f'):>10} {fmt(r.get('peak_rss_mib'), '.0f'):>12} "
-              f"{fmt(r.get('children_rss_mib') or None, '.0f'):>8} {fmt(r.get('cpu_ms_per_image')):>10} "
-              f"{fmt(r.get('foreign_cores'), '.2f'):>10}  {note}")  # fmt: skip
+        print(
+            f"{m:<24} {fmt(v):>9} {fmt(v / limit if v and limit else None, '.2f'):>7} "
+            f"{fmt(v / hand if v and hand else None, '.2f'):>10} {fmt(r.get('peak_rss_mib'), '.0f'):>12} "
+            f"{fmt(r.get('children_rss_mib') or None, '.0f'):>8} {fmt(r.get('cpu_ms_per_image')):>10} "
+            f"{fmt(r.get('foreign_cores'), '.2f'):>10}  {note}"
+        )
     print("-" * 120)
-    print(f"images/s: median of {args.repeats} run(s) (of the quiet ones, when any). peak RSS: ru_maxrss of the method's process; +workers: the "
-          f"largest reaped child (a data-loader worker). cpu ms/img: CPU time of the method's process tree per image. "
-          f"other load: cores busy with other processes meanwhile (noise: ratios are unreliable when it is high).")  # fmt: skip
+    print(
+        f"images/s: median of {args.repeats} run(s) (of the quiet ones, when any). peak RSS: ru_maxrss of the method's process; +workers: the "
+        f"largest reaped child (a data-loader worker). cpu ms/img: CPU time of the method's process tree per image. "
+        f"other load: cores busy with other processes meanwhile (noise: ratios are unreliable when it is high)."
+    )
 
     lines = []
     fx, fx5 = ips("featx"), ips("featx-5taps")
@@ -366,22 +395,28 @@ def report(results: dict, args, n: int) -> None:
                 f"{io['expected_bytes_per_image']} B; {'OK' if io['code_bytes_per_image'] == io['expected_bytes_per_image'] else 'MISMATCH'}); "
                 f"journal index +{io['index_bytes_per_image']:.0f} B/image, progress.json {io['progress_bytes_per_image']:.1f} B/image; "
                 f"all write() bytes {io['wchar_per_image']:.0f} B/image; HDF5 file {io['h5_bytes_per_image']:.0f} B/image"
-            )  # fmt: skip
+            )
         for name, c in (r.get("compression", {}) if io else {}).items():
-            lines.append(f"{m}: /codes/{name} gzip+shuffle stores {c['stored']} of {c['raw']} raw bytes: "
-                         f"ratio {c['ratio']:.2f}x ({c['zero_fraction']:.1%} zeros in the ReLU'd codes)")  # fmt: skip
+            lines.append(
+                f"{m}: /codes/{name} gzip+shuffle stores {c['stored']} of {c['raw']} raw bytes: "
+                f"ratio {c['ratio']:.2f}x ({c['zero_fraction']:.1%} zeros in the ReLU'd codes)"
+            )
         ph = r.get("phases")
         if ph:
             parts = ", ".join(f"{k} {v:.2f}s" for k, v in ph.items() if v >= 0.005)
             lines.append(f"{m}: where the {r['seconds']:.2f}s go: {parts}")
     q, f1 = results.get("featx-quarter"), results.get("featx")
     if q and f1 and "error" not in q and "error" not in f1:
-        lines.append(f"memory vs dataset size: featx peak RSS {f1['peak_rss_mib']:.0f} MiB for {n} images, "
-                     f"{q['peak_rss_mib']:.0f} MiB for {q.get('images')} (bounded if about equal)")  # fmt: skip
+        lines.append(
+            f"memory vs dataset size: featx peak RSS {f1['peak_rss_mib']:.0f} MiB for {n} images, "
+            f"{q['peak_rss_mib']:.0f} MiB for {q.get('images')} (bounded if about equal)"
+        )
     d = results.get("decode")
     if d and "error" not in d:
-        lines.append(f"decode+resize in one process (torch threads 1): featx path {d['featx_path_ips']:.0f} img/s, "
-                     f"torchvision-transforms path {d['tv_path_ips']:.0f} img/s, PIL open+load only {d['pil_only_ips']:.0f} img/s")  # fmt: skip
+        lines.append(
+            f"decode+resize in one process (torch threads 1): featx path {d['featx_path_ips']:.0f} img/s, "
+            f"torchvision-transforms path {d['tv_path_ips']:.0f} img/s, PIL open+load only {d['pil_only_ips']:.0f} img/s"
+        )
     v = results.get("variants")
     if v and "error" not in v:
         lines.append(
@@ -442,8 +477,11 @@ class Meter:
         self.foreign = max(0.0, (busy - self.cpu) / max(self.wall, 1e-9))
 
     def stats(self, images: int) -> dict:
-        return {"cpu_ms_per_image": 1000 * self.cpu / max(1, images), "foreign_cores": self.foreign,
-                "cores_used": self.cpu / max(self.wall, 1e-9)}  # fmt: skip
+        return {
+            "cpu_ms_per_image": 1000 * self.cpu / max(1, images),
+            "foreign_cores": self.foreign,
+            "cores_used": self.cpu / max(self.wall, 1e-9),
+        }
 
 
 def child_main(method: str, spec: dict) -> int:
@@ -461,10 +499,18 @@ def child_main(method: str, spec: dict) -> int:
         torch.set_num_threads(int(threads))
     name = spec["method"]
     fn = {
-        "limit": m_limit, "codecomputer": m_limit, "limit-5taps": m_limit, "naive-fp32": m_naive,
-        "featx": m_featx, "featx-5taps": m_featx, "featx-quarter": m_featx, "hand-loop": m_hand,
-        "thingsvision": m_thingsvision, "decode": m_decode, "variants": m_variants,
-    }.get(name)  # fmt: skip
+        "limit": m_limit,
+        "codecomputer": m_limit,
+        "limit-5taps": m_limit,
+        "naive-fp32": m_naive,
+        "featx": m_featx,
+        "featx-5taps": m_featx,
+        "featx-quarter": m_featx,
+        "hand-loop": m_hand,
+        "thingsvision": m_thingsvision,
+        "decode": m_decode,
+        "variants": m_variants,
+    }.get(name)
     if fn is None:
         raise SystemExit(f"unknown method {name!r}")
     out = fn(spec)
@@ -510,8 +556,15 @@ def featx_setup(spec, layers: str):
     precision = spec["options"].get("precision", spec.get("precision", "auto"))
     precision = fx.decide_precision(precision, plan.model, dev, plan.preprocess.crop_size)
     backbone, plan = fx.load_backbone(plan)
-    setup = SimpleNamespace(activations=plan.activations, pool=plan.pool, preprocess=plan.preprocess,
-                            layers=plan.layers, model=plan.model, device=dev, precision=precision)  # fmt: skip
+    setup = SimpleNamespace(
+        activations=plan.activations,
+        pool=plan.pool,
+        preprocess=plan.preprocess,
+        layers=plan.layers,
+        model=plan.model,
+        device=dev,
+        precision=precision,
+    )
     return setup, backbone, plan.chosen
 
 
@@ -539,8 +592,11 @@ def _n_batches(spec) -> int:
 def _rate(spec, secs: list[float], n_batches: int) -> dict:
     per = [n_batches * spec["batch_size"] / s for s in secs]
     meter = time_rounds.meter
-    return {"images_per_s": statistics.median(per), "rounds_images_per_s": per,
-            **meter.stats(n_batches * spec["batch_size"] * len(secs))}  # fmt: skip
+    return {
+        "images_per_s": statistics.median(per),
+        "rounds_images_per_s": per,
+        **meter.stats(n_batches * spec["batch_size"] * len(secs)),
+    }
 
 
 def m_limit(spec) -> dict:
@@ -553,8 +609,16 @@ def m_limit(spec) -> dict:
     plan, backbone, chosen = featx_setup(spec, layers)
     dev = plan.device
     cl = spec["options"].get("channels_last", spec.get("channels_last", "auto")) in ("auto", "on")
-    computer = CodeComputer(backbone.module, chosen, plan.activations, plan.pool, plan.preprocess, dev,
-                            plan.precision, channels_last=cl)  # fmt: skip
+    computer = CodeComputer(
+        backbone.module,
+        chosen,
+        plan.activations,
+        plan.pool,
+        plan.preprocess,
+        dev,
+        plan.precision,
+        channels_last=cl,
+    )
     bs, s = spec["batch_size"], plan.preprocess.crop_size
     g = torch.Generator().manual_seed(0)
     u8 = [torch.randint(0, 256, (bs, 3, s, s), dtype=torch.uint8, generator=g) for _ in range(2)]
@@ -706,11 +770,20 @@ def m_featx(spec) -> dict:
     w0 = wchar()
     with Meter() as meter:
         res = featx.extract(
-            spec["model"], data, layers, weights=spec["weights"], pool="avg", image_size=spec["image_size"],
-            cache_dir=cache, device=spec["device"], batch_size=spec["batch_size"], workers=workers,
+            spec["model"],
+            data,
+            layers,
+            weights=spec["weights"],
+            pool="avg",
+            image_size=spec["image_size"],
+            cache_dir=cache,
+            device=spec["device"],
+            batch_size=spec["batch_size"],
+            workers=workers,
             precision=opts.get("precision", spec.get("precision", "auto")),
-            channels_last=opts.get("channels_last", spec.get("channels_last", "auto")), timings=timings,
-        )  # fmt: skip
+            channels_last=opts.get("channels_last", spec.get("channels_last", "auto")),
+            timings=timings,
+        )
     io.update(timings.counts)
     secs = meter.wall
     written = wchar() - w0
@@ -725,21 +798,30 @@ def m_featx(spec) -> dict:
             raw = int(d.shape[0] * d.shape[1] * d.dtype.itemsize)
             stored = int(d.id.get_storage_size())
             x = d[:]
-            comp[k] = {"raw": raw, "stored": stored, "ratio": raw / max(1, stored),
-                       "zero_fraction": float(np.mean(x == 0)), "chunks": list(d.chunks or [])}  # fmt: skip
-        attrs = {k: (f.attrs[k].item() if hasattr(f.attrs[k], "item") else f.attrs[k])
-                 for k in ("workers", "batch_size", "precision", "device", "channels_last")}  # fmt: skip
+            comp[k] = {
+                "raw": raw,
+                "stored": stored,
+                "ratio": raw / max(1, stored),
+                "zero_fraction": float(np.mean(x == 0)),
+                "chunks": list(d.chunks or []),
+            }
+        attrs = {
+            k: (f.attrs[k].item() if hasattr(f.attrs[k], "item") else f.attrs[k])
+            for k in ("workers", "batch_size", "precision", "device", "channels_last")
+        }
     h5size = os.path.getsize(res.path)
     out["compression"] = comp
     out["io"] = {
-        "dims": "+".join(str(dims[k]) for k in res.layers), "itemsize": itemsize,
+        "dims": "+".join(str(dims[k]) for k in res.layers),
+        "itemsize": itemsize,
         "expected_bytes_per_image": sum(dims.values()) * itemsize,
         "code_bytes_per_image": io.get("code_bytes", 0) / max(1, res.rows),
         "index_bytes_per_image": io.get("index_bytes", 0) / max(1, res.rows),
         "progress_bytes_per_image": io.get("progress_bytes", 0) / max(1, res.rows),
-        "wchar_per_image": written / max(1, n), "h5_bytes_per_image": h5size / max(1, res.rows),
+        "wchar_per_image": written / max(1, n),
+        "h5_bytes_per_image": h5size / max(1, res.rows),
         "appends": io.get("appends", 0),
-    }  # fmt: skip
+    }
     phases = {k: v for k, v in sorted(timings.seconds.items(), key=lambda kv: -kv[1])}
     out["phases"] = phases
     out["attrs"] = attrs
@@ -754,10 +836,14 @@ def _hand_transform(pre):
     from torchvision import transforms as T
 
     interp = T.InterpolationMode(pre.interpolation)
-    return T.Compose([
-        T.Resize(pre.resize_size, interpolation=interp), T.CenterCrop(pre.crop_size), T.ToTensor(),
-        T.Normalize(mean=pre.mean, std=pre.std),
-    ])  # fmt: skip
+    return T.Compose(
+        [
+            T.Resize(pre.resize_size, interpolation=interp),
+            T.CenterCrop(pre.crop_size),
+            T.ToTensor(),
+            T.Normalize(mean=pre.mean, std=pre.std),
+        ]
+    )
 
 
 def m_hand(spec) -> dict:
@@ -777,8 +863,11 @@ def m_hand(spec) -> dict:
     if layer.startswith("depth:"):
         return {"unavailable": "hand-loop needs a module name for --layer"}
     out_dir = tempfile.mkdtemp(prefix="hand-", dir=spec["tmp"])
-    dev = torch.device("cuda" if spec["device"] == "auto" and torch.cuda.is_available() else
-                       ("cpu" if spec["device"] == "auto" else spec["device"]))  # fmt: skip
+    dev = torch.device(
+        "cuda"
+        if spec["device"] == "auto" and torch.cuda.is_available()
+        else ("cpu" if spec["device"] == "auto" else spec["device"])
+    )
     meter = Meter().__enter__()
     weights = None if spec["weights"].lower() == "none" else spec["weights"]
     model = torchvision.models.get_model(spec["model"], weights=weights).eval().to(dev)
@@ -794,8 +883,13 @@ def m_hand(spec) -> dict:
     meter.__exit__(None, None, None)
     secs = meter.wall
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"images_per_s": n / secs, "seconds": secs, "images": n, **meter.stats(n),
-            "note": "ImageFolder + DataLoader(defaults) + create_feature_extractor + np.save"}  # fmt: skip
+    return {
+        "images_per_s": n / secs,
+        "seconds": secs,
+        "images": n,
+        **meter.stats(n),
+        "note": "ImageFolder + DataLoader(defaults) + create_feature_extractor + np.save",
+    }
 
 
 def m_decode(spec) -> dict:
@@ -828,8 +922,13 @@ def m_decode(spec) -> dict:
         with Image.open(p) as im:
             im.load()
     pil_s = time.perf_counter() - t
-    return {"images_per_s": n / featx_s, "featx_path_ips": n / featx_s, "tv_path_ips": n / tv_s,
-            "pil_only_ips": n / pil_s, "note": "one process, no forward: featx ImageSequence decode+resize"}  # fmt: skip
+    return {
+        "images_per_s": n / featx_s,
+        "featx_path_ips": n / featx_s,
+        "tv_path_ips": n / tv_s,
+        "pil_only_ips": n / pil_s,
+        "note": "one process, no forward: featx ImageSequence decode+resize",
+    }
 
 
 def m_variants(spec) -> dict:
@@ -859,8 +958,10 @@ def m_variants(spec) -> dict:
 
 def m_thingsvision(spec) -> dict:
     if not os.path.exists(TV_PYTHON):
-        return {"unavailable": f"no {TV_PYTHON}: create it with `python3 -m venv /work/tv-venv && "
-                               f"/work/tv-venv/bin/pip install thingsvision` (see benchmarks/README.md)"}  # fmt: skip
+        return {
+            "unavailable": f"no {TV_PYTHON}: create it with `python3 -m venv /work/tv-venv && "
+            f"/work/tv-venv/bin/pip install thingsvision` (see benchmarks/README.md)"
+        }
     check = subprocess.run([TV_PYTHON, "-c", "import thingsvision"], capture_output=True, text=True)
     if check.returncode != 0:
         return {
@@ -870,11 +971,20 @@ def m_thingsvision(spec) -> dict:
 
     pre = load_model(spec["model"], "none", image_size=spec["image_size"]).preprocess
     out_dir = tempfile.mkdtemp(prefix="tv-", dir=spec["tmp"])
-    job = {"data": spec["data"], "model": spec["model"], "weights": spec["weights"], "layer": spec["layer"],
-           "batch_size": spec["batch_size"], "resize": pre.resize_size, "crop": pre.crop_size,
-           "device": spec["device"], "out": out_dir}  # fmt: skip
-    proc = subprocess.run([TV_PYTHON, os.path.join(HERE, "tv_runner.py"), json.dumps(job)], capture_output=True,
-                          text=True)  # fmt: skip
+    job = {
+        "data": spec["data"],
+        "model": spec["model"],
+        "weights": spec["weights"],
+        "layer": spec["layer"],
+        "batch_size": spec["batch_size"],
+        "resize": pre.resize_size,
+        "crop": pre.crop_size,
+        "device": spec["device"],
+        "out": out_dir,
+    }
+    proc = subprocess.run(
+        [TV_PYTHON, os.path.join(HERE, "tv_runner.py"), json.dumps(job)], capture_output=True, text=True
+    )
     found = [line[len(RESULT_TAG) :] for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
     shutil.rmtree(out_dir, ignore_errors=True)
     if proc.returncode != 0 or not found:

@@ -58,8 +58,18 @@ def featx_epoch_fn(folder: Path, size: int, batch: int):
     plan = resolve(ModelSettings("efficientnet_lite0", "none", image_size=size))
     backbone, _, point, _, trained, head = build_network(plan, ds, s, torch.device("cpu"))
     rows = type("Rows", (), {"train": np.arange(len(ds.labels))})()
-    job = TrainJob(backbone.module, make_optimizer(s, trained, head), point, ds, rows, backbone.preprocess, s,
-                   torch.device("cpu"), None, 0)  # fmt: skip
+    job = TrainJob(
+        backbone.module,
+        make_optimizer(s, trained, head),
+        point,
+        ds,
+        rows,
+        backbone.preprocess,
+        s,
+        torch.device("cpu"),
+        None,
+        0,
+    )
     return lambda epoch: train_epoch(job, epoch), len(ds.labels)
 
 
@@ -69,8 +79,14 @@ def hand_epoch_fn(folder: Path, size: int, batch: int):
     import torch
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                             transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])  # fmt: skip
+    tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
+    )
     data = datasets.ImageFolder(str(folder), tf)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=0)
     torch.manual_seed(0)
@@ -103,8 +119,10 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_folder(Path(tmp) / "imgs", 3, max(1, args.images // 3))
-        print(f"efficientnet_lite0, depth:0, batch {args.batch_size}, {args.images // 3 * 3} images per epoch, "
-              f"{args.repeats} timed epochs per side (median), torch {torch.__version__}")  # fmt: skip
+        print(
+            f"efficientnet_lite0, depth:0, batch {args.batch_size}, {args.images // 3 * 3} images per epoch, "
+            f"{args.repeats} timed epochs per side (median), torch {torch.__version__}"
+        )
         print(f"{'size':>5} {'threads':>7} {'featx img/s':>12} {'hand img/s':>11} {'featx/hand':>10}")
         for size in sizes:
             featx, n = featx_epoch_fn(folder, size, args.batch_size)

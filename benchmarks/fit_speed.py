@@ -68,13 +68,37 @@ def write_codes(path: str, X: np.ndarray, y: np.ndarray, test_every: int = 7) ->
     meta = {"key": "bench", "layers": [["L", d]], "dtype": "float32", "samples": n, "batch_size": n}
     j = Journal.open(path + ".partial", meta)
     j.append([X], np.arange(n), n, [])
-    attrs = {"model": "synthetic", "weights": "none", "weights_source": "random", "weights_ident": "x",
-             "weights_sha256": "", "pool": "avg", "preprocessing": json.dumps({"crop_size": 32, "resize_size": 32,
-             "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_mode": "center"}),
-             "layers": np.array(["L"], dtype=object), "dataset": "synthetic", "samples": n}  # fmt: skip
-    finalize(path, j, classes=[f"c{i}" for i in range(int(y.max()) + 1)], labels=y.astype(np.int64),
-             splits=splits, ids=[f"s{i}" for i in range(n)], layer_attrs={"L": {"activation": "none", "pool": "avg"}},
-             attrs=attrs)  # fmt: skip
+    attrs = {
+        "model": "synthetic",
+        "weights": "none",
+        "weights_source": "random",
+        "weights_ident": "x",
+        "weights_sha256": "",
+        "pool": "avg",
+        "preprocessing": json.dumps(
+            {
+                "crop_size": 32,
+                "resize_size": 32,
+                "interpolation": "bilinear",
+                "mean": [0.5] * 3,
+                "std": [0.5] * 3,
+                "crop_mode": "center",
+            }
+        ),
+        "layers": np.array(["L"], dtype=object),
+        "dataset": "synthetic",
+        "samples": n,
+    }
+    finalize(
+        path,
+        j,
+        classes=[f"c{i}" for i in range(int(y.max()) + 1)],
+        labels=y.astype(np.int64),
+        splits=splits,
+        ids=[f"s{i}" for i in range(n)],
+        layer_attrs={"L": {"activation": "none", "pool": "avg"}},
+        attrs=attrs,
+    )
     return path
 
 
@@ -92,7 +116,9 @@ def _timed_chain(*args, **kwargs):
 
 _real_chain, grid.run_chain = grid.run_chain, _timed_chain
 SIDE_CPU: list[float] = []  # CPU seconds of the refit's preprocessing, run in the grid's pool after its tasks
-REFIT_CPU: list[float] = []  # CPU seconds (all its threads) of a BlockSoftmax refit, which spreads over --jobs
+REFIT_CPU: list[
+    float
+] = []  # CPU seconds (all its threads) of a BlockSoftmax refit, which spreads over --jobs
 
 
 def _timed_prepare(*args, **kwargs):
@@ -136,15 +162,35 @@ def row(name: str, path: str, layer: str, protocol: Protocol, jobs: int, device:
     """Old path, new path, and (with `device`) the new path with the torch solver on `device`."""
     old_s, old_cpu, _, old = timed(path, layer, protocol, 1, warm=False)
     new_s, new_cpu, new_idle, new = timed(path, layer, protocol, jobs, warm=True)
-    out = {"shape": name, "grid": len(protocol.Cs), "old_s": old_s, "new_s": new_s, "ratio": old_s / new_s,
-           "old_cpu_s": old_cpu, "new_cpu_s": new_cpu, "new_idle_s": new_idle, "idle_ratio": old_cpu / new_idle,
-           "C_old": old["C"], "C_new": new["C"], "acc_old": old["accuracy"], "acc_new": new["accuracy"]}  # fmt: skip
+    out = {
+        "shape": name,
+        "grid": len(protocol.Cs),
+        "old_s": old_s,
+        "new_s": new_s,
+        "ratio": old_s / new_s,
+        "old_cpu_s": old_cpu,
+        "new_cpu_s": new_cpu,
+        "new_idle_s": new_idle,
+        "idle_ratio": old_cpu / new_idle,
+        "C_old": old["C"],
+        "C_new": new["C"],
+        "acc_old": old["accuracy"],
+        "acc_new": new["accuracy"],
+    }
     if device is not None:
         torch_s, torch_cpu, _, t = timed(
             path, layer, replace(protocol, solver="torch", device=device), jobs, True
         )
-        out.update({"torch_s": torch_s, "torch_cpu_s": torch_cpu, "new_over_torch": new_s / torch_s,
-                    "old_over_torch": old_s / torch_s, "C_torch": t["C"], "acc_torch": t["accuracy"]})  # fmt: skip
+        out.update(
+            {
+                "torch_s": torch_s,
+                "torch_cpu_s": torch_cpu,
+                "new_over_torch": new_s / torch_s,
+                "old_over_torch": old_s / torch_s,
+                "C_torch": t["C"],
+                "acc_torch": t["accuracy"],
+            }
+        )
     return out
 
 
@@ -192,16 +238,24 @@ def print_rows(rows: list[dict], args, header: bool) -> None:
             f"{args.classifier}, new path --jobs {args.jobs}; old: every C from scratch, one after another"
             + (f"; torch: the new path with --solver torch on {args.fit_device}" if args.fit_device else "")
         )
-        print(f"{'rows x dims x classes':<28} {'grid':>4} {'old s':>7} {'new s':>7} {'ratio':>6} {'old cpu':>7} "
-              f"{'new cpu':>7} {'new idle s':>10} {'idle ratio':>10} {'C old':>7} {'C new':>7} {'acc old':>7} "
-              f"{'acc new':>7}" + (f" {'torch s':>7} {'new/torch':>9} {'C torch':>7} {'acc torch':>9}"
-                                   if args.fit_device else ""))  # fmt: skip
+        print(
+            f"{'rows x dims x classes':<28} {'grid':>4} {'old s':>7} {'new s':>7} {'ratio':>6} {'old cpu':>7} "
+            f"{'new cpu':>7} {'new idle s':>10} {'idle ratio':>10} {'C old':>7} {'C new':>7} {'acc old':>7} "
+            f"{'acc new':>7}"
+            + (f" {'torch s':>7} {'new/torch':>9} {'C torch':>7} {'acc torch':>9}" if args.fit_device else "")
+        )
     for r in rows:
-        print(f"{r['shape']:<28} {r['grid']:>4} {r['old_s']:>7.1f} {r['new_s']:>7.1f} {r['ratio']:>5.2f}x "
-              f"{r['old_cpu_s']:>7.1f} {r['new_cpu_s']:>7.1f} {r['new_idle_s']:>10.1f} {r['idle_ratio']:>9.2f}x "
-              f"{r['C_old']:>7g} {r['C_new']:>7g} {r['acc_old']:>7.4f} {r['acc_new']:>7.4f}" + (
-              f" {r['torch_s']:>7.1f} {r['new_over_torch']:>8.2f}x {r['C_torch']:>7g} {r['acc_torch']:>9.4f}"
-              if "torch_s" in r else ""), flush=True)  # fmt: skip
+        print(
+            f"{r['shape']:<28} {r['grid']:>4} {r['old_s']:>7.1f} {r['new_s']:>7.1f} {r['ratio']:>5.2f}x "
+            f"{r['old_cpu_s']:>7.1f} {r['new_cpu_s']:>7.1f} {r['new_idle_s']:>10.1f} {r['idle_ratio']:>9.2f}x "
+            f"{r['C_old']:>7g} {r['C_new']:>7g} {r['acc_old']:>7.4f} {r['acc_new']:>7.4f}"
+            + (
+                f" {r['torch_s']:>7.1f} {r['new_over_torch']:>8.2f}x {r['C_torch']:>7g} {r['acc_torch']:>9.4f}"
+                if "torch_s" in r
+                else ""
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

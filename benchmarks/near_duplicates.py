@@ -120,8 +120,9 @@ def dhash(gray: np.ndarray) -> np.ndarray:
     h, w = gray.shape
     rows = np.linspace(0, h, 9).astype(int)
     cols = np.linspace(0, w, 10).astype(int)
-    small = np.array([[gray[rows[i] : rows[i + 1], cols[j] : cols[j + 1]].mean() for j in range(9)]
-                      for i in range(8)])  # fmt: skip
+    small = np.array(
+        [[gray[rows[i] : rows[i + 1], cols[j] : cols[j + 1]].mean() for j in range(9)] for i in range(8)]
+    )
     return (small[:, 1:] > small[:, :-1]).ravel()
 
 
@@ -182,10 +183,13 @@ def splits(kind: str, y, groups, seed: int, frac: float = 0.2):
 
 def extract(data: str, cache: str, args, limit: str | None = None) -> str:
     res = featx.extract(
-        ModelSettings("efficientnet_lite0", weights="imagenet", image_size=args.image_size), data,
-        CodeSettings("depth:0.5,1.0"), run=RunSettings(device="cpu", workers=args.workers, precision="fp32"),
-        data_options=DataOptions(per_class_limit=limit, seed=0), cache_dir=cache,
-    )  # fmt: skip
+        ModelSettings("efficientnet_lite0", weights="imagenet", image_size=args.image_size),
+        data,
+        CodeSettings("depth:0.5,1.0"),
+        run=RunSettings(device="cpu", workers=args.workers, precision="fp32"),
+        data_options=DataOptions(per_class_limit=limit, seed=0),
+        cache_dir=cache,
+    )
     return res.path
 
 
@@ -195,14 +199,18 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=6, help="images per source, the original included (6)")
     ap.add_argument("--singletons", type=int, default=300, help="unduplicated images per generated set (300)")
     ap.add_argument("--sets", default="flowers5_128,brain_tumor_mri", help="shared sets to draw sources from")
-    ap.add_argument("--real", default="flowers5_128,hymenoptera,fashion-mnist", help="sets for false warnings")
+    ap.add_argument(
+        "--real", default="flowers5_128,hymenoptera,fashion-mnist", help="sets for false warnings"
+    )
     ap.add_argument("--fm-limit", default="200", help="Fashion-MNIST images per class and split (200)")
     ap.add_argument("--thresholds", default="0.8,0.85,0.9,0.92,0.94,0.95,0.96,0.97,0.98,0.99")
     ap.add_argument("--seeds", type=int, default=5, help="random splits per set (5)")
     ap.add_argument("--image-size", type=int, default=112)
     ap.add_argument("--workers", default="0")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    ap.add_argument("--cache-dir", help="reuse this featx cache for the codes (default: in the temporary folder)")
+    ap.add_argument(
+        "--cache-dir", help="reuse this featx cache for the codes (default: in the temporary folder)"
+    )
     args = ap.parse_args()
     args.workers = int(args.workers) if args.workers.isdigit() else args.workers
     thresholds = [float(t) for t in args.thresholds.split(",")]
@@ -236,7 +244,9 @@ def main() -> None:
                     row.append(f"{p:.2f}/{r:.2f}")
                 print(f"{name:16s} {layer:12s} " + "  ".join(f"{t}:{c}" for t, c in zip(thresholds, row)))
             # separation of known duplicate pairs: codes cosine vs pixel dHash
-            grays = [np.asarray(Image.open(os.path.join(folder, p)).convert("L"), dtype=np.float32) for p in paths]
+            grays = [
+                np.asarray(Image.open(os.path.join(folder, p)).convert("L"), dtype=np.float32) for p in paths
+            ]
             bits = np.stack([dhash(g) for g in grays])
             sims = {"dhash": hash_similarity(bits)}
             for layer in layers:
@@ -255,11 +265,16 @@ def main() -> None:
         print("\n## Mean pairwise F1 (precision) over the generated sets, per threshold\n")
         for layer, rows in f1s.items():
             by_t = {t: [(f, p) for tt, f, p in rows if tt == t] for t in thresholds}
-            cells = [f"{t}:{np.mean([f for f, _ in v]):.3f}({np.mean([p for _, p in v]):.2f})" for t, v in by_t.items()]
+            cells = [
+                f"{t}:{np.mean([f for f, _ in v]):.3f}({np.mean([p for _, p in v]):.2f})"
+                for t, v in by_t.items()
+            ]
             print(f"{layer:12s} " + "  ".join(cells))
 
         print("\n## Leakage rule (featx.classifiers.neardup.leakage), 20% held out\n")
-        print(f"{'set':16s} {'layer':12s} {'split':8s} {'flagged':>8s} {'closer%':>8s} {'held-out q50':>12s} {'ref q50':>8s}")
+        print(
+            f"{'set':16s} {'layer':12s} {'split':8s} {'flagged':>8s} {'closer%':>8s} {'held-out q50':>12s} {'ref q50':>8s}"
+        )
         real = {}
         for name in args.real.split(","):
             if name == "fashion-mnist":
@@ -277,32 +292,47 @@ def main() -> None:
                 for layer in layers:
                     X = f.codes(layer)
                     for kind in ("random", "grouped") if is_gen else ("random",):
-                        reps = [neardup.leakage(X, *splits(kind, y, truth, s), y, seed=s) for s in range(args.seeds)]
+                        reps = [
+                            neardup.leakage(X, *splits(kind, y, truth, s), y, seed=s)
+                            for s in range(args.seeds)
+                        ]
                         flagged = sum(r.leaky for r in reps)
                         if not is_gen:
                             false_warn[layer][0] += flagged
                             false_warn[layer][1] += len(reps)
                         label = ("gen-" if is_gen else "") + name
-                        print(f"{label[:16]:16s} {layer:12s} {kind:8s} {flagged:4d}/{len(reps):<3d} "
-                              f"{100 * np.mean([r.fraction for r in reps]):8.1f} "
-                              f"{np.mean([r.quantiles[1] for r in reps]):12.3f} "
-                              f"{np.mean([r.reference_quantiles[1] for r in reps]):8.3f}")  # fmt: skip
+                        print(
+                            f"{label[:16]:16s} {layer:12s} {kind:8s} {flagged:4d}/{len(reps):<3d} "
+                            f"{100 * np.mean([r.fraction for r in reps]):8.1f} "
+                            f"{np.mean([r.quantiles[1] for r in reps]):12.3f} "
+                            f"{np.mean([r.reference_quantiles[1] for r in reps]):8.3f}"
+                        )
         for layer, (k, n) in false_warn.items():
             print(f"false-warning rate, {layer}: {k}/{n} random splits of sets without generated copies")
 
         print("\n## Test accuracy (logistic regression on the codes), 20% test, mean over seeds\n")
-        print(f"{'set':16s} {'layer':12s} {'random':>8s} {'true groups':>12s} {'auto groups':>12s} {'inflation':>10s}")
+        print(
+            f"{'set':16s} {'layer':12s} {'random':>8s} {'true groups':>12s} {'auto groups':>12s} {'inflation':>10s}"
+        )
         for name, (_, path) in generated.items():
             with featx.open_codes(path) as f:
                 y, truth = f.labels[:], true_groups(f.paths)
                 for layer in layers:
                     X = f.codes(layer)
                     auto = neardup.auto_groups(X, neardup.DUP_SIMILARITY)
-                    acc = {k: np.mean([split_acc(X, y, *splits("random" if k == "random" else "grouped", y, g, s))
-                                       for s in range(args.seeds)])
-                           for k, g in (("random", None), ("true", truth), ("auto", auto))}  # fmt: skip
-                    print(f"gen-{name[:12]:12s} {layer:12s} {acc['random']:8.3f} {acc['true']:12.3f} "
-                          f"{acc['auto']:12.3f} {100 * (acc['random'] - acc['true']):+9.1f}pt")  # fmt: skip
+                    acc = {
+                        k: np.mean(
+                            [
+                                split_acc(X, y, *splits("random" if k == "random" else "grouped", y, g, s))
+                                for s in range(args.seeds)
+                            ]
+                        )
+                        for k, g in (("random", None), ("true", truth), ("auto", auto))
+                    }
+                    print(
+                        f"gen-{name[:12]:12s} {layer:12s} {acc['random']:8.3f} {acc['true']:12.3f} "
+                        f"{acc['auto']:12.3f} {100 * (acc['random'] - acc['true']):+9.1f}pt"
+                    )
         print(f"\n# total {time.perf_counter() - t0:.0f}s; auto threshold {neardup.DUP_SIMILARITY}")
     finally:
         if args.keep:

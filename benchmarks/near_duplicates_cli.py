@@ -26,8 +26,20 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 DATA = os.path.join(HERE, "..", "..", "shared", "datasets")
-MODEL = ["--model", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "112", "--layers",
-         "depth:0.5,1.0", "--device", "cpu", "--precision", "fp32"]  # fmt: skip
+MODEL = [
+    "--model",
+    "efficientnet_lite0",
+    "--weights",
+    "imagenet",
+    "--image-size",
+    "112",
+    "--layers",
+    "depth:0.5,1.0",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+]
 
 
 def featx(*args: str) -> str:
@@ -73,8 +85,11 @@ def main() -> None:
     for name, src in (("flowers", "flowers5_128"), ("brain MRI", "brain_tumor_mri/train")):
         gen = os.path.join(tmp, name.replace(" ", "_"))
         make_set(os.path.join(DATA, src), gen, args.sources, args.copies, args.singletons, seed=0)
-        for label, extra in (("random (plain)", []), ("--group-by auto", ["--group-by", "auto"]),
-                             ("true sources (regex)", ["--group-by", r"(g\d+|s\d+)"])):  # fmt: skip
+        for label, extra in (
+            ("random (plain)", []),
+            ("--group-by auto", ["--group-by", "auto"]),
+            ("true sources (regex)", ["--group-by", r"(g\d+|s\d+)"]),
+        ):
             accs, leaky, groups = [], 0, ""
             for seed in range(args.seeds):
                 path = extract(gen, cache, "--seed", str(seed), *extra)
@@ -94,12 +109,17 @@ def main() -> None:
     for name, path in (("flowers5_128 (300/class)", flowers), ("hymenoptera", hymen)):
         for seed in range(5):
             leak = fit(path, tmp, seed)["leakage"]
-            print(f"| {name} | {seed} | {leak['leaky']} | {100 * leak['leakage_fraction']:.1f}% "
-                  f"({leak['leakage_rows']} of {leak['leakage_checked']}) | {leak['leakage_seconds']:.2f} |", flush=True)  # fmt: skip
+            print(
+                f"| {name} | {seed} | {leak['leaky']} | {100 * leak['leakage_fraction']:.1f}% "
+                f"({leak['leakage_rows']} of {leak['leakage_checked']}) | {leak['leakage_seconds']:.2f} |",
+                flush=True,
+            )
     full = extract(os.path.join(DATA, "flowers5_128"), cache)
     leak = fit(full, tmp)["leakage"]
-    print(f"\nfull flowers5_128 entry: leakage check {leak['leakage_seconds']:.2f} s "
-          f"({leak['leakage_checked']} held-out rows; leaky {leak['leaky']})")  # fmt: skip
+    print(
+        f"\nfull flowers5_128 entry: leakage check {leak['leakage_seconds']:.2f} s "
+        f"({leak['leakage_checked']} held-out rows; leaky {leak['leaky']})"
+    )
     print(f"total {time.perf_counter() - t_all:.0f} s")
 
 

@@ -51,8 +51,14 @@ def logme_reference(X: np.ndarray, y: np.ndarray, pad: bool = True) -> float:
             beta = (n - gamma) / (res2 + 1e-5)
             if abs(alpha / beta - t) / t <= 1e-3:
                 break
-        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.log(alpha + beta * sigma_all).sum()
-                    - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi))  # fmt: skip
+        evidence = (
+            d / 2 * np.log(alpha)
+            + n / 2 * np.log(beta)
+            - 0.5 * np.log(alpha + beta * sigma_all).sum()
+            - beta / 2 * res2
+            - alpha / 2 * m2
+            - n / 2 * np.log(2 * np.pi)
+        )
         evidences.append(evidence / n)
     return float(np.mean(evidences))
 
@@ -93,11 +99,16 @@ def gbc_reference(X: np.ndarray, y: np.ndarray, dims: int = 64) -> float:
         for j, (mj, vj) in enumerate(stats):
             if i != j:
                 s = (vi + vj) / 2
-                d_b = np.sum((mi - mj) ** 2 / s) / 8 + 0.5 * (np.sum(np.log(s)) - 0.5 * np.sum(np.log(vi))
-                                                            - 0.5 * np.sum(np.log(vj)))  # fmt: skip
+                d_b = np.sum((mi - mj) ** 2 / s) / 8 + 0.5 * (
+                    np.sum(np.log(s)) - 0.5 * np.sum(np.log(vi)) - 0.5 * np.sum(np.log(vj))
+                )
                 total += np.exp(-d_b)
     return float(-total)
 
 
-REFERENCES = {"logme": logme_reference, "hscore": hscore_reference, "transrate": transrate_reference,
-              "gbc": gbc_reference}  # fmt: skip
+REFERENCES = {
+    "logme": logme_reference,
+    "hscore": hscore_reference,
+    "transrate": transrate_reference,
+    "gbc": gbc_reference,
+}

@@ -92,10 +92,14 @@ def main(argv=None) -> int:
     metrics = scores.parse_metrics(args.metrics)
     blas = ", ".join(f"{i['internal_api']} {i['num_threads']} threads" for i in threadpool_info())
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"precision {args.precision}, cpus {os.cpu_count()}, BLAS: {blas}{f', limited to {args.threads}' if args.threads else ''}, "
-          f"load average {load:.1f}")  # fmt: skip
-    header = (f"{'rows x dims x classes':>22}  {'metric':<9} {'wall s':>8} {'cpu s':>8} {'ref wall':>8} "
-              f"{'ref cpu':>8} {'ratio':>7}  {'featx value':>14} {'reference value':>15}")  # fmt: skip
+    print(
+        f"precision {args.precision}, cpus {os.cpu_count()}, BLAS: {blas}{f', limited to {args.threads}' if args.threads else ''}, "
+        f"load average {load:.1f}"
+    )
+    header = (
+        f"{'rows x dims x classes':>22}  {'metric':<9} {'wall s':>8} {'cpu s':>8} {'ref wall':>8} "
+        f"{'ref cpu':>8} {'ratio':>7}  {'featx value':>14} {'reference value':>15}"
+    )
     print(header)
     print("-" * len(header))
     with threadpool_limits(args.threads) if args.threads else contextlib.nullcontext():

@@ -44,8 +44,13 @@ from featx.settings import DataOptions, parse_per_class_limit  # noqa: E402
 from featx.store.codes import CodesFile
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets")
-DEFAULT_DATA = ["sklearn:digits", f"{SHARED}/hymenoptera", f"{SHARED}/flowers5_128", f"{SHARED}/brain_tumor_mri",
-                "/usr/share/datasets/fashion-mnist"]  # fmt: skip
+DEFAULT_DATA = [
+    "sklearn:digits",
+    f"{SHARED}/hymenoptera",
+    f"{SHARED}/flowers5_128",
+    f"{SHARED}/brain_tumor_mri",
+    "/usr/share/datasets/fashion-mnist",
+]
 
 
 def oracle(
@@ -80,8 +85,16 @@ def noise_floor(correct: dict, seed: int) -> float:
     return float(np.mean(out))
 
 
-def regrets(path: str, layers: list[str], size: str, seed: int, Cs, classifier: str, memo: dict,
-            min_val: int | None = None) -> dict:  # fmt: skip
+def regrets(
+    path: str,
+    layers: list[str],
+    size: str,
+    seed: int,
+    Cs,
+    classifier: str,
+    memo: dict,
+    min_val: int | None = None,
+) -> dict:
     out = {}
     new = {} if min_val is None else {"min_val_per_class": min_val}
     for rule, extra in (("old", {"min_val_per_class": 0}), ("new", new)):
@@ -90,7 +103,9 @@ def regrets(path: str, layers: list[str], size: str, seed: int, Cs, classifier: 
         with CodesFile(path) as f:
             rows = select_rows(f, proto, parse_train_size(size), seed)
             parts = (rows.train, rows.val)
-            correct = {(n, C): oracle(f, n, parts, rows.test, C, proto, seed, memo) for n in layers for C in Cs}
+            correct = {
+                (n, C): oracle(f, n, parts, rows.test, C, proto, seed, memo) for n in layers for C in Cs
+            }
             table = {k: float(np.mean(v)) for k, v in correct.items()}
         for n, c in cells.items():  # the oracle refits exactly what fit_cell refitted
             assert abs(table[(n, c["C"])] - c["accuracy"]) < 1e-9, (
@@ -123,8 +138,12 @@ def main(argv=None) -> int:
     ap.add_argument("--first-seed", type=int, default=0, help="seeds FIRST .. FIRST + SEEDS - 1")
     ap.add_argument("--C", default="0.001,0.01,0.1,1,10")
     ap.add_argument("--classifier", default="softmax")
-    ap.add_argument("--min-val-per-class", type=int, default=None,
-                    help="the new rule's threshold (default: featx's, classify.MIN_VAL_PER_CLASS)")
+    ap.add_argument(
+        "--min-val-per-class",
+        type=int,
+        default=None,
+        help="the new rule's threshold (default: featx's, classify.MIN_VAL_PER_CLASS)",
+    )
     ap.add_argument("--per-class-limit", default="train=200,test=100")
     ap.add_argument("--cache-dir", default=None)
     a = ap.parse_args(argv)
@@ -134,15 +153,26 @@ def main(argv=None) -> int:
     opts = DataOptions(per_class_limit=parse_per_class_limit(a.per_class_limit))
     rows, t0 = [], time.perf_counter()
     for spec in data:
-        r = extract(a.model, spec, a.layers, weights=a.weights, image_size=a.image_size, data_options=opts,
-                    cache_dir=a.cache_dir, precision="fp32", progress=False)  # fmt: skip
+        r = extract(
+            a.model,
+            spec,
+            a.layers,
+            weights=a.weights,
+            image_size=a.image_size,
+            data_options=opts,
+            cache_dir=a.cache_dir,
+            precision="fp32",
+            progress=False,
+        )
         name = os.path.basename(spec.rstrip("/")) if ":" not in spec else spec.split(":", 1)[1]
         memo: dict = {}
         for size in sizes:
             runs = []
             for seed in range(a.first_seed, a.first_seed + a.seeds):
                 try:
-                    runs.append(regrets(r.path, r.layers, size, seed, Cs, a.classifier, memo, a.min_val_per_class))
+                    runs.append(
+                        regrets(r.path, r.layers, size, seed, Cs, a.classifier, memo, a.min_val_per_class)
+                    )
                 except Exception as e:  # noqa: BLE001 - a size the data cannot support is a row, not a crash
                     print(f"{name} {size} seed {seed}: {str(e).splitlines()[0]}", file=sys.stderr)
                     break
@@ -156,13 +186,27 @@ def main(argv=None) -> int:
             floor = 100 * np.mean([x["new"]["floor"] for x in runs])
             rows.append(row + [f"{floor:.2f}", len(runs)])
             print(f"{name} {size}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    headers = ["dataset", "size", "old: validation", "new: validation", "layer old", "layer new", "C old", "C new",
-               "total old", "total new", "floor", "seeds"]  # fmt: skip
+    headers = [
+        "dataset",
+        "size",
+        "old: validation",
+        "new: validation",
+        "layer old",
+        "layer new",
+        "C old",
+        "C new",
+        "total old",
+        "total new",
+        "floor",
+        "seeds",
+    ]
     print(format_table(rows, headers))
-    print(f"\nregret in accuracy points (test accuracy of the best-on-test choice minus featx's), mean over seeds; "
-          f"{a.model} @ {a.weights}, {a.image_size} px, layers {a.layers}, {a.classifier}, C in {a.C}; floor: the "
-          f"total regret of picking the pair on one half of the test images, measured on the other half "
-          f"(the measure's own noise)")  # fmt: skip
+    print(
+        f"\nregret in accuracy points (test accuracy of the best-on-test choice minus featx's), mean over seeds; "
+        f"{a.model} @ {a.weights}, {a.image_size} px, layers {a.layers}, {a.classifier}, C in {a.C}; floor: the "
+        f"total regret of picking the pair on one half of the test images, measured on the other half "
+        f"(the measure's own noise)"
+    )
     return 0
 
 

@@ -75,9 +75,20 @@ def write_shards(folder: str, out: str, per_shard: int) -> str:
 def run_one(spec: str, args) -> dict:
     env = {**os.environ, "PYTHONPATH": REPO, "FEATX_AUTOTUNE": "fp32"}
     r = subprocess.run(
-        [sys.executable, "-c", CHILD, spec, args.model, str(args.image_size), str(args.batch_size), str(args.per_class)],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            spec,
+            args.model,
+            str(args.image_size),
+            str(args.batch_size),
+            str(args.per_class),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith(TAG)), None)
     if line is None:
         raise SystemExit(f"run failed on {spec}:\n{r.stderr[-2000:]}")
@@ -90,7 +101,9 @@ def main() -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--per-class", type=int, default=200, help="images per class and split (featx --per-class-limit)")
+    p.add_argument(
+        "--per-class", type=int, default=200, help="images per class and split (featx --per-class-limit)"
+    )
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
@@ -108,8 +121,10 @@ def main() -> None:
     rate = {k: statistics.median(x["rows"] / x["seconds"] for x in v) for k, v in runs.items()}
     listing = {k: statistics.median(x["listing"] for x in v) for k, v in runs.items()}
     rows = runs["folder"][0]["rows"]
-    print(f"{args.model}, random init, {args.image_size} px, batch {args.batch_size}, fp32, {rows} images of "
-          f"{os.path.basename(folder)} (--per-class-limit {args.per_class}), median of {args.repeats} interleaved runs")  # fmt: skip
+    print(
+        f"{args.model}, random init, {args.image_size} px, batch {args.batch_size}, fp32, {rows} images of "
+        f"{os.path.basename(folder)} (--per-class-limit {args.per_class}), median of {args.repeats} interleaved runs"
+    )
     print()
     print("| source | images/s | / folder | listing s (all images) |")
     print("|---|---|---|---|")

@@ -34,7 +34,7 @@ _EXPORTS = {
     "Plan": "featx.models.plan",
     "Timings": "featx.engine.compute",
     "extract": "featx.engine.extract",
-    "ExtractResult": "featx.engine.extract",
+    "ExtractResult": "featx.engine.job",
     "CodesFile": "featx.store.codes",
     "open_codes": "featx.store.codes",
     "export_layer": "featx.store.export",

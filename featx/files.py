@@ -90,7 +90,13 @@ def file_kind(path: str) -> str:
             if 2 <= n <= 100_000_000:
                 header = json.loads(f.read(n))
                 meta = header.get("__metadata__") or {}
-                return "classifier" if CLASSIFIER_KEY in meta else "finetuned" if FINETUNED_KEY in meta else "safetensors"
+                return (
+                    "classifier"
+                    if CLASSIFIER_KEY in meta
+                    else "finetuned"
+                    if FINETUNED_KEY in meta
+                    else "safetensors"
+                )
     except (OSError, ValueError, AttributeError, UnicodeDecodeError):
         return "other"
     return "other"
@@ -157,11 +163,18 @@ def load_done(out_dir: str, name: str = CELLS_FILE) -> dict[str, dict]:
         done[key] = result
     log = logging.getLogger("featx")
     if bad:
-        log.warning("%s: %d lines fail their checksum (edited or damaged) and are ignored; their cells are computed "
-                    "again", path, bad)  # fmt: skip
+        log.warning(
+            "%s: %d lines fail their checksum (edited or damaged) and are ignored; their cells are computed "
+            "again",
+            path,
+            bad,
+        )
     if twice:
-        log.warning("%s: %d cells are recorded twice with different results; the first record of each is kept",
-                    path, twice)  # fmt: skip
+        log.warning(
+            "%s: %d cells are recorded twice with different results; the first record of each is kept",
+            path,
+            twice,
+        )
     return done
 
 
@@ -218,7 +231,9 @@ class FolderLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise FeatxError(f"{self.path}: cannot create the lock ({e.strerror or e}); is the folder writable?") from None
+            raise FeatxError(
+                f"{self.path}: cannot create the lock ({e.strerror or e}); is the folder writable?"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

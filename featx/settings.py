@@ -26,7 +26,10 @@ DTYPES = ("float32", "float16")
 CLASSIFIERS = ("svm", "softmax", "sgd", "knn")  # knn: featx.classifiers.knn, DINOv2's weighted vote
 SCALES = ("standardize", "l2", "none")
 SOLVERS = ("auto", "sklearn", "torch")  # softmax: lbfgs in scikit-learn, or featx.classifiers.torch_softmax
-PRESET_NAMES = ("kornblith", "vissl-svm")  # classify.PRESETS' keys (tests/classifiers/test_classify.py pins it)
+PRESET_NAMES = (
+    "kornblith",
+    "vissl-svm",
+)  # classify.PRESETS' keys (tests/classifiers/test_classify.py pins it)
 DEFAULT_BENCH_LAYERS = "depth:0.1,0.25,0.4,0.55,0.7,0.85,1.0"
 DECODERS = ("auto", "pil", "torchvision")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -35,22 +38,56 @@ CHANNELS_LAST = ("auto", "on", "off")
 
 # field -> how the CLI spells it; library errors name the field this way
 FLAGS = {
-    "name": "--model", "weights": "--weights", "image_size": "--image-size", "crop_pct": "--crop-pct",
-    "layers": "--layers", "pool": "--pool", "relu": "relu", "dtype": "--dtype", "device": "--device",
-    "batch_size": "--batch-size", "workers": "--workers", "precision": "--precision",
-    "channels_last": "--channels-last", "decoder": "--decoder", "compile": "--compile", "distributed": "--distributed",
-    "test_fraction": "--test-fraction", "per_class_limit": "--per-class-limit", "seed": "--seed",
-    "data_root": "--data-root", "group_by": "--group-by",
+    "name": "--model",
+    "weights": "--weights",
+    "image_size": "--image-size",
+    "crop_pct": "--crop-pct",
+    "layers": "--layers",
+    "pool": "--pool",
+    "relu": "relu",
+    "dtype": "--dtype",
+    "device": "--device",
+    "batch_size": "--batch-size",
+    "workers": "--workers",
+    "precision": "--precision",
+    "channels_last": "--channels-last",
+    "decoder": "--decoder",
+    "compile": "--compile",
+    "distributed": "--distributed",
+    "test_fraction": "--test-fraction",
+    "per_class_limit": "--per-class-limit",
+    "seed": "--seed",
+    "data_root": "--data-root",
+    "group_by": "--group-by",
     # featx.finetune.settings.FinetuneSettings
-    "train_from": "--train-from", "epochs": "--epochs", "lr": "--lr", "backbone_lr_mult": "--backbone-lr-mult",
-    "weight_decay": "--weight-decay", "optimizer": "--optimizer", "momentum": "--momentum", "warmup": "--warmup",
-    "label_smoothing": "--label-smoothing", "train_size": "--train-size", "max_images": "--max-images",
-    "val_fraction": "--val-fraction", "augment": "--augment", "max_epochs": "--max-epochs", "threads": "--threads",
+    "train_from": "--train-from",
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "backbone_lr_mult": "--backbone-lr-mult",
+    "weight_decay": "--weight-decay",
+    "optimizer": "--optimizer",
+    "momentum": "--momentum",
+    "warmup": "--warmup",
+    "label_smoothing": "--label-smoothing",
+    "train_size": "--train-size",
+    "max_images": "--max-images",
+    "val_fraction": "--val-fraction",
+    "augment": "--augment",
+    "max_epochs": "--max-epochs",
+    "threads": "--threads",
     # featx.classifiers.protocol.Protocol
-    "classifier": "--classifier", "Cs": "--C", "scale": "--scale", "pca": "--pca", "cv": "--cv",
-    "min_val_per_class": "min_val_per_class", "chunk_rows": "--chunk-rows", "max_iter": "--max-iter", "solver": "--solver",
-    "ks": "--knn-k", "temperatures": "--knn-t",
-}  # fmt: skip
+    "classifier": "--classifier",
+    "Cs": "--C",
+    "scale": "--scale",
+    "pca": "--pca",
+    "cv": "--cv",
+    "min_val_per_class": "min_val_per_class",
+    "chunk_rows": "--chunk-rows",
+    "max_iter": "--max-iter",
+    "solver": "--solver",
+    "ks": "--knn-k",
+    "temperatures": "--knn-t",
+}
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -137,7 +174,9 @@ class RunSettings:
     channels_last: str = "auto"
     decoder: str = "auto"
     compile: bool = False
-    distributed: bool = False  # one rank of a torchrun job (`featx extract` turns it on when RANK/WORLD_SIZE are set)
+    distributed: bool = (
+        False  # one rank of a torchrun job (`featx extract` turns it on when RANK/WORLD_SIZE are set)
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
@@ -154,10 +193,14 @@ class RunSettings:
 
 
 SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val",
-    "test": "test", "testing": "test",
-}  # fmt: skip
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 def layer_tokens(spec: str | Sequence[str]) -> list[str]:
@@ -233,7 +276,9 @@ class DataOptions:
     per_class_limit: int | dict[str, int] | None = None
     seed: int = 0
     data_root: str | None = None
-    group_by: str | None = None  # regex: its first match on an image's relative path is its group; auto[:T]: near-copies
+    group_by: str | None = (
+        None  # regex: its first match on an image's relative path is its group; auto[:T]: near-copies
+    )
 
     def __post_init__(self) -> None:
         tf = self.test_fraction
@@ -253,7 +298,9 @@ class DataOptions:
             except ValueError:
                 ok = False
             if not ok:
-                bad_value("group_by", self.group_by, "auto:T needs a cosine similarity T in (0, 1], e.g. auto:0.9")
+                bad_value(
+                    "group_by", self.group_by, "auto:T needs a cosine similarity T in (0, 1], e.g. auto:0.9"
+                )
         elif self.group_by is not None:
             try:
                 re.compile(self.group_by)
@@ -261,8 +308,12 @@ class DataOptions:
                 bad_value("group_by", self.group_by, f"not a regular expression ({e})")
 
     def to_dict(self) -> dict:
-        d = {"test_fraction": self.test_fraction, "per_class_limit": self.per_class_limit, "seed": self.seed,
-             "data_root": self.data_root}  # fmt: skip
+        d = {
+            "test_fraction": self.test_fraction,
+            "per_class_limit": self.per_class_limit,
+            "seed": self.seed,
+            "data_root": self.data_root,
+        }
         if self.group_by:  # only when set, so files and keys without groups stay as they were
             d["group_by"] = self.group_by
         return d
@@ -345,13 +396,17 @@ class Pool:
         if self.kind in ("cls", "cls+mean"):
             if not tap.tokens:
                 other = "avg, max, avgNxN or none" if len(tap.shape) == 3 else "avg or none"
-                return (f"--pool {self} needs a token map [T, D] with a class token (ViT-style models); "
-                        f"layer {tap.name} outputs {shape}, no tokens: use {other}")  # fmt: skip
+                return (
+                    f"--pool {self} needs a token map [T, D] with a class token (ViT-style models); "
+                    f"layer {tap.name} outputs {shape}, no tokens: use {other}"
+                )
             if not tap.class_token:
                 k = tap.prefix_tokens
                 why = f"its {k} prefix tokens hold none" if k else "all are patch tokens"
-                return (f"--pool {self}: the {tap.shape[0]} tokens of layer {tap.name} have no class token ({why}); "
-                        f"use mean or none, or a block after the class token joins")  # fmt: skip
+                return (
+                    f"--pool {self}: the {tap.shape[0]} tokens of layer {tap.name} have no class token ({why}); "
+                    f"use mean or none, or a block after the class token joins"
+                )
         return None
 
     def check(self, tap: TapInfo) -> None:

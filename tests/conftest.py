@@ -139,8 +139,11 @@ def sigkill_when(argv, ready, timeout: float = 120) -> None:
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "featx.cli", *map(str, argv)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "featx.cli", *map(str, argv)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + timeout
     while not ready() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -157,8 +160,17 @@ def cells_written(out) -> int:
         return 0
 
 
-def write_codes(path, layers: dict, labels, splits, classes, model="resnet18", weights="none", groups=None,
-                depths: dict | None = None):  # fmt: skip
+def write_codes(
+    path,
+    layers: dict,
+    labels,
+    splits,
+    classes,
+    model="resnet18",
+    weights="none",
+    groups=None,
+    depths: dict | None = None,
+):
     """A featx codes file from arrays, written by featx's own journal + finalize (`depths`: each
     layer's relative depth in the network; default 0)."""
     import json as _json
@@ -168,18 +180,50 @@ def write_codes(path, layers: dict, labels, splits, classes, model="resnet18", w
 
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)
-    meta = {"key": "test", "layers": [[k, int(v.shape[1])] for k, v in layers.items()], "dtype": "float32",
-            "samples": n, "batch_size": n}  # fmt: skip
+    meta = {
+        "key": "test",
+        "layers": [[k, int(v.shape[1])] for k, v in layers.items()],
+        "dtype": "float32",
+        "samples": n,
+        "batch_size": n,
+    }
     j = Journal.open(str(path) + ".partial", meta)
     j.append([np.asarray(v, np.float32) for v in layers.values()], np.arange(n), n, [])
-    attrs = {"model": model, "weights": weights, "weights_source": "random", "weights_ident": "x", "weights_sha256": "",
-             "pool": "avg", "preprocessing": _json.dumps({"crop_size": 32, "resize_size": 32, "interpolation": "bilinear",
-             "mean": [0.5] * 3, "std": [0.5] * 3, "crop_mode": "center"}), "layers": np.array(list(layers), dtype=object),
-             "dataset": "synthetic", "samples": n}  # fmt: skip
-    finalize(str(path), j, classes=classes, labels=labels, splits=np.asarray(splits), ids=[f"s{i}" for i in range(n)],
-             layer_attrs={k: {"activation": "none", "pool": "avg", **({"depth": float(depths[k])} if depths else {})}
-                          for k in layers}, attrs=attrs,
-             groups=None if groups is None else np.asarray(groups, dtype=str))  # fmt: skip
+    attrs = {
+        "model": model,
+        "weights": weights,
+        "weights_source": "random",
+        "weights_ident": "x",
+        "weights_sha256": "",
+        "pool": "avg",
+        "preprocessing": _json.dumps(
+            {
+                "crop_size": 32,
+                "resize_size": 32,
+                "interpolation": "bilinear",
+                "mean": [0.5] * 3,
+                "std": [0.5] * 3,
+                "crop_mode": "center",
+            }
+        ),
+        "layers": np.array(list(layers), dtype=object),
+        "dataset": "synthetic",
+        "samples": n,
+    }
+    finalize(
+        str(path),
+        j,
+        classes=classes,
+        labels=labels,
+        splits=np.asarray(splits),
+        ids=[f"s{i}" for i in range(n)],
+        layer_attrs={
+            k: {"activation": "none", "pool": "avg", **({"depth": float(depths[k])} if depths else {})}
+            for k in layers
+        },
+        attrs=attrs,
+        groups=None if groups is None else np.asarray(groups, dtype=str),
+    )
     return str(path)
 
 

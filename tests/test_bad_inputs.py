@@ -171,8 +171,12 @@ def test_bad_images_are_converted_or_skipped_and_listed(hostile, tmp_path):
             np.allclose(codes[n][rows[img]], tcodes[n][trows[truth_img]], rtol=1e-4, atol=1e-5) for n in codes
         )
 
-    for img, expected in [("a/anim.gif", "a/anim.png"), ("a/cmyk.jpg", "a/cmyk.png"),
-                          ("b/deep16.png", "b/deep16.png"), ("b/rot.jpg", "b/rot.png")]:  # fmt: skip
+    for img, expected in [
+        ("a/anim.gif", "a/anim.png"),
+        ("a/cmyk.jpg", "a/cmyk.png"),
+        ("b/deep16.png", "b/deep16.png"),
+        ("b/rot.jpg", "b/rot.png"),
+    ]:
         assert same(img, expected), f"{img} is not decoded as {expected}"
     # the comparison can tell a wrong frame or a missing rotation apart
     assert not same("a/anim.gif", "a/anim_frame2.png")
@@ -213,9 +217,25 @@ def test_fifo_with_an_image_extension_does_not_hang(tmp_path):
     data = make_images(tmp_path / "d", classes=("a", "b"), per_class=3, size=(32, 32))
     os.mkfifo(data / "a" / "pipe.jpg")
     try:
-        r = subprocess.run([sys.executable, "-m", "featx.cli", "-q", "extract", *FAST_ARGS, "--data", str(data),
-                            "--layers", LAYERS, "--cache-dir", str(tmp_path / "cache")],
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "featx.cli",
+                "-q",
+                "extract",
+                *FAST_ARGS,
+                "--data",
+                str(data),
+                "--layers",
+                LAYERS,
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("featx extract blocked for 60 s on a FIFO named a/pipe.jpg")
     assert "Traceback" not in r.stderr, r.stderr
@@ -233,8 +253,9 @@ def test_dataset_with_one_class(tmp_path):
     """One class: the codes are extracted, all with that label; `fit` then says in one line that
     a classifier needs two classes."""
     data = make_images(tmp_path / "d", classes=("solo",), per_class=6, size=(32, 32))
-    rc, out, err = cli("-q", "extract", *FAST_ARGS, "--data", data, "--layers", LAYERS, "--cache-dir",
-                       tmp_path / "cache")  # fmt: skip
+    rc, out, err = cli(
+        "-q", "extract", *FAST_ARGS, "--data", data, "--layers", LAYERS, "--cache-dir", tmp_path / "cache"
+    )
     assert "Traceback" not in err, err
     if rc != 0:  # refusing is acceptable too, in one line
         assert_one_line_error(rc, err, rc, ["class"])
@@ -252,8 +273,9 @@ def test_no_decodable_image_is_one_line_error(tmp_path):
         (data / c).mkdir(parents=True)
         (data / c / "x.jpg").write_bytes(b"")
         (data / c / "y.png").write_text("nope")
-    rc, out, err = cli("-q", "extract", *FAST_ARGS, "--data", data, "--layers", LAYERS, "--cache-dir",
-                       tmp_path / "cache")  # fmt: skip
+    rc, out, err = cli(
+        "-q", "extract", *FAST_ARGS, "--data", data, "--layers", LAYERS, "--cache-dir", tmp_path / "cache"
+    )
     assert_one_line_error(rc, err, 1, ["none of the 4 images could be decoded"])
     assert not list((tmp_path / "cache").glob("*.h5"))
 
@@ -316,8 +338,17 @@ def test_manifest_with_byte_order_mark_header(tmp_path):
         assert not f.skipped, f.skipped
 
 
-@pytest.mark.parametrize("content", [b"path,label\nimgs/x.jpg,\xff\xfe\n", b"a.jpg,cat,train\nb.jpg,dog,holdout\n",
-                                     b"a.jpg,cat\nb.jpg\n", b"path,label\n", b"\x00\x01\x02", b""])  # fmt: skip
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"path,label\nimgs/x.jpg,\xff\xfe\n",
+        b"a.jpg,cat,train\nb.jpg,dog,holdout\n",
+        b"a.jpg,cat\nb.jpg\n",
+        b"path,label\n",
+        b"\x00\x01\x02",
+        b"",
+    ],
+)
 def test_unreadable_manifest_is_usage_error(tmp_path, content):
     (tmp_path / "m.csv").write_bytes(content)
     rc, out, err = cli(

@@ -50,9 +50,16 @@ def folder(tmp_path_factory) -> Path:
 
 def _codes(folder, device, cache, precision="fp32", decoder="pil", model="resnet18", size=64):
     return featx.extract(
-        model, str(folder), "depth:0.5,1.0", device=device, precision=precision, decoder=decoder,
-        image_size=size, cache_dir=str(cache), **MODEL,
-    )  # fmt: skip
+        model,
+        str(folder),
+        "depth:0.5,1.0",
+        device=device,
+        precision=precision,
+        decoder=decoder,
+        image_size=size,
+        cache_dir=str(cache),
+        **MODEL,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +152,12 @@ def test_finetune_step_cuda_matches_cpu(tmp_path, precision):
 
     def run(device, prec):
         return finetune(
-            featx.ModelSettings("resnet18", "none", 64), str(data), settings,
-            run=featx.RunSettings(device=device, precision=prec, workers=0), progress=False,
-        ).results  # fmt: skip
+            featx.ModelSettings("resnet18", "none", 64),
+            str(data),
+            settings,
+            run=featx.RunSettings(device=device, precision=prec, workers=0),
+            progress=False,
+        ).results
 
     ref, got = run("cpu", "fp32"), run("cuda", precision)
     if precision == "bf16":

@@ -47,8 +47,19 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     data = make_images(root / "data", per_class=6, size=(36, 36), splits=("train", "test"))
     cache = root / "cache"
-    rc, out, err = cli("-q", "extract", *FAST_ARGS, "--weights", "none", "--data", data, "--layers",
-                       "layer2,layer3", "--cache-dir", cache)  # fmt: skip
+    rc, out, err = cli(
+        "-q",
+        "extract",
+        *FAST_ARGS,
+        "--weights",
+        "none",
+        "--data",
+        data,
+        "--layers",
+        "layer2,layer3",
+        "--cache-dir",
+        cache,
+    )
     assert rc == 0, err
     codes = out.strip().splitlines()[-1]
     clf, pkl = root / "clf" / "m.safetensors", root / "pkl" / "m.joblib"
@@ -116,8 +127,17 @@ def test_unreadable_checkpoint_is_one_line_error(world, tmp_path, kind):
         torch.save({"epoch": 3, "lr": 0.1}, ck)
     else:
         torch.save([torch.zeros(3)], ck)
-    rc, out, err = cli("-q", "extract", *FAST_ARGS, "--weights", ck, "--data", world["data"], "--cache-dir",
-                       tmp_path / "cache")  # fmt: skip
+    rc, out, err = cli(
+        "-q",
+        "extract",
+        *FAST_ARGS,
+        "--weights",
+        ck,
+        "--data",
+        world["data"],
+        "--cache-dir",
+        tmp_path / "cache",
+    )
     assert_one_line_error(rc, err, (1, 2), [str(ck)])
 
 
@@ -194,14 +214,24 @@ HOSTILE_META = {
     "classes-not-a-list": {"classes": 3},
     "preprocessing-a-string": {"preprocessing": "__import__('os')"},
     "preprocessing-missing-keys": {"preprocessing": {"crop_size": 32}},
-    "mean-wrong-length": {"preprocessing": {"crop_size": 32, "resize_size": 32, "interpolation": "bilinear",
-                                            "mean": [0.5, 0.5], "std": [0.5] * 3, "crop_mode": "center"}},
+    "mean-wrong-length": {
+        "preprocessing": {
+            "crop_size": 32,
+            "resize_size": 32,
+            "interpolation": "bilinear",
+            "mean": [0.5, 0.5],
+            "std": [0.5] * 3,
+            "crop_mode": "center",
+        }
+    },
     "activation-unknown": {"activations": {"layer2": "exec", "layer3": "exec"}},
     "pool-unknown": {"pool": "sum"},
     "model-code": {"model": "__import__('os').system('true')"},
     "model-other": {"model": "resnet34"},
-    "pipeline-code": {"pipeline": [{"type": "builtins.eval", "params": {}, "n_features_in": 1, "fitted": {}}]},
-}  # fmt: skip
+    "pipeline-code": {
+        "pipeline": [{"type": "builtins.eval", "params": {}, "n_features_in": 1, "fitted": {}}]
+    },
+}
 
 
 @pytest.mark.parametrize("case", list(HOSTILE_META))
@@ -238,9 +268,25 @@ def _hostile_codes(world, tmp_path, marker) -> str:
     path = str(cache / os.path.basename(world["codes"]))
     code = f"__import__('os').system('touch {marker}')"
     with h5py.File(path, "r+") as f:
-        for k in ("preprocessing", "library_versions", "layer_resolution", "config", "data_options", "model",
-                  "weights", "dataset", "preprocessing_text", "created", "split_source", "precision", "device",
-                  "relu", "dtype", "weights_source", "weights_ident"):  # fmt: skip
+        for k in (
+            "preprocessing",
+            "library_versions",
+            "layer_resolution",
+            "config",
+            "data_options",
+            "model",
+            "weights",
+            "dataset",
+            "preprocessing_text",
+            "created",
+            "split_source",
+            "precision",
+            "device",
+            "relu",
+            "dtype",
+            "weights_source",
+            "weights_ident",
+        ):
             f.attrs[k] = code
         f.attrs["weights_sha256"] = np.void(pickle.dumps(Payload(marker)))
         f.attrs["pool"] = f"!!python/object/apply:os.system ['touch {marker}']"
@@ -266,8 +312,18 @@ def _run_all_readers(world, tmp_path, path) -> dict[str, tuple]:
             "predict", tmp_path / "h" / "m", world["data"] / "test" / "cat", "--device", "cpu"
         )
     # the same extract command finds this file as its cache entry
-    runs["extract (hit)"] = cli("extract", *FAST_ARGS, "--weights", "none", "--data", world["data"], "--layers",
-                                "layer2,layer3", "--cache-dir", os.path.dirname(path))  # fmt: skip
+    runs["extract (hit)"] = cli(
+        "extract",
+        *FAST_ARGS,
+        "--weights",
+        "none",
+        "--data",
+        world["data"],
+        "--layers",
+        "layer2,layer3",
+        "--cache-dir",
+        os.path.dirname(path),
+    )
     return runs
 
 

@@ -91,7 +91,8 @@ def test_packages_import_only_the_layers_below():
         f"{mod} imports {target}"
         for mod, targets in EDGES.items()
         for target, _ in targets
-        if _package(target) != _package(mod) and RANK[_package(target)] >= RANK[_package(mod)]
+        if _package(target) != _package(mod)
+        and RANK[_package(target)] >= RANK[_package(mod)]
         and not (RANK[_package(mod)] == 0 and RANK[_package(target)] == 0)
     )
     assert not up, "\n".join(up)
@@ -107,7 +108,7 @@ def test_no_import_cycle_between_modules():
         state[m] = 1
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                cycle.extend(stack[stack.index(t):] + [m, t] if t in stack else [m, t])
+                cycle.extend(stack[stack.index(t) :] + [m, t] if t in stack else [m, t])
                 return True
             if t not in state and visit(t, [*stack, m]):
                 return True
@@ -121,8 +122,12 @@ def test_no_import_cycle_between_modules():
 
 
 def test_no_private_name_imported_across_modules():
-    private = sorted(f"{mod}: {target}.{name}" for mod, targets in EDGES.items() for target, name in targets
-                     if name.startswith("_") and name != "__version__")  # fmt: skip
+    private = sorted(
+        f"{mod}: {target}.{name}"
+        for mod, targets in EDGES.items()
+        for target, name in targets
+        if name.startswith("_") and name != "__version__"
+    )
     assert not private, "\n".join(private)
 
 
@@ -133,6 +138,10 @@ def test_module_size(mod):
 
 
 def test_nothing_imports_the_cli():
-    users = sorted(m for m, ts in EDGES.items() for t, _ in ts
-                   if _package(t) == "cli" and _package(m) not in ("cli", "__main__"))  # fmt: skip
+    users = sorted(
+        m
+        for m, ts in EDGES.items()
+        for t, _ in ts
+        if _package(t) == "cli" and _package(m) not in ("cli", "__main__")
+    )
     assert not users, users

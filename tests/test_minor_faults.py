@@ -80,10 +80,36 @@ def bench_data(tmp_path_factory):
 
 
 def _bench(root, data, out, *extra):
-    return cli("bench", "--model", "resnet18", "--weights", "none", "--data", f"{data}:similar", "--layers",
-               "layer1,avgpool", "--train-sizes", "all", "--seeds", "0", "--image-size", "32", "--workers", "0",
-               "--batch-size", "8", "--precision", "fp32", "--C", "1", "--cache-dir", root / "cache", "--out", out,
-               *extra)  # fmt: skip
+    return cli(
+        "bench",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--data",
+        f"{data}:similar",
+        "--layers",
+        "layer1,avgpool",
+        "--train-sizes",
+        "all",
+        "--seeds",
+        "0",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+        "--precision",
+        "fp32",
+        "--C",
+        "1",
+        "--cache-dir",
+        root / "cache",
+        "--out",
+        out,
+        *extra,
+    )
 
 
 def test_a_forged_line_in_cells_jsonl_does_not_win(bench_data, tmp_path):
@@ -100,9 +126,10 @@ def test_a_forged_line_in_cells_jsonl_does_not_win(bench_data, tmp_path):
     assert all(len(r["sum"]) == 32 for r in recs)
     forged = [{**r, "result": {**r["result"], "accuracy": 1.0}} for r in recs]
     # edited in place (old checksum), and appended again with no checksum: neither is believed
-    (out / "cells.jsonl").write_text("".join(json.dumps(r) + "\n" for r in forged)
-                                     + "".join(json.dumps({k: v for k, v in r.items() if k != "sum"}) + "\n"
-                                               for r in forged))  # fmt: skip
+    (out / "cells.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in forged)
+        + "".join(json.dumps({k: v for k, v in r.items() if k != "sum"}) + "\n" for r in forged)
+    )
     rc, _o, err = _bench(root, data, out)
     assert rc == 0 and "fail their checksum" in err, err
     import csv
@@ -112,8 +139,9 @@ def test_a_forged_line_in_cells_jsonl_does_not_win(bench_data, tmp_path):
 
     assert rows((out / "results.csv").read_text()) == rows(before)
     # a file from a featx release without checksums loads whole
-    (out / "cells.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "sum"}) + "\n"
-                                             for r in recs))  # fmt: skip
+    (out / "cells.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "sum"}) + "\n" for r in recs)
+    )
     assert load_done(str(out)) == {r["key"]: r["result"] for r in recs}
 
 
@@ -145,7 +173,10 @@ def test_a_bench_whose_every_cell_is_refused_exits_2_with_the_reason(bench_data,
     root, data = bench_data
     rc, out, err = _bench(root, data, tmp_path / "out", "--train-sizes", "1/class", "-q")
     assert_one_line_error(
-        rc, err, code=2, needles=("no cell could be fitted", "not fitted", "no images to validate on"),
+        rc,
+        err,
+        code=2,
+        needles=("no cell could be fitted", "not fitted", "no images to validate on"),
         only_error_lines=True,  # tiny generated images are near-copies to a random network: a leakage warning too
     )
     assert "0 cells" not in out + err
@@ -161,8 +192,10 @@ def test_a_class_with_one_training_image_is_named(tmp_path):
         fit_cell(codes, ["a"], protocol_for(preset="vissl-svm"))
 
 
-@pytest.mark.parametrize("pattern,needle", [("^", "all 24 images in one group"),
-                                            ("^.", "3 class(es) have no test images (cat, dog, owl)")])  # fmt: skip
+@pytest.mark.parametrize(
+    "pattern,needle",
+    [("^", "all 24 images in one group"), ("^.", "3 class(es) have no test images (cat, dog, owl)")],
+)
 def test_groups_that_leave_no_test_images_are_a_warning(pattern, needle, tmp_path):
     from conftest import make_images
     from featx.settings import DataOptions

@@ -26,8 +26,15 @@ def test_lite0_codes_beat_raw_pixels_on_fashion_mnist(fashion, tmp_path):
     validation data) beats logistic regression on the raw pixels of the same 2,000 images."""
     opts = DataOptions(per_class_limit={"train": 200, "test": 100})
     cache = str(tmp_path)
-    codes = extract("efficientnet_lite0", fashion, "depth:0.25,0.55,0.85,1.0", weights="imagenet", image_size=112,
-                    data_options=opts, cache_dir=cache)  # fmt: skip
+    codes = extract(
+        "efficientnet_lite0",
+        fashion,
+        "depth:0.25,0.55,0.85,1.0",
+        weights="imagenet",
+        image_size=112,
+        data_options=opts,
+        cache_dir=cache,
+    )
     pixels = extract(
         "pixels", fashion, "pixels", pool="none", image_size=28, data_options=opts, cache_dir=cache
     )

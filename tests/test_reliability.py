@@ -104,9 +104,28 @@ KILL_LAYERS = "layer2,layer4,fc"
 
 
 def kill_args(data, cache, *extra) -> list[str]:
-    return ["extract", "--model", "resnet50", "--weights", "none", "--image-size", "64", "--layers", KILL_LAYERS,
-            "--pool", "none", "--workers", "0", "--batch-size", "4", "--data", str(data), "--cache-dir", str(cache),
-            *extra]  # fmt: skip
+    return [
+        "extract",
+        "--model",
+        "resnet50",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--layers",
+        KILL_LAYERS,
+        "--pool",
+        "none",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--data",
+        str(data),
+        "--cache-dir",
+        str(cache),
+        *extra,
+    ]
 
 
 class Reference:
@@ -117,8 +136,13 @@ class Reference:
         self.n = 3 * per_class
         cache = root / f"kref{per_class}"
         t = time.monotonic()
-        r = subprocess.run(featx_argv("-q", *kill_args(self.data, cache)), capture_output=True, text=True,
-                           cwd=root, timeout=600)  # fmt: skip
+        r = subprocess.run(
+            featx_argv("-q", *kill_args(self.data, cache)),
+            capture_output=True,
+            text=True,
+            cwd=root,
+            timeout=600,
+        )
         self.seconds = time.monotonic() - t
         assert r.returncode == 0, r.stderr
         self.path = r.stdout.strip().splitlines()[-1]
@@ -188,8 +212,12 @@ class KillCampaign:
         start_done = before["samples_done"] if before else 0
         out_f, err_f = self.workdir / "out.txt", self.workdir / "err.txt"
         with open(out_f, "w") as out, open(err_f, "w") as err:
-            proc = subprocess.Popen(featx_argv("-q", *kill_args(self.ref.data, self.cache)), stdout=out, stderr=err,
-                                    cwd=self.workdir)  # fmt: skip
+            proc = subprocess.Popen(
+                featx_argv("-q", *kill_args(self.ref.data, self.cache)),
+                stdout=out,
+                stderr=err,
+                cwd=self.workdir,
+            )
         t0 = time.monotonic()
         if kind == "time":
             value = value * self.full_run_s  # a fraction of a whole run -> seconds
@@ -232,9 +260,15 @@ class KillCampaign:
             phase = "startup"  # killed before it changed anything on disk
         else:
             phase = self._phase(tmp)
-        rec = {"kind": kind, "value": round(value, 3), "killed": killed, "phase": phase,
-               "after_s": round(time.monotonic() - t0, 2), "done_before": start_done,
-               "tmp_bytes": os.path.getsize(tmp) if os.path.exists(tmp) else None}  # fmt: skip
+        rec = {
+            "kind": kind,
+            "value": round(value, 3),
+            "killed": killed,
+            "phase": phase,
+            "after_s": round(time.monotonic() - t0, 2),
+            "done_before": start_done,
+            "tmp_bytes": os.path.getsize(tmp) if os.path.exists(tmp) else None,
+        }
         self.log.append(rec)
         self._check_invariants(stdout, f"after {rec}")
         if killed:
@@ -293,8 +327,13 @@ class KillCampaign:
         """Run to completion (no kill) and compare with the uninterrupted reference."""
         prog = progress(self.entry)
         existed = os.path.exists(self.entry)
-        r = subprocess.run(featx_argv(*kill_args(self.ref.data, self.cache)), capture_output=True, text=True,
-                           cwd=self.workdir, timeout=600)  # fmt: skip
+        r = subprocess.run(
+            featx_argv(*kill_args(self.ref.data, self.cache)),
+            capture_output=True,
+            text=True,
+            cwd=self.workdir,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr
         assert "Traceback" not in r.stderr, r.stderr
         assert r.stdout.strip().splitlines()[-1] == self.entry
@@ -342,8 +381,10 @@ def _run_campaign(ref: Reference, workdir: Path, seed: int, plan, min_kills: int
         camp.run_once("time", rng.random())
         extra += 1
     camp.finish()
-    print(f"\n{camp.kills} kills, {camp.completions} uninterrupted completions, phases: "
-          f"{sorted({r['phase'] for r in camp.log if r['killed']})}")  # fmt: skip
+    print(
+        f"\n{camp.kills} kills, {camp.completions} uninterrupted completions, phases: "
+        f"{sorted({r['phase'] for r in camp.log if r['killed']})}"
+    )
     for rec in camp.log:
         print("  ", rec)
     assert camp.kills >= min_kills, camp.log
@@ -355,8 +396,13 @@ def test_sigkill_sample_then_resume_is_identical(kill_refs, tmp_path):
     (right after the HDF5 file appears) and just after the rename; then the file is identical."""
     ref = kill_refs(16)
     rng = random.Random(1)
-    plan = [("progress", 2), ("journal-write", 0), ("time", rng.uniform(0.2, 0.8)), ("finalize", 0.0),
-            ("replaced", 0)]  # fmt: skip
+    plan = [
+        ("progress", 2),
+        ("journal-write", 0),
+        ("time", rng.uniform(0.2, 0.8)),
+        ("finalize", 0.0),
+        ("replaced", 0),
+    ]
     camp = _run_campaign(ref, tmp_path, 1, plan, 4, need_hdf5_write=False)
     assert "finalize" in _killed_phases(camp), camp.log
 
@@ -370,8 +416,18 @@ def test_sigkill_at_many_random_moments(kill_refs, tmp_path, seed):
     write at several delays, between the rename and the journal's removal)."""
     ref = kill_refs(40)
     rng = random.Random(seed)
-    targeted = [("progress", 1), ("progress", 3), ("journal-write", 0), ("journal-write", 0), ("journal-write", 0),
-                ("finalize", 0.0), ("finalize", 0.05), ("finalize", 0.15), ("finalize", 0.3), ("replaced", 0)]  # fmt: skip
+    targeted = [
+        ("progress", 1),
+        ("progress", 3),
+        ("journal-write", 0),
+        ("journal-write", 0),
+        ("journal-write", 0),
+        ("finalize", 0.0),
+        ("finalize", 0.05),
+        ("finalize", 0.15),
+        ("finalize", 0.3),
+        ("replaced", 0),
+    ]
     plan = _kill_plan(rng, 12, targeted)
     camp = _run_campaign(ref, tmp_path, seed, plan, 20, need_hdf5_write=True)
     assert {"startup", "loop", "finalize"} <= _killed_phases(camp), camp.log
@@ -483,8 +539,10 @@ def test_corrupt_entry_is_detected_reported_and_rebuilt_more(good_entry, tmp_pat
     _check_corrupt_entry_handling(good_entry, tmp_path, how)
 
 
-@pytest.mark.parametrize("memo", ["not json", '{"entry": 5}', '{"entry": "../escape.h5"}', '{"entry": "/etc/passwd"}',
-                                  "OTHER", '["a"]'])  # fmt: skip
+@pytest.mark.parametrize(
+    "memo",
+    ["not json", '{"entry": 5}', '{"entry": "../escape.h5"}', '{"entry": "/etc/passwd"}', "OTHER", '["a"]'],
+)
 def test_garbled_request_memo_never_hands_out_another_entry(good_entry, tmp_path, memo):
     """The request memo is only a shortcut: a garbled one, or one naming another complete entry,
     must not make `extract` return a file that does not hold the requested codes."""
@@ -536,8 +594,15 @@ def _make_journal(journal_case, cache) -> str:
     return entry
 
 
-JOURNAL_CORRUPTIONS = ["progress-garbage", "progress-missing", "meta-garbage", "rows-truncated", "index-truncated",
-                       "progress-ahead", "journal-empty-dir"]  # fmt: skip
+JOURNAL_CORRUPTIONS = [
+    "progress-garbage",
+    "progress-missing",
+    "meta-garbage",
+    "rows-truncated",
+    "index-truncated",
+    "progress-ahead",
+    "journal-empty-dir",
+]
 
 
 @pytest.mark.parametrize("how", JOURNAL_CORRUPTIONS)
@@ -598,8 +663,15 @@ def disk_case(tmp_path_factory):
     largest_journal_file = max(c.shape[1] for c in snap["codes"].values()) * 4 * snap["rows"]
     h5_size = os.path.getsize(ref)
     assert h5_size > 1.2 * largest_journal_file, (h5_size, largest_journal_file)
-    return {"root": root, "data": data, "args": args, "name": os.path.basename(ref), "snap": snap,
-            "journal_max": largest_journal_file, "h5_size": h5_size}  # fmt: skip
+    return {
+        "root": root,
+        "data": data,
+        "args": args,
+        "name": os.path.basename(ref),
+        "snap": snap,
+        "journal_max": largest_journal_file,
+        "h5_size": h5_size,
+    }
 
 
 def _with_fsize_limit(limit: int):
@@ -612,8 +684,9 @@ def _with_fsize_limit(limit: int):
 
 def _prior_entry(disk_case, cache) -> tuple[str, str]:
     """An earlier complete entry in the same cache directory, and its sha256."""
-    rc, out, err = cli("-q", "extract", *FAST_ARGS, "--data", disk_case["data"], "--layers", "layer1",
-                       "--cache-dir", cache)  # fmt: skip
+    rc, out, err = cli(
+        "-q", "extract", *FAST_ARGS, "--data", disk_case["data"], "--layers", "layer1", "--cache-dir", cache
+    )
     assert rc == 0, err
     prior = out.strip().splitlines()[-1]
     return prior, sha256(prior)
@@ -647,10 +720,19 @@ def test_file_size_limit_gives_clear_error_and_next_run_succeeds(disk_case, tmp_
     written at the end."""
     cache = tmp_path / "cache"
     prior, prior_sha = _prior_entry(disk_case, cache)
-    limit = {"journal-start": 100, "mid-journal": disk_case["journal_max"] // 3,
-             "finalize": (disk_case["journal_max"] + disk_case["h5_size"]) // 2}[phase]  # fmt: skip
-    r = subprocess.run(featx_argv("-q", *disk_case["args"], "--cache-dir", cache), capture_output=True, text=True,
-                       cwd=tmp_path, preexec_fn=_with_fsize_limit(limit), timeout=600)  # fmt: skip
+    limit = {
+        "journal-start": 100,
+        "mid-journal": disk_case["journal_max"] // 3,
+        "finalize": (disk_case["journal_max"] + disk_case["h5_size"]) // 2,
+    }[phase]
+    r = subprocess.run(
+        featx_argv("-q", *disk_case["args"], "--cache-dir", cache),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        preexec_fn=_with_fsize_limit(limit),
+        timeout=600,
+    )
     _check_after_failed_write(disk_case, cache, prior, prior_sha, r)
 
 
@@ -690,8 +772,13 @@ def test_small_filesystem_fills_up_then_grows(disk_case, tmp_path, phase):
         )
         room = journal_total + 64 * 1024 if phase == "finalize" else journal_total // 3
         _remount(fs, f"size={((used + room) // page + 4) * page}")
-        r = subprocess.run(featx_argv("-q", *disk_case["args"], "--cache-dir", cache), capture_output=True,
-                           text=True, cwd=tmp_path, timeout=600)  # fmt: skip
+        r = subprocess.run(
+            featx_argv("-q", *disk_case["args"], "--cache-dir", cache),
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=600,
+        )
         entry = str(cache / disk_case["name"])
         assert r.returncode != 0, "the run succeeded on a full filesystem"
         assert not os.path.exists(entry) or verify(entry) is None
@@ -724,8 +811,17 @@ def test_cache_dir_without_write_permission(good_entry, tmp_path):
     before = sha256(cache / os.path.basename(good_entry["path"]))
     os.chmod(cache, 0o555)
     try:
-        rc, out, err = cli("-q", "extract", *FAST_ARGS, "--data", good_entry["data"], "--layers", "layer1",
-                           "--cache-dir", cache)  # fmt: skip
+        rc, out, err = cli(
+            "-q",
+            "extract",
+            *FAST_ARGS,
+            "--data",
+            good_entry["data"],
+            "--layers",
+            "layer1",
+            "--cache-dir",
+            cache,
+        )
         assert_one_line_error(rc, err, 1, [str(cache)])
     finally:
         os.chmod(cache, 0o755)
@@ -801,8 +897,13 @@ def test_second_process_on_a_busy_entry_exits_clearly_with_no_wait(kill_refs, tm
         _wait_for(lambda: (progress(entry) or {}).get("samples_done", 0) >= 4, proc=a, what="A's first batch")
         a.send_signal(signal.SIGSTOP)
         assert not os.path.exists(entry)
-        b = subprocess.run(featx_argv("-q", *kill_args(ref.data, cache, "--no-wait")), capture_output=True,
-                           text=True, cwd=tmp_path, timeout=300)  # fmt: skip
+        b = subprocess.run(
+            featx_argv("-q", *kill_args(ref.data, cache, "--no-wait")),
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert_one_line_error(b.returncode, b.stderr, 1, [entry, "another featx process", f"pid {a.pid}"])
         assert b.stdout == ""
         rc, out, err = cli("cache", "rm", ref.name, "--cache-dir", cache)

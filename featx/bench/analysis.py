@@ -118,9 +118,13 @@ class DatasetAnalysis:
     model: str = ""  # the model's label in a bench of several models ("" in older results)
     control_of: str = ""  # a random-init control: the label of the pretrained model it controls
     rows_digest: str = ""  # equal digests: the same images in the same splits (test images pair up)
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> metric -> score (largest size)
+    scores: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # layer -> metric -> score (largest size)
     finetuned: bool = False  # the bench has fine-tune cells for this dataset (bench --finetune)
-    pixels_correct: dict[str, np.ndarray] = field(default_factory=dict)  # size -> raw pixels' first-seed correctness
+    pixels_correct: dict[str, np.ndarray] = field(
+        default_factory=dict
+    )  # size -> raw pixels' first-seed correctness
     baseline_wins: str = ""  # set by apply_baselines: which baseline beat what, beyond noise
 
     def ci(self, layer: str, size: str) -> tuple[float, float]:
@@ -165,8 +169,13 @@ def analyze(
     for src in sources:
         model = getattr(src, "model", "")
         # the raw-pixel baseline belongs to the dataset, whichever model's sources it came with
-        mine = [r for r in rows if r["dataset"] == src.name and r.get("kind", "probe") == "probe"
-                and (r["baseline"] or r.get("model", "") == model)]  # fine-tune rows: featx.bench.finetune_cells.compare
+        mine = [
+            r
+            for r in rows
+            if r["dataset"] == src.name
+            and r.get("kind", "probe") == "probe"
+            and (r["baseline"] or r.get("model", "") == model)
+        ]  # fine-tune rows: featx.bench.finetune_cells.compare
         for clf in dict.fromkeys(
             f"{r['classifier']}{'/' + r['preset'] if r['preset'] else ''}" for r in mine
         ):
@@ -174,39 +183,80 @@ def analyze(
             cnn = [r for r in rs if not r["baseline"]]
             if not cnn:
                 continue
-            sizes = sorted(dict.fromkeys(r["train_size_spec"] for r in cnn),
-                           key=lambda s: next(r["train_size"] for r in cnn if r["train_size_spec"] == s))  # fmt: skip
+            sizes = sorted(
+                dict.fromkeys(r["train_size_spec"] for r in cnn),
+                key=lambda s: next(r["train_size"] for r in cnn if r["train_size_spec"] == s),
+            )
             layers = sorted(dict.fromkeys(r["layer"] for r in cnn), key=lambda n: src.depth[n])
             groups: dict[tuple[str, str], list[dict]] = {}
             for r in cnn:
                 groups.setdefault((r["layer"], r["train_size_spec"]), []).append(r)
             first = {k: min(v, key=lambda r: r["seed"]) for k, v in groups.items()}
             a = DatasetAnalysis(
-                name=src.name, label=src.data.label, classifier=clf, layers=layers, depth=dict(src.depth), sizes=sizes,
-                size_counts={s: next(r["train_size"] for r in cnn if r["train_size_spec"] == s) for s in sizes},
+                name=src.name,
+                label=src.data.label,
+                classifier=clf,
+                layers=layers,
+                depth=dict(src.depth),
+                sizes=sizes,
+                size_counts={
+                    s: next(r["train_size"] for r in cnn if r["train_size_spec"] == s) for s in sizes
+                },
                 acc={k: _stat([r["accuracy"] for r in v]) for k, v in groups.items()},
                 val={k: _stat([r["val_score"] for r in v]) for k, v in groups.items()},
-                pixels={s: _stat([r["accuracy"] for r in rs if r["baseline"] and r["train_size_spec"] == s])
-                        for s in sizes if any(r["baseline"] and r["train_size_spec"] == s for r in rs)},
-                n_train=src.n_train, n_classes=src.n_classes,
+                pixels={
+                    s: _stat([r["accuracy"] for r in rs if r["baseline"] and r["train_size_spec"] == s])
+                    for s in sizes
+                    if any(r["baseline"] and r["train_size_spec"] == s for r in rs)
+                },
+                n_train=src.n_train,
+                n_classes=src.n_classes,
                 head_confidence=head_confidence.get((model, src.name), head_confidence.get(src.name)),
-                uncapped_train=getattr(src, "uncapped_train", None), cap=getattr(src, "cap", ""),
+                uncapped_train=getattr(src, "uncapped_train", None),
+                cap=getattr(src, "cap", ""),
                 tie={k: _stat([r.get("val_tiebreak") or 0.0 for r in v]) for k, v in groups.items()},
-                correct={k: unpack_correct(r["test_correct"], r["n_test"]) for k, r in first.items()
-                         if r.get("test_correct")},
-                val_source={s: next(r.get("val_source", "") for r in cnn if r["train_size_spec"] == s) for s in sizes},
-                pixels_correct={s: unpack_correct(r["test_correct"], r["n_test"]) for s in sizes for r in [min(
-                    (r for r in rs if r["baseline"] and r["train_size_spec"] == s), key=lambda r: r["seed"], default={})]
-                    if r.get("test_correct")},
-                candidates={k: replace(selection.candidate(k[0], v), depth=src.depth[k[0]]) for k, v in groups.items()},
-                n_test=int(cnn[0].get("n_test") or 0), model=model, control_of=getattr(src, "control_of", ""),
+                correct={
+                    k: unpack_correct(r["test_correct"], r["n_test"])
+                    for k, r in first.items()
+                    if r.get("test_correct")
+                },
+                val_source={
+                    s: next(r.get("val_source", "") for r in cnn if r["train_size_spec"] == s) for s in sizes
+                },
+                pixels_correct={
+                    s: unpack_correct(r["test_correct"], r["n_test"])
+                    for s in sizes
+                    for r in [
+                        min(
+                            (r for r in rs if r["baseline"] and r["train_size_spec"] == s),
+                            key=lambda r: r["seed"],
+                            default={},
+                        )
+                    ]
+                    if r.get("test_correct")
+                },
+                candidates={
+                    k: replace(selection.candidate(k[0], v), depth=src.depth[k[0]]) for k, v in groups.items()
+                },
+                n_test=int(cnn[0].get("n_test") or 0),
+                model=model,
+                control_of=getattr(src, "control_of", ""),
                 rows_digest=getattr(src, "rows_digest", ""),
-                scores={r["layer"]: {k[len("score_"):]: v for k, v in r.items() if k.startswith("score_") and v is not None}
-                        for r in cnn if r["train_size_spec"] == sizes[-1] and any(
-                            k.startswith("score_") and v is not None for k, v in r.items())},
-            )  # fmt: skip
-            a.finetuned = any(r.get("kind") == "finetune" and r["dataset"] == src.name
-                              and r.get("model", "") == model for r in rows)  # fmt: skip
+                scores={
+                    r["layer"]: {
+                        k[len("score_") :]: v
+                        for k, v in r.items()
+                        if k.startswith("score_") and v is not None
+                    }
+                    for r in cnn
+                    if r["train_size_spec"] == sizes[-1]
+                    and any(k.startswith("score_") and v is not None for k, v in r.items())
+                },
+            )
+            a.finetuned = any(
+                r.get("kind") == "finetune" and r["dataset"] == src.name and r.get("model", "") == model
+                for r in rows
+            )
             _decide(a)
             out.append(a)
     return out
@@ -256,8 +306,10 @@ def _compare(a: DatasetAnalysis, size: str) -> list[str]:
         line = f"the chosen layer {best} {rel}{_noise(a, best, other, size)}"
         if _within_noise(a, best, other, size):
             shallow = min((best, other), key=lambda n: a.depth[n])
-            line += (f"; this test cannot tell them apart (not shown equal), so the cheaper one to extract, "
-                     f"{shallow}, is a sound choice (the forward stops earlier)")
+            line += (
+                f"; this test cannot tell them apart (not shown equal), so the cheaper one to extract, "
+                f"{shallow}, is a sound choice (the forward stops earlier)"
+            )
         out.append(line)
     return out
 
@@ -272,7 +324,7 @@ def _rule_check(a: DatasetAnalysis, size: str) -> str:
     rule = f"rule of thumb for {a.size} + {a.similarity} data: {RULES[a.case]}"
     if a.case in (2, 4):
         if a.finetuned:
-            return f"{rule}; measured by this bench's fine-tune cells: see \"Fine-tuning beside probing\""
+            return f'{rule}; measured by this bench\'s fine-tune cells: see "Fine-tuning beside probing"'
         return f"{rule}; this bench measured linear probes only (bench --finetune adds fine-tune cells)"
     earlier = [n for n in a.layers if n != a.top and (n, size) in a.acc]
     if a.best == a.top:
@@ -280,8 +332,11 @@ def _rule_check(a: DatasetAnalysis, size: str) -> str:
         if earlier:
             e = max(earlier, key=lambda n: a.acc[(n, size)].mean)
             loss = (a.acc[(a.top, size)].mean - a.acc[(e, size)].mean) * 100
-            measured += (f"; the best earlier layer on test, {e}, is {loss:.1f} points lower" if loss > 0
-                         else f"; the earlier layer {e} is {-loss:.1f} points higher on test, but validation chose the top")  # fmt: skip
+            measured += (
+                f"; the best earlier layer on test, {e}, is {loss:.1f} points lower"
+                if loss > 0
+                else f"; the earlier layer {e} is {-loss:.1f} points higher on test, but validation chose the top"
+            )
     else:
         measured = f"{a.best} (depth {a.depth[a.best]:.2f}), an earlier layer"
     noise = _within_noise(a, a.best, a.top, size) if a.best != a.top else False
@@ -291,9 +346,12 @@ def _rule_check(a: DatasetAnalysis, size: str) -> str:
         ok = a.best != a.top and not noise and a.acc[(a.best, size)].mean > a.acc[(a.top, size)].mean
     verdict = "confirmed" if ok else "not confirmed"
     if a.best != a.top and noise:
-        verdict = ("consistent with it: the chosen earlier layer and the top layer are within noise, so this test "
-                   "cannot tell them apart (unresolved, not shown equal)" if a.case == 1 else
-                   "not confirmed: the chosen earlier layer and the top layer are within noise")  # fmt: skip
+        verdict = (
+            "consistent with it: the chosen earlier layer and the top layer are within noise, so this test "
+            "cannot tell them apart (unresolved, not shown equal)"
+            if a.case == 1
+            else "not confirmed: the chosen earlier layer and the top layer are within noise"
+        )
     return f"{rule}; measured here: {measured}: {verdict}"
 
 
@@ -313,16 +371,20 @@ def _decide(a: DatasetAnalysis) -> None:
         *_compare(a, size),
     ]
     if a.best_on_test != a.best:
-        ev.append(f"best on test (not used for the choice): {a.best_on_test} (depth {a.depth[a.best_on_test]:.2f}), "
-                  f"{a.acc_text(a.best_on_test, size)}")  # fmt: skip
+        ev.append(
+            f"best on test (not used for the choice): {a.best_on_test} (depth {a.depth[a.best_on_test]:.2f}), "
+            f"{a.acc_text(a.best_on_test, size)}"
+        )
     if others and top.mean > chance:
         a.mid = min(others, key=lambda n: (abs(a.depth[n] - 0.5), a.depth[n]))
         mid = a.acc[(a.mid, size)]
         a.late_gain = (top.mean - mid.mean) / (top.mean - chance)
         a.measured = "similar" if a.late_gain >= GAIN_THRESHOLD else "different"
-        ev.append(f"late-layer gain {a.late_gain:.2f} (the verdict, taken at train size {size}): from {a.mid} "
-                  f"(depth {a.depth[a.mid]:.2f}, {mid.mean:.3f}) to {a.top} ({top.mean:.3f}) over chance {chance:.3f} "
-                  f"-> behaves as {a.measured} (similar from {GAIN_THRESHOLD})")  # fmt: skip
+        ev.append(
+            f"late-layer gain {a.late_gain:.2f} (the verdict, taken at train size {size}): from {a.mid} "
+            f"(depth {a.depth[a.mid]:.2f}, {mid.mean:.3f}) to {a.top} ({top.mean:.3f}) over chance {chance:.3f} "
+            f"-> behaves as {a.measured} (similar from {GAIN_THRESHOLD})"
+        )
         for s in a.sizes:
             if (a.mid, s) in a.acc and (a.top, s) in a.acc and a.acc[(a.top, s)].mean > chance:
                 t = a.acc[(a.top, s)].mean
@@ -334,8 +396,11 @@ def _decide(a: DatasetAnalysis) -> None:
             )
     else:  # no gain to measure: fall back on whether an earlier layer beats the top one
         a.measured = "similar" if gap <= TOP_TOLERANCE else "different"
-        why = (f"the top layer is at chance ({top.mean:.3f})" if others
-               else f"no layer at depth <= {MID_MAX_DEPTH} to measure the late-layer gain from")  # fmt: skip
+        why = (
+            f"the top layer is at chance ({top.mean:.3f})"
+            if others
+            else f"no layer at depth <= {MID_MAX_DEPTH} to measure the late-layer gain from"
+        )
         ev.append(
             f"{why}: the data is taken as {a.measured} "
             f"(similar when the top layer is within {TOP_TOLERANCE * 100:g} point of the best)"
@@ -351,23 +416,30 @@ def _decide(a: DatasetAnalysis) -> None:
     capped = ""
     if a.uncapped_train:
         full = a.uncapped_train / max(a.n_classes, 1)
-        capped = (f" (as capped by --per-class-limit {a.cap}; the data holds {a.uncapped_train} training images, "
-                  f"{full:.0f} per class" + (", which would be large" if full >= LARGE_PER_CLASS and a.size == "small" else "")
-                  + ")")  # fmt: skip
+        capped = (
+            f" (as capped by --per-class-limit {a.cap}; the data holds {a.uncapped_train} training images, "
+            f"{full:.0f} per class"
+            + (", which would be large" if full >= LARGE_PER_CLASS and a.size == "small" else "")
+            + ")"
+        )
     a.size_text = a.size + capped
     ev.append(
         f"{a.n_train} training images, {per_class:.0f} per class -> {a.size_text} (large from {LARGE_PER_CLASS} per class)"
     )
     lo, hi = a.ci(a.best, size)
-    a.answer = (f"Use {a.best} (depth {a.depth[a.best]:.2f}): test accuracy {a.acc[(a.best, size)].mean:.3f} "
-                f"(95% CI {lo:.2f}-{hi:.2f}, {a.n_test} test images) at train size {size} ({a.size_counts[size]} "
-                f"images), chosen on validation ({_how(a, size)}).")  # fmt: skip
+    a.answer = (
+        f"Use {a.best} (depth {a.depth[a.best]:.2f}): test accuracy {a.acc[(a.best, size)].mean:.3f} "
+        f"(95% CI {lo:.2f}-{hi:.2f}, {a.n_test} test images) at train size {size} ({a.size_counts[size]} "
+        f"images), chosen on validation ({_how(a, size)})."
+    )
     a.rule_check = _rule_check(a, size)
     if len(a.sizes) > 1:
         prev = a.sizes[-2]
         step = best.mean - a.acc[(a.best, prev)].mean
-        ev.append(f"learning curve of {a.best}: {a.acc[(a.best, prev)].mean:.3f} at {prev} -> {best.mean:.3f} at {size} "
-                  f"({step * 100:+.1f} points)")  # fmt: skip
+        ev.append(
+            f"learning curve of {a.best}: {a.acc[(a.best, prev)].mean:.3f} at {prev} -> {best.mean:.3f} at {size} "
+            f"({step * 100:+.1f} points)"
+        )
     if a.pixels.get(size):
         ev.append(f"raw-pixel baseline at {size}: {a.pixels[size]}")
     if a.head_confidence is not None:
@@ -392,16 +464,41 @@ def apply_baselines(analyses: list[DatasetAnalysis], finetune=()) -> None:
             continue
         size = a.sizes[-1]
         ours = [(f"the chosen layer {a.best}", a.acc[(a.best, size)].mean, a.correct.get((a.best, size)))]
-        c = next((c for c in finetune if (c.dataset, c.size, c.model, c.classifier) == (a.name, size, a.model, a.classifier)), None)
+        c = next(
+            (
+                c
+                for c in finetune
+                if (c.dataset, c.size, c.model, c.classifier) == (a.name, size, a.model, a.classifier)
+            ),
+            None,
+        )
         if c is not None:
             ours.append((f"fine-tuning from {c.point}", c.ft_acc, c.ft_correct))
         bases = []
         if size in a.pixels and size in a.pixels_correct:
-            bases.append(("raw pixels (logistic regression)", "the raw-pixel baseline", a.pixels[size].mean, a.pixels_correct[size]))
+            bases.append(
+                (
+                    "raw pixels (logistic regression)",
+                    "the raw-pixel baseline",
+                    a.pixels[size].mean,
+                    a.pixels_correct[size],
+                )
+            )
         for b in analyses:
-            if b.control_of and b.control_of == a.model and (b.name, b.classifier) == (a.name, a.classifier) and (b.best, size) in b.acc:
-                bases.append((f"the random-init control's {b.best}", f"{b.model}'s {b.best} codes (random init)",
-                              b.acc[(b.best, size)].mean, b.correct.get((b.best, size))))  # fmt: skip
+            if (
+                b.control_of
+                and b.control_of == a.model
+                and (b.name, b.classifier) == (a.name, a.classifier)
+                and (b.best, size) in b.acc
+            ):
+                bases.append(
+                    (
+                        f"the random-init control's {b.best}",
+                        f"{b.model}'s {b.best} codes (random init)",
+                        b.acc[(b.best, size)].mean,
+                        b.correct.get((b.best, size)),
+                    )
+                )
         for name, use, acc, bits in sorted(bases, key=lambda x: -x[2]):
             beaten = []
             for what, mine, theirs in ours:
@@ -416,10 +513,14 @@ def apply_baselines(analyses: list[DatasetAnalysis], finetune=()) -> None:
             if len(beaten) == len(ours):
                 lead = f"Use {use}: {a.baseline_wins}; the pretrained network does not pay on this data."
             else:
-                lead = (f"{a.baseline_wins[0].upper()}{a.baseline_wins[1:]}; fine-tuning from {c.point} is not beaten "
-                        f"by it: use the fine-tuned network.")  # fmt: skip
+                lead = (
+                    f"{a.baseline_wins[0].upper()}{a.baseline_wins[1:]}; fine-tuning from {c.point} is not beaten "
+                    f"by it: use the fine-tuned network."
+                )
             a.answer = f"{lead} Among the network's layers: {a.answer[0].lower()}{a.answer[1:]}"
-            a.rule_check += f"; but {a.baseline_wins}, so the rule's recommendation is not the one to use here"
+            a.rule_check += (
+                f"; but {a.baseline_wins}, so the rule's recommendation is not the one to use here"
+            )
             break
 
 

@@ -1,5 +1,4 @@
-"""A bench's configuration: models, data, grid; the demo configuration.
-"""
+"""A bench's configuration: models, data, grid; the demo configuration."""
 
 from __future__ import annotations
 
@@ -121,19 +120,41 @@ class BenchConfig:
     finetune: list[str]  # freeze points of the fine-tune cells (featx.bench.finetune_cells); [] for none
     finetune_settings: FinetuneSettings  # their recipe (train_from, train_size and seed set per cell)
 
-    def __init__(self, model: ModelSettings | str | Sequence[ModelSettings | str], datasets: list[BenchData], codes: CodeSettings | str | None = None,
-                 run: RunSettings | None = None, *, train_sizes: Sequence[str] = ("all",),
-                 protocols: Sequence[Protocol] = (Protocol(),), seeds: Sequence[int] = (0,),
-                 data_options: DataOptions | None = None, baseline_pixels: bool = False, pixel_size: int = 32,
-                 out: str = "results/bench", cache_dir: str | None = None, jobs: int = 1, scheduler: str | None = None,
-                 control: str | None = None, finetune: Sequence[str] | str = (), finetune_settings=None,
-                 head_confidence: bool = False, **settings):  # fmt: skip
+    def __init__(
+        self,
+        model: ModelSettings | str | Sequence[ModelSettings | str],
+        datasets: list[BenchData],
+        codes: CodeSettings | str | None = None,
+        run: RunSettings | None = None,
+        *,
+        train_sizes: Sequence[str] = ("all",),
+        protocols: Sequence[Protocol] = (Protocol(),),
+        seeds: Sequence[int] = (0,),
+        data_options: DataOptions | None = None,
+        baseline_pixels: bool = False,
+        pixel_size: int = 32,
+        out: str = "results/bench",
+        cache_dir: str | None = None,
+        jobs: int = 1,
+        scheduler: str | None = None,
+        control: str | None = None,
+        finetune: Sequence[str] | str = (),
+        finetune_settings=None,
+        head_confidence: bool = False,
+        **settings,
+    ):
         self.models, self.codes, self.run = _gather_models(model, codes or DEFAULT_LAYERS, run, settings)
         # fine-tune cells (freeze points, for the first model) and their recipe
-        self.finetune = parse_points(",".join(finetune) if not isinstance(finetune, str) else finetune) if finetune else []
+        self.finetune = (
+            parse_points(",".join(finetune) if not isinstance(finetune, str) else finetune)
+            if finetune
+            else []
+        )
         self.finetune_settings = FinetuneSettings() if finetune_settings is None else finetune_settings
         if not isinstance(self.finetune_settings, FinetuneSettings):
-            raise TypeError(f"finetune_settings: give a FinetuneSettings, not {type(self.finetune_settings).__name__}")
+            raise TypeError(
+                f"finetune_settings: give a FinetuneSettings, not {type(self.finetune_settings).__name__}"
+            )
         if control is not None and control not in CONTROLS:
             raise UsageError(f"--control {control!r}: use random (or leave it out)")
         self.control = control
@@ -166,16 +187,18 @@ class BenchConfig:
                 twin = replace(bm.settings, weights="none")
                 if bm.settings.weights.lower() != "none" and twin not in have:
                     have.add(twin)
-                    out.insert(out.index(bm) + 1,
-                               BenchModel(twin, f"{model_label(twin)} (random control)", bm.label))  # fmt: skip
+                    out.insert(
+                        out.index(bm) + 1, BenchModel(twin, f"{model_label(twin)} (random control)", bm.label)
+                    )
         return out
 
 
 DEMO_FASHION = "/usr/share/datasets/fashion-mnist"
 
 
-def demo_config(extra_data: Sequence[str] = (), out: str = "results/demo", cache_dir: str | None = None,
-                jobs: int = 2) -> BenchConfig:  # fmt: skip
+def demo_config(
+    extra_data: Sequence[str] = (), out: str = "results/demo", cache_dir: str | None = None, jobs: int = 2
+) -> BenchConfig:
     """`featx demo`: a small bench that works offline on a fresh install (scikit-learn's digits,
     plus Fashion-MNIST where the Debian package is installed, plus `extra_data`)."""
     from featx.classifiers.protocol import protocol_for
@@ -189,8 +212,16 @@ def demo_config(extra_data: Sequence[str] = (), out: str = "results/demo", cache
         )
     datasets += [parse_bench_data(d) for d in extra_data]
     return BenchConfig(
-        ModelSettings("efficientnet_lite0", "imagenet", image_size=112), datasets, DEFAULT_LAYERS,
-        train_sizes=["10/class", "50/class", "all"], protocols=[protocol_for("softmax", Cs=(0.001, 0.01, 0.1, 1.0, 10.0))],
-        seeds=(0, 1), data_options=DataOptions(per_class_limit={"train": 200, "test": 100}),  # neither set has a val split
-        baseline_pixels=True, pixel_size=28, out=out, cache_dir=cache_dir, jobs=jobs,
-    )  # fmt: skip
+        ModelSettings("efficientnet_lite0", "imagenet", image_size=112),
+        datasets,
+        DEFAULT_LAYERS,
+        train_sizes=["10/class", "50/class", "all"],
+        protocols=[protocol_for("softmax", Cs=(0.001, 0.01, 0.1, 1.0, 10.0))],
+        seeds=(0, 1),
+        data_options=DataOptions(per_class_limit={"train": 200, "test": 100}),  # neither set has a val split
+        baseline_pixels=True,
+        pixel_size=28,
+        out=out,
+        cache_dir=cache_dir,
+        jobs=jobs,
+    )

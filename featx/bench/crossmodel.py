@@ -87,14 +87,24 @@ def model_choices(analyses: list[DatasetAnalysis]) -> list[ModelChoice]:
 def _explain(c: ModelChoice) -> None:
     a, b, size = c.chosen, c.runner_up, c.size
     lo, hi = a.ci(a.best, size)
-    score = (f"the best cross-validated log-likelihood ({a.tie[(a.best, size)].mean:.3f})" if _loglik(a, size)
-             else f"the best validation score ({a.val[(a.best, size)].mean:.3f})")  # fmt: skip
-    c.answer = (f"Use {a.model}, layer {a.best} (depth {a.depth[a.best]:.2f}): {score} "
-                f"of {len(c.entries)} models at train size {size}; test accuracy "
-                f"{a.acc[(a.best, size)].mean:.3f} (95% CI {lo:.2f}-{hi:.2f}, {a.n_test} test images).")  # fmt: skip
+    score = (
+        f"the best cross-validated log-likelihood ({a.tie[(a.best, size)].mean:.3f})"
+        if _loglik(a, size)
+        else f"the best validation score ({a.val[(a.best, size)].mean:.3f})"
+    )
+    c.answer = (
+        f"Use {a.model}, layer {a.best} (depth {a.depth[a.best]:.2f}): {score} "
+        f"of {len(c.entries)} models at train size {size}; test accuracy "
+        f"{a.acc[(a.best, size)].mean:.3f} (95% CI {lo:.2f}-{hi:.2f}, {a.n_test} test images)."
+    )
     d = (a.acc[(a.best, size)].mean - b.acc[(b.best, size)].mean) * 100
-    rel = ("level with" if abs(d) < 0.05 else f"{d:.1f} points above" if d > 0
-           else f"{-d:.1f} points below (validation and test disagree)")  # fmt: skip
+    rel = (
+        "level with"
+        if abs(d) < 0.05
+        else f"{d:.1f} points above"
+        if d > 0
+        else f"{-d:.1f} points below (validation and test disagree)"
+    )
     line = f"the chosen {a.model} {a.best} is {rel} the runner-up by validation, {b.model} {b.best}, on test"
     t = _paired(a, b, size)
     if t is not None:
@@ -103,8 +113,10 @@ def _explain(c: ModelChoice) -> None:
     c.evidence.append(line)
     best_test = max(c.entries, key=lambda e: e.acc[(e.best_on_test, size)].mean)
     if best_test.acc[(best_test.best_on_test, size)].mean > a.acc[(a.best, size)].mean:
-        c.evidence.append(f"best on test (not used for the choice): {best_test.model} {best_test.best_on_test}, "
-                          f"{best_test.acc_text(best_test.best_on_test, size)}")  # fmt: skip
+        c.evidence.append(
+            f"best on test (not used for the choice): {best_test.model} {best_test.best_on_test}, "
+            f"{best_test.acc_text(best_test.best_on_test, size)}"
+        )
 
 
 @dataclass
@@ -123,24 +135,40 @@ class PretrainingGain:
 def pretraining_gains(analyses: list[DatasetAnalysis]) -> list[PretrainingGain]:
     out = []
     for ctl in (a for a in analyses if a.control_of):
-        pre = next((a for a in analyses if a.model == ctl.control_of and a.name == ctl.name
-                    and a.classifier == ctl.classifier), None)  # fmt: skip
+        pre = next(
+            (
+                a
+                for a in analyses
+                if a.model == ctl.control_of and a.name == ctl.name and a.classifier == ctl.classifier
+            ),
+            None,
+        )
         if pre is None:
             continue
         size = pre.sizes[-1]
-        rows = [(n, pre.depth[n], pre.acc[(n, size)].mean, ctl.acc[(n, size)].mean,
-                 pre.acc[(n, size)].mean - ctl.acc[(n, size)].mean)
-                for n in pre.layers if (n, size) in pre.acc and (n, size) in ctl.acc]  # fmt: skip
+        rows = [
+            (
+                n,
+                pre.depth[n],
+                pre.acc[(n, size)].mean,
+                ctl.acc[(n, size)].mean,
+                pre.acc[(n, size)].mean - ctl.acc[(n, size)].mean,
+            )
+            for n in pre.layers
+            if (n, size) in pre.acc and (n, size) in ctl.acc
+        ]
         if not rows:
             continue
         g = PretrainingGain(pre.name, pre.classifier, pre.model, ctl.model, size, rows)
         top, low = max(rows, key=lambda r: r[4]), min(rows, key=lambda r: r[4])
         first, last = rows[0], rows[-1]
-        g.sentence = (f"On {pre.name}, {pre.model}'s pretraining adds {first[4] * 100:+.1f} points over random init "
-                      f"at depth {first[1]:.2f} and {last[4] * 100:+.1f} at depth {last[1]:.2f}; most at depth "
-                      f"{top[1]:.2f} ({top[0]}, {top[4] * 100:+.1f}), least at depth {low[1]:.2f} ({low[0]}, "
-                      f"{low[4] * 100:+.1f}), at train size {size}; the random control's own best layer by "
-                      f"validation is {ctl.best} (depth {ctl.depth[ctl.best]:.2f}).")  # fmt: skip
+        g.sentence = (
+            f"On {pre.name}, {pre.model}'s pretraining adds {first[4] * 100:+.1f} points over random init "
+            f"at depth {first[1]:.2f} and {last[4] * 100:+.1f} at depth {last[1]:.2f}; most at depth "
+            f"{top[1]:.2f} ({top[0]}, {top[4] * 100:+.1f}), least at depth {low[1]:.2f} ({low[0]}, "
+            f"{low[4] * 100:+.1f}), at train size {size}; the random control's own best layer by "
+            f"validation is {ctl.best} (depth {ctl.depth[ctl.best]:.2f})."
+        )
         out.append(g)
     return out
 

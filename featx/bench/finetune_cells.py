@@ -47,21 +47,36 @@ class FinetuneCell:
         m = config.model
         # "sized": cells fine-tuned before the backbone carried the plan's preprocessing ran at the
         # weights' default size whatever their key said; the marker retires them
-        return digest({"kind": "finetune", "sized": True, "model": m.name, "weights": m.weights, "image_size": m.image_size,
-                       "crop_pct": m.crop_pct, "data": os.path.abspath(self.spec) if os.path.exists(self.spec)
-                       else self.spec, "data_options": config.data_options.to_dict(),
-                       "run": {"device": config.run.device, "precision": config.run.precision},
-                       "recipe": self.settings(base).key_dict()})  # fmt: skip
+        return digest(
+            {
+                "kind": "finetune",
+                "sized": True,
+                "model": m.name,
+                "weights": m.weights,
+                "image_size": m.image_size,
+                "crop_pct": m.crop_pct,
+                "data": os.path.abspath(self.spec) if os.path.exists(self.spec) else self.spec,
+                "data_options": config.data_options.to_dict(),
+                "run": {"device": config.run.device, "precision": config.run.precision},
+                "recipe": self.settings(base).key_dict(),
+            }
+        )
 
 
 def finetune_cells(config, points: list[str], sizes: list[str], seeds) -> list[FinetuneCell]:
     """Every fine-tune cell, in a fixed order (dataset, freeze point, train size, seed)."""
-    return [FinetuneCell(i, bd.spec, p, parse_train_size(s), int(seed))
-            for i, bd in enumerate(config.datasets) for p in points for s in sizes
-            for seed in dict.fromkeys(seeds)]  # fmt: skip
+    return [
+        FinetuneCell(i, bd.spec, p, parse_train_size(s), int(seed))
+        for i, bd in enumerate(config.datasets)
+        for p in points
+        for s in sizes
+        for seed in dict.fromkeys(seeds)
+    ]
 
 
-def run_finetune_cells(config, points: list[str], base: FinetuneSettings, progress: bool = False) -> list[tuple]:
+def run_finetune_cells(
+    config, points: list[str], base: FinetuneSettings, progress: bool = False
+) -> list[tuple]:
     """Run the missing fine-tune cells of `config` (a BenchConfig) one after another (each uses all
     cores); returns [(cell, result)] for every cell of the grid, finished before or now. A cell the
     data cannot support is recorded with its reason (`{"error": ...}`), as probe cells are."""
@@ -78,8 +93,15 @@ def run_finetune_cells(config, points: list[str], base: FinetuneSettings, progre
             key = cell.key(config, base)
             ckpt = os.path.join(config.out, "finetune-ckpt", key[:24])
             try:
-                r = finetune(config.model, cell.spec, cell.settings(base), run=config.run,
-                             data_options=config.data_options, checkpoint_dir=ckpt, progress=progress).results  # fmt: skip
+                r = finetune(
+                    config.model,
+                    cell.spec,
+                    cell.settings(base),
+                    run=config.run,
+                    data_options=config.data_options,
+                    checkpoint_dir=ckpt,
+                    progress=progress,
+                ).results
             except FeatxError as e:
                 r = {"error": str(e)}
             append_record(fh, {"key": key, "result": json.loads(json.dumps(r))})
@@ -98,19 +120,42 @@ def finetune_rows(config, cells: list[tuple]) -> list[dict]:
         if "error" in r:
             continue
         bd = config.datasets[cell.source]
-        rows.append({
-            "kind": "finetune", "model": model_label(config.model), "control_of": "", "dataset": os.path.basename(bd.spec.rstrip("/")), "similarity_label": bd.label or "",
-            "layer": r["train_from_module"], "train_from": cell.point, "relative_depth": r["train_from_depth"],
-            "code_dim": None, "train_size": r["train_size"], "train_size_spec": str(cell.train_size),
-            "classifier": "finetune", "preset": "", "C": None, "seed": cell.seed, "accuracy": r["accuracy"],
-            "balanced_accuracy": r["balanced_accuracy"], "val_score": r["val_score"], "n_test": r["n_test"],
-            "fit_seconds": r["seconds"], "baseline": "", "epoch": r["epoch"],
-            "image_size": r["preprocessing"]["crop_size"], "resize_size": r["preprocessing"]["resize_size"],
-            "epochs_run": r["epochs_run"], "converged": r.get("converged", converged(r["history"])),
-            "augment": r.get("augment", "default" if r["recipe"].get("augment") is True else "none"),
-            "lr": r.get("lr", r["recipe"].get("lr")),
-            **{k: r.get(k) for k in ("val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct")},
-        })  # fmt: skip
+        rows.append(
+            {
+                "kind": "finetune",
+                "model": model_label(config.model),
+                "control_of": "",
+                "dataset": os.path.basename(bd.spec.rstrip("/")),
+                "similarity_label": bd.label or "",
+                "layer": r["train_from_module"],
+                "train_from": cell.point,
+                "relative_depth": r["train_from_depth"],
+                "code_dim": None,
+                "train_size": r["train_size"],
+                "train_size_spec": str(cell.train_size),
+                "classifier": "finetune",
+                "preset": "",
+                "C": None,
+                "seed": cell.seed,
+                "accuracy": r["accuracy"],
+                "balanced_accuracy": r["balanced_accuracy"],
+                "val_score": r["val_score"],
+                "n_test": r["n_test"],
+                "fit_seconds": r["seconds"],
+                "baseline": "",
+                "epoch": r["epoch"],
+                "image_size": r["preprocessing"]["crop_size"],
+                "resize_size": r["preprocessing"]["resize_size"],
+                "epochs_run": r["epochs_run"],
+                "converged": r.get("converged", converged(r["history"])),
+                "augment": r.get("augment", "default" if r["recipe"].get("augment") is True else "none"),
+                "lr": r.get("lr", r["recipe"].get("lr")),
+                **{
+                    k: r.get(k)
+                    for k in ("val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct")
+                },
+            }
+        )
     return rows
 
 
@@ -136,7 +181,9 @@ class FinetuneVsProbe:
     n_test: int
     epoch: float
     points: tuple = ()  # every freeze point: {"point", "acc", "std", "val", "converged"} (seed means), in grid order
-    paired: Paired | None = None  # McNemar: a = the fine-tune, b = the probe; None when the test images differ
+    paired: Paired | None = (
+        None  # McNemar: a = the fine-tune, b = the probe; None when the test images differ
+    )
     converged: bool = True  # every seed's cell of the chosen point stopped improving before its last epoch
     epochs_run: float = 0.0
     recipe: str = ""  # the chosen augmentation and learning rate(s), e.g. "light, lr 0.03"
@@ -194,17 +241,41 @@ def compare(analyses, rows: list[dict]) -> list[FinetuneVsProbe]:
                 bits = unpack_correct(first["test_correct"], first["n_test"])
                 if probe_bits is not None and len(probe_bits) == len(bits):
                     paired = mcnemar_exact(bits, probe_bits)
-            out.append(FinetuneVsProbe(
-                a.name, size, layer, a.acc[(layer, size)].mean, a.ci(layer, size), point, rs[0]["layer"], acc,
-                float(np.std([r["accuracy"] for r in rs])), wilson_interval(int(round(acc * n)), n), len(rs), n,
-                float(np.mean([r["epoch"] for r in rs])),
-                tuple({"point": p, "acc": float(np.mean([r["accuracy"] for r in v])),
-                       "std": float(np.std([r["accuracy"] for r in v])), "seeds": len(v),
-                       "val": float(np.mean([r["val_score"] for r in v])),
-                       "converged": all(r.get("converged", True) for r in v)} for p, v in by_point.items()),
-                paired, all(r.get("converged", True) for r in rs), float(np.mean([r.get("epochs_run") or 0 for r in rs])),
-                _recipe_text(rs), a.model, a.classifier, bits,
-            ))  # fmt: skip
+            out.append(
+                FinetuneVsProbe(
+                    a.name,
+                    size,
+                    layer,
+                    a.acc[(layer, size)].mean,
+                    a.ci(layer, size),
+                    point,
+                    rs[0]["layer"],
+                    acc,
+                    float(np.std([r["accuracy"] for r in rs])),
+                    wilson_interval(int(round(acc * n)), n),
+                    len(rs),
+                    n,
+                    float(np.mean([r["epoch"] for r in rs])),
+                    tuple(
+                        {
+                            "point": p,
+                            "acc": float(np.mean([r["accuracy"] for r in v])),
+                            "std": float(np.std([r["accuracy"] for r in v])),
+                            "seeds": len(v),
+                            "val": float(np.mean([r["val_score"] for r in v])),
+                            "converged": all(r.get("converged", True) for r in v),
+                        }
+                        for p, v in by_point.items()
+                    ),
+                    paired,
+                    all(r.get("converged", True) for r in rs),
+                    float(np.mean([r.get("epochs_run") or 0 for r in rs])),
+                    _recipe_text(rs),
+                    a.model,
+                    a.classifier,
+                    bits,
+                )
+            )
     return out
 
 
@@ -220,12 +291,16 @@ def rule_line(a, c: FinetuneVsProbe) -> str:
     case: never a verdict from a fine-tune that had not converged, or when a baseline beat both."""
     rule = "fine-tune" if a.case in (2, 4) else "a linear classifier on codes"
     relation = "is within noise of the probe" if c.verdict == "within noise" else c.verdict
-    head = (f"{a.name}: rule of thumb for case {a.case} ({a.size}, {a.similarity_text}): {rule}; measured at train size "
-            f"{c.size}: fine-tuning from {c.point} {relation} ({c.gain:+.1f} points against {c.probe_layer}, exact "
-            f"McNemar p = {c.p_text})")  # fmt: skip
+    head = (
+        f"{a.name}: rule of thumb for case {a.case} ({a.size}, {a.similarity_text}): {rule}; measured at train size "
+        f"{c.size}: fine-tuning from {c.point} {relation} ({c.gain:+.1f} points against {c.probe_layer}, exact "
+        f"McNemar p = {c.p_text})"
+    )
     if not c.converged:
-        return (f"{head}; not converged (validation had not stopped improving when its {c.epochs_run:g} epochs ran out): "
-                f"a budget measurement, not a verdict on the rule.")  # fmt: skip
+        return (
+            f"{head}; not converged (validation had not stopped improving when its {c.epochs_run:g} epochs ran out): "
+            f"a budget measurement, not a verdict on the rule."
+        )
     if a.baseline_wins:
         return f"{head}; but {a.baseline_wins}, so neither answer of the rule is the one to use here."
     agrees = {"pays": a.case in (2, 4), "does not pay": a.case in (1, 3)}.get(c.verdict)

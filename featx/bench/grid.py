@@ -1,5 +1,4 @@
-"""The bench grid: extracting every source through the cache, then one cell per (source, layer, size, seed).
-"""
+"""The bench grid: extracting every source through the cache, then one cell per (source, layer, size, seed)."""
 
 from __future__ import annotations
 
@@ -83,13 +82,35 @@ def _prepare_model(config: BenchConfig, bm: BenchModel, progress: bool, pixels: 
             rows_digest = digest({"paths": f.paths, "split": f.split.tolist()})
         layers.sort(key=lambda n: depth[n])
         leak = _leak_check(config, res.path, f"{bm.label} {name}")
-        pix = extract(pixels_model, bd.spec, CodeSettings("pixels", pool="none"), **common).path if pixels else None
-        head_codes = extract(bm.settings, bd.spec, replace(codes, layers=head), **common).path if head else None
+        pix = (
+            extract(pixels_model, bd.spec, CodeSettings("pixels", pool="none"), **common).path
+            if pixels
+            else None
+        )
+        head_codes = (
+            extract(bm.settings, bd.spec, replace(codes, layers=head), **common).path if head else None
+        )
         sources.append(
-            Source(bd, name, res.path, layers, depth, dims, head, pix, n_train, n_classes,
-                   res.uncapped_train, _limit_text(config.data_options.per_class_limit) if res.uncapped_train else "",
-                   bm.label, bm.control_of, rows_digest, leak, head_codes)
-        )  # fmt: skip
+            Source(
+                bd,
+                name,
+                res.path,
+                layers,
+                depth,
+                dims,
+                head,
+                pix,
+                n_train,
+                n_classes,
+                res.uncapped_train,
+                _limit_text(config.data_options.per_class_limit) if res.uncapped_train else "",
+                bm.label,
+                bm.control_of,
+                rows_digest,
+                leak,
+                head_codes,
+            )
+        )
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         for i, s in enumerate(sources):
@@ -122,8 +143,15 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return digest({"codes": self.cache_key, "layer": self.layer, "train_size": str(self.train_size),
-                       "protocol": self.protocol.to_dict(), "seed": self.seed})  # fmt: skip
+        return digest(
+            {
+                "codes": self.cache_key,
+                "layer": self.layer,
+                "train_size": str(self.train_size),
+                "protocol": self.protocol.to_dict(),
+                "seed": self.seed,
+            }
+        )
 
 
 def cache_key(path: str) -> str:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import numpy as np
+from featx.bench.plots import (
+    plot_depth,
+    plot_learning_curves,
+)
 
 
 def fixed(v, digits: int = 2) -> str:
@@ -34,11 +37,42 @@ def format_cell(v) -> str:
 
 # results.json also holds each cell's `test_correct` (per-image correctness bits, for paired tests)
 RESULT_COLUMNS = [
-    "kind", "model", "control_of", "dataset", "similarity_label", "layer", "relative_depth", "code_dim", "train_size", "train_size_spec", "classifier",
-    "preset", "C", "k", "temperature", "seed", "accuracy", "balanced_accuracy", "test_ci_low", "test_ci_high", "n_test", "val_score",
-    "val_tiebreak", "val_source", "val_rule", "val_folds", "n_val", "fit_seconds", "baseline",
-    "score_logme", "score_hscore", "score_transrate", "score_gbc", "train_from", "epoch",
-]  # fmt: skip
+    "kind",
+    "model",
+    "control_of",
+    "dataset",
+    "similarity_label",
+    "layer",
+    "relative_depth",
+    "code_dim",
+    "train_size",
+    "train_size_spec",
+    "classifier",
+    "preset",
+    "C",
+    "k",
+    "temperature",
+    "seed",
+    "accuracy",
+    "balanced_accuracy",
+    "test_ci_low",
+    "test_ci_high",
+    "n_test",
+    "val_score",
+    "val_tiebreak",
+    "val_source",
+    "val_rule",
+    "val_folds",
+    "n_val",
+    "fit_seconds",
+    "baseline",
+    "score_logme",
+    "score_hscore",
+    "score_transrate",
+    "score_gbc",
+    "train_from",
+    "epoch",
+]
 
 
 def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
@@ -54,9 +88,17 @@ def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
     w.writeheader()
     for r in rows:
         w.writerow(
-            {**r, "C": "/".join(f"{c:g}" for c in r["C"]) if isinstance(r["C"], list)
-             else "" if r["C"] is None else r["C"] if isinstance(r["C"], str) else f"{r['C']:g}",
-             "val_folds": pack_folds(unpack_folds(r.get("val_folds")))}  # fmt: skip
+            {
+                **r,
+                "C": "/".join(f"{c:g}" for c in r["C"])
+                if isinstance(r["C"], list)
+                else ""
+                if r["C"] is None
+                else r["C"]
+                if isinstance(r["C"], str)
+                else f"{r['C']:g}",
+                "val_folds": pack_folds(unpack_folds(r.get("val_folds"))),
+            }
         )
     csv_path, json_path = os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.json")
     write_text_atomic(csv_path, buf.getvalue())
@@ -64,152 +106,16 @@ def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
     return csv_path, json_path
 
 
-def _save_figure(fig, path: str) -> None:
-    """Write a PNG atomically: an interrupted bench never leaves a truncated plot."""
-    from featx.files import write_atomic
-
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-
-
-def _size_order(spec: str):
-    """Train-size specs in reading order: per-class sizes, then totals, each by size; `all` last."""
-    from featx.classifiers.protocol import parse_train_size
-
-    ts = parse_train_size(spec)
-    return ({"per_class": 0, "total": 1, "all": 2}[ts.kind], ts.n)
-
-
-def _style(similarity: str):
-    return ("-", "o") if similarity == "similar" else ("--", "s")
-
-
-def _title_width(fig) -> int:
-    """Characters of an 11 pt title that fit the figure's width."""
-    return max(30, int(fig.get_figwidth() * 10.5))
-
-
-def _wrap(title: str, width: int = 110) -> str:
-    """A long title (several models) on several lines rather than cut off at the figure's edge."""
-    import textwrap
-
-    return "\n".join(textwrap.wrap(title, width)) or title
-
-
-def plot_depth(analyses, path: str, title: str, finetune_rows: Sequence[dict] = (), comparisons=()) -> str:
-    """Accuracy vs relative depth: a panel per train size, a line per dataset and model (similar
-    solid, different dashed, random-init controls dotted) on the shared relative-depth axis; the
-    lower row shows accuracy relative to each line's chosen layer (the best by validation at that
-    size, as in the tables)."""
-    import matplotlib
-
-    from featx.bench.analysis import best_layer
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = sorted({s for a in analyses for s in a.sizes}, key=_size_order)
-    several = len({a.model for a in analyses}) > 1
-    # constrained layout places the legend below the panels and the wrapped title above them, inside the
-    # figure; panels of one row share their y-range so that sizes compare at a glance
-    fig, axes = plt.subplots(2, len(sizes), figsize=(max(6.0, 4.2 * len(sizes)), 7 + 0.25 * several * len(analyses)),
-                             squeeze=False, sharex=True, sharey="row", layout="constrained")  # fmt: skip
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for j, size in enumerate(sizes):
-        for k, a in enumerate(analyses):
-            pts = [(a.depth[n], a.acc[(n, size)]) for n in a.layers if (n, size) in a.acc]
-            if not pts:
-                continue
-            ls, marker = _style(a.similarity)
-            ls = ":" if a.control_of else ls  # a random-init control: dotted
-            x = [p[0] for p in pts]
-            y = np.array([p[1].mean for p in pts])
-            # the bars are the test set's Wilson 95% interval, the uncertainty the report's words rely on
-            ci = np.array([a.ci(n, size) for n in a.layers if (n, size) in a.acc])
-            e = np.clip(np.vstack([y - ci[:, 0], ci[:, 1] - y]), 0, None)
-            label = f"{a.model + ' · ' if several else ''}{a.name} ({a.similarity_text})"
-            color = colors[k % len(colors)]
-            chosen = a.acc[(best_layer(a, size), size)].mean
-            axes[0][j].errorbar(x, y, yerr=e, ls=ls, marker=marker, color=color, label=label, capsize=2)
-            axes[1][j].plot(x, y / chosen, ls=ls, marker=marker, color=color, label=label)
-            ft = _finetune_points(finetune_rows, a, size)
-            if ft:  # fine-tune cells at their freeze points, on the same depth axis
-                fx, fy = zip(*ft)
-                axes[0][j].plot(fx, fy, ls="none", marker="X", ms=9, color=color, label=f"{label}: fine-tuned from depth")
-                axes[1][j].plot(fx, np.array(fy) / chosen, ls="none", marker="X", ms=9, color=color)
-                c = next((c for c in comparisons if (c.dataset, c.size, c.model, c.classifier)
-                          == (a.name, size, a.model, a.classifier)), None)  # fmt: skip
-                if c is not None:  # the chosen fine-tune's verdict, the table's words
-                    depth = next((float(r["relative_depth"]) for r in finetune_rows if r["train_from"] == c.point
-                                  and r["dataset"] == a.name), fx[0])  # fmt: skip
-                    axes[0][j].annotate(f"{c.verdict} (p = {c.p_text}){'' if c.converged else ', not converged'}",
-                                        (depth, c.ft_acc), textcoords="offset points", xytext=(4, 6), fontsize=7,
-                                        color=color)  # fmt: skip
-        axes[0][j].set_title(f"train size {size}")
-        axes[1][j].set_xlabel("relative depth (1.0 = penultimate)")
-    axes[0][0].set_ylabel("test accuracy (bars: 95% CI)")
-    axes[1][0].set_ylabel("accuracy / chosen layer's")
-    # one legend for the figure: a dataset missing from some panel (a size it cannot reach) still shows
-    handles = {}
-    for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize=8,
-               ncols=1 if several or len(sizes) == 1 else min(len(handles), 3))  # fmt: skip
-    fig.suptitle(_wrap(title, _title_width(fig)), fontsize=11)
-    _save_figure(fig, path)
-    plt.close(fig)
-    return path
-
-
-def _finetune_points(rows: Sequence[dict], a, size: str) -> list[tuple[float, float]]:
-    """(freeze depth, mean test accuracy over seeds) of the fine-tune rows of `a`'s dataset at `size`."""
-    by: dict[float, list[float]] = {}
-    for r in rows:
-        if r["dataset"] == a.name and r["train_size_spec"] == size and not a.control_of and r["model"] == a.model:
-            by.setdefault(float(r["relative_depth"]), []).append(r["accuracy"])
-    return sorted((d, float(np.mean(v))) for d, v in by.items())
-
-
-def plot_learning_curves(analyses, path: str, title: str) -> str:
-    """Accuracy vs training images per dataset: the best layer, the top layer, raw pixels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(analyses), figsize=(max(6.0, 4.2 * len(analyses)), 3.8), squeeze=False,
-                             sharey=True, layout="constrained")  # fmt: skip
-    for ax, a in zip(axes[0], analyses):
-        xs = [a.size_counts[s] for s in a.sizes]
-        curves = (
-            [(a.best, "-o", "chosen = top")]
-            if a.best == a.top
-            else [(a.best, "-o", "chosen"), (a.top, "--s", "top")]
-        )
-        for layer, style, tag in curves:
-            ys = np.array([a.acc[(layer, s)].mean if (layer, s) in a.acc else np.nan for s in a.sizes])
-            ci = np.array([a.ci(layer, s) if (layer, s) in a.acc else (np.nan, np.nan) for s in a.sizes])
-            es = np.clip(np.vstack([ys - ci[:, 0], ci[:, 1] - ys]), 0, None)  # Wilson 95% interval of the test set
-            ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=2, label=f"{tag}: {layer} ({a.depth[layer]:.2f})")
-        if a.pixels:
-            ax.plot([a.size_counts[s] for s in a.sizes if s in a.pixels], [a.pixels[s].mean for s in a.sizes if s in a.pixels],
-                    ":^", color="gray", label="raw pixels")  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.minorticks_off()
-        ax.set_xlabel("training images")
-        ax.set_title(f"{a.model + chr(10) if a.model and len({b.model for b in analyses}) > 1 else ''}"
-                     f"{a.name} ({a.similarity_text})", fontsize=9)
-        ax.legend(fontsize=8, loc="lower right")
-    axes[0][0].set_ylabel("test accuracy (bars: 95% CI)")
-    fig.suptitle(_wrap(title, _title_width(fig)), fontsize=11)
-    _save_figure(fig, path)
-    plt.close(fig)
-    return path
-
-
-def markdown_report(analyses, *, title: str, command: str | None, plots: list[str], notes: list[str],
-                    finetune=(), recipe: str = "") -> str:  # fmt: skip
+def markdown_report(
+    analyses,
+    *,
+    title: str,
+    command: str | None,
+    plots: list[str],
+    notes: list[str],
+    finetune=(),
+    recipe: str = "",
+) -> str:
     """The bench's report.md: a summary table, the plots, then per dataset its table and evidence."""
 
     from featx.bench.analysis import CASES
@@ -222,11 +128,40 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
     for a in analyses:
         size = a.sizes[-1]
         gain = f"{a.late_gain:.2f}" if a.late_gain is not None else "-"
-        summary.append([*([a.model] if several else []), a.name, a.classifier, a.label or "-", f"{a.measured} ({gain})", a.size_text, f"{a.case}",
-                        f"{a.best} ({a.depth[a.best]:.2f})", a.acc_text(a.best, size), f"{a.top}: {a.acc_text(a.top, size)}",
-                        str(a.pixels[size]) if size in a.pixels else "-"])  # fmt: skip
-    lines += [markdown_table(summary, [*(["model"] if several else []), "dataset", "classifier", "label", "measured (late-layer gain)", "size", "case",
-                                       "chosen layer (depth)", "its test acc", "top layer", "raw pixels"]), ""]  # fmt: skip
+        summary.append(
+            [
+                *([a.model] if several else []),
+                a.name,
+                a.classifier,
+                a.label or "-",
+                f"{a.measured} ({gain})",
+                a.size_text,
+                f"{a.case}",
+                f"{a.best} ({a.depth[a.best]:.2f})",
+                a.acc_text(a.best, size),
+                f"{a.top}: {a.acc_text(a.top, size)}",
+                str(a.pixels[size]) if size in a.pixels else "-",
+            ]
+        )
+    lines += [
+        markdown_table(
+            summary,
+            [
+                *(["model"] if several else []),
+                "dataset",
+                "classifier",
+                "label",
+                "measured (late-layer gain)",
+                "size",
+                "case",
+                "chosen layer (depth)",
+                "its test acc",
+                "top layer",
+                "raw pixels",
+            ],
+        ),
+        "",
+    ]
     lines += [
         "The chosen layer is picked on validation (never on test) at the largest train size: the best validation "
         "score on a hold-out or val split; under cross-validation (softmax on small training sets), the deepest "
@@ -244,9 +179,13 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
     for a in analyses:
         who = f"{a.model}, " if several else ""
         if a.control_of:  # a reference, never an answer: no "Use ...", no rule of thumb, no label check
-            lines += [f"## {a.name} ({who}{a.classifier}): random-init control of {a.control_of}", "",
-                      f"A reference, not a candidate: the same architecture with random weights, so the gap to "
-                      f"{a.control_of} at each depth is what pretraining adds (\"What pretraining adds\" above).", ""]  # fmt: skip
+            lines += [
+                f"## {a.name} ({who}{a.classifier}): random-init control of {a.control_of}",
+                "",
+                f"A reference, not a candidate: the same architecture with random weights, so the gap to "
+                f'{a.control_of} at each depth is what pretraining adds ("What pretraining adds" above).',
+                "",
+            ]
         else:
             lines += [f"## {a.name} ({who}{a.classifier}): case {a.case} ({a.size}, {a.similarity_text})", ""]
             lines += [f"**{a.answer}**", "", a.rule_check[0].upper() + a.rule_check[1:] + ".", ""]
@@ -267,13 +206,20 @@ def markdown_report(analyses, *, title: str, command: str | None, plots: list[st
         if a.pixels:
             rows.append(["raw pixels", "-", *[str(a.pixels[s]) if s in a.pixels else "-" for s in a.sizes]])
         several_seeds = any(st.n > 1 for st in a.acc.values())
-        caption = ("Test accuracy (mean ± std over seeds; bold: the chosen layer at that train size, picked on "
-                   "validation as above). The ± is the spread over seeds, each drawing its own training subset; at "
-                   "`all` the seeds share the training images and only the validation split changes, so a small ± "
-                   "there is not precision" if several_seeds else
-                   "Test accuracy (one seed; bold: the chosen layer at that train size, picked on validation as above)")
-        lines += [f"{caption}: the test set's own uncertainty is the 95% interval ({a.n_test} test images).", "",
-                  markdown_table(rows, header), ""]  # fmt: skip
+        caption = (
+            "Test accuracy (mean ± std over seeds; bold: the chosen layer at that train size, picked on "
+            "validation as above). The ± is the spread over seeds, each drawing its own training subset; at "
+            "`all` the seeds share the training images and only the validation split changes, so a small ± "
+            "there is not precision"
+            if several_seeds
+            else "Test accuracy (one seed; bold: the chosen layer at that train size, picked on validation as above)"
+        )
+        lines += [
+            f"{caption}: the test set's own uncertainty is the 95% interval ({a.n_test} test images).",
+            "",
+            markdown_table(rows, header),
+            "",
+        ]
         lines += [f"- {e}" for e in a.evidence] + [""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
@@ -301,29 +247,67 @@ def _finetune_section(analyses, comparisons, recipe: str) -> list[str]:
 
     if not comparisons:
         return []
-    lines = ["## Fine-tuning beside probing", "",
-             "Per dataset and train size: the chosen probe layer and the best fine-tune freeze point, each chosen by "
-             "validation score (mean over seeds), never by test; test accuracies are seed means with their Wilson 95% "
-             "interval; the gain is fine-tune minus probe in points (± the fine-tune's spread over seeds). The verdict "
-             f"is the exact McNemar test of the two on the same test images (first seed), the rule that judges layers "
-             f"and models: \"pays\" or \"does not pay\" when p < {NOISE_P:g}, else \"within noise\". A fine-tune "
-             "whose validation was still improving at its last epoch is marked \"not converged\": a budget "
-             "measurement, not a verdict." + (f" Recipe: {recipe}." if recipe else ""), ""]  # fmt: skip
-    rows = [[c.dataset, c.size, f"{c.probe_layer}: {c.probe_acc:.3f} ({c.probe_ci[0]:.2f}-{c.probe_ci[1]:.2f})",
-             f"{c.point} ({c.point_module.removeprefix('input (').removesuffix(')')}): {_spread(c.ft_acc, c.ft_std, c.seeds)} ({c.ft_ci[0]:.2f}-{c.ft_ci[1]:.2f})",
-             f"{c.gain:+.1f}", c.p_text, c.verdict if c.converged else f"{c.verdict}; not converged",
-             f"{c.epoch:g} of {c.epochs_run:g}", c.recipe] for c in comparisons]  # fmt: skip
-    lines += [markdown_table(rows, ["dataset", "train size", "probe (chosen layer)", "fine-tune (chosen freeze point)",
-                                    "gain (points)", "McNemar p", "verdict", "chosen epoch of run",
-                                    "chosen recipe"]), ""]  # fmt: skip
-    lines += ["Every freeze point (test accuracy, mean ± std over seeds, or one seed's; validation score in brackets; "
-              "* not converged):", ""]  # fmt: skip
+    lines = [
+        "## Fine-tuning beside probing",
+        "",
+        "Per dataset and train size: the chosen probe layer and the best fine-tune freeze point, each chosen by "
+        "validation score (mean over seeds), never by test; test accuracies are seed means with their Wilson 95% "
+        "interval; the gain is fine-tune minus probe in points (± the fine-tune's spread over seeds). The verdict "
+        f"is the exact McNemar test of the two on the same test images (first seed), the rule that judges layers "
+        f'and models: "pays" or "does not pay" when p < {NOISE_P:g}, else "within noise". A fine-tune '
+        'whose validation was still improving at its last epoch is marked "not converged": a budget '
+        "measurement, not a verdict." + (f" Recipe: {recipe}." if recipe else ""),
+        "",
+    ]
+    rows = [
+        [
+            c.dataset,
+            c.size,
+            f"{c.probe_layer}: {c.probe_acc:.3f} ({c.probe_ci[0]:.2f}-{c.probe_ci[1]:.2f})",
+            f"{c.point} ({c.point_module.removeprefix('input (').removesuffix(')')}): {_spread(c.ft_acc, c.ft_std, c.seeds)} ({c.ft_ci[0]:.2f}-{c.ft_ci[1]:.2f})",
+            f"{c.gain:+.1f}",
+            c.p_text,
+            c.verdict if c.converged else f"{c.verdict}; not converged",
+            f"{c.epoch:g} of {c.epochs_run:g}",
+            c.recipe,
+        ]
+        for c in comparisons
+    ]
+    lines += [
+        markdown_table(
+            rows,
+            [
+                "dataset",
+                "train size",
+                "probe (chosen layer)",
+                "fine-tune (chosen freeze point)",
+                "gain (points)",
+                "McNemar p",
+                "verdict",
+                "chosen epoch of run",
+                "chosen recipe",
+            ],
+        ),
+        "",
+    ]
+    lines += [
+        "Every freeze point (test accuracy, mean ± std over seeds, or one seed's; validation score in brackets; "
+        "* not converged):",
+        "",
+    ]
     every = [[c.dataset, c.size, *(_point_text(p) for p in c.points)] for c in comparisons]
     width = max(len(c.points) for c in comparisons)
-    lines += [markdown_table([r + [""] * (2 + width - len(r)) for r in every],
-                             ["dataset", "train size", *[f"freeze point {i + 1}" for i in range(width)]]), ""]  # fmt: skip
+    lines += [
+        markdown_table(
+            [r + [""] * (2 + width - len(r)) for r in every],
+            ["dataset", "train size", *[f"freeze point {i + 1}" for i in range(width)]],
+        ),
+        "",
+    ]
     for a in analyses:
-        mine = [c for c in comparisons if (c.dataset, c.model, c.classifier) == (a.name, a.model, a.classifier)]
+        mine = [
+            c for c in comparisons if (c.dataset, c.model, c.classifier) == (a.name, a.model, a.classifier)
+        ]
         if not mine or a.control_of:
             continue
         lines.append(f"- {rule_line(a, mine[-1])}")
@@ -347,15 +331,32 @@ def _models_section(analyses) -> list[str]:
     choices = model_choices(analyses)
     if not choices:
         return []
-    lines = ["## Which model, which layer", "",
-             "Per dataset, each model's chosen layer (best by validation score at the largest train size) with its "
-             "validation score and test accuracy (seed mean, Wilson 95% interval); the model is chosen the same way, "
-             "by validation, never by test.", ""]  # fmt: skip
+    lines = [
+        "## Which model, which layer",
+        "",
+        "Per dataset, each model's chosen layer (best by validation score at the largest train size) with its "
+        "validation score and test accuracy (seed mean, Wilson 95% interval); the model is chosen the same way, "
+        "by validation, never by test.",
+        "",
+    ]
     for c in choices:
-        rows = [[f"**{a.model}**" if a is c.chosen else a.model, f"{a.best} ({a.depth[a.best]:.2f})",
-                 f"{a.val[(a.best, c.size)].mean:.3f}", a.acc_text(a.best, c.size)] for a in c.entries]  # fmt: skip
-        lines += [f"### {c.dataset} ({c.classifier}), train size {c.size}", "", f"**{c.answer}**", "",
-                  markdown_table(rows, ["model", "chosen layer (depth)", "val score", "test acc (95% CI)"]), ""]
+        rows = [
+            [
+                f"**{a.model}**" if a is c.chosen else a.model,
+                f"{a.best} ({a.depth[a.best]:.2f})",
+                f"{a.val[(a.best, c.size)].mean:.3f}",
+                a.acc_text(a.best, c.size),
+            ]
+            for a in c.entries
+        ]
+        lines += [
+            f"### {c.dataset} ({c.classifier}), train size {c.size}",
+            "",
+            f"**{c.answer}**",
+            "",
+            markdown_table(rows, ["model", "chosen layer (depth)", "val score", "test acc (95% CI)"]),
+            "",
+        ]
         lines += [f"- {e}" for e in c.evidence] + [""]
     return lines
 
@@ -367,14 +368,25 @@ def _gain_section(analyses) -> list[str]:
     gains = pretraining_gains(analyses)
     if not gains:
         return []
-    lines = ["## What pretraining adds", "",
-             "Test accuracy of each pretrained model minus its random-init control (the same architecture, featx's "
-             "seeded random initialisation) at each depth, at the largest train size.", ""]  # fmt: skip
+    lines = [
+        "## What pretraining adds",
+        "",
+        "Test accuracy of each pretrained model minus its random-init control (the same architecture, featx's "
+        "seeded random initialisation) at each depth, at the largest train size.",
+        "",
+    ]
     for g in gains:
-        rows = [[n, f"{d:.2f}", f"{p:.3f}", f"{r:.3f}", f"{gain * 100:+.1f}"] for n, d, p, r, gain in g.by_layer]
-        lines += [f"### {g.dataset} ({g.classifier}): {g.model}", "",
-                  markdown_table(rows, ["layer", "depth", "pretrained", "random init", "gain (points)"]), "",
-                  g.sentence, ""]  # fmt: skip
+        rows = [
+            [n, f"{d:.2f}", f"{p:.3f}", f"{r:.3f}", f"{gain * 100:+.1f}"] for n, d, p, r, gain in g.by_layer
+        ]
+        lines += [
+            f"### {g.dataset} ({g.classifier}): {g.model}",
+            "",
+            markdown_table(rows, ["layer", "depth", "pretrained", "random init", "gain (points)"]),
+            "",
+            g.sentence,
+            "",
+        ]
     return lines
 
 
@@ -390,20 +402,51 @@ def _scores_section(analyses) -> list[str]:
     rows = []
     for a in analyses:
         for s in score_agreement(a):
-            tau = ("too few layers to rank" if s.n_layers < MIN_RANK_LAYERS
-                   else "-" if s.tau is None else f"{s.tau:+.2f} (p = {s.p:.2g})")  # fmt: skip
-            rows.append([a.name, a.model or "-", a.classifier, s.metric, s.n_layers, tau,
-                         s.pick + (" (= measured)" if s.pick == s.measured else ""), s.measured])  # fmt: skip
+            tau = (
+                "too few layers to rank"
+                if s.n_layers < MIN_RANK_LAYERS
+                else "-"
+                if s.tau is None
+                else f"{s.tau:+.2f} (p = {s.p:.2g})"
+            )
+            rows.append(
+                [
+                    a.name,
+                    a.model or "-",
+                    a.classifier,
+                    s.metric,
+                    s.n_layers,
+                    tau,
+                    s.pick + (" (= measured)" if s.pick == s.measured else ""),
+                    s.measured,
+                ]
+            )
     if not rows:
         return []
-    return ["## Transferability scores against the probes", "",
-            "Kendall's tau-b across layers between each score (computed on the training rows of the largest train "
-            "size, seed 0's draw) and the measured test accuracy of each layer's probe at that size, with the layer "
-            "each score ranks first beside the layer validation chose. The scores show how far they agree with the "
-            "measurement; they do not replace it: the chosen layers above are the measured ones. Over fewer than "
-            f"{MIN_RANK_LAYERS} layers no tau is printed: none could reach p < 0.05.", "",
-            markdown_table(rows, ["dataset", "model", "classifier", "score", "layers", "Kendall tau", "score's pick",
-                                  "measured pick (validation)"]), ""]  # fmt: skip
+    return [
+        "## Transferability scores against the probes",
+        "",
+        "Kendall's tau-b across layers between each score (computed on the training rows of the largest train "
+        "size, seed 0's draw) and the measured test accuracy of each layer's probe at that size, with the layer "
+        "each score ranks first beside the layer validation chose. The scores show how far they agree with the "
+        "measurement; they do not replace it: the chosen layers above are the measured ones. Over fewer than "
+        f"{MIN_RANK_LAYERS} layers no tau is printed: none could reach p < 0.05.",
+        "",
+        markdown_table(
+            rows,
+            [
+                "dataset",
+                "model",
+                "classifier",
+                "score",
+                "layers",
+                "Kendall tau",
+                "score's pick",
+                "measured pick (validation)",
+            ],
+        ),
+        "",
+    ]
 
 
 def _best_at(a, size: str) -> str:
@@ -417,8 +460,11 @@ def leakage_lines(result) -> list[str]:
     validation/test rows (featx.classifiers.neardup.leak_warning), so its accuracies are inflated."""
     from featx.classifiers.neardup import leak_warning
 
-    return [leak_warning(s.leakage, f"**Near-duplicates**, {s.model} {s.name}") for s in result.sources
-            if s.leakage and s.leakage.get("leaky")]  # fmt: skip
+    return [
+        leak_warning(s.leakage, f"**Near-duplicates**, {s.model} {s.name}")
+        for s in result.sources
+        if s.leakage and s.leakage.get("leaky")
+    ]
 
 
 def write_bench_report(result, command: str | None = None) -> dict[str, str]:
@@ -438,25 +484,42 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
     comparisons = compare(analyses, rows) if ft_rows else []
     apply_baselines(analyses, comparisons)
     models = cfg.bench_models()
-    title = (f"featx bench: {cfg.model.name} ({cfg.model.weights} weights)" if len(models) == 1
-             else f"featx bench: {', '.join(m.label for m in models)}")  # fmt: skip
+    title = (
+        f"featx bench: {cfg.model.name} ({cfg.model.weights} weights)"
+        if len(models) == 1
+        else f"featx bench: {', '.join(m.label for m in models)}"
+    )
     plots = []
     by_clf: dict[str, list] = {}
     for a in analyses:
         by_clf.setdefault(a.classifier, []).append(a)
     for clf, group in by_clf.items():
         suffix = "" if len(by_clf) == 1 else f"_{clf.replace('/', '-')}"
-        plots.append(plot_depth(group, os.path.join(cfg.out, f"depth{suffix}.png"), f"{title}, {clf}", ft_rows,
-                                comparisons))
+        plots.append(
+            plot_depth(
+                group, os.path.join(cfg.out, f"depth{suffix}.png"), f"{title}, {clf}", ft_rows, comparisons
+            )
+        )
         plots.append(
             plot_learning_curves(
                 group, os.path.join(cfg.out, f"learning_curves{suffix}.png"), f"{title}, {clf}"
             )
         )
     recipe = cfg.finetune_settings.recipe_text() if ft_rows else ""
-    md = markdown_report(analyses, title=title, command=command, plots=plots, notes=leakage_lines(result) + result.notes,
-                         finetune=comparisons, recipe=recipe)  # fmt: skip
+    md = markdown_report(
+        analyses,
+        title=title,
+        command=command,
+        plots=plots,
+        notes=leakage_lines(result) + result.notes,
+        finetune=comparisons,
+        recipe=recipe,
+    )
     md_path = os.path.join(cfg.out, "report.md")
     write_text_atomic(md_path, md)
-    return {"results.csv": csv_path, "results.json": json_path, "report.md": md_path,
-            **{os.path.basename(p): p for p in plots}}  # fmt: skip
+    return {
+        "results.csv": csv_path,
+        "results.json": json_path,
+        "report.md": md_path,
+        **{os.path.basename(p): p for p in plots},
+    }

@@ -75,7 +75,9 @@ def run(config: BenchConfig, progress: bool = False) -> BenchResult:
     if not result.cells and not any("error" not in r for _, r in result.finetune):
         # nothing measured: every cell was refused (or none could be made); the reason, not "0 cells"
         notes = result.notes
-        reason = next((n for n in notes if "not fitted" in n or "not run" in n), notes[0] if notes else "no cell")
+        reason = next(
+            (n for n in notes if "not fitted" in n or "not run" in n), notes[0] if notes else "no cell"
+        )
         raise UsageError(f"featx bench: no cell could be fitted; {reason}")
     return result
 
@@ -99,8 +101,12 @@ def _run(config: BenchConfig, progress: bool) -> BenchResult:
         from featx.bench.finetune_cells import run_finetune_cells
 
         ft_cells = run_finetune_cells(config, config.finetune, config.finetune_settings, progress)
-        notes += [f"{bd.spec} fine-tune from {c.point}, train size {c.train_size}, seed {c.seed}: not run ({r['error']})"
-                  for c, r in ft_cells if "error" in r for bd in [config.datasets[c.source]]]  # fmt: skip
+        notes += [
+            f"{bd.spec} fine-tune from {c.point}, train size {c.train_size}, seed {c.seed}: not run ({r['error']})"
+            for c, r in ft_cells
+            if "error" in r
+            for bd in [config.datasets[c.source]]
+        ]
     for (i, layer), rec in layer_scores.items():
         for m, err in ({"all scores": rec["error"]} if "error" in rec else rec.get("errors", {})).items():
             notes.append(f"{sources[i].model} {sources[i].name} {layer}: no {m} ({err})")
@@ -113,7 +119,11 @@ def _run(config: BenchConfig, progress: bool) -> BenchResult:
     if len(failed) > 20:
         notes.append(f"... {len(failed) - 20} more cells not fitted")
     return BenchResult(
-        config, sources, [(c, done[c.key]) for c in cells if "error" not in done[c.key]], notes, layer_scores,
+        config,
+        sources,
+        [(c, done[c.key]) for c in cells if "error" not in done[c.key]],
+        notes,
+        layer_scores,
         ft_cells,
     )
 
@@ -145,9 +155,11 @@ def _fit_cells(config: BenchConfig, todo: list[Cell], total: int, done: dict, cl
                 if client is None or client.status == "running":
                     raise
                 kept, origin = total - len(todo) + fitted, scheduler_address(config)[1]
-                raise FeatxError(f"{origin}: lost the Dask scheduler mid-grid ({type(e).__name__}); the {kept} "
-                                 f"finished cells are kept in {CELLS_FILE}: rerun to fit the rest (with --scheduler "
-                                 f"local to fit them here)") from None  # fmt: skip
+                raise FeatxError(
+                    f"{origin}: lost the Dask scheduler mid-grid ({type(e).__name__}); the {kept} "
+                    f"finished cells are kept in {CELLS_FILE}: rerun to fit the rest (with --scheduler "
+                    f"local to fit them here)"
+                ) from None
 
 
 def scheduler_address(config: BenchConfig) -> tuple[str | None, str]:
@@ -194,17 +206,29 @@ def _probe_scheduler(address: str, origin: str) -> float:
         reply = asyncio.run(identity())
     except (OSError, TimeoutError, asyncio.TimeoutError) as e:
         if _refused(e):
-            raise FeatxError(f"{origin}: cannot reach the Dask scheduler ({first_line(e)}); start it (dask scheduler) "
-                             f"or fix the address") from None  # fmt: skip
-        reason = f"no Dask answer within {timeout:g} s" if isinstance(e, (TimeoutError, asyncio.TimeoutError)) else first_line(e)
-        raise FeatxError(f"{origin}: not a Dask scheduler ({reason}); give the scheduler's own address "
-                         f"(dask scheduler prints it; port 8786 by default)") from None  # fmt: skip
+            raise FeatxError(
+                f"{origin}: cannot reach the Dask scheduler ({first_line(e)}); start it (dask scheduler) "
+                f"or fix the address"
+            ) from None
+        reason = (
+            f"no Dask answer within {timeout:g} s"
+            if isinstance(e, (TimeoutError, asyncio.TimeoutError))
+            else first_line(e)
+        )
+        raise FeatxError(
+            f"{origin}: not a Dask scheduler ({reason}); give the scheduler's own address "
+            f"(dask scheduler prints it; port 8786 by default)"
+        ) from None
     except Exception as e:  # noqa: BLE001 (a foreign peer's bytes make Dask's decoder raise anything: MemoryError too)
-        raise FeatxError(f"{origin}: not a Dask scheduler (its reply is not Dask's: {type(e).__name__}); give the "
-                         f"scheduler's own address (dask scheduler prints it; port 8786 by default)") from None  # fmt: skip
+        raise FeatxError(
+            f"{origin}: not a Dask scheduler (its reply is not Dask's: {type(e).__name__}); give the "
+            f"scheduler's own address (dask scheduler prints it; port 8786 by default)"
+        ) from None
     if not isinstance(reply, dict) or reply.get("type") != "Scheduler":
         kind = reply.get("type") if isinstance(reply, dict) else type(reply).__name__
-        raise FeatxError(f"{origin}: a Dask {kind}, not a scheduler, answers there; give the scheduler's address")
+        raise FeatxError(
+            f"{origin}: a Dask {kind}, not a scheduler, answers there; give the scheduler's address"
+        )
     return timeout
 
 
@@ -223,29 +247,44 @@ def _probe_tcp(address: str, origin: str, timeout: float) -> None:
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
-        raise FeatxError(f"{origin}: cannot reach the Dask scheduler ({e.strerror or first_line(e)}); start it "
-                         f"(dask scheduler) or fix the address") from None  # fmt: skip
+        raise FeatxError(
+            f"{origin}: cannot reach the Dask scheduler ({e.strerror or first_line(e)}); start it "
+            f"(dask scheduler) or fix the address"
+        ) from None
     with sock:
         head = b""
         try:
             while len(head) < 8:
                 chunk = sock.recv(8 - len(head))
                 if not chunk:
-                    raise FeatxError(f"{origin}: not a Dask scheduler (it closed the connection without a word); {fix}")
+                    raise FeatxError(
+                        f"{origin}: not a Dask scheduler (it closed the connection without a word); {fix}"
+                    )
                 head += chunk
         except OSError as e:  # socket.timeout included
             what = f"no Dask handshake within {timeout:g} s" if isinstance(e, TimeoutError) else first_line(e)
             raise FeatxError(f"{origin}: not a Dask scheduler ({what}); {fix}") from None
     (size,) = struct.unpack("<Q", head)
     if not 0 < size <= MAX_HANDSHAKE:
-        raise FeatxError(f"{origin}: not a Dask scheduler (its first bytes are not a Dask message: {head[:8]!r}); {fix}")
+        raise FeatxError(
+            f"{origin}: not a Dask scheduler (its first bytes are not a Dask message: {head[:8]!r}); {fix}"
+        )
 
 
 def _refused(e: BaseException) -> bool:
     """A connection that was never made (nothing listens, no route), as opposed to a peer that spoke wrongly."""
     text = str(e).lower()
-    return any(w in text for w in ("refused", "no route", "name or service", "timed out trying to connect",
-                                    "unreachable", "nodename nor servname"))  # fmt: skip
+    return any(
+        w in text
+        for w in (
+            "refused",
+            "no route",
+            "name or service",
+            "timed out trying to connect",
+            "unreachable",
+            "nodename nor servname",
+        )
+    )
 
 
 @contextlib.contextmanager
@@ -273,7 +312,11 @@ def _dask_client(config: BenchConfig) -> Iterator[object]:
             f"{origin}: cannot reach the Dask scheduler ({e}); start it (dask scheduler) or fix the address"
         ) from None
     # Dask's own tracebacks of a lost connection would bury featx's one line
-    quiet = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.split(".")[0] == "distributed"]
+    quiet = [
+        logging.getLogger(n)
+        for n in list(logging.root.manager.loggerDict)
+        if n.split(".")[0] == "distributed"
+    ]
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.CRITICAL)
@@ -281,13 +324,18 @@ def _dask_client(config: BenchConfig) -> Iterator[object]:
         try:
             client.wait_for_workers(1, timeout=WORKERS_TIMEOUT_S)
         except (TimeoutError, asyncio.TimeoutError):
-            raise FeatxError(f"{origin}: the Dask scheduler has no workers after {WORKERS_TIMEOUT_S} s; "
-                             f"start some (dask worker {address})") from None  # fmt: skip
+            raise FeatxError(
+                f"{origin}: the Dask scheduler has no workers after {WORKERS_TIMEOUT_S} s; "
+                f"start some (dask worker {address})"
+            ) from None
         threads = sum(client.nthreads().values())
         log.info("the cells go to the Dask cluster at %s (%d worker threads)", address, threads)
         if threads == 1:  # joblib runs a one-job Parallel in the calling process
-            log.warning("%s: the cluster has 1 worker thread, so joblib fits the cells here, in this process; "
-                        "start more workers to fit them there", origin)  # fmt: skip
+            log.warning(
+                "%s: the cluster has 1 worker thread, so joblib fits the cells here, in this process; "
+                "start more workers to fit them there",
+                origin,
+            )
         yield client
     finally:
         with contextlib.suppress(Exception):
@@ -297,8 +345,18 @@ def _dask_client(config: BenchConfig) -> Iterator[object]:
 
 
 # selection and uncertainty of each cell (issue 17); absent from cells fitted by older releases
-CELL_EXTRAS = ("val_tiebreak", "val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct", "val_rule",
-               "val_folds", "k", "temperature")
+CELL_EXTRAS = (
+    "val_tiebreak",
+    "val_source",
+    "n_val",
+    "test_ci_low",
+    "test_ci_high",
+    "test_correct",
+    "val_rule",
+    "val_folds",
+    "k",
+    "temperature",
+)
 
 
 @dataclass
@@ -324,17 +382,35 @@ class BenchResult:
         for cell, r in self.cells:
             src = self.sources[cell.source]
             pixels = cell.layer == "pixels" and cell.codes == src.pixels
-            out.append({
-                "kind": "probe", "model": "pixels" if pixels else src.model, "control_of": "" if pixels else src.control_of,
-                "dataset": src.name, "similarity_label": src.data.label or "", "layer": cell.layer,
-                "relative_depth": None if pixels else src.depth[cell.layer], "code_dim": r["dim"],
-                "train_size": r["train_size"], "train_size_spec": str(cell.train_size), "classifier": r["classifier"],
-                "preset": r["preset"] or "", "C": r["C"], "seed": cell.seed, "accuracy": r["accuracy"],
-                "balanced_accuracy": r["balanced_accuracy"], "val_score": r["val_score"], "n_test": r["n_test"],
-                "fit_seconds": r["fit_seconds"], "baseline": "pixels" if pixels else "",
-                **{k: r.get(k) for k in CELL_EXTRAS}, **self._scores(cell, pixels),
-                **{k: (src.leakage or {}).get(k) for k in ("leakage_fraction", "leaky")},  # neardup.leak_check
-            })  # fmt: skip
+            out.append(
+                {
+                    "kind": "probe",
+                    "model": "pixels" if pixels else src.model,
+                    "control_of": "" if pixels else src.control_of,
+                    "dataset": src.name,
+                    "similarity_label": src.data.label or "",
+                    "layer": cell.layer,
+                    "relative_depth": None if pixels else src.depth[cell.layer],
+                    "code_dim": r["dim"],
+                    "train_size": r["train_size"],
+                    "train_size_spec": str(cell.train_size),
+                    "classifier": r["classifier"],
+                    "preset": r["preset"] or "",
+                    "C": r["C"],
+                    "seed": cell.seed,
+                    "accuracy": r["accuracy"],
+                    "balanced_accuracy": r["balanced_accuracy"],
+                    "val_score": r["val_score"],
+                    "n_test": r["n_test"],
+                    "fit_seconds": r["fit_seconds"],
+                    "baseline": "pixels" if pixels else "",
+                    **{k: r.get(k) for k in CELL_EXTRAS},
+                    **self._scores(cell, pixels),
+                    **{
+                        k: (src.leakage or {}).get(k) for k in ("leakage_fraction", "leaky")
+                    },  # neardup.leak_check
+                }
+            )
         if self.finetune:
             from featx.bench.finetune_cells import finetune_rows
 

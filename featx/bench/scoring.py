@@ -1,5 +1,4 @@
-"""Transferability scores of every tapped layer, kept in scores.jsonl beside the cells.
-"""
+"""Transferability scores of every tapped layer, kept in scores.jsonl beside the cells."""
 
 from __future__ import annotations
 
@@ -25,15 +24,22 @@ def _scored_size(config: BenchConfig, src: Source) -> TrainSize | None:
     def count(t: TrainSize) -> int:
         return {"all": src.n_train, "total": t.n, "per_class": t.n * src.n_classes}[t.kind]
 
-    fits = [t for t in sizes if t.kind == "all" or (t.kind == "total" and t.n <= src.n_train)
-            or (t.kind == "per_class" and t.n <= per_class_min)]  # fmt: skip
+    fits = [
+        t
+        for t in sizes
+        if t.kind == "all"
+        or (t.kind == "total" and t.n <= src.n_train)
+        or (t.kind == "per_class" and t.n <= per_class_min)
+    ]
     return max(fits, key=count) if fits else None
 
 
 def _score_key(cache_key: str, layer: str, size: TrainSize) -> str:
     from featx.classifiers.scores import METRICS
 
-    return digest({"scores": cache_key, "layer": layer, "train_size": str(size), "seed": 0, "metrics": list(METRICS)})
+    return digest(
+        {"scores": cache_key, "layer": layer, "train_size": str(size), "seed": 0, "metrics": list(METRICS)}
+    )
 
 
 def _score_source(src: Source, size: TrainSize, todo: list[str]) -> dict[str, dict]:
@@ -58,8 +64,13 @@ def _score_source(src: Source, size: TrainSize, todo: list[str]) -> dict[str, di
             if all(v is None for v in values.values()):
                 out[layer] = {"error": "; ".join(f"{m}: {e}" for m, e in errors.items())}
                 continue
-            out[layer] = {"scores": values, "rows": int(len(rows)), "train_size": str(size),
-                          "seconds": round(time.perf_counter() - t0, 3), **({"errors": errors} if errors else {})}  # fmt: skip
+            out[layer] = {
+                "scores": values,
+                "rows": int(len(rows)),
+                "train_size": str(size),
+                "seconds": round(time.perf_counter() - t0, 3),
+                **({"errors": errors} if errors else {}),
+            }
     return out
 
 

@@ -29,8 +29,15 @@ BLOCK_ROWS = 8192  # fixed: the numbers depend on it (and on nothing about the m
 class BlockSoftmax(LinearClassifierMixin, BaseEstimator):
     """LogisticRegression(C, solver="lbfgs") whose loss sums fixed row blocks in `threads` threads."""
 
-    def __init__(self, C: float = 1.0, tol: float = 1e-4, max_iter: int = 100, warm_start: bool = False,
-                 threads: int = 1, block_rows: int = BLOCK_ROWS):  # fmt: skip
+    def __init__(
+        self,
+        C: float = 1.0,
+        tol: float = 1e-4,
+        max_iter: int = 100,
+        warm_start: bool = False,
+        threads: int = 1,
+        block_rows: int = BLOCK_ROWS,
+    ):
         self.C = C
         self.tol = tol
         self.max_iter = max_iter
@@ -94,10 +101,17 @@ class BlockSoftmax(LinearClassifierMixin, BaseEstimator):
         try:
             with threadpool_limits(limits=1, user_api="blas"):
                 res = optimize.minimize(
-                    fun, w0, method="L-BFGS-B", jac=True,
-                    options={"maxiter": self.max_iter, "maxls": 50, "gtol": self.tol,
-                             "ftol": 64 * np.finfo(float).eps},
-                )  # fmt: skip
+                    fun,
+                    w0,
+                    method="L-BFGS-B",
+                    jac=True,
+                    options={
+                        "maxiter": self.max_iter,
+                        "maxls": 50,
+                        "gtol": self.tol,
+                        "ftol": 64 * np.finfo(float).eps,
+                    },
+                )
         finally:
             pool.shutdown()
         self.n_iter_ = np.array([_check_optimize_result("lbfgs", res, self.max_iter)])

@@ -1,5 +1,4 @@
-"""A classifier file's name and description: paths, the codes and backbone it was fitted on, schema checks.
-"""
+"""A classifier file's name and description: paths, the codes and backbone it was fitted on, schema checks."""
 
 from __future__ import annotations
 
@@ -80,14 +79,24 @@ def describe(codes_path: str, layers: list[str]) -> dict:
     with CodesFile(codes_path) as f:
         m = f.meta  # the typed root attributes (featx.store.meta.FileMeta)
         meta = {
-            "featx_version": __version__, "format": FORMAT, "layers": list(layers), "model": m.model,
-            "weights": m.weights, "weights_source": m.weights_source, "weights_ident": m.weights_ident,
-            "weights_sha256": m.weights_sha256 or "", "pool": m.pool,
+            "featx_version": __version__,
+            "format": FORMAT,
+            "layers": list(layers),
+            "model": m.model,
+            "weights": m.weights,
+            "weights_source": m.weights_source,
+            "weights_ident": m.weights_ident,
+            "weights_sha256": m.weights_sha256 or "",
+            "pool": m.pool,
             "activations": {n: f.layer_meta(n).activation for n in layers},
-            "dims": {n: f.dim(n) for n in layers}, "preprocessing": m.parsed("preprocessing", f.path),
-            "precision": m.precision or "fp32", "classes": f.classes, "codes_file": os.path.abspath(codes_path),
-            "cache_key": m.cache_key, "dataset": m.dataset,
-        }  # fmt: skip
+            "dims": {n: f.dim(n) for n in layers},
+            "preprocessing": m.parsed("preprocessing", f.path),
+            "precision": m.precision or "fp32",
+            "classes": f.classes,
+            "codes_file": os.path.abspath(codes_path),
+            "cache_key": m.cache_key,
+            "dataset": m.dataset,
+        }
     meta["backbone"] = _backbone_of(meta)
     return meta
 
@@ -100,8 +109,11 @@ def _backbone_of(meta: dict) -> dict | None:
     try:
         return backbone_identity(load_recorded(meta).module)
     except (FeatxError, OSError) as e:  # OSError: e.g. hub weights that are not cached, offline
-        log.warning("cannot load %s to record its identity (%s); predict will check the weights by name only",
-                    meta["model"], first_line(e))  # fmt: skip
+        log.warning(
+            "cannot load %s to record its identity (%s); predict will check the weights by name only",
+            meta["model"],
+            first_line(e),
+        )
         return None
 
 
@@ -167,12 +179,17 @@ _SCHEMA = {
     "model": (_is_str, "a non-empty string"),
     "weights": (_is_str, "a non-empty string"),
     "pool": (_is_str, "a non-empty string"),
-    "layers": (lambda v: isinstance(v, list) and bool(v) and all(_is_str(x) for x in v), "a list of layer names"),
-    "classes": (lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(x, str) for x in v),
-                "a list of two or more class names"),
+    "layers": (
+        lambda v: isinstance(v, list) and bool(v) and all(_is_str(x) for x in v),
+        "a list of layer names",
+    ),
+    "classes": (
+        lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(x, str) for x in v),
+        "a list of two or more class names",
+    ),
     "activations": (lambda v: isinstance(v, dict), "relu, relu6 or none for every layer"),
     "preprocessing": (lambda v: isinstance(v, dict), "what featx fit wrote"),
-}  # fmt: skip
+}
 
 
 _OPTIONAL = {
@@ -182,15 +199,24 @@ _OPTIONAL = {
     "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
     "dims": (lambda v: isinstance(v, dict) and all(is_size(x) for x in v.values()), "layer widths"),
     "backbone": (
-        lambda v: isinstance(v, dict) and _is_count(v.get("tensors")) and _is_str(v.get("shapes_sha256"))
-        and _is_str(v.get("state_sha256")), "tensors, shapes_sha256 and state_sha256"),
-    "pipeline": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(s, dict) for s in v), "a list of steps"),
+        lambda v: (
+            isinstance(v, dict)
+            and _is_count(v.get("tensors"))
+            and _is_str(v.get("shapes_sha256"))
+            and _is_str(v.get("state_sha256"))
+        ),
+        "tensors, shapes_sha256 and state_sha256",
+    ),
+    "pipeline": (
+        lambda v: isinstance(v, list) and bool(v) and all(isinstance(s, dict) for s in v),
+        "a list of steps",
+    ),
     "arrays_sha256": (_is_str, "a sha256"),
     "joblib_sha256": (_is_str, "a sha256"),
     # a k-NN probe's chosen k and T (fit --out); its step holds them too, checked against its arrays
     "k": (is_size, "a positive whole number (the k-NN probe's k)"),
     "temperature": (lambda v: is_num(v) and v > 0, "a positive number (the k-NN probe's T)"),
-}  # fmt: skip
+}
 
 
 def validate_description(meta, where: str, need: tuple[str, ...] = ()) -> dict:

@@ -1,5 +1,4 @@
-"""The scikit-learn pipeline of a probe: L2 normalization, standardization, PCA, the classifier.
-"""
+"""The scikit-learn pipeline of a probe: L2 normalization, standardization, PCA, the classifier."""
 
 from __future__ import annotations
 
@@ -40,8 +39,17 @@ class PerClassSVM(ClassifierMixin, BaseEstimator):
         from sklearn.svm import LinearSVC
 
         # VISSL leaves random_state unset; liblinear's dual solver shuffles, so featx seeds it (0) to be repeatable
-        return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2",
-                         loss="squared_hinge", tol=1e-4, dual=True, max_iter=self.max_iter, random_state=0)  # fmt: skip
+        return LinearSVC(
+            C=cost,
+            class_weight={1: 2, -1: 1},
+            intercept_scaling=1.0,
+            penalty="l2",
+            loss="squared_hinge",
+            tol=1e-4,
+            dual=True,
+            max_iter=self.max_iter,
+            random_state=0,
+        )
 
     def fit(self, X, y):
         from sklearn.model_selection import cross_val_score

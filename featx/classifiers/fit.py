@@ -84,13 +84,21 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
         "per_class": {
             c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]), "support": int(s[i])}
             for i, c in enumerate(classes)
-        },  # fmt: skip
+        },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
 
 
-def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: TrainSize | str = "all", seed: int = 0,
-             return_model: bool = False, jobs: int = 1, warm: bool = True):  # fmt: skip
+def fit_cell(
+    path: str,
+    layers: Sequence[str],
+    protocol: Protocol,
+    train_size: TrainSize | str = "all",
+    seed: int = 0,
+    return_model: bool = False,
+    jobs: int = 1,
+    warm: bool = True,
+):
     """Fit and evaluate one cell. Returns the result dict, or (result, pipeline) with return_model.
 
     `jobs` fits grid values (and CV folds) side by side in threads; the results do not depend on
@@ -107,46 +115,77 @@ def fit_cell(path: str, layers: Sequence[str], protocol: Protocol, train_size: T
         dim = sum(f.dim(layer) for layer in layers)
         if protocol.classifier != "sgd":
             check_memory(len(rows.train) + len(rows.val) + len(rows.test), dim, layers)
-        if protocol.per_class:  # its per-class cross-validation needs 2 images of each class: say which, by name
+        if (
+            protocol.per_class
+        ):  # its per-class cross-validation needs 2 images of each class: say which, by name
             counts = np.bincount(f.labels[rows.train], minlength=len(f.classes))
-            if (few := [c for c in range(len(counts)) if counts[c] == 1]):
-                raise FeatxError(f"class {f.classes[few[0]]!r} has fewer than 2 training images; the "
-                                 f"{protocol.preset or 'per-class svm'} protocol needs 2 or more per class")  # fmt: skip
+            if few := [c for c in range(len(counts)) if counts[c] == 1]:
+                raise FeatxError(
+                    f"class {f.classes[few[0]]!r} has fewer than 2 training images; the "
+                    f"{protocol.preset or 'per-class svm'} protocol needs 2 or more per class"
+                )
         # One BLAS thread, always: a multi-threaded BLAS sums in an order that depends on the
         # thread count, and lbfgs amplifies the last bits, so the numbers would change with --jobs
         # (joblib gives each worker one thread) or with the machine's cores. Parallelism comes from
         # fitting cells, grid values and folds side by side instead.
-        with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1, user_api="blas"), \
-                _one_torch_thread(protocol):  # fmt: skip
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            threadpool_limits(limits=1, user_api="blas"),
+            _one_torch_thread(protocol),
+        ):
             warnings.simplefilter("always")
             try:
                 if protocol.classifier == "knn":
-                    pipe, C, (val_score, tiebreak), y_pred, rule, val_folds = fit_knn(f, layers, rows, protocol, seed)
+                    pipe, C, (val_score, tiebreak), y_pred, rule, val_folds = fit_knn(
+                        f, layers, rows, protocol, seed
+                    )
                 elif protocol.classifier == "sgd":
-                    pipe, C, (val_score, tiebreak), y_pred, rule, val_folds = fit_sgd(f, layers, rows, protocol,
-                                                                                        seed)  # fmt: skip
+                    pipe, C, (val_score, tiebreak), y_pred, rule, val_folds = fit_sgd(
+                        f, layers, rows, protocol, seed
+                    )
                 else:
                     pipe, C, (val_score, tiebreak), y_pred, rule, val_folds = _fit_in_memory(
-                        f, layers, rows, protocol, seed, dim, jobs, warm)  # fmt: skip
+                        f, layers, rows, protocol, seed, dim, jobs, warm
+                    )
             except (ValueError, FloatingPointError) as e:  # the solver gave up (overflow, degenerate data)
-                raise FeatxError(f"layer {'+'.join(layers)}: the {protocol.preset or protocol.classifier} solver "
-                                 f"failed ({first_line(e)}); try other "
-                                 f"--C values or --scale standardize") from None  # fmt: skip
+                raise FeatxError(
+                    f"layer {'+'.join(layers)}: the {protocol.preset or protocol.classifier} solver "
+                    f"failed ({first_line(e)}); try other "
+                    f"--C values or --scale standardize"
+                ) from None
         y_test = f.labels[rows.test]
         low, high = wilson_interval(int(np.sum(y_test == y_pred)), len(y_test))
         result = {
-            "layer": "+".join(layers), "layers": layers, "dim": dim, "classifier": protocol.classifier,
-            "preset": protocol.preset, "scale": protocol.scale, "pca": protocol.pca, "C": C, "seed": seed,
-            "train_size": rows.train_size, "train_size_spec": str(train_size), "n_fit": len(rows.train) + len(rows.val),
-            "n_val": len(rows.val), "n_test": len(rows.test), "val_source": rows.val_source,
-            "test_split": rows.test_split, "val_score": val_score, "val_tiebreak": tiebreak,
-            "val_tiebreak_metric": tiebreak_metric(protocol), "val_rule": rule, "val_folds": val_folds,
-            "depth": _depth(f, layers), **metrics(y_test, y_pred, f.classes),
-            "test_ci_low": low, "test_ci_high": high, "test_correct": pack_correct(y_test == y_pred),
+            "layer": "+".join(layers),
+            "layers": layers,
+            "dim": dim,
+            "classifier": protocol.classifier,
+            "preset": protocol.preset,
+            "scale": protocol.scale,
+            "pca": protocol.pca,
+            "C": C,
+            "seed": seed,
+            "train_size": rows.train_size,
+            "train_size_spec": str(train_size),
+            "n_fit": len(rows.train) + len(rows.val),
+            "n_val": len(rows.val),
+            "n_test": len(rows.test),
+            "val_source": rows.val_source,
+            "test_split": rows.test_split,
+            "val_score": val_score,
+            "val_tiebreak": tiebreak,
+            "val_tiebreak_metric": tiebreak_metric(protocol),
+            "val_rule": rule,
+            "val_folds": val_folds,
+            "depth": _depth(f, layers),
+            **metrics(y_test, y_pred, f.classes),
+            "test_ci_low": low,
+            "test_ci_high": high,
+            "test_correct": pack_correct(y_test == y_pred),
             **knn_choice(pipe),
             "fit_seconds": round(time.perf_counter() - t0, 3),
             "convergence_warnings": sum(1 for w in caught if "Converge" in type(w.message).__name__),
-        }  # fmt: skip
+        }
     return (result, pipe) if return_model else result
 
 
@@ -164,7 +203,11 @@ def memory_limit() -> tuple[int | None, str]:
     found: list[tuple[int, str]] = []
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
-            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in fh if ln.split()[1:2] and ln.split()[1].isdigit()}
+            info = {
+                ln.split(":")[0]: int(ln.split()[1]) * 1024
+                for ln in fh
+                if ln.split()[1:2] and ln.split()[1].isdigit()
+            }
         if "MemAvailable" in info:
             found.append((info["MemAvailable"], "available memory"))
     except (OSError, ValueError, IndexError):
@@ -218,8 +261,16 @@ def _one_torch_thread(protocol: Protocol):
         torch.set_num_threads(n)
 
 
-def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: int, dim: int, jobs: int = 1,
-                   warm: bool = True):  # fmt: skip
+def _fit_in_memory(
+    f: CodesFile,
+    layers,
+    rows: Rows,
+    protocol: Protocol,
+    seed: int,
+    dim: int,
+    jobs: int = 1,
+    warm: bool = True,
+):
     from joblib import effective_n_jobs
     from sklearn.linear_model import LogisticRegression
 
@@ -239,27 +290,53 @@ def _fit_in_memory(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: i
     else:
         refit_steps = None
         if rows.folds:
-            scores, _, _, folds = grid_scores(X_tr, y_tr, cv_splits(X_tr, y_tr, seed, rows.folds, rows.groups),
-                                               protocol, seed, dim, jobs, warm)  # fmt: skip
+            scores, _, _, folds = grid_scores(
+                X_tr,
+                y_tr,
+                cv_splits(X_tr, y_tr, seed, rows.folds, rows.groups),
+                protocol,
+                seed,
+                dim,
+                jobs,
+                warm,
+            )
             # CV fits are small; the refit starts from zero
         else:
             holdout = [(np.arange(n), np.arange(n, len(y_all)))]
             # the refit's scaling/PCA does not depend on C: fitted in the grid's pool, after its chains
             scores, starts, refit_steps, _ = grid_scores(
-                X_all, y_all, holdout, protocol, seed, dim, jobs, warm,
-                side=lambda: prepare_split(X_all, y_all, (np.arange(len(y_all)), np.arange(0)), protocol, seed, dim,
-                                      steps_only=True),
-            )  # fmt: skip
+                X_all,
+                y_all,
+                holdout,
+                protocol,
+                seed,
+                dim,
+                jobs,
+                warm,
+                side=lambda: prepare_split(
+                    X_all, y_all, (np.arange(len(y_all)), np.arange(0)), protocol, seed, dim, steps_only=True
+                ),
+            )
         best = selection.best_C(protocol.Cs, scores, rule)
         C, val_score = float(protocol.Cs[best]), scores[best]
         if rows.folds:
             val_folds = [float(v[1]) for v in folds[best]]
         pipe = make_pipeline(protocol, C, seed, len(y_all), dim)
-        if warm and len(y_all) > block_softmax.BLOCK_ROWS and isinstance(pipe.steps[-1][1], LogisticRegression):
+        if (
+            warm
+            and len(y_all) > block_softmax.BLOCK_ROWS
+            and isinstance(pipe.steps[-1][1], LogisticRegression)
+        ):
             # the refit runs alone: spread it over `jobs` cores, in numbers that do not depend on jobs
-            pipe.steps[-1] = ("clf", block_softmax.BlockSoftmax(C=C, max_iter=protocol.max_iter,
-                                                                threads=effective_n_jobs(jobs),
-                                                                block_rows=block_softmax.BLOCK_ROWS))  # fmt: skip
+            pipe.steps[-1] = (
+                "clf",
+                block_softmax.BlockSoftmax(
+                    C=C,
+                    max_iter=protocol.max_iter,
+                    threads=effective_n_jobs(jobs),
+                    block_rows=block_softmax.BLOCK_ROWS,
+                ),
+            )
         clf = pipe.steps[-1][1]
         if refit_steps is None:  # CV: the refit fits its own steps on the training rows
             warm_start(clf, None)
@@ -301,15 +378,26 @@ class FitReport:
             bal = np.array([r["balanced_accuracy"] for r in rs])
             val = np.array([r["val_score"] for r in rs])
             tie = np.array([r.get("val_tiebreak", 0.0) for r in rs])
-            rows.append({
-                "layer": layer, "dim": rs[0]["dim"], "classifier": rs[0]["classifier"], "preset": rs[0]["preset"],
-                "C": rs[0]["C"] if len(rs) == 1 else [r["C"] for r in rs], "seeds": [r["seed"] for r in rs],
-                "train_size": rs[0]["train_size"], "val_score": float(val.mean()),
-                "val_tiebreak": float(tie.mean()), "val_source": rs[0]["val_source"], "n_test": rs[0]["n_test"],
-                "accuracy": float(acc.mean()),
-                "accuracy_std": float(acc.std()), "balanced_accuracy": float(bal.mean()),
-                "balanced_accuracy_std": float(bal.std()), "fit_seconds": float(sum(r["fit_seconds"] for r in rs)),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "layer": layer,
+                    "dim": rs[0]["dim"],
+                    "classifier": rs[0]["classifier"],
+                    "preset": rs[0]["preset"],
+                    "C": rs[0]["C"] if len(rs) == 1 else [r["C"] for r in rs],
+                    "seeds": [r["seed"] for r in rs],
+                    "train_size": rs[0]["train_size"],
+                    "val_score": float(val.mean()),
+                    "val_tiebreak": float(tie.mean()),
+                    "val_source": rs[0]["val_source"],
+                    "n_test": rs[0]["n_test"],
+                    "accuracy": float(acc.mean()),
+                    "accuracy_std": float(acc.std()),
+                    "balanced_accuracy": float(bal.mean()),
+                    "balanced_accuracy_std": float(bal.std()),
+                    "fit_seconds": float(sum(r["fit_seconds"] for r in rs)),
+                }
+            )
         return rows
 
     def candidates(self) -> list[selection.Candidate]:
@@ -317,8 +405,14 @@ class FitReport:
         return [selection.candidate(layer, rs) for layer, rs in self.by_layer().items()]
 
     def to_dict(self) -> dict:
-        return {"codes_file": self.path, "protocol": self.protocol.to_dict(), "train_size": str(self.train_size),
-                "best_layer": self.best, "summary": self.summary(), "results": self.results}  # fmt: skip
+        return {
+            "codes_file": self.path,
+            "protocol": self.protocol.to_dict(),
+            "train_size": str(self.train_size),
+            "best_layer": self.best,
+            "summary": self.summary(),
+            "results": self.results,
+        }
 
 
 def layer_names(path: str, layers: Sequence[str] | str | None) -> list[str]:
@@ -336,9 +430,17 @@ def layer_names(path: str, layers: Sequence[str] | str | None) -> list[str]:
     return names
 
 
-def fit(path: str, layers: Sequence[str] | str | None = None, protocol: Protocol | None = None,
-        train_size: TrainSize | str = "all", seeds: Sequence[int] = (0,), jobs: int = 1, concat: bool = False,
-        return_models: bool = False, warm: bool = True) -> FitReport:  # fmt: skip
+def fit(
+    path: str,
+    layers: Sequence[str] | str | None = None,
+    protocol: Protocol | None = None,
+    train_size: TrainSize | str = "all",
+    seeds: Sequence[int] = (0,),
+    jobs: int = 1,
+    concat: bool = False,
+    return_models: bool = False,
+    warm: bool = True,
+) -> FitReport:
     """Fit every layer (each on its own, plus their concatenation with `concat`) for every seed,
     in parallel with joblib; the best layer is featx.classifiers.selection.choose_layer's (validation only).
     `warm=False`: every grid value fitted from scratch (`fit_cell`)."""
@@ -391,5 +493,11 @@ def _warn_grid_edge(results: list[dict], protocol: Protocol) -> None:
             edges.setdefault(r["layer"], c)
     for layer, c in edges.items():
         side, wider = ("smallest", f"{low / 100:g}") if c == low else ("largest", f"{high * 100:g}")
-        log.warning("%s: the chosen C = %g is the grid's %s value; the best C may lie beyond it "
-                    "(widen --C, e.g. with %s)", layer, c, side, wider)  # fmt: skip
+        log.warning(
+            "%s: the chosen C = %g is the grid's %s value; the best C may lie beyond it "
+            "(widen --C, e.g. with %s)",
+            layer,
+            c,
+            side,
+            wider,
+        )

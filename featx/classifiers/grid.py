@@ -1,5 +1,4 @@
-"""Scoring the C grid on validation: hold-out or cross-validation folds, warm-started chains over C.
-"""
+"""Scoring the C grid on validation: hold-out or cross-validation folds, warm-started chains over C."""
 
 from __future__ import annotations
 
@@ -119,8 +118,9 @@ def run_chain(fold, chain: list[int], protocol: Protocol, seed: int, dim: int):
     return out
 
 
-def grid_scores(X, y, splits, protocol: Protocol, seed: int, dim: int, jobs: int = 1, warm: bool = True,
-                 side=None):  # fmt: skip
+def grid_scores(
+    X, y, splits, protocol: Protocol, seed: int, dim: int, jobs: int = 1, warm: bool = True, side=None
+):
     """Mean (accuracy, tie-break) per C over `splits` (one hold-out, or CV folds), per C the first
     split's solution (coef, intercept), the refit's starting point; third, the result of `side`, a
     function run in the same pool after the grid's tasks (into the gap they leave; None without
@@ -146,8 +146,10 @@ def grid_scores(X, y, splits, protocol: Protocol, seed: int, dim: int, jobs: int
     # 489 lbfgs steps, C = 1e-4 takes 66), so the chains with the largest C go first: the longest
     # tasks start at once and the short ones fill in behind them (longest-processing-time-first
     # scheduling). Order changes when a task runs, never what it computes.
-    tasks = sorted(((s, c) for s in range(len(splits)) for c in chains(protocol, warm)),
-                   key=lambda t: (-max(protocol.Cs[i] for i in t[1]), t[0]))  # fmt: skip
+    tasks = sorted(
+        ((s, c) for s in range(len(splits)) for c in chains(protocol, warm)),
+        key=lambda t: (-max(protocol.Cs[i] for i in t[1]), t[0]),
+    )
     folds = Parallel(n_jobs=min(jobs, len(splits)) if jobs > 0 else jobs, backend="threading")(
         delayed(prepare_split)(X, y, split, protocol, seed, dim) for split in splits
     )

@@ -53,8 +53,12 @@ _TRANSFORMERS = {
     "StandardScaler": ("sklearn.preprocessing", ("mean_", "scale_", "var_"), ()),
     "L2Normalize": ("featx.classifiers.estimators", (), ()),
     "PCA": ("sklearn.decomposition", ("components_", "mean_", "explained_variance_"), ("n_components_",)),
-    "IncrementalPCA": ("sklearn.decomposition", ("components_", "mean_", "explained_variance_"), ("n_components_",)),
-}  # fmt: skip
+    "IncrementalPCA": (
+        "sklearn.decomposition",
+        ("components_", "mean_", "explained_variance_"),
+        ("n_components_",),
+    ),
+}
 
 
 _CLASSIFIERS = {
@@ -92,8 +96,9 @@ def to_arrays(pipeline, knn_codes: str = "float32") -> tuple[list[dict], dict[st
     for i, est in enumerate(steps):
         kind = type(est).__name__
         last = i == len(steps) - 1
-        if (kind not in _CLASSIFIERS if last else kind not in _TRANSFORMERS) or type(est).__module__.split(".")[0] not in (
-            "sklearn", "featx"):  # fmt: skip
+        if (kind not in _CLASSIFIERS if last else kind not in _TRANSFORMERS) or type(est).__module__.split(
+            "."
+        )[0] not in ("sklearn", "featx"):
             raise UsageError(
                 f"cannot save a {kind} step as arrays: featx saves pipelines of StandardScaler or L2Normalize, "
                 f"optional PCA, and LinearSVC, LogisticRegression, SGDClassifier, PerClassSVM or WeightedKNN "
@@ -125,8 +130,10 @@ def to_arrays(pipeline, knn_codes: str = "float32") -> tuple[list[dict], dict[st
         specs.append(spec)
     for k, v in arrays.items():
         if v.dtype.kind not in "fiu" or v.dtype.itemsize > 8:
-            raise UsageError(f"cannot save the classifier: its {k} holds {v.dtype} values, not numbers "
-                             f"(train on featx's integer class ids)")  # fmt: skip
+            raise UsageError(
+                f"cannot save the classifier: its {k} holds {v.dtype} values, not numbers "
+                f"(train on featx's integer class ids)"
+            )
         if v.dtype.kind == "f" and not np.isfinite(v).all():
             raise FeatxError(f"cannot save the classifier: its {k} is not finite numbers (the fit diverged)")
         arrays[k] = np.ascontiguousarray(v)
@@ -165,7 +172,7 @@ def from_arrays(specs: list[dict], arrays: dict[str, np.ndarray], where: str, n_
             and is_size(n_in)
             and all(map(_plain, params.values()))
         ):
-            bad(f"step {i} ({kind}) needs plain params, fitted values and n_features_in")  # fmt: skip
+            bad(f"step {i} ({kind}) needs plain params, fitted values and n_features_in")
         if width is not None and n_in != width:
             bad(f"step {i} ({kind}) takes {n_in} features, the step before gives {width}")
         module = table[kind] if last else table[kind][0]
@@ -209,10 +216,16 @@ def _rebuild_classifier(i: int, kind: str, est, fitted: dict, n_in: int, n_label
         or classes.min() < 0
         or classes.max() >= n_labels
     ):
-        bad(f"array {i}.classes_ must hold 2 or more distinct class ids below {n_labels}")  # fmt: skip
+        bad(f"array {i}.classes_ must hold 2 or more distinct class ids below {n_labels}")
     if len(classes) < n_labels:  # legitimate for classes with test images only, so a warning, not a refusal
-        log.warning("the classifier's description names %d classes but array %d.classes_ holds %d class ids: %d "
-                    "can never be predicted", n_labels, i, len(classes), n_labels - len(classes))  # fmt: skip
+        log.warning(
+            "the classifier's description names %d classes but array %d.classes_ holds %d class ids: %d "
+            "can never be predicted",
+            n_labels,
+            i,
+            len(classes),
+            n_labels - len(classes),
+        )
     rows = len(classes) if (kind == "PerClassSVM" or len(classes) > 2) else 1
     coef, intercept = get("coef_", 2, rows, n_in), get("intercept_", 1, rows)
     est.classes_ = classes
@@ -242,8 +255,9 @@ def _rebuild_knn(i: int, est, params: dict, fitted: dict, n_in: int, n_labels: i
     if not (distinct and classes.min() >= 0 and classes.max() < n_labels):
         bad(f"array {i}.classes_ must hold 2 or more distinct class ids below {n_labels}")
     arrays = {"codes": codes, "labels": get("labels", 1, len(codes), ints=True), "classes_": classes}
-    knn = type(est).from_arrays(arrays, {**est.get_params(), **fitted, "type": type(est).__name__,
-                                         "n_features_in": n_in}, where=where)  # fmt: skip
+    knn = type(est).from_arrays(
+        arrays, {**est.get_params(), **fitted, "type": type(est).__name__, "n_features_in": n_in}, where=where
+    )
     return knn
 
 
@@ -271,8 +285,13 @@ def _rebuild_transformer(i: int, kind: str, est, fitted: dict, n_in: int, arrays
 
 def _array(arrays, used: set, key: str, ndim: int, rows, cols, ints: bool, bad) -> np.ndarray:
     v = arrays.get(key)
-    if v is None or v.ndim != ndim or (rows is not None and v.shape[0] != rows) or (
-            cols is not None and v.shape[-1] != cols) or v.dtype.kind not in ("iu" if ints else "f"):  # fmt: skip
+    if (
+        v is None
+        or v.ndim != ndim
+        or (rows is not None and v.shape[0] != rows)
+        or (cols is not None and v.shape[-1] != cols)
+        or v.dtype.kind not in ("iu" if ints else "f")
+    ):
         bad(f"array {key} is missing or has the wrong shape or type")
     if not ints and not np.isfinite(v).all():
         bad(f"array {key} holds values that are not finite")
@@ -280,8 +299,15 @@ def _array(arrays, used: set, key: str, ndim: int, rows, cols, ints: bool, bad) 
     return v.astype(np.int64) if ints else v  # floats as saved: float32 PCA of float32 codes stays float32
 
 
-def save_classifier(path: str, pipeline, codes: str | dict | None = None, layers: list[str] | None = None, *,
-                    extra: dict | None = None, knn_codes: str = "float32") -> str:  # fmt: skip
+def save_classifier(
+    path: str,
+    pipeline,
+    codes: str | dict | None = None,
+    layers: list[str] | None = None,
+    *,
+    extra: dict | None = None,
+    knn_codes: str = "float32",
+) -> str:
     """Save a fitted classifier where `featx predict` (and `load_classifier`) find it; returns the
     file's path (NAME.safetensors; see `classifier_path`).
 
@@ -310,8 +336,12 @@ def save_classifier(path: str, pipeline, codes: str | dict | None = None, layers
     _write(target, lambda tmp: _save_file(arrays, tmp, header), "--out")
     old = target[: -len(SUFFIX)] + ".joblib"
     if os.path.isfile(old):
-        log.info("%s now stands for this name; featx predict no longer reads the older pickle %s (remove it "
-                 "and its .json when you no longer need them)", target, old)  # fmt: skip
+        log.info(
+            "%s now stands for this name; featx predict no longer reads the older pickle %s (remove it "
+            "and its .json when you no longer need them)",
+            target,
+            old,
+        )
     return target
 
 
@@ -339,8 +369,16 @@ def _description(pipeline, codes, layers) -> tuple[dict, object]:
         best = report.best
         first = next(r for r in report.results if r["layer"] == best)
         meta = describe(report.path, best.split("+"))
-        meta.update({"layer": best, "protocol": report.protocol.to_dict(), "train_size": str(report.train_size),
-                     "seed": first["seed"], "C": first["C"], "results": report.to_dict()})  # fmt: skip
+        meta.update(
+            {
+                "layer": best,
+                "protocol": report.protocol.to_dict(),
+                "train_size": str(report.train_size),
+                "seed": first["seed"],
+                "C": first["C"],
+                "results": report.to_dict(),
+            }
+        )
         if first.get("k") is not None:  # a k-NN probe: its chosen k and T
             meta.update({"k": first["k"], "temperature": first["temperature"]})
         return meta, report.models[best]
@@ -358,11 +396,15 @@ def _write(target: str, write, option: str) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         write_atomic(target, write)
     except OSError as e:
-        raise FeatxError(f"{option} {target}: cannot write the classifier ({e.strerror or e}); "
-                         f"an earlier classifier there is unchanged") from None  # fmt: skip
+        raise FeatxError(
+            f"{option} {target}: cannot write the classifier ({e.strerror or e}); "
+            f"an earlier classifier there is unchanged"
+        ) from None
 
 
-def export_joblib(path: str, pipeline, codes: str | dict | None = None, layers: list[str] | None = None) -> tuple[str, str]:  # fmt: skip
+def export_joblib(
+    path: str, pipeline, codes: str | dict | None = None, layers: list[str] | None = None
+) -> tuple[str, str]:
     """Write the fitted Pipeline as PATH.joblib plus PATH.json (description + the pickle's sha256),
     both complete under temporary names before either is renamed into place (the description
     last). Reading it back unpickles: `load_classifier(path, trust_pickle=True)`."""
@@ -400,8 +442,10 @@ def _same_release(a: str, b: str) -> bool:
 
 def _check_release(path: str, meta: dict, force: bool) -> None:
     if not force and not _same_release(meta["featx_version"], __version__):
-        raise FeatxError(f"{path} was made by featx {meta['featx_version']}, this is {__version__}; "
-                         f"refit it, or pass --force to use it anyway")  # fmt: skip
+        raise FeatxError(
+            f"{path} was made by featx {meta['featx_version']}, this is {__version__}; "
+            f"refit it, or pass --force to use it anyway"
+        )
 
 
 def read_description(path: str) -> dict:
@@ -412,11 +456,14 @@ def read_description(path: str) -> dict:
         with safe_open(path, framework="numpy") as f:
             header = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error type for damaged or truncated files
-        raise FeatxError(f"{path}: not a readable classifier file ({first_line(e)}); "
-                         f"refit it with featx fit --out") from None  # fmt: skip
+        raise FeatxError(
+            f"{path}: not a readable classifier file ({first_line(e)}); refit it with featx fit --out"
+        ) from None
     if HEADER_KEY not in header:
-        raise FeatxError(f"{path}: a safetensors file without a featx classifier description (weights?); "
-                         f"featx fit --out NAME writes classifiers")  # fmt: skip
+        raise FeatxError(
+            f"{path}: a safetensors file without a featx classifier description (weights?); "
+            f"featx fit --out NAME writes classifiers"
+        )
     try:
         meta = json.loads(header[HEADER_KEY])
     except ValueError as e:
@@ -424,8 +471,10 @@ def read_description(path: str) -> dict:
     validate_description(meta, path, need=("pipeline", "arrays_sha256", "dims"))
     width = sum(meta["dims"].values())
     if meta["pipeline"][0].get("n_features_in") != width:
-        raise FeatxError(f"{path}: field 'dims' (layer widths summing to {width}) does not match the pipeline's "
-                         f"input; the file was edited or is damaged; refit the classifier")  # fmt: skip
+        raise FeatxError(
+            f"{path}: field 'dims' (layer widths summing to {width}) does not match the pipeline's "
+            f"input; the file was edited or is damaged; refit the classifier"
+        )
     return meta
 
 
@@ -440,8 +489,10 @@ def _load_arrays(path: str, force: bool):
     except Exception as e:  # noqa: BLE001 (damaged data after a good header)
         raise FeatxError(f"{path}: its arrays are unreadable ({first_line(e)}); refit it") from None
     if arrays_sha256(arrays) != meta["arrays_sha256"] and not force:
-        raise FeatxError(f"{path}: its arrays do not match the sha256 in its description (changed or corrupt); "
-                         f"refit it (--force uses it anyway)")  # fmt: skip
+        raise FeatxError(
+            f"{path}: its arrays do not match the sha256 in its description (changed or corrupt); "
+            f"refit it (--force uses it anyway)"
+        )
     return from_arrays(meta["pipeline"], arrays, path, len(meta["classes"])), meta
 
 
@@ -451,8 +502,10 @@ def _load_pickle(path: str, force: bool, trust_pickle: bool):
     with open(path, "rb") as fh:
         head = fh.read(16)
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
-        raise FeatxError(f"{path}: is a safetensors file named .joblib, not a joblib pickle; rename it to "
-                         f"{os.path.splitext(path)[0]}.safetensors")  # fmt: skip
+        raise FeatxError(
+            f"{path}: is a safetensors file named .joblib, not a joblib pickle; rename it to "
+            f"{os.path.splitext(path)[0]}.safetensors"
+        )
     if not trust_pickle:
         raise FeatxError(
             f"{path} is a joblib pickle (featx 0.1.0's format, or an --export-joblib), and unpickling runs code, "
@@ -464,12 +517,16 @@ def _load_pickle(path: str, force: bool, trust_pickle: bool):
         with open(side, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise FeatxError(f"{path}: its metadata {side} is missing or unreadable ({e}); featx refuses to "
-                         f"unpickle a classifier without it") from None  # fmt: skip
+        raise FeatxError(
+            f"{path}: its metadata {side} is missing or unreadable ({e}); featx refuses to "
+            f"unpickle a classifier without it"
+        ) from None
     validate_description(meta, side, need=("joblib_sha256",))
     if not force and file_sha256(path) != meta["joblib_sha256"]:
-        raise FeatxError(f"{path}: its sha256 does not match the one in {side} (changed or corrupt); "
-                         f"refusing to unpickle it (--force overrides)")  # fmt: skip
+        raise FeatxError(
+            f"{path}: its sha256 does not match the one in {side} (changed or corrupt); "
+            f"refusing to unpickle it (--force overrides)"
+        )
     _check_release(path, meta, force)
     log.warning("loading %s: joblib files are pickles that can run code; load only files you trust", path)
     import joblib
@@ -477,8 +534,9 @@ def _load_pickle(path: str, force: bool, trust_pickle: bool):
     try:
         pipeline = joblib.load(path)
     except Exception as e:  # noqa: BLE001 (truncated or foreign bytes: any error the unpickler raises)
-        raise FeatxError(f"{path}: not a readable joblib file ({type(e).__name__}: {first_line(e)}); "
-                         f"refit it") from None  # fmt: skip
+        raise FeatxError(
+            f"{path}: not a readable joblib file ({type(e).__name__}: {first_line(e)}); refit it"
+        ) from None
     if not hasattr(pipeline, "predict"):
         raise FeatxError(f"{path}: holds a {type(pipeline).__name__}, not a fitted classifier; refit it")
     return pipeline, meta

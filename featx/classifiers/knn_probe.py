@@ -34,8 +34,13 @@ def capped_ks(ks, n_rows: int, where: str) -> tuple[int, ...]:
     """`ks` with values above `n_rows` capped to it (one warning naming them), duplicates dropped."""
     over = [k for k in ks if k > n_rows]
     if over:
-        log.warning("%s: k-NN k=%s is more than the %d training rows a grid fit sees; using k=%d (every row "
-                    "votes)", where, ",".join(map(str, over)), n_rows, n_rows)  # fmt: skip
+        log.warning(
+            "%s: k-NN k=%s is more than the %d training rows a grid fit sees; using k=%d (every row votes)",
+            where,
+            ",".join(map(str, over)),
+            n_rows,
+            n_rows,
+        )
     return tuple(dict.fromkeys(min(int(k), n_rows) for k in ks))
 
 
@@ -59,10 +64,14 @@ def fit_knn(f: CodesFile, layers, rows: Rows, protocol: Protocol, seed: int):
     try:
         per_split = [grid_scores(*p, ks=ks, temperatures=protocol.temperatures) for p in parts]
         scores = [
-            type(g)(g.k, g.temperature, float(np.mean([s[i].val_score for s in per_split])),
-                    float(np.mean([s[i].val_tiebreak for s in per_split])))
+            type(g)(
+                g.k,
+                g.temperature,
+                float(np.mean([s[i].val_score for s in per_split])),
+                float(np.mean([s[i].val_tiebreak for s in per_split])),
+            )
             for i, g in enumerate(per_split[0])
-        ]  # fmt: skip
+        ]
         best = selection.best_knn(scores, KNN_DEFAULT_T)
         k, T = scores[best].k, scores[best].temperature
         pipe = Pipeline([("clf", WeightedKNN(n_neighbors=k, temperature=T))]).fit(X_all, y_all)

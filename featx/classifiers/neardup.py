@@ -66,8 +66,18 @@ from featx.sources.autogroups import (  # the grouping math lives below the engi
     similar_pairs,
 )
 
-__all__ = ["BLOCK_ELEMENTS", "DUP_SIMILARITY", "LeakageReport", "auto_groups", "check_threshold", "leakage",
-           "nearest", "normalise", "pair_scores", "similar_pairs"]  # fmt: skip
+__all__ = [
+    "BLOCK_ELEMENTS",
+    "DUP_SIMILARITY",
+    "LeakageReport",
+    "auto_groups",
+    "check_threshold",
+    "leakage",
+    "nearest",
+    "normalise",
+    "pair_scores",
+    "similar_pairs",
+]
 REF_QUANTILE = 0.99  # the reference cut: closer than 99% of training rows' other-class neighbours
 CLOSER_FACTOR = 0.5  # markedly closer: at most half the reference cut's distance (1 - similarity)
 LEAK_FRACTION = 0.05  # leaky: at least 5% of held-out rows markedly closer (independent sets: < 1%)
@@ -154,9 +164,11 @@ class LeakageReport:
         q = "/".join(f"{v:.3f}" for v in self.quantiles)
         rq = "/".join(f"{v:.3f}" for v in self.reference_quantiles)
         pair = f"; closest pair: rows {self.example[0]} and {self.example[1]}" if self.example else ""
-        return (f"{verdict}: {self.closer} of {self.checked} held-out rows ({100 * self.fraction:.1f}%) are "
-                f"within similarity {self.cut:.3f} of a training row ({self.reference} reference); nearest "
-                f"similarity 5/50/95%: held-out {q}, reference {rq}{pair}")  # fmt: skip
+        return (
+            f"{verdict}: {self.closer} of {self.checked} held-out rows ({100 * self.fraction:.1f}%) are "
+            f"within similarity {self.cut:.3f} of a training row ({self.reference} reference); nearest "
+            f"similarity 5/50/95%: held-out {q}, reference {rq}{pair}"
+        )
 
 
 def _quantiles(v: np.ndarray) -> tuple[float, float, float]:
@@ -200,11 +212,15 @@ def leakage(
         False
     """
     n = len(codes)
-    tr, ho = (np.flatnonzero(m) if np.asarray(m).dtype == bool else np.asarray(m, dtype=np.int64)
-              for m in (train, held_out))  # fmt: skip
+    tr, ho = (
+        np.flatnonzero(m) if np.asarray(m).dtype == bool else np.asarray(m, dtype=np.int64)
+        for m in (train, held_out)
+    )
     if not len(tr) or not len(ho):
-        raise UsageError(f"{OPTION}: the leakage check needs training and held-out rows "
-                         f"(got {len(tr)} and {len(ho)}); check the split")  # fmt: skip
+        raise UsageError(
+            f"{OPTION}: the leakage check needs training and held-out rows "
+            f"(got {len(tr)} and {len(ho)}); check the split"
+        )
     rng = np.random.default_rng(seed)
     ho_s = _sample(ho, MAX_QUERIES, rng)
     x = codes if isinstance(codes, np.ndarray) else np.asarray(codes)
@@ -225,11 +241,16 @@ def leakage(
     closer = int(np.sum(sim >= cut))
     best = int(np.argmax(sim)) if np.isfinite(sim).any() else -1
     return LeakageReport(
-        checked=len(ho_s), closer=closer, fraction=closer / len(ho_s), cut=float(cut), reference=kind,
-        quantiles=_quantiles(sim), reference_quantiles=_quantiles(ref),
+        checked=len(ho_s),
+        closer=closer,
+        fraction=closer / len(ho_s),
+        cut=float(cut),
+        reference=kind,
+        quantiles=_quantiles(sim),
+        reference_quantiles=_quantiles(ref),
         example=(int(ho_s[best]), int(tr[idx[best]])) if best >= 0 else None,
         leaky=is_leaky(closer, len(ho_s)),
-    )  # fmt: skip
+    )
 
 
 def pair_scores(groups: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -269,9 +290,18 @@ def check_rows(f, train: np.ndarray, held_out: np.ndarray, seed: int = 0) -> dic
         a, b = r.example
         u = normalise(X[[a, b]])
         pair, sim = [f.paths[rows[a]], f.paths[rows[b]]], float(u[0] @ u[1])
-    return {"leaky": r.leaky, "leakage_fraction": r.fraction, "leakage_rows": r.closer, "leakage_checked": r.checked,
-            "leakage_cut": r.cut, "leakage_reference": r.reference, "leakage_layer": layer, "leakage_example": pair,
-            "leakage_example_similarity": sim, "leakage_seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    return {
+        "leaky": r.leaky,
+        "leakage_fraction": r.fraction,
+        "leakage_rows": r.closer,
+        "leakage_checked": r.checked,
+        "leakage_cut": r.cut,
+        "leakage_reference": r.reference,
+        "leakage_layer": layer,
+        "leakage_example": pair,
+        "leakage_example_similarity": sim,
+        "leakage_seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def leak_check(path: str, protocol, train_size, seed: int = 0) -> dict | None:
@@ -299,6 +329,8 @@ def leak_warning(record: dict, where: str) -> str:
         if pair
         else ""
     )
-    return (f"{where}: {record['leakage_rows']} of {record['leakage_checked']} validation/test rows ({pct:.1f}%) are "
-            f"near-copies of training rows (cosine >= {record['leakage_cut']:.3f} on {record['leakage_layer']}{example}); "
-            f"held-out scores are inflated: extract with --group-by auto, or --group-by REGEX naming what copies share")  # fmt: skip
+    return (
+        f"{where}: {record['leakage_rows']} of {record['leakage_checked']} validation/test rows ({pct:.1f}%) are "
+        f"near-copies of training rows (cosine >= {record['leakage_cut']:.3f} on {record['leakage_layer']}{example}); "
+        f"held-out scores are inflated: extract with --group-by auto, or --group-by REGEX naming what copies share"
+    )

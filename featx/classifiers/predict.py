@@ -74,15 +74,27 @@ class Prediction:
     error: str | None = None
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "class": self.label, "score": self.score, "top": [[c, s] for c, s in self.top],
-                "error": self.error}  # fmt: skip
+        return {
+            "path": self.path,
+            "class": self.label,
+            "score": self.score,
+            "top": [[c, s] for c, s in self.top],
+            "error": self.error,
+        }
 
 
 class Predictor:
     """A loaded classifier plus the backbone that feeds it, checked against each other."""
 
-    def __init__(self, path: str, *, weights: str | None = None, device: str = "auto", force: bool = False,
-                 trust_pickle: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        path: str,
+        *,
+        weights: str | None = None,
+        device: str = "auto",
+        force: bool = False,
+        trust_pickle: bool = False,
+    ):
         from featx.engine.compute import computer_for, resolve_device
         from featx.models.build import load_recorded
         from featx.models.plan import Plan
@@ -145,8 +157,9 @@ class Predictor:
             return False
         module, head, self.preprocess, self.meta = load_finetuned(found)
         self.pipeline, self.classes = None, self.meta["classes"]
-        self.computer = CodeComputer(module, [head], {head.name: "none"}, Pool("avg"), self.preprocess,
-                                     resolve_device(device), "fp32")  # fmt: skip
+        self.computer = CodeComputer(
+            module, [head], {head.name: "none"}, Pool("avg"), self.preprocess, resolve_device(device), "fp32"
+        )
         return True
 
     def close(self) -> None:
@@ -169,8 +182,15 @@ class Predictor:
         from featx.sources.dataset import FileLoader
 
         out: list[Prediction] = []
-        bar = tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, disable=not progress,
-                   mininterval=0.5 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=len(paths),
+            unit="img",
+            desc="predict",
+            file=sys.stderr,
+            disable=not progress,
+            mininterval=0.5 if sys.stderr.isatty() else 10.0,
+            dynamic_ncols=True,
+        )
         for index, images, bad, done in make_loader(
             ImageSequence(FileLoader(paths, paths), len(paths), self.preprocess),
             batch_size,

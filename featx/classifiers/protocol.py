@@ -37,8 +37,18 @@ KNN_TEMPERATURES = (0.02, 0.07, 0.2)  # DINOv2's 0.07 and a factor ~3 either sid
 KNN_DEFAULT_T = 0.07  # an exact tie between temperatures goes to the one nearest this (DINOv2's value)
 
 # the fields of a knn protocol's identity; C, the solver's and sgd's fields do not touch its numbers
-_KNN_IDENTITY = ("classifier", "ks", "temperatures", "scale", "pca", "cv", "val_fraction", "min_val_per_class",
-                 "preset", "per_class")  # fmt: skip
+_KNN_IDENTITY = (
+    "classifier",
+    "ks",
+    "temperatures",
+    "scale",
+    "pca",
+    "cv",
+    "val_fraction",
+    "min_val_per_class",
+    "preset",
+    "per_class",
+)
 
 
 VISSL_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
@@ -60,7 +70,9 @@ class Protocol:
     max_iter: int = 2000
     epochs: int = 5  # sgd
     chunk_rows: int = 4096  # sgd
-    solver: str = "sklearn"  # softmax: 'sklearn' (lbfgs) or 'torch' (featx.classifiers.torch_softmax); 'auto' resolves
+    solver: str = (
+        "sklearn"  # softmax: 'sklearn' (lbfgs) or 'torch' (featx.classifiers.torch_softmax); 'auto' resolves
+    )
     device: str = field(default="auto", compare=False)  # where the torch solver runs; not part of identity
     ks: tuple[int, ...] = KNN_KS  # knn: the k grid
     temperatures: tuple[float, ...] = KNN_TEMPERATURES  # knn: the T grid
@@ -106,12 +118,18 @@ class Protocol:
             return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
 
         def positive(v) -> bool:
-            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and \
-                bool(np.isfinite(v)) and v > 0  # fmt: skip
+            return (
+                isinstance(v, (int, float, np.integer, np.floating))
+                and not isinstance(v, bool)
+                and bool(np.isfinite(v))
+                and v > 0
+            )
 
         ks, ts = (tuple(v) if isinstance(v, (list, tuple)) else (v,) for v in (self.ks, self.temperatures))
         if not ks or not all(whole(k) for k in ks):
-            bad_value("ks", ",".join(map(str, ks)), "k must be whole numbers, at least 1 (e.g. 10,20,100,200)")
+            bad_value(
+                "ks", ",".join(map(str, ks)), "k must be whole numbers, at least 1 (e.g. 10,20,100,200)"
+            )
         if not ts or not all(positive(t) for t in ts):
             bad_value("temperatures", ",".join(map(str, ts)), "T must be positive numbers (e.g. 0.07)")
         object.__setattr__(self, "ks", tuple(sorted({int(k) for k in ks})))
@@ -119,8 +137,10 @@ class Protocol:
         if self.classifier != "knn":
             return
         if self.scale != "none":
-            raise UsageError(f"--scale {self.scale}: the k-NN probe compares cosine similarities of the codes as "
-                             f"extracted (it L2-normalises them itself); leave --scale out or use --scale none")  # fmt: skip
+            raise UsageError(
+                f"--scale {self.scale}: the k-NN probe compares cosine similarities of the codes as "
+                f"extracted (it L2-normalises them itself); leave --scale out or use --scale none"
+            )
         if self.pca is not None or self.per_class:
             raise UsageError("--pca: the k-NN probe takes the codes as extracted; leave --pca out with knn")
 
@@ -146,7 +166,9 @@ class Protocol:
         if d["solver"] == "sklearn":
             d.pop("solver")
         if self.classifier == "softmax" and not self.per_class and (self.cv or self.min_val_per_class):
-            d["selection"] = "cv-loglik-1se"  # featx.classifiers.selection's rule under CV: cells from before it differ
+            d["selection"] = (
+                "cv-loglik-1se"  # featx.classifiers.selection's rule under CV: cells from before it differ
+            )
         return d
 
 
@@ -158,7 +180,7 @@ PRESETS = {
         val_fraction=0.2,
         preset="kornblith",
         max_iter=1000,
-    ),  # fmt: skip
+    ),
     "vissl-svm": Protocol("svm", VISSL_COSTS, "l2", cv=3, preset="vissl-svm", per_class=True, max_iter=2000),
 }
 

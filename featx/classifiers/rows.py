@@ -1,5 +1,4 @@
-"""Which rows a cell trains, validates and tests on (seeded, per class, group-aware), and reading their codes.
-"""
+"""Which rows a cell trains, validates and tests on (seeded, per class, group-aware), and reading their codes."""
 
 from __future__ import annotations
 
@@ -34,11 +33,15 @@ def select_rows(f: CodesFile, protocol: Protocol, train_size: TrainSize, seed: i
     """Which rows train, validate and test a cell; the errors a user can cause, stated plainly."""
     present = [s for s in ("train", "val", "test") if (f.split == s).any()]
     if "train" not in present:
-        raise UsageError(f"{f.path} has no train split (splits: {', '.join(present) or 'none'}); extract "
-                         f"data with a train split, or data without splits so featx makes one")  # fmt: skip
+        raise UsageError(
+            f"{f.path} has no train split (splits: {', '.join(present) or 'none'}); extract "
+            f"data with a train split, or data without splits so featx makes one"
+        )
     test_split = "test" if "test" in present else "val" if "val" in present else None
     if test_split is None:
-        raise UsageError(f"{f.path} has only a train split; there is nothing to test on (give test images, or --test-fraction at extract)")
+        raise UsageError(
+            f"{f.path} has only a train split; there is nothing to test on (give test images, or --test-fraction at extract)"
+        )
     if seed < 0:
         raise UsageError(f"--seed {seed}: seeds must be non-negative integers")
     rng = np.random.default_rng(seed)
@@ -62,8 +65,16 @@ def select_rows(f: CodesFile, protocol: Protocol, train_size: TrainSize, seed: i
     elif protocol.cv or protocol.per_class:
         val, source = np.empty(0, np.int64), f"{protocol.cv or 3}-fold {grouped}cv"
     elif (folds := _auto_folds(f.labels[train], protocol, None if g is None else g[train])) is not None:
-        return Rows(train, np.empty(0, np.int64), test, f"{folds}-fold {grouped}cv", test_split, n_train, folds,
-                    None if g is None else g[train])  # fmt: skip
+        return Rows(
+            train,
+            np.empty(0, np.int64),
+            test,
+            f"{folds}-fold {grouped}cv",
+            test_split,
+            n_train,
+            folds,
+            None if g is None else g[train],
+        )
     else:
         held = (
             stratified_holdout(f.labels[train], protocol.val_fraction, rng)

@@ -68,7 +68,10 @@ def parse_metrics(text: str | Sequence[str] | None) -> list[str]:
 
 
 def score(
-    X: np.ndarray, y: np.ndarray, metrics: Sequence[str] = METRICS, precision: str = "float64",
+    X: np.ndarray,
+    y: np.ndarray,
+    metrics: Sequence[str] = METRICS,
+    precision: str = "float64",
     errors: dict | None = None,
 ) -> dict[str, float | None]:
     """Every score in `metrics` of codes X [N, D] for labels y [N] (any integer class ids).
@@ -88,9 +91,11 @@ def score(
     if len(classes) < 2:
         raise FeatxError("scores need two or more classes among the rows scored")
     if X.shape[1] > MAX_DIM:
-        raise FeatxError(f"codes of {X.shape[1]} dims: scores need a D x D covariance "
-                         f"({X.shape[1] ** 2 * 8 / 2**30:.1f} GiB), featx scores up to {MAX_DIM} dims; "
-                         f"extract the layer pooled (--pool avg) or score another layer")  # fmt: skip
+        raise FeatxError(
+            f"codes of {X.shape[1]} dims: scores need a D x D covariance "
+            f"({X.shape[1] ** 2 * 8 / 2**30:.1f} GiB), featx scores up to {MAX_DIM} dims; "
+            f"extract the layer pooled (--pool avg) or score another layer"
+        )
     if not np.isfinite(X).all():
         raise FeatxError("the codes hold NaN or infinite values; scores need finite codes")
     if precision not in ("float64", "float32"):
@@ -152,7 +157,6 @@ class _Spectrum:
         for s, V, T in self._panels:
             Z[s:] -= V @ (T.T @ (V.T @ Z[s:]))
         return Z
-
 
     def top_components(self, k: int) -> np.ndarray:
         """The covariance's k leading eigenvectors [D, k] (principal axes), largest first."""
@@ -266,8 +270,14 @@ def _logme(spec: _Spectrum, y: np.ndarray, c: int) -> float:
             if abs(alpha / beta - t) / t <= 1e-3:
                 break
         logdet = at(alpha / beta, z)[2] + d * np.log(beta)  # log det(alpha I + beta G)
-        ev = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - logdet / 2 - beta / 2 * res2 - alpha / 2 * m2
-              - n / 2 * np.log(2 * np.pi))  # fmt: skip
+        ev = (
+            d / 2 * np.log(alpha)
+            + n / 2 * np.log(beta)
+            - logdet / 2
+            - beta / 2 * res2
+            - alpha / 2 * m2
+            - n / 2 * np.log(2 * np.pi)
+        )
         evidences.append(ev / n)
     return float(np.mean(evidences))
 
@@ -344,8 +354,10 @@ def training_rows(f) -> np.ndarray:
     rows = np.flatnonzero(f.split == "train")
     if not len(rows):
         present = [s for s in ("train", "val", "test") if (f.split == s).any()]
-        raise FeatxError(f"{f.path} has no train split (splits: {', '.join(present) or 'none'}); scores use "
-                         f"training images only: extract data with a train split, or without splits")  # fmt: skip
+        raise FeatxError(
+            f"{f.path} has no train split (splits: {', '.join(present) or 'none'}); scores use "
+            f"training images only: extract data with a train split, or without splits"
+        )
     return rows
 
 
@@ -379,17 +391,31 @@ def score_file(
         names = _layer_names(f, layers)
         rows = training_rows(f)
         y = f.labels[rows]
-        out = {"file": f.path, "model": f.attrs.get("model"), "weights": f.attrs.get("weights"),
-               "dataset": f.attrs.get("dataset"), "rows": int(len(rows)), "classes": int(len(np.unique(y))),
-               "train_sha256": _rows_digest([f.paths[i] for i in rows], y), "layers": []}  # fmt: skip
+        out = {
+            "file": f.path,
+            "model": f.attrs.get("model"),
+            "weights": f.attrs.get("weights"),
+            "dataset": f.attrs.get("dataset"),
+            "rows": int(len(rows)),
+            "classes": int(len(np.unique(y))),
+            "train_sha256": _rows_digest([f.paths[i] for i in rows], y),
+            "layers": [],
+        }
         for name in names:
             t0 = time.perf_counter()
             errors: dict[str, str] = {}
             values = score(f.codes(name, rows), y, metrics, errors=errors)
             depth = f.layer_attrs(name).get("depth")
-            out["layers"].append({"layer": name, "depth": depth if isinstance(depth, (int, float)) else None,
-                                  "dim": f.dim(name), "scores": values, "errors": errors,
-                                  "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
+            out["layers"].append(
+                {
+                    "layer": name,
+                    "depth": depth if isinstance(depth, (int, float)) else None,
+                    "dim": f.dim(name),
+                    "scores": values,
+                    "errors": errors,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
+            )
     return out
 
 
@@ -407,13 +433,23 @@ def rank_models(results: Sequence[dict], metrics: Sequence[str]) -> dict[str, li
     first = results[0]
     for r in results[1:]:
         if r["train_sha256"] != first["train_sha256"]:
-            raise UsageError(f"{r['file']} and {first['file']} hold different training images or labels; "
-                             f"featx score ranks models extracted from the same data only")  # fmt: skip
+            raise UsageError(
+                f"{r['file']} and {first['file']} hold different training images or labels; "
+                f"featx score ranks models extracted from the same data only"
+            )
     ranking = {}
     for m in metrics:
         scored = [(r, [ly for ly in r["layers"] if ly["scores"][m] is not None]) for r in results]
         best = [(max(layers, key=lambda ly: ly["scores"][m]), r) for r, layers in scored if layers]
         best.sort(key=lambda br: -br[0]["scores"][m])
-        ranking[m] = [{"file": r["file"], "model": r["model"], "weights": r["weights"], "layer": ly["layer"],
-                       "score": ly["scores"][m]} for ly, r in best]  # fmt: skip
+        ranking[m] = [
+            {
+                "file": r["file"],
+                "model": r["model"],
+                "weights": r["weights"],
+                "layer": ly["layer"],
+                "score": ly["scores"][m],
+            }
+            for ly, r in best
+        ]
     return ranking

@@ -93,12 +93,13 @@ def candidate(layer: str, results: Sequence[dict]) -> Candidate:
     rules = {r.get("val_rule") or SCORE for r in rs}
     depth = rs[0].get("depth", rs[0].get("relative_depth"))
     return Candidate(
-        name=layer, depth=float(depth) if depth is not None else 0.0,
+        name=layer,
+        depth=float(depth) if depth is not None else 0.0,
         score=float(np.mean([r["val_score"] for r in rs])),
         tiebreak=float(np.mean([r.get("val_tiebreak") or 0.0 for r in rs])),
         rule=rules.pop() if len(rules) == 1 else SCORE,
         folds=tuple(v for r in rs for v in unpack_folds(r.get("val_folds"))),
-    )  # fmt: skip
+    )
 
 
 def choose_layer(candidates: Sequence[Candidate]) -> str:
@@ -106,8 +107,11 @@ def choose_layer(candidates: Sequence[Candidate]) -> str:
     candidate was selected by it and their folds pair up; otherwise the val_score rule."""
     if not candidates:
         raise ValueError("no candidate layers")
-    paired = (all(c.rule == LOGLIK for c in candidates) and len({len(c.folds) for c in candidates}) == 1
-              and len(candidates[0].folds) > 0)  # fmt: skip
+    paired = (
+        all(c.rule == LOGLIK for c in candidates)
+        and len({len(c.folds) for c in candidates}) == 1
+        and len(candidates[0].folds) > 0
+    )
     if not paired:
         return max(candidates, key=lambda c: (c.score, c.tiebreak, c.depth)).name
     ref = max(candidates, key=lambda c: (c.tiebreak, c.score, c.depth))

@@ -1,5 +1,4 @@
-"""Out-of-core SGD: codes streamed in chunks for entries larger than memory.
-"""
+"""Out-of-core SGD: codes streamed in chunks for entries larger than memory."""
 
 from __future__ import annotations
 

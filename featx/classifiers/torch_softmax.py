@@ -73,8 +73,15 @@ def resolve_solver(solver: str, classifier: str, device: str | None, per_class: 
 class TorchSoftmax(LinearClassifierMixin, BaseEstimator):
     """scikit-learn's LogisticRegression(C) objective solved by torch L-BFGS on `device`."""
 
-    def __init__(self, C: float = 1.0, tol: float = 1e-4, max_iter: int = 100, warm_start: bool = False,
-                 device: str = "auto", history_size: int = 10):  # fmt: skip
+    def __init__(
+        self,
+        C: float = 1.0,
+        tol: float = 1e-4,
+        max_iter: int = 100,
+        warm_start: bool = False,
+        device: str = "auto",
+        history_size: int = 10,
+    ):
         self.C = C
         self.tol = tol
         self.max_iter = max_iter
@@ -111,8 +118,16 @@ class TorchSoftmax(LinearClassifierMixin, BaseEstimator):
     def _solve(self, X, y, W, l2: float) -> int:
         import torch
 
-        opt = torch.optim.LBFGS([W], lr=1.0, max_iter=int(self.max_iter), max_eval=MAX_EVAL, tolerance_grad=self.tol,
-                                tolerance_change=1e-9, history_size=self.history_size, line_search_fn="strong_wolfe")  # fmt: skip
+        opt = torch.optim.LBFGS(
+            [W],
+            lr=1.0,
+            max_iter=int(self.max_iter),
+            max_eval=MAX_EVAL,
+            tolerance_grad=self.tol,
+            tolerance_change=1e-9,
+            history_size=self.history_size,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure():
             opt.zero_grad()
@@ -125,8 +140,12 @@ class TorchSoftmax(LinearClassifierMixin, BaseEstimator):
         if n_iter >= self.max_iter:
             from sklearn.exceptions import ConvergenceWarning
 
-            warnings.warn(f"torch lbfgs failed to converge after {n_iter} iterations (C={self.C:g}); increase "
-                          f"--max-iter or scale the codes", ConvergenceWarning, stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"torch lbfgs failed to converge after {n_iter} iterations (C={self.C:g}); increase "
+                f"--max-iter or scale the codes",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
         return n_iter
 
     def predict_proba(self, X):

@@ -61,9 +61,19 @@ class CNNCodes(TransformerMixin, BaseEstimator):
     objects; `batch_size="auto"` is 32 images per forward here, since nothing is streamed).
     """
 
-    def __init__(self, model: str = "efficientnet_lite0", weights: str = "DEFAULT", layers: str = "depth:1.0",
-                 pool: str = "avg", relu: str = "auto", image_size: int | None = None, crop_pct: float | None = None,
-                 device: str = "auto", batch_size: int | str = "auto", precision: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        model: str = "efficientnet_lite0",
+        weights: str = "DEFAULT",
+        layers: str = "depth:1.0",
+        pool: str = "avg",
+        relu: str = "auto",
+        image_size: int | None = None,
+        crop_pct: float | None = None,
+        device: str = "auto",
+        batch_size: int | str = "auto",
+        precision: str = "auto",
+    ):
         self.model = model
         self.weights = weights
         self.layers = layers

@@ -16,54 +16,105 @@ def add_parser(sub) -> None:
     from featx.settings import DEFAULT_BENCH_LAYERS as DEFAULT_LAYERS
 
     p = sub.add_parser("bench", help="measure layer transferability: datasets x layers x train sizes x seeds")
-    p.add_argument("--model", action="append", required=True, metavar="NAME[@WEIGHTS]",
-                   help=o.MODEL_HELP + ", optionally @WEIGHTS; repeatable: several models in one bench "
-                        "(--weights is the default of a model without @)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME[@WEIGHTS]",
+        help=o.MODEL_HELP + ", optionally @WEIGHTS; repeatable: several models in one bench "
+        "(--weights is the default of a model without @)",
+    )
     o.add_model_args(p)
-    p.add_argument("--control", choices=["random"],
-                   help="add each pretrained model's random-init twin (--weights none, seeded) as a control")  # fmt: skip
-    p.add_argument("--data", action="append", required=True,
-                   help="a dataset, repeatable; append :similar or :different to label it (PATH:similar)")  # fmt: skip
+    p.add_argument(
+        "--control",
+        choices=["random"],
+        help="add each pretrained model's random-init twin (--weights none, seeded) as a control",
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        help="a dataset, repeatable; append :similar or :different to label it (PATH:similar)",
+    )
     p.add_argument("--layers", default=DEFAULT_LAYERS, help="layers to compare (default: 7 depths)")
-    p.add_argument("--train-sizes", default="all", help="comma list of N (total), K/class or all (default all)")
-    p.add_argument("--classifier", default="softmax", help="svm, softmax, sgd, knn, or a comma list (default softmax)")
+    p.add_argument(
+        "--train-sizes", default="all", help="comma list of N (total), K/class or all (default all)"
+    )
+    p.add_argument(
+        "--classifier", default="softmax", help="svm, softmax, sgd, knn, or a comma list (default softmax)"
+    )
     add_protocol_args(p)
     p.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="parallel fits (joblib; -1 = all cores)")
     o.add_data_args(p)
-    p.add_argument("--baseline", choices=["pixels"], help="add the raw-pixel baseline (logistic regression on pixels)")
-    p.add_argument("--pixel-size", type=o.positive_int, default=32, help="image size of the pixel baseline (32)")
-    p.add_argument("--head-confidence", action="store_true",
-                   help="also report the ImageNet head's mean top-1 probability on the data (a second, one-layer "
-                        "cache entry; the grid's entry stays the one `featx extract` makes)")  # fmt: skip
-    p.add_argument("--out", default="results/bench", help="results directory (default results/bench); rerun to resume")
+    p.add_argument(
+        "--baseline", choices=["pixels"], help="add the raw-pixel baseline (logistic regression on pixels)"
+    )
+    p.add_argument(
+        "--pixel-size", type=o.positive_int, default=32, help="image size of the pixel baseline (32)"
+    )
+    p.add_argument(
+        "--head-confidence",
+        action="store_true",
+        help="also report the ImageNet head's mean top-1 probability on the data (a second, one-layer "
+        "cache entry; the grid's entry stays the one `featx extract` makes)",
+    )
+    p.add_argument(
+        "--out", default="results/bench", help="results directory (default results/bench); rerun to resume"
+    )
     p.add_argument("--cache-dir", help=o.CACHE_HELP)
     o.add_device_args(p)
-    p.add_argument("--finetune", metavar="POINTS",
-                   help="add fine-tune cells from these freeze points (depth:0,0.5,1.0 or layer names), for the first "
-                        "--model, per dataset x train size x seed, beside the probe cells")  # fmt: skip
-    p.add_argument("--finetune-epochs", type=o.auto_or_int,
-                   help="fine-tune epochs: N, or auto: until validation stops improving (auto)")  # fmt: skip
-    p.add_argument("--finetune-max-epochs", type=o.positive_int, help="the cap of --finetune-epochs auto (30)")
-    p.add_argument("--finetune-lr", type=lambda t: o.floats(t, "--finetune-lr"),
-                   help="fine-tune head learning rate; several (0.01,0.03): chosen on validation (0.01; pretrained "
-                        "layers x0.1)")  # fmt: skip
-    p.add_argument("--finetune-augment",
-                   help="none, light or default (RandomResizedCrop + flip); several (none,light,default): chosen on "
-                        "validation (default)")  # fmt: skip
+    p.add_argument(
+        "--finetune",
+        metavar="POINTS",
+        help="add fine-tune cells from these freeze points (depth:0,0.5,1.0 or layer names), for the first "
+        "--model, per dataset x train size x seed, beside the probe cells",
+    )
+    p.add_argument(
+        "--finetune-epochs",
+        type=o.auto_or_int,
+        help="fine-tune epochs: N, or auto: until validation stops improving (auto)",
+    )
+    p.add_argument(
+        "--finetune-max-epochs", type=o.positive_int, help="the cap of --finetune-epochs auto (30)"
+    )
+    p.add_argument(
+        "--finetune-lr",
+        type=lambda t: o.floats(t, "--finetune-lr"),
+        help="fine-tune head learning rate; several (0.01,0.03): chosen on validation (0.01; pretrained "
+        "layers x0.1)",
+    )
+    p.add_argument(
+        "--finetune-augment",
+        help="none, light or default (RandomResizedCrop + flip); several (none,light,default): chosen on "
+        "validation (default)",
+    )
     p.add_argument("--finetune-batch-size", type=o.positive_int, help="fine-tune images per step (32)")
-    p.add_argument("--finetune-max-images", type=o.positive_int,
-                   help="cap each fine-tune's training images (a seeded stratified subset): fine-tuning on a CPU is slow")  # fmt: skip
-    p.add_argument("--finetune-threads", type=o.auto_or_int,
-                   help="CPU threads for fine-tuning: N, or auto (1 or all cores, measured) (auto)")  # fmt: skip
-    p.add_argument("--scheduler", metavar="ADDRESS",
-                   help="fit the cells on this Dask cluster (tcp://HOST:8786; default $DASK_SCHEDULER_ADDRESS; "
-                        "'local': here, with --jobs); needs featx[dask] and a cache dir the workers see")  # fmt: skip
+    p.add_argument(
+        "--finetune-max-images",
+        type=o.positive_int,
+        help="cap each fine-tune's training images (a seeded stratified subset): fine-tuning on a CPU is slow",
+    )
+    p.add_argument(
+        "--finetune-threads",
+        type=o.auto_or_int,
+        help="CPU threads for fine-tuning: N, or auto (1 or all cores, measured) (auto)",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="fit the cells on this Dask cluster (tcp://HOST:8786; default $DASK_SCHEDULER_ADDRESS; "
+        "'local': here, with --jobs); needs featx[dask] and a cache dir the workers see",
+    )
 
 
 def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="a small offline bench on the data this machine has (a few minutes on 2 cores)")
-    p.add_argument("--data", action="append", default=[], help="add an image folder (PATH[:similar|:different])")
+    p = sub.add_parser(
+        "demo", help="a small offline bench on the data this machine has (a few minutes on 2 cores)"
+    )
+    p.add_argument(
+        "--data", action="append", default=[], help="add an image folder (PATH[:similar|:different])"
+    )
     p.add_argument("--out", default="results/demo", help="results directory (default results/demo)")
     p.add_argument("--jobs", type=int, default=2, help="parallel fits (2)")
     p.add_argument("--cache-dir", help=o.CACHE_HELP)
@@ -109,22 +160,42 @@ def run(args) -> int:
     for s in sizes:
         parse_train_size(s)
     config = BenchConfig(
-        args.model, [parse_bench_data(d) for d in args.data],
-        CodeSettings(args.layers), o.settings_from(RunSettings, args), train_sizes=sizes, protocols=_protocols(args),
-        seeds=o.ints(args.seeds, "--seeds") or (0,), data_options=o.settings_from(DataOptions, args),
-        baseline_pixels=args.baseline == "pixels", pixel_size=args.pixel_size, out=args.out, cache_dir=args.cache_dir,
-        jobs=args.jobs, scheduler=args.scheduler, control=args.control, finetune=args.finetune or (),
-        finetune_settings=_finetune_settings(args), head_confidence=args.head_confidence,
+        args.model,
+        [parse_bench_data(d) for d in args.data],
+        CodeSettings(args.layers),
+        o.settings_from(RunSettings, args),
+        train_sizes=sizes,
+        protocols=_protocols(args),
+        seeds=o.ints(args.seeds, "--seeds") or (0,),
+        data_options=o.settings_from(DataOptions, args),
+        baseline_pixels=args.baseline == "pixels",
+        pixel_size=args.pixel_size,
+        out=args.out,
+        cache_dir=args.cache_dir,
+        jobs=args.jobs,
+        scheduler=args.scheduler,
+        control=args.control,
+        finetune=args.finetune or (),
+        finetune_settings=_finetune_settings(args),
+        head_confidence=args.head_confidence,
         # NAME@WEIGHTS is parsed by BenchConfig; these apply to every model (--weights: to those without @)
-        weights=args.weights, image_size=args.image_size, crop_pct=args.crop_pct,
-    )  # fmt: skip
+        weights=args.weights,
+        image_size=args.image_size,
+        crop_pct=args.crop_pct,
+    )
     return _run(config, args)
 
 
 # FinetuneSettings' fields that bench sets, and their bench flags (errors name these)
-FINETUNE_FLAGS = {"epochs": "--finetune-epochs", "max_epochs": "--finetune-max-epochs", "lr": "--finetune-lr",
-                  "augment": "--finetune-augment", "batch_size": "--finetune-batch-size",
-                  "max_images": "--finetune-max-images", "threads": "--finetune-threads"}  # fmt: skip
+FINETUNE_FLAGS = {
+    "epochs": "--finetune-epochs",
+    "max_epochs": "--finetune-max-epochs",
+    "lr": "--finetune-lr",
+    "augment": "--finetune-augment",
+    "batch_size": "--finetune-batch-size",
+    "max_images": "--finetune-max-images",
+    "threads": "--finetune-threads",
+}
 
 
 def _finetune_settings(args):
@@ -139,7 +210,7 @@ def _finetune_settings(args):
     except UsageError as e:
         for field, flag in FINETUNE_FLAGS.items():
             if str(e).startswith(FLAGS[field] + " "):
-                raise UsageError(flag + str(e)[len(FLAGS[field]):]) from None
+                raise UsageError(flag + str(e)[len(FLAGS[field]) :]) from None
         raise
 
 

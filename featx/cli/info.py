@@ -33,8 +33,10 @@ def _partial(path: str, as_json: bool) -> int:
     entry = path.rstrip("/").removesuffix(".partial")
     prog = read_progress(entry)
     if prog is None and os.path.isdir(journal_path(entry)):
-        raise UsageError(f"featx info: {path}: a partial entry whose journal cannot be resumed "
-                         f"({journal_problem(entry)}); rerun its extract command to start it over")  # fmt: skip
+        raise UsageError(
+            f"featx info: {path}: a partial entry whose journal cannot be resumed "
+            f"({journal_problem(entry)}); rerun its extract command to start it over"
+        )
     if prog is None:
         raise UsageError(f"featx info: {path}: no such file or partial entry")
     done = {k: prog[k] for k in ("samples_done", "samples", "rows_done", "layers")}
@@ -42,8 +44,10 @@ def _partial(path: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"state": "partial", **done}, indent=1))
     else:
-        print(f"{path}: partial entry: {done['samples_done']} of {done['samples']} images done "
-              f"({done['rows_done']} rows), layers {', '.join(done['layers'])}; rerun its extract command to finish")  # fmt: skip
+        print(
+            f"{path}: partial entry: {done['samples_done']} of {done['samples']} images done "
+            f"({done['rows_done']} rows), layers {', '.join(done['layers'])}; rerun its extract command to finish"
+        )
     return 0
 
 
@@ -58,9 +62,22 @@ def run(args) -> int:
         splits = {s: int((f.split == s).sum()) for s in ("train", "val", "test") if (f.split == s).any()}
         groups = _groups(f)
         if args.json:
-            print(json.dumps({"state": "complete", "attrs": f.attrs, "layers": layers, "splits": splits,
-                              "labelled": f.labelled, "classes": f.classes, "skipped": f.skipped, "groups": groups},
-                             indent=1, default=str))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "state": "complete",
+                        "attrs": f.attrs,
+                        "layers": layers,
+                        "splits": splits,
+                        "labelled": f.labelled,
+                        "classes": f.classes,
+                        "skipped": f.skipped,
+                        "groups": groups,
+                    },
+                    indent=1,
+                    default=str,
+                )
+            )
         else:
             text = info_text(args.file, f, layers, splits)
             if groups:  # after the header lines, before the layer table
@@ -81,8 +98,12 @@ def _groups(f) -> dict | None:
     sizes = np.unique(f.groups, return_counts=True)[1]
     by_size = dict(zip(*(v.tolist() for v in np.unique(sizes, return_counts=True))))
     mode = (f.meta.data_options or {}).get("group_by") if isinstance(f.meta.data_options, dict) else None
-    return {"count": int(len(sizes)), "sizes": {int(k): int(v) for k, v in by_size.items()}, "group_by": mode,
-            "text": f"{describe(f.groups)}{f' (--group-by {mode})' if mode else ''}"}  # fmt: skip
+    return {
+        "count": int(len(sizes)),
+        "sizes": {int(k): int(v) for k, v in by_size.items()},
+        "group_by": mode,
+        "text": f"{describe(f.groups)}{f' (--group-by {mode})' if mode else ''}",
+    }
 
 
 def run_cache(args) -> int:
@@ -104,7 +125,11 @@ def run_cache(args) -> int:
         print(f"removed {path}")
     if busy:
         names = ", ".join(os.path.basename(p) for p in removed)
-        done = f"removed {len(removed)} entries ({names}); kept {len(busy)}: " if removed else "nothing removed: "
+        done = (
+            f"removed {len(removed)} entries ({names}); kept {len(busy)}: "
+            if removed
+            else "nothing removed: "
+        )
         held = f"{', '.join(busy)} {'is' if len(busy) == 1 else 'are'} being written by another featx process"
         raise FeatxError(f"{done}{held}; stop it (or wait for it), then rerun")
     return 0

@@ -11,8 +11,11 @@ def add_parser(sub) -> None:
     p.add_argument("model", nargs="?", help=MODEL_HELP)
     add_model_args(p)
     p.add_argument("--all", action="store_true", help="every module, not only the main path")
-    p.add_argument("--pool", default="avg",
-                   help="pooling used for the code-dim column (default avg; cls, mean, cls+mean for token maps)")  # fmt: skip
+    p.add_argument(
+        "--pool",
+        default="avg",
+        help="pooling used for the code-dim column (default avg; cls, mean, cls+mean for token maps)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--list-models", action="store_true", help="list the model names featx accepts")
 
@@ -24,7 +27,9 @@ def run(args) -> int:
     from featx.settings import ModelSettings, parse_pool
 
     if args.list_models:
-        print("\n".join([*torchvision_models(), *featx_models(), "timm:NAME[.TAG] (any of timm.list_models())"]))
+        print(
+            "\n".join([*torchvision_models(), *featx_models(), "timm:NAME[.TAG] (any of timm.list_models())"])
+        )
         return 0
     if not args.model:
         raise UsageError("featx layers: give a model name (or --list-models)")

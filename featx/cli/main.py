@@ -30,7 +30,9 @@ COMMANDS = {
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="featx", description="Tap layers of pretrained CNNs into an HDF5 cache and measure them.")
+    parser = Parser(
+        prog="featx", description="Tap layers of pretrained CNNs into an HDF5 cache and measure them."
+    )
     parser.add_argument("--version", action="version", version=f"featx {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = subcommands(parser, dest="command", metavar="COMMAND")

@@ -6,11 +6,22 @@ import json
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("score", help="transferability scores of every layer on the training split; ranks models")
-    p.add_argument("files", nargs="+", metavar="FILE", help="codes files from featx extract (several: one per model)")
-    p.add_argument("--layer", "--layers", dest="layer", default="all", help="layers, comma-separated, or all (default)")
-    p.add_argument("--metric", "--metrics", dest="metric", default="all",
-                   help="logme, hscore, transrate, gbc, comma-separated, or all (default)")  # fmt: skip
+    p = sub.add_parser(
+        "score", help="transferability scores of every layer on the training split; ranks models"
+    )
+    p.add_argument(
+        "files", nargs="+", metavar="FILE", help="codes files from featx extract (several: one per model)"
+    )
+    p.add_argument(
+        "--layer", "--layers", dest="layer", default="all", help="layers, comma-separated, or all (default)"
+    )
+    p.add_argument(
+        "--metric",
+        "--metrics",
+        dest="metric",
+        default="all",
+        help="logme, hscore, transrate, gbc, comma-separated, or all (default)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 

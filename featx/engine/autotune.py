@@ -162,13 +162,18 @@ def _measure_precision(model, device, size: int, key: str) -> str:
         fp32 = _time_forward(module, x, None)
         bf16 = _time_forward(module, x, torch.bfloat16)
     except RuntimeError as e:  # an op without a bf16 kernel on this device
-        log.info(
-            "bf16 autocast failed for %s on %s (%s); using fp32", model, device, first_line(e, 100)
-        )
+        log.info("bf16 autocast failed for %s on %s (%s); using fp32", model, device, first_line(e, 100))
         fp32, bf16 = 1.0, float("inf")
     choice = "bf16" if fp32 / bf16 >= MARGIN else "fp32"
-    log.info("precision auto: %s forward %.1f ms fp32 vs %.1f ms bf16 per %d images on %s -> %s",
-             model, fp32 * 1e3, bf16 * 1e3, _PROBE_BATCH, device, choice)  # fmt: skip
+    log.info(
+        "precision auto: %s forward %.1f ms fp32 vs %.1f ms bf16 per %d images on %s -> %s",
+        model,
+        fp32 * 1e3,
+        bf16 * 1e3,
+        _PROBE_BATCH,
+        device,
+        choice,
+    )
     _save(key, choice)
     return choice
 

@@ -72,8 +72,10 @@ def timed_batches(loader, timings: Timings | None):
         except StopIteration:
             return
         finally:
-            timings.add("loop: first batch (worker start + decode)" if first else "loop: waiting for data",
-                        time.perf_counter() - t)  # fmt: skip
+            timings.add(
+                "loop: first batch (worker start + decode)" if first else "loop: waiting for data",
+                time.perf_counter() - t,
+            )
         first = False
         yield item
 
@@ -191,8 +193,19 @@ class CodeComputer:
     way: normalize on the device, channels-last and autocast as asked, one forward for all taps.
     """
 
-    def __init__(self, module, taps, activations: dict, pool, preprocess, device, precision: str = "fp32",
-                 channels_last: bool = True, compile: bool = False, timer: Timings | None = None):  # fmt: skip
+    def __init__(
+        self,
+        module,
+        taps,
+        activations: dict,
+        pool,
+        preprocess,
+        device,
+        precision: str = "fp32",
+        channels_last: bool = True,
+        compile: bool = False,
+        timer: Timings | None = None,
+    ):
         import torch
 
         from featx.models.taps import Tapper
@@ -241,9 +254,14 @@ def make_loader(dataset, batch_size: int, workers: int, pin_memory: bool, collat
     import torch
 
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_fn or collate,
-        pin_memory=pin_memory, prefetch_factor=4 if workers else None,
-    )  # fmt: skip
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_fn or collate,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+    )
 
 
 def usable_cores() -> int:
@@ -297,8 +315,19 @@ def load_backbone(plan):
     return backbone, plan.with_module(backbone.module)
 
 
-def computer_for(plan, module, device, precision: str, channels_last: bool = True, compile: bool = False,
-                 timer=None) -> CodeComputer:  # fmt: skip
+def computer_for(
+    plan, module, device, precision: str, channels_last: bool = True, compile: bool = False, timer=None
+) -> CodeComputer:
     """A CodeComputer for the plan's chosen layers."""
-    return CodeComputer(module, plan.chosen, plan.activations, plan.pool, plan.preprocess, device, precision,
-                        channels_last, compile, timer=timer)  # fmt: skip
+    return CodeComputer(
+        module,
+        plan.chosen,
+        plan.activations,
+        plan.pool,
+        plan.preprocess,
+        device,
+        precision,
+        channels_last,
+        compile,
+        timer=timer,
+    )

@@ -98,8 +98,10 @@ def requested(flag: bool) -> bool:
     library never turns distributed on by itself, so a user's own DDP script that calls `extract`
     on each rank keeps one-process extractions; `featx extract` defaults the flag to `in_launcher()`."""
     if flag and not in_launcher():
-        raise UsageError("--distributed: RANK and WORLD_SIZE are not set; start featx with "
-                         "`torchrun --nproc-per-node N -m featx extract ...` (or srun setting them)")  # fmt: skip
+        raise UsageError(
+            "--distributed: RANK and WORLD_SIZE are not set; start featx with "
+            "`torchrun --nproc-per-node N -m featx extract ...` (or srun setting them)"
+        )
     if flag:
         check_launcher_env()
     return flag
@@ -119,8 +121,10 @@ def check_launcher_env() -> None:
             raise UsageError(f"{k}={v!r} is not a whole number; check the launcher's settings") from None
     rank, size = vals["RANK"], vals["WORLD_SIZE"]
     if size < 1 or not 0 <= rank < size:
-        raise UsageError(f"RANK={rank} WORLD_SIZE={size}: RANK must be one of 0..WORLD_SIZE-1 and WORLD_SIZE at least "
-                         f"1; check the launcher's settings")  # fmt: skip
+        raise UsageError(
+            f"RANK={rank} WORLD_SIZE={size}: RANK must be one of 0..WORLD_SIZE-1 and WORLD_SIZE at least "
+            f"1; check the launcher's settings"
+        )
     if vals.get("LOCAL_RANK", 0) < 0:
         raise UsageError(f"LOCAL_RANK={vals['LOCAL_RANK']} is negative; check the launcher's settings")
 
@@ -200,7 +204,7 @@ class World:
                         f"rank {r} of {self.size} stopped (no sign of life for {self.timeout:g}s while {what}; its process died "
                         f"or lost the job store; {ENV_TIMEOUT} sets the wait): the committed rows are kept, rerun "
                         f"the same command to resume"
-                    )  # fmt: skip
+                    )
             if tick is not None:
                 tick()
             time.sleep(0.1)
@@ -215,8 +219,10 @@ class World:
             return fn(*args)
         except (RuntimeError, OSError) as e:  # the store's host (rank 0 or torchrun's agent) is gone
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise FeatxError(f"rank {self.rank}: lost the job's store ({first}): another rank or the launcher "
-                             f"stopped; rerun the same command to resume") from None  # fmt: skip
+            raise FeatxError(
+                f"rank {self.rank}: lost the job's store ({first}): another rank or the launcher "
+                f"stopped; rerun the same command to resume"
+            ) from None
 
 
 @contextlib.contextmanager
@@ -233,15 +239,22 @@ def joined():
         store, _, _ = next(
             dist.rendezvous("env://", rank=rank, world_size=size, timeout=timedelta(seconds=timeout))
         )
-        dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=rank, world_size=size,
-                                timeout=timedelta(seconds=timeout))  # fmt: skip
+        dist.init_process_group(
+            "gloo",
+            store=dist.PrefixStore("pg", store),
+            rank=rank,
+            world_size=size,
+            timeout=timedelta(seconds=timeout),
+        )
         dist.monitored_barrier(timeout=timedelta(seconds=timeout), wait_all_ranks=True)
     except (RuntimeError, ValueError, OSError) as e:  # DistError, DistStoreError, timeouts are RuntimeErrors
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
-        raise FeatxError(f"rank {rank} of {size}: the ranks did not all join at {where} within {timeout:g}s "
-                         f"({ENV_TIMEOUT}) ({first}); a rank failed at start-up: see its error") from None  # fmt: skip
+        raise FeatxError(
+            f"rank {rank} of {size}: the ranks did not all join at {where} within {timeout:g}s "
+            f"({ENV_TIMEOUT}) ({first}); a rank failed at start-up: see its error"
+        ) from None
     _calls += 1
     prefix = f"featx/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_calls}"
     world = World(rank, size, local, dist.PrefixStore(prefix, store), timeout)
@@ -398,8 +411,10 @@ class ShardSet:
         at, rows, self.skipped = 0, 0, []
         for s in sorted((s for s in shards if s.done > s.start), key=lambda s: s.start):
             if s.start != at:
-                raise FeatxError(f"the shards in {self.path} do not cover rows {at} to {s.start}; rerun the same "
-                                 f"command to compute them")  # fmt: skip
+                raise FeatxError(
+                    f"the shards in {self.path} do not cover rows {at} to {s.start}; rerun the same "
+                    f"command to compute them"
+                )
             j = Journal(s.path, shard_meta(meta, s.start, s.stop))
             if j._try_resume():  # noqa: SLF001 (a read-only open: validates, never truncates)
                 raise FeatxError(f"shard {s.path} disappeared while assembling; rerun the same command")

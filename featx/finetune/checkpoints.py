@@ -69,7 +69,12 @@ def save_checkpoint(folder: str, epoch: int, module, optimizer, state: dict) -> 
             else:
                 scalars[f"{pid}.{k}"] = v
     path = os.path.join(folder, f"epoch-{epoch:04d}.safetensors")
-    header = {**state, "epoch": epoch, "opt_scalars": scalars, "opt_params": sorted(int(p) for p in opt_state)}
+    header = {
+        **state,
+        "epoch": epoch,
+        "opt_scalars": scalars,
+        "opt_params": sorted(int(p) for p in opt_state),
+    }
     try:
         write_file(path, tensors_bytes(tensors, {CHECKPOINT_KEY: header}))
     except OSError as e:
@@ -117,8 +122,13 @@ def set_aside(path: str, reason: str, damaged: bool = True) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             os.remove(path)
-    log.warning("set aside the %scheckpoint %s as %s.corrupt (%s)", "damaged " if damaged else "", path,
-                os.path.basename(path), reason)  # fmt: skip
+    log.warning(
+        "set aside the %scheckpoint %s as %s.corrupt (%s)",
+        "damaged " if damaged else "",
+        path,
+        os.path.basename(path),
+        reason,
+    )
 
 
 class _Foreign(Exception):
@@ -153,7 +163,11 @@ def latest_checkpoint(folder: str, fingerprint: str, module, optimizer, epochs: 
             return Found(path, tensors, state, model)
         best_path = files.get(best)
         try:
-            got = _checked(best_path, best, fingerprint, module, optimizer, epochs) if best_path else (None, None)
+            got = (
+                _checked(best_path, best, fingerprint, module, optimizer, epochs)
+                if best_path
+                else (None, None)
+            )
         except _Foreign:  # its best epoch's file is another run's: this one cannot finish as it would have
             set_aside(best_path, "it belongs to another run: other settings or data", damaged=False)
             got = (None, None)
@@ -216,9 +230,13 @@ def state_problem(state: dict, epoch: int, epochs: int) -> str | None:
     if scores != [history[best]["val_accuracy"], -history[best]["val_loss"]]:
         return "its best scores are not its best epoch's"
     scalars, params = state.get("opt_scalars"), state.get("opt_params")
-    if not isinstance(scalars, dict) or not all(_num(v) and re.fullmatch(r"\d+\.\w+", k) for k, v in scalars.items()):
+    if not isinstance(scalars, dict) or not all(
+        _num(v) and re.fullmatch(r"\d+\.\w+", k) for k, v in scalars.items()
+    ):
         return "its optimizer scalars are not numbers by PID.NAME"
-    if not isinstance(params, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in params):
+    if not isinstance(params, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) for p in params
+    ):
         return "its optimizer parameter list is not a list of numbers"
     return None
 
@@ -287,20 +305,26 @@ class OutLock:
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
-            raise UsageError(f"--out {self.path[:-5]}: cannot make its folder {folder} ({e.strerror or e}); "
-                             f"give a path in a folder you can write") from None  # fmt: skip
+            raise UsageError(
+                f"--out {self.path[:-5]}: cannot make its folder {folder} ({e.strerror or e}); "
+                f"give a path in a folder you can write"
+            ) from None
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                raise FeatxError(f"--out {self.path[:-5]}: cannot create its lock ({e.strerror or e})") from None
+                raise FeatxError(
+                    f"--out {self.path[:-5]}: cannot create its lock ({e.strerror or e})"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 holder = _read(fd)
                 os.close(fd)
-                raise FeatxError(f"--out {self.path[:-5]}: another featx finetune ({holder or 'another process'}) is "
-                                 f"writing it; wait for it or stop it, or give another --out") from None  # fmt: skip
+                raise FeatxError(
+                    f"--out {self.path[:-5]}: another featx finetune ({holder or 'another process'}) is "
+                    f"writing it; wait for it or stop it, or give another --out"
+                ) from None
             try:  # the file we locked must still be the one at the path (a finishing run removes it)
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except OSError:
@@ -326,4 +350,3 @@ def _read(fd: int) -> str:
         return os.pread(fd, 100, 0).decode("utf-8", "replace").strip()
     except OSError:
         return ""
-

@@ -1,5 +1,4 @@
-"""Fine-tune data: the same rows as `fit`, augmentation crops, batches and loaders.
-"""
+"""Fine-tune data: the same rows as `fit`, augmentation crops, batches and loaders."""
 
 from __future__ import annotations
 
@@ -41,8 +40,12 @@ def select_samples(ds, settings: FinetuneSettings):
     present = np.unique(ds.labels[train])
     if len(present) < 2:
         one = ds.classes[int(present[0])] if len(present) else "none"
-        raise UsageError(f"--data {ds.spec}: the training images hold a single class ({one}); fine-tuning needs two or more")
-    protocol = Protocol(min_val_per_class=0, val_fraction=settings.val_fraction)  # a hold-out, as fit's default
+        raise UsageError(
+            f"--data {ds.spec}: the training images hold a single class ({one}); fine-tuning needs two or more"
+        )
+    protocol = Protocol(
+        min_val_per_class=0, val_fraction=settings.val_fraction
+    )  # a hold-out, as fit's default
     try:
         rows = select_rows(_RowsView(ds), protocol, parse_train_size(settings.train_size), settings.seed)
     except FeatxError as e:
@@ -53,12 +56,16 @@ def select_samples(ds, settings: FinetuneSettings):
         counts = np.bincount(ds.labels[rows.val], minlength=len(ds.classes))[present]
     if rows is None or counts.min() < MIN_VAL_PER_CLASS:
         smallest = int(np.bincount(ds.labels[train])[present].min())
-        raise UsageError(f"--data {ds.spec}: too few images per class for a validation split ({smallest} training "
-                         f"image(s) in the smallest class, --train-size {settings.train_size}); give every class at "
-                         f"least 2 training images, a val split, or a larger --train-size")  # fmt: skip
+        raise UsageError(
+            f"--data {ds.spec}: too few images per class for a validation split ({smallest} training "
+            f"image(s) in the smallest class, --train-size {settings.train_size}); give every class at "
+            f"least 2 training images, a val split, or a larger --train-size"
+        )
     if settings.max_images is not None and settings.max_images < len(rows.train):
         size = parse_train_size(str(settings.max_images))
-        rows.train = subsample(rows.train, ds.labels, size, np.random.default_rng([settings.seed, 1]), ds.classes)
+        rows.train = subsample(
+            rows.train, ds.labels, size, np.random.default_rng([settings.seed, 1]), ds.classes
+        )
     return rows
 
 
@@ -116,7 +123,9 @@ class TrainImages:
         scale, ratio, flip = AUGMENT_PARAMS[self.augment]
         top, left, h, w = crop_box(*image.size, rng, scale, ratio)
         size = self.pre.crop_size
-        out = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode(self.pre.interpolation), antialias=True)
+        out = TF.resized_crop(
+            image, top, left, h, w, [size, size], InterpolationMode(self.pre.interpolation), antialias=True
+        )
         if flip and rng.random() < 0.5:
             out = TF.hflip(out)
         return TF.pil_to_tensor(out)
@@ -143,4 +152,6 @@ def batch_positions(n: int, size: int) -> list[list[int]]:
 def batch_loader(images: TrainImages, batches, workers: int):
     import torch
 
-    return torch.utils.data.DataLoader(images, batch_sampler=batches, num_workers=workers, collate_fn=_collate)
+    return torch.utils.data.DataLoader(
+        images, batch_sampler=batches, num_workers=workers, collate_fn=_collate
+    )

@@ -1,5 +1,4 @@
-"""The freeze point: the head, which modules train, batch-norm statistics of the frozen part.
-"""
+"""The freeze point: the head, which modules train, batch-norm statistics of the frozen part."""
 
 from __future__ import annotations
 
@@ -15,9 +14,15 @@ def find_head(module) -> str:
 
     linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     keys = list(module.state_dict())
-    if not linears or module.get_submodule(linears[-1]).bias is None or keys[-2:] != [f"{linears[-1]}.weight", f"{linears[-1]}.bias"]:
-        raise UsageError(f"{type(module).__name__} has no recognisable classifier head (a final nn.Linear with a bias, "
-                         f"last in its state dict); featx finetune replaces that head, so use another model")  # fmt: skip
+    if (
+        not linears
+        or module.get_submodule(linears[-1]).bias is None
+        or keys[-2:] != [f"{linears[-1]}.weight", f"{linears[-1]}.bias"]
+    ):
+        raise UsageError(
+            f"{type(module).__name__} has no recognisable classifier head (a final nn.Linear with a bias, "
+            f"last in its state dict); featx finetune replaces that head, so use another model"
+        )
     return linears[-1]
 
 
@@ -67,8 +72,10 @@ def resolve_freeze_point(taps, module, spec: str, model: str = "the model") -> F
     except (UsageError, ValueError):
         pass
     names = [t.name for t in taps if t.candidate]
-    raise UsageError(f"--train-from {spec}: not a freeze point of {model}; use depth:F with F from 0 (train everything) "
-                     f"to 1.0 (head only), or one of its layers: {', '.join(names)}")  # fmt: skip
+    raise UsageError(
+        f"--train-from {spec}: not a freeze point of {model}; use depth:F with F from 0 (train everything) "
+        f"to 1.0 (head only), or one of its layers: {', '.join(names)}"
+    )
 
 
 def _freeze_set(spec: str, tap, after: bool, taps, module) -> FreezePoint:

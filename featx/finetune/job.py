@@ -66,8 +66,10 @@ def _precision(run, device):
     import torch
 
     if run.precision == "fp16" or (run.precision == "bf16" and device.type != "cuda"):
-        raise UsageError(f"--precision {run.precision}: fine-tuning uses bf16 autocast on CUDA only; use auto, fp32 "
-                         f"or (on CUDA) bf16")  # fmt: skip
+        raise UsageError(
+            f"--precision {run.precision}: fine-tuning uses bf16 autocast on CUDA only; use auto, fp32 "
+            f"or (on CUDA) bf16"
+        )
     if device.type == "cuda" and run.precision in ("auto", "bf16"):
         return torch.bfloat16
     return None
@@ -80,12 +82,16 @@ def _prepare(model, data, settings, data_options):
     from featx.sources.spec import open_source
 
     if threshold_of(getattr(data_options, "group_by", None)) is not None:  # auto groups come from codes
-        raise UsageError(f"{OPTION}: fine-tuning computes no codes to find near-copies in; use --group-by REGEX "
-                         "or a CSV group column")  # fmt: skip
+        raise UsageError(
+            f"{OPTION}: fine-tuning computes no codes to find near-copies in; use --group-by REGEX "
+            "or a CSV group column"
+        )
     ds = open_source(data, data_options) if isinstance(data, str) else data
     if not ds.labelled:
-        raise UsageError(f"--data {ds.spec}: unlabelled images (no classes); finetune needs labels: give class "
-                         f"folders or a CSV with a label column")  # fmt: skip
+        raise UsageError(
+            f"--data {ds.spec}: unlabelled images (no classes); finetune needs labels: give class "
+            f"folders or a CSV with a label column"
+        )
     rows = select_samples(ds, settings)
     return ds, rows, resolve(model)
 
@@ -110,9 +116,17 @@ def build_network(plan, ds, settings, device):
 
 
 def _fingerprint(backbone, ds, rows, settings, device, amp) -> str:
-    parts = {"featx": __version__, "model": str(backbone.name), "weights": backbone.weights.ident,
-             "preprocess": backbone.preprocess.to_dict(), "data": ds.fingerprint, "settings": settings.to_dict(),
-             "rows": [r.tolist() for r in (rows.train, rows.val, rows.test)], "device": device.type, "amp": str(amp)}  # fmt: skip
+    parts = {
+        "featx": __version__,
+        "model": str(backbone.name),
+        "weights": backbone.weights.ident,
+        "preprocess": backbone.preprocess.to_dict(),
+        "data": ds.fingerprint,
+        "settings": settings.to_dict(),
+        "rows": [r.tolist() for r in (rows.train, rows.val, rows.test)],
+        "device": device.type,
+        "amp": str(amp),
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -131,15 +145,28 @@ def _estimate(job: TrainJob, start_epoch: int):
         # a third of one for full fine-tuning on this CPU, so the estimate errs long, not short
         evals = (len(job.rows.val) * epochs + len(job.rows.test)) / max(1, job.settings.batch_size)
         total = seconds * (n * epochs + evals)
-        log.info("fine-tuning on the CPU: about %.0f min for %s%d epochs of %d images (first batch %.2f s); "
-                 "--max-images caps the training images", total / 60, "up to " if job.settings.auto else "", epochs,
-                 len(job.rows.train), seconds)  # fmt: skip
+        log.info(
+            "fine-tuning on the CPU: about %.0f min for %s%d epochs of %d images (first batch %.2f s); "
+            "--max-images caps the training images",
+            total / 60,
+            "up to " if job.settings.auto else "",
+            epochs,
+            len(job.rows.train),
+            seconds,
+        )
 
     return on_batch
 
 
-def _run_epochs(job: TrainJob, folder: str | None, fingerprint: str, progress: bool, state: dict | None = None,
-                until: int | None = None, threads: tuple[int, dict] = (1, {})) -> dict:  # fmt: skip
+def _run_epochs(
+    job: TrainJob,
+    folder: str | None,
+    fingerprint: str,
+    progress: bool,
+    state: dict | None = None,
+    until: int | None = None,
+    threads: tuple[int, dict] = (1, {}),
+) -> dict:
     """Train the epochs not yet done, up to `until` (default: the budget), stopping early under
     `epochs="auto"` once validation stops improving; continues `state` (in memory) or the newest
     checkpoint in `folder`. Returns the state (history, best epoch, its weights)."""
@@ -149,19 +176,35 @@ def _run_epochs(job: TrainJob, folder: str | None, fingerprint: str, progress: b
     until = s.schedule_epochs if until is None else min(until, s.schedule_epochs)
     if state is None:
         state = {"fingerprint": fingerprint, "history": [], "best_epoch": None, "best": None}
-        found = latest_checkpoint(folder, fingerprint, job.module, job.optimizer, s.schedule_epochs) if folder else None
+        found = (
+            latest_checkpoint(folder, fingerprint, job.module, job.optimizer, s.schedule_epochs)
+            if folder
+            else None
+        )
         if found:
             state = load_checkpoint(found, job.module, job.optimizer)
-            log.info("resuming from %s (epoch %d of %s%d done)", found.path, len(state["history"]),
-                     "up to " if s.auto else "", s.schedule_epochs)  # fmt: skip
+            log.info(
+                "resuming from %s (epoch %d of %s%d done)",
+                found.path,
+                len(state["history"]),
+                "up to " if s.auto else "",
+                s.schedule_epochs,
+            )
     state.setdefault("threads", threads[0])  # checkpointed: a resumed run keeps the count it started with
     state.setdefault("threads_measured", {str(k): round(v, 2) for k, v in threads[1].items()})
     start = len(state["history"])
     if start >= until or (s.auto and converged(state["history"])):
         return state
     n_batches = len(batch_positions(len(job.rows.train), s.batch_size))
-    bar = tqdm(total=until * n_batches, initial=start * n_batches, unit="batch", desc="finetune", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=until * n_batches,
+        initial=start * n_batches,
+        unit="batch",
+        desc="finetune",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     on_batch = _estimate(job, start) if start == 0 else None
     try:
         for epoch in range(start, until):
@@ -171,18 +214,39 @@ def _run_epochs(job: TrainJob, folder: str | None, fingerprint: str, progress: b
             t0 = time.perf_counter()
             loss = train_epoch(job, epoch, bar, on_batch)
             acc, vloss = val_scores(*predict_logits(job, job.rows.val))
-            state["history"].append({"epoch": epoch + 1, "train_loss": loss, "val_accuracy": acc, "val_loss": vloss,
-                                     "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
+            state["history"].append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": loss,
+                    "val_accuracy": acc,
+                    "val_loss": vloss,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
+            )
             if state["best"] is None or (acc, -vloss) > tuple(state["best"]):
                 state["best"], state["best_epoch"] = [acc, -vloss], epoch
-            log.info("epoch %d/%s%d: train loss %.4f, val accuracy %.4f, val loss %.4f", epoch + 1,
-                     "up to " if s.auto else "", s.schedule_epochs, loss, acc, vloss)  # fmt: skip
+            log.info(
+                "epoch %d/%s%d: train loss %.4f, val accuracy %.4f, val loss %.4f",
+                epoch + 1,
+                "up to " if s.auto else "",
+                s.schedule_epochs,
+                loss,
+                acc,
+                vloss,
+            )
             if folder:
-                save_checkpoint(folder, epoch, job.module, job.optimizer,
-                                {k: v for k, v in state.items() if k != "best_weights"})
+                save_checkpoint(
+                    folder,
+                    epoch,
+                    job.module,
+                    job.optimizer,
+                    {k: v for k, v in state.items() if k != "best_weights"},
+                )
                 prune_checkpoints(folder, {epoch, state["best_epoch"]})
             if state["best_epoch"] == epoch:
-                state["best_weights"] = {k: v.detach().cpu().clone() for k, v in job.module.state_dict().items()}
+                state["best_weights"] = {
+                    k: v.detach().cpu().clone() for k, v in job.module.state_dict().items()
+                }
     finally:
         bar.close()
     return state
@@ -191,12 +255,23 @@ def _run_epochs(job: TrainJob, folder: str | None, fingerprint: str, progress: b
 def _best_weights(state: dict, folder: str | None):
     if "best_weights" in state:
         return state["best_weights"]
-    tensors, _ = read_checkpoint_file(os.path.join(folder, f"epoch-{state['best_epoch']:04d}.safetensors"), "featx_checkpoint")
+    tensors, _ = read_checkpoint_file(
+        os.path.join(folder, f"epoch-{state['best_epoch']:04d}.safetensors"), "featx_checkpoint"
+    )
     return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
 
 
-def finetune(model, data, settings: FinetuneSettings | None = None, *, run=None, data_options=None,
-             out: str | None = None, checkpoint_dir: str | None = None, progress: bool = True) -> FinetuneResult:  # fmt: skip
+def finetune(
+    model,
+    data,
+    settings: FinetuneSettings | None = None,
+    *,
+    run=None,
+    data_options=None,
+    out: str | None = None,
+    checkpoint_dir: str | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
     """Fine-tune `model` (ModelSettings or a name) on `data` (a --data spec or a `featx.sources.dataset.Dataset`)
     from `settings.train_from` on; evaluate the epoch chosen on validation once on the test split.
     A grid recipe (several `augment` / `lr` values) is searched on validation first
@@ -207,12 +282,29 @@ def finetune(model, data, settings: FinetuneSettings | None = None, *, run=None,
     refused); `checkpoint_dir` overrides that folder (checkpoints without `out` too).
     """
     with OutLock(_target(out)) if out else contextlib.nullcontext():
-        return _finetune(model, data, settings, run=run, data_options=data_options, out=out,
-                         checkpoint_dir=checkpoint_dir, progress=progress)  # fmt: skip
+        return _finetune(
+            model,
+            data,
+            settings,
+            run=run,
+            data_options=data_options,
+            out=out,
+            checkpoint_dir=checkpoint_dir,
+            progress=progress,
+        )
 
 
-def _finetune(model, data, settings: FinetuneSettings | None = None, *, run=None, data_options=None,
-              out: str | None = None, checkpoint_dir: str | None = None, progress: bool = True) -> FinetuneResult:  # fmt: skip
+def _finetune(
+    model,
+    data,
+    settings: FinetuneSettings | None = None,
+    *,
+    run=None,
+    data_options=None,
+    out: str | None = None,
+    checkpoint_dir: str | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
     from featx.engine.compute import resolve_device, resolve_workers
     from featx.settings import RunSettings, as_model
 
@@ -230,18 +322,38 @@ def _finetune(model, data, settings: FinetuneSettings | None = None, *, run=None
         if i not in runs:
             s = points[i]
             backbone, resolved, point, head, trained, head_params = build_network(plan, ds, s, device)
-            job = TrainJob(backbone.module, make_optimizer(s, trained, head_params), point, ds, rows,
-                           backbone.preprocess, s, device, amp, workers)  # fmt: skip
+            job = TrainJob(
+                backbone.module,
+                make_optimizer(s, trained, head_params),
+                point,
+                ds,
+                rows,
+                backbone.preprocess,
+                s,
+                device,
+                amp,
+                workers,
+            )
             sub = folder if len(points) == 1 or not folder else os.path.join(folder, _point_dir(i, s))
             if sub:
                 os.makedirs(sub, exist_ok=True)
-            runs[i] = {"job": job, "folder": sub, "fingerprint": _fingerprint(backbone, ds, rows, s, device, amp),
-                       "state": None, "backbone": backbone, "plan": resolved, "point": point, "head": head}  # fmt: skip
+            runs[i] = {
+                "job": job,
+                "folder": sub,
+                "fingerprint": _fingerprint(backbone, ds, rows, s, device, amp),
+                "state": None,
+                "backbone": backbone,
+                "plan": resolved,
+                "point": point,
+                "head": head,
+            }
         return runs[i]
 
     def advance(i: int, until: int | None) -> dict:
         r = open_point(i)
-        r["state"] = _run_epochs(r["job"], r["folder"], r["fingerprint"], progress, r["state"], until, (threads, rates))
+        r["state"] = _run_epochs(
+            r["job"], r["folder"], r["fingerprint"], progress, r["state"], until, (threads, rates)
+        )
         return r["state"]
 
     threads, rates = _threads(settings, open_point(0), folder, device)
@@ -255,11 +367,29 @@ def _finetune(model, data, settings: FinetuneSettings | None = None, *, run=None
         job, module = w["job"], w["job"].module
         module.load_state_dict(_best_weights(w["state"], w["folder"]))
         logits, y_test = predict_logits(job, rows.test)  # the test split's first and only read
-    grid = [_grid_entry(points[i], runs[i]["state"], i == winner) for i in sorted(runs)] if len(points) > 1 else []
-    results = _results(job, w["plan"], w["backbone"], w["point"], w["head"], w["state"], logits, y_test,
-                       time.perf_counter() - t0)  # fmt: skip
-    results.update(grid=grid, rungs=rungs, threads=w["state"]["threads"], threads_measured=w["state"]["threads_measured"],
-                   screening_epochs=sum(g["epochs_run"] for g in grid if not g["chosen"]))  # fmt: skip
+    grid = (
+        [_grid_entry(points[i], runs[i]["state"], i == winner) for i in sorted(runs)]
+        if len(points) > 1
+        else []
+    )
+    results = _results(
+        job,
+        w["plan"],
+        w["backbone"],
+        w["point"],
+        w["head"],
+        w["state"],
+        logits,
+        y_test,
+        time.perf_counter() - t0,
+    )
+    results.update(
+        grid=grid,
+        rungs=rungs,
+        threads=w["state"]["threads"],
+        threads_measured=w["state"]["threads_measured"],
+        screening_epochs=sum(g["epochs_run"] for g in grid if not g["chosen"]),
+    )
     module.to("cpu").eval()
     if target:
         save_model(target, module, w["backbone"], w["head"], ds.classes, points[winner], results)
@@ -275,8 +405,14 @@ def _point_dir(i: int, s: FinetuneSettings) -> str:
 def _grid_entry(s: FinetuneSettings, state: dict | None, chosen: bool) -> dict:
     h = (state or {}).get("history") or []
     best = (state or {}).get("best") or [0.0, -math.inf]
-    return {"augment": s.augment, "lr": s.lr, "epochs_run": len(h), "val_accuracy": best[0], "val_loss": -best[1],
-            "chosen": chosen}  # fmt: skip
+    return {
+        "augment": s.augment,
+        "lr": s.lr,
+        "epochs_run": len(h),
+        "val_accuracy": best[0],
+        "val_loss": -best[1],
+        "chosen": chosen,
+    }
 
 
 def _threads(settings: FinetuneSettings, first: dict, folder: str | None, device) -> tuple[int, dict]:
@@ -289,12 +425,22 @@ def _threads(settings: FinetuneSettings, first: dict, folder: str | None, device
         for path in sorted(glob.glob(os.path.join(folder, "**", "epoch-*.safetensors"), recursive=True)):
             got = read_checkpoint_file(path)
             if got and isinstance(got[1].get("threads"), int):
-                return got[1]["threads"], {int(k): v for k, v in (got[1].get("threads_measured") or {}).items()}
+                return got[1]["threads"], {
+                    int(k): v for k, v in (got[1].get("threads_measured") or {}).items()
+                }
     if settings.threads != "auto":
         return settings.threads, {}
     job = first["job"]
-    key = (str(first["backbone"].name), first["point"].spec, job.pre.crop_size, settings.batch_size, len(job.ds.classes))
-    return choose_threads(job.module, first["point"], job.pre.crop_size, settings.batch_size, len(job.ds.classes), key)
+    key = (
+        str(first["backbone"].name),
+        first["point"].spec,
+        job.pre.crop_size,
+        settings.batch_size,
+        len(job.ds.classes),
+    )
+    return choose_threads(
+        job.module, first["point"], job.pre.crop_size, settings.batch_size, len(job.ds.classes), key
+    )
 
 
 def _target(out: str | None) -> str | None:
@@ -313,18 +459,44 @@ def _results(job: TrainJob, plan, backbone, point, head, state, logits, y_test, 
     trainable = sum(p.numel() for p in job.module.parameters() if p.requires_grad)
     best = state["best_epoch"]
     return {
-        "kind": "finetune", "model": str(backbone.name), "weights": backbone.weights.spec,
-        "train_from": point.spec, "train_from_module": point.describe(), "train_from_depth": point.depth,
-        "frozen_modules": len(point.frozen), "trainable_params": int(trainable),
-        "total_params": int(sum(p.numel() for p in job.module.parameters())), "head": head,
-        "recipe": s.to_dict(), "epoch": best + 1, "epochs_run": len(state["history"]), "history": state["history"],
-        "converged": converged(state["history"]), "epochs_cap": s.schedule_epochs, "augment": s.augment, "lr": s.lr,
-        "seed": s.seed, "train_size": len(rows.train) + len(rows.val), "train_size_spec": s.train_size,
-        "n_fit": len(rows.train), "n_val": len(rows.val), "n_test": int(len(y_test)), "val_source": rows.val_source,
-        "test_split": rows.test_split, "val_score": state["best"][0], "val_loss": -state["best"][1],
-        **metrics(y_test, y_pred, ds.classes), "test_ci_low": low, "test_ci_high": high,
-        "test_correct": pack_correct(y_pred == y_test), "seconds": round(seconds, 3), "fit_seconds": round(seconds, 3),
-        "device": job.device.type, "precision": "bf16" if job.amp is not None else "fp32",
-        "preprocessing": backbone.preprocess.to_dict(), "image_size": backbone.preprocess.crop_size,
-        "resize_size": backbone.preprocess.resize_size, "classes": list(ds.classes),
-    }  # fmt: skip
+        "kind": "finetune",
+        "model": str(backbone.name),
+        "weights": backbone.weights.spec,
+        "train_from": point.spec,
+        "train_from_module": point.describe(),
+        "train_from_depth": point.depth,
+        "frozen_modules": len(point.frozen),
+        "trainable_params": int(trainable),
+        "total_params": int(sum(p.numel() for p in job.module.parameters())),
+        "head": head,
+        "recipe": s.to_dict(),
+        "epoch": best + 1,
+        "epochs_run": len(state["history"]),
+        "history": state["history"],
+        "converged": converged(state["history"]),
+        "epochs_cap": s.schedule_epochs,
+        "augment": s.augment,
+        "lr": s.lr,
+        "seed": s.seed,
+        "train_size": len(rows.train) + len(rows.val),
+        "train_size_spec": s.train_size,
+        "n_fit": len(rows.train),
+        "n_val": len(rows.val),
+        "n_test": int(len(y_test)),
+        "val_source": rows.val_source,
+        "test_split": rows.test_split,
+        "val_score": state["best"][0],
+        "val_loss": -state["best"][1],
+        **metrics(y_test, y_pred, ds.classes),
+        "test_ci_low": low,
+        "test_ci_high": high,
+        "test_correct": pack_correct(y_pred == y_test),
+        "seconds": round(seconds, 3),
+        "fit_seconds": round(seconds, 3),
+        "device": job.device.type,
+        "precision": "bf16" if job.amp is not None else "fp32",
+        "preprocessing": backbone.preprocess.to_dict(),
+        "image_size": backbone.preprocess.crop_size,
+        "resize_size": backbone.preprocess.resize_size,
+        "classes": list(ds.classes),
+    }

@@ -32,7 +32,9 @@ def rank_key(state: dict, index: int) -> tuple:
     return (acc, neg_loss, -index)
 
 
-def successive_halving(n: int, advance: Callable[[int, int | None], dict], cap: int) -> tuple[int, list[dict]]:
+def successive_halving(
+    n: int, advance: Callable[[int, int | None], dict], cap: int
+) -> tuple[int, list[dict]]:
     """Run the rungs over points 0..n-1; `advance(i, until)` trains point i up to epoch `until`
     (None: to its end) and returns its state (`best`, `history`). Returns (the winner, the rungs:
     [{"epochs", "points", "kept"}])."""

@@ -28,19 +28,36 @@ from dataclasses import asdict, dataclass, field, replace
 from featx.settings import bad_value  # one table (settings.FLAGS) maps fields to their flags
 
 OPTIMIZERS = ("sgd", "adamw")
-AUGMENTS = ("none", "light", "default")  # featx.finetune.data: eval transform; small crops; RandomResizedCrop + flip
-AUGMENT_TEXT = {"none": "no augmentation", "light": "light crops (no flip)", "default": "RandomResizedCrop + flip"}
+AUGMENTS = (
+    "none",
+    "light",
+    "default",
+)  # featx.finetune.data: eval transform; small crops; RandomResizedCrop + flip
+AUGMENT_TEXT = {
+    "none": "no augmentation",
+    "light": "light crops (no flip)",
+    "default": "RandomResizedCrop + flip",
+}
 
 MIN_VAL_PER_CLASS = 1  # every class must have validation images, or the epoch choice ignores it
 PATIENCE = 3  # epochs without improvement that stop an `epochs="auto"` run (see the module docstring)
-MIN_DELTA = 1e-3  # validation loss (nats per image) an epoch must gain, at tied accuracy, to count as improving
+MIN_DELTA = (
+    1e-3  # validation loss (nats per image) an epoch must gain, at tied accuracy, to count as improving
+)
 MAX_EPOCHS = 30  # the default cap of `epochs="auto"`
 
 
-def _number(name: str, value, low: float, high: float = math.inf, integer: bool = False, low_open: bool = False):
+def _number(
+    name: str, value, low: float, high: float = math.inf, integer: bool = False, low_open: bool = False
+):
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or not math.isfinite(value) or value > high:
-        bad_value(name, value, f"use {'an integer' if integer else 'a number'} from {low:g}" + (f" to {high:g}" if high < math.inf else ""))
+        bad_value(
+            name,
+            value,
+            f"use {'an integer' if integer else 'a number'} from {low:g}"
+            + (f" to {high:g}" if high < math.inf else ""),
+        )
     if value < low or (low_open and value == low):
         bad_value(name, value, f"use a value {'above' if low_open else 'from'} {low:g}")
 
@@ -78,7 +95,9 @@ def _augment_grid(value) -> tuple[str, ...]:
         bad_value("augment", text, f"give one or more of {', '.join(AUGMENTS)}, comma-separated")
     for v in values:
         if v not in AUGMENTS:
-            bad_value("augment", text, f"unknown augmentation {v!r}; use {', '.join(AUGMENTS)} (comma-separated)")
+            bad_value(
+                "augment", text, f"unknown augmentation {v!r}; use {', '.join(AUGMENTS)} (comma-separated)"
+            )
     return values
 
 
@@ -90,7 +109,9 @@ class FinetuneSettings:
     train_from: str = "depth:0.5"
     epochs: int | str = "auto"  # N, or "auto": until validation stops improving, at most max_epochs
     max_epochs: int = MAX_EPOCHS  # the cap of epochs="auto" (the schedule spans it)
-    lr: float | tuple[float, ...] = 0.01  # the new head's learning rate (peak of the schedule); several: a grid
+    lr: float | tuple[float, ...] = (
+        0.01  # the new head's learning rate (peak of the schedule); several: a grid
+    )
     backbone_lr_mult: float = 0.1  # pretrained layers train at lr * this
     weight_decay: float = 1e-4
     optimizer: str = "sgd"
@@ -103,17 +124,27 @@ class FinetuneSettings:
     max_images: int | None = None
     val_fraction: float = 0.2
     augment: str | tuple[str, ...] = "default"  # none, light, default; several: a grid
-    threads: int | str = "auto"  # CPU threads: "auto" measures 1 vs all cores (speed only: not part of the recipe)
+    threads: int | str = (
+        "auto"  # CPU threads: "auto" measures 1 vs all cores (speed only: not part of the recipe)
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.train_from, str) or not self.train_from.strip():
-            bad_value("train_from", self.train_from, "use depth:F (F in [0, 1]) or a module name (featx layers MODEL)")
+            bad_value(
+                "train_from",
+                self.train_from,
+                "use depth:F (F in [0, 1]) or a module name (featx layers MODEL)",
+            )
         if self.epochs != "auto":
             _number("epochs", self.epochs, 1, 10_000, integer=True)
         _number("max_epochs", self.max_epochs, 1, 10_000, integer=True)
         if self.epochs == "auto" and self.max_epochs < PATIENCE:
-            bad_value("max_epochs", self.max_epochs, f"when the epochs are auto, the cap must be at least the patience "
-                      f"({PATIENCE} epochs), or the run stops before it can see validation stop improving")  # fmt: skip
+            bad_value(
+                "max_epochs",
+                self.max_epochs,
+                f"when the epochs are auto, the cap must be at least the patience "
+                f"({PATIENCE} epochs), or the run stops before it can see validation stop improving",
+            )
         lrs, augments = _lr_grid(self.lr), _augment_grid(self.augment)
         object.__setattr__(self, "lr", lrs[0] if len(lrs) == 1 else lrs)
         object.__setattr__(self, "augment", augments[0] if len(augments) == 1 else augments)
@@ -122,7 +153,13 @@ class FinetuneSettings:
         if self.optimizer not in OPTIMIZERS:
             bad_value("optimizer", self.optimizer, f"use one of {', '.join(OPTIMIZERS)}")
         _number("momentum", self.momentum, 0.0, 0.999)
-        _number("warmup", self.warmup, 0, self.schedule_epochs if isinstance(self.schedule_epochs, int) else 0, integer=True)
+        _number(
+            "warmup",
+            self.warmup,
+            0,
+            self.schedule_epochs if isinstance(self.schedule_epochs, int) else 0,
+            integer=True,
+        )
         _number("batch_size", self.batch_size, 2, 65536, integer=True)
         _number("label_smoothing", self.label_smoothing, 0.0, 0.99)
         _number("seed", self.seed, 0, 2**31 - 1, integer=True)
@@ -180,15 +217,24 @@ class FinetuneSettings:
         """The recipe in one line, for reports."""
         opt = f"sgd (momentum {self.momentum:g})" if self.optimizer == "sgd" else self.optimizer
         cap = f", at most {self.max_images} training images" if self.max_images else ""
-        epochs = (f"epochs until validation stops improving (patience {PATIENCE}, at most {self.max_epochs})"
-                  if self.auto else f"{self.epochs} epochs")  # fmt: skip
+        epochs = (
+            f"epochs until validation stops improving (patience {PATIENCE}, at most {self.max_epochs})"
+            if self.auto
+            else f"{self.epochs} epochs"
+        )
         lr = "/".join(f"{v:g}" for v in self.lrs)
         aug = "/".join(AUGMENT_TEXT[a] for a in self.augments)
-        grid = (f"; augmentation and learning rate chosen on validation by successive halving over {len(self.points())} "
-                f"recipes" if len(self.points()) > 1 else "")  # fmt: skip
-        return (f"{opt}, {epochs}, {self.warmup} warm-up then cosine over {self.schedule_epochs}, lr {lr} for the head and x{self.backbone_lr_mult:g} "
-                f"for pretrained layers, weight decay {self.weight_decay:g}, batch {self.batch_size}, {aug}{cap}; the "
-                f"epoch chosen on validation{grid}")  # fmt: skip
+        grid = (
+            f"; augmentation and learning rate chosen on validation by successive halving over {len(self.points())} "
+            f"recipes"
+            if len(self.points()) > 1
+            else ""
+        )
+        return (
+            f"{opt}, {epochs}, {self.warmup} warm-up then cosine over {self.schedule_epochs}, lr {lr} for the head and x{self.backbone_lr_mult:g} "
+            f"for pretrained layers, weight decay {self.weight_decay:g}, batch {self.batch_size}, {aug}{cap}; the "
+            f"epoch chosen on validation{grid}"
+        )
 
 
 @dataclass
@@ -202,9 +248,17 @@ class FinetuneResult:
 
     def summary(self) -> str:
         r = self.results
-        conv = "" if r.get("converged", True) else ", NOT CONVERGED (validation still improving at the last epoch)"
-        grid = f", chosen recipe: augment {r['augment']}, lr {r['lr']:g}" if len(r.get("grid") or ()) > 1 else ""
-        return (f"{r['model']} from {r['train_from']} ({r['train_from_module']}): accuracy {r['accuracy']:.4f} "
-                f"(95% CI {r['test_ci_low']:.3f}-{r['test_ci_high']:.3f}, {r['n_test']} test images), balanced "
-                f"{r['balanced_accuracy']:.4f}, epoch {r['epoch']}/{r['epochs_run']} chosen on {r['val_source']} "
-                f"(val acc {r['val_score']:.4f}){conv}{grid}, train size {r['train_size']}, {r['seconds']:.1f} s")  # fmt: skip
+        conv = (
+            ""
+            if r.get("converged", True)
+            else ", NOT CONVERGED (validation still improving at the last epoch)"
+        )
+        grid = (
+            f", chosen recipe: augment {r['augment']}, lr {r['lr']:g}" if len(r.get("grid") or ()) > 1 else ""
+        )
+        return (
+            f"{r['model']} from {r['train_from']} ({r['train_from_module']}): accuracy {r['accuracy']:.4f} "
+            f"(95% CI {r['test_ci_low']:.3f}-{r['test_ci_high']:.3f}, {r['n_test']} test images), balanced "
+            f"{r['balanced_accuracy']:.4f}, epoch {r['epoch']}/{r['epochs_run']} chosen on {r['val_source']} "
+            f"(val acc {r['val_score']:.4f}){conv}{grid}, train size {r['train_size']}, {r['seconds']:.1f} s"
+        )

@@ -1,5 +1,4 @@
-"""One training epoch, evaluation logits and the validation score.
-"""
+"""One training epoch, evaluation logits and the validation score."""
 
 from __future__ import annotations
 
@@ -20,10 +19,16 @@ def make_optimizer(settings: FinetuneSettings, backbone: list, head: list):
     def groups(params, lr):
         decay = [p for p in params if p.dim() > 1]
         rest = [p for p in params if p.dim() <= 1]
-        return [{"params": decay, "lr": lr, "base_lr": lr, "weight_decay": settings.weight_decay},
-                {"params": rest, "lr": lr, "base_lr": lr, "weight_decay": 0.0}]  # fmt: skip
+        return [
+            {"params": decay, "lr": lr, "base_lr": lr, "weight_decay": settings.weight_decay},
+            {"params": rest, "lr": lr, "base_lr": lr, "weight_decay": 0.0},
+        ]
 
-    pg = [g for g in groups(backbone, settings.lr * settings.backbone_lr_mult) + groups(head, settings.lr) if g["params"]]
+    pg = [
+        g
+        for g in groups(backbone, settings.lr * settings.backbone_lr_mult) + groups(head, settings.lr)
+        if g["params"]
+    ]
     if settings.optimizer == "sgd":
         return torch.optim.SGD(pg, lr=settings.lr, momentum=settings.momentum, nesterov=False)
     return torch.optim.AdamW(pg, lr=settings.lr)
@@ -100,7 +105,10 @@ def predict_logits(job: TrainJob, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
 
     job.module.eval()
     outs, ys = [], []
-    batches = [list(range(s, min(len(rows), s + job.settings.batch_size))) for s in range(0, len(rows), job.settings.batch_size)]
+    batches = [
+        list(range(s, min(len(rows), s + job.settings.batch_size)))
+        for s in range(0, len(rows), job.settings.batch_size)
+    ]
     with torch.inference_mode():
         for y, x in batch_loader(TrainImages(job.ds, rows, job.pre, job.settings.seed), batches, job.workers):
             if y is None:
@@ -109,7 +117,9 @@ def predict_logits(job: TrainJob, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
                 outs.append(job.module(job.inputs(x)).float().cpu().numpy())
             ys.append(y.numpy())
     k = len(job.ds.classes)
-    return (np.concatenate(outs) if outs else np.empty((0, k), np.float32)), (np.concatenate(ys) if ys else np.empty(0, np.int64))
+    return (np.concatenate(outs) if outs else np.empty((0, k), np.float32)), (
+        np.concatenate(ys) if ys else np.empty(0, np.int64)
+    )
 
 
 def val_scores(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:

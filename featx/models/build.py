@@ -314,11 +314,21 @@ def read_checkpoint(path: str) -> dict:
                     f"state dict (torch.save(model.state_dict(), f)) where you trust its source"
                 ) from None
             raise UsageError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)[:120]})") from None
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError) as e:
+        except (
+            RuntimeError,
+            EOFError,
+            OSError,
+            ValueError,
+            zipfile.BadZipFile,
+            KeyError,
+            IndexError,
+            TypeError,
+        ) as e:
             # torch's weights-only unpickler meets a text file's bytes as stray opcodes (KeyError: 101)
             what = "a text file" if _is_text(path) else f"{type(e).__name__}: {first_line(e)[:100]}"
-            raise UsageError(f"{path}: not a readable PyTorch checkpoint ({what}); give a .pth/.pt/.safetensors "
-                             f"state dict") from None  # fmt: skip
+            raise UsageError(
+                f"{path}: not a readable PyTorch checkpoint ({what}); give a .pth/.pt/.safetensors state dict"
+            ) from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(key), dict):

@@ -48,10 +48,17 @@ class Plan:
         from featx.store.cache import digest
 
         fields = {
-            "format": 1, "model": str(self.model), "weights": self.weights.ident, "layers": list(self.layers),
-            "activations": self.activations, "pool": str(self.pool), "preprocess": self.preprocess.to_dict(),
-            "dtype": self.dtype, "precision": precision, "dataset": dataset_fingerprint,
-        }  # fmt: skip
+            "format": 1,
+            "model": str(self.model),
+            "weights": self.weights.ident,
+            "layers": list(self.layers),
+            "activations": self.activations,
+            "pool": str(self.pool),
+            "preprocess": self.preprocess.to_dict(),
+            "dtype": self.dtype,
+            "precision": precision,
+            "dataset": dataset_fingerprint,
+        }
         if decoder != "pil":  # its resize differs slightly from PIL's: other pixels, another entry
             fields["decoder"] = decoder
         skipped = {t.name: t.prefix_tokens for t in self.chosen if t.prefix_tokens}
@@ -87,10 +94,16 @@ class Plan:
         """The plan as plain data, as classifier files and codes files record it."""
         w = self.weights
         return {
-            "model": str(self.model), "weights": w.spec, "weights_source": w.source, "weights_ident": w.ident,
-            "layers": list(self.layers), "activations": dict(self.activations), "pool": str(self.pool),
-            "preprocessing": self.preprocess.to_dict(), "dtype": self.dtype,
-        }  # fmt: skip
+            "model": str(self.model),
+            "weights": w.spec,
+            "weights_source": w.source,
+            "weights_ident": w.ident,
+            "layers": list(self.layers),
+            "activations": dict(self.activations),
+            "pool": str(self.pool),
+            "preprocessing": self.preprocess.to_dict(),
+            "dtype": self.dtype,
+        }
 
     @classmethod
     def from_meta(cls, meta: dict, module, weights_ref=None) -> Plan:
@@ -107,8 +120,17 @@ class Plan:
         ref = weights_ref or resolve_weights(mname, meta["weights"])
         pre = Preprocess.from_dict(meta["preprocessing"])
         taps = tuple(list_taps(module, pre.crop_size, device="cpu"))
-        return cls(mname, ref, pre, taps, tuple(meta["layers"]), {}, dict(meta["activations"]),
-                   parse_pool(meta["pool"]), meta.get("dtype", "float32"))  # fmt: skip
+        return cls(
+            mname,
+            ref,
+            pre,
+            taps,
+            tuple(meta["layers"]),
+            {},
+            dict(meta["activations"]),
+            parse_pool(meta["pool"]),
+            meta.get("dtype", "float32"),
+        )
 
     def missing_layers(self) -> list[str]:
         names = {t.name for t in self.taps}
@@ -159,14 +181,27 @@ def weights_request(weights: str) -> str:
     return weights
 
 
-def request_key(model: ModelSettings, codes: CodeSettings, precision: str, decoder: str, data_fingerprint: str,
-                libs: dict) -> str:  # fmt: skip
+def request_key(
+    model: ModelSettings, codes: CodeSettings, precision: str, decoder: str, data_fingerprint: str, libs: dict
+) -> str:
     """The request memo's key: the settings as given (before resolution), the data and the libraries."""
     from featx import __version__
     from featx.store.cache import digest
 
-    return digest({
-        "featx": __version__, "model": model.name, "weights": weights_request(model.weights), "layers": codes.layers,
-        "pool": codes.pool, "relu": codes.relu, "image_size": model.image_size, "crop_pct": model.crop_pct,
-        "dtype": codes.dtype, "precision": precision, "decoder": decoder, "data": data_fingerprint, "libs": libs,
-    })  # fmt: skip
+    return digest(
+        {
+            "featx": __version__,
+            "model": model.name,
+            "weights": weights_request(model.weights),
+            "layers": codes.layers,
+            "pool": codes.pool,
+            "relu": codes.relu,
+            "image_size": model.image_size,
+            "crop_pct": model.crop_pct,
+            "dtype": codes.dtype,
+            "precision": precision,
+            "decoder": decoder,
+            "data": data_fingerprint,
+            "libs": libs,
+        }
+    )

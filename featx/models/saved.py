@@ -36,5 +36,7 @@ def load_finetuned(path: str):
     taps = {t.name: t for t in list_taps(backbone.module, pre.crop_size, device="cpu")}
     tap = taps.get(meta["head"])
     if tap is None or tap.shape != (len(meta["classes"]),):
-        raise FeatxError(f"{path}: its head {meta['head']} does not give {len(meta['classes'])} class scores; fine-tune it again")
+        raise FeatxError(
+            f"{path}: its head {meta['head']} does not give {len(meta['classes'])} class scores; fine-tune it again"
+        )
     return backbone.module, tap, pre, meta

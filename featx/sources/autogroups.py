@@ -49,8 +49,10 @@ def normalise(codes: np.ndarray) -> np.ndarray:
         )
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
-        raise FeatxError(f"codes: {int(bad.sum())} of {len(x)} rows have NaN or infinite values "
-                         f"(first: row {int(np.argmax(bad))}); re-extract them or drop those rows")  # fmt: skip
+        raise FeatxError(
+            f"codes: {int(bad.sum())} of {len(x)} rows have NaN or infinite values "
+            f"(first: row {int(np.argmax(bad))}); re-extract them or drop those rows"
+        )
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(norms > 0, norms, 1.0)
 
@@ -76,11 +78,15 @@ def check_threshold(threshold: float) -> float:
     try:
         t = float(threshold)
     except (TypeError, ValueError):
-        raise UsageError(f"{OPTION}: threshold {threshold!r} is not a number; use a cosine similarity "
-                         f"in (0, 1], e.g. {DUP_SIMILARITY}") from None  # fmt: skip
+        raise UsageError(
+            f"{OPTION}: threshold {threshold!r} is not a number; use a cosine similarity "
+            f"in (0, 1], e.g. {DUP_SIMILARITY}"
+        ) from None
     if not 0.0 < t <= 1.0:
-        raise UsageError(f"{OPTION}: threshold {threshold!r} is outside (0, 1]; use a cosine similarity "
-                         f"such as {DUP_SIMILARITY}")  # fmt: skip
+        raise UsageError(
+            f"{OPTION}: threshold {threshold!r} is outside (0, 1]; use a cosine similarity "
+            f"such as {DUP_SIMILARITY}"
+        )
     return t
 
 
@@ -104,8 +110,9 @@ def auto_groups(
     t = check_threshold(threshold)
     x = np.asarray(codes)
     if x.ndim != 2 or len(x) < 2:
-        raise UsageError(f"{OPTION}: needs at least 2 rows of 2-D codes, got shape {x.shape}; "
-                         "check the data and the layer")  # fmt: skip
+        raise UsageError(
+            f"{OPTION}: needs at least 2 rows of 2-D codes, got shape {x.shape}; check the data and the layer"
+        )
     pairs = similar_pairs(x, t, block=block)
     n = len(x)
     graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
@@ -139,11 +146,15 @@ def check_source(labels: np.ndarray, has_splits: bool, per_class_limit) -> None:
     """Refuse, before any extraction, what auto groups cannot work with."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64))
     if len(labels) and counts.max() < 2:
-        raise UsageError(f"{OPTION}: every class has a single image, so no split can test a class it trained "
-                         "on; give classes two or more images")  # fmt: skip
+        raise UsageError(
+            f"{OPTION}: every class has a single image, so no split can test a class it trained "
+            "on; give classes two or more images"
+        )
     if isinstance(per_class_limit, dict) and not has_splits:
-        raise UsageError(f"{OPTION}: --per-class-limit per split ({', '.join(per_class_limit)}) cuts featx's "
-                         "split, which auto groups only make after extraction; use one K per class or split folders")  # fmt: skip
+        raise UsageError(
+            f"{OPTION}: --per-class-limit per split ({', '.join(per_class_limit)}) cuts featx's "
+            "split, which auto groups only make after extraction; use one K per class or split folders"
+        )
 
 
 def deepest(depths: dict[str, float]) -> str:
@@ -157,5 +168,7 @@ def describe(groups: np.ndarray) -> str:
     """`N images in G groups (K of 2+ images, holding M; largest L)` for notes and `featx info`."""
     _, sizes = np.unique(np.asarray(groups), return_counts=True)
     multi = sizes[sizes > 1]
-    return (f"{len(groups)} images in {len(sizes)} groups ({len(multi)} of 2+ images, holding {int(multi.sum())}; "
-            f"largest {int(sizes.max()) if len(sizes) else 0})")  # fmt: skip
+    return (
+        f"{len(groups)} images in {len(sizes)} groups ({len(multi)} of 2+ images, holding {int(multi.sum())}; "
+        f"largest {int(sizes.max()) if len(sizes) else 0})"
+    )

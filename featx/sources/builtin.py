@@ -1,5 +1,4 @@
-"""Built-in and array sources: scikit-learn digits, idx files (Fashion-MNIST), torchvision datasets.
-"""
+"""Built-in and array sources: scikit-learn digits, idx files (Fashion-MNIST), torchvision datasets."""
 
 from __future__ import annotations
 
@@ -46,10 +45,16 @@ def digits_source() -> RawSource:
     # 0..16 intensities -> 0..255
     images = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     return RawSource(
-        name="digits", spec="sklearn:digits", classes=[str(c) for c in range(10)],
-        ids=[f"digits/{i:04d}" for i in range(len(images))], labels=d.target.astype(np.int64), splits=None,
-        loader=ArrayLoader(images), fingerprint=f"sklearn-digits:{version('scikit-learn')}", split_source="seeded",
-    )  # fmt: skip
+        name="digits",
+        spec="sklearn:digits",
+        classes=[str(c) for c in range(10)],
+        ids=[f"digits/{i:04d}" for i in range(len(images))],
+        labels=d.target.astype(np.int64),
+        splits=None,
+        loader=ArrayLoader(images),
+        fingerprint=f"sklearn-digits:{version('scikit-learn')}",
+        split_source="seeded",
+    )
 
 
 def idx_files(path: Path) -> dict[str, tuple[Path, Path]]:
@@ -107,10 +112,17 @@ def idx_source(root: Path) -> RawSource:
     if present.tolist() != list(range(len(present))):
         notes.append(f"{root}: the label files hold the values {_listing(present.tolist())}; each is a class")
     return RawSource(
-        name="fashion-mnist" if fashion else root.name, spec=str(root), classes=classes, ids=ids,
-        labels=labels_all.astype(np.int64), splits=np.array(splits, dtype="<U5"),
-        loader=ArrayLoader(np.concatenate(images)), fingerprint=h.hexdigest(), split_source="files", notes=notes,
-    )  # fmt: skip
+        name="fashion-mnist" if fashion else root.name,
+        spec=str(root),
+        classes=classes,
+        ids=ids,
+        labels=labels_all.astype(np.int64),
+        splits=np.array(splits, dtype="<U5"),
+        loader=ArrayLoader(np.concatenate(images)),
+        fingerprint=h.hexdigest(),
+        split_source="files",
+        notes=notes,
+    )
 
 
 class _TorchvisionLoader:
@@ -185,7 +197,13 @@ def torchvision_source(name: str, root: str | None) -> RawSource:
     fp = hashlib.sha256(f"torchvision:{name}:{version('torchvision')}:{os.path.abspath(root)}".encode())
     fp.update(labels_all.tobytes())
     return RawSource(
-        name=name.lower(), spec=f"torchvision:{name}", classes=[str(c) for c in classes], ids=ids,
-        labels=labels_all, splits=np.array(splits, dtype="<U5"), loader=_TorchvisionLoader(parts, offsets),
-        fingerprint=fp.hexdigest(), split_source="files",
-    )  # fmt: skip
+        name=name.lower(),
+        spec=f"torchvision:{name}",
+        classes=[str(c) for c in classes],
+        ids=ids,
+        labels=labels_all,
+        splits=np.array(splits, dtype="<U5"),
+        loader=_TorchvisionLoader(parts, offsets),
+        fingerprint=fp.hexdigest(),
+        split_source="files",
+    )

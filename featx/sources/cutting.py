@@ -44,36 +44,49 @@ def groups_from_paths(ids: list[str], pattern: str) -> np.ndarray:
         else:
             out.append(m.group(1) if rx.groups else m.group(0))
     if missing:
-        raise UsageError(f"--group-by {pattern!r} matches nothing in {len(missing)} of {len(ids)} image paths "
-                         f"(first: {printable(missing[0])}); every image needs a group: adjust the pattern")  # fmt: skip
+        raise UsageError(
+            f"--group-by {pattern!r} matches nothing in {len(missing)} of {len(ids)} image paths "
+            f"(first: {printable(missing[0])}); every image needs a group: adjust the pattern"
+        )
     return np.array(out, dtype=str)
 
 
-def group_notes(groups: np.ndarray, labels: np.ndarray, splits: np.ndarray, given: bool,
-                classes: list[str] | None = None) -> list[str]:  # fmt: skip
+def group_notes(
+    groups: np.ndarray, labels: np.ndarray, splits: np.ndarray, given: bool, classes: list[str] | None = None
+) -> list[str]:
     names, inverse = np.unique(groups, return_inverse=True)
     notes = []
     if not given and len(names) == 1:
-        notes.append(f"the groups (--group-by or the manifest's group column) put all {len(groups)} images in one "
-                     f"group ({names[0]!r}): a split that keeps groups whole holds none out, so there are no test "
-                     f"images; adjust the pattern so that it names subjects")  # fmt: skip
+        notes.append(
+            f"the groups (--group-by or the manifest's group column) put all {len(groups)} images in one "
+            f"group ({names[0]!r}): a split that keeps groups whole holds none out, so there are no test "
+            f"images; adjust the pattern so that it names subjects"
+        )
     elif not given:
         test = splits == "test"
         empty = [int(c) for c in np.unique(labels) if not (test & (labels == c)).any()]
         if empty:
-            said = ", ".join(classes[c] if classes else str(c) for c in empty[:5]) + (", ..." if len(empty) > 5 else "")
-            notes.append(f"{len(empty)} class(es) have no test images ({said}): each of their groups would have "
-                         f"held out more than its share, so all stayed in train; their test accuracy cannot be "
-                         f"measured (a pattern that names smaller groups helps)")  # fmt: skip
+            said = ", ".join(classes[c] if classes else str(c) for c in empty[:5]) + (
+                ", ..." if len(empty) > 5 else ""
+            )
+            notes.append(
+                f"{len(empty)} class(es) have no test images ({said}): each of their groups would have "
+                f"held out more than its share, so all stayed in train; their test accuracy cannot be "
+                f"measured (a pattern that names smaller groups helps)"
+            )
     mixed = sum(1 for g in range(len(names)) if len(set(labels[inverse == g].tolist())) > 1)
     if mixed:
-        notes.append(f"{mixed} of {len(names)} groups hold images of more than one class (allowed: each group "
-                     f"stays whole on one side of every split)")  # fmt: skip
+        notes.append(
+            f"{mixed} of {len(names)} groups hold images of more than one class (allowed: each group "
+            f"stays whole on one side of every split)"
+        )
     if given:
         both = sum(1 for g in range(len(names)) if len(set(splits[inverse == g].tolist())) > 1)
         if both:
-            notes.append(f"{both} of {len(names)} groups have images in more than one of the data's own splits; "
-                         f"featx keeps those splits as given and groups only its hold-out and CV folds")  # fmt: skip
+            notes.append(
+                f"{both} of {len(names)} groups have images in more than one of the data's own splits; "
+                f"featx keeps those splits as given and groups only its hold-out and CV folds"
+            )
     return notes
 
 
@@ -98,8 +111,10 @@ def cut(raw: RawSource, opts: DataOptions) -> Dataset:
         groups = splits_all if splits_all is not None else np.full(n, "all")
         if isinstance(limit, dict) and (unused := [k for k in limit if k not in set(groups.tolist())]):
             have = ", ".join(s for s in SPLITS if s in set(groups.tolist()))
-            notes.append(f"--per-class-limit {','.join(f'{k}={limit[k]}' for k in unused)}: the data has no "
-                         f"{' or '.join(unused)} split (its splits: {have}), so that limit does nothing")  # fmt: skip
+            notes.append(
+                f"--per-class-limit {','.join(f'{k}={limit[k]}' for k in unused)}: the data has no "
+                f"{' or '.join(unused)} split (its splits: {have}), so that limit does nothing"
+            )
         for g in sorted(set(groups.tolist())):
             k = limit if isinstance(limit, int) else limit.get(g)
             if k is None:
@@ -140,11 +155,20 @@ def cut(raw: RawSource, opts: DataOptions) -> Dataset:
         notes += group_notes(groups, labels, splits, raw.splits is not None, list(raw.classes))
     train_after = int(np.sum(splits == "train"))
     return Dataset(
-        name=raw.name, spec=raw.spec, classes=raw.classes, ids=ids, labels=labels.astype(np.int64),
-        splits=splits.astype("<U5"), loader=loader, fingerprint=h.hexdigest(), split_source=split_source,
-        notes=notes, uncapped_train=train_before if train_before is not None and train_before > train_after else None,
-        groups=groups, labelled=raw.labelled,
-    )  # fmt: skip
+        name=raw.name,
+        spec=raw.spec,
+        classes=raw.classes,
+        ids=ids,
+        labels=labels.astype(np.int64),
+        splits=splits.astype("<U5"),
+        loader=loader,
+        fingerprint=h.hexdigest(),
+        split_source=split_source,
+        notes=notes,
+        uncapped_train=train_before if train_before is not None and train_before > train_after else None,
+        groups=groups,
+        labelled=raw.labelled,
+    )
 
 
 def _untrained_classes(raw: RawSource, labels: np.ndarray, splits: np.ndarray) -> list[str]:
@@ -204,8 +228,16 @@ def stratified_holdout(labels: np.ndarray, fraction: float, rng: np.random.Gener
     return out
 
 
-def regroup(codes: np.ndarray, labels: np.ndarray, splits: np.ndarray, given: bool, threshold: float,
-            test_fraction: float, seed: int, layer: str = "") -> tuple[np.ndarray, np.ndarray, list[str]]:  # fmt: skip
+def regroup(
+    codes: np.ndarray,
+    labels: np.ndarray,
+    splits: np.ndarray,
+    given: bool,
+    threshold: float,
+    test_fraction: float,
+    seed: int,
+    layer: str = "",
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Auto groups of the rows and their split: (splits, groups as strings, notes). `given`: the
     data has its own splits, which are kept; else featx's seeded split is redone around the groups.
     `layer` only names the codes' layer in the notes."""
@@ -216,9 +248,11 @@ def regroup(codes: np.ndarray, labels: np.ndarray, splits: np.ndarray, given: bo
         splits = seeded_split(labels, test_fraction, np.random.default_rng(seed), groups)
         n_test = int(np.sum(splits == "test"))
         if n_test == 0 or n_test == len(splits):
-            raise UsageError(f"{OPTION}: at threshold {threshold} the {len(np.unique(ids))} groups leave "
-                             f"{'no test' if n_test == 0 else 'no training'} image in featx's split; raise the "
-                             "threshold or give more images")  # fmt: skip
+            raise UsageError(
+                f"{OPTION}: at threshold {threshold} the {len(np.unique(ids))} groups leave "
+                f"{'no test' if n_test == 0 else 'no training'} image in featx's split; raise the "
+                "threshold or give more images"
+            )
     notes = [
         f"{OPTION}:{threshold}{' on ' + layer if layer else ''}: {describe(groups)}"
         + (
@@ -230,16 +264,25 @@ def regroup(codes: np.ndarray, labels: np.ndarray, splits: np.ndarray, given: bo
     return splits, groups, notes + group_notes(groups, labels, np.asarray(splits), given)
 
 
-def regroup_journal(journal, depths: dict[str, float], ds, threshold: float, test_fraction: float,
-                    seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:  # fmt: skip
+def regroup_journal(
+    journal, depths: dict[str, float], ds, threshold: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """`regroup` on a finished journal's rows (its deepest layer), returned per sample of `ds` as
     `finalize` wants them (skipped samples keep their split and get no group)."""
     index = journal.read_index()
     names = [spec.name for spec in journal.layers]
     layer = deepest({n: depths[n] for n in names})
     codes = journal.read_layer(names.index(layer), 0, len(index))
-    row_splits, row_groups, notes = regroup(codes, ds.labels[index], ds.splits[index], ds.split_source != "seeded",
-                                            threshold, test_fraction, seed, layer)  # fmt: skip
+    row_splits, row_groups, notes = regroup(
+        codes,
+        ds.labels[index],
+        ds.splits[index],
+        ds.split_source != "seeded",
+        threshold,
+        test_fraction,
+        seed,
+        layer,
+    )
     splits = np.array(ds.splits, dtype="<U5")
     splits[index] = row_splits
     groups = np.full(len(ds.labels), "", dtype=object)

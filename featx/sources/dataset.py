@@ -1,5 +1,4 @@
-"""A `Dataset`: image ids, labels, splits and a loader; what every source yields after cutting.
-"""
+"""A `Dataset`: image ids, labels, splits and a loader; what every source yields after cutting."""
 
 from __future__ import annotations
 

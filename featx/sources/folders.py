@@ -237,11 +237,17 @@ def folder_source(root: Path) -> RawSource:
         h.update(rel.encode() + b"\0" + stat_key(p) + b"\n")
     splits = np.array([s for s, _, _ in files], dtype="<U5") if split_dirs else None
     return RawSource(
-        name=root.name, spec=str(root), classes=classes, ids=ids,
-        labels=np.array([index[c] for _, c, _ in files], dtype=np.int64), splits=splits,
-        loader=FileLoader([p for _, _, p in files], ids), fingerprint=h.hexdigest(),
-        split_source="folders" if split_dirs else "seeded", notes=notes,
-    )  # fmt: skip
+        name=root.name,
+        spec=str(root),
+        classes=classes,
+        ids=ids,
+        labels=np.array([index[c] for _, c, _ in files], dtype=np.int64),
+        splits=splits,
+        loader=FileLoader([p for _, _, p in files], ids),
+        fingerprint=h.hexdigest(),
+        split_source="folders" if split_dirs else "seeded",
+        notes=notes,
+    )
 
 
 def _flat_source(root: Path, paths: list[str], notes: list[str]) -> RawSource:
@@ -254,10 +260,20 @@ def _flat_source(root: Path, paths: list[str], notes: list[str]) -> RawSource:
     for rel, p in zip(ids, paths):
         h.update(rel.encode() + b"\0" + stat_key(p) + b"\n")
     classes, labels = unlabelled(len(ids))
-    notes.append(f"{root}: {len(ids)} image(s) and no class folders: read as unlabelled data "
-                 f"(extract, export and predict work; fit, score and bench need labels)")  # fmt: skip
+    notes.append(
+        f"{root}: {len(ids)} image(s) and no class folders: read as unlabelled data "
+        f"(extract, export and predict work; fit, score and bench need labels)"
+    )
     return RawSource(
-        name=root.name, spec=str(root), classes=classes, ids=ids, labels=labels, splits=None,
-        loader=FileLoader(paths, ids), fingerprint=h.hexdigest(), split_source="seeded", notes=notes,
+        name=root.name,
+        spec=str(root),
+        classes=classes,
+        ids=ids,
+        labels=labels,
+        splits=None,
+        loader=FileLoader(paths, ids),
+        fingerprint=h.hexdigest(),
+        split_source="seeded",
+        notes=notes,
         labelled=False,
-    )  # fmt: skip
+    )

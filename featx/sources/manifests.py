@@ -1,5 +1,4 @@
-"""CSV manifests (`path,label[,split][,group]`) and plain image lists.
-"""
+"""CSV manifests (`path,label[,split][,group]`) and plain image lists."""
 
 from __future__ import annotations
 
@@ -23,12 +22,25 @@ log = logging.getLogger("featx")
 
 # Column names a CSV header may use, per role (compared case-insensitively).
 CSV_COLUMNS = {
-    "path": ("path", "filename", "file", "file_name", "filepath", "file_path", "image", "image_path",
-             "image_file", "image_name", "img", "img_path", "fname"),
+    "path": (
+        "path",
+        "filename",
+        "file",
+        "file_name",
+        "filepath",
+        "file_path",
+        "image",
+        "image_path",
+        "image_file",
+        "image_name",
+        "img",
+        "img_path",
+        "fname",
+    ),
     "label": ("label", "class", "target", "category", "class_name", "classname", "labels", "y"),
     "split": ("split", "subset", "set", "partition"),
     "group": ("group", "group_id", "subject", "subject_id", "patient", "patient_id"),
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -42,8 +54,9 @@ class CsvTable:
     notes: list[str] = field(default_factory=list)
 
 
-def read_csv(path: str | Path, where: str, need: tuple[str, ...] = ("path", "label"),
-             optional: tuple[str, ...] = ()) -> CsvTable:  # fmt: skip
+def read_csv(
+    path: str | Path, where: str, need: tuple[str, ...] = ("path", "label"), optional: tuple[str, ...] = ()
+) -> CsvTable:
     """Read a CSV of image paths for extract's manifest and predict's input, or raise a one-line
     UsageError that starts with `where` (the option and file).
 
@@ -121,7 +134,9 @@ def read_csv(path: str | Path, where: str, need: tuple[str, ...] = ("path", "lab
     data = rows[1:] if header else rows
     if not data:
         raise UsageError(f"{where}: the CSV lists no images, only a header (expected rows {expect})")
-    if header != "named" and ("label" in need or "label" in optional):  # by position, the same width throughout
+    if header != "named" and (
+        "label" in need or "label" in optional
+    ):  # by position, the same width throughout
         width = len(data[0][1])
         widths = (2, 3) if "label" in need else (1,)
         for line, r in data:
@@ -187,8 +202,10 @@ def manifest_source(path: Path) -> RawSource:
         p, a, b = dropped[0]
         notes.append(f"{where}: {len(dropped)} duplicate row(s) were dropped (first: {p}, rows {a} and {b})")
     if not labelled:
-        notes.append(f"{where}: no label column: read as unlabelled data "
-                     f"(extract, export and predict work; fit, score and bench need labels)")  # fmt: skip
+        notes.append(
+            f"{where}: no label column: read as unlabelled data "
+            f"(extract, export and predict work; fit, score and bench need labels)"
+        )
     classes = sorted(set(labels_s))
     index = {c: i for i, c in enumerate(classes)}
     full = [p if os.path.isabs(p) else str(base / p) for p in paths]
@@ -196,12 +213,19 @@ def manifest_source(path: Path) -> RawSource:
     for p in full:
         h.update(stat_key(p))
     return RawSource(
-        name=path.stem, spec=str(path), classes=classes, ids=paths,
+        name=path.stem,
+        spec=str(path),
+        classes=classes,
+        ids=paths,
         labels=np.array([index[c] for c in labels_s], dtype=np.int64),
-        splits=np.array(splits, dtype="<U5") if has_split else None, loader=FileLoader(full, paths),
-        fingerprint=h.hexdigest(), split_source="manifest" if has_split else "seeded", notes=notes,
-        groups=np.array(groups, dtype=str) if has_group else None, labelled=labelled,
-    )  # fmt: skip
+        splits=np.array(splits, dtype="<U5") if has_split else None,
+        loader=FileLoader(full, paths),
+        fingerprint=h.hexdigest(),
+        split_source="manifest" if has_split else "seeded",
+        notes=notes,
+        groups=np.array(groups, dtype=str) if has_group else None,
+        labelled=labelled,
+    )
 
 
 LIST_SUFFIXES = (".txt", ".lst")
@@ -215,15 +239,19 @@ def read_path_list(path: str | Path, where: str) -> list[str]:
     except OSError as e:
         raise UsageError(f"{where}: cannot read the list ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise UsageError(f"{where}: the list is not UTF-8 text (byte at offset {e.start}); save it as UTF-8") from None
+        raise UsageError(
+            f"{where}: the list is not UTF-8 text (byte at offset {e.start}); save it as UTF-8"
+        ) from None
     out = []
     for k, line in enumerate(text.splitlines(), 1):
         p = line.strip()
         if not p or p.startswith("#"):
             continue
         if not is_image_name(os.path.basename(p)):
-            raise UsageError(f"{where}: line {k} ({p[:80]}) is not an image path; a {Path(path).suffix} list names "
-                             f"one image file a line (labelled data: a CSV manifest path,label)")  # fmt: skip
+            raise UsageError(
+                f"{where}: line {k} ({p[:80]}) is not an image path; a {Path(path).suffix} list names "
+                f"one image file a line (labelled data: a CSV manifest path,label)"
+            )
         out.append(p)
     if not out:
         raise UsageError(f"{where}: the list names no images (one image path a line)")
@@ -244,11 +272,21 @@ def list_source(path: Path) -> RawSource:
         h.update(stat_key(p))
     classes, labels = unlabelled(len(ids))
     return RawSource(
-        name=path.stem, spec=str(path), classes=classes, ids=ids, labels=labels, splits=None,
-        loader=FileLoader(full, ids), fingerprint=h.hexdigest(), split_source="seeded", labelled=False,
-        notes=[f"{where}: an image list: read as unlabelled data (extract, export and predict work; fit, score "
-               f"and bench need labels)"],
-    )  # fmt: skip
+        name=path.stem,
+        spec=str(path),
+        classes=classes,
+        ids=ids,
+        labels=labels,
+        splits=None,
+        loader=FileLoader(full, ids),
+        fingerprint=h.hexdigest(),
+        split_source="seeded",
+        labelled=False,
+        notes=[
+            f"{where}: an image list: read as unlabelled data (extract, export and predict work; fit, score "
+            f"and bench need labels)"
+        ],
+    )
 
 
 def read_image_list(path: str) -> list[str]:

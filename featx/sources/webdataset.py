@@ -56,7 +56,11 @@ def expand_braces(pattern: str) -> list[str]:
     r = _RANGE.match(body)
     if r:
         lo, hi = int(r.group(1)), int(r.group(2))
-        width = max(len(r.group(1)), len(r.group(2))) if r.group(1).startswith("0") or r.group(2).startswith("0") else 0
+        width = (
+            max(len(r.group(1)), len(r.group(2)))
+            if r.group(1).startswith("0") or r.group(2).startswith("0")
+            else 0
+        )
         step = 1 if hi >= lo else -1
         parts = [str(v).zfill(width) for v in range(lo, hi + step, step)]
     elif "," in body:
@@ -82,11 +86,15 @@ def shard_paths(pattern: str) -> list[str]:
         else:
             missing.append(p)
     if not out:
-        raise UsageError(f"{where}: the pattern matches no shard file; give local tar files, e.g. "
-                         f"wds:data/shard-{{000000..000009}}.tar")  # fmt: skip
+        raise UsageError(
+            f"{where}: the pattern matches no shard file; give local tar files, e.g. "
+            f"wds:data/shard-{{000000..000009}}.tar"
+        )
     if missing:
-        raise UsageError(f"{where}: {len(missing)} shard(s) the pattern names do not exist (first: {missing[0]}); "
-                         f"fix the range or the path")  # fmt: skip
+        raise UsageError(
+            f"{where}: {len(missing)} shard(s) the pattern names do not exist (first: {missing[0]}); "
+            f"fix the range or the path"
+        )
     return list(out)
 
 
@@ -116,25 +124,33 @@ def index_shard(path: str, shard: int) -> list[_Sample]:
                 if not info.isfile():
                     continue
                 if info.offset_data + info.size > size:
-                    raise UsageError(f"{path}: truncated: member {printable(info.name)} ends at byte "
-                                     f"{info.offset_data + info.size} of a {size}-byte file; re-create or remove the shard")  # fmt: skip
+                    raise UsageError(
+                        f"{path}: truncated: member {printable(info.name)} ends at byte "
+                        f"{info.offset_data + info.size} of a {size}-byte file; re-create or remove the shard"
+                    )
                 key, suffix = _split_name(info.name)
                 if not suffix or os.path.basename(key).startswith("."):
                     continue
                 s = samples.setdefault(key, _Sample(key, shard, {}))
                 if suffix in s.members:
-                    raise UsageError(f"{path}: sample {printable(key)} has two {suffix} members; keys must be unique")
+                    raise UsageError(
+                        f"{path}: sample {printable(key)} has two {suffix} members; keys must be unique"
+                    )
                 s.members[suffix] = (info.offset_data, info.size)
             fh.seek(tar.offset)
             end = fh.read(512)
     except tarfile.TarError as e:
-        raise UsageError(f"{path}: not an uncompressed tar archive ({first_line(e, 80)}); WebDataset shards are "
-                         f"plain .tar files (decompress .tar.gz first)") from None  # fmt: skip
+        raise UsageError(
+            f"{path}: not an uncompressed tar archive ({first_line(e, 80)}); WebDataset shards are "
+            f"plain .tar files (decompress .tar.gz first)"
+        ) from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read the shard ({e.strerror or e})") from None
     if len(end) < 512 or end.strip(b"\0"):
-        raise UsageError(f"{path}: truncated: no end-of-archive marker after byte {tar.offset} of {size}; "
-                         f"re-create or remove the shard")  # fmt: skip
+        raise UsageError(
+            f"{path}: truncated: no end-of-archive marker after byte {tar.offset} of {size}; "
+            f"re-create or remove the shard"
+        )
     return list(samples.values())
 
 
@@ -164,9 +180,13 @@ class ShardLoader:
             fh.seek(offset)
             data = fh.read(size)
         except OSError as e:
-            raise ImageError(self.ids[i], f"cannot read from {self.shards[shard]} ({e.strerror or e})") from None
+            raise ImageError(
+                self.ids[i], f"cannot read from {self.shards[shard]} ({e.strerror or e})"
+            ) from None
         if len(data) != size:
-            raise ImageError(self.ids[i], f"cannot read from {self.shards[shard]} (the shard is shorter than listed)")
+            raise ImageError(
+                self.ids[i], f"cannot read from {self.shards[shard]} (the shard is shorter than listed)"
+            )
         return data
 
     def __call__(self, i: int):
@@ -204,7 +224,9 @@ def _labels(samples: list[_Sample], shards: list[str], where: str):
             try:
                 raw.append((kind, data.decode("utf-8").strip()))
             except UnicodeDecodeError:
-                raise UsageError(f"{where}: sample {printable(s.key)}: its .{kind} label is not UTF-8 text") from None
+                raise UsageError(
+                    f"{where}: sample {printable(s.key)}: its .{kind} label is not UTF-8 text"
+                ) from None
     finally:
         for fh in handles.values():
             fh.close()
@@ -213,13 +235,17 @@ def _labels(samples: list[_Sample], shards: list[str], where: str):
         return *unlabelled(len(samples)), False
     if not all(have):
         k = have.index(False)
-        raise UsageError(f"{where}: {have.count(False)} of {len(samples)} samples have no label (.cls or .txt; "
-                         f"first: {printable(samples[k].key)}); label every sample or none")  # fmt: skip
+        raise UsageError(
+            f"{where}: {have.count(False)} of {len(samples)} samples have no label (.cls or .txt; "
+            f"first: {printable(samples[k].key)}); label every sample or none"
+        )
     known = _known_classes(os.path.dirname(shards[0]))
     kinds = {kind for kind, _ in raw}
     if known is None and len(kinds) > 1:
-        raise UsageError(f"{where}: some samples are labelled by .cls (an integer) and others by .txt (a name); "
-                         f"use one, or list the class names in classes.txt beside the shards")  # fmt: skip
+        raise UsageError(
+            f"{where}: some samples are labelled by .cls (an integer) and others by .txt (a name); "
+            f"use one, or list the class names in classes.txt beside the shards"
+        )
     values: list[int | str] = []
     for s, (kind, text) in zip(samples, raw):
         if kind == "cls":
@@ -229,12 +255,16 @@ def _labels(samples: list[_Sample], shards: list[str], where: str):
                 v = -1
             if v < 0 or (known is not None and v >= len(known)):
                 top = f"0..{len(known) - 1} (classes.txt)" if known is not None else "a non-negative integer"
-                raise UsageError(f"{where}: sample {printable(s.key)}: label {text[:40]!r} in .cls is not {top}")
+                raise UsageError(
+                    f"{where}: sample {printable(s.key)}: label {text[:40]!r} in .cls is not {top}"
+                )
             values.append(v if known is None else known[v])
         else:
             if not text or (known is not None and text not in known):
-                raise UsageError(f"{where}: sample {printable(s.key)}: label {text[:40]!r} in .txt is not a "
-                                 + (f"class of classes.txt ({', '.join(known[:5])}...)" if known else "class name"))
+                raise UsageError(
+                    f"{where}: sample {printable(s.key)}: label {text[:40]!r} in .txt is not a "
+                    + (f"class of classes.txt ({', '.join(known[:5])}...)" if known else "class name")
+                )
             values.append(text)
     if known is not None:
         classes = list(known)
@@ -254,15 +284,19 @@ def webdataset_source(pattern: str) -> RawSource:
     for k, path in enumerate(shards):
         for s in index_shard(path, k):
             if s.key in first_shard:
-                raise UsageError(f"{where}: key {printable(s.key)} is in {shards[first_shard[s.key]]} and {path}; "
-                                 f"keys must be unique across shards")  # fmt: skip
+                raise UsageError(
+                    f"{where}: key {printable(s.key)} is in {shards[first_shard[s.key]]} and {path}; "
+                    f"keys must be unique across shards"
+                )
             first_shard[s.key] = k
             samples.append(s)
     notes = []
     without = [s for s in samples if not any(x in s.members for x in IMAGE_SUFFIXES)]
     if without:
-        notes.append(f"{where}: {len(without)} sample(s) have no image member ({', '.join(IMAGE_SUFFIXES)}) and were "
-                     f"left out (first: {printable(without[0].key)})")  # fmt: skip
+        notes.append(
+            f"{where}: {len(without)} sample(s) have no image member ({', '.join(IMAGE_SUFFIXES)}) and were "
+            f"left out (first: {printable(without[0].key)})"
+        )
         samples = [s for s in samples if any(x in s.members for x in IMAGE_SUFFIXES)]
     if not samples:
         raise UsageError(f"{where}: no sample has an image member ({', '.join(IMAGE_SUFFIXES)})")
@@ -279,11 +313,21 @@ def webdataset_source(pattern: str) -> RawSource:
     h.update(("\0".join(classes) + "\n").encode())
     h.update(labels.tobytes())
     if not labelled:
-        notes.append(f"{where}: no sample has a label: read as unlabelled data (extract, export and predict "
-                     f"work; fit, score and bench need labels)")  # fmt: skip
+        notes.append(
+            f"{where}: no sample has a label: read as unlabelled data (extract, export and predict "
+            f"work; fit, score and bench need labels)"
+        )
     folder = os.path.dirname(shards[0])
     return RawSource(
-        name=os.path.basename(folder) or "webdataset", spec=WDS_PREFIX + os.path.abspath(os.path.expanduser(pattern)),
-        classes=classes, ids=ids, labels=labels, splits=None, loader=ShardLoader(shards, where_rows, ids),
-        fingerprint=h.hexdigest(), split_source="seeded", notes=notes, labelled=labelled,
-    )  # fmt: skip
+        name=os.path.basename(folder) or "webdataset",
+        spec=WDS_PREFIX + os.path.abspath(os.path.expanduser(pattern)),
+        classes=classes,
+        ids=ids,
+        labels=labels,
+        splits=None,
+        loader=ShardLoader(shards, where_rows, ids),
+        fingerprint=h.hexdigest(),
+        split_source="seeded",
+        notes=notes,
+        labelled=labelled,
+    )

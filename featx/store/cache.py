@@ -289,11 +289,17 @@ class CacheEntry:
         try:
             aside = set_aside(self.path)
         except OSError as e:
-            raise FeatxError(f"cache entry {self.path} is not usable ({reason}) and cannot be set aside "
-                             f"({e.strerror or e}); remove it and rerun") from None  # fmt: skip
+            raise FeatxError(
+                f"cache entry {self.path} is not usable ({reason}) and cannot be set aside "
+                f"({e.strerror or e}); remove it and rerun"
+            ) from None
         forget_verified(self.path)
-        log.warning("cache entry %s is not usable (%s); set it aside as %s and rebuilding it",
-                    self.path, reason, os.path.basename(aside))  # fmt: skip
+        log.warning(
+            "cache entry %s is not usable (%s); set it aside as %s and rebuilding it",
+            self.path,
+            reason,
+            os.path.basename(aside),
+        )
         return False
 
     def remember(self) -> None:
@@ -344,8 +350,12 @@ def _partial_status(path: str) -> EntryStatus:
     if prog is None:
         why = journal_problem(path) or "unreadable partial journal"
         return EntryStatus(path, "corrupt", size, {"reason": f"partial journal: {why}"})
-    detail = {"samples_done": prog["samples_done"], "samples": prog["samples"], "rows": prog["rows_done"],
-              "layers": prog["layers"]}  # fmt: skip
+    detail = {
+        "samples_done": prog["samples_done"],
+        "samples": prog["samples"],
+        "rows": prog["rows_done"],
+        "layers": prog["layers"],
+    }
     return EntryStatus(path, "partial", size, detail)
 
 
@@ -384,8 +394,12 @@ def _shards_status(path: str) -> EntryStatus:
     size = _size(root)
     if not n:
         return EntryStatus(path, "corrupt", size, {"reason": "distributed shards: none readable"})
-    return EntryStatus(path, "partial", size, {"samples_done": done, "samples": samples, "rows": None,
-                                               "layers": layers, "shards": n})  # fmt: skip
+    return EntryStatus(
+        path,
+        "partial",
+        size,
+        {"samples_done": done, "samples": samples, "rows": None, "layers": layers, "shards": n},
+    )
 
 
 def list_entries(cache_dir: str) -> list[EntryStatus]:
@@ -409,8 +423,14 @@ def list_entries(cache_dir: str) -> list[EntryStatus]:
     for path in sorted(
         glob.glob(os.path.join(here, "*.h5.corrupt")) + glob.glob(os.path.join(here, "*.h5.partial.corrupt"))
     ):
-        out.append(EntryStatus(path, "set aside", _size(path),
-                               {"reason": "a damaged copy featx set aside; remove it with featx cache rm"}))  # fmt: skip
+        out.append(
+            EntryStatus(
+                path,
+                "set aside",
+                _size(path),
+                {"reason": "a damaged copy featx set aside; remove it with featx cache rm"},
+            )
+        )
     return out
 
 
@@ -426,8 +446,16 @@ def _choose(entries: list[EntryStatus], targets: list[str]) -> list[EntryStatus]
                 f"featx cache rm {t!r}: name an entry by file name, path or key prefix (4+ characters)"
             )
         key_prefix = len(base) >= 4 and re.fullmatch(r"[0-9a-f]+", base) is not None
-        hits = [e for e in entries if os.path.basename(e.path) == base
-                or (key_prefix and e.state != "set aside" and os.path.basename(e.path).split("--")[-1].startswith(base))]  # fmt: skip
+        hits = [
+            e
+            for e in entries
+            if os.path.basename(e.path) == base
+            or (
+                key_prefix
+                and e.state != "set aside"
+                and os.path.basename(e.path).split("--")[-1].startswith(base)
+            )
+        ]
         if len(hits) != 1:
             known = ", ".join(os.path.basename(e.path) for e in entries) or "none"
             what = "matches no entry" if not hits else f"matches {len(hits)} entries"

@@ -1,5 +1,4 @@
-"""Reading codes: `open_codes` verifies an entry and returns a `CodesFile` (rows, labels, splits, layers).
-"""
+"""Reading codes: `open_codes` verifies an entry and returns a `CodesFile` (rows, labels, splits, layers)."""
 
 from __future__ import annotations
 
@@ -54,7 +53,9 @@ class CodesFile:
         kind = file_kind(self.path)
         # a file of another kind is the user's input (exit 2); a damaged .h5 is a failure (exit 1, below)
         if kind != "hdf5" and (kind != "other" or not self.path.endswith((".h5", ".hdf5"))):
-            raise UsageError(f"{self.path}: {what_it_is(self.path)}, not a codes file; give a file featx extract wrote")
+            raise UsageError(
+                f"{self.path}: {what_it_is(self.path)}, not a codes file; give a file featx extract wrote"
+            )
         reason = verify(self.path)
         if reason:
             raise FeatxError(
@@ -97,9 +98,10 @@ class CodesFile:
     def require_labels(self, what: str) -> None:
         """A one-line UsageError when the file's data had no labels: `what` (fit, score...) needs them."""
         if not self.labelled:
-            raise UsageError(f"{self.path}: the codes are of unlabelled images (no classes); {what} needs labels: "
-                             f"extract a labelled source (class folders, a CSV with a label column)")  # fmt: skip
-
+            raise UsageError(
+                f"{self.path}: the codes are of unlabelled images (no classes); {what} needs labels: "
+                f"extract a labelled source (class folders, a CSV with a label column)"
+            )
 
     def layer_attrs(self, layer: str) -> dict:
         """The raw attributes of /codes/<layer> (`layer_meta` gives them typed)."""
@@ -121,7 +123,11 @@ class CodesFile:
         """Every name the file does not hold, in one line (a user's --layer)."""
         missing = [n for n in layers if n not in self._f["codes"]]
         if missing:
-            what = f"layer {missing[0]!r} is" if len(missing) == 1 else f"layers {', '.join(map(repr, missing))} are"
+            what = (
+                f"layer {missing[0]!r} is"
+                if len(missing) == 1
+                else f"layers {', '.join(map(repr, missing))} are"
+            )
             raise UsageError(f"{what} not in {self.path}; it holds {', '.join(self.layers)}")
 
     def codes(self, layer: str, rows=None) -> np.ndarray:
@@ -137,8 +143,10 @@ class CodesFile:
                 out = read_rows(ds, np.sort(idx))
         except OSError as e:  # a chunk failed its checksum or cannot be decompressed
             forget_verified(self.path)  # so the next extract checks the whole file, and sets it aside
-            raise FeatxError(f"{self.path}: reading /codes/{layer} failed ({first_line(e, 160)}); the file is damaged: "
-                             f"delete it (featx cache rm) and rerun featx extract") from None  # fmt: skip
+            raise FeatxError(
+                f"{self.path}: reading /codes/{layer} failed ({first_line(e, 160)}); the file is damaged: "
+                f"delete it (featx cache rm) and rerun featx extract"
+            ) from None
         return out.astype(np.float32, copy=False)
 
     def iter_codes(self, layer: str, rows: np.ndarray, chunk_rows: int = 4096):

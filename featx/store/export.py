@@ -37,8 +37,10 @@ def export_layer(path: str, layer: str, out: str, block_rows: int = BLOCK_ROWS) 
     """
     suffix = os.path.splitext(out)[1].lower()
     if suffix not in EXPORT_SUFFIXES:
-        raise UsageError(f"--out {out}: unknown format {suffix or '(no suffix)'!r}; end the name in "
-                         f"{', '.join(EXPORT_SUFFIXES)}")  # fmt: skip
+        raise UsageError(
+            f"--out {out}: unknown format {suffix or '(no suffix)'!r}; end the name in "
+            f"{', '.join(EXPORT_SUFFIXES)}"
+        )
     if block_rows < 1:
         raise UsageError(f"--block-rows {block_rows}: must be a positive integer")
     folder = os.path.dirname(os.path.abspath(out))
@@ -71,8 +73,9 @@ def _atomic(names: list[str], write: Callable[[list[str]], None]) -> list[str]:
         for t, n in list(zip(tmps, names))[::-1]:
             os.replace(t, n)
     except OSError as e:
-        raise FeatxError(f"--out {names[0]}: writing failed ({first_line(e, 160)}); free space or choose "
-                         f"another --out") from None  # fmt: skip
+        raise FeatxError(
+            f"--out {names[0]}: writing failed ({first_line(e, 160)}); free space or choose another --out"
+        ) from None
     finally:
         for t in tmps:
             remove_quietly(t)
@@ -118,7 +121,9 @@ def _parquet_writer():
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        raise UsageError('--out *.parquet needs pyarrow: pip install "featx[parquet]" (or pip install pyarrow)') from None
+        raise UsageError(
+            '--out *.parquet needs pyarrow: pip install "featx[parquet]" (or pip install pyarrow)'
+        ) from None
     return _write_parquet
 
 
@@ -130,8 +135,10 @@ def _write_parquet(f: CodesFile, layer: str, tmp: str, block_rows: int) -> None:
     cols = [("id", pa.string()), ("label", pa.int64()), ("class", pa.string()), ("split", pa.string())]
     if f.groups is not None:
         cols.append(("group", pa.string()))
-    schema = pa.schema([*cols, ("code", pa.list_(pa.float32(), dim))],
-                       metadata={"featx_layer": layer, "featx_source": os.path.basename(f.path)})  # fmt: skip
+    schema = pa.schema(
+        [*cols, ("code", pa.list_(pa.float32(), dim))],
+        metadata={"featx_layer": layer, "featx_source": os.path.basename(f.path)},
+    )
     labels = f.labels.astype(np.int64)
     with pq.ParquetWriter(tmp, schema) as w:
         for start, block in _blocks(f, layer, block_rows):
@@ -140,7 +147,9 @@ def _write_parquet(f: CodesFile, layer: str, tmp: str, block_rows: int) -> None:
             data = {
                 "id": pa.array(f.paths[sl], pa.string()),
                 "label": pa.array(lab, pa.int64(), mask=np.full(len(lab), not f.labelled)),
-                "class": pa.array([f.classes[k] for k in lab] if f.labelled else [None] * len(lab), pa.string()),
+                "class": pa.array(
+                    [f.classes[k] for k in lab] if f.labelled else [None] * len(lab), pa.string()
+                ),
                 "split": pa.array(f.split[sl].tolist(), pa.string()),
             }
             if f.groups is not None:
@@ -159,9 +168,15 @@ def _write_h5(f: CodesFile, layer: str, tmp: str, block_rows: int) -> None:
     ds = src["codes"][layer]
     with h5py.File(tmp, "w") as out:
         dst = out.create_group("codes").create_dataset(
-            layer, shape=ds.shape, dtype=ds.dtype, chunks=ds.chunks, compression=ds.compression,
-            compression_opts=ds.compression_opts, shuffle=ds.shuffle, fletcher32=ds.fletcher32,
-        )  # fmt: skip
+            layer,
+            shape=ds.shape,
+            dtype=ds.dtype,
+            chunks=ds.chunks,
+            compression=ds.compression,
+            compression_opts=ds.compression_opts,
+            shuffle=ds.shuffle,
+            fletcher32=ds.fletcher32,
+        )
         for start in range(0, ds.shape[0], block_rows):
             dst[start : start + block_rows] = ds[start : start + block_rows]
         for k, v in ds.attrs.items():

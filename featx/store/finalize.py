@@ -1,5 +1,4 @@
-"""Finalizing a journal into the HDF5 entry: space check, the copy in blocks, the row checksum, the atomic rename.
-"""
+"""Finalizing a journal into the HDF5 entry: space check, the copy in blocks, the row checksum, the atomic rename."""
 
 from __future__ import annotations
 
@@ -46,9 +45,18 @@ def _check_space(entry: str, need: int) -> None:
         )
 
 
-def finalize(entry: str, journal: Journal, *, classes: Sequence[str], labels: np.ndarray, splits: np.ndarray,
-             ids: Sequence[str], layer_attrs: dict[str, dict], attrs: dict,
-             groups: np.ndarray | None = None) -> None:  # fmt: skip
+def finalize(
+    entry: str,
+    journal: Journal,
+    *,
+    classes: Sequence[str],
+    labels: np.ndarray,
+    splits: np.ndarray,
+    ids: Sequence[str],
+    layer_attrs: dict[str, dict],
+    attrs: dict,
+    groups: np.ndarray | None = None,
+) -> None:
     """Build the HDF5 file from a finished journal, atomically, then remove the journal."""
     import gc
     import traceback
@@ -71,10 +79,15 @@ def finalize(entry: str, journal: Journal, *, classes: Sequence[str], labels: np
             rows_per_chunk = max(1, min(n, (1 << 20) // max(1, spec.dim * journal.itemsize)))
             cols_per_chunk = min(spec.dim, max(1, (1 << 20) // journal.itemsize))
             ds = grp.create_dataset(
-                spec.name, shape=(n, spec.dim), dtype=journal.meta["dtype"],
-                chunks=(rows_per_chunk, cols_per_chunk) if n else None, compression="gzip" if n else None,
-                compression_opts=1 if n else None, shuffle=bool(n), fletcher32=bool(n),
-            )  # fmt: skip
+                spec.name,
+                shape=(n, spec.dim),
+                dtype=journal.meta["dtype"],
+                chunks=(rows_per_chunk, cols_per_chunk) if n else None,
+                compression="gzip" if n else None,
+                compression_opts=1 if n else None,
+                shuffle=bool(n),
+                fletcher32=bool(n),
+            )
             h = hashlib.sha256()
             step = max(1, BLOCK_BYTES // max(1, spec.dim * journal.itemsize))
             for start in range(0, n, step):
@@ -148,8 +161,13 @@ def _close_quietly(f) -> bool:
         return False
 
 
-def rows_sha256(labels: np.ndarray, splits: Sequence[str], ids: Sequence[str], classes: Sequence[str],
-                groups: Sequence[str] | None = None) -> str:  # fmt: skip
+def rows_sha256(
+    labels: np.ndarray,
+    splits: Sequence[str],
+    ids: Sequence[str],
+    classes: Sequence[str],
+    groups: Sequence[str] | None = None,
+) -> str:
     """A checksum of the per-row metadata: labels, splits, ids, the class names (and the groups,
     in files that have them: files without keep the checksum they always had)."""
 

@@ -114,8 +114,9 @@ class Journal:
             fresh = j._try_resume()
         except JournalDamaged as e:
             aside = set_aside(path)
-            log.warning("journal %s is damaged (%s); set it aside as %s and starting this entry over",
-                        path, e, aside)  # fmt: skip
+            log.warning(
+                "journal %s is damaged (%s); set it aside as %s and starting this entry over", path, e, aside
+            )
             fresh = True
         if fresh:
             if os.path.exists(path):
@@ -158,8 +159,14 @@ class Journal:
         return False
 
     def _commit_progress(self) -> None:
-        record = {"rows_done": self.rows_done, "samples_done": self.samples_done, "skipped": self.skipped,
-                  "crc32": list(self._crc), "meta": _record_sum(self._disk_meta()), "updated": time.time()}  # fmt: skip
+        record = {
+            "rows_done": self.rows_done,
+            "samples_done": self.samples_done,
+            "skipped": self.skipped,
+            "crc32": list(self._crc),
+            "meta": _record_sum(self._disk_meta()),
+            "updated": time.time(),
+        }
         write_json_atomic(
             os.path.join(self.path, "progress.json"), {**record, "checksum": _record_sum(record)}
         )
@@ -256,7 +263,7 @@ def _load_meta(path: str) -> dict:
         and all(
             isinstance(ly, list) and len(ly) == 2 and isinstance(ly[0], str) and is_count(ly[1], 1)
             for ly in meta["layers"]
-        )  # fmt: skip
+        )
         and meta.get("dtype") in _DTYPES
         and is_count(meta.get("samples"))
         and is_count(meta.get("batch_size"), 1)
@@ -291,7 +298,7 @@ def _load_progress(path: str, meta: dict) -> dict:
         and all(
             isinstance(s, list) and len(s) == 2 and is_count(s[0], 0, samples - 1) and isinstance(s[1], str)
             for s in skipped
-        )  # fmt: skip
+        )
         and rows + len(skipped) <= samples
         and isinstance(crc, list)
         and len(crc) == n_files

@@ -1,5 +1,4 @@
-"""Typed views of an entry's metadata: every attribute validated before use (`FileMeta`, `LayerMeta`).
-"""
+"""Typed views of an entry's metadata: every attribute validated before use (`FileMeta`, `LayerMeta`)."""
 
 from __future__ import annotations
 
@@ -47,30 +46,48 @@ class LayerMeta:
     @classmethod
     def from_tap(cls, tap, activation: str, pool) -> LayerMeta:
         return cls(
-            activation=activation, pool=str(pool), pre_pool_shape=tuple(tap.shape),
-            relu=activation != "none" or tap.post_act in ("relu", "relu6"), post_act=tap.post_act or "none",
-            next_act=tap.next_act or "none", code_dim=tap.code_dim(pool), stride=tap.stride or 0, depth=tap.depth,
+            activation=activation,
+            pool=str(pool),
+            pre_pool_shape=tuple(tap.shape),
+            relu=activation != "none" or tap.post_act in ("relu", "relu6"),
+            post_act=tap.post_act or "none",
+            next_act=tap.next_act or "none",
+            code_dim=tap.code_dim(pool),
+            stride=tap.stride or 0,
+            depth=tap.depth,
             kind=tap.kind,
-        )  # fmt: skip
+        )
 
     def to_attrs(self) -> dict:
         return {
-            "pre_pool_shape": np.array(self.pre_pool_shape, dtype=np.int64), "pool": self.pool, "relu": self.relu,
-            "activation": self.activation, "post_act": self.post_act, "next_act": self.next_act,
-            "code_dim": self.code_dim, "stride": self.stride, "depth": self.depth, "kind": self.kind,
-        }  # fmt: skip
+            "pre_pool_shape": np.array(self.pre_pool_shape, dtype=np.int64),
+            "pool": self.pool,
+            "relu": self.relu,
+            "activation": self.activation,
+            "post_act": self.post_act,
+            "next_act": self.next_act,
+            "code_dim": self.code_dim,
+            "stride": self.stride,
+            "depth": self.depth,
+            "kind": self.kind,
+        }
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> LayerMeta:
         a = {k: attr_value(v) for k, v in attrs.items()}
         shape = a.get("pre_pool_shape", ())
         return cls(
-            activation=str(a.get("activation", "none")), pool=str(a.get("pool", "avg")),
-            pre_pool_shape=tuple(shape) if isinstance(shape, (list, tuple)) else (), relu=bool(a.get("relu", False)),
-            post_act=str(a.get("post_act", "none")), next_act=str(a.get("next_act", "none")),
-            code_dim=_num(a.get("code_dim"), int, 0), stride=_num(a.get("stride"), int, 0),
-            depth=_num(a.get("depth"), float, 0.0), kind=str(a.get("kind", "")),
-        )  # fmt: skip
+            activation=str(a.get("activation", "none")),
+            pool=str(a.get("pool", "avg")),
+            pre_pool_shape=tuple(shape) if isinstance(shape, (list, tuple)) else (),
+            relu=bool(a.get("relu", False)),
+            post_act=str(a.get("post_act", "none")),
+            next_act=str(a.get("next_act", "none")),
+            code_dim=_num(a.get("code_dim"), int, 0),
+            stride=_num(a.get("stride"), int, 0),
+            depth=_num(a.get("depth"), float, 0.0),
+            kind=str(a.get("kind", "")),
+        )
 
 
 def _num(v, kind, default):

@@ -1,5 +1,4 @@
-"""Verifying an entry before it is trusted: structure, rows and codes checks, remembered per file fingerprint.
-"""
+"""Verifying an entry before it is trusted: structure, rows and codes checks, remembered per file fingerprint."""
 
 from __future__ import annotations
 

@@ -15,8 +15,17 @@ DEPTH = {"early": 0.25, "mid": 0.5, "late": 0.9, "top": 1.0}
 
 
 def _source(name="d", label=None, n_train=100, n_classes=2, layers=DEPTH):
-    return Source(BenchData(name, label), name, f"{name}.h5", list(layers), dict(layers), {n: 8 for n in layers},
-                  None, n_train=n_train, n_classes=n_classes)  # fmt: skip
+    return Source(
+        BenchData(name, label),
+        name,
+        f"{name}.h5",
+        list(layers),
+        dict(layers),
+        {n: 8 for n in layers},
+        None,
+        n_train=n_train,
+        n_classes=n_classes,
+    )
 
 
 def _rows(acc: dict, name="d", sizes=(("10/class", 20), ("all", 100)), seeds=(0,), val=None, pixels=None):
@@ -28,11 +37,35 @@ def _rows(acc: dict, name="d", sizes=(("10/class", 20), ("all", 100)), seeds=(0,
         for layer, a in acc.items():
             for s in seeds:
                 v = (val or acc)[layer] - drop
-                out.append({"dataset": name, "layer": layer, "train_size_spec": spec, "train_size": n, "classifier": "softmax",
-                            "preset": "", "seed": s, "accuracy": a - drop + 0.01 * s, "val_score": v, "baseline": ""})  # fmt: skip
+                out.append(
+                    {
+                        "dataset": name,
+                        "layer": layer,
+                        "train_size_spec": spec,
+                        "train_size": n,
+                        "classifier": "softmax",
+                        "preset": "",
+                        "seed": s,
+                        "accuracy": a - drop + 0.01 * s,
+                        "val_score": v,
+                        "baseline": "",
+                    }
+                )
         if pixels is not None:
-            out.append({"dataset": name, "layer": "pixels", "train_size_spec": spec, "train_size": n, "classifier": "softmax",
-                        "preset": "", "seed": 0, "accuracy": pixels, "val_score": pixels, "baseline": "pixels"})  # fmt: skip
+            out.append(
+                {
+                    "dataset": name,
+                    "layer": "pixels",
+                    "train_size_spec": spec,
+                    "train_size": n,
+                    "classifier": "softmax",
+                    "preset": "",
+                    "seed": 0,
+                    "accuracy": pixels,
+                    "val_score": pixels,
+                    "baseline": "pixels",
+                }
+            )
     return out
 
 

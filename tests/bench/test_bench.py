@@ -31,10 +31,19 @@ def two_datasets(tmp_path_factory):
 
 def _config(root, a, b, out, **kw):
     base = dict(
-        model="resnet18", weights="none", datasets=[BenchData(str(a), "similar"), BenchData(str(b), "different")],
-        layers="layer1,layer3,avgpool", train_sizes=["2/class", "all"], protocols=[protocol_for("softmax", Cs=(0.1, 1.0))],
-        seeds=(0, 1), image_size=32, out=str(out), cache_dir=str(root / "cache"), workers=0, batch_size=8,
-    )  # fmt: skip
+        model="resnet18",
+        weights="none",
+        datasets=[BenchData(str(a), "similar"), BenchData(str(b), "different")],
+        layers="layer1,layer3,avgpool",
+        train_sizes=["2/class", "all"],
+        protocols=[protocol_for("softmax", Cs=(0.1, 1.0))],
+        seeds=(0, 1),
+        image_size=32,
+        out=str(out),
+        cache_dir=str(root / "cache"),
+        workers=0,
+        batch_size=8,
+    )
     return BenchConfig(**{**base, **kw})
 
 
@@ -52,8 +61,20 @@ def test_bench_outputs(two_datasets, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(paths["results.csv"]) as f:
         table = list(csv.DictReader(f))
-    for col in ("dataset", "layer", "relative_depth", "code_dim", "train_size", "classifier", "preset", "C", "seed",
-                "accuracy", "balanced_accuracy", "fit_seconds"):  # fmt: skip
+    for col in (
+        "dataset",
+        "layer",
+        "relative_depth",
+        "code_dim",
+        "train_size",
+        "classifier",
+        "preset",
+        "C",
+        "seed",
+        "accuracy",
+        "balanced_accuracy",
+        "fit_seconds",
+    ):
         assert col in table[0]
     assert {r["dataset"] for r in table} == {"alpha", "beta"}
     md = open(paths["report.md"]).read()
@@ -99,9 +120,31 @@ def _without_timing(path):
 
 def test_killed_bench_resumes_to_the_same_results(two_datasets, tmp_path):
     root, a, b = two_datasets
-    args = ["bench", "--model", "resnet18", "--weights", "none", "--data", f"{a}:similar", "--data", f"{b}:different",
-            "--layers", "layer1,layer2,layer3,layer4,avgpool", "--train-sizes", "2/class,4/class,all", "--seeds", "0,1,2",
-            "--image-size", "32", "--workers", "0", "--cache-dir", str(root / "cache"), "--C", "0.01,0.1,1,10"]  # fmt: skip
+    args = [
+        "bench",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--data",
+        f"{a}:similar",
+        "--data",
+        f"{b}:different",
+        "--layers",
+        "layer1,layer2,layer3,layer4,avgpool",
+        "--train-sizes",
+        "2/class,4/class,all",
+        "--seeds",
+        "0,1,2",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--cache-dir",
+        str(root / "cache"),
+        "--C",
+        "0.01,0.1,1,10",
+    ]
     ref = run_cli(*args, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
@@ -133,8 +176,20 @@ def _rows(name, accs, n_train=100):
     rows = []
     for layer, acc in accs.items():
         for seed in (0, 1):
-            rows.append({"dataset": name, "layer": layer, "classifier": "softmax", "preset": "", "baseline": "",
-                         "train_size_spec": "all", "train_size": n_train, "accuracy": acc, "val_score": acc, "seed": seed})  # fmt: skip
+            rows.append(
+                {
+                    "dataset": name,
+                    "layer": layer,
+                    "classifier": "softmax",
+                    "preset": "",
+                    "baseline": "",
+                    "train_size_spec": "all",
+                    "train_size": n_train,
+                    "accuracy": acc,
+                    "val_score": acc,
+                    "seed": seed,
+                }
+            )
     return rows
 
 
@@ -224,8 +279,23 @@ def test_bench_cli_errors(tmp_path):
 def test_bench_out_that_is_a_file_is_one_line(tmp_path, image_folder):
     """It was a FileExistsError traceback (issue 19, item 10)."""
     (tmp_path / "results").write_text("not a folder")
-    rc, out, err = cli("bench", "--model", "resnet18", "--weights", "none", "--data", image_folder, "--layers", "layer1",
-                       "--train-sizes", "all", "--out", tmp_path / "results", "--cache-dir", tmp_path / "c")  # fmt: skip
+    rc, out, err = cli(
+        "bench",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--data",
+        image_folder,
+        "--layers",
+        "layer1",
+        "--train-sizes",
+        "all",
+        "--out",
+        tmp_path / "results",
+        "--cache-dir",
+        tmp_path / "c",
+    )
     assert (
         rc == 2 and err.count("\n") == 1 and "--out" in err and "is a file" in err and "Traceback" not in err
     ), err
@@ -257,10 +327,33 @@ def test_bench_killed_at_many_moments_finishes_with_the_same_results(two_dataset
     import random
 
     root, a, b = two_datasets
-    args = ["bench", "--model", "resnet18", "--weights", "none", "--data", f"{a}:similar", "--data", f"{b}:different",
-            "--layers", "layer1,layer2,layer3,layer4,avgpool", "--train-sizes", "2/class,4/class,all", "--seeds", "0,1,2",
-            "--image-size", "32", "--workers", "0", "--batch-size", "4", "--precision", "fp32",
-            "--C", "0.01,0.1,1,10"]  # fmt: skip
+    args = [
+        "bench",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--data",
+        f"{a}:similar",
+        "--data",
+        f"{b}:different",
+        "--layers",
+        "layer1,layer2,layer3,layer4,avgpool",
+        "--train-sizes",
+        "2/class,4/class,all",
+        "--seeds",
+        "0,1,2",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--precision",
+        "fp32",
+        "--C",
+        "0.01,0.1,1,10",
+    ]
     t0 = time.monotonic()
     ref = run_cli(*args, "--cache-dir", str(tmp_path / "ref-cache"), "--out", str(tmp_path / "ref"))
     duration = time.monotonic() - t0
@@ -270,8 +363,11 @@ def test_bench_killed_at_many_moments_finishes_with_the_same_results(two_dataset
     kills = attempts = 0
     while kills < 20 and attempts < 60:
         attempts += 1
-        proc = subprocess.Popen([sys.executable, "-m", "featx.cli", "-q", *args, "--cache-dir", str(cache), "--out", str(out)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "featx.cli", "-q", *args, "--cache-dir", str(cache), "--out", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             proc.wait(timeout=rng.uniform(0.5, duration))
             continue  # finished before its kill: does not count
@@ -300,8 +396,15 @@ def test_bench_reuses_the_users_own_extract(tmp_path):
     model = ModelSettings("efficientnet_lite0", "imagenet", image_size=32)
     runs = RunSettings(device="cpu", workers=0, precision="fp32")
     mine = extract(model, str(data), "depth:0.5,1.0", run=runs, cache_dir=str(tmp_path / "c"), progress=False)
-    config = BenchConfig(model, [BenchData(str(data), "similar")], "depth:0.5,1.0", runs, out=str(tmp_path / "b"),
-                         cache_dir=str(tmp_path / "c"), protocols=[protocol_for("softmax", Cs=(0.1, 1.0))])  # fmt: skip
+    config = BenchConfig(
+        model,
+        [BenchData(str(data), "similar")],
+        "depth:0.5,1.0",
+        runs,
+        out=str(tmp_path / "b"),
+        cache_dir=str(tmp_path / "c"),
+        protocols=[protocol_for("softmax", Cs=(0.1, 1.0))],
+    )
     (src,) = run(config).sources
     assert src.codes == mine.path and src.head is None and src.head_codes is None
     config.head_confidence, config.out = True, str(tmp_path / "b2")

@@ -21,15 +21,22 @@ def test_parse_points():
 
 def test_cells_resume_and_rows(tmp_path, monkeypatch):
     data = make_images(tmp_path / "d", per_class=6)
-    config = BenchConfig(ModelSettings("timm:test_resnet", "none", image_size=32), [BenchData(str(data), "similar")],
-                         "depth:1.0", RunSettings(device="cpu", workers=0, precision="fp32"),
-                         train_sizes=["all", "1/class"], seeds=(0,), out=str(tmp_path / "bench"))  # fmt: skip
+    config = BenchConfig(
+        ModelSettings("timm:test_resnet", "none", image_size=32),
+        [BenchData(str(data), "similar")],
+        "depth:1.0",
+        RunSettings(device="cpu", workers=0, precision="fp32"),
+        train_sizes=["all", "1/class"],
+        seeds=(0,),
+        out=str(tmp_path / "bench"),
+    )
     base = FinetuneSettings(epochs=1, batch_size=4)
     first = run_finetune_cells(config, ["depth:0.5", "depth:1.0"], base)
     assert len(first) == 4
     bad = [(c, r) for c, r in first if "error" in r]  # one image per class leaves none to validate on
-    assert len(bad) == 2 and all(str(c.train_size) == "1/class" and "too few images per class" in r["error"]
-                                 for c, r in bad)  # fmt: skip
+    assert len(bad) == 2 and all(
+        str(c.train_size) == "1/class" and "too few images per class" in r["error"] for c, r in bad
+    )
     rows = finetune_rows(config, first)
     assert [r["kind"] for r in rows] == ["finetune", "finetune"]
     # the size the cell's key names is the size it was trained and tested at
@@ -44,7 +51,9 @@ def test_cells_resume_and_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(featx.finetune.job, "finetune", boom)
     again = run_finetune_cells(config, ["depth:0.5", "depth:1.0"], base)
     assert [r for _, r in again] == [r for _, r in first]
-    assert not (tmp_path / "bench" / "finetune-ckpt").exists() or not any((tmp_path / "bench" / "finetune-ckpt").iterdir())
+    assert not (tmp_path / "bench" / "finetune-ckpt").exists() or not any(
+        (tmp_path / "bench" / "finetune-ckpt").iterdir()
+    )
 
 
 def test_bench_finetune_from_the_cli_report_and_resume(tmp_path):
@@ -55,10 +64,42 @@ def test_bench_finetune_from_the_cli_report_and_resume(tmp_path):
     from conftest import cli
 
     data = make_images(tmp_path / "d", per_class=12)
-    argv = ["bench", "--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--data", f"{data}:different",
-            "--layers", "depth:0.5,1.0", "--train-sizes", "all", "--seeds", "0", "--C", "0.1,1", "--precision", "fp32",
-            "--workers", "0", "--device", "cpu", "--finetune", "depth:0.5,1.0", "--finetune-epochs", "1",
-            "--finetune-batch-size", "4", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "b", "-q"]  # fmt: skip
+    argv = [
+        "bench",
+        "--model",
+        "timm:test_resnet",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--data",
+        f"{data}:different",
+        "--layers",
+        "depth:0.5,1.0",
+        "--train-sizes",
+        "all",
+        "--seeds",
+        "0",
+        "--C",
+        "0.1,1",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--finetune",
+        "depth:0.5,1.0",
+        "--finetune-epochs",
+        "1",
+        "--finetune-batch-size",
+        "4",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "b",
+        "-q",
+    ]
     rc, out, err = cli(*argv)
     assert rc == 0, err
     rows = list(csv.DictReader(open(tmp_path / "b" / "results.csv")))
@@ -73,9 +114,12 @@ def test_bench_finetune_from_the_cli_report_and_resume(tmp_path):
     gain = float(line.split(" | ")[4])
     verdict = "within noise" if p >= 0.05 else "pays" if gain > 0 else "does not pay"
     assert f"| {verdict}" in line
-    assert "rule of thumb for case" in report and ("confirms it" in report or "contradicts it" in report
-                                                   or "cannot tell them apart" in report
-                                                   or "not converged" in report)  # fmt: skip
+    assert "rule of thumb for case" in report and (
+        "confirms it" in report
+        or "contradicts it" in report
+        or "cannot tell them apart" in report
+        or "not converged" in report
+    )
     before = (tmp_path / "b" / "cells.jsonl").read_text()
     rc, out, err = cli(*argv)
     assert rc == 0, err
@@ -87,9 +131,15 @@ def test_a_torn_last_line_does_not_swallow_the_next_fine_tune_record(tmp_path):
     from featx.files import load_done
 
     data = make_images(tmp_path / "d", per_class=6)
-    config = BenchConfig(ModelSettings("timm:test_resnet", "none", image_size=32), [BenchData(str(data), "similar")],
-                         "depth:1.0", RunSettings(device="cpu", workers=0, precision="fp32"),
-                         train_sizes=["all"], seeds=(0,), out=str(tmp_path / "bench"))  # fmt: skip
+    config = BenchConfig(
+        ModelSettings("timm:test_resnet", "none", image_size=32),
+        [BenchData(str(data), "similar")],
+        "depth:1.0",
+        RunSettings(device="cpu", workers=0, precision="fp32"),
+        train_sizes=["all"],
+        seeds=(0,),
+        out=str(tmp_path / "bench"),
+    )
     base = FinetuneSettings(epochs=1, batch_size=4)
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "cells.jsonl").write_text('{"key": "torn", "result": {"acc')
@@ -103,12 +153,23 @@ def test_an_unchanged_recipe_keeps_its_cell_key():
     epochs with one augmentation and learning rate is the same recipe, so the same cell."""
     from featx.bench.finetune_cells import finetune_cells
 
-    config = BenchConfig(ModelSettings("timm:test_resnet", "none", image_size=32), [BenchData("sklearn:digits", "different")],
-                         "depth:1.0", RunSettings(device="cpu", workers=0, precision="fp32"), train_sizes=["all"],
-                         seeds=(0,), out="/tmp/x")  # fmt: skip
+    config = BenchConfig(
+        ModelSettings("timm:test_resnet", "none", image_size=32),
+        [BenchData("sklearn:digits", "different")],
+        "depth:1.0",
+        RunSettings(device="cpu", workers=0, precision="fp32"),
+        train_sizes=["all"],
+        seeds=(0,),
+        out="/tmp/x",
+    )
     (cell,) = finetune_cells(config, ["depth:0.5"], ["all"], (0,))
-    assert cell.key(config, FinetuneSettings(epochs=5)) == "e59b8ab77fb3e1d35aa48354f81848c690a90975e6d1d4e9f4f9acc2b11f12ee"
-    assert (cell.key(config, FinetuneSettings(epochs=5, augment="none", lr=0.03, threads=1))
-            == "49ad1152eacfbc1768ca79c24327541a985a5ee7c7294e4dfa5cfb30285ad542")  # fmt: skip
+    assert (
+        cell.key(config, FinetuneSettings(epochs=5))
+        == "e59b8ab77fb3e1d35aa48354f81848c690a90975e6d1d4e9f4f9acc2b11f12ee"
+    )
+    assert (
+        cell.key(config, FinetuneSettings(epochs=5, augment="none", lr=0.03, threads=1))
+        == "49ad1152eacfbc1768ca79c24327541a985a5ee7c7294e4dfa5cfb30285ad542"
+    )
     assert cell.key(config, FinetuneSettings(epochs="auto")) != cell.key(config, FinetuneSettings(epochs=30))
     assert cell.key(config, FinetuneSettings(augment="light")) != cell.key(config, FinetuneSettings())

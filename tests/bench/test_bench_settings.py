@@ -18,10 +18,36 @@ def test_bench_data_root_reaches_torchvision_datasets_and_seeds_are_deduplicated
     _write_idx_dir(raw, n_train=60, n_test=20)
     for f in raw.iterdir():
         (raw / f.name[:-3]).write_bytes(gzip.decompress(f.read_bytes()))
-    rc, out, err = cli("bench", "--model", "resnet18", "--weights", "none", "--data", "torchvision:FashionMNIST",
-                       "--data-root", tmp_path / "root", "--layers", "layer1", "--image-size", "32", "--workers", "0",
-                       "--batch-size", "8", "--precision", "fp32", "--seeds", "0,0", "--C", "1",
-                       "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out", "-q")  # fmt: skip
+    rc, out, err = cli(
+        "bench",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--data",
+        "torchvision:FashionMNIST",
+        "--data-root",
+        tmp_path / "root",
+        "--layers",
+        "layer1",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+        "--precision",
+        "fp32",
+        "--seeds",
+        "0,0",
+        "--C",
+        "1",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "out",
+        "-q",
+    )
     assert rc == 0, err
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))

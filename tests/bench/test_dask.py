@@ -32,16 +32,42 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=":0") as c:  # fmt: skip
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0"
+    ) as c:
         yield c
 
 
 def _args(root, a, b, seeds="0,1"):
-    return ["bench", "--model", "resnet18", "--weights", "none", "--data", f"{a}:similar", "--data", f"{b}:different",
-            "--layers", "layer1,layer3,avgpool", "--train-sizes", "2/class,all", "--seeds", seeds, "--image-size", "32",
-            "--workers", "0", "--batch-size", "8", "--precision", "fp32", "--C", "0.1,1", "--cache-dir",
-            str(root / "cache")]  # fmt: skip
+    return [
+        "bench",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--data",
+        f"{a}:similar",
+        "--data",
+        f"{b}:different",
+        "--layers",
+        "layer1,layer3,avgpool",
+        "--train-sizes",
+        "2/class,all",
+        "--seeds",
+        seeds,
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+        "--precision",
+        "fp32",
+        "--C",
+        "0.1,1",
+        "--cache-dir",
+        str(root / "cache"),
+    ]
 
 
 def _without_timing(path):
@@ -86,8 +112,15 @@ def test_scheduler_from_the_environment(data, cluster, tmp_path, monkeypatch, ca
     assert f"Dask cluster at {cluster.scheduler_address}" in caplog.text
     # 'local' keeps the cells here despite the variable
     caplog.clear()
-    rc, _, err = cli(*_args(root, a, b, seeds="4"), "--train-sizes", "all", "--out", tmp_path / "out",
-                     "--scheduler", "local")  # fmt: skip
+    rc, _, err = cli(
+        *_args(root, a, b, seeds="4"),
+        "--train-sizes",
+        "all",
+        "--out",
+        tmp_path / "out",
+        "--scheduler",
+        "local",
+    )
     assert rc == 0, err
     assert "6 cells: 0 done before, 6 to fit" in caplog.text and "Dask cluster" not in caplog.text
 
@@ -95,10 +128,23 @@ def test_scheduler_from_the_environment(data, cluster, tmp_path, monkeypatch, ca
 def test_a_one_thread_cluster_says_joblib_fits_here(data, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="featx")
     root, a, b = data
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
-                                  host="127.0.0.1", dashboard_address=":0") as one:  # fmt: skip
-        rc, _, err = cli(*_args(root, a, b, seeds="5"), "--train-sizes", "all", "--out", tmp_path / "out",
-                         "--scheduler", one.scheduler_address)  # fmt: skip
+    with distributed.LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        protocol="tcp",
+        host="127.0.0.1",
+        dashboard_address=":0",
+    ) as one:
+        rc, _, err = cli(
+            *_args(root, a, b, seeds="5"),
+            "--train-sizes",
+            "all",
+            "--out",
+            tmp_path / "out",
+            "--scheduler",
+            one.scheduler_address,
+        )
     assert rc == 0, err
     assert "the cluster has 1 worker thread, so joblib fits the cells here" in caplog.text
 
@@ -182,20 +228,33 @@ def test_workers_that_do_not_see_the_cache_stop_the_bench(data, tmp_path):
         pytest.skip("needs unshare -rm (mount namespaces)")
     with distributed.LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=":0") as cluster:
         worker = subprocess.Popen(
-            ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs none {cache} && exec {sys.executable} -m distributed.cli."
-             f"dask_worker {cluster.scheduler_address} --nworkers 2 --nthreads 1 --no-dashboard"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                "unshare",
+                "-rm",
+                "sh",
+                "-c",
+                f"mount -t tmpfs none {cache} && exec {sys.executable} -m distributed.cli."
+                f"dask_worker {cluster.scheduler_address} --nworkers 2 --nthreads 1 --no-dashboard",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             with distributed.Client(cluster, set_as_default=False) as c:
                 c.wait_for_workers(2, timeout=60)
-            rc, _, err = cli(*_args(root, a, b, seeds="0,1"), "--out", tmp_path / "out",
-                             "--scheduler", cluster.scheduler_address)  # fmt: skip
+            rc, _, err = cli(
+                *_args(root, a, b, seeds="0,1"),
+                "--out",
+                tmp_path / "out",
+                "--scheduler",
+                cluster.scheduler_address,
+            )
         finally:
             worker.terminate()
             worker.wait(timeout=60)
-    line = assert_one_line_error(rc, err, 1, ("cannot read the codes file", "filesystem every Dask worker sees"),
-                                 only_error_lines=True)  # fmt: skip
+    line = assert_one_line_error(
+        rc, err, 1, ("cannot read the codes file", "filesystem every Dask worker sees"), only_error_lines=True
+    )
     assert str(cache) in line
     assert len(load_done(str(tmp_path / "out"))) == 12  # nothing recorded for the cells that could not run
 
@@ -203,8 +262,13 @@ def test_workers_that_do_not_see_the_cache_stop_the_bench(data, tmp_path):
 @pytest.mark.slow
 def test_killed_dask_bench_resumes(data, cluster, tmp_path):
     root, a, b = data
-    args = [*_args(root, a, b, seeds="0,1,2"), "--layers", "layer1,layer2,layer3,layer4,avgpool", "--scheduler",
-            cluster.scheduler_address]  # fmt: skip
+    args = [
+        *_args(root, a, b, seeds="0,1,2"),
+        "--layers",
+        "layer1,layer2,layer3,layer4,avgpool",
+        "--scheduler",
+        cluster.scheduler_address,
+    ]
     out = tmp_path / "killed"
     sigkill_when([*args, "--out", out], lambda: cells_written(out) >= 10)
     done = len(load_done(str(out)))
@@ -262,8 +326,15 @@ def test_a_port_that_is_not_dask_is_one_line_within_the_connect_timeout(kind, da
     try:
         t0 = time.monotonic()
         with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
-            rc, _, err = cli(*_args(root, a, b), "--out", tmp_path / "out", "--cache-dir", tmp_path / "cache",
-                             "--scheduler", server.address)  # fmt: skip
+            rc, _, err = cli(
+                *_args(root, a, b),
+                "--out",
+                tmp_path / "out",
+                "--cache-dir",
+                tmp_path / "cache",
+                "--scheduler",
+                server.address,
+            )
         elapsed = time.monotonic() - t0
     finally:
         server.close()
@@ -278,10 +349,35 @@ def _start_cluster():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
-    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
-                              str(port), "--no-dashboard"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
-    workers = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "2",
-                                "--nthreads", "1", "--no-dashboard"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
+    sched = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-dashboard",
+        ],
+        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    workers = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            address,
+            "--nworkers",
+            "2",
+            "--nthreads",
+            "1",
+            "--no-dashboard",
+        ],
+        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
     return address, sched, workers
 
 
@@ -294,9 +390,12 @@ def test_a_scheduler_that_dies_mid_grid_is_one_line_and_the_rerun_completes(data
     out = tmp_path / "out"
     args = [*_args(root, a, b, seeds="0,1,2"), "--layers", "layer1,layer2,layer3,layer4,avgpool"]
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "featx.cli", *args, "--out", str(out), "--scheduler", address, "-q"],
-                                stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "5s"})  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "featx.cli", *args, "--out", str(out), "--scheduler", address, "-q"],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "5s"},
+        )
         deadline = time.monotonic() + 240
         while cells_written(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -308,8 +407,12 @@ def test_a_scheduler_that_dies_mid_grid_is_one_line_and_the_rerun_completes(data
         for p in (sched, workers):
             p.kill()
             p.wait()
-    assert_one_line_error(proc.returncode, err, 1, (f"--scheduler {address}", "lost the Dask scheduler mid-grid",
-                                                    "finished cells are kept", "rerun"))  # fmt: skip
+    assert_one_line_error(
+        proc.returncode,
+        err,
+        1,
+        (f"--scheduler {address}", "lost the Dask scheduler mid-grid", "finished cells are kept", "rerun"),
+    )
     done = len(load_done(str(out)))
     assert 3 <= done < 60, done
     r = run_cli(*args, "--out", str(out), "--scheduler", "local")

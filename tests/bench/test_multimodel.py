@@ -43,8 +43,12 @@ def test_split_model_spec():
 
 
 def test_bench_config_models_and_defaults():
-    cfg = BenchConfig(["resnet18@none", "resnet18", ModelSettings("vgg11", "none")], [BenchData("x")],
-                      weights="IMAGENET1K_V1", image_size=32)  # fmt: skip
+    cfg = BenchConfig(
+        ["resnet18@none", "resnet18", ModelSettings("vgg11", "none")],
+        [BenchData("x")],
+        weights="IMAGENET1K_V1",
+        image_size=32,
+    )
     # @WEIGHTS wins over the flat weights=, which is the default of a bare name and, as in extract,
     # replaces that field of a given ModelSettings
     assert [model.weights for model in cfg.models] == ["none", "IMAGENET1K_V1", "IMAGENET1K_V1"]
@@ -67,8 +71,17 @@ def test_bench_config_models_and_defaults():
     "model, needle", [("resnet18@", "no weights after @"), ("@imagenet", "no model name")]
 )
 def test_bad_model_spec_is_one_line(tmp_path, model, needle):
-    rc, _, err = cli("bench", "--model", "resnet18@none", "--model", model, "--data", "sklearn:digits",
-                     "--out", tmp_path / "o")  # fmt: skip
+    rc, _, err = cli(
+        "bench",
+        "--model",
+        "resnet18@none",
+        "--model",
+        model,
+        "--data",
+        "sklearn:digits",
+        "--out",
+        tmp_path / "o",
+    )
     assert_one_line_error(rc, err, 2, ("--model", needle))
 
 
@@ -95,9 +108,19 @@ def data(tmp_path_factory):
 
 
 def _config(root, a, b, out, models, **kw):
-    base = dict(datasets=[BenchData(str(a), "similar"), BenchData(str(b), "different")], layers="depth:0.2,0.4,0.6",
-                train_sizes=["2/class", "all"], protocols=[protocol_for("softmax", Cs=(0.1, 1.0))], seeds=(0, 1),
-                image_size=32, out=str(out), cache_dir=str(root / "cache"), workers=0, batch_size=8, precision="fp32")  # fmt: skip
+    base = dict(
+        datasets=[BenchData(str(a), "similar"), BenchData(str(b), "different")],
+        layers="depth:0.2,0.4,0.6",
+        train_sizes=["2/class", "all"],
+        protocols=[protocol_for("softmax", Cs=(0.1, 1.0))],
+        seeds=(0, 1),
+        image_size=32,
+        out=str(out),
+        cache_dir=str(root / "cache"),
+        workers=0,
+        batch_size=8,
+        precision="fp32",
+    )
     return BenchConfig(models, **{**base, **kw})
 
 
@@ -159,8 +182,15 @@ def test_single_model_cell_keys_are_unchanged_and_reused_by_a_bigger_bench(data,
     out = tmp_path / "out"
     single = run(_config(root, a, b, out, "resnet18", weights="none", seeds=(0,)))
     for cell, _ in single.cells:
-        old = digest({"codes": cell.cache_key, "layer": cell.layer, "train_size": str(cell.train_size),
-                      "protocol": cell.protocol.to_dict(), "seed": cell.seed})  # fmt: skip
+        old = digest(
+            {
+                "codes": cell.cache_key,
+                "layer": cell.layer,
+                "train_size": str(cell.train_size),
+                "protocol": cell.protocol.to_dict(),
+                "seed": cell.seed,
+            }
+        )
         assert cell.key == old
     assert set(load_done(str(out))) == {c.key for c, _ in single.cells}
     caplog.clear()
@@ -170,10 +200,35 @@ def test_single_model_cell_keys_are_unchanged_and_reused_by_a_bigger_bench(data,
 
 def test_killed_multi_model_bench_resumes(data, tmp_path):
     root, a, b, _ = data
-    args = ["bench", "--model", "resnet18@none", "--model", "mobilenet_v3_small", "--weights", "none", "--data", a,
-            "--data", b, "--layers", "depth:0.25,0.5", "--train-sizes", "2/class,all", "--seeds", "0,1",
-            "--image-size", "32", "--workers", "0", "--cache-dir", root / "cache", "--C", "0.1,1",
-            "--precision", "fp32"]  # fmt: skip
+    args = [
+        "bench",
+        "--model",
+        "resnet18@none",
+        "--model",
+        "mobilenet_v3_small",
+        "--weights",
+        "none",
+        "--data",
+        a,
+        "--data",
+        b,
+        "--layers",
+        "depth:0.25,0.5",
+        "--train-sizes",
+        "2/class,all",
+        "--seeds",
+        "0,1",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--cache-dir",
+        root / "cache",
+        "--C",
+        "0.1,1",
+        "--precision",
+        "fp32",
+    ]
     out = tmp_path / "killed"
     sigkill_when([*args, "--out", out], lambda: cells_written(out) >= 8)
     done = len(load_done(str(out)))
@@ -207,11 +262,27 @@ def _rows(name, model, cells, scores=None, control_of=""):
     rows = []
     for layer, (val, correct) in cells.items():
         for seed in (0, 1):
-            rows.append({"model": model, "control_of": control_of, "dataset": name, "layer": layer,
-                         "classifier": "softmax", "preset": "", "baseline": "", "train_size_spec": "all",
-                         "train_size": 100, "accuracy": float(correct.mean()), "val_score": val, "val_tiebreak": -0.5,
-                         "seed": seed, "n_test": N_TEST, "val_source": "5-fold cv", "test_correct": pack_correct(correct),
-                         **{f"score_{m}": v for m, v in (scores or {}).get(layer, {}).items()}})  # fmt: skip
+            rows.append(
+                {
+                    "model": model,
+                    "control_of": control_of,
+                    "dataset": name,
+                    "layer": layer,
+                    "classifier": "softmax",
+                    "preset": "",
+                    "baseline": "",
+                    "train_size_spec": "all",
+                    "train_size": 100,
+                    "accuracy": float(correct.mean()),
+                    "val_score": val,
+                    "val_tiebreak": -0.5,
+                    "seed": seed,
+                    "n_test": N_TEST,
+                    "val_source": "5-fold cv",
+                    "test_correct": pack_correct(correct),
+                    **{f"score_{m}": v for m, v in (scores or {}).get(layer, {}).items()},
+                }
+            )
     return rows
 
 
@@ -220,8 +291,15 @@ DEPTH = {"early": 0.3, "mid": 0.6, "top": 1.0}
 
 def test_the_model_is_chosen_by_validation_never_by_test():
     """Model A's top layer has the best validation score; model B's mid layer is best on test."""
-    rows = (_rows("d", "A@imagenet", {"early": (0.6, _correct(120)), "mid": (0.7, _correct(150)), "top": (0.9, _correct(160))})
-            + _rows("d", "B@imagenet", {"early": (0.6, _correct(120)), "mid": (0.85, _correct(190)), "top": (0.8, _correct(170))}))  # fmt: skip
+    rows = _rows(
+        "d",
+        "A@imagenet",
+        {"early": (0.6, _correct(120)), "mid": (0.7, _correct(150)), "top": (0.9, _correct(160))},
+    ) + _rows(
+        "d",
+        "B@imagenet",
+        {"early": (0.6, _correct(120)), "mid": (0.85, _correct(190)), "top": (0.8, _correct(170))},
+    )
     srcs = [_Src("d", "A@imagenet", DEPTH), _Src("d", "B@imagenet", DEPTH)]
     analyses = analyze(rows, srcs)
     (c,) = model_choices(analyses)
@@ -243,9 +321,16 @@ def test_the_model_is_chosen_by_validation_never_by_test():
 
 
 def test_pretraining_gain_per_depth():
-    rows = (_rows("d", "A@imagenet", {"early": (0.6, _correct(120)), "mid": (0.7, _correct(160)), "top": (0.9, _correct(180))})
-            + _rows("d", "A@none (random control)", {"early": (0.6, _correct(130)), "mid": (0.7, _correct(140)),
-                                                      "top": (0.6, _correct(110))}, control_of="A@imagenet"))  # fmt: skip
+    rows = _rows(
+        "d",
+        "A@imagenet",
+        {"early": (0.6, _correct(120)), "mid": (0.7, _correct(160)), "top": (0.9, _correct(180))},
+    ) + _rows(
+        "d",
+        "A@none (random control)",
+        {"early": (0.6, _correct(130)), "mid": (0.7, _correct(140)), "top": (0.6, _correct(110))},
+        control_of="A@imagenet",
+    )
     srcs = [_Src("d", "A@imagenet", DEPTH), _Src("d", "A@none (random control)", DEPTH, "A@imagenet")]
     analyses = analyze(rows, srcs)
     (g,) = pretraining_gains(analyses)
@@ -263,8 +348,10 @@ def test_kendall_tau_and_each_scores_pick():
     depth = {"a": 0.2, "b": 0.4, "c": 0.6, "d": 0.8, "e": 1.0}
     right = {"a": 120, "b": 140, "c": 150, "d": 170, "e": 160}
     cells = {n: (right[n] / N_TEST, _correct(right[n])) for n in depth}
-    scores = {n: {"up": float(right[n]), "down": -float(right[n]), "flat": 1.0, "half": [3, 1, 2, 5, 4][i]}
-              for i, n in enumerate(depth)}  # fmt: skip
+    scores = {
+        n: {"up": float(right[n]), "down": -float(right[n]), "flat": 1.0, "half": [3, 1, 2, 5, 4][i]}
+        for i, n in enumerate(depth)
+    }
     (a,) = analyze(_rows("d", "A@x", cells, scores), [_Src("d", "A@x", depth)])
     got = {s.metric: s for s in score_agreement(a)}
     assert got["up"].tau == pytest.approx(1.0) and got["down"].tau == pytest.approx(-1.0)
@@ -288,15 +375,34 @@ def test_under_cross_validation_models_are_ranked_by_the_log_likelihood_their_la
         for layer in DEPTH:
             for seed in (0, 1):
                 folds = [ll - (0.1 if layer != "top" else 0.0) + 0.01 * i for i in range(5)]
-                out.append({"model": model, "control_of": "", "dataset": "d", "layer": layer, "classifier": "softmax",
-                            "preset": "", "baseline": "", "train_size_spec": "10/class", "train_size": 20,
-                            "accuracy": 0.8, "val_score": acc, "val_tiebreak": float(np.mean(folds)), "seed": seed,
-                            "n_test": N_TEST, "val_source": "5-fold cv", "val_rule": LOGLIK, "val_folds": folds,
-                            "test_correct": pack_correct(_correct(160))})  # fmt: skip
+                out.append(
+                    {
+                        "model": model,
+                        "control_of": "",
+                        "dataset": "d",
+                        "layer": layer,
+                        "classifier": "softmax",
+                        "preset": "",
+                        "baseline": "",
+                        "train_size_spec": "10/class",
+                        "train_size": 20,
+                        "accuracy": 0.8,
+                        "val_score": acc,
+                        "val_tiebreak": float(np.mean(folds)),
+                        "seed": seed,
+                        "n_test": N_TEST,
+                        "val_source": "5-fold cv",
+                        "val_rule": LOGLIK,
+                        "val_folds": folds,
+                        "test_correct": pack_correct(_correct(160)),
+                    }
+                )
         return out
 
-    analyses = analyze(rows("A@imagenet", 0.9, -0.6) + rows("B@imagenet", 0.8, -0.4),
-                       [_Src("d", "A@imagenet", DEPTH), _Src("d", "B@imagenet", DEPTH)])  # fmt: skip
+    analyses = analyze(
+        rows("A@imagenet", 0.9, -0.6) + rows("B@imagenet", 0.8, -0.4),
+        [_Src("d", "A@imagenet", DEPTH), _Src("d", "B@imagenet", DEPTH)],
+    )
     (c,) = model_choices(analyses)
     assert (c.chosen.model, c.chosen.best) == ("B@imagenet", "top")
     assert "the best cross-validated log-likelihood (-0.380)" in c.answer
@@ -321,8 +427,12 @@ def test_plots_keep_legend_and_title_inside_the_figure(tmp_path, sizes):
 
     from featx.bench.report import plot_depth, plot_learning_curves
 
-    models = ["efficientnet_lite0@imagenet", "efficientnet_lite2@imagenet", "timm:convnext_tiny@in1k",
-              "efficientnet_lite0@none (random control)"]  # fmt: skip
+    models = [
+        "efficientnet_lite0@imagenet",
+        "efficientnet_lite2@imagenet",
+        "timm:convnext_tiny@in1k",
+        "efficientnet_lite0@none (random control)",
+    ]
     rows, srcs = [], []
     for d in ("flowers5_128", "brain_tumor_mri"):
         for m in models:

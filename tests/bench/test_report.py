@@ -30,10 +30,24 @@ def _rows(name, cells):
     rows = []
     for layer, (val, correct) in cells.items():
         for seed in (0, 1):
-            rows.append({"dataset": name, "layer": layer, "classifier": "softmax", "preset": "", "baseline": "",
-                         "train_size_spec": "all", "train_size": 100, "accuracy": float(correct.mean()),
-                         "val_score": val, "val_tiebreak": -0.5, "seed": seed, "n_test": N_TEST,
-                         "val_source": "5-fold cv", "test_correct": pack_correct(correct)})  # fmt: skip
+            rows.append(
+                {
+                    "dataset": name,
+                    "layer": layer,
+                    "classifier": "softmax",
+                    "preset": "",
+                    "baseline": "",
+                    "train_size_spec": "all",
+                    "train_size": 100,
+                    "accuracy": float(correct.mean()),
+                    "val_score": val,
+                    "val_tiebreak": -0.5,
+                    "seed": seed,
+                    "n_test": N_TEST,
+                    "val_source": "5-fold cv",
+                    "test_correct": pack_correct(correct),
+                }
+            )
     return rows
 
 
@@ -76,8 +90,12 @@ def test_a_top_layer_choice_is_never_headed_as_earlier_layers():
 def test_differences_within_noise_say_either_will_do():
     depth = {"early": 0.3, "mid": 0.5, "late": 0.86, "top": 1.0}
     # late and top differ by 2 images out of 200 and disagree on 10 (6 vs 4): far from significant
-    cells = {"early": (0.6, _correct(120)), "mid": (0.7, _correct(150)),
-             "late": (0.92, _correct(184, offset=0)), "top": (0.91, _correct(182, offset=4))}  # fmt: skip
+    cells = {
+        "early": (0.6, _correct(120)),
+        "mid": (0.7, _correct(150)),
+        "late": (0.92, _correct(184, offset=0)),
+        "top": (0.91, _correct(182, offset=4)),
+    }
     (a,), md = _report(_rows("z", cells), [_Src("z", depth, "similar")])
     assert a.best == "late"
     t = a.paired("late", "top", "all")
@@ -86,8 +104,10 @@ def test_differences_within_noise_say_either_will_do():
     assert "this test cannot tell them apart (not shown equal), so the cheaper one to extract, late" in md
     assert "either will do" not in md and "do as well" not in md  # within noise is unresolved, never equal
     # small + similar: the rule says top codes; an earlier pick within noise of the top is consistent with it
-    assert ("consistent with it: the chosen earlier layer and the top layer are within noise, so this test cannot "
-            "tell them apart (unresolved, not shown equal)") in md  # fmt: skip
+    assert (
+        "consistent with it: the chosen earlier layer and the top layer are within noise, so this test cannot "
+        "tell them apart (unresolved, not shown equal)"
+    ) in md
 
 
 def test_a_cap_that_decides_the_size_regime_is_named():
@@ -97,8 +117,10 @@ def test_a_cap_that_decides_the_size_regime_is_named():
     src.uncapped_train, src.cap = 20760, "train=400"
     (a,), md = _report(_rows("big", cells), [src])
     assert a.size == "small" and a.case == 1
-    text = ("small (as capped by --per-class-limit train=400; the data holds 20760 training images, 2076 per class, "
-            "which would be large)")  # fmt: skip
+    text = (
+        "small (as capped by --per-class-limit train=400; the data holds 20760 training images, 2076 per class, "
+        "which would be large)"
+    )
     assert a.size_text == text and text in md
 
 
@@ -111,7 +133,9 @@ def test_fine_tune_cells_decide_the_large_data_words():
     cells = {"mid": (0.80, _correct(160)), "top": (0.90, _correct(180))}
     src = _Src("big", depth, "similar", n_train=4000, n_classes=2)
     (a,), md = _report(_rows("big", cells), [src])
-    assert a.case == 2 and "this bench measured linear probes only (bench --finetune adds fine-tune cells)" in md
+    assert (
+        a.case == 2 and "this bench measured linear probes only (bench --finetune adds fine-tune cells)" in md
+    )
     ft = _ft_rows((("depth:0", 0.0, _correct(197), 0.99), ("depth:1.0", 1.0, _correct(180), 0.91)))
     rows = _rows("big", cells) + ft
     (a,) = analyze(rows, [src])
@@ -119,15 +143,37 @@ def test_fine_tune_cells_decide_the_large_data_words():
     assert (c.point, c.probe_layer, round(c.gain, 1), c.verdict) == ("depth:0", "top", 8.5, "pays")
     md = markdown_report([a], title="t", command=None, plots=[], notes=[], finetune=[c])
     assert 'measured by this bench\'s fine-tune cells: see "Fine-tuning beside probing"' in md
-    assert f"fine-tuning from depth:0 pays (+8.5 points against top, exact McNemar p = {c.p_text}), which confirms it" in md
+    assert (
+        f"fine-tuning from depth:0 pays (+8.5 points against top, exact McNemar p = {c.p_text}), which confirms it"
+        in md
+    )
 
 
 def _ft_rows(points, converged=True):
     """Fine-tune rows: (freeze point, depth, correct vector, val score) for seeds 0 and 1."""
-    return [{"kind": "finetune", "model": "", "dataset": "big", "train_size_spec": "all", "train_from": p, "layer": p,
-             "relative_depth": d, "accuracy": float(c.mean()), "val_score": val, "n_test": N_TEST, "epoch": 3,
-             "seed": seed, "test_correct": pack_correct(c), "converged": converged, "epochs_run": 3, "augment": "none",
-             "lr": 0.01} for p, d, c, val in points for seed in (0, 1)]  # fmt: skip
+    return [
+        {
+            "kind": "finetune",
+            "model": "",
+            "dataset": "big",
+            "train_size_spec": "all",
+            "train_from": p,
+            "layer": p,
+            "relative_depth": d,
+            "accuracy": float(c.mean()),
+            "val_score": val,
+            "n_test": N_TEST,
+            "epoch": 3,
+            "seed": seed,
+            "test_correct": pack_correct(c),
+            "converged": converged,
+            "epochs_run": 3,
+            "augment": "none",
+            "lr": 0.01,
+        }
+        for p, d, c, val in points
+        for seed in (0, 1)
+    ]
 
 
 def test_fine_tune_verdict_is_mcnemar_like_layers():
@@ -158,7 +204,10 @@ def test_not_converged_is_a_budget_measurement_not_a_verdict():
     (c,) = compare([a], rows)
     assert c.verdict == "does not pay" and not c.converged
     md = markdown_report([a], title="t", command=None, plots=[], notes=[], finetune=[c])
-    assert "not converged (validation had not stopped improving when its 3 epochs ran out): a budget measurement, not a verdict" in md
+    assert (
+        "not converged (validation had not stopped improving when its 3 epochs ran out): a budget measurement, not a verdict"
+        in md
+    )
     assert "confirms it" not in md and "contradicts it" not in md
     assert "does not pay; not converged" in md
 
@@ -172,13 +221,18 @@ def test_a_baseline_that_beats_everything_leads_the_answer():
     depth = {"mid": 0.5, "top": 1.0}
     cells = {"mid": (0.80, _correct(140)), "top": (0.90, _correct(160))}
     src = _Src("big", depth, "different", n_train=40000, n_classes=2)
-    pix = [{**r, "layer": "pixels", "baseline": "pixels", "model": "pixels"} for r in _rows("big", {"pixels": (0.9, _correct(190))})]
+    pix = [
+        {**r, "layer": "pixels", "baseline": "pixels", "model": "pixels"}
+        for r in _rows("big", {"pixels": (0.9, _correct(190))})
+    ]
     rows = _rows("big", cells) + pix + _ft_rows((("depth:0", 0.0, _correct(170), 0.95),))
     (a,) = analyze(rows, [src])
     (c,) = compare([a], rows)
     apply_baselines([a], [c])
     md = markdown_report([a], title="t", command=None, plots=[], notes=[], finetune=[c])
-    assert a.answer.startswith("Use the raw-pixel baseline: raw pixels (logistic regression) beat the chosen layer top")
+    assert a.answer.startswith(
+        "Use the raw-pixel baseline: raw pixels (logistic regression) beat the chosen layer top"
+    )
     assert "and fine-tuning from depth:0 (0.950 against 0.850" in a.answer
     assert "so neither answer of the rule is the one to use here" in md
     assert "so the rule's recommendation is not the one to use here" in a.rule_check
@@ -190,7 +244,10 @@ def test_a_baseline_within_noise_changes_nothing():
     depth = {"mid": 0.5, "top": 1.0}
     cells = {"mid": (0.80, _correct(140)), "top": (0.90, _correct(180))}
     src = _Src("big", depth, "different", n_train=400, n_classes=2)
-    pix = [{**r, "layer": "pixels", "baseline": "pixels", "model": "pixels"} for r in _rows("big", {"pixels": (0.9, _correct(182))})]
+    pix = [
+        {**r, "layer": "pixels", "baseline": "pixels", "model": "pixels"}
+        for r in _rows("big", {"pixels": (0.9, _correct(182))})
+    ]
     (a,) = analyze(_rows("big", cells) + pix, [src])
     before = a.answer
     apply_baselines([a], [])
@@ -212,15 +269,34 @@ def test_a_cross_validated_choice_keeps_the_deeper_layer_within_noise_and_says_w
     rows = []
     for layer, correct in (("mid", _correct(150)), ("top", _correct(160, offset=5))):
         for seed in (0, 1):
-            rows.append({"dataset": "x", "layer": layer, "classifier": "softmax", "preset": "", "baseline": "",
-                         "train_size_spec": "10/class", "train_size": 20, "accuracy": float(correct.mean()),
-                         "val_score": 0.9, "val_tiebreak": float(folds[layer, seed].mean()), "seed": seed,
-                         "n_test": N_TEST, "val_source": "5-fold cv", "val_rule": LOGLIK,
-                         "val_folds": list(folds[layer, seed]),
-                         "test_correct": pack_correct(correct), "C": 0.1, "relative_depth": depth[layer]})  # fmt: skip
+            rows.append(
+                {
+                    "dataset": "x",
+                    "layer": layer,
+                    "classifier": "softmax",
+                    "preset": "",
+                    "baseline": "",
+                    "train_size_spec": "10/class",
+                    "train_size": 20,
+                    "accuracy": float(correct.mean()),
+                    "val_score": 0.9,
+                    "val_tiebreak": float(folds[layer, seed].mean()),
+                    "seed": seed,
+                    "n_test": N_TEST,
+                    "val_source": "5-fold cv",
+                    "val_rule": LOGLIK,
+                    "val_folds": list(folds[layer, seed]),
+                    "test_correct": pack_correct(correct),
+                    "C": 0.1,
+                    "relative_depth": depth[layer],
+                }
+            )
     (a,), md = _report(rows, [_Src("x", depth)])
     assert a.best == "top"
-    assert "5-fold cv: the deepest layer within one standard error of the best cross-validated log-likelihood" in md
+    assert (
+        "5-fold cv: the deepest layer within one standard error of the best cross-validated log-likelihood"
+        in md
+    )
     assert "**Use top (depth 1.00)" in md
     csv_path, _ = write_results(rows, str(tmp_path))
     with open(csv_path) as f:
@@ -236,11 +312,18 @@ def test_a_random_init_control_that_beats_the_pretrained_layer_leads_the_answer(
     depth = {"mid": 0.5, "top": 1.0}
     pre, rnd = _Src("big", depth, "different"), _Src("big", depth, "different")
     pre.model, rnd.model, rnd.control_of = "m@imagenet", "m@none", "m@imagenet"
-    rows = [{**r, "model": "m@imagenet"} for r in _rows("big", {"mid": (0.8, _correct(140)), "top": (0.9, _correct(150))})]
-    rows += [{**r, "model": "m@none", "control_of": "m@imagenet"}
-             for r in _rows("big", {"mid": (0.8, _correct(170)), "top": (0.95, _correct(190))})]  # fmt: skip
+    rows = [
+        {**r, "model": "m@imagenet"}
+        for r in _rows("big", {"mid": (0.8, _correct(140)), "top": (0.9, _correct(150))})
+    ]
+    rows += [
+        {**r, "model": "m@none", "control_of": "m@imagenet"}
+        for r in _rows("big", {"mid": (0.8, _correct(170)), "top": (0.95, _correct(190))})
+    ]
     analyses = analyze(rows, [pre, rnd])
     a = next(x for x in analyses if not x.control_of)
     apply_baselines(analyses, [])
-    assert a.answer.startswith("Use m@none's top codes (random init): the random-init control's top beat the chosen layer top")
+    assert a.answer.startswith(
+        "Use m@none's top codes (random init): the random-init control's top beat the chosen layer top"
+    )
     assert "the pretrained network does not pay on this data" in a.answer

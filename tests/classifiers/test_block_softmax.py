@@ -43,7 +43,9 @@ def test_blocks_give_the_same_bits_whatever_the_thread_count(k):
     X, y = data(n=2500, k=k, seed=1)
     fits = [BlockSoftmax(C=1.0, block_rows=300, threads=t).fit(X, y) for t in (1, 2, 3)]
     for other in fits[1:]:
-        assert np.array_equal(other.coef_, fits[0].coef_) and np.array_equal(other.intercept_, fits[0].intercept_)
+        assert np.array_equal(other.coef_, fits[0].coef_) and np.array_equal(
+            other.intercept_, fits[0].intercept_
+        )
     ref = LogisticRegression(C=1.0).fit(X, y)
     assert np.mean(fits[0].predict(X) == ref.predict(X)) >= 0.995  # blocks change rounding, not the answer
 

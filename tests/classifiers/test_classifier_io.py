@@ -170,8 +170,9 @@ def test_only_featx_kinds_of_pipeline_are_saved(blob_codes, tmp_path):
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("clfio")
     data = make_images(root / "data", per_class=6, size=(36, 36), splits=("train", "test"))
-    rc, out, err = cli("-q", "extract", *FAST_ARGS, "--data", data, "--layers", "layer3", "--cache-dir",
-                       root / "cache")  # fmt: skip
+    rc, out, err = cli(
+        "-q", "extract", *FAST_ARGS, "--data", data, "--layers", "layer3", "--cache-dir", root / "cache"
+    )
     assert rc == 0, err
     return {"root": root, "data": data, "codes": out.strip().splitlines()[-1]}
 
@@ -186,18 +187,21 @@ def test_results_beside_the_classifier_do_not_destroy_it(world, tmp_path):
     """Issue 19.1: `--out models/r.joblib --results models/r.json` overwrote the classifier's
     metadata. Now the classifier is one file, and outputs that would collide are refused."""
     models = tmp_path / "models"
-    rc, out, err = cli("-q", "fit", world["codes"], "--C", "1", "--out", models / "r.joblib", "--results",
-                       models / "r.json")  # fmt: skip
+    rc, out, err = cli(
+        "-q", "fit", world["codes"], "--C", "1", "--out", models / "r.joblib", "--results", models / "r.json"
+    )
     assert rc == 0, err
     assert sorted(os.listdir(models)) == ["r.json", "r.safetensors"]
     assert json.loads((models / "r.json").read_text())["best_layer"] == "layer3"
     assert len(predict_json(models / "r.joblib", world)) == 18  # the old spelling names the same classifier
     before = {p: sha256(models / p) for p in os.listdir(models)}
     codes_sha = sha256(world["codes"])
-    for argv in (["--out", models / "r", "--results", models / "r.safetensors"],
-                 ["--export-joblib", models / "e.joblib", "--results", models / "e.json"],
-                 ["--out", models / "e.joblib", "--export-joblib", models / "x", "--results", models / "x.joblib"],
-                 ["--results", world["codes"]]):  # fmt: skip
+    for argv in (
+        ["--out", models / "r", "--results", models / "r.safetensors"],
+        ["--export-joblib", models / "e.joblib", "--results", models / "e.json"],
+        ["--out", models / "e.joblib", "--export-joblib", models / "x", "--results", models / "x.joblib"],
+        ["--results", world["codes"]],
+    ):
         rc, out, err = cli("-q", "fit", world["codes"], "--C", "1", *argv)
         one_line_error(rc, err, (2,), ["give each output of featx fit its own path"])
     assert {p: sha256(models / p) for p in os.listdir(models)} == before and sha256(
@@ -226,8 +230,13 @@ def _failed_save_keeps_the_old_files(world, tmp_path, option: str) -> None:
     assert files == ["c.joblib", "c.json", "c.safetensors"]
     before = {p: sha256(name.parent / p) for p in files}
     preds = predict_json(name, world)
-    r = subprocess.run([sys.executable, "-m", "featx.cli", "-q", "fit", world["codes"], "--C", "0.1", option, name],
-                       capture_output=True, text=True, preexec_fn=_with_fsize_limit(2000), timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "featx.cli", "-q", "fit", world["codes"], "--C", "0.1", option, name],
+        capture_output=True,
+        text=True,
+        preexec_fn=_with_fsize_limit(2000),
+        timeout=300,
+    )
     one_line_error(r.returncode, r.stderr, (1,), ["cannot write"])
     assert sorted(os.listdir(name.parent)) == files, "a temporary file was left behind"
     assert {p: sha256(name.parent / p) for p in files} == before

@@ -158,8 +158,17 @@ def test_vissl_preset_matches_vissl_procedure(tmp_path):
         yb = np.where(y == c, 1, -1)
         aps = []
         for cost in VISSL_COSTS:
-            svm = LinearSVC(C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2", loss="squared_hinge",
-                            tol=1e-4, dual=True, max_iter=2000, random_state=0)  # fmt: skip
+            svm = LinearSVC(
+                C=cost,
+                class_weight={1: 2, -1: 1},
+                intercept_scaling=1.0,
+                penalty="l2",
+                loss="squared_hinge",
+                tol=1e-4,
+                dual=True,
+                max_iter=2000,
+                random_state=0,
+            )
             aps.append(cross_val_score(svm, Xn, yb, cv=3, scoring="average_precision").mean())
         assert ours.costs_[k] == VISSL_COSTS[int(np.argmax(aps))]
     assert ours.decision_function(Xn).shape == (60, 3)
@@ -309,16 +318,27 @@ def test_the_cli_choices_are_the_library_ones():
 def test_parsing_a_command_line_imports_no_heavy_library():
     """A cache hit answers in well under a second: building the parser loads no scikit-learn,
     torch or h5py (each takes a second or more to import)."""
-    code = ("import sys; from featx.cli.main import build_parser; build_parser(); "
-            "print(sorted(m for m in ('torch', 'sklearn', 'h5py', 'timm', 'scipy') if m in sys.modules))")
+    code = (
+        "import sys; from featx.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'sklearn', 'h5py', 'timm', 'scipy') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
 
 
-@pytest.mark.parametrize(("field", "value", "flag"), [("classifier", "knn?", "--classifier"), ("scale", "z", "--scale"),
-                                                      ("pca", 0, "--pca"), ("cv", 1, "--cv"), ("epochs", 0, "--epochs"),
-                                                      ("chunk_rows", 8, "--chunk-rows"), ("solver", "gpu", "--solver"),
-                                                      ("val_fraction", 1.5, "--val-fraction")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("field", "value", "flag"),
+    [
+        ("classifier", "knn?", "--classifier"),
+        ("scale", "z", "--scale"),
+        ("pca", 0, "--pca"),
+        ("cv", 1, "--cv"),
+        ("epochs", 0, "--epochs"),
+        ("chunk_rows", 8, "--chunk-rows"),
+        ("solver", "gpu", "--solver"),
+        ("val_fraction", 1.5, "--val-fraction"),
+    ],
+)
 def test_protocol_is_validated_at_construction(field, value, flag):
     """Every way in (fit, fit_cell, bench, a preset) builds a Protocol, so every way is checked."""
     from featx.classifiers.protocol import Protocol

@@ -21,8 +21,13 @@ def wide(tmp_path_factory):
     n = 3000
     labels = np.arange(n) % 3
     splits = np.where(np.arange(n) % 5 == 0, "test", "train")
-    return write_codes(tmp_path_factory.mktemp("mem") / "wide.h5", {"fc": rng.standard_normal((n, 2000), np.float32)},
-                       labels, splits, ["a", "b", "c"])  # fmt: skip
+    return write_codes(
+        tmp_path_factory.mktemp("mem") / "wide.h5",
+        {"fc": rng.standard_normal((n, 2000), np.float32)},
+        labels,
+        splits,
+        ["a", "b", "c"],
+    )
 
 
 def _fit_under_rlimit_as(path, *args, room_mb=60):
@@ -34,16 +39,34 @@ def _fit_under_rlimit_as(path, *args, room_mb=60):
         f"resource.setrlimit(resource.RLIMIT_AS, (used + {room_mb} * 2**20, resource.RLIM_INFINITY))\n"
         f"sys.exit(main(['fit', {str(path)!r}, *{list(args)!r}]))\n"
     )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                               "PYTHONPATH": ":".join(sys.path)})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": ":".join(sys.path),
+        },
+    )
 
 
 def test_a_fit_beyond_rlimit_as_is_one_line_before_reading(wide):
     p = _fit_under_rlimit_as(wide, "--classifier", "softmax", "-q")
-    assert_one_line_error(p.returncode, p.stderr, code=1,
-                          needles=("3,000 rows x 2,000 dims", "address-space limit", "--classifier sgd", "--pca K",
-                                   "--chunk-rows"))  # fmt: skip
+    assert_one_line_error(
+        p.returncode,
+        p.stderr,
+        code=1,
+        needles=(
+            "3,000 rows x 2,000 dims",
+            "address-space limit",
+            "--classifier sgd",
+            "--pca K",
+            "--chunk-rows",
+        ),
+    )
 
 
 def test_the_guard_compares_the_estimate_with_what_is_left(monkeypatch):

@@ -41,9 +41,13 @@ def same_numbers(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize(
     "shape",
-    [dict(n=1400, d=64, c=5, noise=2.0, seed=0), dict(n=2100, d=96, c=10, noise=1.5, seed=1),
-     dict(n=1400, d=48, c=3, noise=3.0, seed=2, val=True), dict(n=210, d=32, c=5, noise=1.5, seed=3)],
-)  # fmt: skip
+    [
+        dict(n=1400, d=64, c=5, noise=2.0, seed=0),
+        dict(n=2100, d=96, c=10, noise=1.5, seed=1),
+        dict(n=1400, d=48, c=3, noise=3.0, seed=2, val=True),
+        dict(n=210, d=32, c=5, noise=1.5, seed=3),
+    ],
+)
 def test_warm_starts_choose_the_same_C_as_fits_from_scratch(tmp_path, shape):
     """Hold-out, val split and (210 images: under 10 per class in a hold-out) k-fold CV."""
     path = codes(tmp_path, **shape)
@@ -78,8 +82,10 @@ def test_the_cold_path_is_the_plain_pipeline_per_C(tmp_path):
         rows = select_rows(f, proto, parse_train_size("all"), 0)
         X, y = f.codes("L"), f.labels
     tr, va = rows.train, rows.val
-    scores = [val_scores(make_pipeline(proto, C, 0, len(tr), 64).fit(X[tr], y[tr]), X[va], y[va], proto)
-              for C in proto.Cs]  # fmt: skip
+    scores = [
+        val_scores(make_pipeline(proto, C, 0, len(tr), 64).fit(X[tr], y[tr]), X[va], y[va], proto)
+        for C in proto.Cs
+    ]
     best = best_C(proto.Cs, scores)
     assert (r["C"], (r["val_score"], r["val_tiebreak"])) == (proto.Cs[best], scores[best])
     both = np.concatenate([tr, va])
@@ -99,9 +105,14 @@ def test_the_refit_starts_from_the_chosen_Cs_solution(tmp_path):
 
 @pytest.mark.parametrize(
     "proto,shape",
-    [(Protocol("softmax"), {}), (Protocol("softmax"), dict(n=210)), (Protocol("svm"), {}),
-     (Protocol("softmax", cv=3), {}), (Protocol("softmax", max_iter=5), {})],
-)  # fmt: skip
+    [
+        (Protocol("softmax"), {}),
+        (Protocol("softmax"), dict(n=210)),
+        (Protocol("svm"), {}),
+        (Protocol("softmax", cv=3), {}),
+        (Protocol("softmax", max_iter=5), {}),
+    ],
+)
 def test_results_are_bit_identical_whatever_jobs(tmp_path, proto, shape):
     """Hold-out, auto CV, svm, --cv 3 and non-converging fits (the warning count too)."""
     path = codes(tmp_path, **shape)
@@ -144,8 +155,21 @@ def test_chains_walk_the_sorted_grid_and_do_not_depend_on_jobs():
 
 def test_fit_speed_benchmark_runs(tmp_path):
     out = tmp_path / "rows.json"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "fit_speed.py"), "--shapes",
-                        "700x32x5", "--jobs", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "fit_speed.py"),
+            "--shapes",
+            "700x32x5",
+            "--jobs",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "700x32x5" in r.stdout and "ratio" in r.stdout
     import json

@@ -77,33 +77,59 @@ def test_cross_validation_scores_every_fold(tmp_path):
     assert r["val_source"] == "5-fold cv" and len(r["val_folds"]) == 5 and r["val_rule"] == "val_score"
     assert r["k"] in (3, 10) and r["temperature"] in (0.07, 0.2)
     again = fit_cell(path, ["good"], protocol, "5/class", 0)
-    assert {k: v for k, v in again.items() if k != "fit_seconds"} == {k: v for k, v in r.items() if k != "fit_seconds"}
+    assert {k: v for k, v in again.items() if k != "fit_seconds"} == {
+        k: v for k, v in r.items() if k != "fit_seconds"
+    }
 
 
 def test_tie_rule_smaller_k_then_T_nearest_007():
-    g = [GridScore(20, 0.2, 0.9, -0.1), GridScore(10, 0.2, 0.9, -0.1), GridScore(10, 0.07, 0.9, -0.1),
-         GridScore(10, 0.02, 0.9, -0.1), GridScore(200, 0.02, 0.8, 0.0)]  # fmt: skip
+    g = [
+        GridScore(20, 0.2, 0.9, -0.1),
+        GridScore(10, 0.2, 0.9, -0.1),
+        GridScore(10, 0.07, 0.9, -0.1),
+        GridScore(10, 0.02, 0.9, -0.1),
+        GridScore(200, 0.02, 0.8, 0.0),
+    ]
     assert selection.best_knn(g) == 2  # accuracy, log-likelihood tie: smaller k, then T = 0.07
-    assert selection.best_knn(g[:2] + [GridScore(10, 0.02, 0.9, -0.05)]) == 2  # the better log-likelihood first
-    assert selection.best_knn([GridScore(10, 0.2, 0.9, 0.0), GridScore(10, 0.02, 0.9, 0.0)]) == 0  # x2.9, x3.5
+    assert (
+        selection.best_knn(g[:2] + [GridScore(10, 0.02, 0.9, -0.05)]) == 2
+    )  # the better log-likelihood first
+    assert (
+        selection.best_knn([GridScore(10, 0.2, 0.9, 0.0), GridScore(10, 0.02, 0.9, 0.0)]) == 0
+    )  # x2.9, x3.5
     assert selection.best_knn([GridScore(10, 0.14, 0.9, 0.0), GridScore(10, 0.035, 0.9, 0.0)]) == 1  # x2 each
 
 
 def test_protocol_identities_and_bad_values():
     # linear protocols' identities are what they were before knn (bench cells and resumes depend on them)
-    pinned = ["2c858bbc4246347f", "368a5864e9bfffbe", "1e3eca18586466fc", "91e5f8a84c180c22", "5721ddd621a8bb9e",
-              "06e63c0b929de3a3", "d383a963f0ea04e3"]  # fmt: skip
+    pinned = [
+        "2c858bbc4246347f",
+        "368a5864e9bfffbe",
+        "1e3eca18586466fc",
+        "91e5f8a84c180c22",
+        "5721ddd621a8bb9e",
+        "06e63c0b929de3a3",
+        "d383a963f0ea04e3",
+    ]
     ps = [protocol_for(c) for c in ("softmax", "svm", "sgd")] + list(PRESETS.values())
     ps += [protocol_for("softmax", cv=3, Cs=(0.1, 1)), protocol_for("svm", scale="l2", pca=8)]
-    assert [hashlib.sha256(json.dumps(p.to_dict(), sort_keys=True).encode()).hexdigest()[:16] for p in ps] == pinned
+    assert [
+        hashlib.sha256(json.dumps(p.to_dict(), sort_keys=True).encode()).hexdigest()[:16] for p in ps
+    ] == pinned
     knn = protocol_for("knn")
     assert knn.scale == "none" and knn.ks == (10, 20, 100, 200) and knn.temperatures == (0.02, 0.07, 0.2)
     assert knn.to_dict()["ks"] == [10, 20, 100, 200] and "Cs" not in knn.to_dict()
     assert protocol_for("knn", Cs=(1.0,)).to_dict() == knn.to_dict()  # C does not touch knn's numbers
     assert protocol_for("knn", ks=(20, 10)).to_dict() != knn.to_dict()
-    for kw, flag in [({"ks": (0,)}, "--knn-k"), ({"ks": (2.5,)}, "--knn-k"), ({"temperatures": (0.0,)}, "--knn-t"),
-                     ({"temperatures": (float("nan"),)}, "--knn-t"), ({"scale": "standardize"}, "--scale"),
-                     ({"pca": 4}, "--pca"), ({"solver": "torch"}, "--solver")]:  # fmt: skip
+    for kw, flag in [
+        ({"ks": (0,)}, "--knn-k"),
+        ({"ks": (2.5,)}, "--knn-k"),
+        ({"temperatures": (0.0,)}, "--knn-t"),
+        ({"temperatures": (float("nan"),)}, "--knn-t"),
+        ({"scale": "standardize"}, "--scale"),
+        ({"pca": 4}, "--pca"),
+        ({"solver": "torch"}, "--solver"),
+    ]:
         with pytest.raises(UsageError, match=flag):
             protocol_for("knn", **kw)
     assert Protocol().scale == "standardize"
@@ -143,9 +169,11 @@ def test_a_damaged_knn_file_is_refused_in_one_line(codes, tmp_path):
     make_images(tmp_path / "imgs", per_class=1)
     rc, _, err = cli("predict", str(tmp_path / "flip.safetensors"), str(tmp_path / "imgs"))
     assert_one_line_error(rc, err, needles=("sha256",))
-    for step, needle in [({"fitted": {"n_neighbors_": 10**6, "codes_dtype": "float32"}}, "n_neighbors_"),
-                         ({"fitted": {"n_neighbors_": 5, "codes_dtype": "float16"}}, "float16"),
-                         ({"params": {"temperature": -1.0, "n_neighbors": 5}}, "temperature")]:  # fmt: skip
+    for step, needle in [
+        ({"fitted": {"n_neighbors_": 10**6, "codes_dtype": "float32"}}, "n_neighbors_"),
+        ({"fitted": {"n_neighbors_": 5, "codes_dtype": "float16"}}, "float16"),
+        ({"params": {"temperature": -1.0, "n_neighbors": 5}}, "temperature"),
+    ]:
         bad = tmp_path / "edit.safetensors"
         bad.write_bytes(open(out, "rb").read())
         from safetensors import safe_open
@@ -162,15 +190,33 @@ def test_a_damaged_knn_file_is_refused_in_one_line(codes, tmp_path):
 
 
 def test_cli_fit_knn_options_and_errors(codes, tmp_path):
-    rc, out, err = cli("fit", codes, "--classifier", "knn", "--knn-k", "5,500", "--knn-t", "0.07",
-                       "--out", tmp_path / "m", "--results", tmp_path / "r.json")  # fmt: skip
+    rc, out, err = cli(
+        "fit",
+        codes,
+        "--classifier",
+        "knn",
+        "--knn-k",
+        "5,500",
+        "--knn-t",
+        "0.07",
+        "--out",
+        tmp_path / "m",
+        "--results",
+        tmp_path / "r.json",
+    )
     assert rc == 0, err
     assert "k, T" in out and ("k=5 T=0.07" in out or "k=90 T=0.07" in out)  # 500 capped at the 90 rows
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["protocol"]["ks"] == [5, 500] and res["results"][0]["k"] in (5, 90)
     assert (tmp_path / "m.safetensors").is_file()
-    for args, flag in [(["--knn-k", "0"], "--knn-k"), (["--knn-t", "0"], "--knn-t"), (["--knn-t", "-0.1"], "--knn-t"),
-                       (["--knn-k", "x"], "--knn-k"), (["--C", "1"], "--C"), (["--scale", "l2"], "--scale")]:  # fmt: skip
+    for args, flag in [
+        (["--knn-k", "0"], "--knn-k"),
+        (["--knn-t", "0"], "--knn-t"),
+        (["--knn-t", "-0.1"], "--knn-t"),
+        (["--knn-k", "x"], "--knn-k"),
+        (["--C", "1"], "--C"),
+        (["--scale", "l2"], "--scale"),
+    ]:
         rc, _, err = cli("fit", codes, "--classifier", "knn", *args)
         assert_one_line_error(rc, err, code=2, needles=(flag,))
     rc, _, err = cli("fit", codes, "--knn-k", "5")  # softmax: the option would be ignored
@@ -192,8 +238,18 @@ def test_predict_from_images_equals_the_fitted_knn(images_and_codes, tmp_path):
     from featx.store.codes import open_codes
 
     root, data, codes_path = images_and_codes
-    rc, _, err = cli("fit", codes_path, "--layer", "layer3", "--classifier", "knn", "--out", tmp_path / "knn",
-                     "--export-joblib", tmp_path / "knn.joblib")  # fmt: skip
+    rc, _, err = cli(
+        "fit",
+        codes_path,
+        "--layer",
+        "layer3",
+        "--classifier",
+        "knn",
+        "--out",
+        tmp_path / "knn",
+        "--export-joblib",
+        tmp_path / "knn.joblib",
+    )
     assert rc == 0, err
     pipe, _ = load_classifier(str(tmp_path / "knn"))
     pickled, _ = load_classifier(str(tmp_path / "knn.joblib"), trust_pickle=True)
@@ -204,7 +260,9 @@ def test_predict_from_images_equals_the_fitted_knn(images_and_codes, tmp_path):
         X = f.codes("layer3", test)
     proba = pipe.predict_proba(X)
     preds = predictor.predict(paths, top_k=3)
-    assert [p.label for p in preds] == [predictor.classes[int(pipe.classes_[k])] for k in np.argmax(proba, axis=1)]
+    assert [p.label for p in preds] == [
+        predictor.classes[int(pipe.classes_[k])] for k in np.argmax(proba, axis=1)
+    ]
     for p, row in zip(preds, proba):
         assert p.score == pytest.approx(row.max(), abs=1e-4)  # codes recomputed from pixels: float rounding
         assert sum(s for _, s in p.top) <= 1 + 1e-6
@@ -217,10 +275,35 @@ def test_predict_from_images_equals_the_fitted_knn(images_and_codes, tmp_path):
 def test_bench_with_softmax_and_knn(images_and_codes, tmp_path):
     root, data, _ = images_and_codes
     out = tmp_path / "bench"
-    rc, _, err = cli("bench", "--model", "resnet18", "--weights", "none", "--image-size", "32", "--workers", "0",
-                     "--batch-size", "8", "--precision", "fp32", "--data", data, "--layers", "layer2,layer3",
-                     "--classifier", "softmax,knn", "--C", "0.1,1", "--knn-k", "3,10", "--out", out,
-                     "--cache-dir", root / "cache")  # fmt: skip
+    rc, _, err = cli(
+        "bench",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+        "--precision",
+        "fp32",
+        "--data",
+        data,
+        "--layers",
+        "layer2,layer3",
+        "--classifier",
+        "softmax,knn",
+        "--C",
+        "0.1,1",
+        "--knn-k",
+        "3,10",
+        "--out",
+        out,
+        "--cache-dir",
+        root / "cache",
+    )
     assert rc == 0, err
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))

@@ -125,7 +125,10 @@ def test_threshold_outside_0_1_is_a_one_line_usage_error(bad):
 def test_degenerate_codes_are_refused_in_one_line():
     with pytest.raises(UsageError, match=r"^--group-by auto: all rows have identical codes.*; check"):
         neardup.auto_groups(np.ones((5, 4)), 0.95)
-    with pytest.raises(UsageError, match=r"every row chains into one group, so there is nothing to split; raise the threshold$"):
+    with pytest.raises(
+        UsageError,
+        match=r"every row chains into one group, so there is nothing to split; raise the threshold$",
+    ):
         neardup.auto_groups(np.abs(np.random.default_rng(0).standard_normal((20, 8))) + 5, 0.5)
     with pytest.raises(UsageError, match=r"^--group-by auto: needs at least 2 rows"):
         neardup.auto_groups(np.ones((1, 4)), 0.95)

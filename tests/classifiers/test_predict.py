@@ -54,8 +54,21 @@ def test_predictor_codes_equal_the_cached_codes(trained):
 
 def test_description_records_what_prediction_needs(trained):
     meta = read_description(trained["clf"])
-    for key in ("model", "weights", "weights_sha256", "layers", "pool", "activations", "preprocessing", "classes",
-                "featx_version", "backbone", "pipeline", "arrays_sha256", "results"):  # fmt: skip
+    for key in (
+        "model",
+        "weights",
+        "weights_sha256",
+        "layers",
+        "pool",
+        "activations",
+        "preprocessing",
+        "classes",
+        "featx_version",
+        "backbone",
+        "pipeline",
+        "arrays_sha256",
+        "results",
+    ):
         assert key in meta
     assert meta["classes"] == ["cat", "dog", "owl"] and meta["layers"] == [trained["layer"]]
     assert meta["results"]["best_layer"] == trained["layer"] and meta["format"] == 2
@@ -114,8 +127,20 @@ def test_classifier_for_other_weights_is_refused(tmp_path):
 
 def test_cli_fit_and_predict(trained, tmp_path):
     out = tmp_path / "cli.joblib"
-    r = run_cli("fit", trained["codes"], "--layer", "layer2,layer3", "--classifier", "svm", "--out", str(out),
-                "--results", str(tmp_path / "r.json"), "--seeds", "0,1")  # fmt: skip
+    r = run_cli(
+        "fit",
+        trained["codes"],
+        "--layer",
+        "layer2,layer3",
+        "--classifier",
+        "svm",
+        "--out",
+        str(out),
+        "--results",
+        str(tmp_path / "r.json"),
+        "--seeds",
+        "0,1",
+    )
     assert r.returncode == 0, r.stderr
     assert "chosen layer: " in r.stdout and "confusion matrix" in r.stdout and "±" in r.stdout
     results = json.loads((tmp_path / "r.json").read_text())
@@ -186,7 +211,9 @@ def test_the_pixels_baseline_saves_and_predicts(tmp_path):
     from conftest import cli
 
     data = make_images(tmp_path / "d", per_class=6)
-    code, out, err = cli("extract", "--model", "pixels", "--data", str(data), "--cache-dir", str(tmp_path / "c"), "-q")
+    code, out, err = cli(
+        "extract", "--model", "pixels", "--data", str(data), "--cache-dir", str(tmp_path / "c"), "-q"
+    )
     assert code == 0, err
     codes = out.strip().splitlines()[-1]
     code, _, err = cli("fit", codes, "--out", str(tmp_path / "m" / "px"), "-q")

@@ -28,8 +28,11 @@ def fixed(n, d, c):
 
 
 # thuml/LogME's LogME().fit(X, y) (its default fixed-point algorithm, run once on `fixed`)
-THUML_LOGME = {(120, 10, 3): -0.2068331379542309, (900, 300, 5): 1.1263707638143463,
-               (40, 60, 4): 2.723885848321223}  # fmt: skip
+THUML_LOGME = {
+    (120, 10, 3): -0.2068331379542309,
+    (900, 300, 5): 1.1263707638143463,
+    (40, 60, 4): 2.723885848321223,
+}
 
 
 # -- hand-computed --------------------------------------------------------------------------------
@@ -87,8 +90,16 @@ def test_logme_is_the_maximum_evidence():
         logdet = np.linalg.slogdet(C)[1]
         return 0.5 * (logdet + yc @ np.linalg.solve(C, yc) + n * np.log(2 * np.pi)) / n
 
-    best = [-minimize(neg_evidence, [0.0, 0.0], args=((y == c).astype(float),), method="Nelder-Mead",
-                      options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 4000}).fun for c in range(2)]  # fmt: skip
+    best = [
+        -minimize(
+            neg_evidence,
+            [0.0, 0.0],
+            args=((y == c).astype(float),),
+            method="Nelder-Mead",
+            options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 4000},
+        ).fun
+        for c in range(2)
+    ]
     assert scores.score(X, y, ["logme"])["logme"] == pytest.approx(np.mean(best), abs=1e-5)
 
 
@@ -229,8 +240,9 @@ def test_score_file_without_train_split(tmp_path):
 
 def _cli(*args):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "featx.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "featx.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_cli_table_json_and_model_ranking(tmp_path):
@@ -284,9 +296,20 @@ def test_cli_missing_file_and_other_data(tmp_path):
 
 def test_score_speed_benchmark_runs(tmp_path):
     """benchmarks/score_speed.py on small shapes (dense and banded routes): values agree with the references."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "score_speed.py"), "--shapes",
-                        "200x20x3,400x270x3", "--rounds", "1"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": ROOT})  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "score_speed.py"),
+            "--shapes",
+            "200x20x3,400x270x3",
+            "--rounds",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     for shape in ("200 x 20 x 3", "400 x 270 x 3"):
         for m in ("shared", *scores.METRICS, "all"):

@@ -65,7 +65,9 @@ def test_without_paired_folds_the_val_score_rule_decides():
     ref = [-0.50, -0.52, -0.48, -0.51, -0.49]
     noisy = list(np.array(ref) - [0.02, -0.02, 0.05, -0.01, 0.01])
     # a hold-out cell among CV cells (mixed rules), or folds that do not pair up: best val_score
-    assert choose_layer([_cand("early", 0.3, ref, score=0.95), _cand("top", 1.0, noisy, rule=SCORE)]) == "early"
+    assert (
+        choose_layer([_cand("early", 0.3, ref, score=0.95), _cand("top", 1.0, noisy, rule=SCORE)]) == "early"
+    )
     assert choose_layer([_cand("early", 0.3, ref, score=0.95), _cand("top", 1.0, noisy[:4])]) == "early"
     # an exact tie of both scores goes to the deeper layer
     assert choose_layer([Candidate("a", 0.2, 0.9, -0.3), Candidate("b", 0.8, 0.9, -0.3)]) == "b"
@@ -119,8 +121,14 @@ def test_fit_keeps_the_top_layer_when_the_folds_cannot_tell_it_from_the_best(tmp
     rng = np.random.default_rng(0)
     early, top = X + rng.normal(size=X.shape) * 0.5, X + rng.normal(size=X.shape) * 0.5
     junk = rng.normal(size=X.shape)
-    path = write_codes(tmp_path / "d.h5", {"early": early, "top": top, "junk": junk}, y, _splits(y), CLASSES,
-                       depths={"early": 0.3, "top": 1.0, "junk": 0.9})  # fmt: skip
+    path = write_codes(
+        tmp_path / "d.h5",
+        {"early": early, "top": top, "junk": junk},
+        y,
+        _splits(y),
+        CLASSES,
+        depths={"early": 0.3, "top": 1.0, "junk": 0.9},
+    )
     proto = protocol_for("softmax", Cs=(0.01, 0.1, 1.0))
     rep = fit(path, ["early", "top"], proto, seeds=(0, 1))
     assert {r["val_rule"] for r in rep.results} == {LOGLIK}
@@ -137,5 +145,9 @@ def test_the_rule_is_part_of_the_protocols_identity_where_it_applies():
     protocols the rule cannot touch keep theirs."""
     assert protocol_for("softmax").to_dict()["selection"] == "cv-loglik-1se"
     assert protocol_for("softmax", cv=3, min_val_per_class=0).to_dict()["selection"] == "cv-loglik-1se"
-    for p in (protocol_for("svm"), protocol_for("softmax", min_val_per_class=0), protocol_for(preset="vissl-svm")):
+    for p in (
+        protocol_for("svm"),
+        protocol_for("softmax", min_val_per_class=0),
+        protocol_for(preset="vissl-svm"),
+    ):
         assert "selection" not in p.to_dict()

@@ -99,16 +99,23 @@ def codes(tmp_path, n=1400, d=48, c=5, seed=0):
     return write_codes(tmp_path / "c.h5", {"L": X}, y, s, [f"k{i}" for i in range(c)])
 
 
-@pytest.mark.parametrize("shape,Cs", [(dict(seed=0), None), (dict(n=2100, d=64, c=8, seed=1), None),
-                                      (dict(n=280, seed=2), (1e-3, 0.01, 0.1, 1.0, 10.0))])  # fmt: skip
+@pytest.mark.parametrize(
+    "shape,Cs",
+    [
+        (dict(seed=0), None),
+        (dict(n=2100, d=64, c=8, seed=1), None),
+        (dict(n=280, seed=2), (1e-3, 0.01, 0.1, 1.0, 10.0)),
+    ],
+)
 def test_the_selection_picks_the_same_C_with_either_solver(tmp_path, shape, Cs):
     """Through classify's real selection (hold-out; 280 images: auto k-fold CV, on a grid without
     the near-separable C = 100, 1000 that make the tiny folds slow), warm starts included."""
     path = codes(tmp_path, **shape)
     grid = {"Cs": Cs} if Cs else {}
     sk, sk_pipe = fit_cell(path, ["L"], protocol_for("softmax", solver="sklearn", **grid), return_model=True)
-    tc, tc_pipe = fit_cell(path, ["L"], protocol_for("softmax", solver="torch", device="cpu", **grid),
-                           return_model=True)  # fmt: skip
+    tc, tc_pipe = fit_cell(
+        path, ["L"], protocol_for("softmax", solver="torch", device="cpu", **grid), return_model=True
+    )
     assert tc["val_source"] == sk["val_source"]
     assert tc["C"] == sk["C"]
     assert abs(tc["accuracy"] - sk["accuracy"]) <= 0.005
@@ -145,8 +152,12 @@ def test_torch_fits_on_the_cpu_use_one_thread_like_blas(tmp_path, monkeypatch):
 
     monkeypatch.setattr(grid, "run_chain", chain)
     torch.set_num_threads(2)
-    fit_cell(codes(tmp_path, n=420), ["L"], protocol_for("softmax", solver="torch", device="cpu", Cs=(0.1, 1.0)),
-             jobs=2)  # fmt: skip
+    fit_cell(
+        codes(tmp_path, n=420),
+        ["L"],
+        protocol_for("softmax", solver="torch", device="cpu", Cs=(0.1, 1.0)),
+        jobs=2,
+    )
     assert torch.get_num_threads() == 2  # restored
     assert seen and all(n == 1 for _, n in seen), seen
 
@@ -172,8 +183,11 @@ def test_solver_identity_auto_and_errors():
     torch_proto = Protocol(solver="torch", device="cpu").validate()
     assert torch_proto.to_dict()["solver"] == "torch" and "device" not in torch_proto.to_dict()
     assert torch_proto == Protocol(solver="torch", device="cuda:3")  # the device is not identity
-    for bad, needle in [(dict(solver="newton"), "--solver 'newton'"), (dict(classifier="svm", solver="torch"), "softmax only"),
-                        (dict(solver="torch", device="tpu"), "--device")]:  # fmt: skip
+    for bad, needle in [
+        (dict(solver="newton"), "--solver 'newton'"),
+        (dict(classifier="svm", solver="torch"), "softmax only"),
+        (dict(solver="torch", device="tpu"), "--device"),
+    ]:
         with pytest.raises(UsageError, match=needle):
             Protocol(**bad).validate()
     assert resolve_solver("auto", "softmax", "cpu") == "sklearn"
@@ -185,8 +199,20 @@ def fit_file(tmp_path):
 
 
 def test_cli_fit_with_the_torch_solver(tmp_path, fit_file):
-    rc, out, err = cli("-q", "fit", fit_file, "--solver", "torch", "--device", "cpu", "--C", "0.1,1", "--json",
-                       "--out", tmp_path / "m")  # fmt: skip
+    rc, out, err = cli(
+        "-q",
+        "fit",
+        fit_file,
+        "--solver",
+        "torch",
+        "--device",
+        "cpu",
+        "--C",
+        "0.1,1",
+        "--json",
+        "--out",
+        tmp_path / "m",
+    )
     assert rc == 0, err
     data = json.loads(out)
     assert data["protocol"]["solver"] == "torch" and data["results"][0]["C"] in (0.1, 1.0)

@@ -65,26 +65,53 @@ def test_extract_prints_path_last_then_hits(image_folder, tmp_path):
 
 def test_default_cache_is_cwd_cache(image_folder, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "FEATX_CACHE_DIR"}
-    r = subprocess.run([sys.executable, "-m", "featx.cli", "-q", "extract", "--model", "resnet18", "--data", str(image_folder),
-                        "--layers", "layer1", *TINY], capture_output=True, text=True, cwd=tmp_path, env=env)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featx.cli",
+            "-q",
+            "extract",
+            "--model",
+            "resnet18",
+            "--data",
+            str(image_folder),
+            "--layers",
+            "layer1",
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().startswith(str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["extract", "--model", "resnet18", "--data", "DATA", "--layers", "layer9"], "unknown layer 'layer9'"),
-    (["extract", "--model", "resnt18", "--data", "DATA"], "not a torchvision classification model"),
-    (["extract", "--model", "resnet18", "--data", "DATA", "--pool", "sum"], "--pool"),
-    (["extract", "--model", "resnet18", "--data", "/no/such/dir"], "no such file or folder"),
-    (["extract", "--model", "resnet18", "--data", "DATA", "--per-class-limit", "lots"], "--per-class-limit"),
-    (["extract", "--model", "resnet18", "--data", "DATA", "--batch-size", "0"], "--batch-size"),
-    (["extract", "--model", "resnet18", "--data", "DATA", "--weights", "IMAGENET9K"], "IMAGENET1K_V1"),
-    (["extract", "--data", "DATA"], "--model"),
-    (["layers", "timm:nope_net"], "timm has no model"),
-    (["info", "/no/such.h5"], "no such file"),
-    (["cache", "rm", "zzzz", "--cache-dir", "CACHE"], "matches no entry"),
-    (["frobnicate"], "invalid choice"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            ["extract", "--model", "resnet18", "--data", "DATA", "--layers", "layer9"],
+            "unknown layer 'layer9'",
+        ),
+        (["extract", "--model", "resnt18", "--data", "DATA"], "not a torchvision classification model"),
+        (["extract", "--model", "resnet18", "--data", "DATA", "--pool", "sum"], "--pool"),
+        (["extract", "--model", "resnet18", "--data", "/no/such/dir"], "no such file or folder"),
+        (
+            ["extract", "--model", "resnet18", "--data", "DATA", "--per-class-limit", "lots"],
+            "--per-class-limit",
+        ),
+        (["extract", "--model", "resnet18", "--data", "DATA", "--batch-size", "0"], "--batch-size"),
+        (["extract", "--model", "resnet18", "--data", "DATA", "--weights", "IMAGENET9K"], "IMAGENET1K_V1"),
+        (["extract", "--data", "DATA"], "--model"),
+        (["layers", "timm:nope_net"], "timm has no model"),
+        (["info", "/no/such.h5"], "no such file"),
+        (["cache", "rm", "zzzz", "--cache-dir", "CACHE"], "matches no entry"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_usage_errors_are_one_line_exit_2(image_folder, tmp_path, args, needle):
     args = [a.replace("DATA", str(image_folder)).replace("CACHE", str(tmp_path)) for a in args]
     r = run_cli(*args, env={"FEATX_CACHE_DIR": str(tmp_path)})
@@ -104,8 +131,24 @@ def _progress(entry: str) -> int:
 
 def test_sigkill_then_resume_gives_identical_file(tmp_path):
     data = make_images(tmp_path / "d", per_class=40, size=(64, 64))
-    args = ["extract", "--model", "resnet50", "--data", str(data), "--layers", "layer2,layer4,fc", "--weights", "none",
-            "--image-size", "64", "--workers", "0", "--batch-size", "4", "--cache-dir"]  # fmt: skip
+    args = [
+        "extract",
+        "--model",
+        "resnet50",
+        "--data",
+        str(data),
+        "--layers",
+        "layer2,layer4,fc",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--cache-dir",
+    ]
     ref = run_cli(*args, str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     ref_path = ref.stdout.strip()
@@ -126,8 +169,26 @@ def test_sigkill_then_resume_gives_identical_file(tmp_path):
 
 def test_two_processes_same_entry(tmp_path):
     data = make_images(tmp_path / "d", per_class=20, size=(48, 48))
-    args = [sys.executable, "-m", "featx.cli", "extract", "--model", "resnet50", "--data", str(data), "--layers", "layer3",
-            "--weights", "none", "--image-size", "48", "--workers", "0", "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "featx.cli",
+        "extract",
+        "--model",
+        "resnet50",
+        "--data",
+        str(data),
+        "--layers",
+        "layer3",
+        "--weights",
+        "none",
+        "--image-size",
+        "48",
+        "--workers",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
     procs = [
         subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]

@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 
 from conftest import FAST_ARGS, cli, make_images
 
-FAST = settings(max_examples=30, deadline=None, database=None, derandomize=True,
-                suppress_health_check=list(HealthCheck))  # fmt: skip
+FAST = settings(
+    max_examples=30, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
 FULL = settings(max_examples=2000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
@@ -50,10 +51,20 @@ def world(tmp_path_factory):
     one = root / "one"
     one.mkdir()
     cli("-q", "extract", *FAST_ARGS, "--data", data, "--layers", "layer1", "--cache-dir", one)
-    return {"@DATA": str(data), "@EMPTY": str(root / "empty"), "@TXT": str(root / "notes.txt"),
-            "@BADCSV": str(root / "bad.csv"), "@EMPTYCSV": str(root / "empty.csv"), "@CACHE": str(cache),
-            "@SCRATCH": str(root / "scratch"), "@CODES": codes, "@CLF": str(root / "clf" / "m.joblib"),
-            "@IMAGES": str(data / "cat"), "@ONE": str(one), "@ROOT": str(root)}  # fmt: skip
+    return {
+        "@DATA": str(data),
+        "@EMPTY": str(root / "empty"),
+        "@TXT": str(root / "notes.txt"),
+        "@BADCSV": str(root / "bad.csv"),
+        "@EMPTYCSV": str(root / "empty.csv"),
+        "@CACHE": str(cache),
+        "@SCRATCH": str(root / "scratch"),
+        "@CODES": codes,
+        "@CLF": str(root / "clf" / "m.joblib"),
+        "@IMAGES": str(data / "cat"),
+        "@ONE": str(one),
+        "@ROOT": str(root),
+    }
 
 
 def resolve(world, argv) -> list[str]:
@@ -85,8 +96,16 @@ def expect_usage_error(world, argv, code=2) -> None:
 
 # -- base command lines (each valid and cheap on its own) ----------------------------------------
 
-EXTRACT = {"--model": "resnet18", "--weights": "none", "--data": "@DATA", "--layers": "layer2", "--image-size": "32",
-           "--workers": "0", "--batch-size": "4", "--cache-dir": "@SCRATCH"}  # fmt: skip
+EXTRACT = {
+    "--model": "resnet18",
+    "--weights": "none",
+    "--data": "@DATA",
+    "--layers": "layer2",
+    "--image-size": "32",
+    "--workers": "0",
+    "--batch-size": "4",
+    "--cache-dir": "@SCRATCH",
+}
 FIT = {"--C": "1"}
 PREDICT = {"--device": "cpu"}
 
@@ -124,30 +143,97 @@ positive_int_bad = st.one_of(
 no_cuda = not __import__("torch").cuda.is_available()
 
 EXTRACT_BAD_CURATED = {
-    "--model": ["", "resnt18", "timm:", "timm:zz_no_such_net", "vgg", "RESNET18", "torchvision:resnet18",
-                "efficientnet_lite1", "pixels:x"],
-    "--weights": ["", "IMAGENET9K", "imagenet", "default", "random", "/no/such/weights.pth", "./missing.safetensors",
-                  ],
-    "--data": ["", "/no/such/dir", "sklearn:", "sklearn:iris", "torchvision:", "torchvision:NoSuchSet",
-               "torchvision:CIFAR10", "@EMPTY", "@TXT", "@BADCSV", "@EMPTYCSV", "@DATA/cat/cat_000.jpg"],
-    "--layers": ["", ",", " , ", "depth:2", "depth:0", "depth:-0.5", "depth:1.5", "depth:nan", "depth:inf",
-                 "depth:-0.0", "depth:", "depth:abc", "layer9", "layer2,layer9", "LAYER4", "fc.weight",
-                 "depth:0.5,layer9"],
-    "--pool": ["", "sum", "avg3x4", "avg0x0", "avg65x65", "avgx", "max2x2", "avg-1x-1", "none2", "avg 2x2", "avg2x2x2"],
+    "--model": [
+        "",
+        "resnt18",
+        "timm:",
+        "timm:zz_no_such_net",
+        "vgg",
+        "RESNET18",
+        "torchvision:resnet18",
+        "efficientnet_lite1",
+        "pixels:x",
+    ],
+    "--weights": [
+        "",
+        "IMAGENET9K",
+        "imagenet",
+        "default",
+        "random",
+        "/no/such/weights.pth",
+        "./missing.safetensors",
+    ],
+    "--data": [
+        "",
+        "/no/such/dir",
+        "sklearn:",
+        "sklearn:iris",
+        "torchvision:",
+        "torchvision:NoSuchSet",
+        "torchvision:CIFAR10",
+        "@EMPTY",
+        "@TXT",
+        "@BADCSV",
+        "@EMPTYCSV",
+        "@DATA/cat/cat_000.jpg",
+    ],
+    "--layers": [
+        "",
+        ",",
+        " , ",
+        "depth:2",
+        "depth:0",
+        "depth:-0.5",
+        "depth:1.5",
+        "depth:nan",
+        "depth:inf",
+        "depth:-0.0",
+        "depth:",
+        "depth:abc",
+        "layer9",
+        "layer2,layer9",
+        "LAYER4",
+        "fc.weight",
+        "depth:0.5,layer9",
+    ],
+    "--pool": [
+        "",
+        "sum",
+        "avg3x4",
+        "avg0x0",
+        "avg65x65",
+        "avgx",
+        "max2x2",
+        "avg-1x-1",
+        "none2",
+        "avg 2x2",
+        "avg2x2x2",
+    ],
     "--image-size": ["0", "-1", "7", "4097", "100000000000", "abc", "1.5", ""],
     "--crop-pct": ["0", "-0.1", "1.5", "nan", "inf", "abc", ""],
     "--dtype": ["float64", "int8", "", "FLOAT32"],
     "--precision": ["fp8", "fp64", "", "FP32"],
     "--channels-last": ["yes", "", "true"],
     "--test-fraction": ["0", "1", "1.0", "-0.5", "2", "nan", "abc", ""],
-    "--per-class-limit": ["0", "-3", "x", "train=0", "foo=3", "train=", "=5", "train=1.5", "", "1.5",
-                          "train=2,,"],
+    "--per-class-limit": [
+        "0",
+        "-3",
+        "x",
+        "train=0",
+        "foo=3",
+        "train=",
+        "=5",
+        "train=1.5",
+        "",
+        "1.5",
+        "train=2,,",
+    ],
     "--seed": ["abc", "1.5", ""],
     "--batch-size": ["0", "-1", "x", "1.5", ""],
     "--workers": ["-1", "x", "1.5", ""],
     "--device": ["tpu", "", "cuda:x", "cuda:-1", "meta", "gpu", "cpu:x", "xla", "CPU", "vulkan", "mps"]
     + (["cuda", "cuda:0"] if no_cuda else []),
-}  # fmt: skip
+}
 
 EXTRACT_BAD_GENERATED = {
     "--model": zz(),
@@ -168,14 +254,16 @@ EXTRACT_BAD_GENERATED = {
     "--test-fraction": not_fraction(open_one=True),
     "--per-class-limit": st.one_of(
         st.integers(max_value=0).map(str),
-        st.tuples(st.sampled_from(["train", "test", "val", "zz"]), st.integers(max_value=0)).map(lambda t: f"{t[0]}={t[1]}"),
+        st.tuples(st.sampled_from(["train", "test", "val", "zz"]), st.integers(max_value=0)).map(
+            lambda t: f"{t[0]}={t[1]}"
+        ),
         zz(),
     ),
     "--seed": st.one_of(zz(), st.floats().map(repr).filter(lambda s: not s.lstrip("-").isdigit())),
     "--batch-size": positive_int_bad,
     "--workers": st.one_of(st.integers(max_value=-1).map(str), zz()),
     "--device": zz(),
-}  # fmt: skip
+}
 
 
 def _curated(table):
@@ -203,8 +291,20 @@ def extract_many_bad(draw):
     for option in draw(st.lists(st.sampled_from(sorted(table)), min_size=2, max_size=4, unique=True)):
         opts[option] = draw(table[option])
     tail = []
-    mistake = draw(st.sampled_from(["none", "missing-model", "missing-data", "relu-and-no-relu", "unknown-option",
-                                    "stray-argument", "dangling-option", "flag-with-value"]))  # fmt: skip
+    mistake = draw(
+        st.sampled_from(
+            [
+                "none",
+                "missing-model",
+                "missing-data",
+                "relu-and-no-relu",
+                "unknown-option",
+                "stray-argument",
+                "dangling-option",
+                "flag-with-value",
+            ]
+        )
+    )
     if mistake == "missing-model":
         opts["--model"] = None
     elif mistake == "missing-data":
@@ -282,7 +382,18 @@ FIT_BAD_CURATED = {
     "--pca": ["0", "-1", "x", "1.5"],
     "--cv": ["0", "1", "-2", "x"],
     "--val-fraction": ["0", "1", "1.5", "-0.1", "nan", "x"],
-    "--train-size": ["x", "0", "-5", "0/class", "abc/class", "1.5", "/class", "-1/class", "all/class", "10/klass"],
+    "--train-size": [
+        "x",
+        "0",
+        "-5",
+        "0/class",
+        "abc/class",
+        "1.5",
+        "/class",
+        "-1/class",
+        "all/class",
+        "10/klass",
+    ],
     "--seed": ["x", "1.5", ""],
     "--seeds": ["a,b", "1.5", "0,x"],
     "--jobs": ["0", "-2", "x", ""],
@@ -290,25 +401,29 @@ FIT_BAD_CURATED = {
     "--chunk-rows": ["0", "1", "15", "x"],
     "--max-iter": ["0", "-10", "x"],
     "--layer": ["", ",", " , "],
-}  # fmt: skip
+}
 
 FIT_BAD_GENERATED = {
     "--classifier": junk.filter(lambda t: t not in ("svm", "softmax", "sgd")),
     "--C": st.one_of(
-        st.lists(st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: not (x > 0 and math.isfinite(x))),
-                 min_size=1, max_size=4).map(lambda xs: ",".join(repr(x) for x in xs)),
+        st.lists(
+            st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: not (x > 0 and math.isfinite(x))),
+            min_size=1,
+            max_size=4,
+        ).map(lambda xs: ",".join(repr(x) for x in xs)),
         zz(),
     ),
     "--pca": positive_int_bad,
     "--cv": st.one_of(st.integers(max_value=1).map(str), zz()),
     "--val-fraction": not_fraction(open_one=True),
-    "--train-size": st.one_of(st.integers(max_value=0).map(str), st.integers(max_value=0).map(lambda k: f"{k}/class"),
-                              zz()),
+    "--train-size": st.one_of(
+        st.integers(max_value=0).map(str), st.integers(max_value=0).map(lambda k: f"{k}/class"), zz()
+    ),
     "--jobs": st.one_of(st.integers(max_value=-2).map(str), st.just("0"), zz()),
     "--epochs": positive_int_bad,
     "--chunk-rows": st.one_of(st.integers(max_value=15).map(str), zz()),
     "--max-iter": positive_int_bad,
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("option,value", _curated(FIT_BAD_CURATED))
@@ -465,16 +580,52 @@ def test_no_command_prints_help_with_exit_2(world, argv):
     assert rc == 2 and "Traceback" not in err and "usage" in err.lower(), (rc, err)
 
 
-@pytest.mark.parametrize("argv", [["cache"], ["cache", "zz"], ["cache", "rm"], ["info"], ["info", ""],
-                                  ["info", "/no/such.h5"], ["fit"], ["predict"], ["predict", "@CLF"], ["layers"],
-                                  ["extract"], ["frobnicate"], ["--zz"], ["layers", "--zz"],
-                                  ["cache", "ls", "--zz"], ["info", "@CODES", "--zz"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["cache"],
+        ["cache", "zz"],
+        ["cache", "rm"],
+        ["info"],
+        ["info", ""],
+        ["info", "/no/such.h5"],
+        ["fit"],
+        ["predict"],
+        ["predict", "@CLF"],
+        ["layers"],
+        ["extract"],
+        ["frobnicate"],
+        ["--zz"],
+        ["layers", "--zz"],
+        ["cache", "ls", "--zz"],
+        ["info", "@CODES", "--zz"],
+    ],
+)
 def test_incomplete_or_unknown_commands(world, argv):
     expect_usage_error(world, argv)
 
 
-FUZZ_WORDS = ["layers", "info", "cache", "ls", "--json", "--pool", "--image-size", "--weights",
-              "--cache-dir", "--list-models", "-q", "resnet18", "@CODES", "@ONE", "avg", "0", "-1", "", "--"]  # fmt: skip
+FUZZ_WORDS = [
+    "layers",
+    "info",
+    "cache",
+    "ls",
+    "--json",
+    "--pool",
+    "--image-size",
+    "--weights",
+    "--cache-dir",
+    "--list-models",
+    "-q",
+    "resnet18",
+    "@CODES",
+    "@ONE",
+    "avg",
+    "0",
+    "-1",
+    "",
+    "--",
+]
 
 
 @st.composite

@@ -17,10 +17,14 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ec")
     data = make_images(root / "d", per_class=6)
     one = make_images(root / "one", classes=("a",), per_class=4)
-    code, out, err = cli("extract", "--model", "pixels", "--data", str(data), "--cache-dir", str(root / "c"), "-q")
+    code, out, err = cli(
+        "extract", "--model", "pixels", "--data", str(data), "--cache-dir", str(root / "c"), "-q"
+    )
     assert code == 0, err
     codes = out.strip().splitlines()[-1]
-    code, out, err = cli("extract", "--model", "pixels", "--data", str(one), "--cache-dir", str(root / "c"), "-q")
+    code, out, err = cli(
+        "extract", "--model", "pixels", "--data", str(one), "--cache-dir", str(root / "c"), "-q"
+    )
     assert code == 0, err
     one_codes = out.strip().splitlines()[-1]
     code, _, err = cli("fit", codes, "--out", str(root / "m" / "clf"), "-q")
@@ -30,8 +34,15 @@ def world(tmp_path_factory):
     shutil.copy(codes, damaged)
     with open(damaged, "r+b") as f:  # a real HDF5 file whose content is cut: featx's own file, damaged
         f.truncate(damaged.stat().st_size // 2)
-    return {"root": root, "data": data, "codes": codes, "one": one_codes, "clf": str(root / "m" / "clf"),
-            "notes": str(root / "notes.txt"), "damaged": str(damaged)}  # fmt: skip
+    return {
+        "root": root,
+        "data": data,
+        "codes": codes,
+        "one": one_codes,
+        "clf": str(root / "m" / "clf"),
+        "notes": str(root / "notes.txt"),
+        "damaged": str(damaged),
+    }
 
 
 USER = [  # (what, argv template): each is the user's input
@@ -43,19 +54,47 @@ USER = [  # (what, argv template): each is the user's input
     ("info on a classifier", ["info", "{clf}.safetensors"]),
     ("fit on a classifier", ["fit", "{clf}.safetensors"]),
     ("score on a text file", ["score", "{notes}"]),
-    ("a classifier as --weights", ["extract", "--model", "resnet18", "--weights", "{clf}.safetensors", "--data", "{data}",
-                                   "--cache-dir", "{root}/c2"]),
+    (
+        "a classifier as --weights",
+        [
+            "extract",
+            "--model",
+            "resnet18",
+            "--weights",
+            "{clf}.safetensors",
+            "--data",
+            "{data}",
+            "--cache-dir",
+            "{root}/c2",
+        ],
+    ),
     ("layers of an unknown model", ["layers", "resnet1800"]),
     ("predict with a text file", ["predict", "{notes}", "{data}"]),
     ("bench without data", ["bench", "--model", "pixels", "--out", "{root}/b"]),
-    ("finetune with a bad freeze point", ["finetune", "--model", "resnet18", "--weights", "none", "--data", "{data}",
-                                          "--train-from", "nowhere", "--image-size", "32", "--out", "{root}/ft"]),
+    (
+        "finetune with a bad freeze point",
+        [
+            "finetune",
+            "--model",
+            "resnet18",
+            "--weights",
+            "none",
+            "--data",
+            "{data}",
+            "--train-from",
+            "nowhere",
+            "--image-size",
+            "32",
+            "--out",
+            "{root}/ft",
+        ],
+    ),
     ("cache with an unknown subcommand", ["cache", "clean"]),
     ("demo with a bad option", ["demo", "--jobs", "x"]),
     ("export of an unknown layer", ["export", "{codes}", "--layer", "nope", "--out", "{root}/x.npy"]),
     ("export to an unknown format", ["export", "{codes}", "--layer", "pixels", "--out", "{root}/x.csv"]),
     ("export of a text file", ["export", "{notes}", "--layer", "pixels", "--out", "{root}/x.npy"]),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("what,argv", USER, ids=[w for w, _ in USER])

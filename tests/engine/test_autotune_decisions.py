@@ -73,8 +73,21 @@ def test_a_forced_decision_is_its_own_request(image_folder, tmp_path, monkeypatc
 
 def test_a_bad_forced_decision_is_one_line(image_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("FEATX_AUTOTUNE", "fp64")
-    rc, out, err = cli("extract", "--model", "resnet18", "--data", image_folder, "--weights", "none", "--image-size",
-                       "32", "--workers", "0", "--cache-dir", tmp_path / "c")  # fmt: skip
+    rc, out, err = cli(
+        "extract",
+        "--model",
+        "resnet18",
+        "--data",
+        image_folder,
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--cache-dir",
+        tmp_path / "c",
+    )
     assert rc == 2 and "FEATX_AUTOTUNE" in err and "fp32 or bf16" in err and "Traceback" not in err, err
 
 
@@ -88,8 +101,24 @@ def _samples_done(entry: str) -> int:
 
 def test_killed_auto_extract_resumes_to_the_uninterrupted_file(decision, tmp_path):
     data = make_images(tmp_path / "d", per_class=30, size=(64, 64))
-    args = ["extract", "--model", "resnet50", "--data", str(data), "--layers", "layer2,avgpool", "--weights", "none",
-            "--image-size", "64", "--workers", "0", "--batch-size", "4", "--cache-dir"]  # fmt: skip
+    args = [
+        "extract",
+        "--model",
+        "resnet50",
+        "--data",
+        str(data),
+        "--layers",
+        "layer2,avgpool",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--cache-dir",
+    ]
     ref = run_cli(*args, str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     ref_path = ref.stdout.strip().splitlines()[-1]

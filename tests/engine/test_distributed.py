@@ -50,8 +50,19 @@ def _env(**extra) -> dict:
 
 
 def torchrun(nproc: int, *args, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(_free_port()), "-m", "featx", "extract", *map(str, args)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "featx",
+        "extract",
+        *map(str, args),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
 
 
@@ -66,18 +77,38 @@ def start_ranks(per_rank_args: list[list], timeout: str = TIMEOUT) -> list[subpr
     port, size = str(_free_port()), len(per_rank_args)
     procs = []
     for rank, args in enumerate(per_rank_args):
-        env = _env(FEATX_DIST_TIMEOUT=timeout, RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port)  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-m", "featx", "extract", *map(str, args)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+        env = _env(
+            FEATX_DIST_TIMEOUT=timeout,
+            RANK=str(rank),
+            WORLD_SIZE=str(size),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "featx", "extract", *map(str, args)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
 def snapshot(path) -> dict:
     with open_codes(str(path)) as f:
-        return {"paths": list(f.paths), "labels": np.array(f.labels), "split": np.array(f.split),
-                "classes": list(f.classes), "skipped": list(f.skipped), "layers": list(f.layers),
-                "codes": {n: f.codes(n) for n in f.layers}, "rows": int(f.attrs["rows"])}  # fmt: skip
+        return {
+            "paths": list(f.paths),
+            "labels": np.array(f.labels),
+            "split": np.array(f.split),
+            "classes": list(f.classes),
+            "skipped": list(f.skipped),
+            "layers": list(f.layers),
+            "codes": {n: f.codes(n) for n in f.layers},
+            "rows": int(f.attrs["rows"]),
+        }
 
 
 # The documented tolerance of distributed codes against one process's (fp32 on the CPU): a row that falls
@@ -94,7 +125,9 @@ def assert_same(a: dict, b: dict, exact: bool = True) -> None:
         if exact:  # same batch shapes for every row: bit-identical
             assert np.array_equal(a["codes"][name], b["codes"][name]), name
         else:
-            np.testing.assert_allclose(a["codes"][name], b["codes"][name], rtol=DIST_TOL, atol=DIST_TOL, err_msg=name)
+            np.testing.assert_allclose(
+                a["codes"][name], b["codes"][name], rtol=DIST_TOL, atol=DIST_TOL, err_msg=name
+            )
 
 
 def reference(data, tmp_path, args) -> dict:
@@ -180,11 +213,24 @@ def test_cache_ls_and_rm_see_an_interrupted_distributed_entry(tmp_path):
     from featx.store.cache import list_entries, remove_entries
 
     entry = str(tmp_path / "d--resnet18--0123456789abcdef.h5")
-    meta = {"key": "k", "layers": [["l", 3]], "dtype": "float32", "samples": 12, "batch_size": 2, "featx": "x"}
+    meta = {
+        "key": "k",
+        "layers": [["l", 3]],
+        "dtype": "float32",
+        "samples": 12,
+        "batch_size": 2,
+        "featx": "x",
+    }
     _write_shard(entry, meta, 0, 6, 4)
     _write_shard(entry, meta, 6, 12, 10)
     (e,) = list_entries(str(tmp_path))
-    assert (e.path, e.state, e.detail["samples_done"], e.detail["samples"], e.detail["shards"]) == (entry, "partial", 8, 12, 2)
+    assert (e.path, e.state, e.detail["samples_done"], e.detail["samples"], e.detail["shards"]) == (
+        entry,
+        "partial",
+        8,
+        12,
+        2,
+    )
     assert e.size > 0
     removed, busy = remove_entries(str(tmp_path), ["0123456789ab"])
     assert removed == [entry] and not busy and not os.path.exists(entry + ".shards")
@@ -323,10 +369,28 @@ def test_a_job_waits_for_the_entry_lock_longer_than_the_timeout_then_finds_the_e
     lines: list[str] = []
     with EntryLock(path):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-             str(_free_port()), "-m", "featx", "extract", *FAST_ARGS, "--data", uneven_folder, "--cache-dir", cache],
-            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                str(_free_port()),
+                "-m",
+                "featx",
+                "extract",
+                *FAST_ARGS,
+                "--data",
+                uneven_folder,
+                "--cache-dir",
+                cache,
+            ],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
         reader.start()
         deadline = time.monotonic() + 180
@@ -344,10 +408,15 @@ def test_a_job_waits_for_the_entry_lock_longer_than_the_timeout_then_finds_the_e
     assert out.strip().splitlines()[-1] == path and os.path.isfile(path)
 
 
-@pytest.mark.parametrize("env,needle", [({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 WORLD_SIZE=2"),
-                                        ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1"),
-                                        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
-                                        ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x'")])  # fmt: skip
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 WORLD_SIZE=2"),
+        ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1"),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x'"),
+    ],
+)
 def test_a_rank_out_of_range_is_one_line_at_once(env, needle, uneven_folder, tmp_path, monkeypatch):
     import time
 

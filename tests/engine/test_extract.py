@@ -67,8 +67,13 @@ def test_torchvision_codes_equal_create_feature_extractor(image_folder, cache_di
         np.testing.assert_allclose(ours[name], ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("model,layers", [("timm:resnet18", "layer1,layer3,global_pool"),
-                                          ("efficientnet_lite0", "blocks.2.0,conv_head,bn2,global_pool")])  # fmt: skip
+@pytest.mark.parametrize(
+    "model,layers",
+    [
+        ("timm:resnet18", "layer1,layer3,global_pool"),
+        ("efficientnet_lite0", "blocks.2.0,conv_head,bn2,global_pool"),
+    ],
+)
 def test_timm_codes_equal_timm_feature_extractor(image_folder, cache_dir, model, layers):
     from timm.models import create_feature_extractor
 
@@ -94,8 +99,17 @@ def test_file_layout_is_plain_hdf5(image_folder, cache_dir):
         assert set(f["split"].asstr()[:]) == {"train", "test"}
         assert f["classes"].asstr()[:].tolist() == ["cat", "dog", "owl"]
         assert json.loads(f.attrs["layer_resolution"])["depth:0.5"] in f["codes"]
-        for key in ("model", "weights", "weights_sha256", "preprocessing", "dataset_fingerprint", "created",
-                    "library_versions", "featx_version", "cache_key"):  # fmt: skip
+        for key in (
+            "model",
+            "weights",
+            "weights_sha256",
+            "preprocessing",
+            "dataset_fingerprint",
+            "created",
+            "library_versions",
+            "featx_version",
+            "cache_key",
+        ):
             assert key in f.attrs
         json.loads(f.attrs["library_versions"])
         assert f.attrs["preprocessing_text"].startswith("resize shorter side to 37")
@@ -242,8 +256,12 @@ def test_lock_no_wait_and_wait(image_folder, cache_dir):
 
 
 def test_bad_options_fail_before_work(image_folder, cache_dir):
-    for kw, msg in [(dict(dtype="int8"), "--dtype"), (dict(precision="fp8"), "--precision"), (dict(pool="sum"), "--pool"),
-                    (dict(device="tpu"), "--device")]:  # fmt: skip
+    for kw, msg in [
+        (dict(dtype="int8"), "--dtype"),
+        (dict(precision="fp8"), "--precision"),
+        (dict(pool="sum"), "--pool"),
+        (dict(device="tpu"), "--device"),
+    ]:
         with pytest.raises(UsageError, match=msg):
             extract("resnet18", str(image_folder), "layer2", cache_dir=str(cache_dir), **{**FAST, **kw})
     with pytest.raises(UsageError, match="unknown layer 'layer9'"):
@@ -253,6 +271,12 @@ def test_bad_options_fail_before_work(image_folder, cache_dir):
 
 def test_data_options_change_the_entry(split_folder, cache_dir):
     a = extract("resnet18", str(split_folder), "layer2", cache_dir=str(cache_dir), **FAST)
-    b = extract("resnet18", str(split_folder), "layer2", cache_dir=str(cache_dir),
-                data_options=DataOptions(per_class_limit=2), **FAST)  # fmt: skip
+    b = extract(
+        "resnet18",
+        str(split_folder),
+        "layer2",
+        cache_dir=str(cache_dir),
+        data_options=DataOptions(per_class_limit=2),
+        **FAST,
+    )
     assert a.path != b.path and b.rows == 12 and a.rows == 24

@@ -57,8 +57,15 @@ def test_extract_predict_and_cnncodes_give_identical_codes(tmp_path, monkeypatch
     assert not np.array_equal(fp32.fit(paths).transform(paths), cached)  # the test can tell precisions apart
 
 
-@pytest.mark.parametrize("param,value,field", [("precision", "fp64", "--precision"), ("relu", "yes", "relu="),
-                                               ("pool", "sum", "--pool"), ("device", "tpu", "--device")])  # fmt: skip
+@pytest.mark.parametrize(
+    "param,value,field",
+    [
+        ("precision", "fp64", "--precision"),
+        ("relu", "yes", "relu="),
+        ("pool", "sum", "--pool"),
+        ("device", "tpu", "--device"),
+    ],
+)
 def test_cnncodes_rejects_unknown_values(param, value, field):
     t = CNNCodes("resnet18", weights="none", layers="layer3", image_size=32, **{param: value})
     with pytest.raises(UsageError, match=field):

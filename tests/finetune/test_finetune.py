@@ -22,8 +22,22 @@ from featx.settings import ModelSettings, RunSettings
 
 MODEL = ModelSettings("timm:test_resnet", "none", image_size=32)
 RUN = RunSettings(device="cpu", workers=0, precision="fp32")
-ARGS = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--device", "cpu", "--workers", "0",
-        "--precision", "fp32", "--batch-size", "4"]  # fmt: skip
+ARGS = [
+    "--model",
+    "timm:test_resnet",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--device",
+    "cpu",
+    "--workers",
+    "0",
+    "--precision",
+    "fp32",
+    "--batch-size",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +83,30 @@ def test_frozen_part_bitwise_unchanged_and_bn_stats_fixed(tuned):
 
 def test_results_schema(tuned):
     r = tuned.results
-    for key in ("accuracy", "balanced_accuracy", "per_class", "confusion_matrix", "seed", "train_size", "seconds",
-                "test_ci_low", "test_ci_high", "val_source", "n_val", "n_test", "recipe", "epoch", "history"):  # fmt: skip
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "per_class",
+        "confusion_matrix",
+        "seed",
+        "train_size",
+        "seconds",
+        "test_ci_low",
+        "test_ci_high",
+        "val_source",
+        "n_val",
+        "n_test",
+        "recipe",
+        "epoch",
+        "history",
+    ):
         assert key in r, key
     assert r["n_test"] == 12 and r["test_split"] == "test" and r["val_source"] == "hold-out 20% of train"
     assert len(r["history"]) == 2 and 1 <= r["epoch"] <= 2
     assert r["test_ci_low"] <= r["accuracy"] <= r["test_ci_high"]
-    assert tuned.path.endswith("m.safetensors") and not os.path.exists(tuned.path[: -len(".safetensors")] + ".ckpt")
+    assert tuned.path.endswith("m.safetensors") and not os.path.exists(
+        tuned.path[: -len(".safetensors")] + ".ckpt"
+    )
 
 
 def test_trains_and_saves_at_the_image_size_asked_for(data, tmp_path):
@@ -195,8 +226,14 @@ def test_extract_taps_the_saved_backbone(tuned, data, tmp_path):
 
     got = {}
     for w in ("none", tuned.path):
-        res = extract(ModelSettings("timm:test_resnet", w, image_size=32), str(data), "layer1.0,layer4.0", run=RUN,
-                      cache_dir=str(tmp_path), progress=False)  # fmt: skip
+        res = extract(
+            ModelSettings("timm:test_resnet", w, image_size=32),
+            str(data),
+            "layer1.0,layer4.0",
+            run=RUN,
+            cache_dir=str(tmp_path),
+            progress=False,
+        )
         with CodesFile(res.path) as f:
             got[w] = {k: f.codes(k) for k in ("layer1.0", "layer4.0")}
     assert np.array_equal(got["none"]["layer1.0"], got[tuned.path]["layer1.0"])
@@ -230,14 +267,27 @@ def test_interrupted_run_resumes_bit_identical(data, tmp_path, monkeypatch):
     again = finetune(MODEL, str(data), s, run=RUN, out=str(tmp_path / "cut"), progress=False)
     a, b = _load(ref.path), _load(again.path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [h["val_loss"] for h in ref.results["history"]] == [h["val_loss"] for h in again.results["history"]]
+    assert [h["val_loss"] for h in ref.results["history"]] == [
+        h["val_loss"] for h in again.results["history"]
+    ]
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
     """Kill -9 after the first checkpoint, leave a torn newer checkpoint and a .tmp behind, rerun:
     the model and results are bit-identical to an uninterrupted run (CPU, fp32, same seed)."""
-    argv = ["finetune", *ARGS, "--data", str(data), "--train-from", "depth:0.5", "--epochs", "6", "--lr", "0.05"]
+    argv = [
+        "finetune",
+        *ARGS,
+        "--data",
+        str(data),
+        "--train-from",
+        "depth:0.5",
+        "--epochs",
+        "6",
+        "--lr",
+        "0.05",
+    ]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert cli(*argv, "--out", ref, "-q")[0] == 0
     ckpt = tmp_path / "killed.ckpt"
@@ -258,7 +308,11 @@ def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
 
     ra, rb = (finetuned_description(f"{p}.safetensors")["results"] for p in (ref, killed))
     for r in (ra, rb):
-        r.pop("seconds"), r.pop("fit_seconds"), r.pop("threads_measured")  # timings (the thread count itself stays)
+        (
+            r.pop("seconds"),
+            r.pop("fit_seconds"),
+            r.pop("threads_measured"),
+        )  # timings (the thread count itself stays)
         for h in r["history"]:
             h.pop("seconds")
     assert ra == rb
@@ -274,7 +328,9 @@ def test_bad_input_is_one_line(case, data, tmp_path):
         argv[argv.index("--data") + 1] = str(make_images(tmp_path / "one", classes=("cat",), per_class=4))
         needles = ("single class", "cat")
     elif case == "few per class":
-        argv[argv.index("--data") + 1] = str(make_images(tmp_path / "few", per_class=1, splits=("train", "test")))
+        argv[argv.index("--data") + 1] = str(
+            make_images(tmp_path / "few", per_class=1, splits=("train", "test"))
+        )
         needles = ("too few images per class for a validation split",)
     else:
         argv[argv.index("--model") + 1] = "squeezenet1_0"
@@ -297,30 +353,57 @@ def test_settings_validated():
 def test_settings_validated_grid_and_epochs():
     s = FinetuneSettings(lr=(0.01, 0.03, 0.01), augment="none,light")
     assert s.lrs == (0.01, 0.03) and s.augments == ("none", "light") and len(s.points()) == 4
-    assert FinetuneSettings(augment=False).augment == "none" and FinetuneSettings(augment=True).augment == "default"
+    assert (
+        FinetuneSettings(augment=False).augment == "none"
+        and FinetuneSettings(augment=True).augment == "default"
+    )
     assert FinetuneSettings(lr=[0.02]).lr == 0.02
-    for kw, flag in (({"epochs": "auto", "max_epochs": 2}, "--max-epochs 2"), ({"augment": ""}, "--augment"),
-                     ({"augment": "none,mirror"}, "unknown augmentation 'mirror'"), ({"lr": (0.01, 0.0)}, "--lr"),
-                     ({"lr": -1.0}, "--lr"), ({"threads": 0}, "--threads"), ({"epochs": "many"}, "--epochs")):  # fmt: skip
+    for kw, flag in (
+        ({"epochs": "auto", "max_epochs": 2}, "--max-epochs 2"),
+        ({"augment": ""}, "--augment"),
+        ({"augment": "none,mirror"}, "unknown augmentation 'mirror'"),
+        ({"lr": (0.01, 0.0)}, "--lr"),
+        ({"lr": -1.0}, "--lr"),
+        ({"threads": 0}, "--threads"),
+        ({"epochs": "many"}, "--epochs"),
+    ):
         with pytest.raises(UsageError, match=flag):
             FinetuneSettings(**kw)
     # an unchanged recipe keeps the key earlier releases gave it
-    assert FinetuneSettings(epochs=5).key_dict()["augment"] is True and "max_epochs" not in FinetuneSettings(epochs=5).key_dict()
+    assert (
+        FinetuneSettings(epochs=5).key_dict()["augment"] is True
+        and "max_epochs" not in FinetuneSettings(epochs=5).key_dict()
+    )
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["--epochs", "auto", "--max-epochs", "2"], ("--max-epochs 2", "patience")),
-    (["--augment", ","], ("--augment", "give one or more of none, light, default")),
-    (["--augment", "none,mirror"], ("--augment", "unknown augmentation 'mirror'")),
-    (["--lr", "0.01,0"], ("--lr", "above 0")),
-    (["--lr", "0.01,fast"], ("--lr", "comma-separated numbers")),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--epochs", "auto", "--max-epochs", "2"], ("--max-epochs 2", "patience")),
+        (["--augment", ","], ("--augment", "give one or more of none, light, default")),
+        (["--augment", "none,mirror"], ("--augment", "unknown augmentation 'mirror'")),
+        (["--lr", "0.01,0"], ("--lr", "above 0")),
+        (["--lr", "0.01,fast"], ("--lr", "comma-separated numbers")),
+    ],
+)
 def test_bad_recipe_options_are_one_line(argv, needles, data, tmp_path):
     rc, _out, err = cli("finetune", *ARGS, "--data", str(data), "--out", tmp_path / "m", *argv)
     assert_one_line_error(rc, err, code=2, needles=needles)
     bench = [f"--finetune-{a[2:]}" if a.startswith("--") else a for a in argv]
-    rc, _out, err = cli("bench", "--model", "timm:test_resnet", "--weights", "none", "--data", str(data),
-                        "--finetune", "depth:1.0", "--out", tmp_path / "b", *bench)  # fmt: skip
+    rc, _out, err = cli(
+        "bench",
+        "--model",
+        "timm:test_resnet",
+        "--weights",
+        "none",
+        "--data",
+        str(data),
+        "--finetune",
+        "depth:1.0",
+        "--out",
+        tmp_path / "b",
+        *bench,
+    )
     assert_one_line_error(rc, err, code=2, needles=(needles[0].replace("--", "--finetune-", 1), *needles[1:]))
 
 
@@ -330,7 +413,9 @@ def test_stopping_rule():
 
     h = lambda *pairs: [{"val_accuracy": a, "val_loss": v} for a, v in pairs]  # noqa: E731
     assert epochs_without_improvement(h((0.5, 1.0), (0.6, 1.0), (0.6, 0.9))) == 0  # accuracy, then loss
-    assert epochs_without_improvement(h((0.5, 1.0), (0.5, 1.0 - MIN_DELTA / 2), (0.4, 0.5))) == 2  # too small, lower acc
+    assert (
+        epochs_without_improvement(h((0.5, 1.0), (0.5, 1.0 - MIN_DELTA / 2), (0.4, 0.5))) == 2
+    )  # too small, lower acc
     assert not converged(h(*[(0.5 + i / 100, 1.0) for i in range(10)]))  # still rising at the end
     assert converged(h((0.9, 0.3), *[(0.8, 0.5)] * PATIENCE))
 

@@ -131,8 +131,16 @@ def _equal_models(a, b):
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-CHECKPOINT_FAULTS = ["flipped mantissa bit", "float16 tensor", "NaN", "wrong shape", "missing tensor",
-                     "optimizer state removed", "history of the wrong type", "header epoch edited"]  # fmt: skip
+CHECKPOINT_FAULTS = [
+    "flipped mantissa bit",
+    "float16 tensor",
+    "NaN",
+    "wrong shape",
+    "missing tensor",
+    "optimizer state removed",
+    "history of the wrong type",
+    "header epoch edited",
+]
 
 
 @pytest.mark.parametrize("reseal", [False, True], ids=["stale digest", "resealed"])
@@ -146,8 +154,15 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_ends_as_an_uninterrupted_
     shutil.copytree(interrupted, folder)
     _damage_checkpoint(folder / "epoch-0001.safetensors", fault, reseal)
     caplog.set_level("INFO", logger="featx")
-    res = finetune(MODEL, str(data), SETTINGS, run=RUN, out=str(tmp_path / "m"), checkpoint_dir=str(folder),
-                   progress=False)  # fmt: skip
+    res = finetune(
+        MODEL,
+        str(data),
+        SETTINGS,
+        run=RUN,
+        out=str(tmp_path / "m"),
+        checkpoint_dir=str(folder),
+        progress=False,
+    )
     assert "set aside the damaged checkpoint" in caplog.text and "epoch-0001.safetensors" in caplog.text
     assert "resuming from" in caplog.text and "epoch-0000.safetensors" in caplog.text
     assert (folder / "epoch-0001.safetensors.corrupt").exists()
@@ -164,11 +179,21 @@ def test_every_checkpoint_damaged_restarts_and_a_stray_file_is_set_aside(
         _flip_bit(folder / name, "model.", bit=3)
     shutil.copy(interrupted / "epoch-0001.safetensors", folder / "epoch-abcd.safetensors")
     caplog.set_level("INFO", logger="featx")
-    res = finetune(MODEL, str(data), SETTINGS, run=RUN, out=str(tmp_path / "m"), checkpoint_dir=str(folder),
-                   progress=False)  # fmt: skip
+    res = finetune(
+        MODEL,
+        str(data),
+        SETTINGS,
+        run=RUN,
+        out=str(tmp_path / "m"),
+        checkpoint_dir=str(folder),
+        progress=False,
+    )
     assert "resuming from" not in caplog.text
     assert sorted(n for n in os.listdir(folder) if n.endswith(".corrupt")) == [
-        "epoch-0000.safetensors.corrupt", "epoch-0001.safetensors.corrupt", "epoch-abcd.safetensors.corrupt"]  # fmt: skip
+        "epoch-0000.safetensors.corrupt",
+        "epoch-0001.safetensors.corrupt",
+        "epoch-abcd.safetensors.corrupt",
+    ]
     assert _equal_models(ref.path, res.path)
 
 
@@ -176,14 +201,27 @@ def test_another_runs_checkpoint_is_set_aside_and_the_own_older_one_resumes(
     data, ref, interrupted, tmp_path, caplog
 ):
     other = tmp_path / "other.ckpt"
-    finetune(MODEL, str(data), FinetuneSettings(train_from="depth:0.5", epochs=3, batch_size=4, lr=0.01), run=RUN,
-             checkpoint_dir=str(other), progress=False)  # fmt: skip
+    finetune(
+        MODEL,
+        str(data),
+        FinetuneSettings(train_from="depth:0.5", epochs=3, batch_size=4, lr=0.01),
+        run=RUN,
+        checkpoint_dir=str(other),
+        progress=False,
+    )
     folder = tmp_path / "m.ckpt"
     shutil.copytree(interrupted, folder)
     shutil.copy(sorted(other.glob("epoch-*.safetensors"))[-1], folder / "epoch-0001.safetensors")
     caplog.set_level("INFO", logger="featx")
-    res = finetune(MODEL, str(data), SETTINGS, run=RUN, out=str(tmp_path / "m"), checkpoint_dir=str(folder),
-                   progress=False)  # fmt: skip
+    res = finetune(
+        MODEL,
+        str(data),
+        SETTINGS,
+        run=RUN,
+        out=str(tmp_path / "m"),
+        checkpoint_dir=str(folder),
+        progress=False,
+    )
     assert "it belongs to another run" in caplog.text and "resuming from" in caplog.text
     assert (folder / "epoch-0001.safetensors.corrupt").exists()
     assert _equal_models(ref.path, res.path)
@@ -193,8 +231,15 @@ def test_an_undamaged_checkpoint_resumes(data, ref, interrupted, tmp_path, caplo
     folder = tmp_path / "m.ckpt"
     shutil.copytree(interrupted, folder)
     caplog.set_level("INFO", logger="featx")
-    res = finetune(MODEL, str(data), SETTINGS, run=RUN, out=str(tmp_path / "m"), checkpoint_dir=str(folder),
-                   progress=False)  # fmt: skip
+    res = finetune(
+        MODEL,
+        str(data),
+        SETTINGS,
+        run=RUN,
+        out=str(tmp_path / "m"),
+        checkpoint_dir=str(folder),
+        progress=False,
+    )
     assert "epoch-0001.safetensors (epoch 2 of 3 done)" in caplog.text and "set aside" not in caplog.text
     assert _equal_models(ref.path, res.path)
 
@@ -224,8 +269,17 @@ def _damage_model(path, fault, reseal):
     _write(path, tensors, header, reseal)
 
 
-MODEL_FAULTS = ["flipped byte", "NaN head", "mean of length 1", "classes an int", "preprocessing a string",
-                "model an int", "crop abc", "crop_size 1e9", "mean 1e30"]  # fmt: skip
+MODEL_FAULTS = [
+    "flipped byte",
+    "NaN head",
+    "mean of length 1",
+    "classes an int",
+    "preprocessing a string",
+    "model an int",
+    "crop abc",
+    "crop_size 1e9",
+    "mean 1e30",
+]
 
 
 @pytest.mark.parametrize("fault", MODEL_FAULTS)
@@ -238,9 +292,26 @@ def test_a_damaged_saved_model_is_refused_in_one_line(fault, ref, data, tmp_path
         _damage_model(path, fault, reseal=fault != "NaN head")
     rc, _out, err = cli("predict", path, str(data / "test" / "cat"))
     assert_one_line_error(rc, err, code=1, needles=(str(path),))
-    rc, _out, err = cli("extract", "--model", "timm:test_resnet", "--weights", path, "--image-size", "32",
-                        "--data", data, "--layers", "layer1.0", "--cache-dir", tmp_path / "c", "--workers", "0",
-                        "--device", "cpu", "-q")  # fmt: skip
+    rc, _out, err = cli(
+        "extract",
+        "--model",
+        "timm:test_resnet",
+        "--weights",
+        path,
+        "--image-size",
+        "32",
+        "--data",
+        data,
+        "--layers",
+        "layer1.0",
+        "--cache-dir",
+        tmp_path / "c",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "-q",
+    )
     assert_one_line_error(rc, err, code=1, needles=(str(path),))
 
 
@@ -254,8 +325,25 @@ def test_a_saved_model_is_sealed(ref):
     assert len(header[DIGEST_KEY]) == 64 and json.loads(header[FINETUNED_KEY])["format"] == 2
 
 
-ARGS = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--device", "cpu", "--workers", "0",
-        "--precision", "fp32", "--batch-size", "4", "--epochs", "1", "-q"]  # fmt: skip
+ARGS = [
+    "--model",
+    "timm:test_resnet",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--device",
+    "cpu",
+    "--workers",
+    "0",
+    "--precision",
+    "fp32",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "1",
+    "-q",
+]
 
 
 def test_out_under_a_file_is_one_line_and_a_missing_folder_is_made(data, tmp_path):
@@ -299,8 +387,18 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_resumes(data,
     monkeypatch.setattr(ck, "write_file", full)
     argv = ["finetune", *ARGS[:-3], "--epochs", "2", "--data", data, "--out", tmp_path / "m"]
     rc, _out, err = cli(*argv)
-    assert_one_line_error(rc, err, code=1, needles=("epoch-0001.safetensors", "No space left", "free some space",
-                                                    "resumes from the last checkpoint"), only_error_lines=True)  # fmt: skip
+    assert_one_line_error(
+        rc,
+        err,
+        code=1,
+        needles=(
+            "epoch-0001.safetensors",
+            "No space left",
+            "free some space",
+            "resumes from the last checkpoint",
+        ),
+        only_error_lines=True,
+    )
     assert os.listdir(tmp_path / "m.ckpt") == ["epoch-0000.safetensors"]
     monkeypatch.setattr(ck, "write_file", real)
     rc, _out, err = cli(*argv[:-1], tmp_path / "m")
@@ -310,9 +408,11 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_resumes(data,
 def test_a_file_size_limit_at_the_first_checkpoint_is_one_line(data, tmp_path):
     """RLIMIT_FSIZE (in a subprocess) below one checkpoint's size: the kernel refuses the write (EFBIG)."""
     argv = ["finetune", *ARGS, "--data", str(data), "--out", str(tmp_path / "m")]
-    code = ("import resource, sys; from featx.cli.main import main; "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (200000, 200000)); "
-            f"sys.exit(main({argv!r}))")  # fmt: skip
+    code = (
+        "import resource, sys; from featx.cli.main import main; "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200000, 200000)); "
+        f"sys.exit(main({argv!r}))"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert_one_line_error(
         p.returncode, p.stderr, code=1, needles=("cannot write the checkpoint", "File too large")

@@ -131,8 +131,13 @@ def test_safetensors_checkpoint(tmp_path, resnet_state):
 
 def test_offline_download_fails_with_a_hint(tmp_path):
     """A real download attempt through an unreachable proxy: one clear line, no traceback."""
-    env = {**os.environ, "TORCH_HOME": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "TORCH_HOME": str(tmp_path),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "https_proxy": "http://127.0.0.1:9",
+        "HF_HUB_OFFLINE": "1",
+    }
     code = "from featx.models.build import load_model\nimport sys\nload_model(sys.argv[1], 'DEFAULT')"
     for name in ("resnet18", "timm:resnet18"):
         r = subprocess.run(
@@ -202,4 +207,6 @@ def test_list_models_names_every_model_featx_defines():
     code, out, _ = cli("layers", "--list-models")
     names = out.split("\n")
     assert code == 0
-    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "pixels", "resnet18"} <= set(names)
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "pixels", "resnet18"} <= set(
+        names
+    )

@@ -14,15 +14,35 @@ FINGERPRINT = "fixed-dataset-fingerprint"
 # (model settings, code settings, precision, decoder) -> the cache key the pre-refactor
 # `extraction._plan` computed for them (on the CPU, with the dataset fingerprint above)
 PINNED = [
-    (("resnet18", "none", 32, None), ("layer2,layer4", "avg", "auto", "float32"), "fp32", "pil",
-     "295b773496ef7f94a7fde60c4b471c940b37522040298fa7520ac7a9399030d3"),
-    (("resnet18", "none", 48, 0.875), ("depth:0.5,1.0", "avg2x2", "off", "float16"), "bf16", "pil",
-     "8ad07a93fed12c4663496275f6cec8d35b8065e6738ce330db6afeb0b0441ae2"),
-    (("pixels", "none", 28, None), ("pixels", "none", "auto", "float32"), "fp32", "pil",
-     "fbaaa84e640b950b151f64e5be2ca181f7bf44efc3621f6e94f4220f6ba8ae97"),
-    (("resnet18", "none", 32, None), ("layer3", "max", "on", "float32"), "fp32", "torchvision",
-     "8abdda2f85d712a39a2130f5b188a697eb88d37ec19ed5d27025e43468461afd"),
-]  # fmt: skip
+    (
+        ("resnet18", "none", 32, None),
+        ("layer2,layer4", "avg", "auto", "float32"),
+        "fp32",
+        "pil",
+        "295b773496ef7f94a7fde60c4b471c940b37522040298fa7520ac7a9399030d3",
+    ),
+    (
+        ("resnet18", "none", 48, 0.875),
+        ("depth:0.5,1.0", "avg2x2", "off", "float16"),
+        "bf16",
+        "pil",
+        "8ad07a93fed12c4663496275f6cec8d35b8065e6738ce330db6afeb0b0441ae2",
+    ),
+    (
+        ("pixels", "none", 28, None),
+        ("pixels", "none", "auto", "float32"),
+        "fp32",
+        "pil",
+        "fbaaa84e640b950b151f64e5be2ca181f7bf44efc3621f6e94f4220f6ba8ae97",
+    ),
+    (
+        ("resnet18", "none", 32, None),
+        ("layer3", "max", "on", "float32"),
+        "fp32",
+        "torchvision",
+        "8abdda2f85d712a39a2130f5b188a697eb88d37ec19ed5d27025e43468461afd",
+    ),
+]
 
 
 @pytest.mark.parametrize("model,codes,precision,decoder,key", PINNED)
@@ -66,21 +86,24 @@ def test_plan_round_trips_through_metadata():
     assert again.to_meta() == plan.to_meta() and again.dims == plan.dims
 
 
-@pytest.mark.parametrize("make,field", [
-    (lambda: ModelSettings(""), "--model"),
-    (lambda: ModelSettings("resnet18", image_size=0), "--image-size"),
-    (lambda: ModelSettings("resnet18", crop_pct=1.5), "--crop-pct"),
-    (lambda: CodeSettings(pool="sum"), "--pool"),
-    (lambda: CodeSettings(relu="yes"), "relu="),
-    (lambda: CodeSettings(dtype="int8"), "--dtype"),
-    (lambda: RunSettings(precision="fp8"), "--precision"),
-    (lambda: RunSettings(precision="FP32"), "--precision"),
-    (lambda: RunSettings(device="tpu"), "--device"),
-    (lambda: RunSettings(batch_size=0), "--batch-size"),
-    (lambda: RunSettings(workers=-1), "--workers"),
-    (lambda: RunSettings(decoder="opencv"), "--decoder"),
-    (lambda: RunSettings(channels_last="yes"), "--channels-last"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "make,field",
+    [
+        (lambda: ModelSettings(""), "--model"),
+        (lambda: ModelSettings("resnet18", image_size=0), "--image-size"),
+        (lambda: ModelSettings("resnet18", crop_pct=1.5), "--crop-pct"),
+        (lambda: CodeSettings(pool="sum"), "--pool"),
+        (lambda: CodeSettings(relu="yes"), "relu="),
+        (lambda: CodeSettings(dtype="int8"), "--dtype"),
+        (lambda: RunSettings(precision="fp8"), "--precision"),
+        (lambda: RunSettings(precision="FP32"), "--precision"),
+        (lambda: RunSettings(device="tpu"), "--device"),
+        (lambda: RunSettings(batch_size=0), "--batch-size"),
+        (lambda: RunSettings(workers=-1), "--workers"),
+        (lambda: RunSettings(decoder="opencv"), "--decoder"),
+        (lambda: RunSettings(channels_last="yes"), "--channels-last"),
+    ],
+)
 def test_bad_settings_fail_at_construction_naming_the_field(make, field):
     with pytest.raises(UsageError) as e:
         make()

@@ -120,5 +120,7 @@ def test_every_unknown_layer_is_named_at_once():
     from featx.models.build import load_model
 
     taps = list_taps(load_model("resnet18", "none").module, 32, device="cpu")
-    with pytest.raises(UsageError, match=r"unknown layers for resnet18: 'layr3' \(closest: layer3.*'fcc' \(closest: fc"):
+    with pytest.raises(
+        UsageError, match=r"unknown layers for resnet18: 'layr3' \(closest: layer3.*'fcc' \(closest: fc"
+    ):
         resolve_layers(taps, "layr3,layer2,fcc", "resnet18")

@@ -20,8 +20,9 @@ from featx.store.codes import open_codes
 VIT = "timm:vit_tiny_patch16_224"  # random init; timm builds it for 224 px only
 # 224 x 224 PNGs at crop 224 / resize 224: the model sees the file's pixels exactly, so the reference
 # needs no resize of its own
-VIT_RUN = dict(weights="none", image_size=224, crop_pct=1.0, workers=0, batch_size=2, precision="fp32",
-               decoder="pil")  # fmt: skip
+VIT_RUN = dict(
+    weights="none", image_size=224, crop_pct=1.0, workers=0, batch_size=2, precision="fp32", decoder="pil"
+)
 BLOCKS = (3, 11)
 
 
@@ -88,16 +89,18 @@ def vit_data(tmp_path_factory):
     {file name: (prefix [B, 1, D], patches [B, 196, D])}."""
     from featx.models.build import load_model
 
-    root = make_images(tmp_path_factory.mktemp("vit") / "data", classes=("a", "b"), per_class=2,
-                       size=(224, 224), ext=".png")  # fmt: skip
+    root = make_images(
+        tmp_path_factory.mktemp("vit") / "data", classes=("a", "b"), per_class=2, size=(224, 224), ext=".png"
+    )
     files = sorted(root.rglob("*.png"))
     pixels = [np.array(Image.open(p).convert("RGB")) for p in files]
     x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
     x = (x.float() / 255 - 0.5) / 0.5  # the architecture's normalization (mean = std = 0.5)
     model = load_model(VIT, "none").module.eval()
     with torch.no_grad():
-        out = model.forward_intermediates(x, indices=list(BLOCKS), return_prefix_tokens=True, output_fmt="NLC",
-                                          intermediates_only=True)  # fmt: skip
+        out = model.forward_intermediates(
+            x, indices=list(BLOCKS), return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
+        )
     ref = {i: (prefix.numpy(), spatial.numpy()) for i, (spatial, prefix) in zip(BLOCKS, out)}
     return root, [p.name for p in files], ref
 

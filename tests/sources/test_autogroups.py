@@ -35,7 +35,9 @@ def _patterns(root, per_class, splits=None, seed=0):
             (base / c).mkdir(parents=True, exist_ok=True)
             for k in range(per_class):
                 grid = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-                Image.fromarray(grid).resize((36, 36), Image.BILINEAR).save(base / c / f"{c}_{k:03d}.jpg", quality=92)
+                Image.fromarray(grid).resize((36, 36), Image.BILINEAR).save(
+                    base / c / f"{c}_{k:03d}.jpg", quality=92
+                )
 
 
 def _with_copies(root, per_class=12, sources=4, copies=2, splits=None):
@@ -59,18 +61,24 @@ def copies(tmp_path_factory):
 
 
 def _extract(data, cache, *extra):
-    rc, out, err = cli("extract", *FAST_ARGS, "--data", data, "--layers", "layer4,avgpool", "--cache-dir", cache,
-                       *extra)  # fmt: skip
+    rc, out, err = cli(
+        "extract", *FAST_ARGS, "--data", data, "--layers", "layer4,avgpool", "--cache-dir", cache, *extra
+    )
     assert rc == 0, err
     return out.strip().splitlines()[-1], err
 
 
 def test_auto_groups_keep_copies_on_one_side_and_are_stored(copies, tmp_path):
     path, err = _extract(copies, tmp_path / "c", "--group-by", AUTO)
-    assert "--group-by auto:0.9999 on avgpool: 60 images in 36 groups (12 of 2+ images, holding 36; largest 3)" in err
+    assert (
+        "--group-by auto:0.9999 on avgpool: 60 images in 36 groups (12 of 2+ images, holding 36; largest 3)"
+        in err
+    )
     with CodesFile(path) as f:
         assert f.groups is not None and len(np.unique(f.groups)) == 36
-        for g in np.unique(f.groups):  # each group is one source image and its copies, on one side of the split
+        for g in np.unique(
+            f.groups
+        ):  # each group is one source image and its copies, on one side of the split
             members = np.flatnonzero(f.groups == g)
             assert len({_source(f.paths[i]) for i in members}) == 1
             assert len(set(f.split[members].tolist())) == 1
@@ -80,7 +88,9 @@ def test_auto_groups_keep_copies_on_one_side_and_are_stored(copies, tmp_path):
         assert all(len(v) == 1 for v in by_source.values())
         assert 0 < int((f.split == "test").sum()) < len(f)
         split = f.split.copy()
-    again, _ = _extract(copies, tmp_path / "c", "--group-by", "auto:0.99990")  # same threshold: the same entry
+    again, _ = _extract(
+        copies, tmp_path / "c", "--group-by", "auto:0.99990"
+    )  # same threshold: the same entry
     assert again == path
     plain, _ = _extract(copies, tmp_path / "c")
     assert plain != path
@@ -96,7 +106,11 @@ def test_auto_groups_keep_copies_on_one_side_and_are_stored(copies, tmp_path):
         s2, g2, _ = regroup(f.codes("avgpool"), f.labels, f.split, False, 0.9999, 0.2, 0)
         assert np.array_equal(s2, split) and np.array_equal(g2, f.groups)
     rc, out, err = cli("info", path)
-    assert rc == 0 and "groups        60 images in 36 groups (12 of 2+ images, holding 36; largest 3) (--group-by auto:0.9999)" in out
+    assert (
+        rc == 0
+        and "groups        60 images in 36 groups (12 of 2+ images, holding 36; largest 3) (--group-by auto:0.9999)"
+        in out
+    )
     rc, out, _ = cli("info", path, "--json")
     info = json.loads(out)["groups"]
     assert info["count"] == 36 and info["sizes"] == {"1": 24, "3": 12}
@@ -116,7 +130,9 @@ def test_fit_warns_on_copies_and_records_it(copies, tmp_path):
     assert rc == 0, err
     assert "near-copies" not in err
     result = json.load(open(tmp_path / "g.json"))
-    assert result["leakage"]["leaky"] is False and result["results"][0]["val_source"].startswith(("grouped", "5-fold grouped", "3-fold grouped", "4-fold grouped", "2-fold grouped"))
+    assert result["leakage"]["leaky"] is False and result["results"][0]["val_source"].startswith(
+        ("grouped", "5-fold grouped", "3-fold grouped", "4-fold grouped", "2-fold grouped")
+    )
 
 
 def test_given_splits_stay_and_crossing_groups_are_noted(tmp_path):
@@ -133,15 +149,22 @@ def test_given_splits_stay_and_crossing_groups_are_noted(tmp_path):
 def test_threshold_outside_0_1_is_one_line(copies, tmp_path, bad):
     rc, _, err = cli("extract", *FAST_ARGS, "--data", copies, "--cache-dir", tmp_path, "--group-by", bad)
     if bad == "auto":  # 0.9 on a random network's codes: every image chains into one group
-        assert_one_line_error(rc, err, code=2, needles=("--group-by auto", "one group", "raise the threshold"),
-                              only_error_lines=True)  # fmt: skip
+        assert_one_line_error(
+            rc,
+            err,
+            code=2,
+            needles=("--group-by auto", "one group", "raise the threshold"),
+            only_error_lines=True,
+        )
         return
     assert_one_line_error(rc, err, code=2, needles=("--group-by", "(0, 1]"))
 
 
 def test_bad_inputs_are_one_line(tmp_path):
     one = make_images(tmp_path / "one", per_class=1)
-    rc, _, err = cli("extract", *FAST_ARGS, "--data", one, "--cache-dir", tmp_path / "c", "--group-by", "auto")
+    rc, _, err = cli(
+        "extract", *FAST_ARGS, "--data", one, "--cache-dir", tmp_path / "c", "--group-by", "auto"
+    )
     assert_one_line_error(rc, err, code=2, needles=("--group-by auto", "single image"))
     same = make_images(tmp_path / "same", per_class=1)
     for c in ("cat", "dog", "owl"):
@@ -149,41 +172,96 @@ def test_bad_inputs_are_one_line(tmp_path):
             shutil.copy(same / "cat" / "cat_000.jpg", same / c / f"x{k}.jpg")
         if c != "cat":
             shutil.copy(same / "cat" / "cat_000.jpg", same / c / f"{c}_000.jpg")
-    rc, _, err = cli("extract", *FAST_ARGS, "--data", same, "--cache-dir", tmp_path / "c", "--group-by", "auto")
+    rc, _, err = cli(
+        "extract", *FAST_ARGS, "--data", same, "--cache-dir", tmp_path / "c", "--group-by", "auto"
+    )
     assert_one_line_error(rc, err, code=2, needles=("identical codes",), only_error_lines=True)
     data = make_images(tmp_path / "lim", per_class=6)
-    rc, _, err = cli("extract", *FAST_ARGS, "--data", data, "--cache-dir", tmp_path / "c", "--group-by", "auto",
-                     "--per-class-limit", "train=3,test=2")  # fmt: skip
+    rc, _, err = cli(
+        "extract",
+        *FAST_ARGS,
+        "--data",
+        data,
+        "--cache-dir",
+        tmp_path / "c",
+        "--group-by",
+        "auto",
+        "--per-class-limit",
+        "train=3,test=2",
+    )
     assert_one_line_error(rc, err, code=2, needles=("--group-by auto", "per split"))
-    rc, _, err = cli("finetune", "--model", "resnet18", "--weights", "none", "--data", data, "--group-by", "auto",
-                     "--out", tmp_path / "ft")  # fmt: skip
+    rc, _, err = cli(
+        "finetune",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--data",
+        data,
+        "--group-by",
+        "auto",
+        "--out",
+        tmp_path / "ft",
+    )
     assert_one_line_error(rc, err, code=2, needles=("--group-by auto", "fine-tuning"))
 
 
 def test_options_and_helpers():
-    assert threshold_of(None) is None and threshold_of("person\\d+") is None and threshold_of("automobile") is None
+    assert (
+        threshold_of(None) is None
+        and threshold_of("person\\d+") is None
+        and threshold_of("automobile") is None
+    )
     assert threshold_of("auto") == DUP_SIMILARITY and threshold_of("auto:0.5") == 0.5
-    assert DataOptions().to_dict() == {"test_fraction": 0.2, "per_class_limit": None, "seed": 0, "data_root": None}
+    assert DataOptions().to_dict() == {
+        "test_fraction": 0.2,
+        "per_class_limit": None,
+        "seed": 0,
+        "data_root": None,
+    }
     assert DataOptions(group_by="auto:0.8").to_dict()["group_by"] == "auto:0.8"
     assert deepest({"layer4": 0.9, "avgpool": 1.0, "fc": 1.1}) == "avgpool"
     assert deepest({"fc": 1.1}) == "fc"
-    assert describe(np.array(["0", "0", "1"])) == "3 images in 2 groups (1 of 2+ images, holding 2; largest 2)"
+    assert (
+        describe(np.array(["0", "0", "1"])) == "3 images in 2 groups (1 of 2+ images, holding 2; largest 2)"
+    )
 
 
 def test_bench_records_leakage_and_reports_it(copies, tmp_path):
-    cfg = BenchConfig(model="resnet18", weights="none", datasets=[BenchData(str(copies), "similar")],
-                      layers="layer4,avgpool", train_sizes=["all"], protocols=[protocol_for("softmax", Cs=(1.0,))],
-                      seeds=(0,), image_size=32, out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
-                      workers=0, batch_size=8)  # fmt: skip
+    cfg = BenchConfig(
+        model="resnet18",
+        weights="none",
+        datasets=[BenchData(str(copies), "similar")],
+        layers="layer4,avgpool",
+        train_sizes=["all"],
+        protocols=[protocol_for("softmax", Cs=(1.0,))],
+        seeds=(0,),
+        image_size=32,
+        out=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        workers=0,
+        batch_size=8,
+    )
     result = bench_run(cfg)
     rows = result.rows()
     assert rows and all(r["leaky"] is True and r["leakage_fraction"] > 0.05 for r in rows)
     md = open(write_bench_report(result, "featx bench ...")["report.md"]).read()
     assert md.count("**Near-duplicates**") == 1 and "--group-by auto" in md
-    cfg2 = BenchConfig(model="resnet18", weights="none", datasets=[BenchData(str(copies), "similar")],
-                       layers="layer4,avgpool", train_sizes=["all"], protocols=[protocol_for("softmax", Cs=(1.0,))],
-                       seeds=(0,), image_size=32, out=str(tmp_path / "out2"), cache_dir=str(tmp_path / "cache"),
-                       workers=0, batch_size=8, data_options=DataOptions(group_by=AUTO))  # fmt: skip
+    cfg2 = BenchConfig(
+        model="resnet18",
+        weights="none",
+        datasets=[BenchData(str(copies), "similar")],
+        layers="layer4,avgpool",
+        train_sizes=["all"],
+        protocols=[protocol_for("softmax", Cs=(1.0,))],
+        seeds=(0,),
+        image_size=32,
+        out=str(tmp_path / "out2"),
+        cache_dir=str(tmp_path / "cache"),
+        workers=0,
+        batch_size=8,
+        data_options=DataOptions(group_by=AUTO),
+    )
     rows2 = bench_run(cfg2).rows()
     assert rows2 and all(r["leaky"] is False for r in rows2)
     with h5py.File(bench_run(cfg2).sources[0].codes) as f:

@@ -29,13 +29,18 @@ def _subjects(root, n_subjects=6, per_subject=3, classes=("cat", "dog")):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.integers(0, 11), st.integers(0, 2)), min_size=6, max_size=80), st.integers(0, 9),
-       st.floats(0.1, 0.5))  # fmt: skip
+@given(
+    st.lists(st.tuples(st.integers(0, 11), st.integers(0, 2)), min_size=6, max_size=80),
+    st.integers(0, 9),
+    st.floats(0.1, 0.5),
+)
 def test_no_group_is_ever_on_both_sides(pairs, seed, fraction):
     groups = np.array([f"g{g}" for g, _ in pairs])
     labels = np.array([c for _, c in pairs])
-    for held in (group_holdout(labels, groups, fraction, np.random.default_rng(seed)),
-                 seeded_split(labels, fraction, np.random.default_rng(seed), groups) == "test"):  # fmt: skip
+    for held in (
+        group_holdout(labels, groups, fraction, np.random.default_rng(seed)),
+        seeded_split(labels, fraction, np.random.default_rng(seed), groups) == "test",
+    ):
         assert not set(groups[held]) & set(groups[~held])
 
 
@@ -83,12 +88,38 @@ def test_group_by_on_a_folder(tmp_path, cache_dir):
 def test_unmatched_paths_are_one_line_naming_the_first(tmp_path):
     root = _subjects(tmp_path / "x")
     (root / "cat" / "scan_77.jpg").write_bytes((root / "cat" / "person000_0.jpg").read_bytes())
-    rc, out, err = cli("extract", "--model", "resnet18", "--data", root, "--weights", "none", "--image-size", "32",
-                       "--workers", "0", "--group-by", r"person\d+", "--cache-dir", tmp_path / "c")  # fmt: skip
+    rc, out, err = cli(
+        "extract",
+        "--model",
+        "resnet18",
+        "--data",
+        root,
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--group-by",
+        r"person\d+",
+        "--cache-dir",
+        tmp_path / "c",
+    )
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "1 of 37 image paths" in err and "cat/scan_77.jpg" in err
-    rc, out, err = cli("extract", "--model", "resnet18", "--data", root, "--weights", "none", "--group-by", "(",
-                       "--cache-dir", tmp_path / "c")  # fmt: skip
+    rc, out, err = cli(
+        "extract",
+        "--model",
+        "resnet18",
+        "--data",
+        root,
+        "--weights",
+        "none",
+        "--group-by",
+        "(",
+        "--cache-dir",
+        tmp_path / "c",
+    )
     assert rc == 2 and "not a regular expression" in err
 
 

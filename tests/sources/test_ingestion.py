@@ -181,8 +181,10 @@ def test_predict_csv_uses_the_same_reader(tmp_path, imgs):
 def test_group_column_keeps_each_group_on_one_side(tmp_path):
     """Images of one subject in both train and test leak; a group column prevents it."""
     make_images(tmp_path / "imgs", classes=("c0", "c1"), per_class=12, size=(8, 8))
-    rows = [f"{p.relative_to(tmp_path)},{p.parent.name},s{k // 3}{p.parent.name}"
-            for k, p in enumerate(sorted((tmp_path / "imgs").rglob("*.jpg")))]  # fmt: skip
+    rows = [
+        f"{p.relative_to(tmp_path)},{p.parent.name},s{k // 3}{p.parent.name}"
+        for k, p in enumerate(sorted((tmp_path / "imgs").rglob("*.jpg")))
+    ]
     m = _manifest(tmp_path, "filename,class,subject", rows)
     for seed in range(4):
         ds = open_source(str(m), DataOptions(seed=seed, test_fraction=0.25))
@@ -252,10 +254,13 @@ def _idx(path, arr):
         f.write(head + arr.tobytes())
 
 
-@pytest.mark.parametrize("folder, values, classes", [
-    ("masks-idx", (0, 255), ["0", "255"]),
-    ("my-fashion-mnist", (0, 3, 9), ["T-shirt/top", "Dress", "Ankle boot"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "folder, values, classes",
+    [
+        ("masks-idx", (0, 255), ["0", "255"]),
+        ("my-fashion-mnist", (0, 3, 9), ["T-shirt/top", "Dress", "Ankle boot"]),
+    ],
+)
 def test_idx_classes_are_the_labels_present(tmp_path, folder, values, classes):
     d = tmp_path / folder
     d.mkdir()
@@ -320,12 +325,26 @@ def test_aspect_bomb_in_extract_is_skipped_and_listed_without_the_memory(tmp_pat
     """300,000 x 1 pixels in 953 bytes lifted extract's peak RSS from 0.87 to 2.76 GB."""
     data = make_images(tmp_path / "d", classes=("a", "b"), per_class=3, size=(16, 16))
     _strip_png(data / "a" / "bomb.png", 300_000, 1)
-    argv = [sys.executable, "-m", "featx.cli", "-q", "extract", *FAST_ARGS, "--data", str(data),
-            "--layers", "layer1", "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "featx.cli",
+        "-q",
+        "extract",
+        *FAST_ARGS,
+        "--data",
+        str(data),
+        "--layers",
+        "layer1",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
     # a parent of its own, so that ru_maxrss is featx's alone
-    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-             "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-             "print(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr)")  # fmt: skip
+    probe = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+        "print(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr)"
+    )
     r = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300)
     head, last = r.stdout.strip().splitlines()[:2]
     rc, rss_kb = map(int, head.split())
@@ -354,8 +373,16 @@ def test_max_image_pixels_governs_pillow_too(tmp_path):
     Pillow's own refusal; now the setting decides (this file then fails as damaged, not as big)."""
     p = _png_header_only(tmp_path / "big.png", 20_000, 10_000)  # 200 Mpx
     code = "import sys; from featx.sources.decode import decode_image\ntry: decode_image(sys.argv[1], 'big.png')\nexcept Exception as e: print(e)"
-    run = lambda env: subprocess.run([sys.executable, "-c", code, p], capture_output=True, text=True,  # noqa: E731
-                                     env={**os.environ, **env}, timeout=60).stdout.strip()  # fmt: skip
+
+    def run(env):
+        return subprocess.run(
+            [sys.executable, "-c", code, p],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            timeout=60,
+        ).stdout.strip()
+
     assert (
         run({})
         == f"big.png: too large (200000000 pixels, over {89_478_485}); raise FEATX_MAX_IMAGE_PIXELS to allow it"
@@ -369,7 +396,22 @@ def test_max_image_pixels_governs_pillow_too(tmp_path):
 
 def test_bad_limit_setting_is_one_line_error(tmp_path):
     data = make_images(tmp_path / "d", classes=("a", "b"), per_class=2, size=(16, 16))
-    r = subprocess.run([sys.executable, "-m", "featx.cli", "-q", "extract", *FAST_ARGS, "--data", str(data),
-                        "--cache-dir", str(tmp_path / "c")], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "FEATX_MAX_ASPECT_RATIO": "wide"})  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featx.cli",
+            "-q",
+            "extract",
+            *FAST_ARGS,
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "FEATX_MAX_ASPECT_RATIO": "wide"},
+    )
     one_line_error(r.returncode, r.stderr, 2, ["FEATX_MAX_ASPECT_RATIO='wide'", "positive integer"])

@@ -45,8 +45,10 @@ def test_image_list_and_csv_without_labels(tmp_path):
     (tmp_path / "one.csv").write_text("".join(f"imgs/im{k:02d}.png\n" for k in range(4)))
     ds = open_source(str(tmp_path / "one.csv"))
     assert not ds.labelled and len(ds) == 4
-    (tmp_path / "split.csv").write_text("path,split\n" + "".join(
-        f"imgs/im{k:02d}.png,{'test' if k % 3 == 0 else 'train'}\n" for k in range(6)))  # fmt: skip
+    (tmp_path / "split.csv").write_text(
+        "path,split\n"
+        + "".join(f"imgs/im{k:02d}.png,{'test' if k % 3 == 0 else 'train'}\n" for k in range(6))
+    )
     ds = open_source(str(tmp_path / "split.csv"))
     assert not ds.labelled and ds.split_source == "manifest" and (ds.splits == "test").sum() == 2
     (tmp_path / "lab.csv").write_text("filename,species\nimgs/im00.png,x\nimgs/im01.png,y\n")
@@ -71,7 +73,9 @@ def test_unlabelled_entry_end_to_end(tmp_path):
     for argv in (["fit", entry], ["score", entry]):
         rc, _, err = cli(*argv)
         assert_one_line_error(rc, err, 2, ["unlabelled", "needs labels"])
-    rc, _, err = cli("-q", "bench", "--model", "pixels", "--data", flat, "--cache-dir", cache, "--out", tmp_path / "b")
+    rc, _, err = cli(
+        "-q", "bench", "--model", "pixels", "--data", flat, "--cache-dir", cache, "--out", tmp_path / "b"
+    )
     assert_one_line_error(rc, err, 2, ["unlabelled", "bench needs labels"], only_error_lines=True)
     rc, out, err = cli("export", entry, "--layer", "pixels", "--out", tmp_path / "x.npy")
     assert rc == 0, err
@@ -92,6 +96,17 @@ def test_unlabelled_entry_end_to_end(tmp_path):
 
 def test_finetune_refuses_unlabelled(tmp_path):
     flat = _flat(tmp_path / "flat")
-    rc, _, err = cli("finetune", "--model", "resnet18", "--weights", "none", "--data", flat, "--image-size", "32",
-                     "--out", tmp_path / "ft")  # fmt: skip
+    rc, _, err = cli(
+        "finetune",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--data",
+        flat,
+        "--image-size",
+        "32",
+        "--out",
+        tmp_path / "ft",
+    )
     assert_one_line_error(rc, err, 2, ["unlabelled", "finetune needs labels"], only_error_lines=True)

@@ -119,20 +119,44 @@ def test_bad_shards_are_one_line(shards, tmp_path):
     _tar(tmp_path / "mixed.tar", [("a.jpg", jpg), ("a.cls", b"0"), ("b.jpg", jpg), ("b.txt", b"x")])
     cases.append((f"wds:{tmp_path}/mixed.tar", "use one"))
     for spec_, needle in cases:
-        rc, _, err = cli("extract", "--model", "pixels", "--data", spec_, "--cache-dir", tmp_path / "c", "--workers", "0")
+        rc, _, err = cli(
+            "extract", "--model", "pixels", "--data", spec_, "--cache-dir", tmp_path / "c", "--workers", "0"
+        )
         assert_one_line_error(rc, err, 2, [needle])
 
 
 def test_missing_image_noted_and_bad_image_skipped(shards, tmp_path):
     data, _, _ = shards
     jpg = next(data.rglob("*.jpg")).read_bytes()
-    _tar(tmp_path / "x.tar", [("a.jpg", jpg), ("a.cls", b"0"), ("b.png", b"not a png"), ("b.cls", b"1"),
-                              ("c.json", b"{}"), ("c.cls", b"1"), ("d.jpeg", jpg), ("d.cls", b"1")])  # fmt: skip
+    _tar(
+        tmp_path / "x.tar",
+        [
+            ("a.jpg", jpg),
+            ("a.cls", b"0"),
+            ("b.png", b"not a png"),
+            ("b.cls", b"1"),
+            ("c.json", b"{}"),
+            ("c.cls", b"1"),
+            ("d.jpeg", jpg),
+            ("d.cls", b"1"),
+        ],
+    )
     ds = open_source(f"wds:{tmp_path}/x.tar")
     assert ds.ids == ["a", "b", "d"]
     assert any("1 sample(s) have no image member" in n and "first: c" in n for n in ds.notes)
-    rc, out, err = cli("extract", "--model", "pixels", "--data", f"wds:{tmp_path}/x.tar", "--cache-dir",
-                       tmp_path / "c", "--test-fraction", "0.5", "--workers", "0")  # fmt: skip
+    rc, out, err = cli(
+        "extract",
+        "--model",
+        "pixels",
+        "--data",
+        f"wds:{tmp_path}/x.tar",
+        "--cache-dir",
+        tmp_path / "c",
+        "--test-fraction",
+        "0.5",
+        "--workers",
+        "0",
+    )
     assert rc == 0, err
     with open_codes(out.strip().splitlines()[-1]) as f:
         assert f.paths == ["a", "d"] and f.skipped[0][0] == "b" and "cannot decode" in f.skipped[0][1]
@@ -163,8 +187,24 @@ def test_sigkill_then_resume_from_shards(tmp_path):
     data = make_images(tmp_path / "d", per_class=40, size=(64, 64))
     n = write_shards(data, tmp_path / "s", per_shard=25)
     spec = f"wds:{tmp_path}/s/shard-{{000000..{n - 1:06d}}}.tar"
-    args = ["extract", "--model", "resnet50", "--data", spec, "--layers", "layer2,fc", "--weights", "none",
-            "--image-size", "64", "--workers", "0", "--batch-size", "4", "--cache-dir"]  # fmt: skip
+    args = [
+        "extract",
+        "--model",
+        "resnet50",
+        "--data",
+        spec,
+        "--layers",
+        "layer2,fc",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--cache-dir",
+    ]
     ref = run_cli(*args, str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     ref_path = ref.stdout.strip()

@@ -40,8 +40,13 @@ def one_line_error(rc, err: str, code: int, needles=()) -> str:
 
 def rows_of(path) -> dict:
     with open_codes(str(path)) as f:
-        return {"paths": list(f.paths), "labels": f.labels.copy(), "classes": list(f.classes),
-                "split": f.split.copy(), "codes": {n: f.codes(n) for n in f.layers}}  # fmt: skip
+        return {
+            "paths": list(f.paths),
+            "labels": f.labels.copy(),
+            "classes": list(f.classes),
+            "split": f.split.copy(),
+            "codes": {n: f.codes(n) for n in f.layers},
+        }
 
 
 def assert_rows_equal(got: dict, want: dict) -> None:
@@ -78,8 +83,13 @@ def fresh_cache(world, which: str = "ref") -> Path:
 
 
 def test_entry_protocol_finds_remembers_and_sets_aside(tmp_path, caplog):
-    path = write_codes(tmp_path / "d--m--0123456789abcdef.h5", {"a": np.ones((4, 2))}, [0, 1, 0, 1], ["train"] * 4,
-                       ["x", "y"])  # fmt: skip
+    path = write_codes(
+        tmp_path / "d--m--0123456789abcdef.h5",
+        {"a": np.ones((4, 2))},
+        [0, 1, 0, 1],
+        ["train"] * 4,
+        ["x", "y"],
+    )
     key = "0123456789abcdef" * 4
     with h5py.File(path, "r+") as f:
         f.attrs["cache_key"] = key
@@ -227,8 +237,20 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
 )
-FIELDS = ["rows_done", "samples_done", "skipped", "crc32", "checksum", "meta", "key", "layers", "dtype", "samples",
-          "batch_size", "journal"]  # fmt: skip
+FIELDS = [
+    "rows_done",
+    "samples_done",
+    "skipped",
+    "crc32",
+    "checksum",
+    "meta",
+    "key",
+    "layers",
+    "dtype",
+    "samples",
+    "batch_size",
+    "journal",
+]
 GARBLE = st.tuples(
     st.sampled_from(JOURNAL_FILES),
     st.one_of(

@@ -19,8 +19,14 @@ def codes_file(tmp_path):
     layers = {"a": rng.normal(size=(n, 5)), "b": rng.normal(size=(n, 3))}
     labels = rng.integers(0, 3, n)
     splits = np.where(np.arange(n) % 4 == 0, "test", "train")
-    return write_codes(tmp_path / "c.h5", layers, labels, splits, ["cat", "dog", "owl"],
-                       groups=[f"g{i % 5}" for i in range(n)])  # fmt: skip
+    return write_codes(
+        tmp_path / "c.h5",
+        layers,
+        labels,
+        splits,
+        ["cat", "dog", "owl"],
+        groups=[f"g{i % 5}" for i in range(n)],
+    )
 
 
 def test_npy_equals_codes_in_small_blocks(codes_file, tmp_path):

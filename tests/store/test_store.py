@@ -85,9 +85,12 @@ def test_deleted_codes_dataset_is_damage_not_a_contradiction(codes_file):
         (lambda f: f.attrs.__setitem__("layers", 5), "layers attribute"),
         (lambda f: f.__delitem__("classes"), "/classes is missing"),
         (lambda f: f.__delitem__("skipped"), "/skipped/paths is missing"),
-        (lambda f: (f["codes"].__delitem__("b"), f["codes"].create_dataset("b", data=np.zeros((29, 4)))), "(30, D)"),
+        (
+            lambda f: (f["codes"].__delitem__("b"), f["codes"].create_dataset("b", data=np.zeros((29, 4)))),
+            "(30, D)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_structure_problems_are_named(codes_file, edit, needle):
     with h5py.File(codes_file, "r+") as f:
         edit(f)

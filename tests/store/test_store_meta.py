@@ -15,14 +15,55 @@ from featx.store.meta import FORMAT_VERSION, FileMeta, LayerMeta
 
 # docs/files.md, "HDF5 layout": every root attribute extraction writes, plus what finalize adds
 ROOT_ATTRS = {
-    "featx_version", "format_version", "cache_key", "model", "weights", "weights_source", "weights_ident",
-    "weights_sha256", "preprocessing", "preprocessing_text", "image_size", "dataset", "dataset_name",
-    "dataset_fingerprint", "split_source", "data_options", "created", "library_versions", "layers",
-    "layer_resolution", "pool", "relu", "dtype", "precision", "device", "batch_size", "workers", "channels_last",
-    "compile", "decoder", "samples", "config", "rows", "rows_sha256", "featx_state",
-}  # fmt: skip
-LAYER_ATTRS = {"pre_pool_shape", "pool", "relu", "activation", "post_act", "next_act", "code_dim", "stride", "depth",
-               "kind", "sha256"}  # fmt: skip
+    "featx_version",
+    "format_version",
+    "cache_key",
+    "model",
+    "weights",
+    "weights_source",
+    "weights_ident",
+    "weights_sha256",
+    "preprocessing",
+    "preprocessing_text",
+    "image_size",
+    "dataset",
+    "dataset_name",
+    "dataset_fingerprint",
+    "split_source",
+    "data_options",
+    "created",
+    "library_versions",
+    "layers",
+    "layer_resolution",
+    "pool",
+    "relu",
+    "dtype",
+    "precision",
+    "device",
+    "batch_size",
+    "workers",
+    "channels_last",
+    "compile",
+    "decoder",
+    "samples",
+    "config",
+    "rows",
+    "rows_sha256",
+    "featx_state",
+}
+LAYER_ATTRS = {
+    "pre_pool_shape",
+    "pool",
+    "relu",
+    "activation",
+    "post_act",
+    "next_act",
+    "code_dim",
+    "stride",
+    "depth",
+    "kind",
+    "sha256",
+}
 
 
 def test_layout_read_with_plain_h5py_is_unchanged(image_folder, cache_dir):
@@ -46,8 +87,15 @@ def test_layout_read_with_plain_h5py_is_unchanged(image_folder, cache_dir):
 
 
 def test_file_meta_round_trips_through_attrs():
-    m = FileMeta(model="resnet18", weights="none", layers=("a", "b"), preprocessing={"crop_size": 32},
-                 relu_mode="auto", batch_size=4, channels_last=True)  # fmt: skip
+    m = FileMeta(
+        model="resnet18",
+        weights="none",
+        layers=("a", "b"),
+        preprocessing={"crop_size": 32},
+        relu_mode="auto",
+        batch_size=4,
+        channels_last=True,
+    )
     attrs = m.to_attrs()
     assert attrs["relu"] == "auto" and "relu_mode" not in attrs and isinstance(attrs["preprocessing"], str)
     assert FileMeta.from_attrs(attrs) == m

@@ -160,7 +160,7 @@ def _forge(clf: Path, marker: Path) -> None:
 
 
 def test_forged_pickle_pair_never_runs(world, tmp_path, marker):
-    """Issue 19.12: a payload plus a JSON whose sha256 was forged to match passed every check and ran;
+    """a payload plus a JSON whose sha256 was forged to match passed every check and ran;
     featx predict does not unpickle without --trust-pickle, whatever the JSON says."""
     clf = _copy_classifier(world, tmp_path, "pkl")
     _forge(clf, marker)

@@ -344,7 +344,7 @@ def _dask_client(config: BenchConfig) -> Iterator[object]:
             q.setLevel(lv)
 
 
-# selection and uncertainty of each cell (issue 17); absent from cells fitted by older releases
+# selection and uncertainty of each cell; absent from cells fitted by older releases
 CELL_EXTRAS = (
     "val_tiebreak",
     "val_source",

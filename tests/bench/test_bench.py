@@ -277,7 +277,7 @@ def test_bench_cli_errors(tmp_path):
 
 
 def test_bench_out_that_is_a_file_is_one_line(tmp_path, image_folder):
-    """It was a FileExistsError traceback (issue 19, item 10)."""
+    """It was a FileExistsError traceback."""
     (tmp_path / "results").write_text("not a folder")
     rc, out, err = cli(
         "bench",

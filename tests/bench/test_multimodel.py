@@ -1,4 +1,4 @@
-"""Several models in one bench (issue 14): NAME@WEIGHTS parsing, the model column, resume (old cell
+"""Several models in one bench: NAME@WEIGHTS parsing, the model column, resume (old cell
 keys too), the random-init control, per-layer scores, and the cross-model report read against
 constructed results (the validation pick, never the test pick; Kendall's tau)."""
 

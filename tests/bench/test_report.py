@@ -1,5 +1,5 @@
 """The bench report's words against its own numbers: constructed results where validation and test
-disagree, ties, noise, labels (issue 17)."""
+disagree, ties, noise, labels."""
 
 import numpy as np
 

@@ -184,7 +184,7 @@ def predict_json(clf, world, *extra):
 
 
 def test_results_beside_the_classifier_do_not_destroy_it(world, tmp_path):
-    """Issue 19.1: `--out models/r.joblib --results models/r.json` overwrote the classifier's
+    """`--out models/r.joblib --results models/r.json` overwrote the classifier's
     metadata. Now the classifier is one file, and outputs that would collide are refused."""
     models = tmp_path / "models"
     rc, out, err = cli(
@@ -245,7 +245,7 @@ def _failed_save_keeps_the_old_files(world, tmp_path, option: str) -> None:
 
 
 def test_failed_save_keeps_the_old_classifier(world, tmp_path):
-    """Issue 19.2: a save that runs out of space leaves the earlier classifier whole and loadable."""
+    """a save that runs out of space leaves the earlier classifier whole and loadable."""
     _failed_save_keeps_the_old_files(world, tmp_path, "--out")
 
 
@@ -278,7 +278,7 @@ def test_vissl_error_names_the_class_plainly(tmp_path):
 
 
 def test_predict_refuses_a_description_edited_to_another_model(world, tmp_path):
-    """Issue 19.10: resnet34 has the same layer3 width as resnet18, so an edited `model` gave a
+    """resnet34 has the same layer3 width as resnet18, so an edited `model` gave a
     confident wrong prediction; the backbone's identity in the file catches it."""
     clf = tmp_path / "m"
     rc, out, err = cli("-q", "fit", world["codes"], "--C", "1", "--out", clf)

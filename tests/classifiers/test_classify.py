@@ -225,7 +225,7 @@ def test_sgd_memory_stays_bounded(tmp_path):
     assert float(acc) > 0.9
 
 
-# -- selection that survives small data (issue 17) -----------------------------------------------
+# -- selection that survives small data -----------------------------------------------
 
 
 def test_small_hold_outs_become_cross_validation(tmp_path):

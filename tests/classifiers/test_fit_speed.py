@@ -1,4 +1,4 @@
-"""Choosing C fast: warm starts along the C grid and grid values fitted side by side (#13), with the
+"""Choosing C fast: warm starts along the C grid and grid values fitted side by side, with the
 same choice as from-scratch fits and numbers that never depend on --jobs."""
 
 import os
@@ -176,4 +176,4 @@ def test_fit_speed_benchmark_runs(tmp_path):
 
     (row,) = json.loads(out.read_text())
     assert row["C_old"] == row["C_new"] and row["grid"] == 8
-    assert row["C_torch"] == row["C_old"] and "new/torch" in r.stdout  # the torch solver's columns (#13)
+    assert row["C_torch"] == row["C_old"] and "new/torch" in r.stdout  # the torch solver's columns

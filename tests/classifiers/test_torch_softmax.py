@@ -1,4 +1,4 @@
-"""The torch solver for softmax (#13): scikit-learn's LogisticRegression objective solved by torch
+"""The torch solver for softmax: scikit-learn's LogisticRegression objective solved by torch
 L-BFGS in float32, checked on the CPU against scikit-learn itself."""
 
 import json

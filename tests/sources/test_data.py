@@ -221,7 +221,7 @@ def test_odd_folders(tmp_path):
 
 
 def test_a_limit_for_a_split_the_data_lacks_says_so(tmp_path):
-    """--per-class-limit val=K on data without a val split did nothing silently (issue 17)."""
+    """--per-class-limit val=K on data without a val split did nothing silently."""
 
     root = make_images(tmp_path / "s", per_class=10, splits=("train", "test"))
     ds = open_source(str(root), DataOptions(per_class_limit={"val": 3, "train": 4}))

@@ -1,4 +1,4 @@
-"""Leakage-safe splits (issue 17): `--group-by REGEX` keeps every group (a patient, a subject, a
+"""Leakage-safe splits: `--group-by REGEX` keeps every group (a patient, a subject, a
 source photo) on one side of featx's split, hold-out and cross-validation folds."""
 
 import numpy as np

@@ -1,5 +1,5 @@
-"""Ingestion without silent wrong labels, leaks or resource bombs (issue 19, items 6-9 and the
-latin-1 CSV of item 10): folder links back into the tree, files reached twice, the one CSV reader
+"""Ingestion without silent wrong labels, leaks or resource bombs (and a
+latin-1 CSV): folder links back into the tree, files reached twice, the one CSV reader
 of manifests and predict, what a source drops and says so, and the size/aspect limits checked
 before an image is decoded or resized."""
 

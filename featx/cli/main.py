@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("featx: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:  # the machine's (or a ulimit's) memory ran out: a failure of the run, not a bug
+        print("featx: error: out of memory; for fit: --classifier sgd (streams the codes), --pca K or a smaller "
+              "--train-size; elsewhere a smaller --batch-size or --workers 0", file=sys.stderr)  # fmt: skip
+        return 1
     except BrokenPipeError:  # e.g. `featx layers resnet50 | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

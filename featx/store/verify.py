@@ -10,7 +10,7 @@ import numpy as np
 
 from featx.errors import first_line
 from featx.files import remove_quietly, write_json_atomic
-from featx.store.journal import BLOCK_BYTES, is_count
+from featx.store.journal import is_count
 from featx.store.meta import COMPLETE, attr_value
 
 
@@ -62,6 +62,11 @@ def _rows_problem(f) -> str | None:
     )
 
 
+# codes are hashed in blocks this size: a bound on the memory a check takes, small enough for a process
+# near its memory limit (a fit's memory guard must get to speak), large enough that sha256 dominates
+VERIFY_BLOCK_BYTES = 8 << 20
+
+
 def _codes_problem(f) -> str | None:
     """Every layer's codes against its sha256: reads the whole file."""
     for name, ds in f["codes"].items():
@@ -69,7 +74,7 @@ def _codes_problem(f) -> str | None:
         if want is None:
             continue
         h = hashlib.sha256()
-        step = max(1, BLOCK_BYTES // max(1, ds.shape[1] * ds.dtype.itemsize))
+        step = max(1, VERIFY_BLOCK_BYTES // max(1, ds.shape[1] * ds.dtype.itemsize))
         for start in range(0, ds.shape[0], step):
             h.update(np.ascontiguousarray(ds[start : start + step]).tobytes())
         if h.hexdigest() != want:
@@ -120,8 +125,10 @@ def verify(path: str) -> str | None:
     """
     import h5py
 
+    opened = False
     try:
         with h5py.File(path, "r") as f:
+            opened = True
             reason = _structure(f) or _rows_problem(f)
             if reason or _remembered(path):
                 return reason
@@ -129,6 +136,8 @@ def verify(path: str) -> str | None:
             if reason:
                 return reason
     except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError) as e:
+        if opened:  # an HDF5 file whose content fails to read (a chunk's checksum, a cut file)
+            return f"it is damaged: reading it failed ({first_line(e, 160)})"
         return f"it is not a readable featx HDF5 file ({first_line(e, 160)})"
     mark_verified(path)
     return None

@@ -412,6 +412,7 @@ def test_a_scheduler_that_dies_mid_grid_is_one_line_and_the_rerun_completes(data
         err,
         1,
         (f"--scheduler {address}", "lost the Dask scheduler mid-grid", "finished cells are kept", "rerun"),
+        only_error_lines=True,  # tiny generated images are near-copies to a random network: a leakage warning too
     )
     done = len(load_done(str(out)))
     assert 3 <= done < 60, done

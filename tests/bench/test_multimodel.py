@@ -133,6 +133,9 @@ def test_two_models_and_a_control_in_one_bench(data, tmp_path, caplog):
     rows = result.rows()
     labels = [f"resnet18@{ckpt}", "resnet18@none (random control)", "mobilenet_v3_small@none"]
     assert list(dict.fromkeys(r["model"] for r in rows)) == labels
+    # the leakage check runs on the models' codes, never on a random control's
+    assert not [m for m in caplog.messages if "(random control)" in m and "near-copies" in m]
+    assert all(s.leakage is None for s in result.sources if s.control_of)
     # 3 models x 2 datasets x 3 layers x 2 sizes
     assert len(rows) == 36 and all(r["relative_depth"] is not None for r in rows)
     assert {r["control_of"] for r in rows if r["model"] == labels[1]} == {labels[0]}

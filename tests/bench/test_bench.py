@@ -361,7 +361,8 @@ def test_bench_killed_at_many_moments_finishes_with_the_same_results(two_dataset
     out, cache = tmp_path / "killed", tmp_path / "cache"
     rng = random.Random(7)
     kills = attempts = 0
-    while kills < 20 and attempts < 120:  # a resumed bench can finish before its kill: those tries do not count
+    # a resumed bench can finish before its kill: those tries do not count
+    while kills < 20 and attempts < 120:
         attempts += 1
         proc = subprocess.Popen(
             [sys.executable, "-m", "featx.cli", "-q", *args, "--cache-dir", str(cache), "--out", str(out)],

@@ -215,6 +215,42 @@ def _ends_with_newline(path: str) -> bool:
         return f.read(1) == b"\n"
 
 
+def lock_file(path: str, cannot_create: str, busy: str) -> int:
+    """A descriptor holding an exclusive, non-blocking flock on `path` (created if missing; the kernel
+    releases it even on kill -9), with this process's pid written in it. `cannot_create` (with
+    {reason}) and `busy` (with {holder}, the holder's pid) word the one-line errors (placeholders
+    replaced, not str.format: a path may hold braces). A lock file that
+    its finishing holder removed between our open and our flock is opened again."""
+    import fcntl
+
+    from featx.errors import FeatxError
+
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise FeatxError(cannot_create.replace("{reason}", str(e.strerror or e))) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(fd, 100, 0).decode("utf-8", "replace").strip()
+            except OSError:
+                holder = ""
+            os.close(fd)
+            raise FeatxError(busy.replace("{holder}", holder or "another process")) from None
+        try:  # the file we locked must still be the one at the path
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}".encode())
+    return fd
+
+
 class FolderLock:
     """An exclusive flock on FOLDER/.lock (released by the kernel even on kill -9): a second process
     on the same folder gets one line, `busy`, with the holder's pid, instead of writing beside the first."""
@@ -224,27 +260,11 @@ class FolderLock:
         self._fd: int | None = None
 
     def __enter__(self) -> FolderLock:
-        import fcntl
-
-        from featx.errors import FeatxError
-
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise FeatxError(
-                f"{self.path}: cannot create the lock ({e.strerror or e}); is the folder writable?"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 100, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise FeatxError(
-                f"{self.busy} ({holder}); wait for it or stop it, or give another --out"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
-        self._fd = fd
+        self._fd = lock_file(
+            self.path,
+            f"{self.path}: cannot create the lock ({{reason}}); is the folder writable?",
+            f"{self.busy} ({{holder}}); wait for it or stop it, or give another --out",
+        )
         return self
 
     def __exit__(self, *exc) -> None:

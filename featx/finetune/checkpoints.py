@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 from featx.errors import FeatxError
+from featx.files import lock_file
 from featx.models.sealed import CHECKPOINT_KEY, DamagedFile, read_sealed, seal
 
 log = logging.getLogger("featx")
@@ -292,8 +293,6 @@ class OutLock:
         self._fd: int | None = None
 
     def __enter__(self) -> OutLock:
-        import fcntl
-
         from featx.errors import UsageError
 
         folder = os.path.dirname(self.path) or "."
@@ -309,32 +308,12 @@ class OutLock:
                 f"--out {self.path[:-5]}: cannot make its folder {folder} ({e.strerror or e}); "
                 f"give a path in a folder you can write"
             ) from None
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise FeatxError(
-                    f"--out {self.path[:-5]}: cannot create its lock ({e.strerror or e})"
-                ) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = _read(fd)
-                os.close(fd)
-                raise FeatxError(
-                    f"--out {self.path[:-5]}: another featx finetune ({holder or 'another process'}) is "
-                    f"writing it; wait for it or stop it, or give another --out"
-                ) from None
-            try:  # the file we locked must still be the one at the path (a finishing run removes it)
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except OSError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
-        self._fd = fd
+        self._fd = lock_file(
+            self.path,
+            f"--out {self.path[:-5]}: cannot create its lock ({{reason}})",
+            f"--out {self.path[:-5]}: another featx finetune ({{holder}}) is writing it; wait for it or stop it, "
+            f"or give another --out",
+        )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -343,10 +322,3 @@ class OutLock:
                 os.remove(self.path)
             os.close(self._fd)  # closing releases the flock
             self._fd = None
-
-
-def _read(fd: int) -> str:
-    try:
-        return os.pread(fd, 100, 0).decode("utf-8", "replace").strip()
-    except OSError:
-        return ""

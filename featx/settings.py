@@ -75,6 +75,9 @@ FLAGS = {
     "augment": "--augment",
     "max_epochs": "--max-epochs",
     "threads": "--threads",
+    "method": "--method",
+    "lora_rank": "--lora-rank",
+    "lora_alpha": "--lora-alpha",
     # featx.classifiers.protocol.Protocol
     "classifier": "--classifier",
     "Cs": "--C",

@@ -92,6 +92,25 @@ def parse_points(text: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def parse_methods(methods, settings: FinetuneSettings) -> tuple[str, ...]:
+    """--finetune-method 'full,lora' -> distinct methods, in order (None: the recipe's own); LoRA's
+    missing library is named now, before the probe cells run."""
+    from featx.finetune.methods import require_peft
+    from featx.finetune.settings import METHODS
+
+    text = ",".join(methods) if isinstance(methods, (list, tuple)) else methods
+    out = tuple(dict.fromkeys(m.strip() for m in (text or settings.method).split(",") if m.strip()))
+    bad = [m for m in out if m not in METHODS]
+    if bad or not out:
+        raise UsageError(
+            f"--finetune-method {text!r}: unknown method {', '.join(bad) or '(none given)'}; use one or more "
+            f"of {', '.join(METHODS)}, comma-separated"
+        )
+    if "lora" in out:
+        require_peft()
+    return out
+
+
 @dataclass(init=False)
 class BenchConfig:
     """A bench: the model(s) and codes settings, how to run the forward, the data, and the grid.
@@ -119,6 +138,7 @@ class BenchConfig:
     scheduler: str | None  # a Dask scheduler's address; None: $DASK_SCHEDULER_ADDRESS, else local joblib
     finetune: list[str]  # freeze points of the fine-tune cells (featx.bench.finetune_cells); [] for none
     finetune_settings: FinetuneSettings  # their recipe (train_from, train_size and seed set per cell)
+    finetune_methods: tuple[str, ...]  # one fine-tune cell per method (featx.finetune.methods), each point
 
     def __init__(
         self,
@@ -140,6 +160,7 @@ class BenchConfig:
         control: str | None = None,
         finetune: Sequence[str] | str = (),
         finetune_settings=None,
+        finetune_methods: Sequence[str] | str | None = None,
         head_confidence: bool = False,
         **settings,
     ):
@@ -155,6 +176,7 @@ class BenchConfig:
             raise TypeError(
                 f"finetune_settings: give a FinetuneSettings, not {type(self.finetune_settings).__name__}"
             )
+        self.finetune_methods = parse_methods(finetune_methods, self.finetune_settings)
         if control is not None and control not in CONTROLS:
             raise UsageError(f"--control {control!r}: use random (or leave it out)")
         self.control = control

@@ -1,4 +1,4 @@
-"""Fine-tune cells of a bench: one per (dataset, freeze point, train size, seed), beside the probe cells.
+"""Fine-tune cells of a bench: one per (dataset, freeze point, method, train size, seed), beside the probe cells.
 
 A fine-tune cell runs `featx.finetune.job.finetune` on the dataset with the bench's model, run and data
 options, from its freeze point, with the same train-size subset and seed a probe cell of that
@@ -39,9 +39,12 @@ class FinetuneCell:
     point: str
     train_size: TrainSize
     seed: int
+    method: str = "full"
 
     def settings(self, base: FinetuneSettings) -> FinetuneSettings:
-        return replace(base, train_from=self.point, train_size=str(self.train_size), seed=self.seed)
+        return replace(
+            base, train_from=self.point, train_size=str(self.train_size), seed=self.seed, method=self.method
+        )
 
     def key(self, config, base: FinetuneSettings) -> str:
         m = config.model
@@ -64,11 +67,12 @@ class FinetuneCell:
 
 
 def finetune_cells(config, points: list[str], sizes: list[str], seeds) -> list[FinetuneCell]:
-    """Every fine-tune cell, in a fixed order (dataset, freeze point, train size, seed)."""
+    """Every fine-tune cell, in a fixed order (dataset, freeze point, method, train size, seed)."""
     return [
-        FinetuneCell(i, bd.spec, p, parse_train_size(s), int(seed))
+        FinetuneCell(i, bd.spec, p, parse_train_size(s), int(seed), m)
         for i, bd in enumerate(config.datasets)
         for p in points
+        for m in config.finetune_methods
         for s in sizes
         for seed in dict.fromkeys(seeds)
     ]
@@ -150,9 +154,23 @@ def finetune_rows(config, cells: list[tuple]) -> list[dict]:
                 "converged": r.get("converged", converged(r["history"])),
                 "augment": r.get("augment", "default" if r["recipe"].get("augment") is True else "none"),
                 "lr": r.get("lr", r["recipe"].get("lr")),
+                "method": r.get("method", "full"),
+                "trainable_params": r.get("trainable_params"),
+                "total_params": r.get("total_params"),
+                "train_seconds": r.get("train_seconds", r["seconds"]),
+                "lora_rank": r.get("lora_rank"),
+                "lora_alpha": r.get("lora_alpha"),
                 **{
                     k: r.get(k)
-                    for k in ("val_source", "n_val", "test_ci_low", "test_ci_high", "test_correct")
+                    for k in (
+                        "inference_ms_per_image",
+                        "inference_batch_size",
+                        "val_source",
+                        "n_val",
+                        "test_ci_low",
+                        "test_ci_high",
+                        "test_correct",
+                    )
                 },
             }
         )
@@ -230,7 +248,7 @@ def compare(analyses, rows: list[dict]) -> list[FinetuneVsProbe]:
                 continue
             by_point: dict[str, list[dict]] = {}
             for r in mine:
-                by_point.setdefault(r["train_from"], []).append(r)
+                by_point.setdefault(point_label(r), []).append(r)
             point = max(by_point, key=lambda p: (np.mean([r["val_score"] for r in by_point[p]]), p))
             rs, layer = by_point[point], best_layer(a, size)
             acc, n = float(np.mean([r["accuracy"] for r in rs])), int(rs[0]["n_test"])
@@ -277,6 +295,12 @@ def compare(analyses, rows: list[dict]) -> list[FinetuneVsProbe]:
                 )
             )
     return out
+
+
+def point_label(row: dict) -> str:
+    """A fine-tune row's freeze point, with its method unless it is the full fine-tune ('depth:0.5 (lora)')."""
+    method = row.get("method") or "full"
+    return row["train_from"] if method == "full" else f"{row['train_from']} ({method})"
 
 
 def _recipe_text(rs: list[dict]) -> str:

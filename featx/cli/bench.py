@@ -96,6 +96,13 @@ def add_parser(sub) -> None:
         help="cap each fine-tune's training images (a seeded stratified subset): fine-tuning on a CPU is slow",
     )
     p.add_argument(
+        "--finetune-method",
+        help="how the fine-tune cells adapt the network: full, lp-ft, bitfit, lora; several "
+        "(full,lora): a cell per method, side by side in the report (full)",
+    )
+    p.add_argument("--finetune-lora-rank", type=o.positive_int, help="LoRA's rank (8)")
+    p.add_argument("--finetune-lora-alpha", type=float, help="LoRA's alpha: its scale is alpha / rank (16)")
+    p.add_argument(
         "--finetune-threads",
         type=o.auto_or_int,
         help="CPU threads for fine-tuning: N, or auto (1 or all cores, measured) (auto)",
@@ -177,6 +184,7 @@ def run(args) -> int:
         control=args.control,
         finetune=args.finetune or (),
         finetune_settings=_finetune_settings(args),
+        finetune_methods=args.finetune_method,
         head_confidence=args.head_confidence,
         # NAME@WEIGHTS is parsed by BenchConfig; these apply to every model (--weights: to those without @)
         weights=args.weights,
@@ -195,6 +203,8 @@ FINETUNE_FLAGS = {
     "batch_size": "--finetune-batch-size",
     "max_images": "--finetune-max-images",
     "threads": "--finetune-threads",
+    "lora_rank": "--finetune-lora-rank",
+    "lora_alpha": "--finetune-lora-alpha",
 }
 
 

@@ -87,6 +87,21 @@ def _add_recipe_args(p) -> None:
         "--no-augment", dest="augment", action="store_const", const="none", help="= --augment none"
     )
     p.add_argument(
+        "--method",
+        default=D.method,
+        help="how the part after the freeze point adapts: full, lp-ft (a linear probe first, then "
+        f"full), bitfit (biases and norms), lora (low-rank adapters; needs featx[peft]) ({D.method})",
+    )
+    p.add_argument(
+        "--lora-rank", type=o.positive_int, default=D.lora_rank, help=f"LoRA's rank ({D.lora_rank})"
+    )
+    p.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=D.lora_alpha,
+        help=f"LoRA's alpha: its scale is alpha / rank ({D.lora_alpha:g})",
+    )
+    p.add_argument(
         "--threads",
         type=o.auto_or_int,
         default=D.threads,

@@ -41,6 +41,7 @@ import time
 import numpy as np
 
 from featx import __version__
+from featx.engine.cost import count_params
 from featx.errors import UsageError
 from featx.finetune.checkpoints import (
     OutLock,
@@ -52,6 +53,7 @@ from featx.finetune.checkpoints import (
 )
 from featx.finetune.data import batch_positions, select_samples
 from featx.finetune.freeze import apply_freeze, find_head, replace_head, resolve_freeze_point
+from featx.finetune.methods import adapt, lp_head, plain_module, require_peft
 from featx.finetune.saved import save_model
 from featx.finetune.search import successive_halving
 from featx.finetune.settings import PATIENCE, FinetuneResult, FinetuneSettings
@@ -86,6 +88,8 @@ def _prepare(model, data, settings, data_options):
             f"{OPTION}: fine-tuning computes no codes to find near-copies in; use --group-by REGEX "
             "or a CSV group column"
         )
+    if settings.method == "lora":  # before the data is read: the missing library is the first thing to fix
+        require_peft()
     ds = open_source(data, data_options) if isinstance(data, str) else data
     if not ds.labelled:
         raise UsageError(
@@ -98,7 +102,10 @@ def _prepare(model, data, settings, data_options):
 
 def build_network(plan, ds, settings, device):
     """(backbone, plan, freeze point, head name, trainable params, head params): a fresh network
-    with a new head, frozen at `settings.train_from`, on `device`."""
+    with a new head, frozen at `settings.train_from`, adapted by `settings.method`
+    (`backbone.module` is the network to train: LoRA's wraps the original), on `device`."""
+    import dataclasses
+
     import torch
 
     from featx.engine.compute import load_backbone
@@ -109,6 +116,8 @@ def build_network(plan, ds, settings, device):
     point = resolve_freeze_point(plan.taps, module, settings.train_from, str(plan.model))
     replace_head(module, head, len(ds.classes), settings.seed)
     trained, head_params = apply_freeze(module, point, head)
+    module, trained, head_params = adapt(module, point, head, settings, trained, head_params)
+    backbone = dataclasses.replace(backbone, module=module)
     module.to(device)
     if device.type == "cuda":
         module.to(memory_format=torch.channels_last)
@@ -317,6 +326,8 @@ def _finetune(
     folder = checkpoint_dir or (target[: -len(".safetensors")] + ".ckpt" if target else None)
     points = settings.points()
     runs: dict[int, dict] = {}  # grid point -> {"job", "folder", "fingerprint", "state", "backbone", ...}
+    probe: dict = {}  # LP-FT: the first step's probe (C, validation accuracy, seconds)
+    memo: dict = {}  # LP-FT: its fitted head, shared by the recipe grid's points
 
     def open_point(i: int) -> dict:
         if i not in runs:
@@ -337,6 +348,10 @@ def _finetune(
             sub = folder if len(points) == 1 or not folder else os.path.join(folder, _point_dir(i, s))
             if sub:
                 os.makedirs(sub, exist_ok=True)
+            if s.method == "lp-ft":  # one probe for every grid point (same rows, same features)
+                if folder:
+                    os.makedirs(folder, exist_ok=True)
+                probe.update(lp_head(job, head, folder, memo))
             runs[i] = {
                 "job": job,
                 "folder": sub,
@@ -366,6 +381,7 @@ def _finetune(
         w = runs[winner]
         job, module = w["job"], w["job"].module
         module.load_state_dict(_best_weights(w["state"], w["folder"]))
+        train_seconds = time.perf_counter() - t0
         logits, y_test = predict_logits(job, rows.test)  # the test split's first and only read
     grid = (
         [_grid_entry(points[i], runs[i]["state"], i == winner) for i in sorted(runs)]
@@ -383,19 +399,51 @@ def _finetune(
         y_test,
         time.perf_counter() - t0,
     )
+    # timed after _results counted the trainable parameters (merging LoRA drops its adapters), at
+    # the process's own thread count, as extraction runs
+    plain = plain_module(module, settings.method)  # LoRA: adapters merged into the weights
+    timed = _inference_cost(plain, w["backbone"].preprocess, run, device, amp)
     results.update(
         grid=grid,
         rungs=rungs,
         threads=w["state"]["threads"],
         threads_measured=w["state"]["threads_measured"],
         screening_epochs=sum(g["epochs_run"] for g in grid if not g["chosen"]),
+        train_seconds=round(train_seconds, 3),
+        total_params=count_params(plain),
+        **timed,
     )
-    module.to("cpu").eval()
+    if settings.method == "lora":
+        results.update(lora_rank=settings.lora_rank, lora_alpha=settings.lora_alpha)
+    if probe:
+        results["lp_probe"] = probe
+    module = plain.to("cpu").eval()
     if target:
         save_model(target, module, w["backbone"], w["head"], ds.classes, points[winner], results)
         if folder and not checkpoint_dir:
             shutil.rmtree(folder, ignore_errors=True)
     return FinetuneResult(results, target, module)
+
+
+def _inference_cost(module, pre, run, device, amp) -> dict:
+    """Milliseconds per image of the fine-tuned network's forward pass on `device` (featx.engine.cost)."""
+    import torch
+
+    from featx.engine.cost import inference_batch, inference_ms
+
+    batch = inference_batch(run.batch_size)
+    module.eval()
+
+    def forward(x):
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return module(pre.normalize(x))
+
+    return {
+        "inference_ms_per_image": inference_ms(forward, pre.crop_size, batch, device),
+        "inference_batch_size": batch,
+    }
 
 
 def _point_dir(i: int, s: FinetuneSettings) -> str:
@@ -439,7 +487,13 @@ def _threads(settings: FinetuneSettings, first: dict, folder: str | None, device
         len(job.ds.classes),
     )
     return choose_threads(
-        job.module, first["point"], job.pre.crop_size, settings.batch_size, len(job.ds.classes), key
+        job.module,
+        first["point"],
+        job.pre.crop_size,
+        settings.batch_size,
+        len(job.ds.classes),
+        key + (settings.method,),
+        settings.method,
     )
 
 
@@ -467,7 +521,7 @@ def _results(job: TrainJob, plan, backbone, point, head, state, logits, y_test, 
         "train_from_depth": point.depth,
         "frozen_modules": len(point.frozen),
         "trainable_params": int(trainable),
-        "total_params": int(sum(p.numel() for p in job.module.parameters())),
+        "method": s.method,
         "head": head,
         "recipe": s.to_dict(),
         "epoch": best + 1,

@@ -39,6 +39,14 @@ AUGMENT_TEXT = {
     "default": "RandomResizedCrop + flip",
 }
 
+METHODS = ("full", "lp-ft", "bitfit", "lora")
+METHOD_TEXT = {
+    "full": "full fine-tune",
+    "lp-ft": "linear probe, then full fine-tune (LP-FT)",
+    "bitfit": "BitFit (biases, norms and head)",
+    "lora": "LoRA adapters",
+}  # finetune.methods says what each does
+
 MIN_VAL_PER_CLASS = 1  # every class must have validation images, or the epoch choice ignores it
 PATIENCE = 3  # epochs without improvement that stop an `epochs="auto"` run (see the module docstring)
 MIN_DELTA = (
@@ -127,6 +135,11 @@ class FinetuneSettings:
     threads: int | str = (
         "auto"  # CPU threads: "auto" measures 1 vs all cores (speed only: not part of the recipe)
     )
+    method: str = (
+        "full"  # how the part after the freeze point adapts: full, lp-ft, bitfit, lora (finetune.methods)
+    )
+    lora_rank: int = 8  # LoRA only: the adapters' rank
+    lora_alpha: float = 16.0  # LoRA only: the adapters' scale is lora_alpha / lora_rank
 
     def __post_init__(self) -> None:
         if not isinstance(self.train_from, str) or not self.train_from.strip():
@@ -173,6 +186,11 @@ class FinetuneSettings:
             bad_value("val_fraction", self.val_fraction, "use a fraction between 0 and 1")
         if self.threads != "auto":
             _number("threads", self.threads, 1, 4096, integer=True)
+        if self.method not in METHODS:
+            bad_value("method", self.method, f"unknown method; use one of {', '.join(METHODS)}")
+        _number("lora_rank", self.lora_rank, 1, 4096, integer=True)
+        _number("lora_alpha", self.lora_alpha, 0.0, 1e6, low_open=True)
+        object.__setattr__(self, "lora_alpha", float(self.lora_alpha))
 
     @property
     def auto(self) -> bool:
@@ -211,6 +229,10 @@ class FinetuneSettings:
             d["augment"] = d["augment"] == "default"
         if not self.auto:
             d.pop("max_epochs")
+        if self.method != "lora":
+            d.pop("lora_rank"), d.pop("lora_alpha")
+        if self.method == "full":
+            d.pop("method")
         return d
 
     def recipe_text(self) -> str:
@@ -230,9 +252,16 @@ class FinetuneSettings:
             if len(self.points()) > 1
             else ""
         )
+        others = (
+            "the same for adapted parameters"
+            if self.method in ("bitfit", "lora")
+            else f"x{self.backbone_lr_mult:g} for pretrained layers"
+        )
+        method = METHOD_TEXT[self.method] + (
+            f" (rank {self.lora_rank}, alpha {self.lora_alpha:g})" if self.method == "lora" else ""
+        )
         return (
-            f"{opt}, {epochs}, {self.warmup} warm-up then cosine over {self.schedule_epochs}, lr {lr} for the head and x{self.backbone_lr_mult:g} "
-            f"for pretrained layers, weight decay {self.weight_decay:g}, batch {self.batch_size}, {aug}{cap}; the "
+            f"{method}; {opt}, {epochs}, {self.warmup} warm-up then cosine over {self.schedule_epochs}, lr {lr} for the head and {others}, weight decay {self.weight_decay:g}, batch {self.batch_size}, {aug}{cap}; the "
             f"epoch chosen on validation{grid}"
         )
 
@@ -256,9 +285,17 @@ class FinetuneResult:
         grid = (
             f", chosen recipe: augment {r['augment']}, lr {r['lr']:g}" if len(r.get("grid") or ()) > 1 else ""
         )
+        method = r.get("method", "full")
+        lora = f" rank {r['lora_rank']}" if method == "lora" and "lora_rank" in r else ""
+        cost = (
+            f"; {r['trainable_params']:,} of {r['total_params']:,} parameters trained in {r['train_seconds']:.1f} s, "
+            f"inference {r['inference_ms_per_image']:.2f} ms/image (batch {r['inference_batch_size']})"
+            if "inference_ms_per_image" in r
+            else ""
+        )
         return (
-            f"{r['model']} from {r['train_from']} ({r['train_from_module']}): accuracy {r['accuracy']:.4f} "
+            f"{r['model']} {method}{lora} from {r['train_from']} ({r['train_from_module']}): accuracy {r['accuracy']:.4f} "
             f"(95% CI {r['test_ci_low']:.3f}-{r['test_ci_high']:.3f}, {r['n_test']} test images), balanced "
             f"{r['balanced_accuracy']:.4f}, epoch {r['epoch']}/{r['epochs_run']} chosen on {r['val_source']} "
-            f"(val acc {r['val_score']:.4f}){conv}{grid}, train size {r['train_size']}, {r['seconds']:.1f} s"
+            f"(val acc {r['val_score']:.4f}){conv}{grid}, train size {r['train_size']}, {r['seconds']:.1f} s{cost}"
         )

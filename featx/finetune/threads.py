@@ -52,12 +52,14 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def choose_threads(module, point, size: int, batch: int, classes: int, key: tuple) -> tuple[int, dict]:
+def choose_threads(
+    module, point, size: int, batch: int, classes: int, key: tuple, method: str = "full"
+) -> tuple[int, dict]:
     """(threads, {threads: images per second}) for training `module` (in train mode, frozen as
     `point` says) at `size` px and `batch` images per step; cached per process under `key`."""
     import torch
 
-    from featx.finetune.freeze import set_train_mode
+    from featx.finetune.methods import train_mode
 
     candidates = sorted({1, cores()})
     if len(candidates) == 1:
@@ -65,7 +67,7 @@ def choose_threads(module, point, size: int, batch: int, classes: int, key: tupl
     if key in _MEASURED:
         return _MEASURED[key]
     net = copy.deepcopy(module).cpu()
-    set_train_mode(net, point)
+    train_mode(net, point, method)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     y = torch.arange(batch) % classes
     loss_fn = torch.nn.CrossEntropyLoss()

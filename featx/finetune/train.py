@@ -9,11 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from featx.finetune.data import TrainImages, batch_loader, batch_positions
-from featx.finetune.freeze import FreezePoint, set_train_mode
+from featx.finetune.freeze import FreezePoint
+from featx.finetune.methods import train_mode
 from featx.finetune.settings import MIN_DELTA, PATIENCE, FinetuneSettings
 
 
 def make_optimizer(settings: FinetuneSettings, backbone: list, head: list):
+    """SGD or AdamW over the head (at lr) and the trained backbone parameters (at lr *
+    backbone_lr_mult; BitFit's and LoRA's few adapted parameters at lr), weight decay on matrices only."""
     import torch
 
     def groups(params, lr):
@@ -26,7 +29,11 @@ def make_optimizer(settings: FinetuneSettings, backbone: list, head: list):
 
     pg = [
         g
-        for g in groups(backbone, settings.lr * settings.backbone_lr_mult) + groups(head, settings.lr)
+        for g in groups(
+            backbone,
+            settings.lr * (1.0 if settings.method in ("bitfit", "lora") else settings.backbone_lr_mult),
+        )
+        + groups(head, settings.lr)
         if g["params"]
     ]
     if settings.optimizer == "sgd":
@@ -75,7 +82,7 @@ def train_epoch(job: TrainJob, epoch: int, bar=None, on_batch=None) -> float:
     batches = batch_positions(len(order), s.batch_size)
     total, warm = s.schedule_epochs * len(batches), s.warmup * len(batches)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=s.label_smoothing)
-    set_train_mode(job.module, job.point)
+    train_mode(job.module, job.point, s.method)
     images = TrainImages(job.ds, order, job.pre, s.seed, epoch, augment=s.augment)
     losses, count = 0.0, 0
     for b, (y, x) in enumerate(batch_loader(images, batches, job.workers)):

@@ -10,6 +10,7 @@ from featx.bench.plots import (
     plot_depth,
     plot_learning_curves,
 )
+from featx.engine.cost import COST_FIELDS
 
 
 def fixed(v, digits: int = 2) -> str:
@@ -36,6 +37,7 @@ def format_cell(v) -> str:
 
 
 # results.json also holds each cell's `test_correct` (per-image correctness bits, for paired tests)
+
 RESULT_COLUMNS = [
     "kind",
     "model",
@@ -72,6 +74,9 @@ RESULT_COLUMNS = [
     "score_gbc",
     "train_from",
     "epoch",
+    *COST_FIELDS,  # featx.engine.cost: method, parameters, training seconds, inference ms/image
+    "lora_rank",
+    "lora_alpha",
 ]
 
 

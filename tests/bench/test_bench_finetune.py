@@ -94,6 +94,8 @@ def test_bench_finetune_from_the_cli_report_and_resume(tmp_path):
         "1",
         "--finetune-batch-size",
         "4",
+        "--finetune-method",
+        "full,bitfit",
         "--cache-dir",
         tmp_path / "cache",
         "--out",
@@ -104,8 +106,17 @@ def test_bench_finetune_from_the_cli_report_and_resume(tmp_path):
     assert rc == 0, err
     rows = list(csv.DictReader(open(tmp_path / "b" / "results.csv")))
     kinds = [r["kind"] for r in rows]
-    assert kinds.count("probe") == 2 and kinds.count("finetune") == 2
-    assert {r["train_from"] for r in rows if r["kind"] == "finetune"} == {"depth:0.5", "depth:1.0"}
+    assert kinds.count("probe") == 2 and kinds.count("finetune") == 4
+    ft = [r for r in rows if r["kind"] == "finetune"]
+    assert {(r["train_from"], r["method"]) for r in ft} == {
+        (p, m) for p in ("depth:0.5", "depth:1.0") for m in ("full", "bitfit")
+    }
+    for r in ft:  # the cost of every fine-tune row
+        assert int(r["trainable_params"]) > 0 and int(r["total_params"]) >= int(r["trainable_params"])
+        assert float(r["train_seconds"]) > 0 and float(r["inference_ms_per_image"]) > 0
+    bitfit = {r["train_from"]: int(r["trainable_params"]) for r in ft if r["method"] == "bitfit"}
+    full = {r["train_from"]: int(r["trainable_params"]) for r in ft if r["method"] == "full"}
+    assert bitfit["depth:0.5"] < full["depth:0.5"] and bitfit["depth:1.0"] == full["depth:1.0"]  # head only
     report = (tmp_path / "b" / "report.md").read_text()
     assert "## Fine-tuning beside probing" in report
     line = next(ln for ln in report.splitlines() if ln.startswith("| d | all |"))
@@ -173,3 +184,7 @@ def test_an_unchanged_recipe_keeps_its_cell_key():
     )
     assert cell.key(config, FinetuneSettings(epochs="auto")) != cell.key(config, FinetuneSettings(epochs=30))
     assert cell.key(config, FinetuneSettings(augment="light")) != cell.key(config, FinetuneSettings())
+    from dataclasses import replace
+
+    base = FinetuneSettings()
+    assert replace(cell, method="bitfit").key(config, base) != cell.key(config, base)

@@ -273,9 +273,11 @@ def test_interrupted_run_resumes_bit_identical(data, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
+@pytest.mark.parametrize("method", ["full", "lp-ft", "bitfit", "lora"])
+def test_sigkill_then_resume_equals_uninterrupted(method, data, tmp_path):
     """Kill -9 after the first checkpoint, leave a torn newer checkpoint and a .tmp behind, rerun:
-    the model and results are bit-identical to an uninterrupted run (CPU, fp32, same seed)."""
+    the model and results are bit-identical to an uninterrupted run (CPU, fp32, same seed), for
+    every fine-tune method."""
     argv = [
         "finetune",
         *ARGS,
@@ -287,6 +289,8 @@ def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
         "6",
         "--lr",
         "0.05",
+        "--method",
+        method,
     ]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert cli(*argv, "--out", ref, "-q")[0] == 0
@@ -294,8 +298,9 @@ def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
     sigkill_when([*argv, "--out", killed], lambda: (ckpt / "epoch-0000.safetensors").exists())
     assert not (tmp_path / "killed.safetensors").exists(), "the run ended before the kill"
     done = sorted(os.listdir(ckpt))
-    assert done and all(n.startswith("epoch-") for n in done)
-    last = ckpt / [n for n in done if n.endswith(".safetensors")][-1]
+    assert done and all(n.startswith("epoch-") or n == "lp-head.safetensors" for n in done)
+    assert ("lp-head.safetensors" in done) == (method == "lp-ft")
+    last = ckpt / [n for n in done if n.startswith("epoch-") and n.endswith(".safetensors")][-1]
     torn = ckpt / "epoch-0005.safetensors"
     torn.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     shutil.copy(last, ckpt / "epoch-0004.safetensors.tmp")
@@ -314,6 +319,7 @@ def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
             r.pop("threads_measured"),
             r.pop("train_seconds"),
             r.pop("inference_ms_per_image"),
+            r.get("lp_probe", {}).pop("seconds", None),
         )  # timings (the thread count itself stays)
         for h in r["history"]:
             h.pop("seconds")

@@ -4,8 +4,10 @@ Real datasets hold near-copies (frames of one track, slices of one scan, re-enco
 random split then puts one copy in training and another in validation or test, and the held-out
 score measures recognising the copy. featx already has the codes, so it looks for this there:
 
-- `nearest`: for each query row, the most similar reference row by cosine similarity (rows
-  L2-normalised, float32 matrix products over blocks of queries; no loop over rows). Exact.
+- `nearest` (from `featx.sources.neighbours`): for each query row, the most similar reference row
+  by cosine similarity (rows L2-normalised, float32 matrix products over blocks of queries); exact
+  up to `EXACT_NEAREST_PRODUCTS` query x reference pairs, above that candidates found in a
+  128-dim projection re-ranked exactly (the similarity returned is always exact).
 - `leakage`: is a split's held-out side markedly closer to training than independent images are?
   The reference for "independent" is each training row's nearest training row *of another class*:
   near-copies share their source's class, so duplicates cannot inflate this reference, while a
@@ -41,12 +43,10 @@ images of flowers5_128 and of brain_tumor_mri, EfficientNet-Lite0 (ImageNet) cod
 - The leakage rule flagged every random split of the generated sets (10 of 10 per layer) and none
   of 15 random splits of flowers5_128, hymenoptera and Fashion-MNIST (per layer).
 
-Cost: `nearest` is N_queries x N_refs x D multiply-adds (about 75 GFLOP/s for the float32
-products on 2 EPYC cores, plus one pass over every similarity for the argmax). Measured on random
-codes, 2 cores shared with other work: 2x10^4 rows of 1,280 dims against themselves 29 s, so 10^5
-rows ~6-12 minutes (quadratic: not seconds; an approximate index is future work); 10^5 rows of a
-80-dim layer 61 s; `leakage` on 10^5 rows of 1,280 dims, 20% held out, 26 s, because it samples
-at most `MAX_QUERIES` held-out rows (and as many reference rows).
+Cost: the leakage check samples at most `MAX_QUERIES` held-out rows (and as many reference rows), so
+its two `nearest` searches grow linearly with the training rows; `auto_groups` is exact up to
+`EXACT_PAIR_ROWS` rows and an inverted file above (rows^1.5). Measured exact against approximate
+(`benchmarks/near_duplicates_speed.py`): docs/near-duplicates.md, "Speed".
 """
 
 from __future__ import annotations
@@ -57,14 +57,12 @@ import numpy as np
 
 from featx.errors import UsageError
 from featx.sources.autogroups import (  # the grouping math lives below the engine, which groups at extraction
-    BLOCK_ELEMENTS,
     DUP_SIMILARITY,
     OPTION,
     auto_groups,
     check_threshold,
-    normalise,
-    similar_pairs,
 )
+from featx.sources.neighbours import BLOCK_ELEMENTS, nearest, normalise, similar_pairs
 
 __all__ = [
     "BLOCK_ELEMENTS",
@@ -83,60 +81,6 @@ CLOSER_FACTOR = 0.5  # markedly closer: at most half the reference cut's distanc
 LEAK_FRACTION = 0.05  # leaky: at least 5% of held-out rows markedly closer (independent sets: < 1%)
 LEAK_MIN_ROWS = 5  # ... and at least 5 rows, so a couple of stray copies in a small set don't warn
 MAX_QUERIES = 2000  # leakage samples this many held-out rows (and reference rows): a 5% fraction +/- 0.5%
-
-
-def nearest(
-    queries: np.ndarray,
-    refs: np.ndarray | None = None,
-    *,
-    skip: tuple | None = None,
-    block: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """For each query row, the index of the most similar `refs` row and that cosine similarity.
-
-    `refs=None` searches the queries themselves with each row's own match skipped. `skip=(q_keys,
-    r_keys)` skips every ref whose key equals the query's (labels: the nearest row of another class;
-    groups: the nearest row of another group). A query with no candidate gets index -1 and
-    similarity NaN. Ties go to the lowest index. `block` queries per matrix product (default: as
-    many as keep `BLOCK_ELEMENTS` similarities). Exact: equal to the brute-force product.
-
-    Examples:
-        >>> x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
-        >>> nearest(x)[0].tolist()
-        [1, 0, 1]
-    """
-    self_search = refs is None
-    q = normalise(queries)
-    r = q if self_search else normalise(refs)
-    if q.shape[1] != r.shape[1]:
-        raise UsageError(
-            f"codes: queries have {q.shape[1]} dims, references {r.shape[1]}; use one layer for both"
-        )
-    nq, nr = len(q), len(r)
-    qk = rk = None
-    if skip is not None:
-        qk, rk = (np.asarray(k) for k in skip)
-        if len(qk) != nq or len(rk) != nr:
-            raise ValueError("skip keys must have one entry per query and per reference row")
-    step = max(1, block or BLOCK_ELEMENTS // max(nr, 1))
-    index = np.full(nq, -1, dtype=np.int64)
-    sim = np.full(nq, np.nan, dtype=np.float32)
-    if nr == 0:
-        return index, sim
-    for start in range(0, nq, step):
-        stop = min(start + step, nq)
-        s = q[start:stop] @ r.T  # [b, nr] float32
-        if self_search:
-            rows = np.arange(stop - start)
-            s[rows, rows + start] = -np.inf
-        if qk is not None:
-            s[qk[start:stop, None] == rk[None, :]] = -np.inf
-        best = np.argmax(s, axis=1)
-        top = s[np.arange(stop - start), best]
-        ok = np.isfinite(top)
-        index[start:stop] = np.where(ok, best, -1)
-        sim[start:stop] = np.where(ok, top, np.nan)
-    return index, sim
 
 
 @dataclass(frozen=True)

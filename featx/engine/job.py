@@ -34,7 +34,7 @@ from featx.engine.compute import (
     timed_batches,
 )
 from featx.engine.compute import phase as _phase
-from featx.errors import FeatxError, Interrupted
+from featx.errors import FeatxError, Interrupted, UsageError, first_line
 from featx.models.plan import Plan
 from featx.settings import CodeSettings, DataOptions, ModelSettings, RunSettings
 from featx.sources.autogroups import threshold_of
@@ -314,9 +314,17 @@ def finish(work: Work, journal, bs: int, start: int, loop_seconds: float) -> Ext
     splits, groups = ds.splits, ds.groups
     if (auto := threshold_of(opts.group_by)) is not None:  # groups from the codes, split redone around them
         with _phase(work.call.timings, "auto groups (--group-by auto)"):
-            splits, groups, notes = regroup_journal(
-                journal, {t.name: t.depth for t in plan.chosen}, ds, auto, opts.test_fraction, opts.seed
-            )
+            try:
+                splits, groups, notes = regroup_journal(
+                    journal, {t.name: t.depth for t in plan.chosen}, ds, auto, opts.test_fraction, opts.seed
+                )
+            except UsageError as e:  # the journal stays complete: a rerun of this command recomputes nothing
+                if hasattr(journal, "close"):
+                    journal.close()
+                raise UsageError(
+                    f"{first_line(e)} (the codes of {journal.rows_done} images are kept as this entry's "
+                    f"complete partial journal: rerunning this command reuses them; featx cache rm removes them)"
+                ) from None
         for note in notes:
             log.warning(note)
     with _phase(work.call.timings, "finalize (HDF5 gzip + fsync + rename)"):

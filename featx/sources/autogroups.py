@@ -22,55 +22,22 @@ grouped CV folds. Given split folders stay as given; a warning says how many gro
   with no test or no train image left; per-split `--per-class-limit` on data without split folders
   (those limits cut a split that only exists after extraction).
 
-The grouping functions (`normalise`, `similar_pairs`, `auto_groups`) live here, below the engine
-that calls them; `featx.classifiers.neardup` re-exports them beside the leakage check, and its
-docstring and docs/near-duplicates.md give the measurements behind `DUP_SIMILARITY`.
+`auto_groups` lives here, below the engine that calls it; the pair search it runs (`similar_pairs`:
+exact below `neighbours.EXACT_PAIR_ROWS` rows, an inverted file above) is in `featx.sources.neighbours`.
+`featx.classifiers.neardup` re-exports them beside the leakage check, and its docstring and
+docs/near-duplicates.md give the measurements behind `DUP_SIMILARITY`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from featx.errors import FeatxError, UsageError
+from featx.errors import UsageError
+from featx.sources.neighbours import similar_pairs
 
-BLOCK_ELEMENTS = 1 << 25  # similarities held at once per block (128 MiB of float32); bounds memory
 DUP_SIMILARITY = 0.90  # `--group-by auto`'s default threshold, for the deepest layer: best mean pairwise F1 on generated copies
 OPTION = "--group-by auto"  # how errors name the feature
 AUTO = "auto"  # `--group-by auto` or `auto:T`
-
-
-def normalise(codes: np.ndarray) -> np.ndarray:
-    """Rows as float32 unit vectors (an all-zero row stays zero: similarity 0 to everything).
-    NaN or infinite codes are a FeatxError naming how many rows have them."""
-    x = np.asarray(codes, dtype=np.float32)
-    if x.ndim != 2:
-        raise UsageError(
-            f"codes: expected a 2-D array [rows, dims], got shape {x.shape}; pass one layer's codes"
-        )
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise FeatxError(
-            f"codes: {int(bad.sum())} of {len(x)} rows have NaN or infinite values "
-            f"(first: row {int(np.argmax(bad))}); re-extract them or drop those rows"
-        )
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
-
-
-def similar_pairs(codes: np.ndarray, threshold: float, *, block: int | None = None) -> np.ndarray:
-    """Every pair (i < j) of rows with cosine similarity >= `threshold`, as an int64 [P, 2] array in
-    row order; the upper triangle only, in blocks like `nearest`."""
-    x = normalise(codes)
-    n = len(x)
-    step = max(1, block or BLOCK_ELEMENTS // max(n, 1))
-    found = []
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        s = x[start:stop] @ x[start:].T  # [b, n - start]: this block against itself and later rows
-        i, j = np.nonzero(s >= threshold)
-        keep = j > i  # the strict upper triangle (j is relative to start, as i is)
-        found.append(np.stack([i[keep] + start, j[keep] + start], axis=1))
-    return np.concatenate(found).astype(np.int64) if found else np.empty((0, 2), dtype=np.int64)
 
 
 def check_threshold(threshold: float) -> float:
@@ -91,7 +58,7 @@ def check_threshold(threshold: float) -> float:
 
 
 def auto_groups(
-    codes: np.ndarray, threshold: float = DUP_SIMILARITY, *, block: int | None = None
+    codes: np.ndarray, threshold: float = DUP_SIMILARITY, *, block: int | None = None, method: str = "auto"
 ) -> np.ndarray:
     """A group id per row: rows whose codes have cosine similarity >= `threshold` share a group,
     joined transitively. Ids count from 0 in order of each group's first row, so they depend only on
@@ -113,7 +80,7 @@ def auto_groups(
         raise UsageError(
             f"{OPTION}: needs at least 2 rows of 2-D codes, got shape {x.shape}; check the data and the layer"
         )
-    pairs = similar_pairs(x, t, block=block)
+    pairs = similar_pairs(x, t, block=block, method=method)
     n = len(x)
     graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, comp = connected_components(graph, directed=False)

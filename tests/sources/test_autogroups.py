@@ -4,6 +4,7 @@ the one-line refusals. Copies are pixel-identical files (similarity 1.0 under an
 random-init ResNet-18 at 32 px distinct images reach 0.998, so the tests use auto:0.9999."""
 
 import json
+import os
 import shutil
 
 import h5py
@@ -18,6 +19,7 @@ from featx.classifiers.protocol import protocol_for
 from featx.settings import DataOptions
 from featx.sources.autogroups import DUP_SIMILARITY, deepest, describe, threshold_of
 from featx.sources.cutting import regroup
+from featx.store.cache import list_entries
 from featx.store.codes import CodesFile
 
 AUTO = "auto:0.9999"
@@ -266,3 +268,40 @@ def test_bench_records_leakage_and_reports_it(copies, tmp_path):
     assert rows2 and all(r["leaky"] is False for r in rows2)
     with h5py.File(bench_run(cfg2).sources[0].codes) as f:
         assert "groups" in f
+
+
+def test_a_refused_grouping_keeps_the_codes_for_a_rerun(tmp_path):
+    """Identical codes are only known after extraction: the refusal keeps the entry's journal complete
+    (a rerun of the command recomputes nothing and refuses again), `cache ls` shows it as partial at
+    100%, `info` reads it, a plain extraction is unaffected and `cache rm` removes the journal."""
+    same = make_images(tmp_path / "same", per_class=1)
+    for c in ("cat", "dog", "owl"):
+        for k in range(1, 4):
+            shutil.copy(same / "cat" / "cat_000.jpg", same / c / f"x{k}.jpg")
+        if c != "cat":
+            shutil.copy(same / "cat" / "cat_000.jpg", same / c / f"{c}_000.jpg")
+    cache = tmp_path / "c"
+    args = ("extract", *FAST_ARGS, "--data", same, "--cache-dir", cache, "--layers", "layer4,avgpool")
+    rc, _, err = cli(*args, "--group-by", "auto")
+    assert_one_line_error(
+        rc, err, code=2, needles=("identical codes", "12 images are kept", "rerunning"), only_error_lines=True
+    )
+    entries = list_entries(str(cache))
+    assert len(entries) == 1 and entries[0].state == "partial"
+    assert entries[0].detail["samples_done"] == entries[0].detail["samples"] == 12
+    partial = entries[0].path
+    rc, out, _ = cli("cache", "ls", "--cache-dir", cache)
+    assert rc == 0 and "partial 12/12" in out
+    rc, out, err = cli("info", partial)
+    assert rc == 0, err
+    rc, _, err = cli(*args, "--group-by", "auto")  # the rerun resumes at the end: no image is computed
+    assert_one_line_error(rc, err, code=2, needles=("identical codes",), only_error_lines=True)
+    assert "resuming" in err and "at image 12 of 12" in err
+    rc, out, err = cli(*args)  # without grouping: its own complete entry
+    assert rc == 0, err
+    plain = out.strip().splitlines()[-1]
+    with CodesFile(plain) as f:
+        assert len(f) == 12 and f.groups is None
+    rc, _, err = cli("cache", "rm", "--cache-dir", cache, os.path.basename(partial))
+    assert rc == 0, err
+    assert [e.state for e in list_entries(str(cache))] == ["complete"]

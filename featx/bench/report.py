@@ -10,6 +10,7 @@ from featx.bench.plots import (
     plot_depth,
     plot_learning_curves,
 )
+from featx.engine.cost import COST_FIELDS
 
 
 def fixed(v, digits: int = 2) -> str:
@@ -72,6 +73,9 @@ RESULT_COLUMNS = [
     "score_gbc",
     "train_from",
     "epoch",
+    *COST_FIELDS,  # featx.classifiers.cost (probes), the fine-tune's own (fine-tunes)
+    "lora_rank",
+    "lora_alpha",
 ]
 
 

@@ -204,3 +204,35 @@ def test_probe_rows_without_cost_fields_still_decide():
     _, d = _decide(rows, [_Src("d", M, DEPTH)])
     assert d.answer is d.best and d.answer.trainable_params is None
     assert "trainable parameters –, training – s, inference – ms/image" in d.words[0]
+
+
+def test_depth_plot_marks_each_fine_tune_method_inside_the_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from featx.bench.plots import METHOD_MARKERS, plot_depth
+
+    rows = _probe_rows(M, {"mid": (0.70, _correct(140), 1_000), "top": (0.80, _correct(160), 2_000)})
+    methods = ["full", "lp-ft", "bitfit", "lora", None]
+    rows += _ft_rows(M, [(f"depth:0.{i}", m, 0.9, _correct(180), 10, True) for i, m in enumerate(methods)])
+    analyses = analyze(rows, [_Src("d", M, DEPTH)])
+    seen, real_close = [], plt.close
+    plt.close = lambda fig=None: seen.append(fig)
+    try:
+        plot_depth(analyses, str(tmp_path / "depth.png"), "t", [r for r in rows if r["kind"] == "finetune"])
+    finally:
+        plt.close = real_close
+    (fig,) = seen
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    for m in methods[:-1]:
+        assert f"d (measured similar): fine-tuned ({m}) from depth" in labels
+    assert "d (measured similar): fine-tuned from depth" in labels  # a row without a method
+    markers = {line.get_marker() for line in fig.axes[0].get_lines()}
+    assert set(METHOD_MARKERS.values()) <= markers
+    e, box = legend.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+    assert e.x0 >= box.x0 - 1 and e.x1 <= box.x1 + 1 and e.y0 >= box.y0 - 1 and e.y1 <= box.y1 + 1
+    real_close(fig)

@@ -60,6 +60,19 @@ RULES = {  # what the rule of thumb recommends, per case
     4: "fine-tuning the whole network",
 }
 
+
+def rule_text(case: int, classifier: str) -> str:
+    """What the rule of thumb recommends for `case`, naming the probe this analysis measured: the rule
+    speaks of a linear classifier, a k-NN analysis measured a k-NN classifier."""
+    text = RULES[case]
+    return text.replace("a linear classifier", probe_words(classifier))
+
+
+def probe_words(classifier: str) -> str:
+    """'a linear classifier', or 'a k-NN classifier' for the k-NN probe (classifier 'knn')."""
+    return "a k-NN classifier" if classifier.split("/")[0] == "knn" else "a linear classifier"
+
+
 CASES = {
     1: "small, similar: a linear classifier on the top (penultimate) codes",
     2: "large, similar: fine-tune through the network",
@@ -321,7 +334,7 @@ def _runner_up(a: DatasetAnalysis, size: str) -> str:
 
 def _rule_check(a: DatasetAnalysis, size: str) -> str:
     """One sentence: what the rule of thumb says for this case and whether this data confirmed it."""
-    rule = f"rule of thumb for {a.size} + {a.similarity} data: {RULES[a.case]}"
+    rule = f"rule of thumb for {a.size} + {a.similarity} data: {rule_text(a.case, a.classifier)}"
     if a.case in (2, 4):
         if a.finetuned:
             return f'{rule}; measured by this bench\'s fine-tune cells: see "Fine-tuning beside probing"'

@@ -313,7 +313,9 @@ def _recipe_text(rs: list[dict]) -> str:
 def rule_line(a, c: FinetuneVsProbe) -> str:
     """Whether the fine-tune measurement at the largest train size confirms the rule of thumb's
     case: never a verdict from a fine-tune that had not converged, or when a baseline beat both."""
-    rule = "fine-tune" if a.case in (2, 4) else "a linear classifier on codes"
+    from featx.bench.analysis import probe_words
+
+    rule = "fine-tune" if a.case in (2, 4) else f"{probe_words(a.classifier)} on codes"
     relation = "is within noise of the probe" if c.verdict == "within noise" else c.verdict
     head = (
         f"{a.name}: rule of thumb for case {a.case} ({a.size}, {a.similarity_text}): {rule}; measured at train size "

@@ -54,12 +54,14 @@ def plot_depth(analyses, path: str, title: str, finetune_rows: Sequence[dict] = 
 
     sizes = sorted({s for a in analyses for s in a.sizes}, key=_size_order)
     several = len({a.model for a in analyses}) > 1
+    # a legend line per (dataset, model, fine-tune method): room for them below the panels
+    ft_entries = len({(r["dataset"], r.get("model"), r.get("method") or "") for r in finetune_rows})
     # constrained layout places the legend below the panels and the wrapped title above them, inside the
     # figure; panels of one row share their y-range so that sizes compare at a glance
     fig, axes = plt.subplots(
         2,
         len(sizes),
-        figsize=(max(6.0, 4.2 * len(sizes)), 7 + 0.25 * several * len(analyses)),
+        figsize=(max(6.0, 4.2 * len(sizes)), 7 + 0.25 * several * len(analyses) + 0.25 * ft_entries),
         squeeze=False,
         sharex=True,
         sharey="row",
@@ -83,13 +85,21 @@ def plot_depth(analyses, path: str, title: str, finetune_rows: Sequence[dict] = 
             chosen = a.acc[(best_layer(a, size), size)].mean
             axes[0][j].errorbar(x, y, yerr=e, ls=ls, marker=marker, color=color, label=label, capsize=2)
             axes[1][j].plot(x, y / chosen, ls=ls, marker=marker, color=color, label=label)
-            ft = _finetune_points(finetune_rows, a, size)
-            if ft:  # fine-tune cells at their freeze points, on the same depth axis
-                fx, fy = zip(*ft)
+            by_method = _finetune_points(finetune_rows, a, size)
+            ft = [p for pts in by_method.values() for p in pts]
+            for (
+                method,
+                pts,
+            ) in by_method.items():  # fine-tune cells at their freeze points, a marker per method
+                fx, fy = zip(*pts)
+                marker = METHOD_MARKERS.get(method, "X")
+                what = f"fine-tuned ({method})" if method else "fine-tuned"
                 axes[0][j].plot(
-                    fx, fy, ls="none", marker="X", ms=9, color=color, label=f"{label}: fine-tuned from depth"
+                    fx, fy, ls="none", marker=marker, ms=9, color=color, label=f"{label}: {what} from depth"
                 )
-                axes[1][j].plot(fx, np.array(fy) / chosen, ls="none", marker="X", ms=9, color=color)
+                axes[1][j].plot(fx, np.array(fy) / chosen, ls="none", marker=marker, ms=9, color=color)
+            if ft:
+                fx = [p[0] for p in ft]
                 c = next(
                     (
                         c
@@ -137,9 +147,14 @@ def plot_depth(analyses, path: str, title: str, finetune_rows: Sequence[dict] = 
     return path
 
 
-def _finetune_points(rows: Sequence[dict], a, size: str) -> list[tuple[float, float]]:
-    """(freeze depth, mean test accuracy over seeds) of the fine-tune rows of `a`'s dataset at `size`."""
-    by: dict[float, list[float]] = {}
+# a fine-tune method's marker on the depth plot (rows without a method: "X", labelled "fine-tuned")
+METHOD_MARKERS = {"full": "X", "lp-ft": "P", "bitfit": "D", "lora": "*"}
+
+
+def _finetune_points(rows: Sequence[dict], a, size: str) -> dict[str, list[tuple[float, float]]]:
+    """Per fine-tune method ("" when a row does not say), (freeze depth, mean test accuracy over
+    seeds) of the fine-tune rows of `a`'s dataset at `size`."""
+    by: dict[tuple[str, float], list[float]] = {}
     for r in rows:
         if (
             r["dataset"] == a.name
@@ -147,8 +162,11 @@ def _finetune_points(rows: Sequence[dict], a, size: str) -> list[tuple[float, fl
             and not a.control_of
             and r["model"] == a.model
         ):
-            by.setdefault(float(r["relative_depth"]), []).append(r["accuracy"])
-    return sorted((d, float(np.mean(v))) for d, v in by.items())
+            by.setdefault((r.get("method") or "", float(r["relative_depth"])), []).append(r["accuracy"])
+    out: dict[str, list[tuple[float, float]]] = {}
+    for (method, d), v in sorted(by.items()):
+        out.setdefault(method, []).append((d, float(np.mean(v))))
+    return out
 
 
 def plot_learning_curves(analyses, path: str, title: str) -> str:

@@ -120,6 +120,7 @@ def markdown_report(
     notes: list[str],
     finetune=(),
     recipe: str = "",
+    decision: Sequence[str] = (),
 ) -> str:
     """The bench's report.md: a summary table, the plots, then per dataset its table and evidence."""
 
@@ -176,6 +177,7 @@ def markdown_report(
         "Cases: " + "; ".join(f"{k}. {v}" for k, v in CASES.items()) + ".",
         "",
     ]
+    lines += list(decision)  # featx.bench.decision: every probe and fine-tune with its cost, and the answer
     lines += _finetune_section(analyses, finetune, recipe)
     lines += _models_section(analyses) + _gain_section(analyses) + _scores_section(analyses)
     for p in plots:
@@ -488,6 +490,9 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
 
     comparisons = compare(analyses, rows) if ft_rows else []
     apply_baselines(analyses, comparisons)
+    from featx.bench.decision import decision_section, decisions
+
+    decision = decision_section(decisions(analyses, rows), markdown_table)
     models = cfg.bench_models()
     title = (
         f"featx bench: {cfg.model.name} ({cfg.model.weights} weights)"
@@ -519,6 +524,7 @@ def write_bench_report(result, command: str | None = None) -> dict[str, str]:
         notes=leakage_lines(result) + result.notes,
         finetune=comparisons,
         recipe=recipe,
+        decision=decision,
     )
     md_path = os.path.join(cfg.out, "report.md")
     write_text_atomic(md_path, md)

@@ -39,8 +39,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from featx.bench.config import BenchConfig
+from featx.bench.costs import layer_costs
 from featx.bench.grid import Cell, Source, grid, prepare
 from featx.bench.scoring import score_sources
+from featx.classifiers.cost import with_layer_cost
 from featx.classifiers.fit import fit_cell
 from featx.errors import FeatxError, UsageError, first_line
 from featx.files import CELLS_FILE, FolderLock, append_record, load_done, make_out_dir, open_log
@@ -96,6 +98,8 @@ def _run(config: BenchConfig, progress: bool) -> BenchResult:
         if todo:
             _fit_cells(config, todo, len(cells), done, client, progress)
         layer_scores = score_sources(config, sources)
+    costs, cost_notes = layer_costs(config, sources)  # after the cells: nothing else runs beside the timing
+    notes += cost_notes
     ft_cells = []
     if config.finetune:  # after the probes: each fine-tune uses every core
         from featx.bench.finetune_cells import run_finetune_cells
@@ -125,6 +129,7 @@ def _run(config: BenchConfig, progress: bool) -> BenchResult:
         notes,
         layer_scores,
         ft_cells,
+        costs,
     )
 
 
@@ -359,6 +364,15 @@ CELL_EXTRAS = (
 )
 
 
+def _cost_fields(result: dict, cost) -> dict:
+    """A probe row's COST_FIELDS (featx.classifiers.cost); a cell fitted before they existed knows no
+    classifier parameters (None)."""
+    from featx.engine.cost import COST_FIELDS
+
+    full = with_layer_cost({"trainable_params": None, **result}, cost)
+    return {k: full.get(k) for k in COST_FIELDS}
+
+
 @dataclass
 class BenchResult:
     config: BenchConfig
@@ -367,6 +381,7 @@ class BenchResult:
     notes: list[str]
     scores: dict[tuple[int, str], dict] = field(default_factory=dict)  # (source, layer) -> scores record
     finetune: list[tuple] = field(default_factory=list)  # (FinetuneCell, result) of the fine-tune cells
+    costs: dict = field(default_factory=dict)  # (codes path, layer) -> LayerCost (featx.bench.costs)
 
     def _scores(self, cell: Cell, pixels: bool) -> dict:
         """`score_<metric>` columns: filled on the rows of the train size the scores were taken at."""
@@ -409,6 +424,7 @@ class BenchResult:
                     **{
                         k: (src.leakage or {}).get(k) for k in ("leakage_fraction", "leaky")
                     },  # neardup.leak_check
+                    **_cost_fields(r, self.costs.get((cell.codes, cell.layer))),
                 }
             )
         if self.finetune:

@@ -60,6 +60,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from featx.classifiers import selection
+from featx.classifiers.cost import probe_cost, with_layer_cost
 from featx.classifiers.estimators import make_pipeline
 from featx.classifiers.grid import cv_splits, grid_scores, prepare_split, tiebreak_metric, warm_start
 from featx.classifiers.knn_probe import fit_knn, knn_choice
@@ -186,6 +187,7 @@ def fit_cell(
             "fit_seconds": round(time.perf_counter() - t0, 3),
             "convergence_warnings": sum(1 for w in caught if "Converge" in type(w.message).__name__),
         }
+        result.update(probe_cost(pipe, result["fit_seconds"]))
     return (result, pipe) if return_model else result
 
 
@@ -363,6 +365,7 @@ class FitReport:
     results: list[dict]
     best: str
     models: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # why a cost field is empty (featx.engine.layer_cost)
 
     def by_layer(self) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = {}
@@ -396,6 +399,13 @@ class FitReport:
                     "balanced_accuracy": float(bal.mean()),
                     "balanced_accuracy_std": float(bal.std()),
                     "fit_seconds": float(sum(r["fit_seconds"] for r in rs)),
+                    # the cost fields (featx.classifiers.cost): the first seed's counts, mean seconds
+                    "method": rs[0].get("method"),
+                    "trainable_params": rs[0].get("trainable_params"),
+                    "total_params": rs[0].get("total_params"),
+                    "train_seconds": float(np.mean([r.get("train_seconds") or r["fit_seconds"] for r in rs])),
+                    "inference_ms_per_image": rs[0].get("inference_ms_per_image"),
+                    "inference_batch_size": rs[0].get("inference_batch_size"),
                 }
             )
         return rows
@@ -412,6 +422,7 @@ class FitReport:
             "best_layer": self.best,
             "summary": self.summary(),
             "results": self.results,
+            "cost_notes": self.notes,
         }
 
 
@@ -440,10 +451,13 @@ def fit(
     concat: bool = False,
     return_models: bool = False,
     warm: bool = True,
+    cost: bool = True,
 ) -> FitReport:
     """Fit every layer (each on its own, plus their concatenation with `concat`) for every seed,
     in parallel with joblib; the best layer is featx.classifiers.selection.choose_layer's (validation only).
-    `warm=False`: every grid value fitted from scratch (`fit_cell`)."""
+    `warm=False`: every grid value fitted from scratch (`fit_cell`). `cost`: each result's
+    `total_params` and inference time per image (featx.classifiers.cost), the forward to each layer
+    timed on `protocol.device` at the entry's extraction batch size; False leaves them None."""
     from joblib import Parallel, delayed, effective_n_jobs
 
     protocol = (protocol or Protocol()).validate()
@@ -475,7 +489,16 @@ def fit(
             o, pipe = o
             models["+".join(g)] = pipe
         results.append(o)
-    report = FitReport(path, protocol, train_size, results, best="", models=models)
+    notes = []
+    if cost:
+        from featx.engine.layer_cost import entry_costs
+
+        costs = entry_costs(path, list(dict.fromkeys(r["layer"] for r in results)), protocol.device)
+        results = [with_layer_cost(r, costs[r["layer"]]) for r in results]
+        notes = list(dict.fromkeys(c.note for c in costs.values() if c.note))
+    else:
+        results = [with_layer_cost(r, None) for r in results]
+    report = FitReport(path, protocol, train_size, results, best="", models=models, notes=notes)
     report.best = selection.choose_layer(report.candidates())
     _warn_grid_edge(results, protocol)
     return report

@@ -259,6 +259,7 @@ def _short(result: dict) -> str:
 def fit_text(report, codes_file: str, seeds) -> str:
     """`featx fit`'s tables: one line per layer (with the test accuracy's 95% interval), then the
     per-class numbers and the confusion matrix of the layer chosen by validation."""
+    from featx.classifiers.cost import number_text, params_text
     from featx.classifiers.selection import LOGLIK
     from featx.stats import wilson_interval
 
@@ -289,6 +290,8 @@ def fit_text(report, codes_file: str, seeds) -> str:
                 bal,
                 s["train_size"],
                 f"{s['fit_seconds']:.1f}",
+                params_text(s.get("total_params")),
+                number_text(s.get("inference_ms_per_image")),
             ]
         )
     first = report.results[0]
@@ -309,10 +312,20 @@ def fit_text(report, codes_file: str, seeds) -> str:
                 "balanced acc",
                 "train",
                 "fit s",
+                "params",
+                "ms/img",
             ],
-            align="lrrrrrrrrr",
+            align="lrrrrrrrrrrr",
         ),
     ]
+    batch = next(
+        (r.get("inference_batch_size") for r in report.results if r.get("inference_batch_size")), None
+    )
+    out.append(
+        "params: the backbone's up to the layer plus the classifier's; ms/img: the forward to the layer on this "
+        + (f"device at batch {batch}" if batch else "device")
+        + "".join(f"; {n}" for n in getattr(report, "notes", []))
+    )
     best = next(r for r in report.results if r["layer"] == report.best)
     if best.get("val_rule") == LOGLIK:
         how = (

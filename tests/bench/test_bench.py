@@ -77,7 +77,27 @@ def test_bench_outputs(two_datasets, tmp_path):
     ):
         assert col in table[0]
     assert {r["dataset"] for r in table} == {"alpha", "beta"}
+    # every probe row carries the cost fields (the pixel baseline's too: no backbone, its own classifier)
+    for r in table:
+        assert r["kind"] == "probe" and r["method"] == "probe", r
+        trained, total = int(r["trainable_params"]), int(r["total_params"])
+        dims = 8 * 8 * 3 if r["baseline"] else int(r["code_dim"])
+        classes = 3 if r["dataset"] == "alpha" else 1  # a two-class linear model has one row
+        assert trained == (dims + 1) * classes, r
+        assert (total == trained) if r["baseline"] else (total > trained), r
+        assert float(r["train_seconds"]) == float(r["fit_seconds"])
+        assert float(r["inference_ms_per_image"]) > 0 and r["inference_batch_size"] == "8"
+    depth_order = sorted(
+        {
+            (float(r["relative_depth"]), int(r["total_params"]) - int(r["trainable_params"]))
+            for r in table
+            if not r["baseline"]
+        }
+    )
+    assert [b for _, b in depth_order] == sorted(b for _, b in depth_order)  # deeper: more backbone
+    assert os.path.exists(tmp_path / "out" / "costs.jsonl")
     md = open(paths["report.md"]).read()
+    assert "## Decision: what to use, with its cost" in md
     assert "## alpha (softmax): case" in md and "## beta (softmax): case" in md and "featx bench ..." in md
     assert "raw pixels" in md and "late-layer gain" in md
 
@@ -115,7 +135,8 @@ def test_torn_cells_file_is_tolerated(two_datasets, tmp_path):
 
 def _without_timing(path):
     with open(path) as f:
-        return [{k: v for k, v in r.items() if k != "fit_seconds"} for r in csv.DictReader(f)]
+        timed = ("fit_seconds", "train_seconds", "inference_ms_per_image")
+        return [{k: v for k, v in r.items() if k not in timed} for r in csv.DictReader(f)]
 
 
 def test_killed_bench_resumes_to_the_same_results(two_datasets, tmp_path):

@@ -352,6 +352,11 @@ def _finetune(
                 if folder:
                     os.makedirs(folder, exist_ok=True)
                 probe.update(lp_head(job, head, folder, memo))
+                if "val" not in memo:  # "epoch 0": the probe alone, a candidate like every epoch
+                    memo["val"] = val_scores(*predict_logits(job, rows.val))
+                    memo["weights"] = {
+                        k: v.detach().cpu().clone() for k, v in job.module.state_dict().items()
+                    }
             runs[i] = {
                 "job": job,
                 "folder": sub,
@@ -380,7 +385,9 @@ def _finetune(
             winner, rungs = successive_halving(len(points), advance, settings.schedule_epochs)
         w = runs[winner]
         job, module = w["job"], w["job"].module
-        module.load_state_dict(_best_weights(w["state"], w["folder"]))
+        best = w["state"]["best"]
+        probe_wins = "val" in memo and (memo["val"][0], -memo["val"][1]) >= tuple(best)  # ties: the earlier
+        module.load_state_dict(memo["weights"] if probe_wins else _best_weights(w["state"], w["folder"]))
         train_seconds = time.perf_counter() - t0
         logits, y_test = predict_logits(job, rows.test)  # the test split's first and only read
     grid = (
@@ -416,7 +423,9 @@ def _finetune(
     if settings.method == "lora":
         results.update(lora_rank=settings.lora_rank, lora_alpha=settings.lora_alpha)
     if probe:
-        results["lp_probe"] = probe
+        results["lp_probe"] = {**probe, "val_loss": memo["val"][1], "chosen": probe_wins}
+        if probe_wins:  # fine-tuning never beat the probe on validation: the answer is the probe itself
+            results.update(epoch=0, val_score=memo["val"][0], val_loss=memo["val"][1])
     module = plain.to("cpu").eval()
     if target:
         save_model(target, module, w["backbone"], w["head"], ds.classes, points[winner], results)

@@ -7,7 +7,8 @@ The freeze point (`--train-from`) says *where* the network may change; the metho
   logistic regression on the head's own input (the pooled features the head reads, computed with
   the eval transform on the run's training rows), C chosen on the run's validation rows; its
   weights become the new head's starting point, so fine-tuning starts from a good head and moves
-  the pretrained features less. Batch-norm running statistics stay fixed during LP-FT's
+  the pretrained features less. The probe alone counts as "epoch 0" (winning ties): when no
+  epoch of fine-tuning beats it on validation, it is the answer. Batch-norm running statistics stay fixed during LP-FT's
   fine-tuning (their affine parameters train): the probe was fitted on features under those
   statistics, and a few small augmented batches move them far enough to undo it (measured on
   flowers5_128: validation 0.70 with the probe, 0.60 after one epoch at a learning rate of 1e-9

@@ -136,7 +136,8 @@ def test_lora_skips_grouped_convolutions_and_the_head():
 
 def test_lp_ft_head_starts_as_the_probe(data, tmp_path):
     """The probe's folded head reproduces the logistic regression's predictions; with a
-    learning rate of almost 0, the fine-tune's test accuracy is the probe's."""
+    learning rate of almost 0, the fine-tune's test accuracy is the probe's; where fine-tuning only
+    hurts validation, the probe itself is the answer."""
     from featx.finetune.methods import _fit_probe
 
     rng = np.random.default_rng(0)
@@ -150,8 +151,16 @@ def test_lp_ft_head_starts_as_the_probe(data, tmp_path):
     ref = LogisticRegression(C=info["C"], max_iter=1000).fit(z[:40], y[:40])
     assert np.array_equal((x @ w.T + b).argmax(1), ref.predict(z))
     assert np.abs(w).max() < 100 * np.abs(ref.coef_).max() / scale  # no per-feature blow-up
-    r = finetune(MODEL, str(data), _settings("lp-ft", lr=1e-9, epochs=1), run=RUN, progress=False).results
-    assert r["lp_probe"]["C"] in (0.001, 0.01, 0.1, 1.0, 10.0) and r["accuracy"] > 0.5
+    still = finetune(MODEL, str(data), _settings("lp-ft", lr=1e-9, epochs=1), run=RUN, progress=False).results
+    assert still["lp_probe"]["C"] in (0.001, 0.01, 0.1, 1.0, 10.0) and still["accuracy"] > 0.5
+    # a learning rate that wrecks the network: validation keeps the probe alone ("epoch 0")
+    wrecked = finetune(
+        MODEL, str(data), _settings("lp-ft", lr=10.0, epochs=2), run=RUN, progress=False
+    ).results
+    assert max(h["val_accuracy"] for h in wrecked["history"]) < wrecked["lp_probe"]["val_accuracy"]
+    assert wrecked["epoch"] == 0 and wrecked["lp_probe"]["chosen"]
+    assert wrecked["val_score"] == wrecked["lp_probe"]["val_accuracy"]
+    assert wrecked["test_correct"] == still["test_correct"]  # both answered with the same probe
 
 
 @pytest.mark.parametrize("method", ["lp-ft", "bitfit", "lora"])

@@ -187,7 +187,7 @@ def fit_cell(
             "fit_seconds": round(time.perf_counter() - t0, 3),
             "convergence_warnings": sum(1 for w in caught if "Converge" in type(w.message).__name__),
         }
-        result.update(probe_cost(pipe, result["fit_seconds"]))
+        result.update(probe_cost(pipe))
     return (result, pipe) if return_model else result
 
 

@@ -513,3 +513,20 @@ def remove_entries(
         remove_stale_temporaries(e.path)
         removed.append(e.path)
     return removed, busy
+
+
+def verify_entries(cache_dir: str, targets: list[str]) -> list[tuple[str, str | None]]:
+    """Every complete entry named (all when `targets` is empty) checked in full: structure, rows,
+    part files and every codes checksum, whatever check is remembered; (path, problem or None)."""
+    entries = [e for e in list_entries(cache_dir) if e.state in ("complete", "corrupt")]
+    chosen = _choose(entries, targets) if targets else entries
+    out = []
+    for e in chosen:
+        if not os.path.isfile(e.path):
+            out.append((e.path, e.detail.get("reason", "its entry file is missing")))
+            continue
+        reason = verify(e.path, full=True)
+        if reason is not None:
+            forget_verified(e.path)
+        out.append((e.path, reason))
+    return out

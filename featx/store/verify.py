@@ -137,13 +137,14 @@ def _remembered(path: str) -> bool:
         return False
 
 
-def verify(path: str) -> str | None:
+def verify(path: str, full: bool = False) -> str | None:
     """None when `path` is a complete featx file whose content matches its checksums; else why not.
 
     The structure and the per-row metadata are checked every time. The codes' sha256 means
     reading every byte, so a passed check is remembered (`.verified/` beside the file) for as long
     as the file's size, mtime, ctime and inode stay the same; reads still verify HDF5's per-chunk
-    fletcher32 checksums, and a read that fails one drops the remembered check.
+    fletcher32 checksums, and a read that fails one drops the remembered check. `full`: read the
+    codes even when a passed check is remembered (`featx cache verify`).
     """
     import h5py
 
@@ -152,7 +153,7 @@ def verify(path: str) -> str | None:
         with h5py.File(path, "r") as f:
             opened = True
             reason = _structure(f) or _rows_problem(f)
-            if reason or _remembered(path):
+            if reason or (not full and _remembered(path)):
                 return reason
             reason = _codes_problem(f)
             if reason:

@@ -19,6 +19,15 @@ a speed-up, which needs a device per rank:
     python benchmarks/distributed_scaling.py --limit 400                    # this CPU machine
     python benchmarks/distributed_scaling.py --nproc 1,2,4,8 --device cuda --batch-size 128 \\
         --model resnet50 --image-size 224 --limit 20000                   # a node with 8 GPUs
+
+`--assembly-only` times only the step after the ranks are done, offline and without torch: it
+writes synthetic rank shards (journals of `--rows` x `--dim` float16 codes, ReLU'd Gaussian, so
+about half are zeros as in real codes) and assembles them both ways: `copy` (rank 0 copies every
+row into one gzip'ed HDF5 file, featx's assembly before part files) and `virtual` (each rank
+seals its shards into a part file, the W ranks as W processes at once, then rank 0 writes the
+entry whose codes are virtual datasets over the parts). Both entries are then checked equal:
+
+    python benchmarks/distributed_scaling.py --assembly-only --rows 100000,1000000 --nproc 2
 """
 
 from __future__ import annotations
@@ -102,6 +111,110 @@ def run_one(args, data: str, nproc: int, cache: str) -> dict:
     }
 
 
+def _synthetic_shards(entry: str, rows: int, dim: int, world: int, seed: int = 0) -> dict:
+    """W journal shards of `rows` synthetic float16 codes, as W ranks leave them; the journal meta."""
+    import numpy as np
+
+    from featx.engine.distributed import row_slice, shard_dir, shard_meta
+    from featx.store.journal import Journal
+
+    meta = {"key": "synthetic", "layers": [["codes", dim]], "dtype": "float16", "samples": rows}
+    meta.update(batch_size=4096, featx="bench")
+    rng = np.random.default_rng(seed)
+    for r in range(world):
+        a, b = row_slice(rows, world, r)
+        j = Journal.open(shard_dir(entry, a), shard_meta(meta, a, b))
+        for start in range(a, b, 4096):
+            stop = min(b, start + 4096)
+            x = np.maximum(rng.standard_normal((stop - start, dim), dtype=np.float32), 0).astype(np.float16)
+            j.append([x], np.arange(start, stop), stop, [])
+        j.close()
+    return meta
+
+
+def _seal_one(args) -> tuple[int, list]:
+    from featx.engine.distributed import committed_shards, seal
+
+    entry, meta, mine = args
+    t = time.perf_counter()
+    committed_shards(entry, meta)  # what rank 0 does first: every shard validated
+    return time.perf_counter() - t, seal(entry, meta, mine)
+
+
+def _assemble(entry: str, meta: dict, rows: int, world: int, mode: str) -> dict:
+    """Assemble the shards of `entry` as the job does (copy: rank 0 alone; virtual: W sealing
+    processes, then rank 0's entry); seconds of each step."""
+    import multiprocessing
+
+    import numpy as np
+
+    from featx.engine.distributed import ShardSet, committed_shards, ordered_parts, seal_plan
+    from featx.store.finalize import finalize
+
+    t0 = time.perf_counter()
+    shards = ShardSet(entry, meta, committed_shards(entry, meta), rows)
+    kw = dict(
+        classes=["a", "b"],
+        labels=np.arange(rows) % 2,
+        splits=np.array(["train"] * rows),
+        ids=[f"img/{i:09d}.jpg" for i in range(rows)],
+        layer_attrs={},
+        attrs={"layers": ["codes"]},
+    )
+    seal_s = 0.0
+    parts = None
+    if mode == "virtual":
+        plan = seal_plan(shards.shards, [[[s.start, s.stop]] for s in shards.shards], world)
+        t = time.perf_counter()
+        with multiprocessing.get_context("fork").Pool(world) as pool:
+            sealed = [p for _, p in pool.map(_seal_one, [(entry, meta, mine) for mine in plan])]
+        seal_s = time.perf_counter() - t
+        parts = ordered_parts(sealed, shards.shards)
+    t = time.perf_counter()
+    finalize(entry, shards, parts=parts, **kw)
+    entry_s = time.perf_counter() - t
+    return {"seal": seal_s, "entry": entry_s, "total": time.perf_counter() - t0}
+
+
+def assembly_only(args) -> None:
+    import numpy as np
+
+    from featx.store.parts import parts_path
+
+    world = int(args.nproc.split(",")[-1])
+    rows_list = [int(float(x)) for x in args.rows.split(",")]
+    base = args.tmp or tempfile.gettempdir()
+    print(
+        f"assembly of {world} rank shards, {args.dim} float16 codes per row, {os.cpu_count()} cores, in {base}"
+    )
+    print(
+        f"{'rows':>9} {'GB':>5} {'copy s':>7} {'seal s':>7} {'entry s':>8} {'virtual s':>9} {'ratio':>6} {'entry MB':>9}"
+    )
+    for rows in rows_list:
+        with tempfile.TemporaryDirectory(prefix="featx-assembly-", dir=base) as tmp:
+            res, sizes = {}, {}
+            for mode in ("copy", "virtual"):
+                entry = os.path.join(tmp, mode, "e.h5")
+                os.makedirs(os.path.dirname(entry))
+                meta = _synthetic_shards(entry, rows, args.dim, world)
+                res[mode] = _assemble(entry, meta, rows, world, mode)
+                sizes[mode] = os.path.getsize(entry)
+            import h5py
+
+            with (
+                h5py.File(os.path.join(tmp, "copy", "e.h5")) as a,
+                h5py.File(os.path.join(tmp, "virtual", "e.h5")) as b,
+            ):
+                for k in range(0, rows, max(1, rows // 7)):
+                    assert np.array_equal(a["codes/codes"][k : k + 100], b["codes/codes"][k : k + 100]), k
+            assert os.path.isdir(parts_path(os.path.join(tmp, "virtual", "e.h5")))
+        c, v = res["copy"]["total"], res["virtual"]
+        print(
+            f"{rows:>9} {rows * args.dim * 2 / 1e9:>5.2f} {c:>7.1f} {v['seal']:>7.1f} {v['entry']:>8.2f} "
+            f"{v['total']:>9.1f} {c / v['total']:>6.2f} {sizes['virtual'] / 2**20:>9.1f}"
+        )
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "datasets", "flowers5_128"))
@@ -120,7 +233,16 @@ def main(argv=None) -> None:
     p.add_argument(
         "--repeats", type=int, default=1, help="runs per world size, interleaved; the best is kept"
     )
+    p.add_argument("--assembly-only", action="store_true", help="time only the assembly, copy vs virtual")
+    p.add_argument("--rows", default="100000", help="--assembly-only: synthetic rows, e.g. 100000,1000000")
+    p.add_argument("--dim", type=int, default=1280, help="--assembly-only: codes per row")
+    p.add_argument(
+        "--tmp", default=None, help="--assembly-only: folder for the shards (default: the temp dir)"
+    )
     args = p.parse_args(argv)
+    if args.assembly_only:
+        sys.path.insert(0, ROOT)
+        return assembly_only(args)
     nprocs = [int(x) for x in args.nproc.split(",")]
     with tempfile.TemporaryDirectory(prefix="featx-dist-") as tmp:
         data = _subset(os.path.abspath(args.data), args.limit, os.path.join(tmp, "data"))

@@ -18,12 +18,17 @@ def add_parser(sub) -> None:
 
 def add_cache_parser(sub) -> None:
     p = sub.add_parser("cache", help="list or remove cache entries")
-    csub = o.subcommands(p, dest="cache_command", metavar="ls|rm")
+    csub = o.subcommands(p, dest="cache_command", metavar="ls|rm|verify")
     q = csub.add_parser("ls", help="list entries")
     q.add_argument("--cache-dir")
     q = csub.add_parser("rm", help="remove entries by file name, path or key prefix")
     q.add_argument("entries", nargs="*")
     q.add_argument("--all", action="store_true", help="remove every entry")
+    q.add_argument("--cache-dir")
+    q = csub.add_parser(
+        "verify", help="check entries in full (every codes checksum, part files); default all"
+    )
+    q.add_argument("entries", nargs="*")
     q.add_argument("--cache-dir")
 
 
@@ -108,11 +113,25 @@ def _groups(f) -> dict | None:
 
 def run_cache(args) -> int:
     from featx.cli.tables import cache_text
-    from featx.store.cache import default_cache_dir, list_entries, remove_entries
+    from featx.store.cache import default_cache_dir, list_entries, remove_entries, verify_entries
 
-    if args.cache_command not in ("ls", "rm"):
-        raise UsageError("featx cache: use `featx cache ls` or `featx cache rm ENTRY...`")
+    if args.cache_command not in ("ls", "rm", "verify"):
+        raise UsageError(
+            "featx cache: use `featx cache ls`, `featx cache rm ENTRY...` or `featx cache verify`"
+        )
     cache_dir = args.cache_dir or default_cache_dir()
+    if args.cache_command == "verify":
+        results = verify_entries(cache_dir, args.entries)
+        bad = [(p, why) for p, why in results if why is not None]
+        for path, why in results:
+            if why is None:
+                print(f"ok {path}")
+        if bad:
+            more = f" ({len(bad) - 1} more failed)" if len(bad) > 1 else ""
+            raise FeatxError(f"{bad[0][0]}: {bad[0][1]}{more}; rerun its featx extract to rebuild it")
+        if not results:
+            print(f"no complete entries in {os.path.abspath(cache_dir)}", file=sys.stderr)
+        return 0
     if args.cache_command == "ls":
         entries = list_entries(cache_dir)
         if entries:

@@ -42,9 +42,15 @@ supplies the pieces a job spread over ranks needs. The design:
 - **Shared filesystem.** The cache directory must be one filesystem every rank sees. Each rank
   writes a probe with this job's nonce into the shards folder and checks everyone's; a rank that
   cannot see another's makes every rank fail with one line naming both, before any compute.
-- **Finalizing.** Rank 0, once every rank has published "done", builds the single ordinary entry
-  with `store.finalize` from a `ShardSet` (the shards read in row order as one journal), so the
-  file, its name, key and layout are those of a one-process run; then it publishes the path.
+- **Assembling.** Rank 0, once every rank has published "done", checks the shards as a
+  `ShardSet` (the shards read in row order as one journal: they must tile [0, N)) and hands each
+  shard to a rank to seal (`seal_plan`: the rank that wrote it in this run, any other to the
+  least loaded); every rank seals its shards into part files (`store.parts`: HDF5, gzip,
+  fletcher32, sha256, fsync'ed and renamed into place) in parallel, and rank 0 builds the entry
+  with `store.finalize(..., parts=...)`: the row metadata plus `/codes/<layer>` as virtual datasets
+  over the parts, renamed into place last. Its name, key and what readers see are those of a
+  one-process run; no rank copies more than its own rows. `FEATX_DIST_ASSEMBLY=copy` restores the
+  single-file assembly (rank 0 copies every row). Then rank 0 publishes the path.
 """
 
 from __future__ import annotations
@@ -63,11 +69,14 @@ import numpy as np
 
 from featx.errors import FeatxError, UsageError
 from featx.store.cache import SHARD_NAME, shard_range, shards_path
-from featx.store.journal import Journal, LayerSpec
+from featx.store.journal import Journal, LayerSpec, journal_progress
+from featx.store.parts import Part, seal_part
 
 log = logging.getLogger("featx")
 
 ENV_TIMEOUT = "FEATX_DIST_TIMEOUT"
+ENV_ASSEMBLY = "FEATX_DIST_ASSEMBLY"
+ASSEMBLIES = ("virtual", "copy")
 DEFAULT_TIMEOUT = 300.0
 _ENV = ("RANK", "WORLD_SIZE")
 _BEAT_SECONDS = 1.0
@@ -86,6 +95,14 @@ def timeout_seconds() -> float:
     except ValueError:
         pass
     raise UsageError(f"{ENV_TIMEOUT}={text!r}: use a number of seconds > 0")
+
+
+def assembly() -> str:
+    """FEATX_DIST_ASSEMBLY: 'virtual' (default: part files referenced by the entry) or 'copy' (one file)."""
+    text = os.environ.get(ENV_ASSEMBLY, "").strip() or "virtual"
+    if text not in ASSEMBLIES:
+        raise UsageError(f"{ENV_ASSEMBLY}={text!r}: use one of {', '.join(ASSEMBLIES)}")
+    return text
 
 
 def in_launcher() -> bool:
@@ -408,6 +425,7 @@ class ShardSet:
         self.layers = [LayerSpec(name, int(d)) for name, d in meta["layers"]]
         self.itemsize = np.dtype(meta["dtype"]).itemsize
         self._parts: list[tuple[Journal, int]] = []  # (journal, first row) in row order
+        self.shards: list[Shard] = []  # the shards holding rows, in row order
         at, rows, self.skipped = 0, 0, []
         for s in sorted((s for s in shards if s.done > s.start), key=lambda s: s.start):
             if s.start != at:
@@ -415,10 +433,9 @@ class ShardSet:
                     f"the shards in {self.path} do not cover rows {at} to {s.start}; rerun the same "
                     f"command to compute them"
                 )
-            j = Journal(s.path, shard_meta(meta, s.start, s.stop))
-            if j._try_resume():  # noqa: SLF001 (a read-only open: validates, never truncates)
-                raise FeatxError(f"shard {s.path} disappeared while assembling; rerun the same command")
+            j = read_shard(s.path, meta, s.start, s.stop)
             self._parts.append((j, rows))
+            self.shards.append(s)
             rows += j.rows_done
             self.skipped.extend(j.skipped)
             at = s.done
@@ -443,3 +460,48 @@ class ShardSet:
 
     def close(self) -> None:
         pass
+
+
+def read_shard(path: str, meta: dict, start: int, stop: int) -> Journal:
+    """A finished shard opened for reading: validated as a journal is, never truncated."""
+    j = Journal(path, shard_meta(meta, start, stop))
+    if j._try_resume():  # noqa: SLF001 (a read-only open: validates, never truncates)
+        raise FeatxError(f"shard {path} disappeared while assembling; rerun the same command")
+    return j
+
+
+def seal_plan(shards: list[Shard], ranges: list[list], world_size: int) -> list[list[list[int]]]:
+    """Per rank, the [start, stop] of the shards it seals into part files: a shard the rank wrote in
+    this run (its `ranges`), and every other (finished by an earlier run) to the rank with the
+    fewest rows so far, so the sealing is spread as the computing was."""
+    owner = {tuple(r): k for k, rs in enumerate(ranges) for r in rs}
+    plan: list[list[list[int]]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for s in shards:
+        k = owner.get((s.start, s.stop))
+        if k is None:
+            k = min(range(world_size), key=lambda r: (load[r], r))
+        plan[k].append([s.start, s.stop])
+        load[k] += s.done - s.start
+    return plan
+
+
+def seal(entry: str, meta: dict, mine: list) -> list:
+    """Seal this rank's shards ([start, stop] each) into part files: [[start, Part json], ...]."""
+    out = []
+    for start, stop in mine:
+        path = shard_dir(entry, start)
+        prog = journal_progress(path)
+        if prog is None:
+            raise FeatxError(f"shard {path} is damaged or gone while assembling; rerun the same command")
+        part = seal_part(entry, read_shard(path, meta, start, stop), start, prog["checksum"])
+        out.append([start, part.to_json()])
+    return out
+
+
+def ordered_parts(sealed: list[list], shards: list[Shard]) -> list[Part]:
+    """Every rank's sealed parts in row order, checked to be exactly the shards."""
+    found = {int(start): Part.from_json(p) for per_rank in sealed for start, p in per_rank}
+    if sorted(found) != [s.start for s in shards]:
+        raise FeatxError("the ranks sealed other shards than asked; rerun the same command")
+    return [found[s.start] for s in shards]

@@ -59,6 +59,7 @@ from featx.store.cache import (
     is_locked,
     remove_stale_temporaries,
 )
+from featx.store.parts import parts_path
 
 log = logging.getLogger("featx")
 
@@ -131,6 +132,7 @@ def _extract_distributed(call: Call, entry: CacheEntry) -> ExtractResult:
 
 def _ranked(world, call: Call, entry: CacheEntry) -> ExtractResult:
     ds = call.ds
+    distributed.assembly()  # a wrong FEATX_DIST_ASSEMBLY is one line before any compute
     if world.main:  # rank 0 settles what `auto` leaves open (it may measure), the others take its choices
         job = place_job(call, resolve(call.model, call.codes), call.run, call.precision)
         world.publish("choices", {"precision": job.precision, "decoder": job.decoder})
@@ -199,6 +201,9 @@ def _build(world, call: Call, job: Job, path: str) -> ExtractResult:
             _fill_slice(world, work, meta, rows, bar)
             world.publish(f"done/{world.rank}", True)
             if not world.main:
+                plan = world.wait_for("seal", [0], "rank 0 checks the shards")
+                if plan is not None:
+                    world.publish(f"sealed/{world.rank}", distributed.seal(path, meta, plan[world.rank]))
                 world.wait_for("entry", [0], "rank 0 assembles the entry")
                 return ExtractResult(path, False, 0, len(ds), list(work.job.plan.layers), rank=world.rank)
             for r in range(world.size):
@@ -211,11 +216,29 @@ def _build(world, call: Call, job: Job, path: str) -> ExtractResult:
             _show(world, bar, rows["initial"])
         finally:
             bar.close()
+        loop_seconds = time.perf_counter() - t_loop
         shards = distributed.ShardSet(path, meta, distributed.committed_shards(path, meta), len(ds))
         check_rows(shards, ds)
-        result = finish(work, shards, rows["bs"], rows["initial"], time.perf_counter() - t_loop)
+        parts = _seal(world, path, meta, shards, rows["ranges"], call.timings)
+        result = finish(work, shards, rows["bs"], rows["initial"], loop_seconds, parts)
         world.publish("entry", path)
         return result
+
+
+def _seal(world, path: str, meta: dict, shards, ranges: list, timings) -> list | None:
+    """Rank 0: every rank seals its shards into part files, in parallel; the parts in row order
+    (None with FEATX_DIST_ASSEMBLY=copy: rank 0 then copies every row into one file)."""
+    if distributed.assembly() == "copy":
+        shutil.rmtree(parts_path(path), ignore_errors=True)  # an earlier virtual assembly's, moot now
+        world.publish("seal", None)
+        return None
+    with _phase(timings, "seal part files (every rank, in parallel)"):
+        plan = distributed.seal_plan(shards.shards, ranges, world.size)
+        world.publish("seal", plan)
+        sealed = [distributed.seal(path, meta, plan[0])]
+        for r in range(1, world.size):
+            sealed.append(world.wait_for(f"sealed/{r}", [r], f"rank {r} seals its part files"))
+    return distributed.ordered_parts(sealed, shards.shards)
 
 
 def _plan_rows(world, work: Work) -> dict:

@@ -46,6 +46,7 @@ from featx.store.cache import (
 from featx.store.finalize import finalize
 from featx.store.journal import Journal, journal_path, read_progress
 from featx.store.meta import FORMAT_VERSION, FileMeta, LayerMeta
+from featx.store.parts import parts_path
 
 log = logging.getLogger("featx")
 
@@ -211,6 +212,9 @@ def run_loop(work: Work) -> ExtractResult:
         bar.close()
     loop_seconds = time.perf_counter() - t_loop
     check_rows(journal, ds)
+    shutil.rmtree(
+        parts_path(path), ignore_errors=True
+    )  # an interrupted assembly's part files: this file holds the codes
     result = finish(work, journal, bs, start, loop_seconds)
     shutil.rmtree(distributed.shards_path(path), ignore_errors=True)  # the entry is complete: shards are moot
     return result
@@ -308,8 +312,9 @@ def check_rows(journal, ds: Dataset) -> None:
         raise FeatxError(f"none of the {len(ds)} images could be decoded{detail}")
 
 
-def finish(work: Work, journal, bs: int, start: int, loop_seconds: float) -> ExtractResult:
-    """Finalize `journal` (a Journal or a distributed.ShardSet) into the entry; the result."""
+def finish(work: Work, journal, bs: int, start: int, loop_seconds: float, parts=None) -> ExtractResult:
+    """Finalize `journal` (a Journal or a distributed.ShardSet) into the entry; the result. `parts`:
+    the sealed part files of a distributed run, which the entry then references instead of a copy."""
     ds, path, plan, opts = work.call.ds, work.path, work.job.plan, work.call.opts
     splits, groups = ds.splits, ds.groups
     if (auto := threshold_of(opts.group_by)) is not None:  # groups from the codes, split redone around them
@@ -338,6 +343,7 @@ def finish(work: Work, journal, bs: int, start: int, loop_seconds: float) -> Ext
             groups=groups,
             layer_attrs=_layer_attrs(plan),
             attrs=_file_attrs(work, bs),
+            parts=parts,
         )
     skipped = [(ds.ids[i], r) for i, r in journal.skipped]
     for ident, reason in skipped:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from featx.errors import FeatxError, UsageError, first_line
 from featx.files import write_json_atomic
 from featx.store.journal import journal_path, journal_problem, journal_progress, read_progress, set_aside
+from featx.store.parts import parts_path
 from featx.store.verify import forget_verified, verify
 
 log = logging.getLogger("featx")
@@ -217,7 +218,8 @@ def remove_stale_temporaries(entry: str) -> None:
     journal of an entry that is complete (a run killed between the rename and the cleanup)."""
     import shutil
 
-    for tmp in glob.glob(glob.escape(entry) + ".tmp-*"):
+    parts = glob.escape(parts_path(entry))
+    for tmp in glob.glob(glob.escape(entry) + ".tmp-*") + glob.glob(os.path.join(parts, "*.h5.tmp-*")):
         with contextlib.suppress(OSError):
             os.remove(tmp)
     if os.path.isdir(journal_path(entry)) and os.path.isfile(entry) and verify(entry) is None:
@@ -288,6 +290,10 @@ class CacheEntry:
             return True
         try:
             aside = set_aside(self.path)
+            if os.path.isdir(
+                parts_path(self.path)
+            ):  # its part files go with it (the rebuild writes new ones)
+                set_aside(parts_path(self.path))
         except OSError as e:
             raise FeatxError(
                 f"cache entry {self.path} is not usable ({reason}) and cannot be set aside "
@@ -337,11 +343,14 @@ def _complete_status(path: str) -> EntryStatus:
                 a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         except (OSError, ValueError, TypeError) as e:  # replaced or damaged since verify
             reason = f"it is not readable ({first_line(e, 160)})"
+    size = _size(path) + _size(parts_path(path))  # an entry assembled from ranks: its part files too
     if reason:
-        return EntryStatus(path, "corrupt", _size(path), {"reason": reason})
+        return EntryStatus(path, "corrupt", size, {"reason": reason})
     detail = {k: a.get(k) for k in ("model", "weights", "dataset", "rows", "created")}
     detail["layers"] = [str(x) for x in a.get("layers", [])]
-    return EntryStatus(path, "complete", _size(path), detail)
+    if os.path.isdir(parts_path(path)):
+        detail["parts"] = len(glob.glob(os.path.join(glob.escape(parts_path(path)), "*.h5")))
+    return EntryStatus(path, "complete", size, detail)
 
 
 def _partial_status(path: str) -> EntryStatus:
@@ -413,15 +422,21 @@ def list_entries(cache_dir: str) -> list[EntryStatus]:
     names = set(glob.glob(os.path.join(here, "*.h5")))
     names |= {p[: -len(".partial")] for p in glob.glob(os.path.join(here, "*.h5.partial"))}
     names |= {p[: -len(".shards")] for p in glob.glob(os.path.join(here, "*.h5.shards")) if os.path.isdir(p)}
+    names |= {p[: -len(".parts")] for p in glob.glob(os.path.join(here, "*.h5.parts")) if os.path.isdir(p)}
     for path in sorted(names):
         if os.path.exists(path):
             out.append(_complete_status(path))
+        elif not os.path.isdir(journal_path(path)) and not os.path.isdir(shards_path(path)):
+            why = "part files without their entry file and shards; remove them with featx cache rm"
+            out.append(EntryStatus(path, "corrupt", _size(parts_path(path)), {"reason": why}))
         elif os.path.isdir(journal_path(path)) or not os.path.isdir(shards_path(path)):
             out.append(_partial_status(path))
         else:
             out.append(_shards_status(path))
     for path in sorted(
-        glob.glob(os.path.join(here, "*.h5.corrupt")) + glob.glob(os.path.join(here, "*.h5.partial.corrupt"))
+        glob.glob(os.path.join(here, "*.h5.corrupt"))
+        + glob.glob(os.path.join(here, "*.h5.partial.corrupt"))
+        + glob.glob(os.path.join(here, "*.h5.parts.corrupt"))
     ):
         out.append(
             EntryStatus(
@@ -493,7 +508,25 @@ def remove_entries(
             _remove_tree_or_file(p)
         _remove_tree_or_file(journal_path(e.path))
         _remove_tree_or_file(shards_path(e.path))
+        _remove_tree_or_file(parts_path(e.path))
         forget_verified(e.path)
         remove_stale_temporaries(e.path)
         removed.append(e.path)
     return removed, busy
+
+
+def verify_entries(cache_dir: str, targets: list[str]) -> list[tuple[str, str | None]]:
+    """Every complete entry named (all when `targets` is empty) checked in full: structure, rows,
+    part files and every codes checksum, whatever check is remembered; (path, problem or None)."""
+    entries = [e for e in list_entries(cache_dir) if e.state in ("complete", "corrupt")]
+    chosen = _choose(entries, targets) if targets else entries
+    out = []
+    for e in chosen:
+        if not os.path.isfile(e.path):
+            out.append((e.path, e.detail.get("reason", "its entry file is missing")))
+            continue
+        reason = verify(e.path, full=True)
+        if reason is not None:
+            forget_verified(e.path)
+        out.append((e.path, reason))
+    return out

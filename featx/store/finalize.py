@@ -11,38 +11,18 @@ import numpy as np
 
 from featx.errors import FeatxError, first_line
 from featx.files import fsync_dir, remove_quietly
-from featx.store.journal import BLOCK_BYTES, Journal, journal_path
+from featx.store.journal import BLOCK_BYTES, Journal
 from featx.store.meta import COMPLETE
+from featx.store.parts import Part, add_virtual_layers, check_space, storage
 from featx.store.verify import mark_verified
 
 
-def _space_needed(journal: Journal, ids: Sequence[str]) -> int:
-    """An upper bound on the finished file's size: raw codes (compression only shrinks them),
-    the row metadata, and HDF5's overhead."""
-    codes = sum(spec.dim for spec in journal.layers) * journal.itemsize * journal.rows_done
+def _space_needed(journal: Journal, ids: Sequence[str], virtual: bool) -> int:
+    """An upper bound on the finished file's size: raw codes (compression only shrinks them; none
+    when they stay in part files), the row metadata, and HDF5's overhead."""
+    codes = 0 if virtual else sum(spec.dim for spec in journal.layers) * journal.itemsize * journal.rows_done
     rows = journal.rows_done * (8 + 16 + 16) + sum(len(i) for i in ids)
     return int(codes * 1.01 + rows * 2 + (4 << 20))
-
-
-def _check_space(entry: str, need: int) -> None:
-    """Fail before writing when the disk or the process's file-size limit cannot take the file:
-    HDF5 fails badly when a write fails half-way."""
-    import resource
-
-    folder = os.path.dirname(os.path.abspath(entry))
-    free = shutil.disk_usage(folder).free
-    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    limit = min(free, soft if soft != resource.RLIM_INFINITY else free)
-    if need > limit:
-        what = (
-            f"{free / 2**20:.0f} MiB free in {folder}"
-            if limit == free
-            else f"a file-size limit of {soft / 2**20:.1f} MiB"
-        )
-        raise FeatxError(
-            f"finishing {entry} needs up to {need / 2**20:.0f} MiB, but there is {what}; the codes are kept in "
-            f"{journal_path(entry)}: free space and rerun the same command to finish"
-        )
 
 
 def finalize(
@@ -56,8 +36,11 @@ def finalize(
     layer_attrs: dict[str, dict],
     attrs: dict,
     groups: np.ndarray | None = None,
+    parts: Sequence[Part] | None = None,
 ) -> None:
-    """Build the HDF5 file from a finished journal, atomically, then remove the journal."""
+    """Build the HDF5 file from a finished journal, atomically, then remove the journal. With
+    `parts` (sealed part files holding the journal's rows in order, `featx.store.parts`), the
+    codes are virtual datasets over them instead of a copy."""
     import gc
     import traceback
 
@@ -65,7 +48,9 @@ def finalize(
 
     index = journal.read_index()
     n = len(index)
-    _check_space(entry, _space_needed(journal, ids))
+    if parts is not None and sum(p.rows for p in parts) != n:
+        raise FeatxError(f"the part files of {entry} hold {sum(p.rows for p in parts)} rows, not {n}")
+    check_space(entry, _space_needed(journal, ids, parts is not None), journal.path)
     tmp = f"{entry}.tmp-{os.getpid()}"
     str_dt = h5py.string_dtype()
     row_labels = labels[index].astype(np.int64)
@@ -75,18 +60,14 @@ def finalize(
     f = h5py.File(tmp, "w")
     try:
         grp = f.create_group("codes")
-        for j, spec in enumerate(journal.layers):
-            rows_per_chunk = max(1, min(n, (1 << 20) // max(1, spec.dim * journal.itemsize)))
-            cols_per_chunk = min(spec.dim, max(1, (1 << 20) // journal.itemsize))
+        if parts is not None:
+            add_virtual_layers(grp, parts, journal.layers, journal.meta["dtype"], layer_attrs)
+        for j, spec in enumerate(journal.layers if parts is None else []):
             ds = grp.create_dataset(
                 spec.name,
                 shape=(n, spec.dim),
                 dtype=journal.meta["dtype"],
-                chunks=(rows_per_chunk, cols_per_chunk) if n else None,
-                compression="gzip" if n else None,
-                compression_opts=1 if n else None,
-                shuffle=bool(n),
-                fletcher32=bool(n),
+                **storage(n, spec.dim, journal.itemsize),
             )
             h = hashlib.sha256()
             step = max(1, BLOCK_BYTES // max(1, spec.dim * journal.itemsize))

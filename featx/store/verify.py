@@ -12,6 +12,7 @@ from featx.errors import first_line
 from featx.files import remove_quietly, write_json_atomic
 from featx.store.journal import is_count
 from featx.store.meta import COMPLETE, attr_value
+from featx.store.parts import part_problem, parts_stat
 
 
 def _structure(f) -> str | None:
@@ -40,6 +41,8 @@ def _structure(f) -> str | None:
     for name, ds in f["codes"].items():
         if not hasattr(ds, "shape") or ds.ndim != 2 or ds.shape[0] != n or ds.shape[1] < 1:
             return f"/codes/{name} has shape {getattr(ds, 'shape', None)}, expected ({n}, D)"
+        if ds.is_virtual and (problem := part_problem(ds, f.filename)):
+            return problem
     return None
 
 
@@ -67,18 +70,35 @@ def _rows_problem(f) -> str | None:
 VERIFY_BLOCK_BYTES = 8 << 20
 
 
+def _sha256(ds, start: int, stop: int) -> str:
+    h = hashlib.sha256()
+    step = max(1, VERIFY_BLOCK_BYTES // max(1, ds.shape[1] * ds.dtype.itemsize))
+    for a in range(start, stop, step):
+        h.update(np.ascontiguousarray(ds[a : min(stop, a + step)]).tobytes())
+    return h.hexdigest()
+
+
 def _codes_problem(f) -> str | None:
-    """Every layer's codes against its sha256: reads the whole file."""
+    """Every layer's codes against its sha256 (an entry assembled from part files: each part's row
+    block against its own, `part_sha256`): reads the whole file, and its parts."""
     for name, ds in f["codes"].items():
         want = attr_value(ds.attrs.get("sha256"))
-        if want is None:
-            continue
-        h = hashlib.sha256()
-        step = max(1, VERIFY_BLOCK_BYTES // max(1, ds.shape[1] * ds.dtype.itemsize))
-        for start in range(0, ds.shape[0], step):
-            h.update(np.ascontiguousarray(ds[start : start + step]).tobytes())
-        if h.hexdigest() != want:
+        blocks = attr_value(ds.attrs.get("part_sha256"))
+        if want is not None and _sha256(ds, 0, ds.shape[0]) != want:
             return f"the codes of layer {name} do not match their checksum"
+        if blocks is None:
+            continue
+        try:
+            blocks = [(int(a), int(k), str(sha), str(part)) for a, k, sha, part in json.loads(blocks)]
+        except (ValueError, TypeError):
+            return f"the part checksums of layer {name} are not readable"
+        at = 0
+        for a, k, sha, part in blocks:
+            if a != at or _sha256(ds, a, a + k) != sha:
+                return f"the codes of layer {name} in its part file {part} do not match their checksum"
+            at = a + k
+        if at != ds.shape[0]:
+            return f"the part checksums of layer {name} cover {at} of {ds.shape[0]} rows"
     return None
 
 
@@ -89,7 +109,9 @@ def _marker(path: str) -> str:
 def _fingerprint(path: str) -> dict:
     # ctime too: no user-space tool can set it, so a file rewritten with its mtime restored is checked again
     st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+    out = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+    parts = parts_stat(path)  # an entry assembled from ranks: its part files count as the file
+    return out if parts is None else {**out, "parts": parts}
 
 
 def mark_verified(path: str) -> None:
@@ -115,13 +137,14 @@ def _remembered(path: str) -> bool:
         return False
 
 
-def verify(path: str) -> str | None:
+def verify(path: str, full: bool = False) -> str | None:
     """None when `path` is a complete featx file whose content matches its checksums; else why not.
 
     The structure and the per-row metadata are checked every time. The codes' sha256 means
     reading every byte, so a passed check is remembered (`.verified/` beside the file) for as long
     as the file's size, mtime, ctime and inode stay the same; reads still verify HDF5's per-chunk
-    fletcher32 checksums, and a read that fails one drops the remembered check.
+    fletcher32 checksums, and a read that fails one drops the remembered check. `full`: read the
+    codes even when a passed check is remembered (`featx cache verify`).
     """
     import h5py
 
@@ -130,7 +153,7 @@ def verify(path: str) -> str | None:
         with h5py.File(path, "r") as f:
             opened = True
             reason = _structure(f) or _rows_problem(f)
-            if reason or _remembered(path):
+            if reason or (not full and _remembered(path)):
                 return reason
             reason = _codes_problem(f)
             if reason:

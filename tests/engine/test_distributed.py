@@ -254,9 +254,19 @@ def test_two_ranks_write_the_file_one_process_writes(uneven_folder, tmp_path):
     assert_same(got, ref)
     assert got["skipped"] and got["rows"] == 15
     assert not os.path.exists(path + ".shards")  # assembled, then removed
+    # the codes stay in the ranks' part files, which the entry references (virtual datasets)
+    parts = sorted(os.listdir(path + ".parts"))
+    assert parts == ["from-000000000000.h5", "from-000000000008.h5"], parts
     # an ordinary entry: a one-process run of the same command is a cache hit on it
     rc, out, err = cli("extract", *FAST_ARGS, "--data", uneven_folder, "--cache-dir", tmp_path / "c", "-q")
     assert rc == 0 and out.strip().splitlines()[-1] == path, err
+    rc, out, err = cli("cache", "verify", "--cache-dir", tmp_path / "c")
+    assert rc == 0 and out.strip() == f"ok {path}", err
+    os.remove(os.path.join(path + ".parts", parts[1]))
+    rc, out, err = cli("cache", "verify", "--cache-dir", tmp_path / "c")
+    assert_one_line_error(rc, err, code=1, needles=(parts[1], "missing"))
+    rc, out, err = cli("cache", "rm", "--cache-dir", tmp_path / "c", "--all")
+    assert rc == 0 and not os.path.exists(path) and not os.path.exists(path + ".parts"), err
 
 
 def test_rows_in_a_batch_of_another_shape_are_within_the_documented_tolerance(uneven_folder, tmp_path):
@@ -354,6 +364,35 @@ def test_a_rank_killed_mid_run_is_named_and_reruns_with_one_or_two_ranks_finish_
         assert r.returncode == 0, r.stderr[-3000:]
         assert_same(snapshot(r.stdout.strip().splitlines()[-1]), ref)
     assert os.path.isdir(shard)
+
+
+@pytest.mark.slow
+def test_ranks_killed_during_assembly_leave_no_entry_or_a_verified_one_and_the_rerun_finishes(
+    uneven_folder, tmp_path
+):
+    """SIGKILL both ranks as soon as part files appear: the entry is absent or complete and
+    verified (never half-made); a rerun finishes the same file a one-process run writes."""
+    from featx.store.verify import verify
+
+    ref = reference(uneven_folder, tmp_path, FAST_ARGS)
+    args = [*FAST_ARGS, "--data", uneven_folder, "--cache-dir", tmp_path / "c", "-q"]
+    procs = start_ranks([args, args])
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not glob.glob(str(tmp_path / "c" / "*.h5.parts" / "*")):
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.005)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+    assert glob.glob(str(tmp_path / "c" / "*.h5.parts")), "the kill came before any part was sealed"
+    for entry in glob.glob(str(tmp_path / "c" / "*.h5")):
+        assert verify(entry, full=True) is None  # an entry that exists is complete
+    r = torchrun(2, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = r.stdout.strip().splitlines()[-1]
+    assert_same(snapshot(path), ref)
+    assert not glob.glob(str(tmp_path / "c" / "*.tmp-*")) and not os.path.exists(path + ".shards")
 
 
 @pytest.mark.slow

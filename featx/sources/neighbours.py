@@ -15,10 +15,12 @@ Both searches compare L2-normalised rows by cosine similarity and have two metho
 - **Approximate, for pairs above a threshold** (`similar_pairs`, above `EXACT_PAIR_ROWS` rows): an
   inverted file. The projected rows are clustered by spherical k-means (`CLUSTERS_PER_ROOT` x
   sqrt(rows) clusters, fitted on a sample); each row belongs to its closest cluster and searches its
-  `PROBES` closest ones, where every similarity is computed exactly in full dimension. A pair is
-  found when one row's cluster is among the other's probes, which near-copies (similar in every
+  `PROBES` closest ones; there a pair whose cosine in the projection reaches the threshold less
+  `MARGIN` is checked in full dimension. A pair is found when one row's cluster is among the
+  other's probes and its projected cosine is within the margin, which near-copies (similar in every
   direction) almost always are; a found pair's similarity is exact, so there are no false pairs,
-  only (rarely) missed ones. Cost: about rows x PROBES x (rows / clusters) x dims, i.e. rows^1.5.
+  only (rarely) missed ones. Cost: about rows x PROBES x (rows / clusters) x PROJECT_DIMS, i.e.
+  rows^1.5, plus a full-dimension product per candidate pair.
 
 Both approximate methods are deterministic: the same codes in the same order give the same result
 (the samples and the k-means start are seeded). Measured recall and speed against the exact
@@ -38,6 +40,7 @@ PROJECT_DIMS = 128  # dimensions of the projection the approximate methods searc
 CANDIDATES = 16  # references per query re-ranked exactly by the approximate `nearest`
 CLUSTERS_PER_ROOT = 2.0  # clusters of the approximate `similar_pairs`: this x sqrt(rows)
 PROBES = 4  # clusters each row searches in the approximate `similar_pairs`
+MARGIN = 0.05  # a pair is checked in full dimension when its projected cosine is >= threshold - this
 SAMPLE_ROWS = 4_096  # rows the projection is fitted on
 KMEANS_ITERATIONS = 8
 METHODS = ("auto", "exact", "approximate")
@@ -271,14 +274,16 @@ def _ivf_pairs(x: np.ndarray, threshold: float, seed: int = 0) -> np.ndarray:
         qs = probers[q_bounds[c] : q_bounds[c + 1]]
         if not len(mem) or not len(qs):
             continue
-        xm = x[mem]
+        xm = xp[mem]
         step = max(1, BLOCK_ELEMENTS // len(mem))
         for start in range(0, len(qs), step):
             qb = qs[start : start + step]
-            i, j = np.nonzero(x[qb] @ xm.T >= threshold)
+            i, j = np.nonzero(xp[qb] @ xm.T >= threshold - MARGIN)  # candidates, in the projection
             a, b = qb[i], mem[j]
             keep = a != b
-            found.append(np.stack([np.minimum(a, b)[keep], np.maximum(a, b)[keep]], axis=1))
+            a, b = np.minimum(a, b)[keep], np.maximum(a, b)[keep]  # duplicates go at the end
+            exact = np.einsum("ij,ij->i", x[a], x[b]) >= threshold  # the full-dimension check
+            found.append(np.stack([a[exact], b[exact]], axis=1))
     if not found:
         return np.empty((0, 2), dtype=np.int64)
     pairs = np.concatenate(found).astype(np.int64)

@@ -305,3 +305,22 @@ def test_a_refused_grouping_keeps_the_codes_for_a_rerun(tmp_path):
     rc, _, err = cli("cache", "rm", "--cache-dir", cache, os.path.basename(partial))
     assert rc == 0, err
     assert [e.state for e in list_entries(str(cache))] == ["complete"]
+
+
+def test_unlabelled_images_still_get_their_duplicate_groups(tmp_path):
+    """A flat folder (no classes): --group-by auto still finds the copies, and info reports them."""
+    labelled = _with_copies(tmp_path / "labelled", per_class=4, sources=2, copies=1)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in labelled.rglob("*.jpg"):
+        shutil.copy(p, flat / p.name)
+    path, err = _extract(str(flat), str(tmp_path / "cache"), "--group-by", AUTO)
+    assert "unlabelled" in err and "18 images in 12 groups (6 of 2+ images, holding 12; largest 2)" in err
+    with CodesFile(path) as f:
+        names = [os.path.basename(p) for p in f.paths]
+        groups = f.groups
+    for name, g in zip(names, groups):
+        if "_copy" in name:
+            assert g == groups[names.index(_source(name) + ".jpg")]
+    rc, out, err = cli("info", path)
+    assert rc == 0 and "unlabelled" in out and "18 images in 12 groups" in out, err

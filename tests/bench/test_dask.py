@@ -72,7 +72,8 @@ def _args(root, a, b, seeds="0,1"):
 
 def _without_timing(path):
     with open(path) as f:
-        return [{k: v for k, v in r.items() if k != "fit_seconds"} for r in csv.DictReader(f)]
+        timed = ("fit_seconds", "train_seconds", "inference_ms_per_image")
+        return [{k: v for k, v in r.items() if k not in timed} for r in csv.DictReader(f)]
 
 
 def _cells_on(cluster) -> bool:

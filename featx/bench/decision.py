@@ -175,7 +175,8 @@ def decisions(analyses, rows: list[dict]) -> list[Decision]:
         for (model, point, method), rs in ft.items():
             depth = rs[0].get("relative_depth")
             at = f", {depth:.2f}" if isinstance(depth, (int, float)) else ""
-            d.options.append(_option(rs, model, f"{point} ({rs[0]['layer']}{at})", method))
+            module = "everything trains" if str(rs[0]["layer"]).startswith("input") else rs[0]["layer"]
+            d.options.append(_option(rs, model, f"{point} ({module}{at})", method))
         for clf, rs in pix.items():
             d.options.append(_option(rs, "raw pixels", "pixels", f"probe ({clf})", "raw pixels"))
         _decide(d)

@@ -452,12 +452,15 @@ def fit(
     return_models: bool = False,
     warm: bool = True,
     cost: bool = True,
+    timing: bool = True,
 ) -> FitReport:
     """Fit every layer (each on its own, plus their concatenation with `concat`) for every seed,
     in parallel with joblib; the best layer is featx.classifiers.selection.choose_layer's (validation only).
     `warm=False`: every grid value fitted from scratch (`fit_cell`). `cost`: each result's
     `total_params` and inference time per image (featx.classifiers.cost), the forward to each layer
-    timed on `protocol.device` at the entry's extraction batch size; False leaves them None."""
+    timed on `protocol.device` at the entry's extraction batch size; False leaves them None.
+    `timing=False` counts the parameters but skips the timing (it builds the architecture and runs a
+    few batches: seconds on a CPU at 224 px)."""
     from joblib import Parallel, delayed, effective_n_jobs
 
     protocol = (protocol or Protocol()).validate()
@@ -493,7 +496,9 @@ def fit(
     if cost:
         from featx.engine.layer_cost import entry_costs
 
-        costs = entry_costs(path, list(dict.fromkeys(r["layer"] for r in results)), protocol.device)
+        costs = entry_costs(
+            path, list(dict.fromkeys(r["layer"] for r in results)), protocol.device, timing=timing
+        )
         results = [with_layer_cost(r, costs[r["layer"]]) for r in results]
         notes = list(dict.fromkeys(c.note for c in costs.values() if c.note))
     else:

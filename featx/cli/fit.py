@@ -132,6 +132,12 @@ def add_parser(sub) -> None:
         default="float32",
         help="knn --out: store the training codes as float32 (exact, default) or float16 (half the size)",
     )
+    p.add_argument(
+        "--no-timing",
+        dest="timing",
+        action="store_false",
+        help="count each layer's parameters but do not time the forward pass to it (inference ms stays empty)",
+    )
     p.add_argument("--results", help="write the full results as JSON to this file")
     p.add_argument("--json", action="store_true", help="print the full results as JSON instead of tables")
 
@@ -197,6 +203,7 @@ def run(args) -> int:
         args.jobs,
         args.concat,
         return_models=bool(args.out or args.export_joblib),
+        timing=args.timing,
     )
     data = report.to_dict()
     data["leakage"] = leak  # the near-duplicate check of the first seed's rows (featx.classifiers.neardup)

@@ -62,6 +62,9 @@ def test_knn_trains_no_parameters(image_folder, cache_dir):
     (r,) = json.loads(out)["results"]
     assert r["method"] == "probe" and r["trainable_params"] == 0
     assert r["total_params"] > 0 and r["inference_ms_per_image"] > 0
+    rc, out, err = cli("fit", path, "--layer", "layer1", "--no-timing", "--json")  # counted, not timed
+    (untimed,) = json.loads(out)["results"]
+    assert rc == 0 and untimed["total_params"] > 0 and untimed["inference_ms_per_image"] is None, err
 
 
 def test_layers_the_architecture_does_not_have_leave_the_cost_empty(tmp_path):

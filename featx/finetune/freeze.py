@@ -123,3 +123,19 @@ def set_train_mode(module, point: FreezePoint) -> None:
     for name, mod in module.named_modules():
         if name in point.frozen:
             mod.training = False
+
+
+def train_mode(module, point, method: str) -> None:
+    """Training mode for one epoch: LoRA runs the whole network in eval mode (its base weights and
+    statistics are fixed); the other methods train after the freeze point (`set_train_mode`),
+    LP-FT with every batch norm's running statistics fixed."""
+    if method == "lora":
+        module.eval()
+        return
+    set_train_mode(module, point)
+    if method == "lp-ft":  # the probe was fitted on features under these statistics: keep them
+        import torch.nn as nn
+
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()

@@ -113,24 +113,6 @@ def _lora(module, point, head, settings, trained, head_params):
     return wrapped, adapted, head_params
 
 
-def train_mode(module, point, method: str) -> None:
-    """Training mode for one epoch: LoRA runs the whole network in eval mode (its base weights and
-    statistics are fixed); the other methods train after the freeze point (`set_train_mode`),
-    LP-FT with every batch norm's running statistics fixed."""
-    from featx.finetune.freeze import set_train_mode
-
-    if method == "lora":
-        module.eval()
-        return
-    set_train_mode(module, point)
-    if method == "lp-ft":  # the probe was fitted on features under these statistics: keep them
-        import torch.nn as nn
-
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-
 def plain_module(module, method: str):
     """The network to save and time: LoRA's adapters merged into its weights, else `module` itself."""
     if method == "lora" and hasattr(module, "merge_and_unload"):
@@ -155,9 +137,18 @@ def lp_head(job, head: str, folder: str | None, memo: dict) -> dict:
     if got and got[0]["weight"].shape == layer.weight.shape:
         tensors, info = got
     else:
+        from threadpoolctl import threadpool_limits
+
+        from featx.finetune.threads import torch_threads
+
         t0 = time.perf_counter()
-        (x_fit, y_fit), (x_val, y_val) = (_head_inputs(job, layer, r) for r in (job.rows.train, job.rows.val))
-        weight, bias, info = _fit_probe(x_fit, y_fit, x_val, y_val, len(job.ds.classes))
+        # one thread for the features and the fit: the same probe in every process, whatever its
+        # thread settings, so a run resumed in another process continues from the same head
+        with torch_threads(1), threadpool_limits(1):
+            (x_fit, y_fit), (x_val, y_val) = (
+                _head_inputs(job, layer, r) for r in (job.rows.train, job.rows.val)
+            )
+            weight, bias, info = _fit_probe(x_fit, y_fit, x_val, y_val, len(job.ds.classes))
         info["seconds"] = round(time.perf_counter() - t0, 3)
         tensors = {"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)}
         if path:

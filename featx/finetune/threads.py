@@ -59,7 +59,7 @@ def choose_threads(
     `point` says) at `size` px and `batch` images per step; cached per process under `key`."""
     import torch
 
-    from featx.finetune.methods import train_mode
+    from featx.finetune.freeze import train_mode
 
     candidates = sorted({1, cores()})
     if len(candidates) == 1:

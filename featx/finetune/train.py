@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featx.finetune.data import TrainImages, batch_loader, batch_positions
-from featx.finetune.freeze import FreezePoint
-from featx.finetune.methods import train_mode
+from featx.finetune.freeze import FreezePoint, train_mode
 from featx.finetune.settings import MIN_DELTA, PATIENCE, FinetuneSettings
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from featx.bench.config import BenchConfig
 from featx.bench.grid import Source
+from featx.engine.autotune import device_name
+from featx.engine.compute import resolve_device
 from featx.engine.cost import inference_batch
 from featx.engine.layer_cost import LayerCost
 from featx.files import append_record, load_done, open_log
@@ -24,18 +26,6 @@ from featx.store.cache import digest
 from featx.store.codes import CodesFile
 
 COSTS_FILE = "costs.jsonl"
-
-
-def _device_text(device: str) -> str:
-    """The device the timings belong to, as a key part: a GPU by its name, a CPU by its threads."""
-    import torch
-
-    from featx.engine.compute import resolve_device
-
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(dev)}"
-    return f"{dev.type}:{torch.get_num_threads()} threads"
 
 
 def layer_costs(
@@ -47,7 +37,7 @@ def layer_costs(
 
     done = load_done(config.out, COSTS_FILE)
     batch = inference_batch(config.run.batch_size)
-    device = _device_text(config.run.device)
+    device = device_name(resolve_device(config.run.device))
     entries: dict[str, list[str]] = {}
     for src in sources:
         entries.setdefault(src.codes, []).extend(src.layers)

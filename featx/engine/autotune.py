@@ -38,7 +38,8 @@ def _store_path() -> str:
     return os.path.join(base, "featx", "autotune.json")
 
 
-def _device_name(device) -> str:
+def device_name(device) -> str:
+    """The device measurements belong to: a GPU by its name, a CPU by its model and torch's threads."""
     import torch
 
     if device.type == "cuda":
@@ -55,7 +56,7 @@ def _device_name(device) -> str:
 def _key(kind: str, device, model: str, size: int) -> str:
     import torch
 
-    return f"{kind}|{_device_name(device)}|torch-{torch.__version__}|{model}|{size}"
+    return f"{kind}|{device_name(device)}|torch-{torch.__version__}|{model}|{size}"
 
 
 def _load() -> dict:

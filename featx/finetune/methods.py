@@ -164,31 +164,16 @@ def lp_head(job, head: str, folder: str | None, memo: dict) -> dict:
 
 
 def _head_inputs(job, layer, rows) -> tuple[np.ndarray, np.ndarray]:
-    import torch
+    """(features the head reads [N, d], labels [N]) of `rows`, through `predict_logits` with a hook."""
+    from featx.finetune.train import predict_logits
 
-    from featx.finetune.data import TrainImages, batch_loader
-
-    feats, ys = [], []
+    feats = []
     hook = layer.register_forward_hook(lambda m, i, o: feats.append(i[0].detach().float().cpu().numpy()))
-    job.module.eval()
-    n, bs = len(rows), job.settings.batch_size
     try:
-        with torch.inference_mode():
-            images = TrainImages(job.ds, rows, job.pre, job.settings.seed)
-            for y, x in batch_loader(
-                images, [list(range(s, min(n, s + bs))) for s in range(0, n, bs)], job.workers
-            ):
-                if y is None:
-                    continue
-                job.module(job.inputs(x))
-                ys.append(y.numpy())
+        _, y = predict_logits(job, rows)
     finally:
         hook.remove()
-    d = layer.in_features
-    return (
-        np.concatenate(feats) if feats else np.empty((0, d), np.float32),
-        np.concatenate(ys) if ys else np.empty(0, np.int64),
-    )
+    return (np.concatenate(feats) if feats else np.empty((0, layer.in_features), np.float32)), y
 
 
 def _fit_probe(x_fit, y_fit, x_val, y_val, k: int):

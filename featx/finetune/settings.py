@@ -202,6 +202,12 @@ class FinetuneSettings:
         return self.max_epochs if self.epochs == "auto" else self.epochs
 
     @property
+    def adapted_lr_mult(self) -> float:
+        """The backbone's trained parameters' learning rate, as a multiple of the head's: BitFit's and
+        LoRA's few adapted parameters train at the head's rate, full and LP-FT's at backbone_lr_mult."""
+        return 1.0 if self.method in ("bitfit", "lora") else self.backbone_lr_mult
+
+    @property
     def lrs(self) -> tuple[float, ...]:
         return self.lr if isinstance(self.lr, tuple) else (self.lr,)
 
@@ -255,7 +261,7 @@ class FinetuneSettings:
         others = (
             "the same for adapted parameters"
             if self.method in ("bitfit", "lora")
-            else f"x{self.backbone_lr_mult:g} for pretrained layers"
+            else f"x{self.adapted_lr_mult:g} for pretrained layers"
         )
         method = METHOD_TEXT[self.method] + (
             f" (rank {self.lora_rank}, alpha {self.lora_alpha:g})" if self.method == "lora" else ""

@@ -30,7 +30,7 @@ def make_optimizer(settings: FinetuneSettings, backbone: list, head: list):
         g
         for g in groups(
             backbone,
-            settings.lr * (1.0 if settings.method in ("bitfit", "lora") else settings.backbone_lr_mult),
+            settings.lr * settings.adapted_lr_mult,
         )
         + groups(head, settings.lr)
         if g["params"]

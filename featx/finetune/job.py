@@ -326,8 +326,7 @@ def _finetune(
     folder = checkpoint_dir or (target[: -len(".safetensors")] + ".ckpt" if target else None)
     points = settings.points()
     runs: dict[int, dict] = {}  # grid point -> {"job", "folder", "fingerprint", "state", "backbone", ...}
-    probe: dict = {}  # LP-FT: the first step's probe (C, validation accuracy, seconds)
-    memo: dict = {}  # LP-FT: its fitted head, shared by the recipe grid's points
+    memo: dict = {}  # LP-FT: its probe ((head tensors, what it measured), shared by the grid's points), its val, weights
 
     def open_point(i: int) -> dict:
         if i not in runs:
@@ -351,7 +350,7 @@ def _finetune(
             if s.method == "lp-ft":  # one probe for every grid point (same rows, same features)
                 if folder:
                     os.makedirs(folder, exist_ok=True)
-                probe.update(lp_head(job, head, folder, memo))
+                lp_head(job, head, folder, memo)
                 if "val" not in memo:  # "epoch 0": the probe alone, a candidate like every epoch
                     memo["val"] = val_scores(*predict_logits(job, rows.val))
                     memo["weights"] = {
@@ -409,7 +408,7 @@ def _finetune(
     # timed after _results counted the trainable parameters (merging LoRA drops its adapters), at
     # the process's own thread count, as extraction runs
     plain = plain_module(module, settings.method)  # LoRA: adapters merged into the weights
-    timed = _inference_cost(plain, w["backbone"].preprocess, run, device, amp)
+    timed = _inference_cost(plain, job, run)
     results.update(
         grid=grid,
         rungs=rungs,
@@ -422,8 +421,8 @@ def _finetune(
     )
     if settings.method == "lora":
         results.update(lora_rank=settings.lora_rank, lora_alpha=settings.lora_alpha)
-    if probe:
-        results["lp_probe"] = {**probe, "val_loss": memo["val"][1], "chosen": probe_wins}
+    if "probe" in memo:
+        results["lp_probe"] = {**memo["probe"][1], "val_loss": memo["val"][1], "chosen": probe_wins}
         if probe_wins:  # fine-tuning never beat the probe on validation: the answer is the probe itself
             results.update(epoch=0, val_score=memo["val"][0], val_loss=memo["val"][1])
     module = plain.to("cpu").eval()
@@ -434,8 +433,9 @@ def _finetune(
     return FinetuneResult(results, target, module)
 
 
-def _inference_cost(module, pre, run, device, amp) -> dict:
-    """Milliseconds per image of the fine-tuned network's forward pass on `device` (featx.engine.cost)."""
+def _inference_cost(module, job: TrainJob, run) -> dict:
+    """Milliseconds per image of the fine-tuned network's forward pass, as training feeds it, on the
+    job's device (featx.engine.cost)."""
     import torch
 
     from featx.engine.cost import inference_batch, inference_ms
@@ -444,13 +444,11 @@ def _inference_cost(module, pre, run, device, amp) -> dict:
     module.eval()
 
     def forward(x):
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            return module(pre.normalize(x))
+        with torch.autocast(job.device.type, dtype=job.amp, enabled=job.amp is not None):
+            return module(job.inputs(x))
 
     return {
-        "inference_ms_per_image": inference_ms(forward, pre.crop_size, batch, device),
+        "inference_ms_per_image": inference_ms(forward, job.pre.crop_size, batch, job.device),
         "inference_batch_size": batch,
     }
 

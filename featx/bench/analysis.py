@@ -68,6 +68,11 @@ def rule_text(case: int, classifier: str) -> str:
     return text.replace("a linear classifier", probe_words(classifier))
 
 
+def classifier_label(row: dict) -> str:
+    """A probe row's classifier as analyses name it: 'softmax', or with its preset 'svm/kornblith'."""
+    return f"{row['classifier']}{'/' + row['preset'] if row.get('preset') else ''}"
+
+
 def probe_words(classifier: str) -> str:
     """'a linear classifier', or 'a k-NN classifier' for the k-NN probe (classifier 'knn')."""
     return "a k-NN classifier" if classifier.split("/")[0] == "knn" else "a linear classifier"
@@ -189,10 +194,8 @@ def analyze(
             and r.get("kind", "probe") == "probe"
             and (r["baseline"] or r.get("model", "") == model)
         ]  # fine-tune rows: featx.bench.finetune_cells.compare
-        for clf in dict.fromkeys(
-            f"{r['classifier']}{'/' + r['preset'] if r['preset'] else ''}" for r in mine
-        ):
-            rs = [r for r in mine if f"{r['classifier']}{'/' + r['preset'] if r['preset'] else ''}" == clf]
+        for clf in dict.fromkeys(classifier_label(r) for r in mine):
+            rs = [r for r in mine if classifier_label(r) == clf]
             cnn = [r for r in rs if not r["baseline"]]
             if not cnn:
                 continue

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featx.bench.analysis import NOISE_P, best_layer
+from featx.bench.analysis import NOISE_P, best_layer, classifier_label
 from featx.classifiers.cost import UNKNOWN, number_text, params_text
 from featx.stats import mcnemar_exact, unpack_correct, wilson_interval
 
@@ -84,11 +84,15 @@ class Decision:
     size: str
     n_train: int
     options: list[Option]  # candidates by validation score, then not converged, then references
-    best: Option | None = None
     answer: Option | None = None  # the best by validation
     cheaper: Option | None = None  # the cheapest candidate within the answer's noise band, when cheaper
     band: tuple[float, float] | None = None  # the best's validation Wilson interval
     words: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> Option | None:
+        """The best by validation: the answer."""
+        return self.answer
 
 
 def _mean(values) -> float | None:
@@ -129,10 +133,6 @@ def _n_val(r: dict) -> int | None:
     return None
 
 
-def _clf(r: dict) -> str:
-    return f"{r['classifier']}{'/' + r['preset'] if r.get('preset') else ''}"
-
-
 def _finetune_method(r: dict) -> str:
     m = r.get("method")
     if not m:
@@ -154,7 +154,7 @@ def decisions(analyses, rows: list[dict]) -> list[Decision]:
                 for r in rows
                 if r.get("kind", "probe") == "probe"
                 and not r.get("baseline")
-                and (r["dataset"], r.get("model", ""), _clf(r), r["layer"], r["train_size_spec"])
+                and (r["dataset"], r.get("model", ""), classifier_label(r), r["layer"], r["train_size_spec"])
                 == (a.name, a.model, a.classifier, layer, size)
             ]
             if rs:
@@ -171,7 +171,7 @@ def decisions(analyses, rows: list[dict]) -> list[Decision]:
             if r.get("kind") == "finetune":
                 ft.setdefault((r.get("model", ""), r["train_from"], _finetune_method(r)), []).append(r)
             elif r.get("baseline"):
-                pix.setdefault(_clf(r), []).append(r)
+                pix.setdefault(classifier_label(r), []).append(r)
         for (model, point, method), rs in ft.items():
             depth = rs[0].get("relative_depth")
             at = f", {depth:.2f}" if isinstance(depth, (int, float)) else ""
@@ -190,10 +190,10 @@ def _decide(d: Decision) -> None:
     if not cands:
         d.words = ["No candidate: every row is a reference or a fine-tune that had not converged."]
         return
-    d.best = d.answer = max(cands, key=lambda o: (o.val, tuple(-c for c in o.cost_key())))
-    n = d.best.n_val
-    d.band = wilson_interval(int(round(d.best.val * n)), n) if n else None
-    within = [o for o in cands if d.band is not None and o.val >= d.band[0]] or [d.best]
+    d.answer = max(cands, key=lambda o: (o.val, tuple(-c for c in o.cost_key())))
+    n = d.answer.n_val
+    d.band = wilson_interval(int(round(d.answer.val * n)), n) if n else None
+    within = [o for o in cands if d.band is not None and o.val >= d.band[0]] or [d.answer]
     cheapest = min(within, key=lambda o: (o.cost_key(), -o.val))
     ans = d.answer
     d.cheaper = cheapest if cheapest is not ans and cheapest.cost_key() < ans.cost_key() else None

@@ -87,10 +87,8 @@ def plot_depth(analyses, path: str, title: str, finetune_rows: Sequence[dict] = 
             axes[1][j].plot(x, y / chosen, ls=ls, marker=marker, color=color, label=label)
             by_method = _finetune_points(finetune_rows, a, size)
             ft = [p for pts in by_method.values() for p in pts]
-            for (
-                method,
-                pts,
-            ) in by_method.items():  # fine-tune cells at their freeze points, a marker per method
+            # fine-tune cells at their freeze points, a marker per method
+            for method, pts in by_method.items():
                 fx, fy = zip(*pts)
                 marker = METHOD_MARKERS.get(method, "X")
                 what = f"fine-tuned ({method})" if method else "fine-tuned"

@@ -492,17 +492,14 @@ def fit(
             o, pipe = o
             models["+".join(g)] = pipe
         results.append(o)
-    notes = []
+    costs = {}
     if cost:
         from featx.engine.layer_cost import entry_costs
 
-        costs = entry_costs(
-            path, list(dict.fromkeys(r["layer"] for r in results)), protocol.device, timing=timing
-        )
-        results = [with_layer_cost(r, costs[r["layer"]]) for r in results]
-        notes = list(dict.fromkeys(c.note for c in costs.values() if c.note))
-    else:
-        results = [with_layer_cost(r, None) for r in results]
+        layers = list(dict.fromkeys(r["layer"] for r in results))
+        costs = entry_costs(path, layers, protocol.device, timing=timing)
+    results = [with_layer_cost(r, costs.get(r["layer"])) for r in results]
+    notes = list(dict.fromkeys(c.note for c in costs.values() if c.note))
     report = FitReport(path, protocol, train_size, results, best="", models=models, notes=notes)
     report.best = selection.choose_layer(report.candidates())
     _warn_grid_edge(results, protocol)

@@ -11,9 +11,9 @@ import numpy as np
 
 from featx.errors import FeatxError, first_line
 from featx.files import fsync_dir, remove_quietly
-from featx.store.journal import BLOCK_BYTES, Journal
+from featx.store.journal import Journal
 from featx.store.meta import COMPLETE
-from featx.store.parts import Part, add_virtual_layers, check_space, storage
+from featx.store.parts import Part, add_virtual_layers, check_space, write_layer
 from featx.store.verify import mark_verified
 
 
@@ -63,21 +63,7 @@ def finalize(
         if parts is not None:
             add_virtual_layers(grp, parts, journal.layers, journal.meta["dtype"], layer_attrs)
         for j, spec in enumerate(journal.layers if parts is None else []):
-            ds = grp.create_dataset(
-                spec.name,
-                shape=(n, spec.dim),
-                dtype=journal.meta["dtype"],
-                **storage(n, spec.dim, journal.itemsize),
-            )
-            h = hashlib.sha256()
-            step = max(1, BLOCK_BYTES // max(1, spec.dim * journal.itemsize))
-            for start in range(0, n, step):
-                block = journal.read_layer(j, start, min(n, start + step))
-                ds[start : start + len(block)] = block
-                h.update(block.tobytes())
-            for k, v in layer_attrs.get(spec.name, {}).items():
-                ds.attrs[k] = v
-            ds.attrs["sha256"] = h.hexdigest()
+            write_layer(grp, journal, j, layer_attrs.get(spec.name))
         f.create_dataset(
             "labels", data=row_labels, chunks=(max(1, min(n, 1 << 16)),) if n else None, fletcher32=bool(n)
         )

@@ -114,6 +114,25 @@ def _reusable(entry: str, start: int, token: str, rows: int, layers) -> Part | N
     return Part(_relative(entry, path), rows, tuple(shas))
 
 
+def write_layer(group, journal, j: int, attrs: dict | None = None) -> str:
+    """Copy layer `j` of `journal` into a new dataset of `group` (compressed, checksummed chunks), in
+    blocks of BLOCK_BYTES; sets its `attrs` and its `sha256`, which it returns."""
+    spec, n = journal.layers[j], journal.rows_done
+    ds = group.create_dataset(
+        spec.name, shape=(n, spec.dim), dtype=journal.meta["dtype"], **storage(n, spec.dim, journal.itemsize)
+    )
+    h = hashlib.sha256()
+    step = max(1, BLOCK_BYTES // max(1, spec.dim * journal.itemsize))
+    for a in range(0, n, step):
+        block = journal.read_layer(j, a, min(n, a + step))
+        ds[a : a + len(block)] = block
+        h.update(block.tobytes())
+    for k, v in (attrs or {}).items():
+        ds.attrs[k] = v
+    ds.attrs["sha256"] = h.hexdigest()
+    return h.hexdigest()
+
+
 def seal_part(entry: str, journal, start: int, token: str) -> Part:
     """Write the rows of the finished journal shard `journal` (first sample `start`, progress
     checksum `token`) as the part file `part_file(entry, start)`, atomically; reuse one already
@@ -133,21 +152,8 @@ def seal_part(entry: str, journal, start: int, token: str) -> Part:
     try:
         with h5py.File(tmp, "w") as f:
             grp = f.create_group("codes")
-            for j, spec in enumerate(journal.layers):
-                ds = grp.create_dataset(
-                    spec.name,
-                    shape=(n, spec.dim),
-                    dtype=journal.meta["dtype"],
-                    **storage(n, spec.dim, journal.itemsize),
-                )
-                h = hashlib.sha256()
-                step = max(1, BLOCK_BYTES // max(1, spec.dim * journal.itemsize))
-                for a in range(0, n, step):
-                    block = journal.read_layer(j, a, min(n, a + step))
-                    ds[a : a + len(block)] = block
-                    h.update(block.tobytes())
-                ds.attrs["sha256"] = h.hexdigest()
-                shas.append(h.hexdigest())
+            for j in range(len(journal.layers)):
+                shas.append(write_layer(grp, journal, j))
             f.attrs["journal_checksum"] = token
             f.attrs["first_sample"] = int(start)
             f.attrs["rows"] = int(n)

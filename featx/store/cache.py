@@ -290,9 +290,8 @@ class CacheEntry:
             return True
         try:
             aside = set_aside(self.path)
-            if os.path.isdir(
-                parts_path(self.path)
-            ):  # its part files go with it (the rebuild writes new ones)
+            # its part files go with it (the rebuild writes new ones)
+            if os.path.isdir(parts_path(self.path)):
                 set_aside(parts_path(self.path))
         except OSError as e:
             raise FeatxError(

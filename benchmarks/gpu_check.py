@@ -893,49 +893,12 @@ def blobs(n: int, d: int, c: int, seed: int = 0, noise: float = 2.2) -> tuple[np
     return X.astype(np.float32), y
 
 
-def write_codes(path: str, X: np.ndarray, y: np.ndarray, test_every: int = 7) -> str:
-    """A one-layer (`L`) codes file from arrays, through featx's own journal and finalize."""
-    from featx.store.finalize import finalize
-    from featx.store.journal import Journal
+def write_codes(path: str, X: np.ndarray, y: np.ndarray) -> str:
+    """A one-layer (`L`) codes file from arrays: benchmarks/fit_speed.py's writer (featx's own journal
+    and finalize)."""
+    from fit_speed import write_codes as write  # this script's folder is on sys.path
 
-    n, d = X.shape
-    splits = np.array(["train"] * n, dtype=object)
-    splits[::test_every] = "test"
-    meta = {"key": "gpu-check", "layers": [["L", d]], "dtype": "float32", "samples": n, "batch_size": n}
-    j = Journal.open(path + ".partial", meta)
-    j.append([X], np.arange(n), n, [])
-    attrs = {
-        "model": "synthetic",
-        "weights": "none",
-        "weights_source": "random",
-        "weights_ident": "x",
-        "weights_sha256": "",
-        "pool": "avg",
-        "preprocessing": json.dumps(
-            {
-                "crop_size": 32,
-                "resize_size": 32,
-                "interpolation": "bilinear",
-                "mean": [0.5] * 3,
-                "std": [0.5] * 3,
-                "crop_mode": "center",
-            }
-        ),
-        "layers": np.array(["L"], dtype=object),
-        "dataset": "synthetic",
-        "samples": n,
-    }
-    finalize(
-        path,
-        j,
-        classes=[f"c{i}" for i in range(int(y.max()) + 1)],
-        labels=y.astype(np.int64),
-        splits=splits,
-        ids=[f"s{i}" for i in range(n)],
-        layer_attrs={"L": {"activation": "none", "pool": "avg"}},
-        attrs=attrs,
-    )
-    return path
+    return write(path, X, y)
 
 
 def softmax_objective(X, y, coef, intercept, C: float) -> float:

@@ -151,6 +151,17 @@ def sigkill_when(argv, ready, timeout: float = 120) -> None:
     proc.wait()
 
 
+TIMINGS = ("fit_seconds", "train_seconds", "inference_ms_per_image")  # result columns that vary run to run
+
+
+def csv_without_timing(path) -> list[dict]:
+    """A results.csv's rows without the timing columns (`TIMINGS`): what two equal runs share."""
+    import csv
+
+    with open(path, encoding="utf-8") as f:
+        return [{k: v for k, v in r.items() if k not in TIMINGS} for r in csv.DictReader(f)]
+
+
 def cells_written(out) -> int:
     """Lines in a bench's cells.jsonl so far (0 before it exists)."""
     try:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import cells_written, cli, make_images, run_cli, sigkill_when
+from conftest import cells_written, cli, csv_without_timing, make_images, run_cli, sigkill_when
 from featx.bench.analysis import analyze
 from featx.bench.config import BenchConfig, BenchData, parse_bench_data
 from featx.bench.report import write_bench_report
@@ -133,12 +133,6 @@ def test_torn_cells_file_is_tolerated(two_datasets, tmp_path):
     assert len(load_done(str(out))) == len(result.cells) == 12
 
 
-def _without_timing(path):
-    with open(path) as f:
-        timed = ("fit_seconds", "train_seconds", "inference_ms_per_image")
-        return [{k: v for k, v in r.items() if k not in timed} for r in csv.DictReader(f)]
-
-
 def test_killed_bench_resumes_to_the_same_results(two_datasets, tmp_path):
     root, a, b = two_datasets
     args = [
@@ -176,7 +170,7 @@ def test_killed_bench_resumes_to_the_same_results(two_datasets, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"90 cells: {done} done before, {90 - done} to fit" in r.stderr
     assert len(load_done(str(out))) == 90
-    assert _without_timing(out / "results.csv") == _without_timing(tmp_path / "ref" / "results.csv")
+    assert csv_without_timing(out / "results.csv") == csv_without_timing(tmp_path / "ref" / "results.csv")
 
 
 def test_parse_bench_data():
@@ -400,11 +394,11 @@ def test_bench_killed_at_many_moments_finishes_with_the_same_results(two_dataset
         for png in out.glob("*.png"):
             assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
         if (out / "results.csv").exists():
-            assert len(_without_timing(out / "results.csv")) == 90
+            assert len(csv_without_timing(out / "results.csv")) == 90
     assert kills >= 20, (kills, attempts)
     r = run_cli(*args, "--cache-dir", str(cache), "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert _without_timing(out / "results.csv") == _without_timing(tmp_path / "ref" / "results.csv")
+    assert csv_without_timing(out / "results.csv") == csv_without_timing(tmp_path / "ref" / "results.csv")
     assert len(load_done(str(out))) == 90
 
 

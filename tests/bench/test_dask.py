@@ -1,7 +1,6 @@
 """featx bench --scheduler: the cells on a real Dask cluster (a LocalCluster of 2 worker processes
 on the loopback), with the same results and resume as the default joblib backend."""
 
-import csv
 import logging
 import os
 import socket
@@ -11,7 +10,15 @@ import time
 
 import pytest
 
-from conftest import assert_one_line_error, cells_written, cli, make_images, run_cli, sigkill_when
+from conftest import (
+    assert_one_line_error,
+    cells_written,
+    cli,
+    csv_without_timing,
+    make_images,
+    run_cli,
+    sigkill_when,
+)
 from featx.bench.config import BenchConfig
 from featx.bench.grid import Cell
 from featx.bench.run import run_cell
@@ -70,12 +77,6 @@ def _args(root, a, b, seeds="0,1"):
     ]
 
 
-def _without_timing(path):
-    with open(path) as f:
-        timed = ("fit_seconds", "train_seconds", "inference_ms_per_image")
-        return [{k: v for k, v in r.items() if k not in timed} for r in csv.DictReader(f)]
-
-
 def _cells_on(cluster) -> bool:
     """Whether the cluster's scheduler has seen joblib batches of bench cells."""
     with distributed.Client(cluster, set_as_default=False) as c:
@@ -101,7 +102,7 @@ def test_dask_resumes_and_matches_joblib(data, cluster, tmp_path, caplog):
     assert _cells_on(cluster)
     # nothing refitted: one line per cell, appended by this process
     assert sum(1 for _ in open(out / "cells.jsonl")) == len(load_done(str(out))) == 24
-    assert _without_timing(out / "results.csv") == _without_timing(tmp_path / "ref" / "results.csv")
+    assert csv_without_timing(out / "results.csv") == csv_without_timing(tmp_path / "ref" / "results.csv")
 
 
 def test_scheduler_from_the_environment(data, cluster, tmp_path, monkeypatch, caplog):
@@ -279,7 +280,7 @@ def test_killed_dask_bench_resumes(data, cluster, tmp_path):
     assert f"60 cells: {done} done before, {60 - done} to fit" in r.stderr
     ref = run_cli(*args[:-2], "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
-    assert _without_timing(out / "results.csv") == _without_timing(tmp_path / "ref" / "results.csv")
+    assert csv_without_timing(out / "results.csv") == csv_without_timing(tmp_path / "ref" / "results.csv")
 
 
 class _Server:

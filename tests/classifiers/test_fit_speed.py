@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import featx.classifiers.grid as grid
-from conftest import REPO, write_codes
+from conftest import REPO, TIMINGS, write_codes
 from featx.classifiers.fit import fit, fit_cell
 from featx.classifiers.grid import chains
 from featx.classifiers.protocol import Protocol, protocol_for
@@ -35,7 +35,7 @@ def codes(tmp_path, n=1400, d=64, c=5, noise=2.0, seed=0, name="p.h5", val=False
 
 def same_numbers(a: dict, b: dict) -> bool:
     # timings, and the layer's cost that `fit` adds to a cell's result (featx.classifiers.cost)
-    skip = ("fit_seconds", "train_seconds", "inference_ms_per_image", "inference_batch_size", "total_params")
+    skip = (*TIMINGS, "inference_batch_size", "total_params")
     a, b = ({k: v for k, v in r.items() if k not in skip} for r in (a, b))
     return a == b
 
